@@ -1,0 +1,27 @@
+//! The husk host <-> husk-agent protocol: wire types and framing.
+//!
+//! The agent listens on vsock port [`AGENT_PORT`]. Every connection starts with one
+//! framed [`Request`] from the host:
+//! - a *control* connection begins with [`Request::Hello`] and then carries any number of
+//!   request/response pairs, strictly alternating;
+//! - a *stdio* connection begins with [`Request::AttachStdio`]; after the agent's
+//!   [`Response::Ok`] it carries the raw bytes of one stream of one process, so that vsock
+//!   credit gives backpressure for free. The agent shuts the write side down once the
+//!   process's stream reached end of file and every byte was written.
+//!
+//! A frame is a 4-byte little-endian body length followed by the body, UTF-8 JSON of one
+//! message. Frames longer than [`MAX_FRAME_LEN`] are rejected before anything is allocated.
+//! See README.md beside this crate for the sequence of a container's life.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod frame;
+mod messages;
+
+pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRAME_LEN};
+#[cfg(feature = "tokio")]
+pub use frame::{read_message, write_message};
+pub use messages::{
+    validate_id, ContainerSpec, ErrorKind, Request, Response, StdioStream, User, AGENT_PORT,
+    PROTOCOL_VERSION,
+};

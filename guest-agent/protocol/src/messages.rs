@@ -1,0 +1,247 @@
+//! Messages of the protocol. JSON with an internal `type` tag; unknown fields are ignored so
+//! that a newer peer can add optional fields without a version bump.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the protocol spoken by this crate; both sides must agree exactly.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// vsock port the agent listens on.
+pub const AGENT_PORT: u32 = 1024;
+
+/// A request from the host; the first frame of every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Opens a control connection; answered by [`Response::Hello`] or a version error.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the host.
+        version: u32,
+    },
+    /// Builds the container's namespaces and rootfs; its process waits for `StartContainer`.
+    CreateContainer {
+        /// What to build.
+        spec: ContainerSpec,
+    },
+    /// Lets the created container's process exec; answered by [`Response::Started`].
+    StartContainer {
+        /// Container id.
+        id: String,
+    },
+    /// Answered by [`Response::Exited`] once the process exited and its output was delivered.
+    WaitContainer {
+        /// Container id.
+        id: String,
+    },
+    /// Sends a signal to the container's process.
+    SignalContainer {
+        /// Container id.
+        id: String,
+        /// Signal number (1..=64).
+        signal: i32,
+    },
+    /// Turns the connection into the raw byte stream of one of the container's stdio streams.
+    AttachStdio {
+        /// Container id.
+        id: String,
+        /// Which stream.
+        stream: StdioStream,
+    },
+    /// Syncs file systems and powers the VM off.
+    Shutdown,
+}
+
+/// A reply of the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    /// Handshake answer.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the agent.
+        version: u32,
+        /// Agent build, for logs.
+        agent: String,
+    },
+    /// The request succeeded and has nothing to return.
+    Ok,
+    /// The container's process is running.
+    Started {
+        /// Its pid as seen from the agent.
+        pid: u32,
+    },
+    /// The container's process exited and all of its output was delivered.
+    Exited {
+        /// Exit code, or 128 + N when killed by signal N.
+        code: i32,
+    },
+    /// The request failed.
+    Error {
+        /// What kind of failure, for callers to branch on.
+        kind: ErrorKind,
+        /// One line for humans.
+        message: String,
+    },
+}
+
+/// Kinds of [`Response::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The peers speak different protocol versions.
+    VersionMismatch,
+    /// No container with that id.
+    NotFound,
+    /// A container with that id exists already.
+    AlreadyExists,
+    /// The operation does not fit the container's state.
+    InvalidState,
+    /// The request is malformed or names invalid values.
+    InvalidRequest,
+    /// The container's process could not be executed.
+    ExecFailed,
+    /// Anything else.
+    Internal,
+}
+
+/// One stdio stream of a container's process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StdioStream {
+    /// Host -> process.
+    Stdin,
+    /// Process -> host.
+    Stdout,
+    /// Process -> host.
+    Stderr,
+}
+
+/// Everything the agent needs to build one container; the host turns config.json into this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// Container id: 1..=128 characters of `[A-Za-z0-9_.-]`, not starting with `.`.
+    pub id: String,
+    /// virtio-fs tag of the share that holds the rootfs.
+    pub rootfs_tag: String,
+    /// Mount the rootfs read-only.
+    pub rootfs_readonly: bool,
+    /// Hostname of the container's UTS namespace.
+    pub hostname: Option<String>,
+    /// argv of the process; never empty.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` pairs.
+    pub env: Vec<String>,
+    /// Absolute working directory inside the rootfs.
+    pub cwd: String,
+    /// Credentials of the process.
+    pub user: User,
+}
+
+/// Credentials of a container's process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    #[serde(default)]
+    pub additional_gids: Vec<u32>,
+    /// File mode creation mask.
+    #[serde(default)]
+    pub umask: Option<u32>,
+}
+
+/// Longest container id accepted.
+const MAX_ID_LEN: usize = 128;
+
+impl ContainerSpec {
+    /// Checks the fields a hostile or buggy peer could get wrong.
+    ///
+    /// # Errors
+    /// A one-line description of the first invalid field.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_id(&self.id)?;
+        if self.args.is_empty() || self.args.iter().any(|a| a.contains('\0')) {
+            return Err("process args must be non-empty and free of NUL bytes".into());
+        }
+        if !self.cwd.starts_with('/') {
+            return Err(format!("cwd {:?} is not an absolute path", self.cwd));
+        }
+        if self.env.iter().any(|e| !e.contains('=') || e.contains('\0')) {
+            return Err("env entries must be KEY=VALUE without NUL bytes".into());
+        }
+        if self.rootfs_tag.is_empty() || self.rootfs_tag.len() > 36 {
+            return Err(format!("invalid virtio-fs tag {:?}", self.rootfs_tag));
+        }
+        match &self.hostname {
+            Some(h) if h.len() > 64 || h.contains('\0') => {
+                Err(format!("hostname {h:?} is longer than 64 bytes or has NUL"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Checks a container id: 1..=128 of `[A-Za-z0-9_.-]`, not `.`-led (so never `.` or `..`).
+///
+/// # Errors
+/// A one-line description of what is wrong with `id`.
+pub fn validate_id(id: &str) -> Result<(), String> {
+    let ok_chars = id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if id.is_empty() || id.len() > MAX_ID_LEN || !ok_chars || id.starts_with('.') {
+        return Err(format!(
+            "invalid container id {id:?}: use 1-{MAX_ID_LEN} characters of [A-Za-z0-9_.-], not starting with '.'"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            id: "c1".into(),
+            rootfs_tag: "rootfs".into(),
+            rootfs_readonly: false,
+            hostname: Some("h".into()),
+            args: vec!["/bin/sh".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            user: User::default(),
+        }
+    }
+
+    #[test]
+    fn test_validate_id_bad_ids_rejected() {
+        for id in ["", ".", "..", "a/b", "../x", "a b", &"x".repeat(129)] {
+            assert!(validate_id(id).is_err(), "{id:?}");
+        }
+        assert!(validate_id("abc-1.2_3").is_ok());
+    }
+
+    #[test]
+    fn test_spec_validate_empty_args_rejected() {
+        let mut s = spec();
+        assert!(s.validate().is_ok());
+        s.args.clear();
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn test_spec_validate_relative_cwd_rejected() {
+        let mut s = spec();
+        s.cwd = "tmp".into();
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn test_spec_validate_bad_env_rejected() {
+        let mut s = spec();
+        s.env.push("NOEQUALS".into());
+        assert!(s.validate().is_err());
+    }
+}
