@@ -1,1 +1,73 @@
-fn main() {}
+//! `husk`: an OCI runtime whose containers each run in their own micro-VM.
+//!
+//! The command line follows runc's; each command is a module with a clap struct and one call
+//! into `husk-sandbox`. Errors become one stderr line (`husk: <error chain>`) and exit 1.
+#![forbid(unsafe_code)]
+
+mod artifacts;
+mod logging;
+mod run;
+mod spec;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Run OCI containers, each in its own micro-VM.
+#[derive(Debug, Parser)]
+#[command(name = "husk", version, about)]
+struct Cli {
+    /// Directory for container state.
+    #[arg(long, global = true, default_value = "/run/husk")]
+    root: PathBuf,
+    /// Write logs to this file instead of stderr.
+    #[arg(long, global = true)]
+    log: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+    /// Log debug detail.
+    #[arg(long, global = true)]
+    debug: bool,
+    /// Guest kernel (ELF vmlinux); default: share/husk/vmlinux beside the husk binary.
+    #[arg(long, global = true, env = "HUSK_KERNEL")]
+    kernel: Option<PathBuf>,
+    /// Initramfs holding husk-agent; default: share/husk/initramfs.cpio beside the husk binary.
+    #[arg(long, global = true, env = "HUSK_INITRAMFS")]
+    initramfs: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create and run a container in a new micro-VM, then tear it down.
+    Run(run::RunArgs),
+    /// Write a default config.json (as `runc spec`).
+    Spec(spec::SpecArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match logging::init(cli.log.as_deref(), &cli.log_format, cli.debug) {
+        Ok(()) => dispatch(&cli),
+        Err(e) => Err(e),
+    };
+    let code = code.unwrap_or_else(|err| {
+        let line = format!("{err:#}");
+        if cli.log.is_some() {
+            tracing::error!("{line}");
+        }
+        eprintln!("husk: {line}");
+        1
+    });
+    // Exit now: a stdin relay may still be blocked reading a terminal.
+    std::process::exit(code);
+}
+
+fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
+    match &cli.command {
+        Command::Run(args) => run::run(cli, args),
+        Command::Spec(args) => spec::spec(args).map(|()| 0),
+    }
+}

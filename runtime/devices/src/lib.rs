@@ -1,1 +1,14 @@
-//! placeholder
+//! husk device models, written once and served either in-process (virtio-mmio, built-in VMM) or
+//! to QEMU over vhost-user.
+//!
+//! Today: the host side of virtio-vsock with the hybrid vsock convention (see [`vsock`]),
+//! served over vhost-user with [`spawn_vhost_user_vsock`].
+
+#![warn(missing_docs)]
+
+mod rate_limited;
+pub mod transport;
+pub mod vsock;
+
+pub use transport::vhost_user::{spawn_vhost_user_vsock, VsockDaemon};
+pub use vsock::{VsockConfig, VsockError};

@@ -1,1 +1,148 @@
-//! placeholder
+//! Hypervisor doors: how a sandbox gets a VM.
+//!
+//! The sandbox sees only the [`Hypervisor`] trait: boot a VM described by [`VmConfig`], reach its
+//! hybrid-vsock socket, wait for it to end, stop it. Each door is a module behind the trait:
+//! [`qemu`] runs `qemu-system-x86_64 -M microvm` and serves our own device models to it over
+//! vhost-user; the built-in KVM VMM will be the second door. Nothing above this crate knows
+//! which door runs a VM, and nothing in it knows about OCI.
+#![warn(missing_docs)]
+
+mod error;
+mod helpers;
+pub mod qemu;
+mod sys;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+
+pub use error::HypervisorError;
+pub use helpers::find_program;
+
+/// Which door to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HypervisorKind {
+    /// The fastest door this host can run a full guest with.
+    Auto,
+    /// QEMU `-M microvm` (KVM or TCG).
+    Qemu,
+}
+
+impl std::str::FromStr for HypervisorKind {
+    type Err = HypervisorError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "qemu" => Ok(Self::Qemu),
+            other => Err(HypervisorError::UnknownKind(other.to_owned())),
+        }
+    }
+}
+
+/// A host directory shared into the guest with virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsShare {
+    /// virtio-fs tag the guest mounts.
+    pub tag: String,
+    /// Host directory.
+    pub host_dir: PathBuf,
+}
+
+/// Everything a door needs to boot one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Uncompressed ELF `vmlinux` of the guest.
+    pub kernel: PathBuf,
+    /// Initramfs (cpio) holding the agent as `/init`.
+    pub initramfs: PathBuf,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// virtio-fs shares.
+    pub shares: Vec<FsShare>,
+    /// Private directory of this VM: sockets and logs go here; the door removes only its own files.
+    pub run_dir: PathBuf,
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmExit {
+    /// Exit status of the VMM process.
+    pub status: ExitStatus,
+}
+
+/// A door to a VM: boot, reach, wait, stop.
+#[async_trait::async_trait]
+pub trait Hypervisor: Send + std::fmt::Debug {
+    /// Boots the VM. Returns once the VMM runs; the guest may still be booting.
+    ///
+    /// # Errors
+    /// A missing program or file, or a VMM or device backend that failed to start.
+    async fn start(&mut self) -> Result<(), HypervisorError>;
+
+    /// Host side of the VM's hybrid vsock (see DESIGN.md, "Guest channel").
+    fn vsock_path(&self) -> PathBuf;
+
+    /// File that receives the guest's serial console.
+    fn console_path(&self) -> PathBuf;
+
+    /// What the VMM and the guest said last: console and VMM log tails, for error messages.
+    fn diagnostics(&self) -> String;
+
+    /// Pid of the VMM process, once started.
+    fn pid(&self) -> Option<u32>;
+
+    /// Waits until the VM ends (guest power-off, reboot, panic or a killed VMM).
+    ///
+    /// # Errors
+    /// [`HypervisorError::NotStarted`] or a failed wait.
+    async fn wait(&mut self) -> Result<VmExit, HypervisorError>;
+
+    /// Ends the VM now and removes everything the door made. Idempotent.
+    ///
+    /// # Errors
+    /// Only when a helper process cannot be killed or reaped.
+    async fn stop(&mut self) -> Result<(), HypervisorError>;
+}
+
+/// Picks the door for `kind` on this host and prepares it for `config`.
+///
+/// # Errors
+/// [`HypervisorError`] when the requested door cannot run here.
+pub fn new_door(kind: HypervisorKind, config: VmConfig) -> Result<Box<dyn Hypervisor>, HypervisorError> {
+    match kind {
+        // The built-in VMM door is not there yet: auto means QEMU on every host.
+        HypervisorKind::Auto | HypervisorKind::Qemu => Ok(Box::new(qemu::QemuDoor::new(config)?)),
+    }
+}
+
+/// Last `lines` lines of a text file, for error messages (empty when unreadable).
+pub fn tail_lines(path: &Path, lines: usize) -> Vec<String> {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let skip = all.len().saturating_sub(lines);
+    all.into_iter().skip(skip).map(|l| l.trim_end().to_owned()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_kind_from_str_unknown_rejected() {
+        assert_eq!("qemu".parse::<HypervisorKind>().unwrap(), HypervisorKind::Qemu);
+        assert_eq!("auto".parse::<HypervisorKind>().unwrap(), HypervisorKind::Auto);
+        assert!("xen".parse::<HypervisorKind>().is_err());
+    }
+
+    #[test]
+    fn test_tail_lines_long_file_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        std::fs::write(&p, "a\n\nb\nc\r\nd\n").unwrap();
+        assert_eq!(tail_lines(&p, 2), vec!["c", "d"]);
+        assert!(tail_lines(&dir.path().join("missing"), 3).is_empty());
+    }
+}

@@ -1,1 +1,19 @@
-//! placeholder
+//! Sandbox lifecycle: one VM per container.
+//!
+//! [`run`] takes an OCI bundle to a finished container: it reads config.json ([`bundle`]), takes
+//! the container's state directory ([`state_dir`]), boots a VM through a hypervisor door, speaks
+//! the agent protocol over the VM's hybrid vsock ([`agent`]), relays stdio ([`stdio`]) and tears
+//! everything down whatever happens. `oci-spec` stops here: below, only the door trait.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod bundle;
+mod error;
+mod run;
+pub mod state_dir;
+pub mod stdio;
+
+pub use error::SandboxError;
+pub use husk_hypervisor::HypervisorKind;
+pub use run::{run, RunOptions, RunOutcome, Timings};

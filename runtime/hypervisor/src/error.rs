@@ -1,0 +1,61 @@
+//! Errors of the doors.
+
+use std::path::PathBuf;
+
+/// Everything a door can fail at.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// `--hypervisor` named a door that does not exist.
+    #[error("unknown hypervisor {0:?} (expected auto or qemu)")]
+    UnknownKind(String),
+    /// A program the door runs is not installed.
+    #[error("{program} not found in PATH; {hint}")]
+    ProgramNotFound {
+        /// Program name.
+        program: &'static str,
+        /// How to install it.
+        hint: &'static str,
+    },
+    /// A file the VM needs is missing.
+    #[error("{what} not found at {}", path.display())]
+    MissingFile {
+        /// What the file is.
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// A helper process could not be started.
+    #[error("failed to start {program}")]
+    Spawn {
+        /// Program name.
+        program: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A helper process ended before it was ready.
+    #[error("{program} exited during start-up: {detail}")]
+    HelperDied {
+        /// Program name.
+        program: &'static str,
+        /// Its last log lines.
+        detail: String,
+    },
+    /// A helper's socket did not appear in time.
+    #[error("{program} did not create {} in time", path.display())]
+    HelperTimeout {
+        /// Program name.
+        program: &'static str,
+        /// The socket waited for.
+        path: PathBuf,
+    },
+    /// The vsock device backend failed.
+    #[error("vsock device failed")]
+    Vsock(#[from] husk_devices::vsock::VsockError),
+    /// `wait` before `start`.
+    #[error("the VM was not started")]
+    NotStarted,
+    /// Waiting for or signalling a process failed.
+    #[error("failed to manage the VMM process")]
+    Process(#[source] std::io::Error),
+}

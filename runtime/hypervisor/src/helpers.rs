@@ -1,0 +1,107 @@
+//! Host helper processes shared by the doors: locating programs, running virtiofsd.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::{sys, HypervisorError};
+
+/// Finds an executable by name in `PATH` (only there: what runs is what the user's PATH says).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_var)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Spawns `cmd` tied to our lifetime, its stdout and stderr appended to `log`.
+pub(crate) fn spawn_logged(
+    program: &'static str,
+    cmd: &mut Command,
+    log: &Path,
+) -> Result<Child, HypervisorError> {
+    let spawn_err = |source| HypervisorError::Spawn { program, source };
+    let out = std::fs::File::create(log).map_err(spawn_err)?;
+    let err = out.try_clone().map_err(spawn_err)?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
+    sys::kill_with_parent(cmd);
+    cmd.spawn().map_err(spawn_err)
+}
+
+/// Waits until `child` created the socket `path`, failing early if the child exits.
+pub(crate) async fn wait_for_socket(
+    program: &'static str,
+    child: &mut Child,
+    path: &Path,
+    log: &Path,
+    timeout: Duration,
+) -> Result<(), HypervisorError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            let detail = crate::tail_lines(log, 3).join(" | ");
+            return Err(HypervisorError::HelperDied { program, detail });
+        }
+        if Instant::now() >= deadline {
+            return Err(HypervisorError::HelperTimeout { program, path: path.to_owned() });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A running virtiofsd serving one share.
+#[derive(Debug)]
+pub(crate) struct Virtiofsd {
+    pub(crate) child: Child,
+    pub(crate) socket: PathBuf,
+}
+
+impl Virtiofsd {
+    /// Starts virtiofsd for `host_dir` with its vhost-user socket at `socket`, ready on return.
+    pub(crate) async fn start(
+        binary: &Path,
+        host_dir: &Path,
+        socket: &Path,
+        log: &Path,
+    ) -> Result<Self, HypervisorError> {
+        let mut cmd = Command::new(binary);
+        cmd.arg("--socket-path")
+            .arg(socket)
+            .arg("--shared-dir")
+            .arg(host_dir)
+            // The door's process already runs as root in its own directory tree; a chroot
+            // keeps virtiofsd confined to the share without the cost of new namespaces.
+            .args(["--sandbox", "chroot", "--cache", "auto", "--log-level", "error"]);
+        let mut child = spawn_logged("virtiofsd", &mut cmd, log)?;
+        wait_for_socket("virtiofsd", &mut child, socket, log, Duration::from_secs(10)).await?;
+        Ok(Self { child, socket: socket.to_owned() })
+    }
+
+    /// Kills and reaps virtiofsd and removes its socket.
+    pub(crate) async fn stop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_find_program_sh_found_and_missing_none() {
+        assert!(find_program("sh").is_some());
+        assert!(find_program("husk-no-such-program").is_none());
+    }
+}

@@ -1,0 +1,113 @@
+//! The QEMU command line for a husk guest, built as plain data so it can be unit-tested.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::VmConfig;
+
+/// How QEMU executes guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation (slow, works everywhere).
+    Tcg,
+}
+
+/// Kernel command line of every husk guest.
+/// - `reboot=k panic=-1` + QEMU `-no-reboot`: a guest reboot (the agent's power-off) or a
+///   panic ends QEMU at once instead of restarting the guest.
+/// - `8250.nr_uarts=1`, `quiet`: fewer devices to probe, less console output to emulate.
+pub const KERNEL_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 quiet loglevel=4 tsc=reliable no_timer_check";
+
+/// Paths of the sockets that QEMU connects to, made by the door before QEMU starts.
+#[derive(Debug, Clone)]
+pub struct Sockets {
+    /// vhost-user socket of our vsock device.
+    pub vsock: PathBuf,
+    /// vhost-user sockets of virtiofsd, one per share, in `VmConfig::shares` order.
+    pub fs: Vec<PathBuf>,
+}
+
+/// Arguments for `qemu-system-x86_64`.
+pub fn args(config: &VmConfig, accel: Accel, sockets: &Sockets, console: &Path) -> Vec<OsString> {
+    let mem = format!("{}M", config.memory_mib);
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
+    push(&["-M", "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem"]);
+    match accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+    }
+    push(&["-m", &mem, "-smp", &config.vcpus.to_string()]);
+    // Shared memfd: our vsock device and virtiofsd map guest memory over vhost-user.
+    push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    a.push("-kernel".into());
+    a.push(config.kernel.clone().into());
+    a.push("-initrd".into());
+    a.push(config.initramfs.clone().into());
+    a.push("-append".into());
+    a.push(KERNEL_CMDLINE.into());
+    a.push("-serial".into());
+    a.push(prefixed("file:", console));
+    a.push("-chardev".into());
+    a.push(prefixed("socket,id=vsock0,path=", &sockets.vsock));
+    a.push("-device".into());
+    a.push("vhost-user-vsock-device,chardev=vsock0".into());
+    for (i, (share, socket)) in config.shares.iter().zip(&sockets.fs).enumerate() {
+        a.push("-chardev".into());
+        a.push(prefixed(&format!("socket,id=fs{i},path="), socket));
+        a.push("-device".into());
+        a.push(format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag).into());
+    }
+    a
+}
+
+fn prefixed(prefix: &str, path: &Path) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(path);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FsShare;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/initramfs.cpio".into(),
+            memory_mib: 128,
+            vcpus: 2,
+            shares: vec![FsShare { tag: "rootfs".into(), host_dir: "/b/rootfs".into() }],
+            run_dir: "/run/husk/x".into(),
+        }
+    }
+
+    fn joined(accel: Accel) -> String {
+        let sockets = Sockets { vsock: "/r/v.sock".into(), fs: vec!["/r/fs0.sock".into()] };
+        let a = args(&config(), accel, &sockets, Path::new("/r/console.log"));
+        a.iter().map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn test_args_tcg_has_devices_memory_and_kernel() {
+        let s = joined(Accel::Tcg);
+        assert!(s.contains("-accel tcg -cpu max"));
+        assert!(s.contains("memory-backend-memfd,id=mem,size=128M,share=on"));
+        assert!(s.contains("-smp 2"));
+        assert!(s.contains("-kernel /k/vmlinux -initrd /k/initramfs.cpio"));
+        assert!(s.contains("socket,id=vsock0,path=/r/v.sock -device vhost-user-vsock-device,chardev=vsock0"));
+        assert!(s.contains("socket,id=fs0,path=/r/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=rootfs"));
+        assert!(s.contains("-serial file:/r/console.log"));
+        assert!(s.contains("-no-reboot"));
+    }
+
+    #[test]
+    fn test_args_kvm_uses_host_cpu() {
+        assert!(joined(Accel::Kvm).contains("-accel kvm -cpu host"));
+    }
+}

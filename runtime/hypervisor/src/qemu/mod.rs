@@ -1,0 +1,151 @@
+//! The QEMU door: `qemu-system-x86_64 -M microvm,acpi=off` with direct kernel boot.
+//!
+//! Guest memory is a shared memfd so that device backends in other threads or processes can
+//! map it: our own vsock device (served from this process over vhost-user, see
+//! `husk_devices::vsock`) and one virtiofsd per share. QEMU appends the virtio-mmio devices to
+//! the kernel command line itself when ACPI is off. All helpers die with the thread that
+//! spawned them (PR_SET_PDEATHSIG), so a killed husk leaves no VM behind.
+
+mod cmdline;
+
+use std::path::PathBuf;
+
+use husk_devices::{spawn_vhost_user_vsock, VsockConfig, VsockDaemon};
+use tokio::process::{Child, Command};
+use tracing::{debug, info};
+
+pub use cmdline::{Accel, KERNEL_CMDLINE};
+
+use crate::helpers::{self, Virtiofsd};
+use crate::{find_program, Hypervisor, HypervisorError, VmConfig, VmExit};
+
+/// QEMU binary the door runs.
+const QEMU: &str = "qemu-system-x86_64";
+/// Context id of every guest (each VM has its own vsock device, so they never clash).
+const GUEST_CID: u64 = 3;
+
+/// A VM run by QEMU.
+#[derive(Debug)]
+pub struct QemuDoor {
+    config: VmConfig,
+    qemu: PathBuf,
+    virtiofsd: Option<PathBuf>,
+    accel: Accel,
+    vsock: Option<VsockDaemon>,
+    fs: Vec<Virtiofsd>,
+    child: Option<Child>,
+}
+
+impl QemuDoor {
+    /// Checks that QEMU, virtiofsd (when there are shares), the kernel and the initramfs exist.
+    ///
+    /// # Errors
+    /// [`HypervisorError::ProgramNotFound`] or [`HypervisorError::MissingFile`].
+    pub fn new(config: VmConfig) -> Result<Self, HypervisorError> {
+        let qemu = find_program(QEMU).ok_or(HypervisorError::ProgramNotFound {
+            program: QEMU,
+            hint: "install it with `apt-get install qemu-system-x86`",
+        })?;
+        let virtiofsd = match config.shares.is_empty() {
+            true => None,
+            false => Some(find_program("virtiofsd").ok_or(HypervisorError::ProgramNotFound {
+                program: "virtiofsd",
+                hint: "install it with `cargo install virtiofsd` (needs libseccomp-dev libcap-ng-dev)",
+            })?),
+        };
+        for (what, path) in [("guest kernel", &config.kernel), ("initramfs", &config.initramfs)] {
+            if !path.is_file() {
+                return Err(HypervisorError::MissingFile { what, path: path.clone() });
+            }
+        }
+        Ok(Self { config, qemu, virtiofsd, accel: accel_from_env(), vsock: None, fs: Vec::new(), child: None })
+    }
+
+    fn run_path(&self, name: &str) -> PathBuf {
+        self.config.run_dir.join(name)
+    }
+
+    async fn start_virtiofsd(&mut self) -> Result<Vec<PathBuf>, HypervisorError> {
+        let Some(binary) = self.virtiofsd.clone() else { return Ok(Vec::new()) };
+        let mut sockets = Vec::new();
+        for (i, share) in self.config.shares.clone().iter().enumerate() {
+            let socket = self.run_path(&format!("fs{i}.sock"));
+            let log = self.run_path(&format!("virtiofsd{i}.log"));
+            self.fs.push(Virtiofsd::start(&binary, &share.host_dir, &socket, &log).await?);
+            sockets.push(socket);
+        }
+        Ok(sockets)
+    }
+}
+
+/// `HUSK_QEMU_ACCEL=kvm` opts into KVM. TCG is the default until the capability probe of the
+/// built-in VMM door exists: a restricted (nested, PVM) KVM runs a Linux guest far slower than
+/// TCG or not at all, and `/dev/kvm` being present does not tell the two apart.
+fn accel_from_env() -> Accel {
+    match std::env::var("HUSK_QEMU_ACCEL").as_deref() {
+        Ok("kvm") => Accel::Kvm,
+        _ => Accel::Tcg,
+    }
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for QemuDoor {
+    async fn start(&mut self) -> Result<(), HypervisorError> {
+        let vsock_socket = self.run_path("vhost-vsock.sock");
+        let vsock_config = VsockConfig { guest_cid: GUEST_CID, uds_path: self.vsock_path() };
+        self.vsock = Some(spawn_vhost_user_vsock(vsock_config, &vsock_socket)?);
+        let fs = self.start_virtiofsd().await?;
+        let sockets = cmdline::Sockets { vsock: vsock_socket, fs };
+        let args = cmdline::args(&self.config, self.accel, &sockets, &self.console_path());
+        debug!(qemu = %self.qemu.display(), ?args, "starting QEMU");
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(&args);
+        let child = helpers::spawn_logged(QEMU, &mut cmd, &self.run_path("qemu.log"))?;
+        info!(pid = child.id(), accel = ?self.accel, "QEMU started");
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn vsock_path(&self) -> PathBuf {
+        self.run_path("vsock.sock")
+    }
+
+    fn console_path(&self) -> PathBuf {
+        self.run_path("console.log")
+    }
+
+    fn diagnostics(&self) -> String {
+        let console = crate::tail_lines(&self.console_path(), 8).join(" | ");
+        let qemu = crate::tail_lines(&self.run_path("qemu.log"), 3).join(" | ");
+        match qemu.is_empty() {
+            true => format!("last console lines: {console}"),
+            false => format!("last console lines: {console}; qemu: {qemu}"),
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    async fn wait(&mut self) -> Result<VmExit, HypervisorError> {
+        let child = self.child.as_mut().ok_or(HypervisorError::NotStarted)?;
+        let status = child.wait().await.map_err(HypervisorError::Process)?;
+        Ok(VmExit { status })
+    }
+
+    async fn stop(&mut self) -> Result<(), HypervisorError> {
+        if let Some(mut child) = self.child.take() {
+            if child.try_wait().map_err(HypervisorError::Process)?.is_none() {
+                child.start_kill().map_err(HypervisorError::Process)?;
+            }
+            child.wait().await.map_err(HypervisorError::Process)?;
+        }
+        for mut fs in self.fs.drain(..) {
+            fs.stop().await;
+        }
+        if let Some(vsock) = self.vsock.take() {
+            vsock.shutdown()?;
+        }
+        Ok(())
+    }
+}

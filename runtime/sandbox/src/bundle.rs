@@ -1,0 +1,133 @@
+//! OCI bundle -> what the VM and the agent need. The only module that reads `oci-spec` types.
+//!
+//! Supported for now (OCI runtime spec 1.2, config.md): `root.path`, `root.readonly`,
+//! `hostname`, `process.{args, env, cwd, user.{uid, gid, additionalGids, umask}}`. A field
+//! husk cannot honour yet (`process.terminal = true`) is an error, never silently ignored.
+
+use std::path::{Path, PathBuf};
+
+use husk_protocol::{ContainerSpec, User};
+use oci_spec::runtime::Spec;
+
+use crate::SandboxError;
+
+/// virtio-fs tag of the rootfs share.
+pub const ROOTFS_TAG: &str = "rootfs";
+
+/// A bundle ready to run.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// Absolute path of the rootfs directory on the host.
+    pub rootfs: PathBuf,
+    /// What the agent builds.
+    pub spec: ContainerSpec,
+}
+
+impl Bundle {
+    /// Reads and checks `<dir>/config.json` for container `id`.
+    ///
+    /// # Errors
+    /// [`SandboxError::ReadConfig`], [`SandboxError::InvalidConfig`] or
+    /// [`SandboxError::MissingRootfs`].
+    pub fn load(dir: &Path, id: &str) -> Result<Self, SandboxError> {
+        let path = dir.join("config.json");
+        let spec = Spec::load(&path).map_err(|source| SandboxError::ReadConfig { path: path.clone(), source })?;
+        let invalid = |reason: &str| SandboxError::InvalidConfig { path: path.clone(), reason: reason.to_owned() };
+        let root = spec.root().as_ref().ok_or_else(|| invalid("no root"))?;
+        let rootfs = match root.path().is_absolute() {
+            true => root.path().clone(),
+            false => dir.join(root.path()),
+        };
+        if !rootfs.is_dir() {
+            return Err(SandboxError::MissingRootfs { path: rootfs });
+        }
+        let process = spec.process().as_ref().ok_or_else(|| invalid("no process"))?;
+        if process.terminal().unwrap_or(false) {
+            return Err(invalid("process.terminal=true is not supported yet; set it to false"));
+        }
+        let args = process.args().clone().unwrap_or_default();
+        if args.is_empty() {
+            return Err(invalid("process.args must not be empty"));
+        }
+        let user = process.user();
+        let spec = ContainerSpec {
+            id: id.to_owned(),
+            rootfs_tag: ROOTFS_TAG.to_owned(),
+            rootfs_readonly: root.readonly().unwrap_or(false),
+            hostname: spec.hostname().clone(),
+            args,
+            env: process.env().clone().unwrap_or_default(),
+            cwd: process.cwd().to_string_lossy().into_owned(),
+            user: User {
+                uid: user.uid(),
+                gid: user.gid(),
+                additional_gids: user.additional_gids().clone().unwrap_or_default(),
+                umask: user.umask(),
+            },
+        };
+        spec.validate().map_err(|reason| invalid(&reason))?;
+        Ok(Self { rootfs, spec })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle_with(config: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        dir
+    }
+
+    fn default_config() -> String {
+        serde_json::to_string(&Spec::default()).unwrap()
+    }
+
+    #[test]
+    fn test_load_default_spec_maps_fields() {
+        let dir = bundle_with(&default_config());
+        let b = Bundle::load(dir.path(), "c1").unwrap();
+        assert_eq!(b.rootfs, dir.path().join("rootfs"));
+        assert_eq!(b.spec.args, vec!["sh"]);
+        assert_eq!(b.spec.cwd, "/");
+        assert_eq!(b.spec.id, "c1");
+        assert!(b.spec.env.iter().any(|e| e.starts_with("PATH=")));
+    }
+
+    #[test]
+    fn test_load_missing_config_read_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(Bundle::load(dir.path(), "c"), Err(SandboxError::ReadConfig { .. })));
+    }
+
+    #[test]
+    fn test_load_not_json_read_error() {
+        let dir = bundle_with("{not json");
+        assert!(matches!(Bundle::load(dir.path(), "c"), Err(SandboxError::ReadConfig { .. })));
+    }
+
+    #[test]
+    fn test_load_missing_rootfs_rejected() {
+        let dir = bundle_with(&default_config());
+        std::fs::remove_dir(dir.path().join("rootfs")).unwrap();
+        assert!(matches!(Bundle::load(dir.path(), "c"), Err(SandboxError::MissingRootfs { .. })));
+    }
+
+    #[test]
+    fn test_load_empty_args_rejected() {
+        let config = default_config().replace("[\"sh\"]", "[]");
+        let dir = bundle_with(&config);
+        let err = Bundle::load(dir.path(), "c").unwrap_err();
+        assert!(err.to_string().contains("args"), "{err}");
+    }
+
+    #[test]
+    fn test_load_terminal_rejected() {
+        let config = default_config().replace("\"terminal\":false", "\"terminal\":true");
+        assert!(config.contains("\"terminal\":true"));
+        let dir = bundle_with(&config);
+        assert!(matches!(Bundle::load(dir.path(), "c"), Err(SandboxError::InvalidConfig { .. })));
+    }
+}

@@ -1,0 +1,137 @@
+//! Bad input and broken hosts: each gets one clear stderr line naming what is wrong, a
+//! non-zero exit, and nothing left behind (state directory, sockets, processes).
+
+use std::process::Output;
+
+use husk_e2e::harness::{stderr, Env, Husk, TestBundle};
+
+/// Asserts exit 1, a single `husk: ...` line containing `needle`, and a clean state root.
+fn assert_one_line_error(husk: &Husk, out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line expected: {err:?}");
+    assert!(err.starts_with("husk: ") && err.contains(needle), "{needle:?} not in {err:?}");
+    husk.assert_clean();
+}
+
+fn run_with(husk: &Husk, bundle: &TestBundle, extra_env: &[(&str, &str)], global: &[&str]) -> Output {
+    let mut args: Vec<&str> = global.to_vec();
+    args.extend(["run", "--bundle", bundle.path().to_str().expect("utf-8"), "bad"]);
+    let mut cmd = husk.command(&args);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(std::process::Stdio::null()).output().expect("husk")
+}
+
+#[test]
+fn test_run_missing_config_json_error() {
+    let Some(env) = Env::get("test_run_missing_config_json_error") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    std::fs::remove_file(bundle.path().join("config.json")).expect("rm");
+    assert_one_line_error(&husk, &run_with(&husk, &bundle, &[], &[]), "config.json");
+}
+
+#[test]
+fn test_run_invalid_config_json_error() {
+    let Some(env) = Env::get("test_run_invalid_config_json_error") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    std::fs::write(bundle.path().join("config.json"), "{ not json").expect("write");
+    assert_one_line_error(&husk, &run_with(&husk, &bundle, &[], &[]), "config.json");
+}
+
+#[test]
+fn test_run_empty_args_error() {
+    let Some(env) = Env::get("test_run_empty_args_error") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &[]);
+    assert_one_line_error(&husk, &run_with(&husk, &bundle, &[], &[]), "process.args");
+}
+
+#[test]
+fn test_run_missing_rootfs_error() {
+    let Some(env) = Env::get("test_run_missing_rootfs_error") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    bundle.edit(|c| c["root"]["path"] = "no-such-rootfs".into());
+    assert_one_line_error(&husk, &run_with(&husk, &bundle, &[], &[]), "no-such-rootfs");
+}
+
+#[test]
+fn test_run_missing_kernel_error() {
+    let Some(env) = Env::get("test_run_missing_kernel_error") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    let out = run_with(&husk, &bundle, &[("HUSK_KERNEL", "/nonexistent/vmlinux")], &[]);
+    assert_one_line_error(&husk, &out, "guest kernel not found at /nonexistent/vmlinux");
+}
+
+#[test]
+fn test_run_missing_initramfs_error() {
+    let Some(env) = Env::get("test_run_missing_initramfs_error") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    let out = run_with(&husk, &bundle, &[("HUSK_INITRAMFS", "/nonexistent/initramfs.cpio")], &[]);
+    assert_one_line_error(&husk, &out, "initramfs not found at /nonexistent/initramfs.cpio");
+}
+
+#[test]
+fn test_run_qemu_not_installed_error() {
+    let Some(env) = Env::get("test_run_qemu_not_installed_error") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    let out = run_with(&husk, &bundle, &[("PATH", "/nonexistent")], &[]);
+    assert_one_line_error(&husk, &out, "qemu-system-x86_64 not found");
+}
+
+#[test]
+fn test_run_virtiofsd_not_installed_error() {
+    let Some(env) = Env::get("test_run_virtiofsd_not_installed_error") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    let qemu_dir = "/usr/bin:/bin";
+    assert!(!std::path::Path::new("/usr/bin/virtiofsd").exists(), "this test hides virtiofsd by PATH");
+    let out = run_with(&husk, &bundle, &[("PATH", qemu_dir)], &[]);
+    assert_one_line_error(&husk, &out, "virtiofsd not found");
+}
+
+#[test]
+fn test_run_guest_fails_to_boot_shows_console() {
+    let Some(env) = Env::get("test_run_guest_fails_to_boot_shows_console") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    // An initramfs without /init: the kernel finds no init and panics.
+    let bogus = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(bogus.path(), b"this is not a cpio archive").expect("write");
+    let out = run_with(&husk, &bundle, &[("HUSK_INITRAMFS", bogus.path().to_str().expect("utf-8"))], &[]);
+    assert_one_line_error(&husk, &out, "guest failed to boot (guest kernel panic)");
+    assert!(stderr(&out).contains("last console lines: "), "{}", stderr(&out));
+}
+
+#[test]
+fn test_run_invalid_id_error() {
+    let Some(env) = Env::get("test_run_invalid_id_error") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    let out = husk.command(&["run", "--bundle", bundle.path().to_str().expect("utf-8"), "../escape"]).output().expect("husk");
+    assert_one_line_error(&husk, &out, "invalid container id");
+}
+
+#[test]
+fn test_run_id_in_use_error() {
+    let Some(env) = Env::get("test_run_id_in_use_error") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo ready; read line"]);
+    let mut first = husk.spawn_run(&bundle, "same", &[]);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(first.stdout.as_mut().expect("stdout")), &mut line).expect("read");
+    assert_eq!(line, "ready\n");
+    let second = husk.command(&["run", "--bundle", bundle.path().to_str().expect("utf-8"), "same"]).output().expect("husk");
+    assert_eq!(second.status.code(), Some(1));
+    assert!(stderr(&second).contains("container \"same\" already exists"), "{}", stderr(&second));
+    drop(first.stdin.take());
+    assert_eq!(first.wait().expect("wait").code(), Some(0));
+    husk.assert_clean();
+}
