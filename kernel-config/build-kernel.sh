@@ -110,11 +110,12 @@ configure() {
 compile() {
     local src=$1 build=$2 logfile=$2/build.log
     log "compiling vmlinux with -j$jobs (log: $logfile)"
-    if ! make -C "$src" O="$build" ARCH=x86_64 -j"$jobs" vmlinux usr/gen_init_cpio \
-        >"$logfile" 2>&1; then
+    if ! make -C "$src" O="$build" ARCH=x86_64 -j"$jobs" vmlinux >"$logfile" 2>&1; then
         tail -n 40 "$logfile" >&2
         die "kernel build failed, full log: $logfile"
     fi
+    # The initramfs writer, a single C file of the kernel tree (host tool).
+    ${HOSTCC:-gcc} -O2 -o "$build/gen_init_cpio" "$src/usr/gen_init_cpio.c"
 }
 
 main() {
@@ -138,7 +139,7 @@ main() {
         compile "$src" "$build"
         rm -rf "$dest.tmp"
         mkdir -p "$dest.tmp"
-        cp "$build/vmlinux" "$build/usr/gen_init_cpio" "$build/.config" "$dest.tmp/"
+        cp "$build/vmlinux" "$build/gen_init_cpio" "$build/.config" "$dest.tmp/"
         rm -rf "$dest"
         mv "$dest.tmp" "$dest"
         log "built: $dest ($(stat -c %s "$dest/vmlinux") bytes vmlinux)"

@@ -1,1 +1,43 @@
-fn main() {}
+//! husk-agent: PID 1 of the guest VM.
+//!
+//! It prepares the guest ([`init`]), then serves the host over vsock port
+//! [`husk_protocol::AGENT_PORT`] ([`server`]): one VM, one or more containers, each a child in its
+//! own namespaces ([`container`]). The same binary, started as `husk-agent container-init`, is the
+//! first process of a container: it finishes the container's setup from the inside and execs the
+//! bundle's process ([`container_init`]).
+
+mod container;
+mod container_init;
+mod init;
+mod reaper;
+mod server;
+mod sys;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    if std::env::args_os().nth(1).as_deref() == Some(container_init::ARG.as_ref()) {
+        return container_init::main();
+    }
+    let pid1 = std::process::id() == 1;
+    let result = run(pid1);
+    if let Err(e) = &result {
+        eprintln!("husk-agent: {e}");
+    }
+    if pid1 {
+        // PID 1 must not return (the kernel would panic); end the VM instead.
+        init::power_off();
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+fn run(pid1: bool) -> std::io::Result<()> {
+    if pid1 {
+        init::setup()?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(server::serve())
+}

@@ -1,0 +1,266 @@
+//! Containers of this VM: create (namespaces + container-init), start, wait, signal, stdio.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use husk_protocol::{read_message, write_message, ContainerSpec, ErrorKind, Response, StdioStream};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::unistd::{pipe2, Pid};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::pipe;
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use crate::init::{ctx, mkdir_p, RUN_DIR};
+use crate::reaper::Exits;
+use crate::sys;
+
+/// A request's failure, as it goes back to the host.
+pub type Failure = (ErrorKind, String);
+
+/// Where container `id`'s rootfs (its virtio-fs share) is mounted in the agent's namespace.
+pub fn rootfs_path(id: &str) -> PathBuf {
+    PathBuf::from(RUN_DIR).join("containers").join(id).join("rootfs")
+}
+
+/// Namespaces of a container: everything but user and cgroup (not asked for yet).
+fn namespaces() -> CloneFlags {
+    CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWNET
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Creating,
+    Created,
+    Running,
+    Stopped,
+}
+
+#[derive(Debug)]
+struct Container {
+    pid: Pid,
+    state: State,
+    sync: Option<UnixStream>,
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    exit: watch::Receiver<Option<i32>>,
+    /// How many of stdout/stderr still have output to deliver.
+    open_outputs: Arc<watch::Sender<usize>>,
+}
+
+/// All containers of the VM.
+#[derive(Debug, Clone, Default)]
+pub struct Containers {
+    map: Arc<Mutex<HashMap<String, Container>>>,
+    exits: Exits,
+}
+
+impl Containers {
+    /// The exit registry the reaper publishes into.
+    pub fn exits(&self) -> Exits {
+        self.exits.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Container>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Mounts the rootfs, starts container-init in new namespaces and waits until it is set up.
+    pub async fn create(&self, spec: ContainerSpec) -> Result<(), Failure> {
+        spec.validate().map_err(|e| (ErrorKind::InvalidRequest, e))?;
+        let id = spec.id.clone();
+        if self.lock().contains_key(&id) {
+            return Err((ErrorKind::AlreadyExists, format!("container {id:?} already exists")));
+        }
+        let root = rootfs_path(&id);
+        mount_rootfs(&spec.rootfs_tag, &root).map_err(internal)?;
+        let result = self.spawn(&spec).await;
+        if let Err(e) = &result {
+            if let Some(c) = self.lock().remove(&id) {
+                let _ = kill(c.pid, Signal::SIGKILL);
+            }
+            let _ = umount2(&root, MntFlags::MNT_DETACH);
+            return Err(e.clone());
+        }
+        result
+    }
+
+    async fn spawn(&self, spec: &ContainerSpec) -> Result<(), Failure> {
+        let (stdin_r, stdin_w) = pipe_pair().map_err(internal)?;
+        let (stdout_r, stdout_w) = pipe_pair().map_err(internal)?;
+        let (stderr_r, stderr_w) = pipe_pair().map_err(internal)?;
+        let (sync_parent, sync_child) =
+            socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+                .map_err(|e| internal(ctx(e, "socketpair")))?;
+        let fds = [stdin_r.as_fd(), stdout_w.as_fd(), stderr_w.as_fd(), sync_child.as_fd()];
+        let pid = sys::spawn_container_init(fds, namespaces()).map_err(|e| internal(format!("clone: {e}")))?;
+        // Registered before the next await: the reaper cannot miss this child's exit.
+        let exit = self.exits.watch(pid);
+        drop((stdin_r, stdout_w, stderr_w, sync_child));
+        let (open_outputs, _) = watch::channel(2usize);
+        self.lock().insert(
+            spec.id.clone(),
+            Container {
+                pid,
+                state: State::Creating,
+                sync: None,
+                stdin: Some(stdin_w),
+                stdout: Some(stdout_r),
+                stderr: Some(stderr_r),
+                exit,
+                open_outputs: Arc::new(open_outputs),
+            },
+        );
+        let std_sync = std::os::unix::net::UnixStream::from(sync_parent);
+        std_sync.set_nonblocking(true).map_err(internal)?;
+        let mut sync = UnixStream::from_std(std_sync).map_err(internal)?;
+        write_message(&mut sync, spec).await.map_err(|e| internal(format!("send spec: {e}")))?;
+        match read_message::<Response, _>(&mut sync).await {
+            Ok(Some(Response::Ok)) => {}
+            Ok(Some(Response::Error { kind, message })) => return Err((kind, message)),
+            Ok(_) => return Err(internal("container init exited during setup".to_owned())),
+            Err(e) => return Err(internal(format!("container init: {e}"))),
+        }
+        let mut map = self.lock();
+        if let Some(c) = map.get_mut(&spec.id) {
+            c.sync = Some(sync);
+            c.state = State::Created;
+        }
+        Ok(())
+    }
+
+    /// Lets the container's process run; returns its pid (in the agent's pid namespace).
+    pub async fn start(&self, id: &str) -> Result<u32, Failure> {
+        let (mut sync, pid, outputs) = {
+            let mut map = self.lock();
+            let c = map.get_mut(id).ok_or_else(|| not_found(id))?;
+            if c.state != State::Created {
+                return Err((ErrorKind::InvalidState, format!("container {id:?} is not created")));
+            }
+            let sync = c.sync.take().ok_or_else(|| not_found(id))?;
+            c.state = State::Running;
+            // Nobody attached: stdin reads EOF, output is drained so the process never blocks.
+            c.stdin = None;
+            let outputs = [c.stdout.take(), c.stderr.take()];
+            for fd in outputs.into_iter().flatten() {
+                tokio::spawn(copy_output(fd, None::<tokio::io::Sink>, c.open_outputs.clone()));
+            }
+            (sync, c.pid, c.open_outputs.clone())
+        };
+        drop(outputs);
+        sync.write_all(&[1]).await.map_err(|e| internal(format!("start: {e}")))?;
+        match read_message::<Response, _>(&mut sync).await {
+            Ok(None) => u32::try_from(pid.as_raw()).map_err(|e| internal(e.to_string())),
+            Ok(Some(Response::Error { kind, message })) => Err((kind, message)),
+            Ok(Some(other)) => Err(internal(format!("unexpected start reply {other:?}"))),
+            Err(e) => Err(internal(format!("start: {e}"))),
+        }
+    }
+
+    /// Waits for the process to exit and its output to be delivered; returns the exit code.
+    pub async fn wait(&self, id: &str) -> Result<i32, Failure> {
+        let (mut exit, mut outputs) = {
+            let map = self.lock();
+            let c = map.get(id).ok_or_else(|| not_found(id))?;
+            (c.exit.clone(), c.open_outputs.subscribe())
+        };
+        let code = match exit.wait_for(Option::is_some).await {
+            Ok(code) => code.unwrap_or_default(),
+            Err(_) => return Err(internal("exit status lost".to_owned())),
+        };
+        let _ = outputs.wait_for(|open| *open == 0).await;
+        if let Some(c) = self.lock().get_mut(id) {
+            c.state = State::Stopped;
+        }
+        let _ = umount2(&rootfs_path(id), MntFlags::MNT_DETACH);
+        Ok(code)
+    }
+
+    /// Sends `signal` to the container's process.
+    pub fn signal(&self, id: &str, signal: i32) -> Result<(), Failure> {
+        let sig = Signal::try_from(signal)
+            .map_err(|_| (ErrorKind::InvalidRequest, format!("invalid signal {signal}")))?;
+        let pid = self.lock().get(id).ok_or_else(|| not_found(id))?.pid;
+        match kill(pid, sig) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(e) => Err(internal(ctx(e, "kill"))),
+        }
+    }
+
+    /// Hands out one stdio stream of a created container, once.
+    pub fn attach(&self, id: &str, stream: StdioStream) -> Result<Attached, Failure> {
+        let mut map = self.lock();
+        let c = map.get_mut(id).ok_or_else(|| not_found(id))?;
+        let taken = match stream {
+            StdioStream::Stdin => c.stdin.take().map(Attached::Stdin),
+            StdioStream::Stdout => c.stdout.take().map(|fd| Attached::Output(fd, c.open_outputs.clone())),
+            StdioStream::Stderr => c.stderr.take().map(|fd| Attached::Output(fd, c.open_outputs.clone())),
+        };
+        taken.ok_or_else(|| (ErrorKind::InvalidState, format!("{stream:?} of {id:?} is attached already or gone")))
+    }
+}
+
+/// A stdio stream handed to a host connection.
+#[derive(Debug)]
+pub enum Attached {
+    /// Write end of the container's stdin pipe.
+    Stdin(OwnedFd),
+    /// Read end of an output pipe, and the count to decrement at its end.
+    Output(OwnedFd, Arc<watch::Sender<usize>>),
+}
+
+/// Copies host bytes into the container's stdin until the host closes its side.
+pub async fn copy_stdin<R: tokio::io::AsyncRead + Unpin>(mut from: R, fd: OwnedFd) {
+    let Ok(mut to) = pipe::Sender::from_owned_fd(fd) else { return };
+    let _ = tokio::io::copy(&mut from, &mut to).await;
+}
+
+/// Copies an output pipe to `to` until EOF (then shuts `to` down), draining into the void if
+/// `to` fails, so that the container never blocks on a full pipe; then marks the output done.
+pub async fn copy_output<W: tokio::io::AsyncWrite + Unpin>(
+    fd: OwnedFd,
+    to: Option<W>,
+    open_outputs: Arc<watch::Sender<usize>>,
+) {
+    if let Ok(mut from) = pipe::Receiver::from_owned_fd(fd) {
+        let delivered = match to {
+            Some(mut to) => tokio::io::copy(&mut from, &mut to).await.is_ok() && to.shutdown().await.is_ok(),
+            None => false,
+        };
+        if !delivered {
+            let _ = tokio::io::copy(&mut from, &mut tokio::io::sink()).await;
+        }
+    }
+    open_outputs.send_modify(|open| *open = open.saturating_sub(1));
+}
+
+fn mount_rootfs(tag: &str, root: &std::path::Path) -> std::io::Result<()> {
+    mkdir_p(root)?;
+    mount(Some(tag), root, Some("virtiofs"), MsFlags::empty(), None::<&str>)
+        .map_err(|e| ctx(e, &format!("mount virtio-fs {tag:?}")))
+}
+
+/// A close-on-exec pipe: (read end, write end).
+fn pipe_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    pipe2(OFlag::O_CLOEXEC).map_err(|e| ctx(e, "pipe2"))
+}
+
+fn not_found(id: &str) -> Failure {
+    (ErrorKind::NotFound, format!("container {id:?} does not exist"))
+}
+
+fn internal(e: impl ToString) -> Failure {
+    (ErrorKind::Internal, e.to_string())
+}

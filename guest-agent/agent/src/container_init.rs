@@ -1,0 +1,224 @@
+//! `husk-agent container-init`: the first process of a container, already in its namespaces.
+//!
+//! Started by [`crate::container`] with stdin/stdout/stderr on the container's pipes and a sync
+//! socket on fd 3. The exchange on the sync socket:
+//! 1. agent -> init: the [`ContainerSpec`] (one frame);
+//! 2. init -> agent: `Ok` once mounts, root, hostname and network are set up, or `Error`;
+//! 3. agent -> init: one byte, "start";
+//! 4. init -> agent: nothing if `execve` succeeds (the socket is close-on-exec, the agent sees
+//!    EOF), or an `ExecFailed` error.
+
+use std::ffi::{CStr, CString};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use husk_protocol::{decode_body, decode_len, encode, ContainerSpec, ErrorKind, Response, User};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{makedev, mknod, umask, Mode, SFlag};
+use nix::unistd::{chdir, execve, pivot_root, setgid, setgroups, sethostname, setuid, Gid, Uid};
+
+use crate::container::rootfs_path;
+use crate::init::ctx;
+use crate::sys;
+
+/// The argument that selects this mode.
+pub const ARG: &str = "container-init";
+/// [`ARG`] as a C string, for the exec in [`sys::spawn_container_init`].
+pub const ARG_C: &CStr = c"container-init";
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const DEFAULT_UMASK: u32 = 0o022;
+/// Exit code when the process could not be executed (as a shell).
+const EXIT_EXEC_FAILED: u8 = 127;
+
+/// Character devices every container gets in its /dev: (name, major, minor).
+const DEV_NODES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+const DEV_LINKS: [(&str, &str); 5] = [
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+];
+
+pub fn main() -> ExitCode {
+    let mut sync = UnixStream::from(sys::inherited_sync_fd());
+    let spec = match read_spec(&mut sync) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("husk-agent container-init: reading the spec: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let setup = fcntl(&sync, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map_err(|e| ctx(e, "close-on-exec sync socket"))
+        .and_then(|_| setup(&spec));
+    let reply = match setup {
+        Ok(()) => Response::Ok,
+        Err(e) => error(ErrorKind::Internal, format!("container setup: {e}")),
+    };
+    let failed = reply != Response::Ok;
+    if write_frame(&mut sync, &reply).is_err() || failed {
+        return ExitCode::FAILURE;
+    }
+    let mut start = [0u8; 1];
+    if !matches!(sync.read(&mut start), Ok(1)) {
+        return ExitCode::FAILURE;
+    }
+    let e = exec(&spec);
+    let _ = write_frame(&mut sync, &error(ErrorKind::ExecFailed, e));
+    ExitCode::from(EXIT_EXEC_FAILED)
+}
+
+fn error(kind: ErrorKind, message: String) -> Response {
+    Response::Error { kind, message }
+}
+
+/// Mounts, root, hostname, loopback: everything before the user's process.
+fn setup(spec: &ContainerSpec) -> io::Result<()> {
+    umask(Mode::empty());
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(|e| ctx(e, "make / private"))?;
+    let root = rootfs_path(&spec.id);
+    mount_at(&root, "proc", "proc", nosuid, None)?;
+    let dev = mount_at(&root, "dev", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME, Some("mode=755,size=65536k"))?;
+    populate_dev(&dev)?;
+    mount_at(&dev, "pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620,gid=5"))?;
+    mount_at(&dev, "shm", "tmpfs", nosuid, Some("mode=1777,size=65536k"))?;
+    mount_at(&dev, "mqueue", "mqueue", nosuid, None)?;
+    mount_at(&root, "sys", "sysfs", nosuid | MsFlags::MS_RDONLY, None)?;
+    enter_root(&root)?;
+    if spec.rootfs_readonly {
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        mount(None::<&str>, "/", None::<&str>, flags, None::<&str>)
+            .map_err(|e| ctx(e, "remount / read-only"))?;
+    }
+    if let Some(hostname) = &spec.hostname {
+        sethostname(hostname).map_err(|e| ctx(e, "sethostname"))?;
+    }
+    sys::loopback_up().map_err(|e| io::Error::new(e.kind(), format!("loopback up: {e}")))?;
+    Ok(())
+}
+
+/// Mounts `fstype` on `parent/name`, creating the directory; refuses a symlink there (the
+/// rootfs is the user's).
+fn mount_at(parent: &Path, name: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> io::Result<PathBuf> {
+    let target = parent.join(name);
+    match std::fs::symlink_metadata(&target) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(io::Error::other(format!("{} in the rootfs is not a directory", Path::new("/").join(name).display())))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(&target)
+            .map_err(|e| io::Error::new(e.kind(), format!("mkdir /{name} in the rootfs: {e}")))?,
+        Err(e) => return Err(e),
+    }
+    mount(Some(fstype), &target, Some(fstype), flags, data)
+        .map_err(|e| ctx(e, &format!("mount {fstype} on /{name}")))?;
+    Ok(target)
+}
+
+fn populate_dev(dev: &Path) -> io::Result<()> {
+    let rw = Mode::from_bits_truncate(0o666);
+    for (name, major, minor) in DEV_NODES {
+        mknod(&dev.join(name), SFlag::S_IFCHR, rw, makedev(major, minor))
+            .map_err(|e| ctx(e, &format!("mknod /dev/{name}")))?;
+    }
+    for (name, target) in DEV_LINKS {
+        std::os::unix::fs::symlink(target, dev.join(name))?;
+    }
+    Ok(())
+}
+
+/// `pivot_root` into `root` and detach the old root.
+fn enter_root(root: &Path) -> io::Result<()> {
+    chdir(root).map_err(|e| ctx(e, "chdir to the rootfs"))?;
+    pivot_root(".", ".").map_err(|e| ctx(e, "pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| ctx(e, "detach the old root"))?;
+    chdir("/").map_err(|e| ctx(e, "chdir /"))?;
+    Ok(())
+}
+
+/// Becomes the user and execs the process; returns only the reason it failed.
+fn exec(spec: &ContainerSpec) -> String {
+    if let Err(e) = set_user(&spec.user) {
+        return format!("set user {}:{}: {e}", spec.user.uid, spec.user.gid);
+    }
+    umask(Mode::from_bits_truncate(spec.user.umask.unwrap_or(DEFAULT_UMASK)));
+    if let Err(e) = chdir(spec.cwd.as_str()) {
+        return format!("chdir to cwd {:?}: {}", spec.cwd, e.desc());
+    }
+    let program = &spec.args[0];
+    let path = match find_program(program, &spec.env) {
+        Ok(path) => path,
+        Err(e) => return e,
+    };
+    let (Ok(path), Ok(args), Ok(env)) = (c_string(path), c_strings(&spec.args), c_strings(&spec.env)) else {
+        return "args or env contain a NUL byte".to_owned();
+    };
+    match execve(&path, &args, &env) {
+        Err(e) => format!("exec {program:?}: {}", e.desc()),
+        Ok(never) => match never {},
+    }
+}
+
+fn set_user(user: &User) -> nix::Result<()> {
+    let groups: Vec<Gid> = user.additional_gids.iter().copied().map(Gid::from_raw).collect();
+    setgroups(&groups)?;
+    setgid(Gid::from_raw(user.gid))?;
+    setuid(Uid::from_raw(user.uid))
+}
+
+/// The file `program` names: itself if it has a `/`, else the first executable in `$PATH` (the
+/// container's env, as runc).
+fn find_program(program: &str, env: &[String]) -> Result<PathBuf, String> {
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = env.iter().rev().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+    path.split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| Path::new(dir).join(program))
+        .find(|candidate| is_executable(candidate))
+        .ok_or_else(|| format!("exec {program:?}: executable file not found in $PATH"))
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| {
+        let t = m.file_type();
+        !t.is_dir() && !t.is_char_device() && m.permissions().mode() & 0o111 != 0
+    })
+}
+
+fn c_string(path: PathBuf) -> Result<CString, std::ffi::NulError> {
+    CString::new(path.into_os_string().into_encoded_bytes())
+}
+
+fn c_strings(items: &[String]) -> Result<Vec<CString>, std::ffi::NulError> {
+    items.iter().map(|s| CString::new(s.as_bytes())).collect()
+}
+
+fn read_spec(stream: &mut UnixStream) -> io::Result<ContainerSpec> {
+    let mut header = [0u8; husk_protocol::HEADER_LEN];
+    stream.read_exact(&mut header)?;
+    let len = decode_len(header).map_err(io::Error::other)?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    decode_body(&body).map_err(io::Error::other)
+}
+
+fn write_frame(stream: &mut UnixStream, msg: &Response) -> io::Result<()> {
+    stream.write_all(&encode(msg).map_err(io::Error::other)?)
+}

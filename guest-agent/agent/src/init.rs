@@ -1,0 +1,77 @@
+//! What PID 1 does before serving: the guest's own mounts, and power-off at the end.
+
+use std::io;
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::unistd::{chdir, chroot};
+
+/// Where the agent keeps per-container state (rootfs mount points).
+pub const RUN_DIR: &str = "/run/husk";
+
+/// Mounts /proc, /sys, /dev, /dev/pts, cgroup2, /run and /tmp, and moves the root off the
+/// initramfs so that containers can `pivot_root`.
+pub fn setup() -> io::Result<()> {
+    leave_rootfs()?;
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    fs_mount("proc", "/proc", "proc", nosuid, None)?;
+    fs_mount("sysfs", "/sys", "sysfs", nosuid, None)?;
+    fs_mount("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    fs_mount("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, None)?;
+    fs_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None)?;
+    fs_mount("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    fs_mount("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
+    mkdir_p(Path::new(RUN_DIR))?;
+    std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    Ok(())
+}
+
+/// The initramfs root (`rootfs`) cannot be pivoted away from. Bind it onto /newroot, move that
+/// mount over `/` and chroot into it (as switch_root does): the root is then an ordinary mount,
+/// and a container's mount namespace can `pivot_root` out of it.
+fn leave_rootfs() -> io::Result<()> {
+    const NEWROOT: &str = "/newroot";
+    mkdir_p(Path::new(NEWROOT))?;
+    mount(Some("/"), NEWROOT, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| ctx(e, "bind / on /newroot"))?;
+    chdir(NEWROOT).map_err(|e| ctx(e, "chdir /newroot"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| ctx(e, "move /newroot to /"))?;
+    chroot(".").map_err(|e| ctx(e, "chroot"))?;
+    chdir("/").map_err(|e| ctx(e, "chdir /"))?;
+    Ok(())
+}
+
+fn fs_mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> io::Result<()> {
+    mkdir_p(Path::new(target))?;
+    match mount(Some(source), target, Some(fstype), flags, data) {
+        Ok(()) | Err(nix::errno::Errno::EBUSY) => Ok(()),
+        Err(e) => Err(ctx(e, &format!("mount {fstype} on {target}"))),
+    }
+}
+
+/// `mkdir -p` with mode 0755.
+pub fn mkdir_p(path: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", path.display())))
+}
+
+/// An errno with what was being done.
+pub fn ctx(errno: nix::errno::Errno, what: &str) -> io::Error {
+    io::Error::new(io::Error::from(errno).kind(), format!("{what}: {}", errno.desc()))
+}
+
+/// Flushes the page cache and resets the VM; the VMM treats the reset as the end of the VM.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    // reboot(2) only returns on error (e.g. not PID 1 in tests): nothing more to do.
+    std::process::exit(1)
+}

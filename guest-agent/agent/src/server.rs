@@ -1,0 +1,94 @@
+//! The vsock server: one task per host connection, requests answered in order.
+//!
+//! A connection is either a request channel (`Hello` first, then any requests) or, when its
+//! first message is `AttachStdio`, a raw byte stream for one stdio stream of a container.
+
+use husk_protocol::{read_message, write_message, ErrorKind, Request, Response, StdioStream};
+use husk_protocol::{AGENT_PORT, PROTOCOL_VERSION};
+use tokio_vsock::{OwnedReadHalf, OwnedWriteHalf, VsockAddr, VsockListener, VMADDR_CID_ANY};
+
+use crate::container::{copy_output, copy_stdin, Attached, Containers};
+use crate::{init, reaper};
+
+/// Accepts host connections forever.
+pub async fn serve() -> std::io::Result<()> {
+    let containers = Containers::default();
+    let exits = containers.exits();
+    tokio::spawn(async move {
+        if let Err(e) = reaper::run(exits).await {
+            eprintln!("husk-agent: reaper: {e}");
+        }
+    });
+    let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, AGENT_PORT))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (rd, wr) = stream.into_split();
+        tokio::spawn(connection(rd, wr, containers.clone()));
+    }
+}
+
+async fn connection(mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, containers: Containers) {
+    loop {
+        let request = match read_message::<Request, _>(&mut rd).await {
+            Ok(Some(request)) => request,
+            Ok(None) => return,
+            Err(e) => {
+                let reply = error(ErrorKind::InvalidRequest, format!("bad request: {e}"));
+                let _ = write_message(&mut wr, &reply).await;
+                return;
+            }
+        };
+        match request {
+            Request::AttachStdio { id, stream } => return attach(rd, wr, &containers, &id, stream).await,
+            Request::Shutdown => {
+                let _ = write_message(&mut wr, &Response::Ok).await;
+                init::power_off();
+            }
+            request => {
+                let reply = handle(&containers, request).await;
+                if write_message(&mut wr, &reply).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn handle(containers: &Containers, request: Request) -> Response {
+    let result = match request {
+        Request::Hello { .. } => {
+            // The host compares versions; the agent always says which one it speaks.
+            return Response::Hello {
+                version: PROTOCOL_VERSION,
+                agent: concat!("husk-agent ", env!("CARGO_PKG_VERSION")).to_owned(),
+            };
+        }
+        Request::CreateContainer { spec } => containers.create(spec).await.map(|()| Response::Ok),
+        Request::StartContainer { id } => containers.start(&id).await.map(|pid| Response::Started { pid }),
+        Request::WaitContainer { id } => containers.wait(&id).await.map(|code| Response::Exited { code }),
+        Request::SignalContainer { id, signal } => containers.signal(&id, signal).map(|()| Response::Ok),
+        Request::AttachStdio { .. } | Request::Shutdown => {
+            Err((ErrorKind::InvalidRequest, "not valid here".to_owned()))
+        }
+    };
+    result.unwrap_or_else(|(kind, message)| error(kind, message))
+}
+
+async fn attach(rd: OwnedReadHalf, mut wr: OwnedWriteHalf, containers: &Containers, id: &str, stream: StdioStream) {
+    let attached = match containers.attach(id, stream) {
+        Ok(attached) => attached,
+        Err((kind, message)) => {
+            let _ = write_message(&mut wr, &error(kind, message)).await;
+            return;
+        }
+    };
+    let replied = write_message(&mut wr, &Response::Ok).await.is_ok();
+    match attached {
+        Attached::Stdin(fd) => copy_stdin(rd, fd).await,
+        Attached::Output(fd, open) => copy_output(fd, replied.then_some(wr), open).await,
+    }
+}
+
+fn error(kind: ErrorKind, message: String) -> Response {
+    Response::Error { kind, message }
+}

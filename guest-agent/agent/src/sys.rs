@@ -1,0 +1,90 @@
+//! The agent's only unsafe code: the two kernel calls nix has no safe form for.
+
+use std::ffi::{c_char, c_short};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr;
+
+use nix::sched::CloneFlags;
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+use nix::unistd::Pid;
+
+use crate::container_init;
+
+/// Stack of the cloned child until it execs (it only calls dup2 and execve).
+const CLONE_STACK_SIZE: usize = 64 * 1024;
+
+/// Starts `/proc/self/exe container-init` as a child in the namespaces `flags` asks for, with
+/// `fds[i]` as its fd `i` (stdin, stdout, stderr, sync socket). The fds must be above 2 (the
+/// agent's own stdio is open), so that no dup2 overwrites a source still to be duplicated.
+pub fn spawn_container_init(fds: [BorrowedFd<'_>; 4], flags: CloneFlags) -> io::Result<Pid> {
+    let raw = fds.map(|fd| fd.as_raw_fd());
+    if raw.iter().any(|&fd| fd <= 2) {
+        return Err(io::Error::other("container fds must be above 2"));
+    }
+    let exe = c"/proc/self/exe";
+    let argv: [*const c_char; 3] = [exe.as_ptr(), container_init::ARG_C.as_ptr(), ptr::null()];
+    let envp: [*const c_char; 1] = [ptr::null()];
+    let mut stack = vec![0u8; CLONE_STACK_SIZE];
+    let child = Box::new(move || -> isize {
+        // Between clone and execve the child runs only async-signal-safe calls.
+        for (target, fd) in (0..).zip(raw) {
+            // SAFETY: dup2/fcntl on fds this process owns; no memory is touched. dup2 onto
+            // itself keeps close-on-exec, so that case clears the flag instead.
+            let ok = unsafe {
+                match fd == target {
+                    true => libc::fcntl(fd, libc::F_SETFD, 0),
+                    false => libc::dup2(fd, target),
+                }
+            };
+            if ok < 0 {
+                return 126;
+            }
+        }
+        // SAFETY: `argv` and `envp` are null-terminated arrays of pointers to NUL-terminated
+        // strings, all alive in this (copied) address space for the duration of the call.
+        unsafe { libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        127
+    });
+    // SAFETY: no CLONE_VM, so the child runs on its own copy of the address space and of
+    // `stack`; the callback above only calls dup2 and execve (async-signal-safe) before the
+    // exec replaces the image, so no lock held by another thread can be taken in the child.
+    let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }?;
+    Ok(pid)
+}
+
+/// Brings the loopback interface of the calling process's network namespace up.
+pub fn loopback_up() -> io::Result<()> {
+    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    let mut name = [0 as c_char; libc::IFNAMSIZ];
+    for (dst, src) in name.iter_mut().zip(b"lo") {
+        *dst = *src as c_char;
+    }
+    let mut req = libc::ifreq {
+        ifr_name: name,
+        ifr_ifru: libc::__c_anonymous_ifr_ifru { ifru_flags: 0 },
+    };
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of a valid, owned `ifreq`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled `ifru_flags` (the union member SIOCGIFFLAGS defines).
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    let up = c_short::try_from(libc::IFF_UP).map_err(io::Error::other)?;
+    req.ifr_ifru.ifru_flags = flags | up;
+    // SAFETY: SIOCSIFFLAGS reads a valid, owned `ifreq`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+
+/// The sync socket the agent put on fd 3 of `container-init`.
+pub fn inherited_sync_fd() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd 3 of container-init is the sync socket dup2'd there by
+    // `spawn_container_init`; nothing else in this process refers to it, so taking ownership
+    // once, at startup, is sound.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(3) }
+}
