@@ -24,7 +24,7 @@ pub enum FrameError {
     #[error("connection closed inside a frame")]
     Truncated,
     /// Reading or writing the transport failed.
-    #[error("frame transport failed")]
+    #[error("frame transport failed: {0}")]
     Io(#[from] std::io::Error),
 }
 

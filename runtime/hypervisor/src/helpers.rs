@@ -31,6 +31,9 @@ pub(crate) fn spawn_logged(
     let out = std::fs::File::create(log).map_err(spawn_err)?;
     let err = out.try_clone().map_err(spawn_err)?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
+    // A process group of its own: a terminal's Ctrl-C (or `timeout`) signals husk's group, and
+    // husk, not the VMM, decides what a signal means for the container.
+    cmd.process_group(0);
     sys::kill_with_parent(cmd);
     cmd.spawn().map_err(spawn_err)
 }

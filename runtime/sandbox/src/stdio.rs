@@ -4,7 +4,7 @@
 //! backpressure, the host side blocks as a pipe or terminal does, and nothing is buffered
 //! beyond one copy buffer.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::Shutdown;
 
 use tokio::net::UnixStream;
@@ -47,16 +47,35 @@ pub fn relay_output(conn: UnixStream, target: HostOutput) -> std::io::Result<Joi
     let mut conn = into_blocking(conn)?;
     Ok(tokio::task::spawn_blocking(move || {
         let copied = match target {
-            HostOutput::Stdout => copy_flush(&mut conn, &mut std::io::stdout().lock()),
-            HostOutput::Stderr => copy_flush(&mut conn, &mut std::io::stderr().lock()),
+            HostOutput::Stdout => copy_chunks(&mut conn, &std::io::stdout()),
+            HostOutput::Stderr => copy_chunks(&mut conn, &std::io::stderr()),
         };
         let _ = conn.shutdown(Shutdown::Both);
         copied
     }))
 }
 
-fn copy_flush(from: &mut impl std::io::Read, to: &mut impl Write) -> std::io::Result<u64> {
-    let n = std::io::copy(from, to)?;
-    to.flush()?;
-    Ok(n)
+/// Size of one relayed chunk.
+const CHUNK: usize = 64 * 1024;
+
+/// Copies `from` to `to` chunk by chunk, taking the output's lock only to write (never while
+/// waiting for the guest: husk's own log lines go to the same stderr) and flushing each chunk.
+fn copy_chunks<W>(from: &mut impl Read, to: &W) -> std::io::Result<u64>
+where
+    for<'a> &'a W: Write,
+{
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut out = to;
+        out.write_all(&buf[..n])?;
+        out.flush()?;
+        total += n as u64;
+    }
 }
