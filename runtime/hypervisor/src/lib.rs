@@ -119,12 +119,36 @@ pub fn new_door(kind: HypervisorKind, config: VmConfig) -> Result<Box<dyn Hyperv
 
 /// Last `lines` lines of a text file, for error messages (empty when unreadable).
 pub fn tail_lines(path: &Path, lines: usize) -> Vec<String> {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
+    let text = read_tail(path);
     let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let skip = all.len().saturating_sub(lines);
     all.into_iter().skip(skip).map(|l| l.trim_end().to_owned()).collect()
 }
+
+/// The reason of a guest kernel panic on the console at `path` ("Kernel panic - not syncing:
+/// <reason>"), if the guest panicked.
+pub fn kernel_panic(path: &Path) -> Option<String> {
+    const MARK: &str = "Kernel panic - not syncing:";
+    let text = read_tail(path);
+    let line = text.lines().find(|l| l.contains(MARK))?;
+    let reason = line.split_once(MARK).map_or("", |(_, r)| r).trim();
+    Some(reason.to_owned())
+}
+
+/// The last [`TAIL_BYTES`] of a log the guest writes (it may write without bound), lossily
+/// decoded.
+fn read_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else { return String::new() };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
+    let mut buf = Vec::new();
+    let _ = file.take(TAIL_BYTES).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// How much of a guest-written log is read back.
+const TAIL_BYTES: u64 = 256 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -144,5 +168,15 @@ mod tests {
         std::fs::write(&p, "a\n\nb\nc\r\nd\n").unwrap();
         assert_eq!(tail_lines(&p, 2), vec!["c", "d"]);
         assert!(tail_lines(&dir.path().join("missing"), 3).is_empty());
+    }
+
+    #[test]
+    fn test_kernel_panic_panic_line_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console");
+        std::fs::write(&p, "boot\n[ 1.0] Kernel panic - not syncing: No working init found.\nstack\n").unwrap();
+        assert_eq!(kernel_panic(&p).as_deref(), Some("No working init found."));
+        std::fs::write(&p, "all fine\n").unwrap();
+        assert_eq!(kernel_panic(&p), None);
     }
 }

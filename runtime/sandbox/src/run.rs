@@ -202,11 +202,10 @@ async fn power_off(vm: &mut dyn Hypervisor, agent: &mut AgentClient) {
 }
 
 fn exit_reason(vm: &dyn Hypervisor, exit: Result<VmExit, HypervisorError>) -> String {
-    let panicked = vm.diagnostics().contains("Kernel panic");
-    match (panicked, exit) {
-        (true, _) => "guest kernel panic".to_owned(),
-        (false, Ok(exit)) => format!("VMM exited with {}", exit.status),
-        (false, Err(e)) => e.to_string(),
+    match (husk_hypervisor::kernel_panic(&vm.console_path()), exit) {
+        (Some(reason), _) => format!("guest kernel panic: {reason}"),
+        (None, Ok(exit)) => format!("VMM exited with {}", exit.status),
+        (None, Err(e)) => e.to_string(),
     }
 }
 
