@@ -7,7 +7,7 @@ use husk_hypervisor::{new_door, FsShare, Hypervisor, HypervisorError, Hypervisor
 use husk_protocol::StdioStream;
 use nix::sys::signal::Signal as NixSignal;
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::agent::AgentClient;
 use crate::bundle::{Bundle, ROOTFS_TAG};
@@ -95,6 +95,7 @@ async fn run_in_vm(vm: &mut dyn Hypervisor, bundle: &Bundle, boot_timeout: Durat
     vm.start().await?;
     let mut agent = boot(vm, boot_timeout).await?;
     let t_ready = Instant::now();
+    debug!("agent ready");
     let id = bundle.spec.id.as_str();
     let outputs = guard(vm, async {
         agent.create(&bundle.spec).await?;
@@ -109,11 +110,14 @@ async fn run_in_vm(vm: &mut dyn Hypervisor, bundle: &Bundle, boot_timeout: Durat
     })
     .await?;
     let t_started = Instant::now();
+    debug!("container started");
     let exit_code = supervise(vm, &mut agent, id).await?;
+    debug!(exit_code, "container exited");
     for output in outputs {
         let _ = output.await;
     }
     power_off(vm, &mut agent).await;
+    debug!("VM powered off");
     let timings = Timings { boot_to_agent: t_ready - t_boot, container_start: t_started - t_ready, total: Duration::ZERO };
     Ok(RunOutcome { exit_code, timings })
 }

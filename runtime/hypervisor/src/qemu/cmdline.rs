@@ -15,11 +15,11 @@ pub enum Accel {
 }
 
 /// Kernel command line of every husk guest.
-/// - `reboot=k panic=-1` + QEMU `-no-reboot`: a guest reboot (the agent's power-off) or a
+/// - `reboot=t panic=-1` + QEMU `-no-reboot`: a guest reboot (the agent's power-off) or a
 ///   panic ends QEMU at once instead of restarting the guest.
 /// - `8250.nr_uarts=1`, `quiet`: fewer devices to probe, less console output to emulate.
 pub const KERNEL_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 quiet loglevel=4 tsc=reliable no_timer_check";
+    "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 quiet loglevel=4 tsc=reliable no_timer_check";
 
 /// Paths of the sockets that QEMU connects to, made by the door before QEMU starts.
 #[derive(Debug, Clone)]
