@@ -143,9 +143,28 @@ async fn guard<T>(
     vm: &mut dyn Hypervisor,
     fut: impl std::future::Future<Output = Result<T, SandboxError>>,
 ) -> Result<T, SandboxError> {
-    tokio::select! {
+    let result = tokio::select! {
         r = fut => r,
-        exit = vm.wait() => Err(SandboxError::VmDied { reason: exit_reason(vm, exit), diagnostics: vm.diagnostics() }),
+        exit = vm.wait() => return Err(SandboxError::VmDied { reason: exit_reason(vm, exit), diagnostics: vm.diagnostics() }),
+    };
+    match result {
+        Err(e) => Err(explain(vm, e).await),
+        ok => ok,
+    }
+}
+
+/// How long a lost agent connection waits for the VMM's exit, the likelier root cause.
+const VM_EXIT_GRACE: Duration = Duration::from_secs(1);
+
+/// A lost agent connection usually means the VM went down (guest panic, VMM killed): report
+/// that instead when the VMM exits within [`VM_EXIT_GRACE`].
+async fn explain(vm: &mut dyn Hypervisor, err: SandboxError) -> SandboxError {
+    if !matches!(err, SandboxError::Protocol(_) | SandboxError::AgentIo(_)) {
+        return err;
+    }
+    match tokio::time::timeout(VM_EXIT_GRACE, vm.wait()).await {
+        Ok(exit) => SandboxError::VmDied { reason: exit_reason(vm, exit), diagnostics: vm.diagnostics() },
+        Err(_) => err,
     }
 }
 
@@ -154,6 +173,17 @@ async fn guard<T>(
 /// (PID 1 of a pid namespace ignores signals it has no handler for); if even that does not
 /// end it in time, husk gives up on the guest and the caller ends the VM.
 async fn supervise(vm: &mut dyn Hypervisor, agent: &mut AgentClient, id: &str) -> Result<i32, SandboxError> {
+    match wait_forwarding_signals(vm, agent, id).await {
+        Err(e) => Err(explain(vm, e).await),
+        ok => ok,
+    }
+}
+
+async fn wait_forwarding_signals(
+    vm: &mut dyn Hypervisor,
+    agent: &mut AgentClient,
+    id: &str,
+) -> Result<i32, SandboxError> {
     let mut waiter = agent.reconnect().await?;
     let wait = waiter.wait(id);
     tokio::pin!(wait);

@@ -1,0 +1,82 @@
+//! Teardown when things go wrong: the VMM dies, the guest kernel panics, husk itself is
+//! SIGKILLed. Each time: a clear error (where husk lives to give one) and nothing left behind.
+
+use std::io::{BufRead, BufReader};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use husk_e2e::harness::{processes_mentioning, stderr, Env, Husk, TestBundle};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Waits for the container's first stdout line, "ready".
+fn wait_ready(child: &mut Child) -> BufReader<std::process::ChildStdout> {
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line, "ready\n");
+    out
+}
+
+fn pid_of(needle: &str, husk: &Husk) -> Pid {
+    let procs = processes_mentioning(husk.root());
+    let line = procs.iter().find(|p| p.contains(needle)).unwrap_or_else(|| panic!("no {needle} in {procs:?}"));
+    let pid = line.split(':').next().expect("pid").parse().expect("numeric pid");
+    Pid::from_raw(pid)
+}
+
+/// Waits until no process names the state root (helpers die by PDEATHSIG, asynchronously).
+fn wait_no_processes(husk: &Husk) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(husk.root()).is_empty() {
+        assert!(Instant::now() < deadline, "left behind: {:?}", processes_mentioning(husk.root()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn test_run_vmm_killed_error_and_clean() {
+    let Some(env) = Env::get("test_run_vmm_killed_error_and_clean") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo ready; sleep 60"]);
+    let mut child = husk.spawn_run(&bundle, "vmmkill", &[]);
+    let _out = wait_ready(&mut child);
+    kill(pid_of("qemu-system", &husk), Signal::SIGKILL).expect("kill qemu");
+    let out = child.wait_with_output().expect("wait");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.starts_with("husk: VM ended unexpectedly (VMM exited with signal: 9"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    husk.assert_clean();
+}
+
+#[test]
+fn test_run_guest_panic_mid_run_error_and_clean() {
+    let Some(env) = Env::get("test_run_guest_panic_mid_run_error_and_clean") else { return };
+    let husk = env.husk();
+    // A hostile container crashes its own guest kernel: only its VM ends.
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60"]);
+    let out = husk.run(&bundle, "panic", b"");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.starts_with("husk: VM ended unexpectedly (guest kernel panic: sysrq triggered crash)"), "{err}");
+    assert!(err.contains("last console lines: "), "{err}");
+    husk.assert_clean();
+}
+
+#[test]
+fn test_run_husk_sigkilled_no_process_left_and_id_reusable() {
+    let Some(env) = Env::get("test_run_husk_sigkilled_no_process_left_and_id_reusable") else { return };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo ready; sleep 60"]);
+    let mut child = husk.spawn_run(&bundle, "sigkill", &[]);
+    let _out = wait_ready(&mut child);
+    child.kill().expect("SIGKILL husk");
+    child.wait().expect("wait");
+    // QEMU and virtiofsd die with husk; the next run of the same id clears the stale state.
+    wait_no_processes(&husk);
+    bundle.edit(|config| config["process"]["args"] = serde_json::json!(["true"]));
+    let again = husk.run(&bundle, "sigkill", b"");
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    husk.assert_clean();
+}
