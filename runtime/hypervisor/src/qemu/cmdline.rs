@@ -35,7 +35,9 @@ pub fn args(config: &VmConfig, accel: Accel, sockets: &Sockets, console: &Path) 
     let mem = format!("{}M", config.memory_mib);
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
-    push(&["-M", "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem"]);
+    // rtc=on: without a CMOS clock the guest kernel waits 1 s for one at boot (and has no
+    // wall-clock time).
+    push(&["-M", "microvm,acpi=off,x-option-roms=off,rtc=on,memory-backend=mem"]);
     match accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
