@@ -15,7 +15,12 @@ const RUNS: usize = 10;
 /// One timed run: wall time and peak RSS (KiB) of the tree rooted at the spawned process.
 fn measure(mut cmd: Command) -> (Duration, u64) {
     let start = Instant::now();
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
     let root = child.id();
     let mut peak = 0;
     loop {
@@ -33,8 +38,12 @@ fn tree_rss_kib(root: u32) -> u64 {
     let mut parent = HashMap::new();
     let mut rss = HashMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
         for line in status.lines() {
             let mut it = line.split_whitespace();
             match (it.next(), it.next()) {
@@ -53,7 +62,10 @@ fn tree_rss_kib(root: u32) -> u64 {
             _ => return false,
         }
     };
-    rss.iter().filter(|(pid, _)| in_tree(**pid)).map(|(_, kib)| kib).sum()
+    rss.iter()
+        .filter(|(pid, _)| in_tree(**pid))
+        .map(|(_, kib)| kib)
+        .sum()
 }
 
 fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
@@ -66,19 +78,34 @@ struct Runtime<'a> {
     command: Box<dyn Fn(usize) -> Command + 'a>,
 }
 
-fn runtimes<'a>(husk: &'a Husk, bundle: &'a TestBundle, runc_root: &'a std::path::Path) -> Vec<Runtime<'a>> {
+fn runtimes<'a>(
+    husk: &'a Husk,
+    bundle: &'a TestBundle,
+    runc_root: &'a std::path::Path,
+) -> Vec<Runtime<'a>> {
     let bundle_dir = bundle.path().to_str().expect("utf-8").to_owned();
     let husk_bundle = bundle_dir.clone();
     let mut runtimes = vec![Runtime {
         name: "husk run (QEMU door)",
-        command: Box::new(move |i| husk.command(&["run", "--bundle", &husk_bundle, &format!("bench-{i}")])),
+        command: Box::new(move |i| {
+            husk.command(&["run", "--bundle", &husk_bundle, &format!("bench-{i}")])
+        }),
     }];
-    if Command::new("runc").arg("--version").output().is_ok_and(|o| o.status.success()) {
+    if Command::new("runc")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         runtimes.push(Runtime {
             name: "runc run",
             command: Box::new(move |i| {
                 let mut c = Command::new("runc");
-                c.arg("--root").arg(runc_root).args(["run", "--bundle", &bundle_dir, &format!("bench-{i}")]);
+                c.arg("--root").arg(runc_root).args([
+                    "run",
+                    "--bundle",
+                    &bundle_dir,
+                    &format!("bench-{i}"),
+                ]);
                 c
             }),
         });
@@ -89,7 +116,9 @@ fn runtimes<'a>(husk: &'a Husk, bundle: &'a TestBundle, runc_root: &'a std::path
 }
 
 fn main() {
-    let Some(env) = Env::get("bench hello-world") else { return };
+    let Some(env) = Env::get("bench hello-world") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["echo", "hello"]);
     let runc_root = tempfile::tempdir().expect("runc root");
@@ -99,7 +128,10 @@ fn main() {
         let mut times = Vec::new();
         let mut peaks = Vec::new();
         let mut group = criterion.benchmark_group("hello_world");
-        group.sampling_mode(SamplingMode::Flat).warm_up_time(Duration::from_millis(1)).measurement_time(Duration::from_millis(1));
+        group
+            .sampling_mode(SamplingMode::Flat)
+            .warm_up_time(Duration::from_millis(1))
+            .measurement_time(Duration::from_millis(1));
         let mut n = 0;
         group.bench_function(rt.name, |b| {
             b.iter_custom(|iters| {
@@ -119,9 +151,16 @@ fn main() {
     }
     husk.assert_clean();
     println!("\nhello-world, median of {RUNS}+ runs, same machine, same run:");
-    println!("{:<24} {:>12} {:>22}", "runtime", "latency", "peak host memory");
+    println!(
+        "{:<24} {:>12} {:>22}",
+        "runtime", "latency", "peak host memory"
+    );
     for (name, t, kib) in &summary {
-        println!("{name:<24} {:>9.0} ms {:>18.1} MiB", t.as_secs_f64() * 1e3, *kib as f64 / 1024.0);
+        println!(
+            "{name:<24} {:>9.0} ms {:>18.1} MiB",
+            t.as_secs_f64() * 1e3,
+            *kib as f64 / 1024.0
+        );
     }
     if let [(_, husk_t, husk_m), (_, runc_t, runc_m)] = summary[..] {
         println!(

@@ -1,6 +1,9 @@
 //! Bad input and broken hosts: each gets one clear stderr line naming what is wrong, a
 //! non-zero exit, and nothing left behind (state directory, sockets, processes).
 
+// An integration-test file is a crate of its own: its tests need no `cfg(test)` module.
+#![allow(clippy::tests_outside_test_module)]
+
 use std::process::Output;
 
 use husk_e2e::harness::{stderr, Env, Husk, TestBundle};
@@ -10,23 +13,40 @@ fn assert_one_line_error(husk: &Husk, out: &Output, needle: &str) {
     let err = stderr(out);
     assert_eq!(out.status.code(), Some(1), "stderr: {err}");
     assert_eq!(err.lines().count(), 1, "one line expected: {err:?}");
-    assert!(err.starts_with("husk: ") && err.contains(needle), "{needle:?} not in {err:?}");
+    assert!(
+        err.starts_with("husk: ") && err.contains(needle),
+        "{needle:?} not in {err:?}"
+    );
     husk.assert_clean();
 }
 
-fn run_with(husk: &Husk, bundle: &TestBundle, extra_env: &[(&str, &str)], global: &[&str]) -> Output {
+fn run_with(
+    husk: &Husk,
+    bundle: &TestBundle,
+    extra_env: &[(&str, &str)],
+    global: &[&str],
+) -> Output {
     let mut args: Vec<&str> = global.to_vec();
-    args.extend(["run", "--bundle", bundle.path().to_str().expect("utf-8"), "bad"]);
+    args.extend([
+        "run",
+        "--bundle",
+        bundle.path().to_str().expect("utf-8"),
+        "bad",
+    ]);
     let mut cmd = husk.command(&args);
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    cmd.stdin(std::process::Stdio::null()).output().expect("husk")
+    cmd.stdin(std::process::Stdio::null())
+        .output()
+        .expect("husk")
 }
 
 #[test]
 fn test_run_missing_config_json_error() {
-    let Some(env) = Env::get("test_run_missing_config_json_error") else { return };
+    let Some(env) = Env::get("test_run_missing_config_json_error") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["true"]);
     std::fs::remove_file(bundle.path().join("config.json")).expect("rm");
@@ -35,7 +55,9 @@ fn test_run_missing_config_json_error() {
 
 #[test]
 fn test_run_invalid_config_json_error() {
-    let Some(env) = Env::get("test_run_invalid_config_json_error") else { return };
+    let Some(env) = Env::get("test_run_invalid_config_json_error") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["true"]);
     std::fs::write(bundle.path().join("config.json"), "{ not json").expect("write");
@@ -44,7 +66,9 @@ fn test_run_invalid_config_json_error() {
 
 #[test]
 fn test_run_empty_args_error() {
-    let Some(env) = Env::get("test_run_empty_args_error") else { return };
+    let Some(env) = Env::get("test_run_empty_args_error") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &[]);
     assert_one_line_error(&husk, &run_with(&husk, &bundle, &[], &[]), "process.args");
@@ -52,7 +76,9 @@ fn test_run_empty_args_error() {
 
 #[test]
 fn test_run_missing_rootfs_error() {
-    let Some(env) = Env::get("test_run_missing_rootfs_error") else { return };
+    let Some(env) = Env::get("test_run_missing_rootfs_error") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["true"]);
     bundle.edit(|c| c["root"]["path"] = "no-such-rootfs".into());
@@ -61,25 +87,49 @@ fn test_run_missing_rootfs_error() {
 
 #[test]
 fn test_run_missing_kernel_error() {
-    let Some(env) = Env::get("test_run_missing_kernel_error") else { return };
+    let Some(env) = Env::get("test_run_missing_kernel_error") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["true"]);
-    let out = run_with(&husk, &bundle, &[("HUSK_KERNEL", "/nonexistent/vmlinux")], &[]);
-    assert_one_line_error(&husk, &out, "guest kernel not found at /nonexistent/vmlinux");
+    let out = run_with(
+        &husk,
+        &bundle,
+        &[("HUSK_KERNEL", "/nonexistent/vmlinux")],
+        &[],
+    );
+    assert_one_line_error(
+        &husk,
+        &out,
+        "guest kernel not found at /nonexistent/vmlinux",
+    );
 }
 
 #[test]
 fn test_run_missing_initramfs_error() {
-    let Some(env) = Env::get("test_run_missing_initramfs_error") else { return };
+    let Some(env) = Env::get("test_run_missing_initramfs_error") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["true"]);
-    let out = run_with(&husk, &bundle, &[("HUSK_INITRAMFS", "/nonexistent/initramfs.cpio")], &[]);
-    assert_one_line_error(&husk, &out, "initramfs not found at /nonexistent/initramfs.cpio");
+    let out = run_with(
+        &husk,
+        &bundle,
+        &[("HUSK_INITRAMFS", "/nonexistent/initramfs.cpio")],
+        &[],
+    );
+    assert_one_line_error(
+        &husk,
+        &out,
+        "initramfs not found at /nonexistent/initramfs.cpio",
+    );
 }
 
 #[test]
 fn test_run_qemu_not_installed_error() {
-    let Some(env) = Env::get("test_run_qemu_not_installed_error") else { return };
+    let Some(env) = Env::get("test_run_qemu_not_installed_error") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["true"]);
     let out = run_with(&husk, &bundle, &[("PATH", "/nonexistent")], &[]);
@@ -88,49 +138,93 @@ fn test_run_qemu_not_installed_error() {
 
 #[test]
 fn test_run_virtiofsd_not_installed_error() {
-    let Some(env) = Env::get("test_run_virtiofsd_not_installed_error") else { return };
+    let Some(env) = Env::get("test_run_virtiofsd_not_installed_error") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["true"]);
     let qemu_dir = "/usr/bin:/bin";
-    assert!(!std::path::Path::new("/usr/bin/virtiofsd").exists(), "this test hides virtiofsd by PATH");
+    assert!(
+        !std::path::Path::new("/usr/bin/virtiofsd").exists(),
+        "this test hides virtiofsd by PATH"
+    );
     let out = run_with(&husk, &bundle, &[("PATH", qemu_dir)], &[]);
     assert_one_line_error(&husk, &out, "virtiofsd not found");
 }
 
 #[test]
 fn test_run_guest_fails_to_boot_shows_console() {
-    let Some(env) = Env::get("test_run_guest_fails_to_boot_shows_console") else { return };
+    let Some(env) = Env::get("test_run_guest_fails_to_boot_shows_console") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["true"]);
     // An initramfs without /init: the kernel finds no init and panics.
     let bogus = tempfile::NamedTempFile::new().expect("tmp");
     std::fs::write(bogus.path(), b"this is not a cpio archive").expect("write");
-    let out = run_with(&husk, &bundle, &[("HUSK_INITRAMFS", bogus.path().to_str().expect("utf-8"))], &[]);
+    let out = run_with(
+        &husk,
+        &bundle,
+        &[("HUSK_INITRAMFS", bogus.path().to_str().expect("utf-8"))],
+        &[],
+    );
     assert_one_line_error(&husk, &out, "guest failed to boot (guest kernel panic: ");
-    assert!(stderr(&out).contains("last console lines: "), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("last console lines: "),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn test_run_invalid_id_error() {
-    let Some(env) = Env::get("test_run_invalid_id_error") else { return };
+    let Some(env) = Env::get("test_run_invalid_id_error") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["true"]);
-    let out = husk.command(&["run", "--bundle", bundle.path().to_str().expect("utf-8"), "../escape"]).output().expect("husk");
+    let out = husk
+        .command(&[
+            "run",
+            "--bundle",
+            bundle.path().to_str().expect("utf-8"),
+            "../escape",
+        ])
+        .output()
+        .expect("husk");
     assert_one_line_error(&husk, &out, "invalid container id");
 }
 
 #[test]
 fn test_run_id_in_use_error() {
-    let Some(env) = Env::get("test_run_id_in_use_error") else { return };
+    let Some(env) = Env::get("test_run_id_in_use_error") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo ready; read line"]);
     let mut first = husk.spawn_run(&bundle, "same", &[]);
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(first.stdout.as_mut().expect("stdout")), &mut line).expect("read");
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(first.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("read");
     assert_eq!(line, "ready\n");
-    let second = husk.command(&["run", "--bundle", bundle.path().to_str().expect("utf-8"), "same"]).output().expect("husk");
+    let second = husk
+        .command(&[
+            "run",
+            "--bundle",
+            bundle.path().to_str().expect("utf-8"),
+            "same",
+        ])
+        .output()
+        .expect("husk");
     assert_eq!(second.status.code(), Some(1));
-    assert!(stderr(&second).contains("container \"same\" already exists"), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("container \"same\" already exists"),
+        "{}",
+        stderr(&second)
+    );
     let mut stdin = first.stdin.take().expect("stdin");
     std::io::Write::write_all(&mut stdin, b"go\n").expect("write");
     drop(stdin);

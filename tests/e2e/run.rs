@@ -2,6 +2,9 @@
 //! husk-agent as PID 1, our vsock device, virtiofsd) through the QEMU door; output, exit codes,
 //! stdin, isolation and teardown are checked as a user sees them.
 
+// An integration-test file is a crate of its own: its tests need no `cfg(test)` module.
+#![allow(clippy::tests_outside_test_module)]
+
 use std::io::{BufRead, BufReader};
 
 use husk_e2e::harness::{stderr, stdout, Env, TestBundle};
@@ -10,9 +13,14 @@ use nix::unistd::Pid;
 
 #[test]
 fn test_run_echo_output_and_exit_0() {
-    let Some(env) = Env::get("test_run_echo_output_and_exit_0") else { return };
+    let Some(env) = Env::get("test_run_echo_output_and_exit_0") else {
+        return;
+    };
     let husk = env.husk();
-    let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo hello from the guest; echo oops >&2"]);
+    let bundle = TestBundle::busybox(
+        &husk,
+        &["sh", "-c", "echo hello from the guest; echo oops >&2"],
+    );
     let out = husk.run(&bundle, "echo", b"");
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
     assert_eq!(stdout(&out), "hello from the guest\n");
@@ -22,7 +30,9 @@ fn test_run_echo_output_and_exit_0() {
 
 #[test]
 fn test_run_exit_3_exit_code_3() {
-    let Some(env) = Env::get("test_run_exit_3_exit_code_3") else { return };
+    let Some(env) = Env::get("test_run_exit_3_exit_code_3") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["sh", "-c", "exit 3"]);
     let out = husk.run(&bundle, "three", b"");
@@ -32,7 +42,9 @@ fn test_run_exit_3_exit_code_3() {
 
 #[test]
 fn test_run_sigterm_to_husk_forwarded_then_killed_137() {
-    let Some(env) = Env::get("test_run_sigterm_to_husk_forwarded_then_killed_137") else { return };
+    let Some(env) = Env::get("test_run_sigterm_to_husk_forwarded_then_killed_137") else {
+        return;
+    };
     let husk = env.husk();
     // PID 1 of a pid namespace ignores SIGTERM without a handler (as under runc), so husk
     // escalates to SIGKILL after its grace period: the agent reports death by signal 9.
@@ -40,7 +52,11 @@ fn test_run_sigterm_to_husk_forwarded_then_killed_137() {
     let mut child = husk.spawn_run(&bundle, "sig", &[]);
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    kill(Pid::from_raw(i32::try_from(child.id()).expect("pid")), Signal::SIGTERM).expect("kill");
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        Signal::SIGTERM,
+    )
+    .expect("kill");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(128 + 9));
     husk.assert_clean();
@@ -48,14 +64,20 @@ fn test_run_sigterm_to_husk_forwarded_then_killed_137() {
 
 #[test]
 fn test_run_trapped_sigterm_container_exits_by_itself() {
-    let Some(env) = Env::get("test_run_trapped_sigterm_container_exits_by_itself") else { return };
+    let Some(env) = Env::get("test_run_trapped_sigterm_container_exits_by_itself") else {
+        return;
+    };
     let husk = env.husk();
     let script = "trap 'echo got TERM; exit 42' TERM; echo ready; sleep 60 & wait";
     let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
     let mut child = husk.spawn_run(&bundle, "trap", &[]);
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    kill(Pid::from_raw(i32::try_from(child.id()).expect("pid")), Signal::SIGTERM).expect("kill");
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        Signal::SIGTERM,
+    )
+    .expect("kill");
     assert_eq!(lines.next().expect("a line").expect("read"), "got TERM");
     assert_eq!(child.wait().expect("wait").code(), Some(42));
     husk.assert_clean();
@@ -63,7 +85,9 @@ fn test_run_trapped_sigterm_container_exits_by_itself() {
 
 #[test]
 fn test_run_stdin_piped_reaches_process() {
-    let Some(env) = Env::get("test_run_stdin_piped_reaches_process") else { return };
+    let Some(env) = Env::get("test_run_stdin_piped_reaches_process") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["sh", "-c", "tr a-z A-Z; echo done"]);
     let out = husk.run(&bundle, "stdin", b"piped into the vm\n");
@@ -74,7 +98,9 @@ fn test_run_stdin_piped_reaches_process() {
 
 #[test]
 fn test_run_pid1_is_bundle_process_and_ps_sees_only_container() {
-    let Some(env) = Env::get("test_run_pid1_is_bundle_process_and_ps_sees_only_container") else { return };
+    let Some(env) = Env::get("test_run_pid1_is_bundle_process_and_ps_sees_only_container") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo pid=$$; exec ps -o pid,comm"]);
     let out = husk.run(&bundle, "pid1", b"");
@@ -82,15 +108,27 @@ fn test_run_pid1_is_bundle_process_and_ps_sees_only_container() {
     let text = stdout(&out);
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("pid=1"));
-    assert_eq!(lines.next().map(str::split_whitespace).map(Iterator::collect), Some(vec!["PID", "COMMAND"]));
+    assert_eq!(
+        lines
+            .next()
+            .map(str::split_whitespace)
+            .map(Iterator::collect),
+        Some(vec!["PID", "COMMAND"])
+    );
     let procs: Vec<&str> = lines.map(str::trim).collect();
-    assert_eq!(procs, ["1 ps"], "ps (exec'd by the bundle's sh, PID 1) sees only itself");
+    assert_eq!(
+        procs,
+        ["1 ps"],
+        "ps (exec'd by the bundle's sh, PID 1) sees only itself"
+    );
     husk.assert_clean();
 }
 
 #[test]
 fn test_run_hostname_from_config() {
-    let Some(env) = Env::get("test_run_hostname_from_config") else { return };
+    let Some(env) = Env::get("test_run_hostname_from_config") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["hostname"]);
     bundle.edit(|c| c["hostname"] = "inside-husk".into());
@@ -101,20 +139,32 @@ fn test_run_hostname_from_config() {
 
 #[test]
 fn test_run_guest_kernel_differs_from_host() {
-    let Some(env) = Env::get("test_run_guest_kernel_differs_from_host") else { return };
+    let Some(env) = Env::get("test_run_guest_kernel_differs_from_host") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["uname", "-r"]);
     let out = husk.run(&bundle, "uname", b"");
     let guest = stdout(&out);
-    let host = nix::sys::utsname::uname().expect("uname").release().to_string_lossy().into_owned();
-    assert!(guest.starts_with("6.12"), "guest release {guest:?}, stderr: {}", stderr(&out));
+    let host = nix::sys::utsname::uname()
+        .expect("uname")
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        guest.starts_with("6.12"),
+        "guest release {guest:?}, stderr: {}",
+        stderr(&out)
+    );
     assert_ne!(guest.trim(), host);
     husk.assert_clean();
 }
 
 #[test]
 fn test_run_10mib_output_arrives_intact() {
-    let Some(env) = Env::get("test_run_10mib_output_arrives_intact") else { return };
+    let Some(env) = Env::get("test_run_10mib_output_arrives_intact") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["seq", "1", "1500000"]);
     let out = husk.run(&bundle, "big", b"");
@@ -128,14 +178,29 @@ fn test_run_10mib_output_arrives_intact() {
 
 #[test]
 fn test_run_four_concurrent_streams_not_mixed() {
-    let Some(env) = Env::get("test_run_four_concurrent_streams_not_mixed") else { return };
+    let Some(env) = Env::get("test_run_four_concurrent_streams_not_mixed") else {
+        return;
+    };
     let husk = env.husk();
     let ids = ["c0", "c1", "c2", "c3"];
     let bundles: Vec<_> = ids
         .iter()
-        .map(|id| TestBundle::busybox(&husk, &["sh", "-c", &format!("for i in $(seq 1 3000); do echo {id}-$i; done")]))
+        .map(|id| {
+            TestBundle::busybox(
+                &husk,
+                &[
+                    "sh",
+                    "-c",
+                    &format!("for i in $(seq 1 3000); do echo {id}-$i; done"),
+                ],
+            )
+        })
         .collect();
-    let children: Vec<_> = ids.iter().zip(&bundles).map(|(id, b)| husk.spawn_run(b, id, &[])).collect();
+    let children: Vec<_> = ids
+        .iter()
+        .zip(&bundles)
+        .map(|(id, b)| husk.spawn_run(b, id, &[]))
+        .collect();
     for (id, child) in ids.iter().zip(children) {
         let out = child.wait_with_output().expect("wait");
         assert_eq!(out.status.code(), Some(0), "{id}: {}", stderr(&out));
@@ -147,10 +212,15 @@ fn test_run_four_concurrent_streams_not_mixed() {
 
 #[test]
 fn test_run_timings_flag_reports_phases() {
-    let Some(env) = Env::get("test_run_timings_flag_reports_phases") else { return };
+    let Some(env) = Env::get("test_run_timings_flag_reports_phases") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["true"]);
-    let out = husk.spawn_run(&bundle, "timings", &["--timings"]).wait_with_output().expect("wait");
+    let out = husk
+        .spawn_run(&bundle, "timings", &["--timings"])
+        .wait_with_output()
+        .expect("wait");
     assert_eq!(out.status.code(), Some(0));
     let err = stderr(&out);
     for key in ["boot_to_agent_ms=", "container_start_ms=", "total_ms="] {

@@ -1,6 +1,9 @@
 //! Teardown when things go wrong: the VMM dies, the guest kernel panics, husk itself is
 //! SIGKILLed. Each time: a clear error (where husk lives to give one) and nothing left behind.
 
+// An integration-test file is a crate of its own: its tests need no `cfg(test)` module.
+#![allow(clippy::tests_outside_test_module)]
+
 use std::io::{BufRead, BufReader};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -20,8 +23,16 @@ fn wait_ready(child: &mut Child) -> BufReader<std::process::ChildStdout> {
 
 fn pid_of(needle: &str, husk: &Husk) -> Pid {
     let procs = processes_mentioning(husk.root());
-    let line = procs.iter().find(|p| p.contains(needle)).unwrap_or_else(|| panic!("no {needle} in {procs:?}"));
-    let pid = line.split(':').next().expect("pid").parse().expect("numeric pid");
+    let line = procs
+        .iter()
+        .find(|p| p.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle} in {procs:?}"));
+    let pid = line
+        .split(':')
+        .next()
+        .expect("pid")
+        .parse()
+        .expect("numeric pid");
     Pid::from_raw(pid)
 }
 
@@ -29,14 +40,20 @@ fn pid_of(needle: &str, husk: &Husk) -> Pid {
 fn wait_no_processes(husk: &Husk) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !processes_mentioning(husk.root()).is_empty() {
-        assert!(Instant::now() < deadline, "left behind: {:?}", processes_mentioning(husk.root()));
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            processes_mentioning(husk.root())
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 #[test]
 fn test_run_vmm_killed_error_and_clean() {
-    let Some(env) = Env::get("test_run_vmm_killed_error_and_clean") else { return };
+    let Some(env) = Env::get("test_run_vmm_killed_error_and_clean") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo ready; sleep 60"]);
     let mut child = husk.spawn_run(&bundle, "vmmkill", &[]);
@@ -45,28 +62,41 @@ fn test_run_vmm_killed_error_and_clean() {
     let out = child.wait_with_output().expect("wait");
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.starts_with("husk: VM ended unexpectedly (VMM exited with signal: 9"), "{err}");
+    assert!(
+        err.starts_with("husk: VM ended unexpectedly (VMM exited with signal: 9"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
     husk.assert_clean();
 }
 
 #[test]
 fn test_run_guest_panic_mid_run_error_and_clean() {
-    let Some(env) = Env::get("test_run_guest_panic_mid_run_error_and_clean") else { return };
+    let Some(env) = Env::get("test_run_guest_panic_mid_run_error_and_clean") else {
+        return;
+    };
     let husk = env.husk();
     // A hostile container crashes its own guest kernel: only its VM ends.
-    let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60"]);
+    let bundle = TestBundle::busybox(
+        &husk,
+        &["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60"],
+    );
     let out = husk.run(&bundle, "panic", b"");
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.starts_with("husk: VM ended unexpectedly (guest kernel panic: sysrq triggered crash)"), "{err}");
+    assert!(
+        err.starts_with("husk: VM ended unexpectedly (guest kernel panic: sysrq triggered crash)"),
+        "{err}"
+    );
     assert!(err.contains("last console lines: "), "{err}");
     husk.assert_clean();
 }
 
 #[test]
 fn test_run_husk_sigkilled_no_process_left_and_id_reusable() {
-    let Some(env) = Env::get("test_run_husk_sigkilled_no_process_left_and_id_reusable") else { return };
+    let Some(env) = Env::get("test_run_husk_sigkilled_no_process_left_and_id_reusable") else {
+        return;
+    };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo ready; sleep 60"]);
     let mut child = husk.spawn_run(&bundle, "sigkill", &[]);

@@ -27,7 +27,10 @@ pub type Failure = (ErrorKind, String);
 
 /// Where container `id`'s rootfs (its virtio-fs share) is mounted in the agent's namespace.
 pub fn rootfs_path(id: &str) -> PathBuf {
-    PathBuf::from(RUN_DIR).join("containers").join(id).join("rootfs")
+    PathBuf::from(RUN_DIR)
+        .join("containers")
+        .join(id)
+        .join("rootfs")
 }
 
 /// Namespaces of a container: everything but user and cgroup (not asked for yet).
@@ -79,10 +82,14 @@ impl Containers {
 
     /// Mounts the rootfs, starts container-init in new namespaces and waits until it is set up.
     pub async fn create(&self, spec: ContainerSpec) -> Result<(), Failure> {
-        spec.validate().map_err(|e| (ErrorKind::InvalidRequest, e))?;
+        spec.validate()
+            .map_err(|e| (ErrorKind::InvalidRequest, e))?;
         let id = spec.id.clone();
         if self.lock().contains_key(&id) {
-            return Err((ErrorKind::AlreadyExists, format!("container {id:?} already exists")));
+            return Err((
+                ErrorKind::AlreadyExists,
+                format!("container {id:?} already exists"),
+            ));
         }
         let root = rootfs_path(&id);
         mount_rootfs(&spec.rootfs_tag, &root).map_err(internal)?;
@@ -101,11 +108,21 @@ impl Containers {
         let (stdin_r, stdin_w) = pipe_pair().map_err(internal)?;
         let (stdout_r, stdout_w) = pipe_pair().map_err(internal)?;
         let (stderr_r, stderr_w) = pipe_pair().map_err(internal)?;
-        let (sync_parent, sync_child) =
-            socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
-                .map_err(|e| internal(ctx(e, "socketpair")))?;
-        let fds = [stdin_r.as_fd(), stdout_w.as_fd(), stderr_w.as_fd(), sync_child.as_fd()];
-        let pid = sys::spawn_container_init(fds, namespaces()).map_err(|e| internal(format!("clone: {e}")))?;
+        let (sync_parent, sync_child) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| internal(ctx(e, "socketpair")))?;
+        let fds = [
+            stdin_r.as_fd(),
+            stdout_w.as_fd(),
+            stderr_w.as_fd(),
+            sync_child.as_fd(),
+        ];
+        let pid = sys::spawn_container_init(fds, namespaces())
+            .map_err(|e| internal(format!("clone: {e}")))?;
         // Registered before the next await: the reaper cannot miss this child's exit.
         let exit = self.exits.watch(pid);
         drop((stdin_r, stdout_w, stderr_w, sync_child));
@@ -126,7 +143,9 @@ impl Containers {
         let std_sync = std::os::unix::net::UnixStream::from(sync_parent);
         std_sync.set_nonblocking(true).map_err(internal)?;
         let mut sync = UnixStream::from_std(std_sync).map_err(internal)?;
-        write_message(&mut sync, spec).await.map_err(|e| internal(format!("send spec: {e}")))?;
+        write_message(&mut sync, spec)
+            .await
+            .map_err(|e| internal(format!("send spec: {e}")))?;
         match read_message::<Response, _>(&mut sync).await {
             Ok(Some(Response::Ok)) => {}
             Ok(Some(Response::Error { kind, message })) => return Err((kind, message)),
@@ -147,7 +166,10 @@ impl Containers {
             let mut map = self.lock();
             let c = map.get_mut(id).ok_or_else(|| not_found(id))?;
             if c.state != State::Created {
-                return Err((ErrorKind::InvalidState, format!("container {id:?} is not created")));
+                return Err((
+                    ErrorKind::InvalidState,
+                    format!("container {id:?} is not created"),
+                ));
             }
             let sync = c.sync.take().ok_or_else(|| not_found(id))?;
             c.state = State::Running;
@@ -155,12 +177,18 @@ impl Containers {
             c.stdin = None;
             let outputs = [c.stdout.take(), c.stderr.take()];
             for fd in outputs.into_iter().flatten() {
-                tokio::spawn(copy_output(fd, None::<tokio::io::Sink>, c.open_outputs.clone()));
+                tokio::spawn(copy_output(
+                    fd,
+                    None::<tokio::io::Sink>,
+                    c.open_outputs.clone(),
+                ));
             }
             (sync, c.pid, c.open_outputs.clone())
         };
         drop(outputs);
-        sync.write_all(&[1]).await.map_err(|e| internal(format!("start: {e}")))?;
+        sync.write_all(&[1])
+            .await
+            .map_err(|e| internal(format!("start: {e}")))?;
         match read_message::<Response, _>(&mut sync).await {
             Ok(None) => u32::try_from(pid.as_raw()).map_err(|e| internal(e.to_string())),
             Ok(Some(Response::Error { kind, message })) => Err((kind, message)),
@@ -190,8 +218,12 @@ impl Containers {
 
     /// Sends `signal` to the container's process.
     pub fn signal(&self, id: &str, signal: i32) -> Result<(), Failure> {
-        let sig = Signal::try_from(signal)
-            .map_err(|_| (ErrorKind::InvalidRequest, format!("invalid signal {signal}")))?;
+        let sig = Signal::try_from(signal).map_err(|_| {
+            (
+                ErrorKind::InvalidRequest,
+                format!("invalid signal {signal}"),
+            )
+        })?;
         let pid = self.lock().get(id).ok_or_else(|| not_found(id))?.pid;
         match kill(pid, sig) {
             Ok(()) | Err(Errno::ESRCH) => Ok(()),
@@ -205,10 +237,21 @@ impl Containers {
         let c = map.get_mut(id).ok_or_else(|| not_found(id))?;
         let taken = match stream {
             StdioStream::Stdin => c.stdin.take().map(Attached::Stdin),
-            StdioStream::Stdout => c.stdout.take().map(|fd| Attached::Output(fd, c.open_outputs.clone())),
-            StdioStream::Stderr => c.stderr.take().map(|fd| Attached::Output(fd, c.open_outputs.clone())),
+            StdioStream::Stdout => c
+                .stdout
+                .take()
+                .map(|fd| Attached::Output(fd, c.open_outputs.clone())),
+            StdioStream::Stderr => c
+                .stderr
+                .take()
+                .map(|fd| Attached::Output(fd, c.open_outputs.clone())),
         };
-        taken.ok_or_else(|| (ErrorKind::InvalidState, format!("{stream:?} of {id:?} is attached already or gone")))
+        taken.ok_or_else(|| {
+            (
+                ErrorKind::InvalidState,
+                format!("{stream:?} of {id:?} is attached already or gone"),
+            )
+        })
     }
 }
 
@@ -223,7 +266,9 @@ pub enum Attached {
 
 /// Copies host bytes into the container's stdin until the host closes its side.
 pub async fn copy_stdin<R: tokio::io::AsyncRead + Unpin>(mut from: R, fd: OwnedFd) {
-    let Ok(mut to) = pipe::Sender::from_owned_fd(fd) else { return };
+    let Ok(mut to) = pipe::Sender::from_owned_fd(fd) else {
+        return;
+    };
     let _ = tokio::io::copy(&mut from, &mut to).await;
 }
 
@@ -236,7 +281,9 @@ pub async fn copy_output<W: tokio::io::AsyncWrite + Unpin>(
 ) {
     if let Ok(mut from) = pipe::Receiver::from_owned_fd(fd) {
         let delivered = match to {
-            Some(mut to) => tokio::io::copy(&mut from, &mut to).await.is_ok() && to.shutdown().await.is_ok(),
+            Some(mut to) => {
+                tokio::io::copy(&mut from, &mut to).await.is_ok() && to.shutdown().await.is_ok()
+            }
             None => false,
         };
         if !delivered {
@@ -248,8 +295,14 @@ pub async fn copy_output<W: tokio::io::AsyncWrite + Unpin>(
 
 fn mount_rootfs(tag: &str, root: &std::path::Path) -> std::io::Result<()> {
     mkdir_p(root)?;
-    mount(Some(tag), root, Some("virtiofs"), MsFlags::empty(), None::<&str>)
-        .map_err(|e| ctx(e, &format!("mount virtio-fs {tag:?}")))
+    mount(
+        Some(tag),
+        root,
+        Some("virtiofs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| ctx(e, &format!("mount virtio-fs {tag:?}")))
 }
 
 /// A close-on-exec pipe: (read end, write end).
@@ -258,7 +311,10 @@ fn pipe_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 fn not_found(id: &str) -> Failure {
-    (ErrorKind::NotFound, format!("container {id:?} does not exist"))
+    (
+        ErrorKind::NotFound,
+        format!("container {id:?} does not exist"),
+    )
 }
 
 fn internal(e: impl ToString) -> Failure {

@@ -89,13 +89,31 @@ fn error(kind: ErrorKind, message: String) -> Response {
 fn setup(spec: &ContainerSpec) -> io::Result<()> {
     umask(Mode::empty());
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(|e| ctx(e, "make / private"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| ctx(e, "make / private"))?;
     let root = rootfs_path(&spec.id);
     mount_at(&root, "proc", "proc", nosuid, None)?;
-    let dev = mount_at(&root, "dev", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME, Some("mode=755,size=65536k"))?;
+    let dev = mount_at(
+        &root,
+        "dev",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )?;
     populate_dev(&dev)?;
-    mount_at(&dev, "pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620,gid=5"))?;
+    mount_at(
+        &dev,
+        "pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
     mount_at(&dev, "shm", "tmpfs", nosuid, Some("mode=1777,size=65536k"))?;
     mount_at(&dev, "mqueue", "mqueue", nosuid, None)?;
     mount_at(&root, "sys", "sysfs", nosuid | MsFlags::MS_RDONLY, None)?;
@@ -114,12 +132,21 @@ fn setup(spec: &ContainerSpec) -> io::Result<()> {
 
 /// Mounts `fstype` on `parent/name`, creating the directory; refuses a symlink there (the
 /// rootfs is the user's).
-fn mount_at(parent: &Path, name: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> io::Result<PathBuf> {
+fn mount_at(
+    parent: &Path,
+    name: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> io::Result<PathBuf> {
     let target = parent.join(name);
     match std::fs::symlink_metadata(&target) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
-            return Err(io::Error::other(format!("{} in the rootfs is not a directory", Path::new("/").join(name).display())))
+            return Err(io::Error::other(format!(
+                "{} in the rootfs is not a directory",
+                Path::new("/").join(name).display()
+            )))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(&target)
             .map_err(|e| io::Error::new(e.kind(), format!("mkdir /{name} in the rootfs: {e}")))?,
@@ -156,7 +183,9 @@ fn exec(spec: &ContainerSpec) -> String {
     if let Err(e) = set_user(&spec.user) {
         return format!("set user {}:{}: {e}", spec.user.uid, spec.user.gid);
     }
-    umask(Mode::from_bits_truncate(spec.user.umask.unwrap_or(DEFAULT_UMASK)));
+    umask(Mode::from_bits_truncate(
+        spec.user.umask.unwrap_or(DEFAULT_UMASK),
+    ));
     if let Err(e) = chdir(spec.cwd.as_str()) {
         return format!("chdir to cwd {:?}: {}", spec.cwd, e.desc());
     }
@@ -165,7 +194,9 @@ fn exec(spec: &ContainerSpec) -> String {
         Ok(path) => path,
         Err(e) => return e,
     };
-    let (Ok(path), Ok(args), Ok(env)) = (c_string(path), c_strings(&spec.args), c_strings(&spec.env)) else {
+    let (Ok(path), Ok(args), Ok(env)) =
+        (c_string(path), c_strings(&spec.args), c_strings(&spec.env))
+    else {
         return "args or env contain a NUL byte".to_owned();
     };
     match execve(&path, &args, &env) {
@@ -175,7 +206,12 @@ fn exec(spec: &ContainerSpec) -> String {
 }
 
 fn set_user(user: &User) -> nix::Result<()> {
-    let groups: Vec<Gid> = user.additional_gids.iter().copied().map(Gid::from_raw).collect();
+    let groups: Vec<Gid> = user
+        .additional_gids
+        .iter()
+        .copied()
+        .map(Gid::from_raw)
+        .collect();
     setgroups(&groups)?;
     setgid(Gid::from_raw(user.gid))?;
     setuid(Uid::from_raw(user.uid))
@@ -187,7 +223,11 @@ fn find_program(program: &str, env: &[String]) -> Result<PathBuf, String> {
     if program.contains('/') {
         return Ok(PathBuf::from(program));
     }
-    let path = env.iter().rev().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+    let path = env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
     path.split(':')
         .filter(|dir| !dir.is_empty())
         .map(|dir| Path::new(dir).join(program))

@@ -17,11 +17,35 @@ pub fn setup() -> io::Result<()> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     fs_mount("proc", "/proc", "proc", nosuid, None)?;
     fs_mount("sysfs", "/sys", "sysfs", nosuid, None)?;
-    fs_mount("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
-    fs_mount("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, None)?;
+    fs_mount(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    fs_mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        None,
+    )?;
     fs_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None)?;
-    fs_mount("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
-    fs_mount("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
+    fs_mount(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    fs_mount(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None,
+    )?;
     mkdir_p(Path::new(RUN_DIR))?;
     std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     Ok(())
@@ -33,8 +57,14 @@ pub fn setup() -> io::Result<()> {
 fn leave_rootfs() -> io::Result<()> {
     const NEWROOT: &str = "/newroot";
     mkdir_p(Path::new(NEWROOT))?;
-    mount(Some("/"), NEWROOT, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(|e| ctx(e, "bind / on /newroot"))?;
+    mount(
+        Some("/"),
+        NEWROOT,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| ctx(e, "bind / on /newroot"))?;
     chdir(NEWROOT).map_err(|e| ctx(e, "chdir /newroot"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| ctx(e, "move /newroot to /"))?;
@@ -65,7 +95,10 @@ pub fn mkdir_p(path: &Path) -> io::Result<()> {
 
 /// An errno with what was being done.
 pub fn ctx(errno: nix::errno::Errno, what: &str) -> io::Error {
-    io::Error::new(io::Error::from(errno).kind(), format!("{what}: {}", errno.desc()))
+    io::Error::new(
+        io::Error::from(errno).kind(),
+        format!("{what}: {}", errno.desc()),
+    )
 }
 
 /// Flushes the page cache and resets the VM; the VMM treats the reset as the end of the VM.

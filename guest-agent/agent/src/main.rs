@@ -38,6 +38,8 @@ fn run(pid1: bool) -> std::io::Result<()> {
     if pid1 {
         init::setup()?;
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(server::serve())
 }

@@ -54,7 +54,9 @@ fn reap_all(exits: &Exits) {
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => exits.publish(pid, code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => exits.publish(pid, SIGNAL_EXIT_BASE + sig as i32),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                exits.publish(pid, SIGNAL_EXIT_BASE + sig as i32)
+            }
             Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
             Ok(_) | Err(Errno::EINTR) => continue,
             Err(e) => {

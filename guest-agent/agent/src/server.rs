@@ -39,7 +39,9 @@ async fn connection(mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, containers: C
             }
         };
         match request {
-            Request::AttachStdio { id, stream } => return attach(rd, wr, &containers, &id, stream).await,
+            Request::AttachStdio { id, stream } => {
+                return attach(rd, wr, &containers, &id, stream).await
+            }
             Request::Shutdown => {
                 let _ = write_message(&mut wr, &Response::Ok).await;
                 init::power_off();
@@ -64,9 +66,17 @@ async fn handle(containers: &Containers, request: Request) -> Response {
             };
         }
         Request::CreateContainer { spec } => containers.create(spec).await.map(|()| Response::Ok),
-        Request::StartContainer { id } => containers.start(&id).await.map(|pid| Response::Started { pid }),
-        Request::WaitContainer { id } => containers.wait(&id).await.map(|code| Response::Exited { code }),
-        Request::SignalContainer { id, signal } => containers.signal(&id, signal).map(|()| Response::Ok),
+        Request::StartContainer { id } => containers
+            .start(&id)
+            .await
+            .map(|pid| Response::Started { pid }),
+        Request::WaitContainer { id } => containers
+            .wait(&id)
+            .await
+            .map(|code| Response::Exited { code }),
+        Request::SignalContainer { id, signal } => {
+            containers.signal(&id, signal).map(|()| Response::Ok)
+        }
         Request::AttachStdio { .. } | Request::Shutdown => {
             Err((ErrorKind::InvalidRequest, "not valid here".to_owned()))
         }
@@ -74,7 +84,13 @@ async fn handle(containers: &Containers, request: Request) -> Response {
     result.unwrap_or_else(|(kind, message)| error(kind, message))
 }
 
-async fn attach(rd: OwnedReadHalf, mut wr: OwnedWriteHalf, containers: &Containers, id: &str, stream: StdioStream) {
+async fn attach(
+    rd: OwnedReadHalf,
+    mut wr: OwnedWriteHalf,
+    containers: &Containers,
+    id: &str,
+    stream: StdioStream,
+) {
     let attached = match containers.attach(id, stream) {
         Ok(attached) => attached,
         Err((kind, message)) => {

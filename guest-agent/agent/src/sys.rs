@@ -55,7 +55,12 @@ pub fn spawn_container_init(fds: [BorrowedFd<'_>; 4], flags: CloneFlags) -> io::
 
 /// Brings the loopback interface of the calling process's network namespace up.
 pub fn loopback_up() -> io::Result<()> {
-    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     let mut name = [0 as c_char; libc::IFNAMSIZ];
     for (dst, src) in name.iter_mut().zip(b"lo") {
         *dst = *src as c_char;
@@ -78,7 +83,6 @@ pub fn loopback_up() -> io::Result<()> {
     }
     Ok(())
 }
-
 
 /// The sync socket the agent put on fd 3 of `container-init`.
 pub fn inherited_sync_fd() -> std::os::fd::OwnedFd {

@@ -84,15 +84,22 @@ mod io {
         while got < HEADER_LEN {
             let n = reader.read(&mut header[got..]).await?;
             if n == 0 {
-                return if got == 0 { Ok(None) } else { Err(FrameError::Truncated) };
+                return if got == 0 {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
             }
             got += n;
         }
         let mut body = vec![0u8; decode_len(header)?];
-        reader.read_exact(&mut body).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-            _ => FrameError::Io(e),
-        })?;
+        reader
+            .read_exact(&mut body)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+                _ => FrameError::Io(e),
+            })?;
         decode_body(&body).map(Some)
     }
 
@@ -128,15 +135,26 @@ mod tests {
             args: vec!["sh".into(), "-c".into(), "echo \u{1F600}".into()],
             env: vec![],
             cwd: "/".into(),
-            user: User { uid: 1, gid: 2, additional_gids: vec![3], umask: Some(0o22) },
+            user: User {
+                uid: 1,
+                gid: 2,
+                additional_gids: vec![3],
+                umask: Some(0o22),
+            },
         };
         vec![
             Request::Hello { version: 1 },
             Request::CreateContainer { spec },
             Request::StartContainer { id: "c".into() },
             Request::WaitContainer { id: "c".into() },
-            Request::SignalContainer { id: "c".into(), signal: 9 },
-            Request::AttachStdio { id: "c".into(), stream: StdioStream::Stderr },
+            Request::SignalContainer {
+                id: "c".into(),
+                signal: 9,
+            },
+            Request::AttachStdio {
+                id: "c".into(),
+                stream: StdioStream::Stderr,
+            },
             Request::Shutdown,
         ]
     }
@@ -158,11 +176,17 @@ mod tests {
     #[test]
     fn test_encode_responses_roundtrip_equal() {
         let responses = [
-            Response::Hello { version: 1, agent: "a".into() },
+            Response::Hello {
+                version: 1,
+                agent: "a".into(),
+            },
             Response::Ok,
             Response::Started { pid: 7 },
             Response::Exited { code: 137 },
-            Response::Error { kind: ErrorKind::NotFound, message: "no".into() },
+            Response::Error {
+                kind: ErrorKind::NotFound,
+                message: "no".into(),
+            },
         ];
         for resp in responses {
             assert_eq!(roundtrip(&resp), resp);
@@ -172,20 +196,37 @@ mod tests {
     #[test]
     fn test_decode_len_oversize_rejected() {
         let header = u32::try_from(MAX_FRAME_LEN + 1).unwrap().to_le_bytes();
-        assert!(matches!(decode_len(header), Err(FrameError::TooLong { .. })));
-        assert!(matches!(decode_len([0xff; 4]), Err(FrameError::TooLong { .. })));
+        assert!(matches!(
+            decode_len(header),
+            Err(FrameError::TooLong { .. })
+        ));
+        assert!(matches!(
+            decode_len([0xff; 4]),
+            Err(FrameError::TooLong { .. })
+        ));
     }
 
     #[test]
     fn test_encode_oversize_rejected() {
-        let req = Request::StartContainer { id: "x".repeat(MAX_FRAME_LEN) };
+        let req = Request::StartContainer {
+            id: "x".repeat(MAX_FRAME_LEN),
+        };
         assert!(matches!(encode(&req), Err(FrameError::TooLong { .. })));
     }
 
     #[test]
     fn test_decode_body_malformed_rejected() {
-        for body in [&b"not json"[..], b"{}", b"{\"type\":\"nope\"}", b"{\"type\":\"hello\"}", b"\xff\xfe"] {
-            assert!(matches!(decode_body::<Request>(body), Err(FrameError::Malformed(_))), "{body:?}");
+        for body in [
+            &b"not json"[..],
+            b"{}",
+            b"{\"type\":\"nope\"}",
+            b"{\"type\":\"hello\"}",
+            b"\xff\xfe",
+        ] {
+            assert!(
+                matches!(decode_body::<Request>(body), Err(FrameError::Malformed(_))),
+                "{body:?}"
+            );
         }
     }
 
@@ -197,9 +238,15 @@ mod tests {
         }
         let mut reader = &wire[..];
         for req in all_requests() {
-            assert_eq!(read_message::<Request, _>(&mut reader).await.unwrap(), Some(req));
+            assert_eq!(
+                read_message::<Request, _>(&mut reader).await.unwrap(),
+                Some(req)
+            );
         }
-        assert!(read_message::<Request, _>(&mut reader).await.unwrap().is_none());
+        assert!(read_message::<Request, _>(&mut reader)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]
@@ -208,7 +255,10 @@ mod tests {
         for cut in [1, HEADER_LEN, wire.len() - 1] {
             let mut reader = &wire[..cut];
             let got = read_message::<Request, _>(&mut reader).await;
-            assert!(matches!(got, Err(FrameError::Truncated)), "cut at {cut}: {got:?}");
+            assert!(
+                matches!(got, Err(FrameError::Truncated)),
+                "cut at {cut}: {got:?}"
+            );
         }
     }
 

@@ -167,7 +167,11 @@ impl ContainerSpec {
         if !self.cwd.starts_with('/') {
             return Err(format!("cwd {:?} is not an absolute path", self.cwd));
         }
-        if self.env.iter().any(|e| !e.contains('=') || e.contains('\0')) {
+        if self
+            .env
+            .iter()
+            .any(|e| !e.contains('=') || e.contains('\0'))
+        {
             return Err("env entries must be KEY=VALUE without NUL bytes".into());
         }
         if self.rootfs_tag.is_empty() || self.rootfs_tag.len() > 36 {

@@ -9,7 +9,9 @@ use tracing_subscriber::EnvFilter;
 pub fn init(log: Option<&Path>, format: &str, debug: bool) -> anyhow::Result<()> {
     let level = if debug { "debug" } else { "warn" };
     let filter = EnvFilter::try_from_env("HUSK_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     let file = match log {
         Some(path) => Some(
             std::fs::OpenOptions::new()
@@ -22,7 +24,10 @@ pub fn init(log: Option<&Path>, format: &str, debug: bool) -> anyhow::Result<()>
     };
     match (file, format) {
         (Some(f), "json") => builder.json().with_writer(std::sync::Mutex::new(f)).init(),
-        (Some(f), _) => builder.with_ansi(false).with_writer(std::sync::Mutex::new(f)).init(),
+        (Some(f), _) => builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(f))
+            .init(),
         (None, "json") => builder.json().with_writer(std::io::stderr).init(),
         (None, _) => builder.with_writer(std::io::stderr).init(),
     }

@@ -47,7 +47,9 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<i32> {
         boot_timeout: Duration::from_secs(args.boot_timeout),
     };
     // One thread: the VMM and its helpers die with the thread that spawned them.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let outcome = runtime.block_on(husk_sandbox::run(&opts))?;
     if args.timings {
         let t = outcome.timings;

@@ -30,7 +30,10 @@ pub(crate) fn spawn_logged(
     let spawn_err = |source| HypervisorError::Spawn { program, source };
     let out = std::fs::File::create(log).map_err(spawn_err)?;
     let err = out.try_clone().map_err(spawn_err)?;
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true);
     // A process group of its own: a terminal's Ctrl-C (or `timeout`) signals husk's group, and
     // husk, not the VMM, decides what a signal means for the container.
     cmd.process_group(0);
@@ -56,7 +59,10 @@ pub(crate) async fn wait_for_socket(
             return Err(HypervisorError::HelperDied { program, detail });
         }
         if Instant::now() >= deadline {
-            return Err(HypervisorError::HelperTimeout { program, path: path.to_owned() });
+            return Err(HypervisorError::HelperTimeout {
+                program,
+                path: path.to_owned(),
+            });
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -84,10 +90,27 @@ impl Virtiofsd {
             .arg(host_dir)
             // The door's process already runs as root in its own directory tree; a chroot
             // keeps virtiofsd confined to the share without the cost of new namespaces.
-            .args(["--sandbox", "chroot", "--cache", "auto", "--log-level", "error"]);
+            .args([
+                "--sandbox",
+                "chroot",
+                "--cache",
+                "auto",
+                "--log-level",
+                "error",
+            ]);
         let mut child = spawn_logged("virtiofsd", &mut cmd, log)?;
-        wait_for_socket("virtiofsd", &mut child, socket, log, Duration::from_secs(10)).await?;
-        Ok(Self { child, socket: socket.to_owned() })
+        wait_for_socket(
+            "virtiofsd",
+            &mut child,
+            socket,
+            log,
+            Duration::from_secs(10),
+        )
+        .await?;
+        Ok(Self {
+            child,
+            socket: socket.to_owned(),
+        })
     }
 
     /// Kills and reaps virtiofsd and removes its socket.

@@ -110,7 +110,10 @@ pub trait Hypervisor: Send + std::fmt::Debug {
 ///
 /// # Errors
 /// [`HypervisorError`] when the requested door cannot run here.
-pub fn new_door(kind: HypervisorKind, config: VmConfig) -> Result<Box<dyn Hypervisor>, HypervisorError> {
+pub fn new_door(
+    kind: HypervisorKind,
+    config: VmConfig,
+) -> Result<Box<dyn Hypervisor>, HypervisorError> {
     match kind {
         // The built-in VMM door is not there yet: auto means QEMU on every host.
         HypervisorKind::Auto | HypervisorKind::Qemu => Ok(Box::new(qemu::QemuDoor::new(config)?)),
@@ -122,7 +125,10 @@ pub fn tail_lines(path: &Path, lines: usize) -> Vec<String> {
     let text = read_tail(path);
     let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let skip = all.len().saturating_sub(lines);
-    all.into_iter().skip(skip).map(|l| l.trim_end().to_owned()).collect()
+    all.into_iter()
+        .skip(skip)
+        .map(|l| l.trim_end().to_owned())
+        .collect()
 }
 
 /// The reason of a guest kernel panic on the console at `path` ("Kernel panic - not syncing:
@@ -139,7 +145,9 @@ pub fn kernel_panic(path: &Path) -> Option<String> {
 /// decoded.
 fn read_tail(path: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = std::fs::File::open(path) else { return String::new() };
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
     let mut buf = Vec::new();
@@ -156,8 +164,14 @@ mod tests {
 
     #[test]
     fn test_kind_from_str_unknown_rejected() {
-        assert_eq!("qemu".parse::<HypervisorKind>().unwrap(), HypervisorKind::Qemu);
-        assert_eq!("auto".parse::<HypervisorKind>().unwrap(), HypervisorKind::Auto);
+        assert_eq!(
+            "qemu".parse::<HypervisorKind>().unwrap(),
+            HypervisorKind::Qemu
+        );
+        assert_eq!(
+            "auto".parse::<HypervisorKind>().unwrap(),
+            HypervisorKind::Auto
+        );
         assert!("xen".parse::<HypervisorKind>().is_err());
     }
 
@@ -174,7 +188,11 @@ mod tests {
     fn test_kernel_panic_panic_line_reason() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("console");
-        std::fs::write(&p, "boot\n[ 1.0] Kernel panic - not syncing: No working init found.\nstack\n").unwrap();
+        std::fs::write(
+            &p,
+            "boot\n[ 1.0] Kernel panic - not syncing: No working init found.\nstack\n",
+        )
+        .unwrap();
         assert_eq!(kernel_panic(&p).as_deref(), Some("No working init found."));
         std::fs::write(&p, "all fine\n").unwrap();
         assert_eq!(kernel_panic(&p), None);

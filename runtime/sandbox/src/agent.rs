@@ -26,7 +26,9 @@ const RETRY_PAUSE: Duration = Duration::from_millis(5);
 /// I/O errors; [`std::io::ErrorKind::ConnectionRefused`] when the guest refused the port.
 pub async fn connect_vsock(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
     let mut stream = UnixStream::connect(uds).await?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
     let mut line = Vec::with_capacity(MAX_OK_LINE);
     while line.len() < MAX_OK_LINE {
         let byte = match stream.read_u8().await {
@@ -82,12 +84,21 @@ impl AgentClient {
     }
 
     async fn handshake(uds: &Path, stream: UnixStream) -> Result<Self, SandboxError> {
-        let mut client = Self { uds: uds.to_owned(), stream };
-        match client.request(&Request::Hello { version: PROTOCOL_VERSION }).await? {
+        let mut client = Self {
+            uds: uds.to_owned(),
+            stream,
+        };
+        match client
+            .request(&Request::Hello {
+                version: PROTOCOL_VERSION,
+            })
+            .await?
+        {
             Response::Hello { version, .. } if version == PROTOCOL_VERSION => Ok(client),
-            Response::Hello { version, .. } => {
-                Err(SandboxError::VersionMismatch { host: PROTOCOL_VERSION, agent: version })
-            }
+            Response::Hello { version, .. } => Err(SandboxError::VersionMismatch {
+                host: PROTOCOL_VERSION,
+                agent: version,
+            }),
             other => Err(unexpected(&other)),
         }
     }
@@ -113,7 +124,8 @@ impl AgentClient {
     /// # Errors
     /// The agent's refusal or a transport error.
     pub async fn create(&mut self, spec: &ContainerSpec) -> Result<(), SandboxError> {
-        self.request_ok(&Request::CreateContainer { spec: spec.clone() }).await
+        self.request_ok(&Request::CreateContainer { spec: spec.clone() })
+            .await
     }
 
     /// Starts the container's process; returns its pid in the guest.
@@ -121,7 +133,10 @@ impl AgentClient {
     /// # Errors
     /// The agent's refusal (e.g. exec failed) or a transport error.
     pub async fn start(&mut self, id: &str) -> Result<u32, SandboxError> {
-        match self.request(&Request::StartContainer { id: id.to_owned() }).await? {
+        match self
+            .request(&Request::StartContainer { id: id.to_owned() })
+            .await?
+        {
             Response::Started { pid } => Ok(pid),
             other => Err(unexpected(&other)),
         }
@@ -132,7 +147,10 @@ impl AgentClient {
     /// # Errors
     /// The agent's refusal or a transport error.
     pub async fn wait(&mut self, id: &str) -> Result<i32, SandboxError> {
-        match self.request(&Request::WaitContainer { id: id.to_owned() }).await? {
+        match self
+            .request(&Request::WaitContainer { id: id.to_owned() })
+            .await?
+        {
             Response::Exited { code } => Ok(code),
             other => Err(unexpected(&other)),
         }
@@ -143,7 +161,11 @@ impl AgentClient {
     /// # Errors
     /// The agent's refusal or a transport error.
     pub async fn signal(&mut self, id: &str, signal: i32) -> Result<(), SandboxError> {
-        self.request_ok(&Request::SignalContainer { id: id.to_owned(), signal }).await
+        self.request_ok(&Request::SignalContainer {
+            id: id.to_owned(),
+            signal,
+        })
+        .await
     }
 
     /// Asks the agent to power the VM off.
@@ -160,12 +182,21 @@ impl AgentClient {
     /// The agent's refusal or a transport error.
     pub async fn attach(&self, id: &str, stream: StdioStream) -> Result<UnixStream, SandboxError> {
         let mut conn = connect_vsock(&self.uds, AGENT_PORT).await?;
-        write_message(&mut conn, &Request::AttachStdio { id: id.to_owned(), stream }).await?;
+        write_message(
+            &mut conn,
+            &Request::AttachStdio {
+                id: id.to_owned(),
+                stream,
+            },
+        )
+        .await?;
         match read_message(&mut conn).await? {
             Some(Response::Ok) => Ok(conn),
             Some(Response::Error { kind, message }) => Err(SandboxError::Agent { kind, message }),
             Some(other) => Err(unexpected(&other)),
-            None => Err(SandboxError::Protocol("agent closed the stdio connection".into())),
+            None => Err(SandboxError::Protocol(
+                "agent closed the stdio connection".into(),
+            )),
         }
     }
 }
@@ -219,11 +250,22 @@ mod tests {
         let dev = tokio::spawn(async move {
             let mut s = fake_device(listener, b"OK 5\n").await;
             let _: Option<Request> = read_message(&mut s).await.unwrap();
-            write_message(&mut s, &Response::Hello { version: 99, agent: "x".into() }).await.unwrap();
+            write_message(
+                &mut s,
+                &Response::Hello {
+                    version: 99,
+                    agent: "x".into(),
+                },
+            )
+            .await
+            .unwrap();
         });
         let deadline = Instant::now() + Duration::from_secs(5);
         let err = AgentClient::connect(&path, deadline).await.unwrap_err();
-        assert!(matches!(err, SandboxError::VersionMismatch { agent: 99, .. }), "{err}");
+        assert!(
+            matches!(err, SandboxError::VersionMismatch { agent: 99, .. }),
+            "{err}"
+        );
         dev.await.unwrap();
     }
 }

@@ -31,8 +31,14 @@ impl Bundle {
     /// [`SandboxError::MissingRootfs`].
     pub fn load(dir: &Path, id: &str) -> Result<Self, SandboxError> {
         let path = dir.join("config.json");
-        let spec = Spec::load(&path).map_err(|source| SandboxError::ReadConfig { path: path.clone(), source })?;
-        let invalid = |reason: &str| SandboxError::InvalidConfig { path: path.clone(), reason: reason.to_owned() };
+        let spec = Spec::load(&path).map_err(|source| SandboxError::ReadConfig {
+            path: path.clone(),
+            source,
+        })?;
+        let invalid = |reason: &str| SandboxError::InvalidConfig {
+            path: path.clone(),
+            reason: reason.to_owned(),
+        };
         let root = spec.root().as_ref().ok_or_else(|| invalid("no root"))?;
         let rootfs = match root.path().is_absolute() {
             true => root.path().clone(),
@@ -41,9 +47,14 @@ impl Bundle {
         if !rootfs.is_dir() {
             return Err(SandboxError::MissingRootfs { path: rootfs });
         }
-        let process = spec.process().as_ref().ok_or_else(|| invalid("no process"))?;
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| invalid("no process"))?;
         if process.terminal().unwrap_or(false) {
-            return Err(invalid("process.terminal=true is not supported yet; set it to false"));
+            return Err(invalid(
+                "process.terminal=true is not supported yet; set it to false",
+            ));
         }
         let args = process.args().clone().unwrap_or_default();
         if args.is_empty() {
@@ -99,20 +110,29 @@ mod tests {
     #[test]
     fn test_load_missing_config_read_error() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(Bundle::load(dir.path(), "c"), Err(SandboxError::ReadConfig { .. })));
+        assert!(matches!(
+            Bundle::load(dir.path(), "c"),
+            Err(SandboxError::ReadConfig { .. })
+        ));
     }
 
     #[test]
     fn test_load_not_json_read_error() {
         let dir = bundle_with("{not json");
-        assert!(matches!(Bundle::load(dir.path(), "c"), Err(SandboxError::ReadConfig { .. })));
+        assert!(matches!(
+            Bundle::load(dir.path(), "c"),
+            Err(SandboxError::ReadConfig { .. })
+        ));
     }
 
     #[test]
     fn test_load_missing_rootfs_rejected() {
         let dir = bundle_with(&default_config());
         std::fs::remove_dir(dir.path().join("rootfs")).unwrap();
-        assert!(matches!(Bundle::load(dir.path(), "c"), Err(SandboxError::MissingRootfs { .. })));
+        assert!(matches!(
+            Bundle::load(dir.path(), "c"),
+            Err(SandboxError::MissingRootfs { .. })
+        ));
     }
 
     #[test]
@@ -128,6 +148,9 @@ mod tests {
         let config = default_config().replace("\"terminal\":false", "\"terminal\":true");
         assert!(config.contains("\"terminal\":true"));
         let dir = bundle_with(&config);
-        assert!(matches!(Bundle::load(dir.path(), "c"), Err(SandboxError::InvalidConfig { .. })));
+        assert!(matches!(
+            Bundle::load(dir.path(), "c"),
+            Err(SandboxError::InvalidConfig { .. })
+        ));
     }
 }

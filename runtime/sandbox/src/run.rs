@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use husk_hypervisor::{new_door, FsShare, Hypervisor, HypervisorError, HypervisorKind, VmConfig, VmExit};
+use husk_hypervisor::{
+    new_door, FsShare, Hypervisor, HypervisorError, HypervisorKind, VmConfig, VmExit,
+};
 use husk_protocol::StdioStream;
 use nix::sys::signal::Signal as NixSignal;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -76,7 +78,10 @@ pub async fn run(opts: &RunOptions) -> Result<RunOutcome, SandboxError> {
         initramfs: opts.initramfs.clone(),
         memory_mib: opts.memory_mib,
         vcpus: opts.vcpus,
-        shares: vec![FsShare { tag: ROOTFS_TAG.to_owned(), host_dir: bundle.rootfs.clone() }],
+        shares: vec![FsShare {
+            tag: ROOTFS_TAG.to_owned(),
+            host_dir: bundle.rootfs.clone(),
+        }],
         run_dir: state.path().to_owned(),
     };
     let mut vm = new_door(opts.hypervisor, config)?;
@@ -90,7 +95,11 @@ pub async fn run(opts: &RunOptions) -> Result<RunOutcome, SandboxError> {
     Ok(outcome)
 }
 
-async fn run_in_vm(vm: &mut dyn Hypervisor, bundle: &Bundle, boot_timeout: Duration) -> Result<RunOutcome, SandboxError> {
+async fn run_in_vm(
+    vm: &mut dyn Hypervisor,
+    bundle: &Bundle,
+    boot_timeout: Duration,
+) -> Result<RunOutcome, SandboxError> {
     let t_boot = Instant::now();
     vm.start().await?;
     let mut agent = boot(vm, boot_timeout).await?;
@@ -101,8 +110,14 @@ async fn run_in_vm(vm: &mut dyn Hypervisor, bundle: &Bundle, boot_timeout: Durat
         agent.create(&bundle.spec).await?;
         let stdin = agent.attach(id, StdioStream::Stdin).await?;
         let outputs = [
-            relay_output(agent.attach(id, StdioStream::Stdout).await?, HostOutput::Stdout)?,
-            relay_output(agent.attach(id, StdioStream::Stderr).await?, HostOutput::Stderr)?,
+            relay_output(
+                agent.attach(id, StdioStream::Stdout).await?,
+                HostOutput::Stdout,
+            )?,
+            relay_output(
+                agent.attach(id, StdioStream::Stderr).await?,
+                HostOutput::Stderr,
+            )?,
         ];
         relay_stdin(stdin)?;
         agent.start(id).await?;
@@ -118,7 +133,11 @@ async fn run_in_vm(vm: &mut dyn Hypervisor, bundle: &Bundle, boot_timeout: Durat
     }
     power_off(vm, &mut agent).await;
     debug!("VM powered off");
-    let timings = Timings { boot_to_agent: t_ready - t_boot, container_start: t_started - t_ready, total: Duration::ZERO };
+    let timings = Timings {
+        boot_to_agent: t_ready - t_boot,
+        container_start: t_started - t_ready,
+        total: Duration::ZERO,
+    };
     Ok(RunOutcome { exit_code, timings })
 }
 
@@ -163,7 +182,10 @@ async fn explain(vm: &mut dyn Hypervisor, err: SandboxError) -> SandboxError {
         return err;
     }
     match tokio::time::timeout(VM_EXIT_GRACE, vm.wait()).await {
-        Ok(exit) => SandboxError::VmDied { reason: exit_reason(vm, exit), diagnostics: vm.diagnostics() },
+        Ok(exit) => SandboxError::VmDied {
+            reason: exit_reason(vm, exit),
+            diagnostics: vm.diagnostics(),
+        },
         Err(_) => err,
     }
 }
@@ -172,7 +194,11 @@ async fn explain(vm: &mut dyn Hypervisor, err: SandboxError) -> SandboxError {
 /// runc). A container still running [`SIGNAL_GRACE`] after a forwarded signal gets SIGKILL
 /// (PID 1 of a pid namespace ignores signals it has no handler for); if even that does not
 /// end it in time, husk gives up on the guest and the caller ends the VM.
-async fn supervise(vm: &mut dyn Hypervisor, agent: &mut AgentClient, id: &str) -> Result<i32, SandboxError> {
+async fn supervise(
+    vm: &mut dyn Hypervisor,
+    agent: &mut AgentClient,
+    id: &str,
+) -> Result<i32, SandboxError> {
     match wait_forwarding_signals(vm, agent, id).await {
         Err(e) => Err(explain(vm, e).await),
         ok => ok,

@@ -31,9 +31,15 @@ impl StateDir {
     pub fn create(root: &Path, id: &str) -> Result<Self, SandboxError> {
         husk_protocol::validate_id(id).map_err(SandboxError::InvalidId)?;
         let path = root.join(id);
-        let io_err = |source| SandboxError::StateDir { path: path.clone(), source };
+        let io_err = |source| SandboxError::StateDir {
+            path: path.clone(),
+            source,
+        };
         if path.join(LONGEST_SOCKET_NAME).as_os_str().len() > MAX_SOCKET_PATH {
-            let msg = format!("state path {} is too long for Unix sockets; use a shorter --root or id", path.display());
+            let msg = format!(
+                "state path {} is too long for Unix sockets; use a shorter --root or id",
+                path.display()
+            );
             return Err(SandboxError::InvalidId(msg));
         }
         std::fs::create_dir_all(root).map_err(io_err)?;
@@ -60,8 +66,14 @@ fn clear_stale(path: &Path, id: &str) -> Result<(), SandboxError> {
     let lock_file = File::open(path.join("lock")).map_err(|_| taken())?;
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| taken())?;
     tracing::warn!(path = %path.display(), "removing stale state directory of a dead husk");
-    std::fs::remove_dir_all(path).map_err(|source| SandboxError::StateDir { path: path.to_owned(), source })?;
-    std::fs::create_dir(path).map_err(|source| SandboxError::StateDir { path: path.to_owned(), source })
+    std::fs::remove_dir_all(path).map_err(|source| SandboxError::StateDir {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::fs::create_dir(path).map_err(|source| SandboxError::StateDir {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl Drop for StateDir {
@@ -80,7 +92,10 @@ mod tests {
     fn test_create_twice_already_exists() {
         let root = tempfile::tempdir().unwrap();
         let first = StateDir::create(root.path(), "c1").unwrap();
-        assert!(matches!(StateDir::create(root.path(), "c1"), Err(SandboxError::AlreadyExists { .. })));
+        assert!(matches!(
+            StateDir::create(root.path(), "c1"),
+            Err(SandboxError::AlreadyExists { .. })
+        ));
         drop(first);
         assert!(!root.path().join("c1").exists());
     }
@@ -99,7 +114,10 @@ mod tests {
     fn test_create_bad_id_rejected() {
         let root = tempfile::tempdir().unwrap();
         for id in ["", "..", "a/b"] {
-            assert!(matches!(StateDir::create(root.path(), id), Err(SandboxError::InvalidId(_))));
+            assert!(matches!(
+                StateDir::create(root.path(), id),
+                Err(SandboxError::InvalidId(_))
+            ));
         }
     }
 }

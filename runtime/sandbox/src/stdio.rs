@@ -32,10 +32,12 @@ fn into_blocking(conn: UnixStream) -> std::io::Result<std::os::unix::net::UnixSt
 /// When `conn` cannot be made blocking.
 pub fn relay_stdin(conn: UnixStream) -> std::io::Result<()> {
     let mut conn = into_blocking(conn)?;
-    std::thread::Builder::new().name("stdin-relay".into()).spawn(move || {
-        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut conn);
-        let _ = conn.shutdown(Shutdown::Write);
-    })?;
+    std::thread::Builder::new()
+        .name("stdin-relay".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut conn);
+            let _ = conn.shutdown(Shutdown::Write);
+        })?;
     Ok(())
 }
 
@@ -43,7 +45,10 @@ pub fn relay_stdin(conn: UnixStream) -> std::io::Result<()> {
 ///
 /// # Errors
 /// When `conn` cannot be made blocking.
-pub fn relay_output(conn: UnixStream, target: HostOutput) -> std::io::Result<JoinHandle<std::io::Result<u64>>> {
+pub fn relay_output(
+    conn: UnixStream,
+    target: HostOutput,
+) -> std::io::Result<JoinHandle<std::io::Result<u64>>> {
     let mut conn = into_blocking(conn)?;
     Ok(tokio::task::spawn_blocking(move || {
         let copied = match target {

@@ -13,18 +13,27 @@ pub struct TestBundle {
 impl TestBundle {
     /// A busybox rootfs whose process is `args`, config written by `husk spec`.
     pub fn busybox(husk: &super::Husk, args: &[&str]) -> Self {
-        let dir = tempfile::Builder::new().prefix("husk-bundle-").tempdir().expect("bundle dir");
+        let dir = tempfile::Builder::new()
+            .prefix("husk-bundle-")
+            .tempdir()
+            .expect("bundle dir");
         let rootfs = dir.path().join("rootfs");
         for sub in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
             std::fs::create_dir_all(rootfs.join(sub)).expect("rootfs dir");
         }
         let busybox = which("busybox");
         std::fs::copy(&busybox, rootfs.join("bin/busybox")).expect("copy busybox");
-        let list = std::process::Command::new(&busybox).arg("--list").output().expect("busybox --list");
+        let list = std::process::Command::new(&busybox)
+            .arg("--list")
+            .output()
+            .expect("busybox --list");
         for applet in String::from_utf8_lossy(&list.stdout).lines() {
             let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
         }
-        let status = husk.command(&["spec", "--bundle", dir.path().to_str().expect("utf-8")]).status().expect("husk spec");
+        let status = husk
+            .command(&["spec", "--bundle", dir.path().to_str().expect("utf-8")])
+            .status()
+            .expect("husk spec");
         assert!(status.success(), "husk spec failed");
         let bundle = Self { dir };
         bundle.edit(|c| c["process"]["args"] = args.iter().map(|a| Value::from(*a)).collect());
@@ -39,13 +48,18 @@ impl TestBundle {
     /// Edits config.json.
     pub fn edit(&self, f: impl FnOnce(&mut Value)) {
         let path = self.dir.path().join("config.json");
-        let mut config: Value = serde_json::from_slice(&std::fs::read(&path).expect("read config")).expect("json");
+        let mut config: Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read config")).expect("json");
         f(&mut config);
-        std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("write config");
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json"))
+            .expect("write config");
     }
 }
 
 fn which(program: &str) -> std::path::PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file()).expect("program on PATH")
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .expect("program on PATH")
 }

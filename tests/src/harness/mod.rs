@@ -36,10 +36,20 @@ impl Env {
         let out = std::env::var_os("HUSK_OUT")
             .map(PathBuf::from)
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../out"));
-        let env = Self { husk: out.join("bin/husk"), share: out.join("share/husk") };
-        for file in [&env.husk, &env.share.join("vmlinux"), &env.share.join("initramfs.cpio")] {
+        let env = Self {
+            husk: out.join("bin/husk"),
+            share: out.join("share/husk"),
+        };
+        for file in [
+            &env.husk,
+            &env.share.join("vmlinux"),
+            &env.share.join("initramfs.cpio"),
+        ] {
             if !file.is_file() {
-                return Err(format!("{} is missing; run `make build` (or `make test`)", file.display()));
+                return Err(format!(
+                    "{} is missing; run `make build` (or `make test`)",
+                    file.display()
+                ));
             }
         }
         if !nix::unistd::geteuid().is_root() {
@@ -55,8 +65,14 @@ impl Env {
 
     /// A fresh husk with its own state root.
     pub fn husk(&self) -> Husk {
-        let root = tempfile::Builder::new().prefix("husk-e2e-").tempdir().expect("state root");
-        Husk { env: self.clone(), root }
+        let root = tempfile::Builder::new()
+            .prefix("husk-e2e-")
+            .tempdir()
+            .expect("state root");
+        Husk {
+            env: self.clone(),
+            root,
+        }
     }
 }
 
@@ -117,7 +133,11 @@ impl Husk {
     /// Panics if anything of this husk is left: its state directories (sockets, logs) or a
     /// process (QEMU, virtiofsd, husk) whose command line names the state root.
     pub fn assert_clean(&self) {
-        let left: Vec<_> = std::fs::read_dir(self.root.path()).expect("state root").flatten().map(|e| e.path()).collect();
+        let left: Vec<_> = std::fs::read_dir(self.root.path())
+            .expect("state root")
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         assert!(left.is_empty(), "state left behind: {left:?}");
         let procs = processes_mentioning(self.root.path());
         assert!(procs.is_empty(), "processes left behind: {procs:?}");
@@ -129,10 +149,15 @@ pub fn processes_mentioning(needle: &Path) -> Vec<String> {
     let needle = needle.to_string_lossy().into_owned();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if cmdline.contains(&needle) {
-            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
         }
     }
     found

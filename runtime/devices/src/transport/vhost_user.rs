@@ -37,7 +37,9 @@ use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::rate_limited::warn_rate_limited;
 use crate::vsock::defs::{MAX_QUEUE_SIZE, NUM_QUEUES, RXQ_INDEX, TXQ_INDEX};
@@ -230,7 +232,11 @@ impl SessionControl {
     fn request_stop(&self) -> bool {
         let mut state = self.lock();
         state.stop = true;
-        state.handle.as_ref().map(ShutdownHandle::shutdown).is_some()
+        state
+            .handle
+            .as_ref()
+            .map(ShutdownHandle::shutdown)
+            .is_some()
     }
 }
 
@@ -294,9 +300,11 @@ pub fn spawn_vhost_user_vsock(
         device: Mutex::new(Some(device)),
         mem: mem.clone(),
     });
-    let daemon = VhostUserDaemon::new(SESSION_THREAD.to_owned(), backend.clone(), mem)
-        .map_err(|e| VsockError::CreateDaemon {
-            reason: e.to_string(),
+    let daemon =
+        VhostUserDaemon::new(SESSION_THREAD.to_owned(), backend.clone(), mem).map_err(|e| {
+            VsockError::CreateDaemon {
+                reason: e.to_string(),
+            }
         })?;
     for handler in daemon.get_epoll_handlers() {
         handler
@@ -371,7 +379,10 @@ fn serve(
 }
 
 /// A frontend hanging up, or any error after we asked to stop, is a normal end.
-fn session_result(result: Result<(), DaemonError>, control: &SessionControl) -> Result<(), VsockError> {
+fn session_result(
+    result: Result<(), DaemonError>,
+    control: &SessionControl,
+) -> Result<(), VsockError> {
     match result {
         Ok(()) => Ok(()),
         Err(_) if control.stop_requested() => Ok(()),

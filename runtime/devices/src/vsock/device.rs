@@ -168,7 +168,10 @@ impl<B: VsockBackend> Vsock<B> {
         };
         if pkt.src_cid() != self.guest_cid {
             METRICS.tx_bad_src_cid.inc();
-            warn_rate_limited!(src_cid = pkt.src_cid(), "vsock: dropping packet with foreign cid");
+            warn_rate_limited!(
+                src_cid = pkt.src_cid(),
+                "vsock: dropping packet with foreign cid"
+            );
             return TxOutcome::Consumed;
         }
         let outcome = self.backend.send_pkt(&pkt);
@@ -344,11 +347,16 @@ mod tests {
         ctx.process(&mut dev);
         ctx.process(&mut dev);
 
-        assert!(consumed_without_rx < 300, "tx must pause while rsts cannot be delivered");
+        assert!(
+            consumed_without_rx < 300,
+            "tx must pause while rsts cannot be delivered"
+        );
         assert_eq!(consumed_without_rx + ctx.take_used_tx().len(), 300);
         let rsts = ctx.take_rx();
         assert_eq!(rsts.len(), 300);
-        assert!(rsts.iter().all(|p| p.hdr.op == VSOCK_OP_RST && p.hdr.dst_cid == GUEST_CID));
+        assert!(rsts
+            .iter()
+            .all(|p| p.hdr.op == VSOCK_OP_RST && p.hdr.dst_cid == GUEST_CID));
     }
 
     #[test]

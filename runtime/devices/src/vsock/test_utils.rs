@@ -127,8 +127,9 @@ struct Ring {
 impl Ring {
     /// Lays out a ring at `addr`; returns it and the device's view of it.
     fn create(mem: &GuestMemoryMmap, addr: u64) -> (Self, Queue) {
-        let queue: Queue =
-            MockSplitQueue::create(mem, GuestAddress(addr), QUEUE_SIZE).create_queue().unwrap();
+        let queue: Queue = MockSplitQueue::create(mem, GuestAddress(addr), QUEUE_SIZE)
+            .create_queue()
+            .unwrap();
         let ring = Self {
             desc: queue.desc_table(),
             avail: queue.avail_ring(),
@@ -149,13 +150,16 @@ impl Ring {
             let flags = flags | if has_next { 1 } else { 0 };
             let next = (idx + 1) % QUEUE_SIZE;
             let desc = RawDescriptor::from(SplitDescriptor::new(*addr, *len, flags, next));
-            mem.write_obj(desc, GuestAddress(self.desc + 16 * u64::from(idx))).unwrap();
+            mem.write_obj(desc, GuestAddress(self.desc + 16 * u64::from(idx)))
+                .unwrap();
         }
         self.next_desc = (head + descs.len() as u16) % QUEUE_SIZE;
         let slot = u64::from(self.avail_idx % QUEUE_SIZE);
-        mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot)).unwrap();
+        mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
+            .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
         head
     }
 
@@ -164,7 +168,10 @@ impl Ring {
         let mut out = Vec::new();
         while self.used_seen != used_idx {
             let slot = u64::from(self.used_seen % QUEUE_SIZE);
-            out.push(mem.read_obj(GuestAddress(self.used + 4 + 8 * slot)).unwrap());
+            out.push(
+                mem.read_obj(GuestAddress(self.used + 4 + 8 * slot))
+                    .unwrap(),
+            );
             self.used_seen = self.used_seen.wrapping_add(1);
         }
         out
@@ -187,7 +194,14 @@ impl TestContext {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let (rx, rxq) = Ring::create(&mem, RXQ_ADDR);
         let (tx, txq) = Ring::create(&mem, TXQ_ADDR);
-        Self { mem, rxq, txq, rx, tx, dir: tempfile::tempdir().unwrap() }
+        Self {
+            mem,
+            rxq,
+            txq,
+            rx,
+            tx,
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 
     /// Path of the hybrid-vsock listener.
@@ -202,7 +216,10 @@ impl TestContext {
 
     /// A device with a fresh backend bound at [`Self::uds_path`].
     pub(crate) fn device(&self) -> Vsock<VsockUnixBackend> {
-        Vsock::new(GUEST_CID, VsockUnixBackend::new(GUEST_CID, &self.uds_path()).unwrap())
+        Vsock::new(
+            GUEST_CID,
+            VsockUnixBackend::new(GUEST_CID, &self.uds_path()).unwrap(),
+        )
     }
 
     /// Queues a TX packet: header descriptor, then a data descriptor if `data` is not empty.
@@ -235,7 +252,8 @@ impl TestContext {
         for _ in 0..n {
             let addr = RX_BUF_BASE + u64::from(self.rx.next_desc) * RX_SLOT;
             let flags = VRING_DESC_F_WRITE as u16;
-            self.rx.add_chain(&self.mem, &[(addr, HDR_LEN + RX_BUF_DATA, flags)]);
+            self.rx
+                .add_chain(&self.mem, &[(addr, HDR_LEN + RX_BUF_DATA, flags)]);
         }
     }
 
@@ -252,8 +270,14 @@ impl TestContext {
                 let addr = RX_BUF_BASE + u64::from(elem.id()) * RX_SLOT;
                 let hdr = Hdr::read(&self.mem, addr);
                 let mut data = vec![0u8; hdr.len.min(RX_BUF_DATA) as usize];
-                self.mem.read_slice(&mut data, GuestAddress(addr + u64::from(HDR_LEN))).unwrap();
-                RxPkt { hdr, data, used_len: elem.len() }
+                self.mem
+                    .read_slice(&mut data, GuestAddress(addr + u64::from(HDR_LEN)))
+                    .unwrap();
+                RxPkt {
+                    hdr,
+                    data,
+                    used_len: elem.len(),
+                }
             })
             .collect()
     }
@@ -314,7 +338,9 @@ impl TestContext {
 
 /// Reads exactly `n` bytes from a blocking stream (with a timeout).
 pub(crate) fn read_n(stream: &mut UnixStream, n: usize) -> Vec<u8> {
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut buf = vec![0u8; n];
     stream.read_exact(&mut buf).unwrap();
     buf
@@ -322,7 +348,9 @@ pub(crate) fn read_n(stream: &mut UnixStream, n: usize) -> Vec<u8> {
 
 /// Whether the stream reached EOF (waits up to a second).
 pub(crate) fn is_eof(stream: &mut UnixStream) -> bool {
-    stream.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
     let mut byte = [0u8; 1];
     match stream.read(&mut byte) {
         Ok(0) => true,

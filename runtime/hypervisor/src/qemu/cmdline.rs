@@ -37,15 +37,27 @@ pub fn args(config: &VmConfig, accel: Accel, sockets: &Sockets, console: &Path) 
     let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
     // rtc=on: without a CMOS clock the guest kernel waits 1 s for one at boot (and has no
     // wall-clock time).
-    push(&["-M", "microvm,acpi=off,x-option-roms=off,rtc=on,memory-backend=mem"]);
+    push(&[
+        "-M",
+        "microvm,acpi=off,x-option-roms=off,rtc=on,memory-backend=mem",
+    ]);
     match accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
     }
     push(&["-m", &mem, "-smp", &config.vcpus.to_string()]);
     // Shared memfd: our vsock device and virtiofsd map guest memory over vhost-user.
-    push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
-    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+    ]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
     a.push("-kernel".into());
     a.push(config.kernel.clone().into());
     a.push("-initrd".into());
@@ -84,15 +96,24 @@ mod tests {
             initramfs: "/k/initramfs.cpio".into(),
             memory_mib: 128,
             vcpus: 2,
-            shares: vec![FsShare { tag: "rootfs".into(), host_dir: "/b/rootfs".into() }],
+            shares: vec![FsShare {
+                tag: "rootfs".into(),
+                host_dir: "/b/rootfs".into(),
+            }],
             run_dir: "/run/husk/x".into(),
         }
     }
 
     fn joined(accel: Accel) -> String {
-        let sockets = Sockets { vsock: "/r/v.sock".into(), fs: vec!["/r/fs0.sock".into()] };
+        let sockets = Sockets {
+            vsock: "/r/v.sock".into(),
+            fs: vec!["/r/fs0.sock".into()],
+        };
         let a = args(&config(), accel, &sockets, Path::new("/r/console.log"));
-        a.iter().map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        a.iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
@@ -102,8 +123,12 @@ mod tests {
         assert!(s.contains("memory-backend-memfd,id=mem,size=128M,share=on"));
         assert!(s.contains("-smp 2"));
         assert!(s.contains("-kernel /k/vmlinux -initrd /k/initramfs.cpio"));
-        assert!(s.contains("socket,id=vsock0,path=/r/v.sock -device vhost-user-vsock-device,chardev=vsock0"));
-        assert!(s.contains("socket,id=fs0,path=/r/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=rootfs"));
+        assert!(s.contains(
+            "socket,id=vsock0,path=/r/v.sock -device vhost-user-vsock-device,chardev=vsock0"
+        ));
+        assert!(s.contains(
+            "socket,id=fs0,path=/r/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=rootfs"
+        ));
         assert!(s.contains("-serial file:/r/console.log"));
         assert!(s.contains("-no-reboot"));
     }

@@ -53,12 +53,26 @@ impl QemuDoor {
                 hint: "install it with `cargo install virtiofsd` (needs libseccomp-dev libcap-ng-dev)",
             })?),
         };
-        for (what, path) in [("guest kernel", &config.kernel), ("initramfs", &config.initramfs)] {
+        for (what, path) in [
+            ("guest kernel", &config.kernel),
+            ("initramfs", &config.initramfs),
+        ] {
             if !path.is_file() {
-                return Err(HypervisorError::MissingFile { what, path: path.clone() });
+                return Err(HypervisorError::MissingFile {
+                    what,
+                    path: path.clone(),
+                });
             }
         }
-        Ok(Self { config, qemu, virtiofsd, accel: accel_from_env(), vsock: None, fs: Vec::new(), child: None })
+        Ok(Self {
+            config,
+            qemu,
+            virtiofsd,
+            accel: accel_from_env(),
+            vsock: None,
+            fs: Vec::new(),
+            child: None,
+        })
     }
 
     fn run_path(&self, name: &str) -> PathBuf {
@@ -66,12 +80,15 @@ impl QemuDoor {
     }
 
     async fn start_virtiofsd(&mut self) -> Result<Vec<PathBuf>, HypervisorError> {
-        let Some(binary) = self.virtiofsd.clone() else { return Ok(Vec::new()) };
+        let Some(binary) = self.virtiofsd.clone() else {
+            return Ok(Vec::new());
+        };
         let mut sockets = Vec::new();
         for (i, share) in self.config.shares.clone().iter().enumerate() {
             let socket = self.run_path(&format!("fs{i}.sock"));
             let log = self.run_path(&format!("virtiofsd{i}.log"));
-            self.fs.push(Virtiofsd::start(&binary, &share.host_dir, &socket, &log).await?);
+            self.fs
+                .push(Virtiofsd::start(&binary, &share.host_dir, &socket, &log).await?);
             sockets.push(socket);
         }
         Ok(sockets)
@@ -92,10 +109,16 @@ fn accel_from_env() -> Accel {
 impl Hypervisor for QemuDoor {
     async fn start(&mut self) -> Result<(), HypervisorError> {
         let vsock_socket = self.run_path("vhost-vsock.sock");
-        let vsock_config = VsockConfig { guest_cid: GUEST_CID, uds_path: self.vsock_path() };
+        let vsock_config = VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: self.vsock_path(),
+        };
         self.vsock = Some(spawn_vhost_user_vsock(vsock_config, &vsock_socket)?);
         let fs = self.start_virtiofsd().await?;
-        let sockets = cmdline::Sockets { vsock: vsock_socket, fs };
+        let sockets = cmdline::Sockets {
+            vsock: vsock_socket,
+            fs,
+        };
         let args = cmdline::args(&self.config, self.accel, &sockets, &self.console_path());
         debug!(qemu = %self.qemu.display(), ?args, "starting QEMU");
         let mut cmd = Command::new(&self.qemu);
@@ -135,7 +158,11 @@ impl Hypervisor for QemuDoor {
 
     async fn stop(&mut self) -> Result<(), HypervisorError> {
         if let Some(mut child) = self.child.take() {
-            if child.try_wait().map_err(HypervisorError::Process)?.is_none() {
+            if child
+                .try_wait()
+                .map_err(HypervisorError::Process)?
+                .is_none()
+            {
                 child.start_kill().map_err(HypervisorError::Process)?;
             }
             child.wait().await.map_err(HypervisorError::Process)?;

@@ -161,7 +161,12 @@ impl VsockConnection {
         local_port: u32,
         peer_port: u32,
     ) -> Self {
-        let mut conn = Self::new(stream, ConnState::LocalInit, guest_cid, (local_port, peer_port));
+        let mut conn = Self::new(
+            stream,
+            ConnState::LocalInit,
+            guest_cid,
+            (local_port, peer_port),
+        );
         conn.pending.insert(PendingRx::REQUEST);
         conn
     }
@@ -207,8 +212,7 @@ impl VsockConnection {
     /// Whether [`Self::recv_pkt`] would produce a packet.
     pub(crate) fn has_pending_rx(&self) -> bool {
         !self.pending.is_empty()
-            || (self.wants_host_read()
-                && (self.credit.peer_avail() > 0 || !self.credit.requested))
+            || (self.wants_host_read() && (self.credit.peer_avail() > 0 || !self.credit.requested))
     }
 
     /// Handles a guest packet for this connection (the muxer handles RST and REQUEST).
@@ -223,7 +227,12 @@ impl VsockConnection {
             (_, VSOCK_OP_CREDIT_REQUEST) if open => self.pending.insert(PendingRx::CREDIT_UPDATE),
             (_, VSOCK_OP_CREDIT_UPDATE) if open => {}
             (state, op) => {
-                debug_rate_limited!(?state, op, port = self.local_port, "vsock: unexpected packet");
+                debug_rate_limited!(
+                    ?state,
+                    op,
+                    port = self.local_port,
+                    "vsock: unexpected packet"
+                );
                 self.kill();
             }
         }
@@ -494,7 +503,13 @@ impl VsockConnection {
     }
 
     /// Writes the header; every packet reports our credit, so a pending update is moot.
-    fn emit<B: BitmapSlice>(&mut self, pkt: &mut VsockPacket<'_, B>, op: u16, flags: u32, len: u32) {
+    fn emit<B: BitmapSlice>(
+        &mut self,
+        pkt: &mut VsockPacket<'_, B>,
+        op: u16,
+        flags: u32,
+        len: u32,
+    ) {
         let hdr = RxHeader {
             dst_cid: self.guest_cid,
             src_port: self.local_port,

@@ -55,7 +55,10 @@ impl TxBuf {
     /// # Errors
     /// [`CsmError::TxBufFull`] if `src` does not fit; [`CsmError::GuestMemory`] if it cannot
     /// be read.
-    pub(crate) fn push<B: BitmapSlice>(&mut self, src: &VolatileSlice<'_, B>) -> Result<(), CsmError> {
+    pub(crate) fn push<B: BitmapSlice>(
+        &mut self,
+        src: &VolatileSlice<'_, B>,
+    ) -> Result<(), CsmError> {
         let incoming = src.len();
         let free = self.capacity.saturating_sub(self.len);
         if incoming > free {
@@ -129,9 +132,9 @@ fn copy_into<B: BitmapSlice>(
     src: &VolatileSlice<'_, B>,
 ) -> Result<(), CsmError> {
     let end = at.saturating_add(src.len());
-    let dst = data
-        .get_mut(at..end)
-        .ok_or(CsmError::GuestMemory(vm_memory::VolatileMemoryError::OutOfBounds { addr: end }))?;
+    let dst = data.get_mut(at..end).ok_or(CsmError::GuestMemory(
+        vm_memory::VolatileMemoryError::OutOfBounds { addr: end },
+    ))?;
     src.copy_to(dst);
     Ok(())
 }
@@ -179,7 +182,10 @@ mod tests {
     #[test]
     fn test_txbuf_wrap_around_preserves_order() {
         let mut buf = TxBuf::new(8);
-        let mut sink = SlowSink { out: Vec::new(), limit: 6 };
+        let mut sink = SlowSink {
+            out: Vec::new(),
+            limit: 6,
+        };
         buf.push(&slice(&mut [1, 2, 3, 4, 5, 6])).unwrap();
         assert_eq!(buf.flush_to(&mut sink).unwrap(), 6);
         buf.push(&slice(&mut [7, 8, 9, 10, 11])).unwrap();
@@ -195,7 +201,10 @@ mod tests {
     #[test]
     fn test_txbuf_flush_would_block_keeps_rest() {
         let mut buf = TxBuf::new(16);
-        let mut sink = SlowSink { out: Vec::new(), limit: 3 };
+        let mut sink = SlowSink {
+            out: Vec::new(),
+            limit: 3,
+        };
         buf.push(&slice(&mut [1, 2, 3, 4, 5])).unwrap();
 
         let written = buf.flush_to(&mut sink).unwrap();

@@ -287,7 +287,11 @@ impl VsockUnixBackend {
     }
 
     /// Runs `f` on a connection, then re-syncs RX queue, kill queue and epoll interest.
-    fn with_conn<R>(&mut self, key: ConnKey, f: impl FnOnce(&mut VsockConnection) -> R) -> Option<R> {
+    fn with_conn<R>(
+        &mut self,
+        key: ConnKey,
+        f: impl FnOnce(&mut VsockConnection) -> R,
+    ) -> Option<R> {
         let conn = self.conns.get_mut(&key)?;
         let had_rx = conn.has_pending_rx();
         let had_expiry = conn.expiry().is_some();
@@ -298,8 +302,14 @@ impl VsockUnixBackend {
     }
 
     fn sync_conn(&mut self, key: ConnKey, fd: RawFd, had_rx: bool, had_expiry: bool) {
-        let Some(conn) = self.conns.get(&key) else { return };
-        let (has_rx, expiry, evset) = (conn.has_pending_rx(), conn.expiry(), conn.get_polled_evset());
+        let Some(conn) = self.conns.get(&key) else {
+            return;
+        };
+        let (has_rx, expiry, evset) = (
+            conn.has_pending_rx(),
+            conn.expiry(),
+            conn.get_polled_evset(),
+        );
         if has_rx && !had_rx {
             // A failed push only desyncs the queue; it is rebuilt from `conns` later.
             self.rxq.push(MuxerRx::Conn(key));
@@ -331,7 +341,8 @@ impl VsockUnixBackend {
                 Ok(())
             }
             Some(old) if old != evset => {
-                let data = u64::try_from(fd).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
+                let data =
+                    u64::try_from(fd).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
                 self.epoll
                     .ctl(ControlOperation::Modify, fd, EpollEvent::new(evset, data))?;
                 self.listeners
@@ -393,7 +404,11 @@ impl VsockUnixBackend {
 
     /// Fills `pkt` from the connection at the head of the RX queue and requeues it at the tail
     /// if it has more, so that one busy connection cannot starve the others.
-    fn recv_from_conn<B: BitmapSlice>(&mut self, key: ConnKey, pkt: &mut VsockPacket<'_, B>) -> RxOutcome {
+    fn recv_from_conn<B: BitmapSlice>(
+        &mut self,
+        key: ConnKey,
+        pkt: &mut VsockPacket<'_, B>,
+    ) -> RxOutcome {
         let Some(conn) = self.conns.get_mut(&key) else {
             return RxOutcome::NoData;
         };
@@ -408,7 +423,11 @@ impl VsockUnixBackend {
             .is_some_and(|c| c.state() == ConnState::Killed && !c.has_pending_rx());
         if outcome == RxOutcome::Filled && pkt.op() == VSOCK_OP_RST && killed {
             self.remove_connection(key);
-        } else if self.conns.get(&key).is_some_and(VsockConnection::has_pending_rx) {
+        } else if self
+            .conns
+            .get(&key)
+            .is_some_and(VsockConnection::has_pending_rx)
+        {
             self.rxq.push(MuxerRx::Conn(key));
         }
         outcome
