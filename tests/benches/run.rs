@@ -3,7 +3,7 @@
 //! the peak host memory of each runtime's whole process tree (husk + QEMU + virtiofsd; runc +
 //! the container), sampled from /proc every 5 ms.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,8 +12,9 @@ use husk_e2e::harness::{Env, Husk, TestBundle};
 
 const RUNS: usize = 10;
 
-/// One timed run: wall time and peak RSS (KiB) of the tree rooted at the spawned process.
-fn measure(mut cmd: Command) -> (Duration, u64) {
+/// One timed run: wall time, and the peak RSS (KiB) of the tree rooted at the spawned process,
+/// in all and per process name (each name's own peak).
+fn measure(mut cmd: Command) -> (Duration, u64, BTreeMap<String, u64>) {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -23,18 +24,24 @@ fn measure(mut cmd: Command) -> (Duration, u64) {
         .expect("spawn");
     let root = child.id();
     let mut peak = 0;
+    let mut by_name = BTreeMap::new();
     loop {
-        peak = peak.max(tree_rss_kib(root));
+        let sample = tree_rss_kib(root);
+        peak = peak.max(sample.values().sum());
+        for (name, kib) in sample {
+            let entry = by_name.entry(name).or_insert(0);
+            *entry = (*entry).max(kib);
+        }
         if let Some(status) = child.try_wait().expect("wait") {
             assert!(status.success(), "{cmd:?} failed: {status}");
-            return (start.elapsed(), peak);
+            return (start.elapsed(), peak, by_name);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
-/// Sum of VmRSS of `root` and all its descendants.
-fn tree_rss_kib(root: u32) -> u64 {
+/// VmRSS of `root` and all its descendants, summed per process name.
+fn tree_rss_kib(root: u32) -> BTreeMap<String, u64> {
     let mut parent = HashMap::new();
     let mut rss = HashMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -44,11 +51,15 @@ fn tree_rss_kib(root: u32) -> u64 {
         let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
             continue;
         };
+        let mut name = String::new();
         for line in status.lines() {
             let mut it = line.split_whitespace();
             match (it.next(), it.next()) {
+                (Some("Name:"), Some(v)) => name = v.to_owned(),
                 (Some("PPid:"), Some(v)) => drop(parent.insert(pid, v.parse::<u32>().unwrap_or(0))),
-                (Some("VmRSS:"), Some(v)) => drop(rss.insert(pid, v.parse::<u64>().unwrap_or(0))),
+                (Some("VmRSS:"), Some(v)) => {
+                    drop(rss.insert(pid, (name.clone(), v.parse::<u64>().unwrap_or(0))))
+                }
                 _ => {}
             }
         }
@@ -62,10 +73,13 @@ fn tree_rss_kib(root: u32) -> u64 {
             _ => return false,
         }
     };
-    rss.iter()
-        .filter(|(pid, _)| in_tree(**pid))
-        .map(|(_, kib)| kib)
-        .sum()
+    let mut by_name = BTreeMap::new();
+    for (pid, (name, kib)) in rss {
+        if in_tree(pid) {
+            *by_name.entry(name).or_insert(0) += kib;
+        }
+    }
+    by_name
 }
 
 fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
@@ -124,9 +138,11 @@ fn main() {
     let runc_root = tempfile::tempdir().expect("runc root");
     let mut criterion = Criterion::default().configure_from_args().sample_size(RUNS);
     let mut summary = Vec::new();
+    let mut breakdown = Vec::new();
     for rt in runtimes(&husk, &bundle, runc_root.path()) {
         let mut times = Vec::new();
         let mut peaks = Vec::new();
+        let mut per_process: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         let mut group = criterion.benchmark_group("hello_world");
         group
             .sampling_mode(SamplingMode::Flat)
@@ -138,15 +154,23 @@ fn main() {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     n += 1;
-                    let (t, peak) = measure((rt.command)(n));
+                    let (t, peak, by_name) = measure((rt.command)(n));
                     total += t;
                     times.push(t);
                     peaks.push(peak);
+                    for (name, kib) in by_name {
+                        per_process.entry(name).or_insert_with(Vec::new).push(kib);
+                    }
                 }
                 total
             })
         });
         group.finish();
+        let parts: Vec<String> = per_process
+            .into_iter()
+            .map(|(name, kibs)| format!("{name} {:.1} MiB", median(kibs) as f64 / 1024.0))
+            .collect();
+        breakdown.push(format!("{}: {}", rt.name, parts.join(", ")));
         summary.push((rt.name, median(times), median(peaks)));
     }
     husk.assert_clean();
@@ -161,6 +185,10 @@ fn main() {
             t.as_secs_f64() * 1e3,
             *kib as f64 / 1024.0
         );
+    }
+    println!("peak memory by process (median of each name's own peak):");
+    for line in &breakdown {
+        println!("  {line}");
     }
     if let [(_, husk_t, husk_m), (_, runc_t, runc_m)] = summary[..] {
         println!(
