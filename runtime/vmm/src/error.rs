@@ -1,0 +1,33 @@
+//! Errors of the built-in VMM.
+
+/// What went wrong while building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// /dev/kvm is missing or cannot be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed: {source}")]
+    Ioctl {
+        /// Which operation.
+        op: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The guest image does not fit or cannot be loaded.
+    #[error("guest image: {0}")]
+    Image(String),
+    /// An I/O error (event fds, threads, files).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl VmmError {
+    pub(crate) fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {
+        move |source| Self::Ioctl { op, source }
+    }
+}

@@ -1,0 +1,18 @@
+//! husk's built-in VMM: one KVM virtual machine per sandbox, with nothing but what a husk guest
+//! needs (see ../shared/DESIGN.md, "The two hypervisor doors").
+//!
+//! - [`Vm`]: guest memory (vm-memory), vCPUs (kvm-ioctls), the port-IO and MMIO [`bus`]es and
+//!   the legacy devices ([`legacy`]: 8250 serial, i8042 for reset, a debug-exit port);
+//! - [`x86`]: what a vCPU needs before its first instruction (CPUID, MSRs, FPU, registers,
+//!   GDT and identity page tables for 64-bit entry, LAPIC);
+//! - [`layout`]: where everything lives in guest-physical memory.
+
+pub mod bus;
+mod error;
+pub mod layout;
+pub mod legacy;
+mod vm;
+pub mod x86;
+
+pub use error::VmmError;
+pub use vm::{CpuMode, Entry, ExitReason, Vm, VmConfig};

@@ -1,0 +1,311 @@
+//! A KVM virtual machine: memory, one vCPU thread, buses, legacy devices; runs until the guest
+//! ends it (reset, debug exit, halt without interrupts, a KVM error) or the host stops it.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::bus::Bus;
+use crate::layout::{DEBUG_EXIT_PORT, I8042_PORT, KVM_TSS_ADDR, MAX_RAM, SERIAL_IRQ, SERIAL_PORT};
+use crate::legacy::{DebugExit, ExitSignal, SerialDevice, I8042};
+use crate::{x86, VmmError};
+
+/// How the vCPU starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuMode {
+    /// 16-bit real mode, segments at 0.
+    Real,
+    /// 64-bit long mode with the VMM's GDT and identity page tables.
+    Long,
+}
+
+/// What the VM runs.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// Raw machine code loaded at `addr` and entered there in `mode`.
+    Payload {
+        /// The code.
+        code: Vec<u8>,
+        /// Guest-physical load and entry address.
+        addr: u64,
+        /// CPU mode at entry.
+        mode: CpuMode,
+    },
+}
+
+/// How to build a VM.
+pub struct VmConfig {
+    /// Guest RAM in MiB (from 2 up to the MMIO hole).
+    pub memory_mib: u32,
+    /// In-kernel interrupt controllers and PIT (Linux guests); without them a guest HLT exits.
+    pub irqchip: bool,
+    /// Where the serial console's output goes.
+    pub console: Box<dyn Write + Send>,
+    /// What to run.
+    pub entry: Entry,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("memory_mib", &self.memory_mib)
+            .field("irqchip", &self.irqchip)
+            .finish()
+    }
+}
+
+/// Why a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset the machine (i8042 reset, triple fault): a Linux guest's reboot or panic.
+    Reset,
+    /// The guest wrote this byte to the debug-exit port.
+    DebugExit(u8),
+    /// The vCPU halted with no interrupt controller to wake it.
+    Halted,
+    /// KVM could not emulate what the guest did.
+    InternalError,
+    /// KVM refused to enter the guest (bad vCPU state); the hardware reason.
+    FailEntry(u64),
+    /// Something this VMM does not handle; the guest cannot continue.
+    Unhandled(String),
+    /// The host stopped the VM ([`Vm::run`]'s timeout).
+    TimedOut,
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    _kvm: Kvm,
+    _fd: VmFd,
+    mem: GuestMemoryMmap,
+    io_bus: Bus,
+    mmio_bus: Bus,
+    exit: ExitSignal,
+    vcpu: VcpuFd,
+    _irqs: Vec<EventFd>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("io_bus", &self.io_bus)
+            .field("mmio_bus", &self.mmio_bus)
+            .finish()
+    }
+}
+
+impl Vm {
+    /// Creates the VM, its memory, devices and vCPU, and loads the entry.
+    pub fn new(config: VmConfig) -> Result<Self, VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        let fd = kvm.create_vm().map_err(VmmError::ioctl("create vm"))?;
+        let mem = guest_memory(config.memory_mib)?;
+        register_memory(&fd, &mem)?;
+        fd.set_tss_address(usize::try_from(KVM_TSS_ADDR).unwrap_or(usize::MAX))
+            .map_err(VmmError::ioctl("set tss"))?;
+        if config.irqchip {
+            fd.create_irq_chip()
+                .map_err(VmmError::ioctl("create irqchip"))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(VmmError::ioctl("create pit"))?;
+        }
+        let exit = ExitSignal::new()?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK)?;
+        if config.irqchip {
+            fd.register_irqfd(&serial_irq, SERIAL_IRQ)
+                .map_err(VmmError::ioctl("register serial irqfd"))?;
+        }
+        let mut io_bus = Bus::default();
+        let devices: [(u16, u16, crate::bus::SharedDevice); 3] = [
+            (
+                SERIAL_PORT.0,
+                SERIAL_PORT.1,
+                Arc::new(Mutex::new(SerialDevice::new(
+                    serial_irq.try_clone()?,
+                    config.console,
+                ))),
+            ),
+            (
+                I8042_PORT.0,
+                I8042_PORT.1,
+                Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            ),
+            (
+                DEBUG_EXIT_PORT,
+                1,
+                Arc::new(Mutex::new(DebugExit(exit.clone()))),
+            ),
+        ];
+        for (base, len, device) in devices {
+            io_bus
+                .insert(u64::from(base), u64::from(len), device)
+                .map_err(VmmError::Image)?;
+        }
+        let vcpu = fd.create_vcpu(0).map_err(VmmError::ioctl("create vcpu"))?;
+        x86::setup_cpuid(&kvm, &vcpu, 0)?;
+        x86::setup_msrs(&vcpu)?;
+        x86::setup_fpu(&vcpu)?;
+        if config.irqchip {
+            x86::setup_lapic(&vcpu)?;
+        }
+        match &config.entry {
+            Entry::Payload { code, addr, mode } => {
+                load(&mem, code, *addr)?;
+                match mode {
+                    CpuMode::Real if *addr > 0xffff => {
+                        return Err(VmmError::Image(format!(
+                            "real-mode entry {addr:#x} is above 64 KiB"
+                        )));
+                    }
+                    CpuMode::Real => x86::setup_real_mode(&vcpu, *addr)?,
+                    CpuMode::Long => {
+                        x86::setup_sregs_long(&mem, &vcpu)?;
+                        x86::setup_regs_long(&vcpu, *addr, 0)?;
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            _kvm: kvm,
+            _fd: fd,
+            mem,
+            io_bus,
+            mmio_bus: Bus::default(),
+            exit,
+            vcpu,
+            _irqs: vec![serial_irq],
+        })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The MMIO bus, to map virtio-mmio devices before [`Vm::run`].
+    pub fn mmio_bus_mut(&mut self) -> &mut Bus {
+        &mut self.mmio_bus
+    }
+
+    /// Runs the guest until it ends or `timeout` passes; returns why it ended.
+    pub fn run(self, timeout: Duration) -> Result<ExitReason, VmmError> {
+        install_kick_handler()?;
+        let Self {
+            mut vcpu,
+            io_bus,
+            mmio_bus,
+            exit,
+            ..
+        } = self;
+        let thread_exit = exit.clone();
+        let thread: JoinHandle<()> = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || run_vcpu(&mut vcpu, &io_bus, &mmio_bus, &thread_exit))?;
+        if exit.wait_timeout(timeout).is_none() {
+            exit.exit(ExitReason::TimedOut);
+        }
+        // Kick the vCPU out of KVM_RUN until its thread sees the exit.
+        while !thread.is_finished() {
+            let _ = thread.kill(SIGRTMIN());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = thread.join();
+        Ok(exit.reason().unwrap_or(ExitReason::TimedOut))
+    }
+}
+
+fn guest_memory(memory_mib: u32) -> Result<GuestMemoryMmap, VmmError> {
+    let size = u64::from(memory_mib) << 20;
+    if !(2 << 20..=MAX_RAM).contains(&size) {
+        return Err(VmmError::Memory(format!(
+            "{memory_mib} MiB is outside 2..{} MiB",
+            MAX_RAM >> 20
+        )));
+    }
+    let size = usize::try_from(size).map_err(|e| VmmError::Memory(e.to_string()))?;
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
+        .map_err(|e| VmmError::Memory(e.to_string()))
+}
+
+fn register_memory(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    for (slot, region) in (0u32..).zip(mem.iter()) {
+        let region_desc = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping of `region.len()` bytes owned by `mem`, which the
+        // `Vm` keeps for as long as the VM fd (and so the slot) exists.
+        unsafe { fd.set_user_memory_region(region_desc) }
+            .map_err(VmmError::ioctl("set memory region"))?;
+    }
+    Ok(())
+}
+
+fn load(mem: &GuestMemoryMmap, code: &[u8], addr: u64) -> Result<(), VmmError> {
+    let fits = addr >= 0x1000
+        && addr
+            .checked_add(code.len() as u64)
+            .is_some_and(|end| end <= mem.last_addr().0 + 1);
+    if !fits {
+        return Err(VmmError::Image(format!(
+            "payload of {} bytes does not fit at {addr:#x}",
+            code.len()
+        )));
+    }
+    mem.write_slice(code, GuestAddress(addr))
+        .map_err(|e| VmmError::Image(e.to_string()))
+}
+
+fn run_vcpu(vcpu: &mut VcpuFd, io: &Bus, mmio: &Bus, exit: &ExitSignal) {
+    while exit.reason().is_none() {
+        let reason = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                io.write(u64::from(port), data);
+                continue;
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                io.read(u64::from(port), data);
+                continue;
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                mmio.read(addr, data);
+                continue;
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                mmio.write(addr, data);
+                continue;
+            }
+            Ok(VcpuExit::Hlt) => ExitReason::Halted,
+            Ok(VcpuExit::Shutdown | VcpuExit::SystemEvent(..)) => ExitReason::Reset,
+            Ok(VcpuExit::InternalError) => ExitReason::InternalError,
+            Ok(VcpuExit::FailEntry(reason, _)) => ExitReason::FailEntry(reason),
+            Ok(other) => ExitReason::Unhandled(format!("{other:?}")),
+            Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => continue,
+            Err(e) => ExitReason::Unhandled(format!("KVM_RUN: {e}")),
+        };
+        exit.exit(reason);
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The kick signal only interrupts KVM_RUN; its handler does nothing.
+fn install_kick_handler() -> Result<(), VmmError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| result = register_signal_handler(SIGRTMIN(), kick_handler));
+    result.map_err(|e| VmmError::Io(std::io::Error::from_raw_os_error(e.errno())))
+}
