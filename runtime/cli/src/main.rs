@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod artifacts;
+mod check;
 mod logging;
 mod run;
 mod spec;
@@ -41,6 +42,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Print what this host can run: KVM and its capability probe, QEMU, virtiofsd, guest
+    /// kernel and initramfs, and the door `--hypervisor auto` picks.
+    Check,
     /// Create and run a container in a new micro-VM, then tear it down.
     Run(run::RunArgs),
     /// Write a default config.json (as `runc spec`).
@@ -67,6 +71,7 @@ fn main() {
 
 fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
     match &cli.command {
+        Command::Check => Ok(check::check(cli)),
         Command::Run(args) => run::run(cli, args),
         Command::Spec(args) => spec::spec(args).map(|()| 0),
     }

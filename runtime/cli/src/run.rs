@@ -8,14 +8,14 @@ use husk_sandbox::{HypervisorKind, RunOptions};
 
 use crate::{artifacts, Cli};
 
-/// `husk run [--bundle DIR] [--hypervisor auto|qemu] ID`.
+/// `husk run [--bundle DIR] [--hypervisor auto|kvm|qemu] ID`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Path to the bundle directory.
     #[arg(short, long, default_value = ".")]
     bundle: PathBuf,
     /// Hypervisor door: auto picks the fastest this host can run.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "qemu"])]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "qemu"])]
     hypervisor: String,
     /// Print boot, start and total times to stderr when the container exits.
     #[arg(long)]

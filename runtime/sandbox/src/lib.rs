@@ -15,5 +15,5 @@ pub mod state_dir;
 pub mod stdio;
 
 pub use error::SandboxError;
-pub use husk_hypervisor::HypervisorKind;
+pub use husk_hypervisor::{find_program, probe_kvm, HypervisorKind, ProbeReport};
 pub use run::{run, RunOptions, RunOutcome, Timings};

@@ -11,6 +11,7 @@ pub mod bus;
 mod error;
 pub mod layout;
 pub mod legacy;
+pub mod probe;
 mod vm;
 pub mod x86;
 

@@ -167,3 +167,17 @@ fn test_payload_long_mode_triple_fault_ends_vm() {
         "{reason:?}"
     );
 }
+
+#[test]
+fn test_probe_gives_verdict_in_milliseconds() {
+    if !kvm_available("test_probe_gives_verdict_in_milliseconds") {
+        return;
+    }
+    let report = husk_vmm::probe::probe();
+    println!(
+        "probe: passed={} ({}) in {:?}",
+        report.passed, report.detail, report.elapsed
+    );
+    assert!(!report.detail.is_empty());
+    assert!(report.elapsed < Duration::from_secs(2), "{report:?}");
+}

@@ -68,7 +68,7 @@ impl QemuDoor {
             config,
             qemu,
             virtiofsd,
-            accel: accel_from_env(),
+            accel: choose_accel(),
             vsock: None,
             fs: Vec::new(),
             child: None,
@@ -95,12 +95,15 @@ impl QemuDoor {
     }
 }
 
-/// `HUSK_QEMU_ACCEL=kvm` opts into KVM. TCG is the default until the capability probe of the
-/// built-in VMM door exists: a restricted (nested, PVM) KVM runs a Linux guest far slower than
-/// TCG or not at all, and `/dev/kvm` being present does not tell the two apart.
-fn accel_from_env() -> Accel {
+/// `HUSK_QEMU_ACCEL=kvm|tcg` forces an accelerator. Otherwise KVM where the host's KVM passes
+/// the capability probe (a few milliseconds), TCG where it does not: a restricted nested KVM
+/// (PVM) runs a Linux guest far slower than TCG or not at all, and `/dev/kvm` being present
+/// does not tell the two apart.
+fn choose_accel() -> Accel {
     match std::env::var("HUSK_QEMU_ACCEL").as_deref() {
         Ok("kvm") => Accel::Kvm,
+        Ok("tcg") => Accel::Tcg,
+        _ if husk_vmm::probe::probe().passed => Accel::Kvm,
         _ => Accel::Tcg,
     }
 }

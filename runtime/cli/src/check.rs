@@ -1,0 +1,69 @@
+//! `husk check`: what this host can run, and which door `--hypervisor auto` picks.
+
+use std::path::Path;
+
+use husk_sandbox::{find_program, probe_kvm};
+
+use crate::{artifacts, Cli};
+
+/// Prints one line per requirement; exit 0 when some door can run a container here.
+pub fn check(cli: &Cli) -> i32 {
+    let kvm = Path::new("/dev/kvm").exists();
+    line(
+        "kvm",
+        if kvm {
+            "/dev/kvm present".to_owned()
+        } else {
+            "/dev/kvm missing".to_owned()
+        },
+    );
+    let probe = probe_kvm();
+    let verdict = if probe.passed { "passed" } else { "failed" };
+    line(
+        "kvm probe",
+        format!(
+            "{verdict} in {:.1} ms: {}",
+            probe.elapsed.as_secs_f64() * 1e3,
+            probe.detail
+        ),
+    );
+    let qemu = found("qemu", find_program("qemu-system-x86_64"));
+    let virtiofsd = found("virtiofsd", find_program("virtiofsd"));
+    let kernel = exists(
+        "kernel",
+        &artifacts::locate(cli.kernel.as_deref(), "vmlinux"),
+    );
+    let initramfs = exists(
+        "initramfs",
+        &artifacts::locate(cli.initramfs.as_deref(), "initramfs.cpio"),
+    );
+    let runnable = qemu && virtiofsd && kernel && initramfs;
+    let accel = if probe.passed { "kvm" } else { "tcg" };
+    let door = match runnable {
+        true => format!("qemu ({accel}); the built-in VMM cannot boot a full guest yet"),
+        false => "none: install what is missing above (make deps build)".to_owned(),
+    };
+    line("auto door", door);
+    i32::from(!runnable)
+}
+
+fn line(what: &str, text: String) {
+    println!("{:<11}{text}", format!("{what}:"));
+}
+
+fn found(what: &str, path: Option<std::path::PathBuf>) -> bool {
+    match &path {
+        Some(p) => line(what, p.display().to_string()),
+        None => line(what, "not found in PATH".to_owned()),
+    }
+    path.is_some()
+}
+
+fn exists(what: &str, path: &Path) -> bool {
+    let ok = path.is_file();
+    line(
+        what,
+        format!("{}{}", path.display(), if ok { "" } else { " (missing)" }),
+    );
+    ok
+}
