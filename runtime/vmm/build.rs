@@ -4,9 +4,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+/// The payloads (file stems in payloads/); more join as the tests need them.
+const PAYLOADS: &[&str] = &["probe"];
+
 fn main() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for name in ["probe"] {
+    for name in PAYLOADS {
         let src = format!("payloads/{name}.S");
         println!("cargo:rerun-if-changed={src}");
         let obj = out.join(format!("{name}.o"));
