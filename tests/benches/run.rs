@@ -159,7 +159,7 @@ fn main() {
                     times.push(t);
                     peaks.push(peak);
                     for (name, kib) in by_name {
-                        per_process.entry(name).or_insert_with(Vec::new).push(kib);
+                        per_process.entry(name).or_default().push(kib);
                     }
                 }
                 total
