@@ -8,12 +8,15 @@ pub const IDT_ADDR: u64 = 0x520;
 pub const ZERO_PAGE: u64 = 0x7000;
 /// Initial stack pointer of the boot vCPU.
 pub const BOOT_STACK: u64 = 0x8ff0;
-/// Identity page tables for 64-bit entry: PML4, one PDPT, one PD of 2 MiB pages (1 GiB).
+/// Identity page tables for 64-bit entry: PML4, one PDPT, four PDs of 2 MiB pages (4 GiB:
+/// RAM and the MMIO hole).
 pub const PML4_ADDR: u64 = 0x9000;
 /// See [`PML4_ADDR`].
 pub const PDPT_ADDR: u64 = 0xa000;
-/// See [`PML4_ADDR`].
+/// See [`PML4_ADDR`]; the four PDs follow each other.
 pub const PD_ADDR: u64 = 0xb000;
+/// Number of PDs (GiB identity-mapped).
+pub const PD_COUNT: u64 = 4;
 /// Kernel command line.
 pub const CMDLINE_ADDR: u64 = 0x2_0000;
 /// Longest command line the VMM writes (including NUL).

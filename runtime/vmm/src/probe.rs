@@ -58,6 +58,7 @@ pub fn probe() -> ProbeReport {
         memory_mib: 4,
         irqchip: false,
         console: Box::new(stages.clone()),
+        virtio: Vec::new(),
         entry: Entry::Payload {
             code: PROBE.to_vec(),
             addr: PROBE_ADDR,

@@ -6,14 +6,18 @@ use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use husk_devices::{MmioTransport, VirtioMmioDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::bus::Bus;
-use crate::layout::{DEBUG_EXIT_PORT, I8042_PORT, KVM_TSS_ADDR, MAX_RAM, SERIAL_IRQ, SERIAL_PORT};
+use crate::bus::{Bus, BusDevice};
+use crate::layout::{
+    DEBUG_EXIT_PORT, I8042_PORT, KVM_TSS_ADDR, MAX_RAM, MMIO_DEVICE_SIZE, MMIO_START, SERIAL_IRQ,
+    SERIAL_PORT, VIRTIO_IRQ_BASE,
+};
 use crate::legacy::{DebugExit, ExitSignal, SerialDevice, I8042};
 use crate::{x86, VmmError};
 
@@ -50,6 +54,9 @@ pub struct VmConfig {
     pub console: Box<dyn Write + Send>,
     /// What to run.
     pub entry: Entry,
+    /// virtio-mmio devices, mapped from [`crate::layout::MMIO_START`] on, one window and one
+    /// interrupt line each.
+    pub virtio: Vec<Box<dyn VirtioMmioDevice>>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -151,6 +158,26 @@ impl Vm {
                 .insert(u64::from(base), u64::from(len), device)
                 .map_err(VmmError::Image)?;
         }
+        let mut mmio_bus = Bus::default();
+        let mut irqs = Vec::new();
+        for (i, device) in (0u32..).zip(config.virtio) {
+            let base = MMIO_START + u64::from(i) * MMIO_DEVICE_SIZE;
+            let irq = EventFd::new(EFD_NONBLOCK)?;
+            if config.irqchip {
+                fd.register_irqfd(&irq, VIRTIO_IRQ_BASE + i)
+                    .map_err(VmmError::ioctl("register virtio irqfd"))?;
+            }
+            let transport = MmioTransport::new(device, mem.clone(), irq.try_clone()?)?;
+            for (queue, kick) in (0u32..).zip(transport.kick_events()) {
+                let notify = IoEventAddress::Mmio(base + MMIO_QUEUE_NOTIFY);
+                fd.register_ioevent(kick, &notify, queue)
+                    .map_err(VmmError::ioctl("register ioeventfd"))?;
+            }
+            mmio_bus
+                .insert(base, MMIO_DEVICE_SIZE, Arc::new(Mutex::new(transport)))
+                .map_err(VmmError::Image)?;
+            irqs.push(irq);
+        }
         let vcpu = fd.create_vcpu(0).map_err(VmmError::ioctl("create vcpu"))?;
         x86::setup_cpuid(&kvm, &vcpu, 0)?;
         x86::setup_msrs(&vcpu)?;
@@ -175,26 +202,22 @@ impl Vm {
                 }
             }
         }
+        irqs.push(serial_irq);
         Ok(Self {
             _kvm: kvm,
             _fd: fd,
             mem,
             io_bus,
-            mmio_bus: Bus::default(),
+            mmio_bus,
             exit,
             vcpu,
-            _irqs: vec![serial_irq],
+            _irqs: irqs,
         })
     }
 
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
-    }
-
-    /// The MMIO bus, to map virtio-mmio devices before [`Vm::run`].
-    pub fn mmio_bus_mut(&mut self) -> &mut Bus {
-        &mut self.mmio_bus
     }
 
     /// Runs the guest until it ends or `timeout` passes; returns why it ended.
@@ -221,6 +244,18 @@ impl Vm {
         }
         let _ = thread.join();
         Ok(exit.reason().unwrap_or(ExitReason::TimedOut))
+    }
+}
+
+/// Offset of the QueueNotify register in a virtio-mmio window.
+const MMIO_QUEUE_NOTIFY: u64 = 0x50;
+
+impl<D: VirtioMmioDevice> BusDevice for MmioTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        MmioTransport::write(self, offset, data);
     }
 }
 

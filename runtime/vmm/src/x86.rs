@@ -6,7 +6,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{BOOT_STACK, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR};
+use crate::layout::{BOOT_STACK, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR};
 use crate::VmmError;
 
 const X86_CR0_PE: u64 = 0x1;
@@ -152,7 +152,7 @@ pub fn setup_regs_long(vcpu: &VcpuFd, rip: u64, rsi: u64) -> Result<(), VmmError
     vcpu.set_regs(&regs).map_err(VmmError::ioctl("set regs"))
 }
 
-/// Writes the GDT, an empty IDT and identity page tables (first 1 GiB, 2 MiB pages), and puts
+/// Writes the GDT, an empty IDT and identity page tables (first 4 GiB, 2 MiB pages), and puts
 /// the vCPU in 64-bit long mode with them.
 pub fn setup_sregs_long(mem: &GuestMemoryMmap, vcpu: &VcpuFd) -> Result<(), VmmError> {
     let write = |value: u64, addr: u64| {
@@ -164,8 +164,10 @@ pub fn setup_sregs_long(mem: &GuestMemoryMmap, vcpu: &VcpuFd) -> Result<(), VmmE
     }
     write(0, IDT_ADDR)?;
     write(PDPT_ADDR | 0x03, PML4_ADDR)?;
-    write(PD_ADDR | 0x03, PDPT_ADDR)?;
-    for i in 0..512u64 {
+    for pd in 0..PD_COUNT {
+        write((PD_ADDR + pd * 0x1000) | 0x03, PDPT_ADDR + pd * 8)?;
+    }
+    for i in 0..512 * PD_COUNT {
         write((i << 21) | 0x83, PD_ADDR + i * 8)?;
     }
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(VmmError::ioctl("get sregs"))?;

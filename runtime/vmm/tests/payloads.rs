@@ -8,6 +8,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use husk_devices::{VirtioMmioDevice, VsockConfig, VsockMmio};
 use husk_vmm::{CpuMode, Entry, ExitReason, Vm, VmConfig};
 
 /// A console that keeps what the guest printed.
@@ -41,11 +42,21 @@ fn run(code: &[u8], mode: CpuMode) -> (ExitReason, String) {
 }
 
 fn run_for(code: &[u8], mode: CpuMode, timeout: Duration) -> (ExitReason, String) {
+    run_with(code, mode, timeout, Vec::new())
+}
+
+fn run_with(
+    code: &[u8],
+    mode: CpuMode,
+    timeout: Duration,
+    virtio: Vec<Box<dyn VirtioMmioDevice>>,
+) -> (ExitReason, String) {
     let console = Console::default();
     let config = VmConfig {
         memory_mib: 16,
         irqchip: false,
         console: Box::new(console.clone()),
+        virtio,
         // Real mode: the IP is 16 bits wide, so the code sits in the first 64 KiB.
         entry: Entry::Payload {
             code: code.to_vec(),
@@ -180,4 +191,77 @@ fn test_probe_gives_verdict_in_milliseconds() {
     );
     assert!(!report.detail.is_empty());
     assert!(report.elapsed < Duration::from_secs(2), "{report:?}");
+}
+
+/// `mov eax, dword [abs64]` then the four bytes of eax to COM1 (dx = 0x3f8 already).
+fn read_mmio_to_serial(code: &mut Vec<u8>, addr: u64) {
+    code.push(0xa1);
+    code.extend_from_slice(&addr.to_le_bytes());
+    for _ in 0..4 {
+        code.extend_from_slice(&[0xee, 0xc1, 0xe8, 0x08]); // out dx, al; shr eax, 8
+    }
+}
+
+fn vsock_device(dir: &tempfile::TempDir) -> Vec<Box<dyn VirtioMmioDevice>> {
+    let config = VsockConfig {
+        guest_cid: 3,
+        uds_path: dir.path().join("vsock.sock"),
+    };
+    vec![Box::new(VsockMmio::new(&config).expect("vsock device"))]
+}
+
+#[test]
+fn test_payload_virtio_mmio_vsock_magic_version_device_id() {
+    if !kvm_available("test_payload_virtio_mmio_vsock_magic_version_device_id") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for offset in [0x0, 0x4, 0x8, 0x100, 0x104] {
+        read_mmio_to_serial(&mut code, 0xd000_0000 + offset);
+    }
+    out_byte(&mut code, true, 0x501, 1);
+    let (reason, out) = run_with(
+        &code,
+        CpuMode::Long,
+        Duration::from_secs(10),
+        vsock_device(&dir),
+    );
+    assert_eq!(reason, ExitReason::DebugExit(1));
+    let expected: Vec<u8> = [
+        &b"virt"[..],
+        &[2, 0, 0, 0],
+        &[19, 0, 0, 0],
+        &[3, 0, 0, 0],
+        &[0, 0, 0, 0],
+    ]
+    .concat();
+    assert_eq!(
+        out.as_bytes(),
+        expected,
+        "magic, version 2, device id 19 (vsock), guest cid 3"
+    );
+}
+
+#[test]
+fn test_payload_garbage_to_virtio_mmio_registers_vm_goes_on() {
+    if !kvm_available("test_payload_garbage_to_virtio_mmio_registers_vm_goes_on") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // mov eax, 0xa5a5a5a5; then `mov dword [abs64], eax` to every register of the window and
+    // past it, including status (driver OK with garbage queues) and queue notify.
+    let mut code = vec![0xb8, 0xa5, 0xa5, 0xa5, 0xa5];
+    for offset in (0..0x120u64).step_by(4).chain([0xffc, 0x1000, 0x2000]) {
+        code.push(0xa3);
+        code.extend_from_slice(&(0xd000_0000 + offset).to_le_bytes());
+    }
+    out_byte(&mut code, true, 0x501, 2);
+    let (reason, _) = run_with(
+        &code,
+        CpuMode::Long,
+        Duration::from_secs(10),
+        vsock_device(&dir),
+    );
+    assert_eq!(reason, ExitReason::DebugExit(2));
 }

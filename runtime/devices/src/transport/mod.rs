@@ -5,4 +5,6 @@
 //! virtio transport, we own the queues' processing); the in-process virtio-mmio transport of the
 //! built-in VMM will drive the same device from its own event loop.
 
+pub mod mmio;
+pub mod mmio_vsock;
 pub mod vhost_user;

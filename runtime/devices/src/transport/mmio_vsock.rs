@@ -1,0 +1,180 @@
+//! The vsock device in process, behind the virtio-mmio transport: the same
+//! [`Vsock`]/[`VsockUnixBackend`] code that serves QEMU over vhost-user, driven by a worker
+//! thread that waits on the queue kicks and the backend's epoll fd.
+
+use std::os::unix::io::AsRawFd;
+use std::thread::JoinHandle;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::mmio::{Interrupt, VirtioMmioDevice};
+use crate::rate_limited::warn_rate_limited;
+use crate::vsock::defs::{MAX_QUEUE_SIZE, NUM_QUEUES, RXQ_INDEX, TXQ_INDEX};
+use crate::vsock::device::Vsock;
+use crate::vsock::unix::VsockUnixBackend;
+use crate::vsock::{VsockConfig, VsockEpollListener, VsockError};
+
+/// Virtio device id of vsock.
+const VIRTIO_ID_VSOCK: u32 = 19;
+/// VIRTIO_F_VERSION_1: the only feature (no event index: every used buffer interrupts).
+const FEATURES: u64 = 1 << 32;
+const QUEUE_SIZES: [u16; NUM_QUEUES] = [MAX_QUEUE_SIZE; NUM_QUEUES];
+
+const EV_STOP: u64 = 100;
+const EV_BACKEND: u64 = 101;
+
+/// A vsock device for the built-in VMM.
+pub struct VsockMmio {
+    guest_cid: u64,
+    /// The device until activation, then owned by the worker.
+    idle: Option<Vsock<VsockUnixBackend>>,
+    worker: Option<(EventFd, JoinHandle<Vsock<VsockUnixBackend>>)>,
+}
+
+impl std::fmt::Debug for VsockMmio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockMmio")
+            .field("guest_cid", &self.guest_cid)
+            .field("active", &self.worker.is_some())
+            .finish()
+    }
+}
+
+impl VsockMmio {
+    /// A device for `config` (binds the host-side Unix socket now, so host clients can
+    /// connect and wait while the guest boots).
+    ///
+    /// # Errors
+    /// An invalid CID, or the socket cannot be bound.
+    pub fn new(config: &VsockConfig) -> Result<Self, VsockError> {
+        config.validate()?;
+        let backend = VsockUnixBackend::new(config.guest_cid, &config.uds_path)?;
+        Ok(Self {
+            guest_cid: config.guest_cid,
+            idle: Some(Vsock::new(config.guest_cid, backend)),
+            worker: None,
+        })
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some((stop, handle)) = self.worker.take() {
+            let _ = stop.write(1);
+            match handle.join() {
+                Ok(mut device) => {
+                    device.reset();
+                    self.idle = Some(device);
+                }
+                Err(_) => warn_rate_limited!("vsock: worker thread panicked; device gone"),
+            }
+        }
+    }
+}
+
+impl Drop for VsockMmio {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl VirtioMmioDevice for VsockMmio {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cid = self.guest_cid.to_le_bytes();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        if let Some(src) = start
+            .checked_add(data.len())
+            .and_then(|end| cid.get(start..end))
+        {
+            data.copy_from_slice(src);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        kicks: Vec<EventFd>,
+        interrupt: Interrupt,
+    ) -> Result<(), String> {
+        let device = self.idle.take().ok_or("vsock device already active")?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let worker_stop = stop.try_clone().map_err(|e| e.to_string())?;
+        let handle = std::thread::Builder::new()
+            .name("vsock-mmio".into())
+            .spawn(move || worker(device, mem, queues, kicks, interrupt, worker_stop))
+            .map_err(|e| e.to_string())?;
+        self.worker = Some((stop, handle));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+    }
+}
+
+/// Serves the queues until `stop`; gives the device back.
+fn worker(
+    mut device: Vsock<VsockUnixBackend>,
+    mem: GuestMemoryMmap,
+    mut queues: Vec<Queue>,
+    kicks: Vec<EventFd>,
+    interrupt: Interrupt,
+    stop: EventFd,
+) -> Vsock<VsockUnixBackend> {
+    let Ok(epoll) = Epoll::new() else {
+        warn_rate_limited!("vsock: epoll_create failed; device stays silent");
+        return device;
+    };
+    let add = |fd: i32, data: u64, evset: EventSet| {
+        if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(evset, data)) {
+            warn_rate_limited!(error = %e, "vsock: epoll_ctl failed");
+        }
+    };
+    for (i, kick) in (0u64..).zip(&kicks) {
+        add(kick.as_raw_fd(), i, EventSet::IN);
+    }
+    add(stop.as_raw_fd(), EV_STOP, EventSet::IN);
+    add(
+        device.backend().as_raw_fd(),
+        EV_BACKEND,
+        device.backend().get_polled_evset(),
+    );
+    let mut events = vec![EpollEvent::default(); 8];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return device,
+        };
+        for event in &events[..n] {
+            match event.data() {
+                EV_STOP => return device,
+                EV_BACKEND => device.notify_backend(event.event_set()),
+                i => {
+                    if let Some(kick) = usize::try_from(i).ok().and_then(|i| kicks.get(i)) {
+                        let _ = kick.read();
+                    }
+                }
+            }
+        }
+        let (rx, rest) = queues.split_at_mut(TXQ_INDEX);
+        let activity = device.process_queues(&mem, &mut rx[RXQ_INDEX], &mut rest[0]);
+        if activity.rx_used || activity.tx_used {
+            interrupt.signal_used();
+        }
+    }
+}
