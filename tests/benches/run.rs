@@ -168,6 +168,7 @@ fn main() {
         group.finish();
         let parts: Vec<String> = per_process
             .into_iter()
+            .filter(|(_, kibs)| median(kibs.clone()) > 0)
             .map(|(name, kibs)| format!("{name} {:.1} MiB", median(kibs) as f64 / 1024.0))
             .collect();
         breakdown.push(format!("{}: {}", rt.name, parts.join(", ")));
