@@ -12,7 +12,7 @@ APT_PACKAGES := qemu-system-x86 linux-source-6.12 build-essential flex bison bc 
 	libssl-dev cpio xz-utils busybox-static runc libseccomp-dev libcap-ng-dev pkg-config
 export PATH := /usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all deps build husk agent kernel initramfs demo test test-unit test-e2e bench fmt lint clean
+.PHONY: all deps build husk agent kernel test-host-kernel initramfs demo test test-unit test-e2e bench fmt lint clean
 
 all: build
 
@@ -29,18 +29,23 @@ deps:
 	@command -v virtiofsd >/dev/null || { echo "cargo: installing virtiofsd"; \
 		cargo install --quiet --locked --root /usr/local virtiofsd; }
 
-## build: husk, the static agent, the guest kernel and the initramfs, into out/
-build: husk initramfs
+## build: husk, husk-vmm, the static agent, the guest kernel, the initramfs and the emulated
+## test host's kernel (for the built-in VMM's end-to-end tests), into out/
+build: husk initramfs test-host-kernel
 
 husk:
-	cargo build --release -p husk-cli
+	cargo build --release -p husk-cli -p husk-vmm
 	install -D -m 0755 target/release/husk $(OUT)/bin/husk
+	install -D -m 0755 target/release/husk-vmm $(OUT)/bin/husk-vmm
 
 agent:
 	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p husk-agent --target $(HOST_TRIPLE)
 
 kernel:
 	kernel-config/build-kernel.sh $(SHARE)
+
+test-host-kernel:
+	kernel-config/build-kernel.sh $(SHARE) kernel-config/test-host test-host
 
 initramfs: agent kernel
 	kernel-config/mkinitramfs.sh $(SHARE)/gen_init_cpio $(AGENT_BIN) $(SHARE)/initramfs.cpio

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build the husk guest kernel: tinyconfig + fragments/*.config, from Debian's linux-source-6.12.
 #
-# Usage: build-kernel.sh OUT_DIR
-#   Writes OUT_DIR/vmlinux (PVH-bootable ELF) and OUT_DIR/gen_init_cpio (host tool).
+# Usage: build-kernel.sh OUT_DIR [FRAGMENT_DIR NAME]
+#   Writes OUT_DIR/vmlinux (PVH-bootable ELF) and OUT_DIR/gen_init_cpio (host tool); with a
+#   FRAGMENT_DIR (default: fragments/) and NAME, writes OUT_DIR/NAME-vmlinux instead (the
+#   emulated test host's kernel: test-host/ test-host).
 #
 # The result is cached in ${HUSK_CACHE:-$HOME/.cache/husk}/kernel-<hash>/, where <hash> covers
 # the fragments, this script, the linux-source package version and the compiler version; a
@@ -15,12 +17,17 @@ SRC_TARBALL=/usr/src/${SRC_PKG}.tar.xz
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 fragments_dir=$here/fragments
+name=""
 
 log() { printf 'build-kernel: %s\n' "$*" >&2; }
 die() { printf 'build-kernel: error: %s\n' "$*" >&2; exit 1; }
 
-[[ $# -eq 1 ]] || die "usage: $0 OUT_DIR"
+[[ $# -eq 1 || $# -eq 3 ]] || die "usage: $0 OUT_DIR [FRAGMENT_DIR NAME]"
 out_dir=$1
+if [[ $# -eq 3 ]]; then
+    fragments_dir=$(cd "$2" && pwd)
+    name=$3
+fi
 
 [[ -r $SRC_TARBALL ]] || die "$SRC_TARBALL not found: apt-get install $SRC_PKG"
 src_version=$(dpkg-query -W -f='${Version}' "$SRC_PKG" 2>/dev/null) ||
@@ -36,7 +43,7 @@ jobs=${HUSK_KERNEL_JOBS:-$(nproc)}
 # Hash every input that changes the output.
 inputs_hash() {
     {
-        printf 'source %s %s\n' "$SRC_PKG" "$src_version"
+        printf 'source %s %s %s\n' "$SRC_PKG" "$src_version" "$name"
         printf 'cc %s\n' "$(${CC:-gcc} --version | head -n1)"
         sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1
         for f in "${fragments[@]}"; do
@@ -47,6 +54,11 @@ inputs_hash() {
 
 install_outputs() {
     mkdir -p "$out_dir"
+    if [[ -n $name ]]; then
+        cp -f "$1/vmlinux" "$out_dir/$name-vmlinux"
+        log "$name-vmlinux -> $out_dir"
+        return
+    fi
     cp -f "$1/vmlinux" "$out_dir/vmlinux"
     cp -f "$1/gen_init_cpio" "$out_dir/gen_init_cpio"
     log "vmlinux and gen_init_cpio -> $out_dir"
@@ -133,7 +145,7 @@ main() {
     flock 9
     if [[ ! -f $dest/vmlinux ]]; then
         src=$(extract_source)
-        build=$cache_root/kernel-build-$SRC_PKG-$src_version
+        build=$cache_root/kernel-build-$SRC_PKG-$src_version${name:+-$name}
         mkdir -p "$build"
         configure "$src" "$build"
         compile "$src" "$build"

@@ -7,6 +7,7 @@
 //!   GDT and identity page tables for 64-bit entry, LAPIC);
 //! - [`layout`]: where everything lives in guest-physical memory.
 
+mod boot;
 pub mod bus;
 mod error;
 pub mod layout;

@@ -19,7 +19,7 @@ use crate::layout::{
     SERIAL_PORT, VIRTIO_IRQ_BASE,
 };
 use crate::legacy::{DebugExit, ExitSignal, SerialDevice, I8042};
-use crate::{x86, VmmError};
+use crate::{boot, x86, VmmError};
 
 /// How the vCPU starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,16 @@ pub enum Entry {
         addr: u64,
         /// CPU mode at entry.
         mode: CpuMode,
+    },
+    /// A Linux kernel (ELF `vmlinux`) booted directly, with its initramfs and command line (to
+    /// which the VMM appends its virtio-mmio devices).
+    Linux {
+        /// The `vmlinux`.
+        kernel: std::path::PathBuf,
+        /// The initramfs (cpio).
+        initramfs: std::path::PathBuf,
+        /// Kernel command line.
+        cmdline: String,
     },
 }
 
@@ -158,6 +168,7 @@ impl Vm {
                 .insert(u64::from(base), u64::from(len), device)
                 .map_err(VmmError::Image)?;
         }
+        let virtio_count = u32::try_from(config.virtio.len()).map_err(|e| VmmError::Image(e.to_string()))?;
         let mut mmio_bus = Bus::default();
         let mut irqs = Vec::new();
         for (i, device) in (0u32..).zip(config.virtio) {
@@ -200,6 +211,16 @@ impl Vm {
                         x86::setup_regs_long(&vcpu, *addr, 0)?;
                     }
                 }
+            }
+            Entry::Linux { kernel, initramfs, cmdline } => {
+                let mut line = cmdline.clone();
+                for i in 0..virtio_count {
+                    let base = MMIO_START + u64::from(i) * MMIO_DEVICE_SIZE;
+                    line.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{}", VIRTIO_IRQ_BASE + i));
+                }
+                let entry = boot::load_linux(&mem, kernel, initramfs, &line)?;
+                x86::setup_sregs_long(&mem, &vcpu)?;
+                x86::setup_regs_long(&vcpu, entry.entry, entry.zero_page)?;
             }
         }
         irqs.push(serial_irq);
