@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod fs;
 mod rate_limited;
 pub mod transport;
 pub mod vsock;
@@ -13,4 +14,5 @@ pub mod vsock;
 pub use transport::mmio::{Interrupt, MmioTransport, VirtioMmioDevice};
 pub use transport::mmio_vsock::VsockMmio;
 pub use transport::vhost_user::{spawn_vhost_user_vsock, VsockDaemon};
+pub use fs::VhostUserFs;
 pub use vsock::{VsockConfig, VsockError};

@@ -256,13 +256,9 @@ fn queue_error(op: &'static str, error: &virtio_queue::Error) {
 
 #[cfg(test)]
 mod tests {
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-
     use super::*;
     use crate::vsock::defs::uapi::*;
-    use crate::vsock::test_utils::{Hdr, TestContext, GUEST_CID};
-
-    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    use crate::vsock::test_utils::{Hdr, TestContext, DESC_F_WRITE as WRITE, GUEST_CID};
 
     #[test]
     fn test_vsock_config_reads_guest_cid_le() {

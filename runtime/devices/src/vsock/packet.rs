@@ -92,17 +92,16 @@ pub(crate) fn rx_capacity<B: BitmapSlice>(pkt: &VsockPacket<'_, B>) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
+    use crate::vsock::test_utils::DESC_F_WRITE as WRITE;
 
     const HDR_ADDR: u64 = 0x10_0000;
     const DATA_ADDR: u64 = 0x20_0000;
-    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()

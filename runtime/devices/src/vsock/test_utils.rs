@@ -4,8 +4,8 @@
 //! Layout of guest memory: the RX and TX rings at fixed addresses, then one fixed buffer per
 //! descriptor index (so a used element's id tells where its data is).
 
-use std::io::{ErrorKind, Read};
-use std::os::unix::net::UnixStream;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -32,15 +32,25 @@ pub(crate) const RX_BUF_DATA: u32 = 4096;
 pub(crate) const TX_BUF_DATA: u32 = 64 * 1024;
 /// Buffer size the test guest advertises.
 pub(crate) const GUEST_BUF_ALLOC: u32 = 256 * 1024;
+/// `VRING_DESC_F_WRITE` as the `u16` descriptor flags are.
+#[allow(clippy::cast_possible_truncation)] // the flag is 2
+pub(crate) const DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+/// Size of `struct virtio_vsock_hdr`.
+pub(crate) const HDR_LEN: u32 = 44;
+/// Guest address of the first TX buffer (raw chains may use memory from here on).
+pub(crate) const TX_BUF_BASE: u64 = 0x80_0000;
+/// Guest memory for hand-made TX chains, past every TX slot.
+pub(crate) const SCRATCH_BASE: u64 = 0x300_0000;
+/// How long the pump helpers wait for the device before failing the test.
+const PUMP_DEADLINE: Duration = Duration::from_secs(5);
 
-const HDR_LEN: u32 = 44;
 const MEM_SIZE: usize = 0x400_0000;
 const RXQ_ADDR: u64 = 0x0;
 const TXQ_ADDR: u64 = 0x2_0000;
 const RX_BUF_BASE: u64 = 0x10_0000;
 const RX_SLOT: u64 = 0x2000;
-const TX_BUF_BASE: u64 = 0x80_0000;
 const TX_SLOT: u64 = 0x1_1000;
+const _: () = assert!(TX_BUF_BASE + QUEUE_SIZE as u64 * TX_SLOT <= SCRATCH_BASE);
 
 /// A virtio_vsock_hdr as plain fields.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -145,7 +155,7 @@ impl Ring {
     fn add_chain(&mut self, mem: &GuestMemoryMmap, descs: &[(u64, u32, u16)]) -> u16 {
         let head = self.next_desc;
         for (i, (addr, len, flags)) in descs.iter().enumerate() {
-            let idx = (head + i as u16) % QUEUE_SIZE;
+            let idx = (head + u16::try_from(i).unwrap()) % QUEUE_SIZE;
             let has_next = i + 1 < descs.len();
             let flags = flags | if has_next { 1 } else { 0 };
             let next = (idx + 1) % QUEUE_SIZE;
@@ -153,7 +163,7 @@ impl Ring {
             mem.write_obj(desc, GuestAddress(self.desc + 16 * u64::from(idx)))
                 .unwrap();
         }
-        self.next_desc = (head + descs.len() as u16) % QUEUE_SIZE;
+        self.next_desc = (head + u16::try_from(descs.len()).unwrap()) % QUEUE_SIZE;
         let slot = u64::from(self.avail_idx % QUEUE_SIZE);
         mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
             .unwrap();
@@ -225,7 +235,7 @@ impl TestContext {
     /// Queues a TX packet: header descriptor, then a data descriptor if `data` is not empty.
     pub(crate) fn push_tx(&mut self, mut hdr: Hdr, data: &[u8]) {
         assert!(data.len() <= TX_BUF_DATA as usize);
-        hdr.len = data.len() as u32;
+        hdr.len = u32::try_from(data.len()).unwrap();
         let addr = TX_BUF_BASE + u64::from(self.tx.next_desc) * TX_SLOT;
         hdr.write(&self.mem, addr);
         let data_addr = addr + 0x100;
@@ -242,6 +252,14 @@ impl TestContext {
         self.tx.add_chain(&self.mem, descs);
     }
 
+    /// Writes `hdr` as is (a lying `len` included) at the first descriptor's address and queues
+    /// the raw TX chain `descs`.
+    pub(crate) fn push_tx_hdr_raw(&mut self, hdr: Hdr, descs: &[(u64, u32, u16)]) {
+        let (addr, _, _) = descs.first().copied().unwrap();
+        hdr.write(&self.mem, addr);
+        self.tx.add_chain(&self.mem, descs);
+    }
+
     /// Queues a raw RX chain of `(addr, len, flags)` descriptors.
     pub(crate) fn push_rx_raw(&mut self, descs: &[(u64, u32, u16)]) {
         self.rx.add_chain(&self.mem, descs);
@@ -251,9 +269,8 @@ impl TestContext {
     pub(crate) fn push_rx_buffers(&mut self, n: usize) {
         for _ in 0..n {
             let addr = RX_BUF_BASE + u64::from(self.rx.next_desc) * RX_SLOT;
-            let flags = VRING_DESC_F_WRITE as u16;
             self.rx
-                .add_chain(&self.mem, &[(addr, HDR_LEN + RX_BUF_DATA, flags)]);
+                .add_chain(&self.mem, &[(addr, HDR_LEN + RX_BUF_DATA, DESC_F_WRITE)]);
         }
     }
 
@@ -293,18 +310,59 @@ impl TestContext {
         self.process(dev)
     }
 
-    /// Pumps until an RX packet arrives (or panics after a few seconds); returns them all.
-    pub(crate) fn pump_until_rx(&mut self, dev: &mut Vsock<VsockUnixBackend>) -> Vec<RxPkt> {
-        let deadline = Instant::now() + Duration::from_secs(5);
+    /// Pumps until `done(&all packets so far)` holds (or panics after a few seconds); returns
+    /// the packets. Like a driver, reposts one RX buffer for each one the device used.
+    pub(crate) fn pump_until(
+        &mut self,
+        dev: &mut Vsock<VsockUnixBackend>,
+        mut done: impl FnMut(&[RxPkt]) -> bool,
+    ) -> Vec<RxPkt> {
+        let deadline = Instant::now() + PUMP_DEADLINE;
+        let mut pkts = Vec::new();
         loop {
             self.pump(dev);
-            let pkts = self.take_rx();
-            if !pkts.is_empty() {
+            let new = self.take_rx();
+            self.push_rx_buffers(new.len());
+            pkts.extend(new);
+            if done(&pkts) {
                 return pkts;
             }
-            assert!(Instant::now() < deadline, "no rx packet");
+            assert!(Instant::now() < deadline, "device stalled; got {pkts:?}");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Pumps until an RX packet arrives (or panics after a few seconds); returns them all.
+    pub(crate) fn pump_until_rx(&mut self, dev: &mut Vsock<VsockUnixBackend>) -> Vec<RxPkt> {
+        self.pump_until(dev, |pkts| !pkts.is_empty())
+    }
+
+    /// Pumps `rounds` times and returns whatever arrived (reposting used RX buffers); for
+    /// checking that the device stays quiet once every host event was delivered.
+    pub(crate) fn pump_rounds(
+        &mut self,
+        dev: &mut Vsock<VsockUnixBackend>,
+        rounds: usize,
+    ) -> Vec<RxPkt> {
+        let mut pkts = Vec::new();
+        for _ in 0..rounds {
+            self.pump(dev);
+            let new = self.take_rx();
+            self.push_rx_buffers(new.len());
+            pkts.extend(new);
+        }
+        pkts
+    }
+
+    /// Pumps until `len` payload bytes arrived in RW packets; returns them in order and the
+    /// packets (all of them, not only RW).
+    pub(crate) fn pump_until_payload(
+        &mut self,
+        dev: &mut Vsock<VsockUnixBackend>,
+        len: usize,
+    ) -> (Vec<u8>, Vec<RxPkt>) {
+        let pkts = self.pump_until(dev, |pkts| rw_payload(pkts).len() >= len);
+        (rw_payload(&pkts), pkts)
     }
 
     /// Guest connects from `guest_port` to host port `host_port`; returns the RX reply.
@@ -314,7 +372,16 @@ impl TestContext {
         guest_port: u32,
         host_port: u32,
     ) -> RxPkt {
-        self.push_tx(Hdr::guest(VSOCK_OP_REQUEST, guest_port, host_port), &[]);
+        self.guest_connect_hdr(dev, Hdr::guest(VSOCK_OP_REQUEST, guest_port, host_port))
+    }
+
+    /// Guest sends the REQUEST `req`; returns the RX reply.
+    pub(crate) fn guest_connect_hdr(
+        &mut self,
+        dev: &mut Vsock<VsockUnixBackend>,
+        req: Hdr,
+    ) -> RxPkt {
+        self.push_tx(req, &[]);
         let mut pkts = self.pump_until_rx(dev);
         assert_eq!(pkts.len(), 1);
         pkts.remove(0)
@@ -328,11 +395,106 @@ impl TestContext {
         guest_port: u32,
     ) -> (UnixStream, RxPkt) {
         let mut stream = UnixStream::connect(self.uds_path()).unwrap();
-        std::io::Write::write_all(&mut stream, format!("CONNECT {guest_port}\n").as_bytes())
+        stream
+            .write_all(format!("CONNECT {guest_port}\n").as_bytes())
             .unwrap();
         let mut pkts = self.pump_until_rx(dev);
         assert_eq!(pkts.len(), 1);
         (stream, pkts.remove(0))
+    }
+
+    /// A guest-initiated connection whose REQUEST advertised `buf_alloc`, accepted by a host
+    /// service listening at [`Self::port_path`]`(host_port)`.
+    pub(crate) fn connect_from_guest(
+        &mut self,
+        dev: &mut Vsock<VsockUnixBackend>,
+        guest_port: u32,
+        host_port: u32,
+        buf_alloc: u32,
+    ) -> Conn {
+        let listener = UnixListener::bind(self.port_path(host_port)).unwrap();
+        let mut req = Hdr::guest(VSOCK_OP_REQUEST, guest_port, host_port);
+        req.buf_alloc = buf_alloc;
+        let reply = self.guest_connect_hdr(dev, req);
+        assert_eq!(reply.hdr.op, VSOCK_OP_RESPONSE, "{reply:?}");
+        let stream = accept_now(&listener).expect("the device connected to the host service");
+        Conn {
+            stream,
+            host_port,
+            guest_port,
+        }
+    }
+
+    /// A host-initiated connection to `guest_port` that the guest accepted; the host client
+    /// already read its `OK <port>\n` line.
+    pub(crate) fn connect_from_host(
+        &mut self,
+        dev: &mut Vsock<VsockUnixBackend>,
+        guest_port: u32,
+    ) -> Conn {
+        let (mut stream, req) = self.host_connect(dev, guest_port);
+        assert_eq!(req.hdr.op, VSOCK_OP_REQUEST, "{req:?}");
+        let host_port = req.hdr.src_port;
+        self.push_tx(Hdr::guest(VSOCK_OP_RESPONSE, guest_port, host_port), &[]);
+        self.process(dev);
+        let ok = format!("OK {host_port}\n");
+        assert_eq!(read_n(&mut stream, ok.len()), ok.as_bytes());
+        Conn {
+            stream,
+            host_port,
+            guest_port,
+        }
+    }
+}
+
+/// An established connection: the host end of the stream and the vsock ports.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) stream: UnixStream,
+    pub(crate) host_port: u32,
+    pub(crate) guest_port: u32,
+}
+
+impl Conn {
+    /// A guest-to-host header for this connection.
+    pub(crate) fn hdr(&self, op: u16) -> Hdr {
+        Hdr::guest(op, self.guest_port, self.host_port)
+    }
+
+    /// Whether `pkt` is addressed to this connection's guest end.
+    pub(crate) fn owns(&self, pkt: &RxPkt) -> bool {
+        pkt.hdr.src_port == self.host_port
+            && pkt.hdr.dst_port == self.guest_port
+            && pkt.hdr.src_cid == VSOCK_HOST_CID
+            && pkt.hdr.dst_cid == GUEST_CID
+            && pkt.hdr.type_ == VSOCK_TYPE_STREAM
+    }
+}
+
+/// The payloads of the RW packets among `pkts`, concatenated in order.
+pub(crate) fn rw_payload(pkts: &[RxPkt]) -> Vec<u8> {
+    pkts.iter()
+        .filter(|p| p.hdr.op == VSOCK_OP_RW)
+        .flat_map(|p| p.data.iter().copied())
+        .collect()
+}
+
+/// `len` bytes that never repeat with a period dividing a buffer size, so a lost, repeated or
+/// reordered chunk shows.
+pub(crate) fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| u8::try_from(i % 251).unwrap()).collect()
+}
+
+/// Accepts a connection that must already be pending; `None` if there is none.
+pub(crate) fn accept_now(listener: &UnixListener) -> Option<UnixStream> {
+    listener.set_nonblocking(true).unwrap();
+    match listener.accept() {
+        Ok((stream, _)) => {
+            stream.set_nonblocking(false).unwrap();
+            Some(stream)
+        }
+        Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+        Err(e) => panic!("accept failed: {e}"),
     }
 }
 
@@ -357,4 +519,13 @@ pub(crate) fn is_eof(stream: &mut UnixStream) -> bool {
         Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
         _ => false,
     }
+}
+
+/// Whether the stream is open with nothing to read right now (does not wait).
+pub(crate) fn is_open_and_empty(stream: &mut UnixStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let result = stream.read(&mut byte);
+    stream.set_nonblocking(false).unwrap();
+    matches!(result, Err(e) if e.kind() == ErrorKind::WouldBlock)
 }

@@ -9,6 +9,8 @@
 pub(crate) mod muxer;
 pub(crate) mod muxer_killq;
 pub(crate) mod muxer_rxq;
+#[cfg(test)]
+mod tests;
 
 pub(crate) use self::muxer::VsockUnixBackend;
 

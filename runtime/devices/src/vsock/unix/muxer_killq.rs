@@ -107,7 +107,7 @@ mod tests {
         let now = Instant::now();
         let mut killq = MuxerKillQ::new();
         for port in 0..=MUXER_KILLQ_SIZE {
-            killq.push(key(port as u32), now);
+            killq.push(key(u32::try_from(port).unwrap()), now);
         }
 
         assert!(!killq.is_synced());

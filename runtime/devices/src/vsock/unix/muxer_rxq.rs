@@ -98,7 +98,7 @@ mod tests {
     fn test_rxq_push_beyond_capacity_goes_out_of_sync() {
         let mut rxq = MuxerRxQ::new();
         for port in 0..MUXER_RXQ_SIZE {
-            assert!(rxq.push(MuxerRx::Rst(key(port as u32))));
+            assert!(rxq.push(MuxerRx::Rst(key(u32::try_from(port).unwrap()))));
         }
 
         let pushed = rxq.push(MuxerRx::Rst(key(9999)));
