@@ -45,7 +45,7 @@ fn test_builtin_vmm_boots_guest_to_agent_in_emulated_test_host() {
         .stdin(Stdio::null())
         .output()
         .expect("qemu-system-x86_64");
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
     let summary = text.lines().find(|l| l.starts_with("VMM-EXIT")).unwrap_or("no VMM-EXIT line");
     println!("nested: {summary}; whole nest {} ms", start.elapsed().as_millis());
     assert!(text.contains("agent: handshake after"), "guest agent never answered:\n{text}");

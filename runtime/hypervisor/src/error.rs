@@ -11,9 +11,7 @@ pub enum HypervisorError {
     /// `--hypervisor kvm` on a host whose KVM fails the capability probe.
     #[error("the built-in VMM cannot run a guest on this host: KVM probe: {0}; use --hypervisor qemu (or auto)")]
     KvmUnusable(String),
-    /// `--hypervisor kvm` where the probe passes: the door cannot boot Linux yet.
-    #[error("the built-in VMM passes the KVM probe here but cannot boot a full guest yet; use --hypervisor qemu (or auto)")]
-    KvmDoorIncomplete,
+
     /// A program the door runs is not installed.
     #[error("{program} not found in PATH; {hint}")]
     ProgramNotFound {

@@ -131,3 +131,27 @@ mod tests {
         assert!(find_program("husk-no-such-program").is_none());
     }
 }
+
+/// The virtiofsd binary if `config` shares directories, after checking that the guest kernel
+/// and initramfs exist: what every door needs before it starts anything.
+pub(crate) fn require_inputs(config: &crate::VmConfig) -> Result<Option<PathBuf>, HypervisorError> {
+    let virtiofsd = match config.shares.is_empty() {
+        true => None,
+        false => Some(find_program("virtiofsd").ok_or(HypervisorError::ProgramNotFound {
+            program: "virtiofsd",
+            hint: "install it with `cargo install virtiofsd` (needs libseccomp-dev libcap-ng-dev)",
+        })?),
+    };
+    for (what, path) in [("guest kernel", &config.kernel), ("initramfs", &config.initramfs)] {
+        if !path.is_file() {
+            return Err(HypervisorError::MissingFile { what, path: path.clone() });
+        }
+    }
+    Ok(virtiofsd)
+}
+
+/// `name` next to the running executable (an installed husk), else in PATH.
+pub(crate) fn find_beside_or_in_path(name: &str) -> Option<PathBuf> {
+    let beside = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join(name)));
+    beside.filter(|p| p.is_file()).or_else(|| find_program(name))
+}

@@ -9,6 +9,7 @@
 
 mod error;
 mod helpers;
+pub mod kvm;
 pub mod qemu;
 mod sys;
 
@@ -127,7 +128,7 @@ pub fn new_door(
             if !probe.passed {
                 return Err(HypervisorError::KvmUnusable(probe.detail));
             }
-            Err(HypervisorError::KvmDoorIncomplete)
+            Ok(Box::new(kvm::KvmDoor::new(config)?))
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `husk-vmm`: one built-in-VMM virtual machine as a process of its own (the door spawns it, so
 //! that the VM has its own pid, lifetime and, later, seccomp filter).
 //!
-//! `husk-vmm --kernel K --initramfs I --console LOG --vsock-uds SOCK [--memory-mib N] [--cmdline S]`
+//! `husk-vmm --kernel K --initramfs I --console LOG --vsock-uds SOCK [--fs TAG=SOCK]... [--memory-mib N] [--cmdline S]`
 //! boots the Linux guest with a serial console to LOG and the vsock device (hybrid vsock on
 //! SOCK). Exit status: 0 when the guest reset the machine (its power-off), 2 for any other end of
 //! the guest (the reason on stderr), 1 when the VM could not be built.
@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use husk_devices::{VsockConfig, VsockMmio};
+use husk_devices::{VhostUserFs, VirtioMmioDevice, VsockConfig, VsockMmio};
 use husk_vmm::{Entry, ExitReason, Vm, VmConfig};
 
 /// Guest CID of every husk VM (each VM has its own vsock device).
@@ -32,6 +32,10 @@ struct Args {
     /// Host side of the hybrid vsock.
     #[arg(long)]
     vsock_uds: PathBuf,
+    /// A virtio-fs device: `TAG=SOCKET`, SOCKET being virtiofsd's vhost-user socket
+    /// (repeatable).
+    #[arg(long = "fs", value_parser = parse_fs)]
+    fs: Vec<(String, PathBuf)>,
     /// Guest RAM.
     #[arg(long, default_value_t = 256)]
     memory_mib: u32,
@@ -62,11 +66,15 @@ fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
     let console = std::fs::File::create(&args.console)
         .map_err(|e| format!("console {}: {e}", args.console.display()))?;
     let vsock = VsockMmio::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: args.vsock_uds.clone() })?;
+    let mut virtio: Vec<Box<dyn VirtioMmioDevice>> = vec![Box::new(vsock)];
+    for (tag, socket) in &args.fs {
+        virtio.push(Box::new(VhostUserFs::new(tag, socket)?));
+    }
     let config = VmConfig {
         memory_mib: args.memory_mib,
         irqchip: true,
         console: Box::new(console),
-        virtio: vec![Box::new(vsock)],
+        virtio,
         entry: Entry::Linux { kernel: args.kernel.clone(), initramfs: args.initramfs.clone(), cmdline: args.cmdline.clone() },
     };
     let timeout = match args.timeout_secs {
@@ -74,4 +82,9 @@ fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
         secs => Duration::from_secs(secs),
     };
     Ok(Vm::new(config)?.run(timeout)?)
+}
+
+fn parse_fs(value: &str) -> Result<(String, PathBuf), String> {
+    let (tag, socket) = value.split_once('=').ok_or("expected TAG=SOCKET")?;
+    Ok((tag.to_owned(), PathBuf::from(socket)))
 }

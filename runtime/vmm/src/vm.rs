@@ -9,7 +9,8 @@ use std::time::Duration;
 use husk_devices::{MmioTransport, VirtioMmioDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -280,16 +281,18 @@ impl<D: VirtioMmioDevice> BusDevice for MmioTransport<D> {
     }
 }
 
+/// Guest RAM as one shared memfd mapping: shareable with vhost-user backends (virtiofsd).
 fn guest_memory(memory_mib: u32) -> Result<GuestMemoryMmap, VmmError> {
     let size = u64::from(memory_mib) << 20;
     if !(2 << 20..=MAX_RAM).contains(&size) {
-        return Err(VmmError::Memory(format!(
-            "{memory_mib} MiB is outside 2..{} MiB",
-            MAX_RAM >> 20
-        )));
+        return Err(VmmError::Memory(format!("{memory_mib} MiB is outside 2..{} MiB", MAX_RAM >> 20)));
     }
+    let fd = memfd_create(c"husk-guest-ram", MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| VmmError::Memory(format!("memfd_create: {e}")))?;
+    let file = std::fs::File::from(fd);
+    file.set_len(size)?;
     let size = usize::try_from(size).map_err(|e| VmmError::Memory(e.to_string()))?;
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
+    GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), size, Some(FileOffset::new(file, 0)))])
         .map_err(|e| VmmError::Memory(e.to_string()))
 }
 

@@ -46,24 +46,7 @@ impl QemuDoor {
             program: QEMU,
             hint: "install it with `apt-get install qemu-system-x86`",
         })?;
-        let virtiofsd = match config.shares.is_empty() {
-            true => None,
-            false => Some(find_program("virtiofsd").ok_or(HypervisorError::ProgramNotFound {
-                program: "virtiofsd",
-                hint: "install it with `cargo install virtiofsd` (needs libseccomp-dev libcap-ng-dev)",
-            })?),
-        };
-        for (what, path) in [
-            ("guest kernel", &config.kernel),
-            ("initramfs", &config.initramfs),
-        ] {
-            if !path.is_file() {
-                return Err(HypervisorError::MissingFile {
-                    what,
-                    path: path.clone(),
-                });
-            }
-        }
+        let virtiofsd = helpers::require_inputs(&config)?;
         Ok(Self {
             config,
             qemu,
