@@ -12,42 +12,120 @@ use std::time::Instant;
 
 use husk_e2e::harness::Env;
 
-#[test]
-fn test_builtin_vmm_boots_guest_to_agent_in_emulated_test_host() {
-    let test = "test_builtin_vmm_boots_guest_to_agent_in_emulated_test_host";
-    let Some(env) = Env::get(test) else {
-        return;
-    };
-    let out = env.share.join("../..");
+/// Boots the emulated test host with `script args...` as its job; returns its console output.
+fn run_nested(env: &Env, script: &str, args: &[String]) -> String {
     let test_host_kernel = env.share.join("test-host-vmlinux");
-    let vmm = out.join("bin/husk-vmm");
-    for file in [&test_host_kernel, &vmm] {
-        assert!(file.is_file(), "{} is missing: run `make build`", file.display());
-    }
+    assert!(
+        test_host_kernel.is_file(),
+        "{} is missing: run `make build`",
+        test_host_kernel.display()
+    );
     let dir = env!("CARGO_MANIFEST_DIR");
     let append = format!(
         "console=ttyS0 reboot=t panic=-1 root=host rootfstype=9p rootflags=trans=virtio,version=9p2000.L ro \
-         init={dir}/nested/init.sh -- {dir}/nested/vmm-boot.sh {} {} {} {}",
-        vmm.canonicalize().expect("husk-vmm").display(),
-        env!("CARGO_BIN_EXE_husk-agent-ping"),
-        env.share.join("vmlinux").canonicalize().expect("vmlinux").display(),
-        env.share.join("initramfs.cpio").canonicalize().expect("initramfs").display(),
+         init={dir}/nested/init.sh -- {dir}/nested/{script} {}",
+        args.join(" ")
     );
-    let start = Instant::now();
     let output = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,acpi=off,rtc=on", "-accel", "tcg", "-cpu", "max", "-m", "1024M"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args([
+            "-M",
+            "microvm,acpi=off,rtc=on",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "1024M",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(&test_host_kernel)
         .args(["-append", &append])
-        .args(["-fsdev", "local,id=root,path=/,readonly=on,security_model=none"])
-        .args(["-device", "virtio-9p-device,fsdev=root,mount_tag=host", "-serial", "stdio"])
+        .args([
+            "-fsdev",
+            "local,id=root,path=/,readonly=on,security_model=none",
+        ])
+        .args([
+            "-device",
+            "virtio-9p-device,fsdev=root,mount_tag=host",
+            "-serial",
+            "stdio",
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("qemu-system-x86_64");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-    let summary = text.lines().find(|l| l.starts_with("VMM-EXIT")).unwrap_or("no VMM-EXIT line");
-    println!("nested: {summary}; whole nest {} ms", start.elapsed().as_millis());
-    assert!(text.contains("agent: handshake after"), "guest agent never answered:\n{text}");
-    assert!(text.contains("NESTED-EXIT 0"), "built-in VMM run failed:\n{text}");
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+fn canonical(path: std::path::PathBuf) -> String {
+    let path = path
+        .canonicalize()
+        .unwrap_or_else(|e| panic!("{}: {e}; run `make build`", path.display()));
+    path.display().to_string()
+}
+
+#[test]
+fn test_builtin_vmm_boots_guest_to_agent_in_emulated_test_host() {
+    let Some(env) = Env::get("test_builtin_vmm_boots_guest_to_agent_in_emulated_test_host") else {
+        return;
+    };
+    let args = [
+        canonical(env.husk.with_file_name("husk-vmm")),
+        env!("CARGO_BIN_EXE_husk-agent-ping").to_owned(),
+        canonical(env.share.join("vmlinux")),
+        canonical(env.share.join("initramfs.cpio")),
+    ];
+    let start = Instant::now();
+    let text = run_nested(&env, "vmm-boot.sh", &args);
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("VMM-EXIT"))
+        .unwrap_or("no VMM-EXIT line");
+    println!(
+        "nested: {summary}; whole nest {} ms",
+        start.elapsed().as_millis()
+    );
+    assert!(
+        text.contains("agent: handshake after"),
+        "guest agent never answered:\n{text}"
+    );
+    assert!(
+        text.contains("NESTED-EXIT 0"),
+        "built-in VMM run failed:\n{text}"
+    );
+}
+
+#[test]
+fn test_husk_run_through_builtin_vmm_in_emulated_test_host() {
+    let Some(env) = Env::get("test_husk_run_through_builtin_vmm_in_emulated_test_host") else {
+        return;
+    };
+    let start = Instant::now();
+    let text = run_nested(&env, "husk-run.sh", &[canonical(env.husk.clone())]);
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("HUSK-RUN-EXIT"))
+        .unwrap_or("no HUSK-RUN-EXIT line");
+    let timings = text
+        .lines()
+        .find(|l| l.starts_with("husk: timings:"))
+        .unwrap_or("no timings");
+    println!(
+        "nested: {summary}; {timings}; whole nest {} ms",
+        start.elapsed().as_millis()
+    );
+    assert!(
+        text.contains("built-in VMM: kernel 6.12"),
+        "container output missing:\n{text}"
+    );
+    assert!(
+        text.contains("NESTED-EXIT 0"),
+        "husk run through the built-in VMM failed:\n{text}"
+    );
 }

@@ -38,10 +38,10 @@ pub fn check(cli: &Cli) -> i32 {
         &artifacts::locate(cli.initramfs.as_deref(), "initramfs.cpio"),
     );
     let runnable = qemu && virtiofsd && kernel && initramfs;
-    let accel = if probe.passed { "kvm" } else { "tcg" };
-    let door = match runnable {
-        true => format!("qemu ({accel}); the built-in VMM cannot boot a full guest yet"),
-        false => "none: install what is missing above (make deps build)".to_owned(),
+    let door = match (runnable, probe.passed) {
+        (true, true) => "kvm (the built-in VMM)".to_owned(),
+        (true, false) => "qemu (tcg): this host's KVM cannot run a full guest".to_owned(),
+        (false, _) => "none: install what is missing above (make deps build)".to_owned(),
     };
     line("auto door", door);
     i32::from(!runnable)

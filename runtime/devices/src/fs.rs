@@ -34,7 +34,9 @@ pub struct VhostUserFs {
 
 impl std::fmt::Debug for VhostUserFs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VhostUserFs").field("socket", &self.socket).finish()
+        f.debug_struct("VhostUserFs")
+            .field("socket", &self.socket)
+            .finish()
     }
 }
 
@@ -45,12 +47,19 @@ impl VhostUserFs {
     /// A tag longer than 36 bytes or empty.
     pub fn new(tag: &str, socket: &Path) -> Result<Self, String> {
         if tag.is_empty() || tag.len() > TAG_LEN {
-            return Err(format!("virtio-fs tag {tag:?} must be 1 to {TAG_LEN} bytes"));
+            return Err(format!(
+                "virtio-fs tag {tag:?} must be 1 to {TAG_LEN} bytes"
+            ));
         }
         let mut config = [0u8; TAG_LEN + 4];
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
-        Ok(Self { config, socket: socket.to_owned(), frontend: None, relay: None })
+        Ok(Self {
+            config,
+            socket: socket.to_owned(),
+            frontend: None,
+            relay: None,
+        })
     }
 
     fn stop_relay(&mut self) {
@@ -60,22 +69,36 @@ impl VhostUserFs {
         }
     }
 
-    fn setup(&mut self, mem: &GuestMemoryMmap, queues: &[Queue], kicks: &[EventFd]) -> Result<Vec<EventFd>, String> {
+    fn setup(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &[Queue],
+        kicks: &[EventFd],
+    ) -> Result<Vec<EventFd>, String> {
         fn e(what: &'static str) -> impl Fn(vhost::Error) -> String {
             move |err| format!("virtiofsd {what}: {err}")
         }
-        let mut frontend = Frontend::connect(&self.socket, QUEUE_SIZES.len() as u64).map_err(e("connect"))?;
+        let mut frontend =
+            Frontend::connect(&self.socket, QUEUE_SIZES.len() as u64).map_err(e("connect"))?;
         frontend.set_owner().map_err(e("set owner"))?;
         let offered = frontend.get_features().map_err(e("get features"))?;
         let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        frontend.set_features(offered & (VIRTIO_F_VERSION_1 | protocol)).map_err(e("set features"))?;
+        frontend
+            .set_features(offered & (VIRTIO_F_VERSION_1 | protocol))
+            .map_err(e("set features"))?;
         if offered & protocol != 0 {
-            let pf = frontend.get_protocol_features().map_err(e("get protocol features"))?;
-            frontend.set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK).map_err(e("set protocol features"))?;
+            let pf = frontend
+                .get_protocol_features()
+                .map_err(e("get protocol features"))?;
+            frontend
+                .set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
+                .map_err(e("set protocol features"))?;
         }
         let mut regions = Vec::new();
         for region in mem.iter() {
-            let file = region.file_offset().ok_or("guest memory is not file-backed (memfd needed)")?;
+            let file = region
+                .file_offset()
+                .ok_or("guest memory is not file-backed (memfd needed)")?;
             regions.push(VhostUserMemoryRegionInfo {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
@@ -84,8 +107,14 @@ impl VhostUserFs {
                 mmap_handle: file.file().as_raw_fd(),
             });
         }
-        frontend.set_mem_table(&regions).map_err(e("set mem table"))?;
-        let hva = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).map(|p| p as u64).map_err(|err| format!("queue address {gpa:#x}: {err}"));
+        frontend
+            .set_mem_table(&regions)
+            .map_err(e("set mem table"))?;
+        let hva = |gpa: u64| {
+            mem.get_host_address(GuestAddress(gpa))
+                .map(|p| p as u64)
+                .map_err(|err| format!("queue address {gpa:#x}: {err}"))
+        };
         let mut calls = Vec::new();
         for (i, (queue, kick)) in queues.iter().zip(kicks).enumerate() {
             let ring = VringConfigData {
@@ -98,13 +127,23 @@ impl VhostUserFs {
                 log_addr: None,
             };
             let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|err| err.to_string())?;
-            frontend.set_vring_num(i, queue.size()).map_err(e("set vring num"))?;
-            frontend.set_vring_addr(i, &ring).map_err(e("set vring addr"))?;
+            frontend
+                .set_vring_num(i, queue.size())
+                .map_err(e("set vring num"))?;
+            frontend
+                .set_vring_addr(i, &ring)
+                .map_err(e("set vring addr"))?;
             frontend.set_vring_base(i, 0).map_err(e("set vring base"))?;
-            frontend.set_vring_call(i, &call).map_err(e("set vring call"))?;
-            frontend.set_vring_kick(i, kick).map_err(e("set vring kick"))?;
+            frontend
+                .set_vring_call(i, &call)
+                .map_err(e("set vring call"))?;
+            frontend
+                .set_vring_kick(i, kick)
+                .map_err(e("set vring kick"))?;
             if offered & protocol != 0 {
-                frontend.set_vring_enable(i, true).map_err(e("enable vring"))?;
+                frontend
+                    .set_vring_enable(i, true)
+                    .map_err(e("enable vring"))?;
             }
             calls.push(call);
         }
@@ -134,12 +173,21 @@ impl VirtioMmioDevice for VhostUserFs {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        if let Some(src) = start.checked_add(data.len()).and_then(|end| self.config.get(start..end)) {
+        if let Some(src) = start
+            .checked_add(data.len())
+            .and_then(|end| self.config.get(start..end))
+        {
             data.copy_from_slice(src);
         }
     }
 
-    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, kicks: Vec<EventFd>, interrupt: Interrupt) -> Result<(), String> {
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        kicks: Vec<EventFd>,
+        interrupt: Interrupt,
+    ) -> Result<(), String> {
         let calls = self.setup(&mem, &queues, &kicks)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let relay_stop = stop.try_clone().map_err(|e| e.to_string())?;
@@ -163,12 +211,22 @@ impl VirtioMmioDevice for VhostUserFs {
 fn relay_calls(calls: &[EventFd], stop: &EventFd, interrupt: &Interrupt) {
     let Ok(epoll) = Epoll::new() else { return };
     for (i, call) in (0u64..).zip(calls) {
-        let _ = epoll.ctl(ControlOperation::Add, call.as_raw_fd(), EpollEvent::new(EventSet::IN, i));
+        let _ = epoll.ctl(
+            ControlOperation::Add,
+            call.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, i),
+        );
     }
-    let _ = epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, EV_STOP));
+    let _ = epoll.ctl(
+        ControlOperation::Add,
+        stop.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, EV_STOP),
+    );
     let mut events = vec![EpollEvent::default(); 4];
     loop {
-        let Ok(n) = epoll.wait(-1, &mut events) else { continue };
+        let Ok(n) = epoll.wait(-1, &mut events) else {
+            continue;
+        };
         let mut used = false;
         for event in &events[..n] {
             match event.data() {

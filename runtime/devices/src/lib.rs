@@ -11,8 +11,8 @@ mod rate_limited;
 pub mod transport;
 pub mod vsock;
 
+pub use fs::VhostUserFs;
 pub use transport::mmio::{Interrupt, MmioTransport, VirtioMmioDevice};
 pub use transport::mmio_vsock::VsockMmio;
 pub use transport::vhost_user::{spawn_vhost_user_vsock, VsockDaemon};
-pub use fs::VhostUserFs;
 pub use vsock::{VsockConfig, VsockError};

@@ -142,9 +142,15 @@ pub(crate) fn require_inputs(config: &crate::VmConfig) -> Result<Option<PathBuf>
             hint: "install it with `cargo install virtiofsd` (needs libseccomp-dev libcap-ng-dev)",
         })?),
     };
-    for (what, path) in [("guest kernel", &config.kernel), ("initramfs", &config.initramfs)] {
+    for (what, path) in [
+        ("guest kernel", &config.kernel),
+        ("initramfs", &config.initramfs),
+    ] {
         if !path.is_file() {
-            return Err(HypervisorError::MissingFile { what, path: path.clone() });
+            return Err(HypervisorError::MissingFile {
+                what,
+                path: path.clone(),
+            });
         }
     }
     Ok(virtiofsd)
@@ -152,6 +158,10 @@ pub(crate) fn require_inputs(config: &crate::VmConfig) -> Result<Option<PathBuf>
 
 /// `name` next to the running executable (an installed husk), else in PATH.
 pub(crate) fn find_beside_or_in_path(name: &str) -> Option<PathBuf> {
-    let beside = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join(name)));
-    beside.filter(|p| p.is_file()).or_else(|| find_program(name))
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)));
+    beside
+        .filter(|p| p.is_file())
+        .or_else(|| find_program(name))
 }

@@ -120,9 +120,7 @@ pub fn new_door(
     config: VmConfig,
 ) -> Result<Box<dyn Hypervisor>, HypervisorError> {
     match kind {
-        // The built-in VMM cannot boot a full guest yet (Linux boot and virtio devices come
-        // next): auto means QEMU on every host until it can.
-        HypervisorKind::Auto | HypervisorKind::Qemu => Ok(Box::new(qemu::QemuDoor::new(config)?)),
+        HypervisorKind::Qemu => Ok(Box::new(qemu::QemuDoor::new(config)?)),
         HypervisorKind::Kvm => {
             let probe = husk_vmm::probe::probe();
             if !probe.passed {
@@ -130,6 +128,11 @@ pub fn new_door(
             }
             Ok(Box::new(kvm::KvmDoor::new(config)?))
         }
+        // The built-in VMM where the host's KVM can run a full guest, QEMU (TCG) elsewhere.
+        HypervisorKind::Auto => match husk_vmm::probe::probe().passed {
+            true => Ok(Box::new(kvm::KvmDoor::new(config)?)),
+            false => Ok(Box::new(qemu::QemuDoor::new(config)?)),
+        },
     }
 }
 

@@ -18,7 +18,11 @@ use husk_vmm::{Entry, ExitReason, Vm, VmConfig};
 const GUEST_CID: u64 = 3;
 
 #[derive(Debug, Parser)]
-#[command(name = "husk-vmm", version, about = "husk's built-in VMM: one micro-VM")]
+#[command(
+    name = "husk-vmm",
+    version,
+    about = "husk's built-in VMM: one micro-VM"
+)]
 struct Args {
     /// Guest kernel (ELF vmlinux).
     #[arg(long)]
@@ -40,7 +44,10 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     memory_mib: u32,
     /// Kernel command line (the VMM appends its virtio-mmio devices).
-    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1 quiet loglevel=4")]
+    #[arg(
+        long,
+        default_value = "console=ttyS0 reboot=k panic=-1 quiet loglevel=4"
+    )]
     cmdline: String,
     /// Stop the guest after this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
@@ -65,7 +72,10 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
     let console = std::fs::File::create(&args.console)
         .map_err(|e| format!("console {}: {e}", args.console.display()))?;
-    let vsock = VsockMmio::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: args.vsock_uds.clone() })?;
+    let vsock = VsockMmio::new(&VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: args.vsock_uds.clone(),
+    })?;
     let mut virtio: Vec<Box<dyn VirtioMmioDevice>> = vec![Box::new(vsock)];
     for (tag, socket) in &args.fs {
         virtio.push(Box::new(VhostUserFs::new(tag, socket)?));
@@ -75,7 +85,11 @@ fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
         irqchip: true,
         console: Box::new(console),
         virtio,
-        entry: Entry::Linux { kernel: args.kernel.clone(), initramfs: args.initramfs.clone(), cmdline: args.cmdline.clone() },
+        entry: Entry::Linux {
+            kernel: args.kernel.clone(),
+            initramfs: args.initramfs.clone(),
+            cmdline: args.cmdline.clone(),
+        },
     };
     let timeout = match args.timeout_secs {
         0 => Duration::MAX / 4,

@@ -10,7 +10,9 @@ use husk_devices::{MmioTransport, VirtioMmioDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -169,7 +171,8 @@ impl Vm {
                 .insert(u64::from(base), u64::from(len), device)
                 .map_err(VmmError::Image)?;
         }
-        let virtio_count = u32::try_from(config.virtio.len()).map_err(|e| VmmError::Image(e.to_string()))?;
+        let virtio_count =
+            u32::try_from(config.virtio.len()).map_err(|e| VmmError::Image(e.to_string()))?;
         let mut mmio_bus = Bus::default();
         let mut irqs = Vec::new();
         for (i, device) in (0u32..).zip(config.virtio) {
@@ -213,11 +216,18 @@ impl Vm {
                     }
                 }
             }
-            Entry::Linux { kernel, initramfs, cmdline } => {
+            Entry::Linux {
+                kernel,
+                initramfs,
+                cmdline,
+            } => {
                 let mut line = cmdline.clone();
                 for i in 0..virtio_count {
                     let base = MMIO_START + u64::from(i) * MMIO_DEVICE_SIZE;
-                    line.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{}", VIRTIO_IRQ_BASE + i));
+                    line.push_str(&format!(
+                        " virtio_mmio.device=4K@{base:#x}:{}",
+                        VIRTIO_IRQ_BASE + i
+                    ));
                 }
                 let entry = boot::load_linux(&mem, kernel, initramfs, &line)?;
                 x86::setup_sregs_long(&mem, &vcpu)?;
@@ -285,15 +295,22 @@ impl<D: VirtioMmioDevice> BusDevice for MmioTransport<D> {
 fn guest_memory(memory_mib: u32) -> Result<GuestMemoryMmap, VmmError> {
     let size = u64::from(memory_mib) << 20;
     if !(2 << 20..=MAX_RAM).contains(&size) {
-        return Err(VmmError::Memory(format!("{memory_mib} MiB is outside 2..{} MiB", MAX_RAM >> 20)));
+        return Err(VmmError::Memory(format!(
+            "{memory_mib} MiB is outside 2..{} MiB",
+            MAX_RAM >> 20
+        )));
     }
     let fd = memfd_create(c"husk-guest-ram", MFdFlags::MFD_CLOEXEC)
         .map_err(|e| VmmError::Memory(format!("memfd_create: {e}")))?;
     let file = std::fs::File::from(fd);
     file.set_len(size)?;
     let size = usize::try_from(size).map_err(|e| VmmError::Memory(e.to_string()))?;
-    GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), size, Some(FileOffset::new(file, 0)))])
-        .map_err(|e| VmmError::Memory(e.to_string()))
+    GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        size,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .map_err(|e| VmmError::Memory(e.to_string()))
 }
 
 fn register_memory(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {

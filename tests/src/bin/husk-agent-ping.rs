@@ -13,9 +13,17 @@ use husk_sandbox::agent::AgentClient;
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let uds = PathBuf::from(args.next().expect("usage: husk-agent-ping VSOCK_UDS [TIMEOUT_SECS]"));
-    let secs: u64 = args.next().map_or(60, |s| s.parse().expect("timeout in seconds"));
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let uds = PathBuf::from(
+        args.next()
+            .expect("usage: husk-agent-ping VSOCK_UDS [TIMEOUT_SECS]"),
+    );
+    let secs: u64 = args
+        .next()
+        .map_or(60, |s| s.parse().expect("timeout in seconds"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let code = runtime.block_on(async {
         let start = Instant::now();
         let deadline = start + Duration::from_secs(secs);

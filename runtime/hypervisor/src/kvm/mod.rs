@@ -29,12 +29,19 @@ impl KvmDoor {
     /// # Errors
     /// The first missing piece.
     pub fn new(config: VmConfig) -> Result<Self, HypervisorError> {
-        let vmm = helpers::find_beside_or_in_path(HUSK_VMM).ok_or(HypervisorError::ProgramNotFound {
-            program: HUSK_VMM,
-            hint: "it is built and installed with husk (make build)",
-        })?;
+        let vmm =
+            helpers::find_beside_or_in_path(HUSK_VMM).ok_or(HypervisorError::ProgramNotFound {
+                program: HUSK_VMM,
+                hint: "it is built and installed with husk (make build)",
+            })?;
         let virtiofsd = helpers::require_inputs(&config)?;
-        Ok(Self { config, vmm, virtiofsd, fs: Vec::new(), child: None })
+        Ok(Self {
+            config,
+            vmm,
+            virtiofsd,
+            fs: Vec::new(),
+            child: None,
+        })
     }
 
     fn run_path(&self, name: &str) -> PathBuf {
@@ -50,13 +57,20 @@ impl Hypervisor for KvmDoor {
         cmd.arg("--initramfs").arg(&self.config.initramfs);
         cmd.arg("--console").arg(self.console_path());
         cmd.arg("--vsock-uds").arg(self.vsock_path());
-        cmd.args(["--memory-mib", &self.config.memory_mib.to_string(), "--cmdline", KERNEL_CMDLINE]);
+        cmd.args([
+            "--memory-mib",
+            &self.config.memory_mib.to_string(),
+            "--cmdline",
+            KERNEL_CMDLINE,
+        ]);
         if let Some(binary) = self.virtiofsd.clone() {
             for (i, share) in self.config.shares.clone().iter().enumerate() {
                 let socket = self.run_path(&format!("fs{i}.sock"));
                 let log = self.run_path(&format!("virtiofsd{i}.log"));
-                self.fs.push(Virtiofsd::start(&binary, &share.host_dir, &socket, &log).await?);
-                cmd.arg("--fs").arg(format!("{}={}", share.tag, socket.display()));
+                self.fs
+                    .push(Virtiofsd::start(&binary, &share.host_dir, &socket, &log).await?);
+                cmd.arg("--fs")
+                    .arg(format!("{}={}", share.tag, socket.display()));
             }
         }
         debug!(vmm = %self.vmm.display(), "starting the built-in VMM");
@@ -95,7 +109,11 @@ impl Hypervisor for KvmDoor {
 
     async fn stop(&mut self) -> Result<(), HypervisorError> {
         if let Some(mut child) = self.child.take() {
-            if child.try_wait().map_err(HypervisorError::Process)?.is_none() {
+            if child
+                .try_wait()
+                .map_err(HypervisorError::Process)?
+                .is_none()
+            {
                 child.start_kill().map_err(HypervisorError::Process)?;
             }
             child.wait().await.map_err(HypervisorError::Process)?;
