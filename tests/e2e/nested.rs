@@ -15,48 +15,26 @@ use husk_e2e::harness::Env;
 /// Boots the emulated test host with `script args...` as its job; returns its console output.
 fn run_nested(env: &Env, script: &str, args: &[String]) -> String {
     let test_host_kernel = env.share.join("test-host-vmlinux");
-    assert!(
-        test_host_kernel.is_file(),
-        "{} is missing: run `make build`",
-        test_host_kernel.display()
-    );
+    assert!(test_host_kernel.is_file(), "{} is missing: run `make build`", test_host_kernel.display());
     let dir = env!("CARGO_MANIFEST_DIR");
+    // The job goes in a file: kernel command-line words with a '.' never reach init.
+    let job_dir = tempfile::Builder::new().prefix("nested").rand_bytes(8).tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("job dir");
+    let job = job_dir.path().join("job");
+    std::fs::write(&job, format!("exec {dir}/nested/{script} {}\n", args.join(" "))).expect("job file");
+    let job = job.display().to_string();
+    assert!(!job.contains('.'), "job path {job} must have no '.' to pass the kernel command line");
     let append = format!(
         "console=ttyS0 reboot=t panic=-1 root=host rootfstype=9p rootflags=trans=virtio,version=9p2000.L ro \
-         init={dir}/nested/init.sh -- {dir}/nested/{script} {}",
-        args.join(" ")
+         init={dir}/nested/init.sh husk_job={job}"
     );
     let output = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm,acpi=off,rtc=on",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "1024M",
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
+        .args(["-M", "microvm,acpi=off,rtc=on", "-accel", "tcg", "-cpu", "max", "-m", "1024M"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
         .arg("-kernel")
         .arg(&test_host_kernel)
         .args(["-append", &append])
-        .args([
-            "-fsdev",
-            "local,id=root,path=/,readonly=on,security_model=none",
-        ])
-        .args([
-            "-device",
-            "virtio-9p-device,fsdev=root,mount_tag=host",
-            "-serial",
-            "stdio",
-        ])
+        .args(["-fsdev", "local,id=root,path=/,readonly=on,security_model=none"])
+        .args(["-device", "virtio-9p-device,fsdev=root,mount_tag=host", "-serial", "stdio"])
         .stdin(Stdio::null())
         .output()
         .expect("qemu-system-x86_64");

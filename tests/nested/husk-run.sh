@@ -3,7 +3,7 @@
 # path through the built-in VMM (boot, vsock, virtio-fs rootfs, exit code, teardown).
 # Usage: husk-run.sh HUSK
 husk=$1
-bundle=/tmp/bundle
+bundle=/run/bundle
 mkdir -p "$bundle/rootfs/bin" "$bundle/rootfs/proc" "$bundle/rootfs/sys" "$bundle/rootfs/dev"
 cp "$(command -v busybox)" "$bundle/rootfs/bin/busybox"
 ln -s busybox "$bundle/rootfs/bin/sh"

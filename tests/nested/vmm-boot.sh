@@ -3,13 +3,13 @@
 # host's /dev/kvm, wait for husk-agent over the VMM's own vsock device, power it off.
 # Usage: vmm-boot.sh HUSK_VMM AGENT_PING KERNEL INITRAMFS
 vmm=$1 ping=$2 kernel=$3 initramfs=$4
-dir=$(mktemp -d /tmp/vmm.XXXXXX)
+dir=$(mktemp -d "${TMPDIR:-/tmp}/vmm.XXXXXX")
 ls -l /dev/kvm || exit 10
 start=$(date +%s%N)
 "$vmm" --kernel "$kernel" --initramfs "$initramfs" --console "$dir/console.log" \
-    --vsock-uds "$dir/vsock.sock" --timeout-secs 240 &
+    --vsock-uds "$dir/vsock.sock" --timeout-secs 150 &
 pid=$!
-"$ping" "$dir/vsock.sock" 240
+"$ping" "$dir/vsock.sock" 120
 ping=$?
 wait $pid
 vmm_status=$?
