@@ -71,6 +71,30 @@ fn test_run_vmm_killed_error_and_clean() {
 }
 
 #[test]
+fn test_run_virtiofsd_killed_error_and_clean() {
+    let Some(env) = Env::get("test_run_virtiofsd_killed_error_and_clean") else {
+        return;
+    };
+    let husk = env.husk();
+    // The rootfs share gone mid-run: the guest's next file access would wait forever; husk
+    // notices the helper's exit, names it and ends the VM.
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo ready; sleep 60"]);
+    let mut child = husk.spawn_run(&bundle, "fskill", &[]);
+    let _out = wait_ready(&mut child);
+    kill(pid_of("virtiofsd", &husk), Signal::SIGKILL).expect("kill virtiofsd");
+    let out = child.wait_with_output().expect("wait");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("husk: VM ended unexpectedly (virtiofsd exited with signal: 9"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    wait_no_processes(&husk);
+    husk.assert_clean();
+}
+
+#[test]
 fn test_run_guest_panic_mid_run_error_and_clean() {
     let Some(env) = Env::get("test_run_guest_panic_mid_run_error_and_clean") else {
         return;

@@ -12,8 +12,16 @@ ln -s busybox "$bundle/rootfs/bin/uname"
 sed -i 's|"sh"$|"sh", "-c", "echo built-in VMM: kernel $(uname -r); exit 3"|' "$bundle/config.json"
 "$husk" check
 start=$(date +%s%N)
-"$husk" --root /run/husk run --hypervisor kvm --timings --bundle "$bundle" c1
+"$husk" --debug --root /run/husk run --hypervisor kvm --timings --bundle "$bundle" c1 &
+pid=$!
+# A hang shows its logs (console, VMM, virtiofsd) before it is ended.
+( sleep 60; kill -0 $pid 2>/dev/null || exit 0
+  for f in $(find /run/husk /run/tmp -name '*.log' 2>/dev/null); do echo "== $f"; tail -n 30 "$f"; done
+  kill $pid ) &
+watchdog=$!
+wait $pid
 status=$?
+kill $watchdog 2>/dev/null
 end=$(date +%s%N)
 echo "HUSK-RUN-EXIT $status WALL-MS $(( (end - start) / 1000000 ))"
 left=$(ls -A /run/husk 2>/dev/null)

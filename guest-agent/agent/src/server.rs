@@ -5,10 +5,14 @@
 
 use husk_protocol::{read_message, write_message, ErrorKind, Request, Response, StdioStream};
 use husk_protocol::{AGENT_PORT, PROTOCOL_VERSION};
+use tokio::io::AsyncReadExt;
 use tokio_vsock::{OwnedReadHalf, OwnedWriteHalf, VsockAddr, VsockListener, VMADDR_CID_ANY};
 
 use crate::container::{copy_output, copy_stdin, Attached, Containers};
 use crate::{init, reaper};
+
+/// How long a shutdown waits for the host to take the acknowledgement and hang up.
+const SHUTDOWN_ACK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Accepts host connections forever.
 pub async fn serve() -> std::io::Result<()> {
@@ -44,6 +48,13 @@ async fn connection(mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, containers: C
             }
             Request::Shutdown => {
                 let _ = write_message(&mut wr, &Response::Ok).await;
+                // The reply is only queued in the guest's socket: powering off now can lose it.
+                // The host closes the connection once it has the reply; wait for that, briefly.
+                let mut rest = [0u8; 64];
+                let _ = tokio::time::timeout(SHUTDOWN_ACK_GRACE, async {
+                    while matches!(rd.read(&mut rest).await, Ok(n) if n > 0) {}
+                })
+                .await;
                 init::power_off();
             }
             request => {

@@ -45,6 +45,9 @@ pub enum HypervisorError {
         /// Its last log lines.
         detail: String,
     },
+    /// A helper process ended while its VM ran.
+    #[error(transparent)]
+    HelperExited(#[from] HelperExited),
     /// A helper's socket did not appear in time.
     #[error("{program} did not create {} in time", path.display())]
     HelperTimeout {
@@ -62,4 +65,16 @@ pub enum HypervisorError {
     /// Waiting for or signalling a process failed.
     #[error("failed to manage the VMM process")]
     Process(#[source] std::io::Error),
+}
+
+/// A device helper (virtiofsd) exited while its VM ran.
+#[derive(Debug, thiserror::Error)]
+#[error("{program} exited with {status} while the VM ran: {detail}")]
+pub struct HelperExited {
+    /// Program name.
+    pub program: &'static str,
+    /// How it ended.
+    pub status: std::process::ExitStatus,
+    /// Its last log lines.
+    pub detail: String,
 }

@@ -1,12 +1,15 @@
 //! Host helper processes shared by the doors: locating programs, running virtiofsd.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-use crate::{sys, HypervisorError};
+use crate::error::HelperExited;
+use crate::{sys, HypervisorError, VmExit};
 
 /// Finds an executable by name in `PATH` (only there: what runs is what the user's PATH says).
 pub fn find_program(name: &str) -> Option<PathBuf> {
@@ -73,6 +76,7 @@ pub(crate) async fn wait_for_socket(
 pub(crate) struct Virtiofsd {
     pub(crate) child: Child,
     pub(crate) socket: PathBuf,
+    log: PathBuf,
 }
 
 impl Virtiofsd {
@@ -110,6 +114,7 @@ impl Virtiofsd {
         Ok(Self {
             child,
             socket: socket.to_owned(),
+            log: log.to_owned(),
         })
     }
 
@@ -121,15 +126,36 @@ impl Virtiofsd {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_find_program_sh_found_and_missing_none() {
-        assert!(find_program("sh").is_some());
-        assert!(find_program("husk-no-such-program").is_none());
+/// Waits until the VMM exits or one of its virtiofsd helpers does. A VM whose share is gone
+/// cannot go on (the guest's file system requests would wait forever), so a helper's exit ends
+/// the wait as an error naming it; the caller then stops the VM.
+pub(crate) async fn wait_vm(
+    vmm: Option<&mut Child>,
+    fs: &mut [Virtiofsd],
+) -> Result<VmExit, HypervisorError> {
+    let vmm = vmm.ok_or(HypervisorError::NotStarted)?;
+    tokio::select! {
+        status = vmm.wait() => Ok(VmExit { status: status.map_err(HypervisorError::Process)? }),
+        (i, status) = first_exit(fs) => {
+            let status = status.map_err(HypervisorError::Process)?;
+            let detail = crate::tail_lines(&fs[i].log, 3).join(" | ");
+            Err(HelperExited { program: "virtiofsd", status, detail }.into())
+        }
     }
+}
+
+/// Index and exit status of the first virtiofsd to exit; never resolves when there is none.
+async fn first_exit(fs: &mut [Virtiofsd]) -> (usize, std::io::Result<std::process::ExitStatus>) {
+    let mut waits: Vec<_> = fs.iter_mut().map(|f| Box::pin(f.child.wait())).collect();
+    std::future::poll_fn(|cx| {
+        for (i, wait) in waits.iter_mut().enumerate() {
+            if let Poll::Ready(status) = wait.as_mut().poll(cx) {
+                return Poll::Ready((i, status));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// The virtiofsd binary if `config` shares directories, after checking that the guest kernel
@@ -164,4 +190,15 @@ pub(crate) fn find_beside_or_in_path(name: &str) -> Option<PathBuf> {
     beside
         .filter(|p| p.is_file())
         .or_else(|| find_program(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_find_program_sh_found_and_missing_none() {
+        assert!(find_program("sh").is_some());
+        assert!(find_program("husk-no-such-program").is_none());
+    }
 }

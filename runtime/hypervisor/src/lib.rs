@@ -122,18 +122,30 @@ pub fn new_door(
     match kind {
         HypervisorKind::Qemu => Ok(Box::new(qemu::QemuDoor::new(config)?)),
         HypervisorKind::Kvm => {
-            let probe = husk_vmm::probe::probe();
+            let probe = probe_logged();
             if !probe.passed {
                 return Err(HypervisorError::KvmUnusable(probe.detail));
             }
             Ok(Box::new(kvm::KvmDoor::new(config)?))
         }
         // The built-in VMM where the host's KVM can run a full guest, QEMU (TCG) elsewhere.
-        HypervisorKind::Auto => match husk_vmm::probe::probe().passed {
+        HypervisorKind::Auto => match probe_logged().passed {
             true => Ok(Box::new(kvm::KvmDoor::new(config)?)),
             false => Ok(Box::new(qemu::QemuDoor::new(config)?)),
         },
     }
+}
+
+/// Runs the KVM probe and logs what it found.
+fn probe_logged() -> ProbeReport {
+    let probe = husk_vmm::probe::probe();
+    tracing::debug!(
+        passed = probe.passed,
+        elapsed_ms = probe.elapsed.as_secs_f64() * 1e3,
+        detail = %probe.detail,
+        "KVM probe"
+    );
+    probe
 }
 
 /// Last `lines` lines of a text file, for error messages (empty when unreadable).

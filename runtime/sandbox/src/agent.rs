@@ -168,11 +168,12 @@ impl AgentClient {
         .await
     }
 
-    /// Asks the agent to power the VM off.
+    /// Asks the agent to power the VM off. The connection closes on return, which tells the
+    /// agent its acknowledgement arrived and it may power off.
     ///
     /// # Errors
     /// A transport error.
-    pub async fn shutdown(&mut self) -> Result<(), SandboxError> {
+    pub async fn shutdown(mut self) -> Result<(), SandboxError> {
         self.request_ok(&Request::Shutdown).await
     }
 

@@ -131,7 +131,7 @@ async fn run_in_vm(
     for output in outputs {
         let _ = output.await;
     }
-    power_off(vm, &mut agent).await;
+    power_off(vm, agent).await;
     debug!("VM powered off");
     let timings = Timings {
         boot_to_agent: t_ready - t_boot,
@@ -255,7 +255,7 @@ enum Escalation {
 }
 
 /// Asks the agent to power the guest off and gives it a moment; the door kills what remains.
-async fn power_off(vm: &mut dyn Hypervisor, agent: &mut AgentClient) {
+async fn power_off(vm: &mut dyn Hypervisor, agent: AgentClient) {
     if agent.shutdown().await.is_ok() {
         let _ = tokio::time::timeout(POWEROFF_GRACE, vm.wait()).await;
     }

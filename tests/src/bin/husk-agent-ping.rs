@@ -27,7 +27,7 @@ fn main() {
     let code = runtime.block_on(async {
         let start = Instant::now();
         let deadline = start + Duration::from_secs(secs);
-        let mut client = match AgentClient::connect(&uds, deadline).await {
+        let client = match AgentClient::connect(&uds, deadline).await {
             Ok(client) => client,
             Err(e) => {
                 eprintln!("husk-agent-ping: {e}");

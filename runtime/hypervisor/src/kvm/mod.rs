@@ -102,9 +102,7 @@ impl Hypervisor for KvmDoor {
     }
 
     async fn wait(&mut self) -> Result<VmExit, HypervisorError> {
-        let child = self.child.as_mut().ok_or(HypervisorError::NotStarted)?;
-        let status = child.wait().await.map_err(HypervisorError::Process)?;
-        Ok(VmExit { status })
+        helpers::wait_vm(self.child.as_mut(), &mut self.fs).await
     }
 
     async fn stop(&mut self) -> Result<(), HypervisorError> {
