@@ -140,24 +140,29 @@ fn test_husk_run_through_builtin_vmm_in_emulated_test_host() {
     };
     let start = Instant::now();
     let text = run_nested(&env, "husk-run.sh", &[canonical(env.husk.clone())]);
-    let summary = text
-        .lines()
-        .find(|l| l.starts_with("HUSK-RUN-EXIT"))
-        .unwrap_or("no HUSK-RUN-EXIT line");
-    let timings = text
-        .lines()
-        .find(|l| l.starts_with("husk: timings:"))
-        .unwrap_or("no timings");
+    let lines =
+        |prefix: &str| -> Vec<&str> { text.lines().filter(|l| l.starts_with(prefix)).collect() };
     println!(
-        "nested: {summary}; {timings}; whole nest {} ms",
+        "nested: {:?}; {:?}; whole nest {} ms",
+        lines("HUSK-RUN "),
+        lines("husk: timings:"),
         start.elapsed().as_millis()
     );
-    assert!(
-        text.contains("built-in VMM: kernel 6.12"),
-        "container output missing:\n{text}"
-    );
-    assert!(
-        text.contains("NESTED-EXIT 0"),
-        "husk run through the built-in VMM failed:\n{text}"
-    );
+    for (what, expected) in [
+        (
+            "auto picks the built-in VMM",
+            "auto door: kvm (the built-in VMM)",
+        ),
+        ("container output with stdin", "built-in VMM: kernel 6.12"),
+        ("stdin relayed", "stdin=from-host-stdin"),
+        ("exit code", "HUSK-RUN c1 EXIT 3 "),
+        ("exit by signal", "HUSK-RUN c2 EXIT 137 "),
+        ("nothing left behind", "LEFT-BEHIND []"),
+        ("the whole job", "NESTED-EXIT 0"),
+    ] {
+        assert!(
+            text.contains(expected),
+            "{what}: no `{expected}` in:\n{text}"
+        );
+    }
 }

@@ -1,6 +1,10 @@
 #!/bin/sh
-# Inside the emulated test host: `husk run --hypervisor kvm` of a busybox bundle, the whole
-# path through the built-in VMM (boot, vsock, virtio-fs rootfs, exit code, teardown).
+# Inside the emulated test host: `husk run` of a busybox bundle through the built-in VMM, the
+# whole path (boot, vsock, virtio-fs rootfs, stdin, exit codes, teardown) in two runs:
+#   c1: --hypervisor kvm, reads a line from stdin, prints it and the kernel release, exits 3;
+#   c2: --hypervisor auto (must pick the built-in VMM here), SIGTERM to husk once the container
+#       runs: forwarded, ignored by the container's PID 1, SIGKILL after the grace: 137.
+# Prints one `HUSK-RUN <id> EXIT <code> WALL-MS <ms>` line per run and `LEFT-BEHIND [...]`.
 # Usage: husk-run.sh HUSK
 husk=$1
 bundle=/run/bundle
@@ -8,22 +12,39 @@ mkdir -p "$bundle/rootfs/bin" "$bundle/rootfs/proc" "$bundle/rootfs/sys" "$bundl
 cp "$(command -v busybox)" "$bundle/rootfs/bin/busybox"
 ln -s busybox "$bundle/rootfs/bin/sh"
 ln -s busybox "$bundle/rootfs/bin/uname"
+ln -s busybox "$bundle/rootfs/bin/sleep"
 "$husk" spec --bundle "$bundle" || exit 11
-sed -i 's|"sh"$|"sh", "-c", "echo built-in VMM: kernel $(uname -r); exit 3"|' "$bundle/config.json"
+cp "$bundle/config.json" /run/config.json
 "$husk" check
-start=$(date +%s%N)
-"$husk" --debug --root /run/husk run --hypervisor kvm --timings --bundle "$bundle" c1 &
-pid=$!
-# A hang shows its logs (console, VMM, virtiofsd) before it is ended.
-( sleep 60; kill -0 $pid 2>/dev/null || exit 0
-  for f in $(find /run/husk /run/tmp -name '*.log' 2>/dev/null); do echo "== $f"; tail -n 30 "$f"; done
-  kill $pid ) &
-watchdog=$!
-wait $pid
-status=$?
-kill $watchdog 2>/dev/null
-end=$(date +%s%N)
-echo "HUSK-RUN-EXIT $status WALL-MS $(( (end - start) / 1000000 ))"
+
+# run ID HYPERVISOR SCRIPT [SIGNAL]: husk run with a watchdog that shows the logs of a hang (console,
+# VMM, virtiofsd) before it ends husk; stdin comes from the caller.
+run() {
+    sed "s|\"sh\"$|\"sh\", \"-c\", \"$3\"|" /run/config.json > "$bundle/config.json"
+    start=$(date +%s%N)
+    # A background command's stdin is /dev/null unless redirected explicitly: hand it over.
+    exec 3<&0
+    "$husk" --debug --root /run/husk run --hypervisor "$2" --timings --bundle "$bundle" "$1" <&3 &
+    pid=$!
+    ( sleep 60; kill -0 $pid 2>/dev/null || exit 0
+      for f in $(find /run/husk /run/tmp -name '*.log' 2>/dev/null); do echo "== $f"; tail -n 30 "$f"; done
+      kill $pid ) &
+    watchdog=$!
+    if [ -n "$4" ]; then
+        # Once the container printed "running", signal husk.
+        until grep -q running /run/out 2>/dev/null || ! kill -0 $pid 2>/dev/null; do sleep 0.2; done
+        kill -$4 $pid
+    fi
+    wait $pid
+    status=$?
+    kill $watchdog 2>/dev/null
+    end=$(date +%s%N)
+    echo "HUSK-RUN $1 EXIT $status WALL-MS $(( (end - start) / 1000000 ))"
+}
+
+echo "from-host-stdin" | run c1 kvm 'read line; echo built-in VMM: kernel $(uname -r) stdin=$line; exit 3'
+run c2 auto 'echo running; sleep 600' TERM < /dev/null > /run/out
+cat /run/out
 left=$(ls -A /run/husk 2>/dev/null)
 echo "LEFT-BEHIND [$left]"
-[ $status -eq 3 ] && [ -z "$left" ]
+[ -z "$left" ]

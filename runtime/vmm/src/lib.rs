@@ -13,8 +13,10 @@ mod error;
 pub mod layout;
 pub mod legacy;
 pub mod probe;
+mod report;
 mod vm;
 pub mod x86;
 
 pub use error::VmmError;
+pub use report::{monotonic_now, MemoryUsage, RunReport};
 pub use vm::{CpuMode, Entry, ExitReason, Vm, VmConfig};

@@ -3,8 +3,10 @@
 //!
 //! `husk-vmm --kernel K --initramfs I --console LOG --vsock-uds SOCK [--fs TAG=SOCK]... [--memory-mib N] [--cmdline S]`
 //! boots the Linux guest with a serial console to LOG and the vsock device (hybrid vsock on
-//! SOCK). Exit status: 0 when the guest reset the machine (its power-off), 2 for any other end of
-//! the guest (the reason on stderr), 1 when the VM could not be built.
+//! SOCK). `--payload FILE` runs raw 64-bit code instead (tests and benches); `--report` prints
+//! one JSON line of measurements to stdout at the end. Exit status: 0 when the guest reset the
+//! machine (its power-off) or wrote 'O' to the debug-exit port, 2 for any other end of the
+//! guest (the reason on stderr), 1 when the VM could not be built.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +14,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use husk_devices::{VhostUserFs, VirtioMmioDevice, VsockConfig, VsockMmio};
-use husk_vmm::{Entry, ExitReason, Vm, VmConfig};
+use husk_vmm::{CpuMode, Entry, ExitReason, RunReport, Vm, VmConfig};
 
 /// Guest CID of every husk VM (each VM has its own vsock device).
 const GUEST_CID: u64 = 3;
@@ -25,17 +27,20 @@ const GUEST_CID: u64 = 3;
 )]
 struct Args {
     /// Guest kernel (ELF vmlinux).
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "payload", requires = "initramfs")]
+    kernel: Option<PathBuf>,
     /// Guest initramfs.
-    #[arg(long)]
-    initramfs: PathBuf,
+    #[arg(long, requires = "kernel")]
+    initramfs: Option<PathBuf>,
+    /// Raw 64-bit code loaded at 0x10000 and entered in long mode instead of a kernel.
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs"])]
+    payload: Option<PathBuf>,
     /// File the serial console is written to.
     #[arg(long)]
     console: PathBuf,
-    /// Host side of the hybrid vsock.
+    /// Host side of the hybrid vsock (no vsock device without it).
     #[arg(long)]
-    vsock_uds: PathBuf,
+    vsock_uds: Option<PathBuf>,
     /// A virtio-fs device: `TAG=SOCKET`, SOCKET being virtiofsd's vhost-user socket
     /// (repeatable).
     #[arg(long = "fs", value_parser = parse_fs)]
@@ -52,12 +57,19 @@ struct Args {
     /// Stop the guest after this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     timeout_secs: u64,
+    /// At the end print one JSON line to stdout: the exit reason, `CLOCK_MONOTONIC` of the
+    /// guest's first exit, and the process's memory (KiB) with guest RAM still mapped.
+    #[arg(long)]
+    report: bool,
 }
+
+/// Guest-physical address where `--payload` code is loaded and entered.
+const PAYLOAD_ADDR: u64 = 0x1_0000;
 
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
-        Ok(ExitReason::Reset) => ExitCode::SUCCESS,
+        Ok(ExitReason::Reset | ExitReason::DebugExit(b'O')) => ExitCode::SUCCESS,
         Ok(reason) => {
             eprintln!("husk-vmm: guest ended: {reason:?}");
             ExitCode::from(2)
@@ -72,30 +84,74 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
     let console = std::fs::File::create(&args.console)
         .map_err(|e| format!("console {}: {e}", args.console.display()))?;
-    let vsock = VsockMmio::new(&VsockConfig {
-        guest_cid: GUEST_CID,
-        uds_path: args.vsock_uds.clone(),
-    })?;
-    let mut virtio: Vec<Box<dyn VirtioMmioDevice>> = vec![Box::new(vsock)];
+    let mut virtio: Vec<Box<dyn VirtioMmioDevice>> = Vec::new();
+    if let Some(uds) = &args.vsock_uds {
+        virtio.push(Box::new(VsockMmio::new(&VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: uds.clone(),
+        })?));
+    }
     for (tag, socket) in &args.fs {
         virtio.push(Box::new(VhostUserFs::new(tag, socket)?));
     }
+    let (entry, irqchip) = match (&args.payload, &args.kernel, &args.initramfs) {
+        (Some(payload), _, _) => {
+            let code = std::fs::read(payload)
+                .map_err(|e| format!("payload {}: {e}", payload.display()))?;
+            let mode = CpuMode::Long;
+            (
+                Entry::Payload {
+                    code,
+                    addr: PAYLOAD_ADDR,
+                    mode,
+                },
+                false,
+            )
+        }
+        (None, Some(kernel), Some(initramfs)) => {
+            let (kernel, initramfs) = (kernel.clone(), initramfs.clone());
+            let cmdline = args.cmdline.clone();
+            (
+                Entry::Linux {
+                    kernel,
+                    initramfs,
+                    cmdline,
+                },
+                true,
+            )
+        }
+        _ => return Err("--kernel and --initramfs, or --payload, are required".into()),
+    };
     let config = VmConfig {
         memory_mib: args.memory_mib,
-        irqchip: true,
+        irqchip,
         console: Box::new(console),
         virtio,
-        entry: Entry::Linux {
-            kernel: args.kernel.clone(),
-            initramfs: args.initramfs.clone(),
-            cmdline: args.cmdline.clone(),
-        },
+        entry,
     };
     let timeout = match args.timeout_secs {
         0 => Duration::MAX / 4,
         secs => Duration::from_secs(secs),
     };
-    Ok(Vm::new(config)?.run(timeout)?)
+    let report = Vm::new(config)?.run_report(timeout)?;
+    if args.report {
+        print_report(&report);
+    }
+    Ok(report.reason)
+}
+
+/// The `--report` line: nanoseconds and KiB.
+fn print_report(report: &RunReport) {
+    let m = report.memory;
+    let line = serde_json::json!({
+        "reason": format!("{:?}", report.reason),
+        "first_exit_monotonic_ns": report.first_exit.map_or(0, |t| t.as_nanos()),
+        "hwm_kib": m.hwm_kib,
+        "rss_anon_kib": m.rss_anon_kib,
+        "rss_file_kib": m.rss_file_kib,
+        "rss_shmem_kib": m.rss_shmem_kib,
+    });
+    println!("{line}");
 }
 
 fn parse_fs(value: &str) -> Result<(String, PathBuf), String> {

@@ -2,7 +2,7 @@
 //! ends it (reset, debug exit, halt without interrupts, a KVM error) or the host stops it.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use crate::layout::{
     SERIAL_PORT, VIRTIO_IRQ_BASE,
 };
 use crate::legacy::{DebugExit, ExitSignal, SerialDevice, I8042};
+use crate::report::{monotonic_now, MemoryUsage, RunReport};
 use crate::{boot, x86, VmmError};
 
 /// How the vCPU starts.
@@ -254,6 +255,11 @@ impl Vm {
 
     /// Runs the guest until it ends or `timeout` passes; returns why it ended.
     pub fn run(self, timeout: Duration) -> Result<ExitReason, VmmError> {
+        self.run_report(timeout).map(|report| report.reason)
+    }
+
+    /// [`Vm::run`], also reporting when the guest first ran and the process's memory use.
+    pub fn run_report(self, timeout: Duration) -> Result<RunReport, VmmError> {
         install_kick_handler()?;
         let Self {
             mut vcpu,
@@ -263,9 +269,20 @@ impl Vm {
             ..
         } = self;
         let thread_exit = exit.clone();
-        let thread: JoinHandle<()> = std::thread::Builder::new()
-            .name("vcpu0".into())
-            .spawn(move || run_vcpu(&mut vcpu, &io_bus, &mmio_bus, &thread_exit))?;
+        let first_exit = Arc::new(OnceLock::new());
+        let thread_first_exit = first_exit.clone();
+        let thread: JoinHandle<()> =
+            std::thread::Builder::new()
+                .name("vcpu0".into())
+                .spawn(move || {
+                    run_vcpu(
+                        &mut vcpu,
+                        &io_bus,
+                        &mmio_bus,
+                        &thread_exit,
+                        &thread_first_exit,
+                    );
+                })?;
         if exit.wait_timeout(timeout).is_none() {
             exit.exit(ExitReason::TimedOut);
         }
@@ -275,7 +292,11 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(1));
         }
         let _ = thread.join();
-        Ok(exit.reason().unwrap_or(ExitReason::TimedOut))
+        Ok(RunReport {
+            reason: exit.reason().unwrap_or(ExitReason::TimedOut),
+            first_exit: first_exit.get().copied(),
+            memory: MemoryUsage::of_self(),
+        })
     }
 }
 
@@ -345,9 +366,19 @@ fn load(mem: &GuestMemoryMmap, code: &[u8], addr: u64) -> Result<(), VmmError> {
         .map_err(|e| VmmError::Image(e.to_string()))
 }
 
-fn run_vcpu(vcpu: &mut VcpuFd, io: &Bus, mmio: &Bus, exit: &ExitSignal) {
+fn run_vcpu(
+    vcpu: &mut VcpuFd,
+    io: &Bus,
+    mmio: &Bus,
+    exit: &ExitSignal,
+    first_exit: &OnceLock<Duration>,
+) {
     while exit.reason().is_none() {
-        let reason = match vcpu.run() {
+        let run = vcpu.run();
+        if first_exit.get().is_none() {
+            let _ = first_exit.set(monotonic_now());
+        }
+        let reason = match run {
             Ok(VcpuExit::IoOut(port, data)) => {
                 io.write(u64::from(port), data);
                 continue;

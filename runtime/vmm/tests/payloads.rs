@@ -265,3 +265,46 @@ fn test_payload_garbage_to_virtio_mmio_registers_vm_goes_on() {
     );
     assert_eq!(reason, ExitReason::DebugExit(2));
 }
+
+#[test]
+fn test_husk_vmm_binary_payload_report_first_exit_and_memory() {
+    if !kvm_available("test_husk_vmm_binary_payload_report_first_exit_and_memory") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let payload = dir.path().join("payload.bin");
+    let mut code = Vec::new();
+    out_byte(&mut code, true, husk_vmm::layout::DEBUG_EXIT_PORT, b'O');
+    std::fs::write(&payload, &code).unwrap();
+    let spawned = husk_vmm::monotonic_now();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+        .arg("--payload")
+        .arg(&payload)
+        .arg("--console")
+        .arg(dir.path().join("console.log"))
+        .args(["--memory-mib", "16", "--timeout-secs", "10", "--report"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "husk-vmm: {output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["reason"], "DebugExit(79)");
+    let first_exit = report["first_exit_monotonic_ns"].as_u64().unwrap();
+    let since_spawn = Duration::from_nanos(first_exit).checked_sub(spawned);
+    assert!(
+        since_spawn.is_some_and(|d| d < Duration::from_secs(10)),
+        "first exit {first_exit} ns is not after the spawn at {spawned:?}"
+    );
+    let own = report["rss_anon_kib"].as_u64().unwrap() + report["rss_file_kib"].as_u64().unwrap();
+    assert!(own > 0, "no memory reported: {report}");
+}
+
+#[test]
+fn test_husk_vmm_binary_no_kernel_no_payload_error() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+        .args(["--console", "/dev/null"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "clap's usage error");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--kernel"), "{stderr}");
+}
