@@ -4,6 +4,7 @@
 //! `SKIPPED: <reason>` line and returns `None`; it never passes silently otherwise.
 
 mod bundle;
+pub mod nested;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
