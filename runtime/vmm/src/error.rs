@@ -21,6 +21,9 @@ pub enum VmmError {
     /// The guest image does not fit or cannot be loaded.
     #[error("guest image: {0}")]
     Image(String),
+    /// The VMM could not confine itself (seccomp filter, capabilities).
+    #[error("confining the VMM: {0}")]
+    Confine(String),
     /// An I/O error (event fds, threads, files).
     #[error(transparent)]
     Io(#[from] std::io::Error),

@@ -5,10 +5,12 @@
 //!   the legacy devices ([`legacy`]: 8250 serial, i8042 for reset, a debug-exit port);
 //! - [`x86`]: what a vCPU needs before its first instruction (CPUID, MSRs, FPU, registers,
 //!   GDT and identity page tables for 64-bit entry, LAPIC);
-//! - [`layout`]: where everything lives in guest-physical memory.
+//! - [`layout`]: where everything lives in guest-physical memory;
+//! - [`confine`]: the seccomp allowlist and capability drop the VMM runs under.
 
 mod boot;
 pub mod bus;
+pub mod confine;
 mod error;
 pub mod layout;
 pub mod legacy;

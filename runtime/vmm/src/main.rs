@@ -4,7 +4,8 @@
 //! `husk-vmm --kernel K --initramfs I --console LOG --vsock-uds SOCK [--fs TAG=SOCK]... [--memory-mib N] [--cmdline S]`
 //! boots the Linux guest with a serial console to LOG and the vsock device (hybrid vsock on
 //! SOCK). `--payload FILE` runs raw 64-bit code instead (tests and benches); `--report` prints
-//! one JSON line of measurements to stdout at the end. Exit status: 0 when the guest reset the
+//! one JSON line of measurements to stdout at the end. The process drops every capability
+//! first and, once the VM is built, runs under a seccomp allowlist (`husk_vmm::confine`). Exit status: 0 when the guest reset the
 //! machine (its power-off) or wrote 'O' to the debug-exit port, 2 for any other end of the
 //! guest (the reason on stderr), 1 when the VM could not be built.
 
@@ -61,6 +62,10 @@ struct Args {
     /// guest's first exit, and the process's memory (KiB) with guest RAM still mapped.
     #[arg(long)]
     report: bool,
+    /// Run without the seccomp filter and with the capabilities it was started with (for
+    /// debugging the VMM; never what husk starts).
+    #[arg(long)]
+    no_confine: bool,
 }
 
 /// Guest-physical address where `--payload` code is loaded and entered.
@@ -82,6 +87,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
+    // While the process has one thread: capabilities are per thread.
+    if !args.no_confine {
+        husk_vmm::confine::drop_capabilities()?;
+    }
     let console = std::fs::File::create(&args.console)
         .map_err(|e| format!("console {}: {e}", args.console.display()))?;
     let mut virtio: Vec<Box<dyn VirtioMmioDevice>> = Vec::new();
@@ -133,7 +142,11 @@ fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
         0 => Duration::MAX / 4,
         secs => Duration::from_secs(secs),
     };
-    let report = Vm::new(config)?.run_report(timeout)?;
+    let vm = Vm::new(config)?;
+    if !args.no_confine {
+        husk_vmm::confine::install_filter()?;
+    }
+    let report = vm.run_report(timeout)?;
     if args.report {
         print_report(&report);
     }

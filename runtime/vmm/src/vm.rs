@@ -111,6 +111,8 @@ pub struct Vm {
     exit: ExitSignal,
     vcpu: VcpuFd,
     _irqs: Vec<EventFd>,
+    /// /proc/self/status, opened while files may still be opened, for [`RunReport::memory`].
+    status: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -245,6 +247,7 @@ impl Vm {
             exit,
             vcpu,
             _irqs: irqs,
+            status: std::fs::File::open("/proc/self/status").ok(),
         })
     }
 
@@ -266,6 +269,7 @@ impl Vm {
             io_bus,
             mmio_bus,
             exit,
+            mut status,
             ..
         } = self;
         let thread_exit = exit.clone();
@@ -295,7 +299,7 @@ impl Vm {
         Ok(RunReport {
             reason: exit.reason().unwrap_or(ExitReason::TimedOut),
             first_exit: first_exit.get().copied(),
-            memory: MemoryUsage::of_self(),
+            memory: status.as_mut().map(MemoryUsage::read).unwrap_or_default(),
         })
     }
 }

@@ -107,7 +107,9 @@ pub struct VsockConfig {
     /// The guest's context ID (3 ..= `u32::MAX - 1`), exposed in the device config space.
     pub guest_cid: u64,
     /// Host-side Unix socket: host processes connect here and write `CONNECT <port>\n`;
-    /// guest connections to host port `P` go to `<uds_path>_<P>`.
+    /// guest connections to host port `P` go to `<uds_path>_<P>`. The socket file stays when
+    /// the device goes: it belongs to whoever chose its path (husk's run directory), and the
+    /// confined built-in VMM may not unlink files.
     pub uds_path: PathBuf,
 }
 

@@ -551,13 +551,6 @@ impl VsockBackend for VsockUnixBackend {
     }
 }
 
-impl Drop for VsockUnixBackend {
-    fn drop(&mut self) {
-        // We bound it, so we remove it; the fds close with their owners.
-        let _ = std::fs::remove_file(&self.uds_path);
-    }
-}
-
 /// `CONNECT <port>` (keyword case-insensitive, exactly two words) to the port.
 fn parse_connect_line(line: &[u8]) -> Option<u32> {
     let line = std::str::from_utf8(line).ok()?;

@@ -1,0 +1,142 @@
+//! What the VMM keeps once its VM is built: a seccomp allowlist on every thread (seccompiler)
+//! and no capabilities. A VMM taken over by its guest can then run its vCPU, serve its devices
+//! and exit, and little else: no new files, no exec, no ptrace, no mounts.
+//!
+//! The list is what husk-vmm was seen to call after setup (strace in the emulated test host,
+//! booting the guest and running a container over vsock and virtio-fs), plus its error and
+//! teardown paths. A syscall outside it kills the process (SIGSYS), which the door reports.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+use crate::VmmError;
+
+/// Syscalls the running VMM may make.
+const ALLOWED: &[i64] = &[
+    // vCPU, devices' event loops, irqfd/ioeventfd and their event fds.
+    libc::SYS_ioctl,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_lseek,
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_eventfd2,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    // Hybrid vsock: the host's connections on the Unix socket, the guest's to `<uds>_<port>`;
+    // vhost-user messages (with file descriptors) to virtiofsd.
+    libc::SYS_accept4,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    // Memory, threads (the vCPU thread starts after the filter), locks, time, signals.
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_mremap,
+    libc::SYS_brk,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_prctl,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_yield,
+    libc::SYS_futex,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_getrandom,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// The allowlist as a BPF program; anything else kills the process.
+///
+/// # Errors
+/// [`VmmError::Confine`] if seccompiler rejects it.
+pub fn filter() -> Result<BpfProgram, VmmError> {
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| VmmError::Confine(e.to_string()))?;
+    BpfProgram::try_from(filter).map_err(|e| VmmError::Confine(e.to_string()))
+}
+
+/// Drops every capability (all sets, bounding and ambient included). Capabilities are per
+/// thread: call this while the process has one thread, before the VM's device threads start.
+/// Building the VM needs none (root owns /dev/kvm's node and the run directory).
+///
+/// # Errors
+/// [`VmmError::Confine`] naming the set that could not be cleared.
+pub fn drop_capabilities() -> Result<(), VmmError> {
+    let err = |what: &str, e: caps::errors::CapsError| VmmError::Confine(format!("{what}: {e}"));
+    // The bounding set needs CAP_SETPCAP, so it goes first.
+    if caps::has_cap(None, caps::CapSet::Effective, caps::Capability::CAP_SETPCAP).unwrap_or(false)
+    {
+        caps::clear(None, caps::CapSet::Bounding).map_err(|e| err("bounding set", e))?;
+    }
+    for (name, set) in [
+        ("ambient", caps::CapSet::Ambient),
+        ("inheritable", caps::CapSet::Inheritable),
+        ("effective", caps::CapSet::Effective),
+        ("permitted", caps::CapSet::Permitted),
+    ] {
+        caps::clear(None, set).map_err(|e| err(name, e))?;
+    }
+    Ok(())
+}
+
+/// Installs [`filter`] on every thread of the process (and so on the threads they start).
+///
+/// # Errors
+/// [`VmmError::Confine`] if the kernel refuses the filter.
+pub fn install_filter() -> Result<(), VmmError> {
+    let program = filter()?;
+    seccompiler::apply_filter_all_threads(&program)
+        .map_err(|e| VmmError::Confine(format!("seccomp: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_filter_compiles_allowlist_no_duplicates() {
+        let mut sorted = ALLOWED.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ALLOWED.len(), "a syscall is listed twice");
+        let program = filter().unwrap();
+        assert!(
+            program.len() > ALLOWED.len(),
+            "one check per syscall at least"
+        );
+    }
+}
