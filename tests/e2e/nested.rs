@@ -65,6 +65,7 @@ fn test_husk_run_through_builtin_vmm_in_emulated_test_host() {
         ),
         ("container output with stdin", "built-in VMM: kernel 6.12"),
         ("stdin relayed", "stdin=from-host-stdin"),
+        ("two vCPUs from the MP table", "cpus=2"),
         ("exit code", "HUSK-RUN c1 EXIT 3 "),
         ("exit by signal", "HUSK-RUN c2 EXIT 137 "),
         ("nothing left behind", "LEFT-BEHIND []"),

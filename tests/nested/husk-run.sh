@@ -1,7 +1,8 @@
 #!/bin/sh
 # Inside the emulated test host: `husk run` of a busybox bundle through the built-in VMM, the
 # whole path (boot, vsock, virtio-fs rootfs, stdin, exit codes, teardown) in two runs:
-#   c1: --hypervisor kvm, reads a line from stdin, prints it and the kernel release, exits 3;
+#   c1: --hypervisor kvm --vcpus 2, reads a line from stdin, prints it, the kernel release and
+#       the number of CPUs the container sees (the MP table's), exits 3;
 #   c2: --hypervisor auto (must pick the built-in VMM here), SIGTERM to husk once the container
 #       runs: forwarded, ignored by the container's PID 1, SIGKILL after the grace: 137.
 # Prints one `HUSK-RUN <id> EXIT <code> WALL-MS <ms>` line per run and `LEFT-BEHIND [...]`.
@@ -13,18 +14,19 @@ cp "$(command -v busybox)" "$bundle/rootfs/bin/busybox"
 ln -s busybox "$bundle/rootfs/bin/sh"
 ln -s busybox "$bundle/rootfs/bin/uname"
 ln -s busybox "$bundle/rootfs/bin/sleep"
+ln -s busybox "$bundle/rootfs/bin/nproc"
 "$husk" spec --bundle "$bundle" || exit 11
 cp "$bundle/config.json" /run/config.json
 "$husk" check
 
-# run ID HYPERVISOR SCRIPT [SIGNAL]: husk run with a watchdog that shows the logs of a hang (console,
+# run ID HYPERVISOR SCRIPT [SIGNAL]: husk run (with $flags) with a watchdog that shows the logs of a hang (console,
 # VMM, virtiofsd) before it ends husk; stdin comes from the caller.
 run() {
     sed "s|\"sh\"$|\"sh\", \"-c\", \"$3\"|" /run/config.json > "$bundle/config.json"
     start=$(date +%s%N)
     # A background command's stdin is /dev/null unless redirected explicitly: hand it over.
     exec 3<&0
-    "$husk" --debug --root /run/husk run --hypervisor "$2" --timings --bundle "$bundle" "$1" <&3 &
+    "$husk" --debug --root /run/husk run --hypervisor "$2" $flags --timings --bundle "$bundle" "$1" <&3 &
     pid=$!
     ( sleep 60; kill -0 $pid 2>/dev/null || exit 0
       for f in $(find /run/husk /run/tmp -name '*.log' 2>/dev/null); do echo "== $f"; tail -n 30 "$f"; done
@@ -42,7 +44,9 @@ run() {
     echo "HUSK-RUN $1 EXIT $status WALL-MS $(( (end - start) / 1000000 ))"
 }
 
-echo "from-host-stdin" | run c1 kvm 'read line; echo built-in VMM: kernel $(uname -r) stdin=$line; exit 3'
+flags="--vcpus 2"
+echo "from-host-stdin" | run c1 kvm 'read line; echo built-in VMM: kernel $(uname -r) stdin=$line cpus=$(nproc); exit 3'
+flags=
 run c2 auto 'echo running; sleep 600' TERM < /dev/null > /run/out
 cat /run/out
 left=$(ls -A /run/husk 2>/dev/null)

@@ -23,8 +23,8 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=65536))]
     memory: u32,
-    /// Guest vCPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// Guest vCPUs (the guest kernel is built for up to 32).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32))]
     vcpus: u32,
     /// Seconds the guest may take to boot to its agent.
     #[arg(long, default_value_t = 60)]

@@ -14,6 +14,7 @@ pub mod confine;
 mod error;
 pub mod layout;
 pub mod legacy;
+pub mod mptable;
 pub mod probe;
 mod report;
 mod vm;

@@ -1,7 +1,7 @@
 //! `husk-vmm`: one built-in-VMM virtual machine as a process of its own (the door spawns it, so
 //! that the VM has its own pid, lifetime and, later, seccomp filter).
 //!
-//! `husk-vmm --kernel K --initramfs I --console LOG --vsock-uds SOCK [--fs TAG=SOCK]... [--memory-mib N] [--cmdline S]`
+//! `husk-vmm --kernel K --initramfs I --console LOG --vsock-uds SOCK [--fs TAG=SOCK]... [--memory-mib N] [--vcpus N] [--cmdline S]`
 //! boots the Linux guest with a serial console to LOG and the vsock device (hybrid vsock on
 //! SOCK). `--payload FILE` runs raw 64-bit code instead (tests and benches); `--report` prints
 //! one JSON line of measurements to stdout at the end. The process drops every capability
@@ -49,6 +49,10 @@ struct Args {
     /// Guest RAM.
     #[arg(long, default_value_t = 256)]
     memory_mib: u32,
+    /// vCPUs of the Linux guest (a payload runs on one).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(husk_vmm::mptable::MAX_VCPUS)))]
+    vcpus: u8,
     /// Kernel command line (the VMM appends its virtio-mmio devices).
     #[arg(
         long,
@@ -125,6 +129,7 @@ fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
                     kernel,
                     initramfs,
                     cmdline,
+                    vcpus: args.vcpus,
                 },
                 true,
             )

@@ -1,5 +1,5 @@
-//! A KVM virtual machine: memory, one vCPU thread, buses, legacy devices; runs until the guest
-//! ends it (reset, debug exit, halt without interrupts, a KVM error) or the host stops it.
+//! A KVM virtual machine: memory, one thread per vCPU, buses, legacy devices; runs until the
+//! guest ends it (reset, debug exit, halt without interrupts, a KVM error) or the host stops it.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, Once, OnceLock};
@@ -23,7 +23,7 @@ use crate::layout::{
 };
 use crate::legacy::{DebugExit, ExitSignal, SerialDevice, I8042};
 use crate::report::{monotonic_now, MemoryUsage, RunReport};
-use crate::{boot, x86, VmmError};
+use crate::{boot, mptable, x86, VmmError};
 
 /// How the vCPU starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +47,8 @@ pub enum Entry {
         mode: CpuMode,
     },
     /// A Linux kernel (ELF `vmlinux`) booted directly, with its initramfs and command line (to
-    /// which the VMM appends its virtio-mmio devices).
+    /// which the VMM appends its virtio-mmio devices), on `vcpus` vCPUs listed in an MP table
+    /// (vCPU 0 boots; the others wait in KVM for the guest's INIT/SIPI). Needs the irqchip.
     Linux {
         /// The `vmlinux`.
         kernel: std::path::PathBuf,
@@ -55,6 +56,8 @@ pub enum Entry {
         initramfs: std::path::PathBuf,
         /// Kernel command line.
         cmdline: String,
+        /// Number of vCPUs, 1 to [`crate::mptable::MAX_VCPUS`].
+        vcpus: u8,
     },
 }
 
@@ -109,7 +112,8 @@ pub struct Vm {
     io_bus: Bus,
     mmio_bus: Bus,
     exit: ExitSignal,
-    vcpu: VcpuFd,
+    /// vCPU 0 first.
+    vcpus: Vec<VcpuFd>,
     _irqs: Vec<EventFd>,
     /// /proc/self/status, opened while files may still be opened, for [`RunReport::memory`].
     status: Option<std::fs::File>,
@@ -196,13 +200,31 @@ impl Vm {
                 .map_err(VmmError::Image)?;
             irqs.push(irq);
         }
-        let vcpu = fd.create_vcpu(0).map_err(VmmError::ioctl("create vcpu"))?;
-        x86::setup_cpuid(&kvm, &vcpu, 0)?;
-        x86::setup_msrs(&vcpu)?;
-        x86::setup_fpu(&vcpu)?;
-        if config.irqchip {
-            x86::setup_lapic(&vcpu)?;
+        let count = match &config.entry {
+            Entry::Payload { .. } => 1,
+            Entry::Linux { vcpus, .. } if !config.irqchip && *vcpus > 1 => {
+                return Err(VmmError::Image(format!(
+                    "{vcpus} vCPUs need the in-kernel irqchip"
+                )));
+            }
+            Entry::Linux { vcpus, .. } => *vcpus,
+        };
+        let mut vcpus = Vec::new();
+        for id in 0..count {
+            let vcpu = fd
+                .create_vcpu(u64::from(id))
+                .map_err(VmmError::ioctl("create vcpu"))?;
+            x86::setup_cpuid(&kvm, &vcpu, id)?;
+            x86::setup_msrs(&vcpu)?;
+            x86::setup_fpu(&vcpu)?;
+            if config.irqchip {
+                x86::setup_lapic(&vcpu)?;
+            }
+            vcpus.push(vcpu);
         }
+        let vcpu = vcpus
+            .first()
+            .ok_or_else(|| VmmError::Image("no vCPU".into()))?;
         match &config.entry {
             Entry::Payload { code, addr, mode } => {
                 load(&mem, code, *addr)?;
@@ -212,10 +234,10 @@ impl Vm {
                             "real-mode entry {addr:#x} is above 64 KiB"
                         )));
                     }
-                    CpuMode::Real => x86::setup_real_mode(&vcpu, *addr)?,
+                    CpuMode::Real => x86::setup_real_mode(vcpu, *addr)?,
                     CpuMode::Long => {
-                        x86::setup_sregs_long(&mem, &vcpu)?;
-                        x86::setup_regs_long(&vcpu, *addr, 0)?;
+                        x86::setup_sregs_long(&mem, vcpu)?;
+                        x86::setup_regs_long(vcpu, *addr, 0)?;
                     }
                 }
             }
@@ -223,7 +245,9 @@ impl Vm {
                 kernel,
                 initramfs,
                 cmdline,
+                vcpus: _,
             } => {
+                mptable::write(&mem, count)?;
                 let mut line = cmdline.clone();
                 for i in 0..virtio_count {
                     let base = MMIO_START + u64::from(i) * MMIO_DEVICE_SIZE;
@@ -233,8 +257,8 @@ impl Vm {
                     ));
                 }
                 let entry = boot::load_linux(&mem, kernel, initramfs, &line)?;
-                x86::setup_sregs_long(&mem, &vcpu)?;
-                x86::setup_regs_long(&vcpu, entry.entry, entry.zero_page)?;
+                x86::setup_sregs_long(&mem, vcpu)?;
+                x86::setup_regs_long(vcpu, entry.entry, entry.zero_page)?;
             }
         }
         irqs.push(serial_irq);
@@ -245,7 +269,7 @@ impl Vm {
             io_bus,
             mmio_bus,
             exit,
-            vcpu,
+            vcpus,
             _irqs: irqs,
             status: std::fs::File::open("/proc/self/status").ok(),
         })
@@ -265,37 +289,43 @@ impl Vm {
     pub fn run_report(self, timeout: Duration) -> Result<RunReport, VmmError> {
         install_kick_handler()?;
         let Self {
-            mut vcpu,
+            vcpus,
             io_bus,
             mmio_bus,
             exit,
             mut status,
             ..
         } = self;
-        let thread_exit = exit.clone();
+        let (io_bus, mmio_bus) = (Arc::new(io_bus), Arc::new(mmio_bus));
         let first_exit = Arc::new(OnceLock::new());
-        let thread_first_exit = first_exit.clone();
-        let thread: JoinHandle<()> =
-            std::thread::Builder::new()
-                .name("vcpu0".into())
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (id, mut vcpu) in vcpus.into_iter().enumerate() {
+            let (io_bus, mmio_bus) = (io_bus.clone(), mmio_bus.clone());
+            let (thread_exit, first_exit) = (exit.clone(), first_exit.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    run_vcpu(
-                        &mut vcpu,
-                        &io_bus,
-                        &mmio_bus,
-                        &thread_exit,
-                        &thread_first_exit,
-                    );
-                })?;
+                    run_vcpu(&mut vcpu, &io_bus, &mmio_bus, &thread_exit, &first_exit);
+                });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    exit.exit(ExitReason::Unhandled(format!("vCPU thread: {e}")));
+                    break;
+                }
+            }
+        }
         if exit.wait_timeout(timeout).is_none() {
             exit.exit(ExitReason::TimedOut);
         }
-        // Kick the vCPU out of KVM_RUN until its thread sees the exit.
-        while !thread.is_finished() {
-            let _ = thread.kill(SIGRTMIN());
-            std::thread::sleep(Duration::from_millis(1));
+        // Kick every vCPU out of KVM_RUN until its thread sees the exit.
+        for thread in threads {
+            while !thread.is_finished() {
+                let _ = thread.kill(SIGRTMIN());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = thread.join();
         }
-        let _ = thread.join();
         Ok(RunReport {
             reason: exit.reason().unwrap_or(ExitReason::TimedOut),
             first_exit: first_exit.get().copied(),

@@ -60,6 +60,8 @@ impl Hypervisor for KvmDoor {
         cmd.args([
             "--memory-mib",
             &self.config.memory_mib.to_string(),
+            "--vcpus",
+            &self.config.vcpus.to_string(),
             "--cmdline",
             KERNEL_CMDLINE,
         ]);
