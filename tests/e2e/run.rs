@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader};
 
-use husk_e2e::harness::{stderr, stdout, Env, TestBundle};
+use husk_e2e::harness::{stderr, stdout, which, Env, TestBundle};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -226,5 +226,82 @@ fn test_run_timings_flag_reports_phases() {
     for key in ["boot_to_agent_ms=", "container_start_ms=", "total_ms="] {
         assert!(err.contains(key), "{key} missing in {err:?}");
     }
+    husk.assert_clean();
+}
+
+#[test]
+fn test_run_disk_image_rootfs_ext4_on_virtio_blk_persists_and_unmounts_clean() {
+    let Some(env) =
+        Env::get("test_run_disk_image_rootfs_ext4_on_virtio_blk_persists_and_unmounts_clean")
+    else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(
+        &husk,
+        &[
+            "sh",
+            "-c",
+            "grep ' / ' /proc/mounts; echo written-in-guest > /data.txt",
+        ],
+    )
+    .into_disk_image(16);
+    bundle.edit(|c| c["root"]["readonly"] = false.into());
+    let out = husk.run(&bundle, "disk1", b"");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("/dev/vda / ext4 rw"),
+        "rootfs is not the virtio-blk disk: {}",
+        stdout(&out)
+    );
+    husk.assert_clean();
+    // The guest unmounted the filesystem cleanly: no journal left to replay.
+    let image = bundle.path().join("rootfs.img");
+    let fsck = std::process::Command::new(which("e2fsck"))
+        .arg("-fn")
+        .arg(&image)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    // A second VM sees what the first wrote.
+    bundle.edit(|c| c["process"]["args"] = serde_json::json!(["cat", "/data.txt"]));
+    let out = husk.run(&bundle, "disk2", b"");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "written-in-guest\n");
+    husk.assert_clean();
+}
+
+#[test]
+fn test_run_disk_image_rootfs_readonly_write_fails() {
+    let Some(env) = Env::get("test_run_disk_image_rootfs_readonly_write_fails") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(
+        &husk,
+        &["sh", "-c", "grep ' / ' /proc/mounts; touch /new || exit 7"],
+    )
+    .into_disk_image(16);
+    bundle.edit(|c| c["root"]["readonly"] = true.into());
+    let before = std::fs::read(bundle.path().join("rootfs.img")).expect("image");
+    let out = husk.run(&bundle, "diskro", b"");
+    assert_eq!(out.status.code(), Some(7), "stderr: {}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("/dev/vda / ext4 ro"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "{}",
+        stderr(&out)
+    );
+    let after = std::fs::read(bundle.path().join("rootfs.img")).expect("image");
+    assert!(before == after, "the read-only disk image changed");
     husk.assert_clean();
 }

@@ -2,10 +2,12 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use husk_protocol::{read_message, write_message, ContainerSpec, ErrorKind, Response, StdioStream};
+use husk_protocol::{
+    read_message, write_message, ContainerSpec, ErrorKind, Response, Rootfs, StdioStream,
+};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -92,7 +94,7 @@ impl Containers {
             ));
         }
         let root = rootfs_path(&id);
-        mount_rootfs(&spec.rootfs_tag, &root).map_err(internal)?;
+        mount_rootfs(&spec.rootfs, spec.rootfs_readonly, &root).map_err(internal)?;
         let result = self.spawn(&spec).await;
         if let Err(e) = &result {
             if let Some(c) = self.lock().remove(&id) {
@@ -293,16 +295,47 @@ pub async fn copy_output<W: tokio::io::AsyncWrite + Unpin>(
     open_outputs.send_modify(|open| *open = open.saturating_sub(1));
 }
 
-fn mount_rootfs(tag: &str, root: &std::path::Path) -> std::io::Result<()> {
+fn mount_rootfs(rootfs: &Rootfs, readonly: bool, root: &Path) -> std::io::Result<()> {
     mkdir_p(root)?;
-    mount(
-        Some(tag),
-        root,
-        Some("virtiofs"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| ctx(e, &format!("mount virtio-fs {tag:?}")))
+    match rootfs {
+        Rootfs::VirtioFs { tag } => mount(
+            Some(tag.as_str()),
+            root,
+            Some("virtiofs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| ctx(e, &format!("mount virtio-fs {tag:?}"))),
+        Rootfs::Block { serial } => {
+            let device = block_device(serial)?;
+            // A read-only disk cannot be mounted read-write at all.
+            let flags = match readonly {
+                true => MsFlags::MS_RDONLY,
+                false => MsFlags::empty(),
+            };
+            mount(Some(&device), root, Some("ext4"), flags, None::<&str>).map_err(|e| {
+                ctx(
+                    e,
+                    &format!("mount {} (disk {serial:?}) as ext4", device.display()),
+                )
+            })
+        }
+    }
+}
+
+/// The device node of the virtio-blk disk whose serial is `serial`.
+fn block_device(serial: &str) -> std::io::Result<PathBuf> {
+    for entry in std::fs::read_dir("/sys/block")? {
+        let name = entry?.file_name();
+        let path = Path::new("/sys/block").join(&name).join("serial");
+        if std::fs::read_to_string(&path).is_ok_and(|s| s.trim_end() == serial) {
+            return Ok(Path::new("/dev").join(name));
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("no virtio-blk disk with serial {serial:?}"),
+    ))
 }
 
 /// A close-on-exec pipe: (read end, write end).

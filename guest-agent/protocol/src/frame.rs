@@ -129,7 +129,9 @@ mod tests {
     fn all_requests() -> Vec<Request> {
         let spec = ContainerSpec {
             id: "c".into(),
-            rootfs_tag: "rootfs".into(),
+            rootfs: crate::Rootfs::VirtioFs {
+                tag: "rootfs".into(),
+            },
             rootfs_readonly: true,
             hostname: None,
             args: vec!["sh".into(), "-c".into(), "echo \u{1F600}".into()],

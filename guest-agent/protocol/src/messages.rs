@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
@@ -120,8 +120,8 @@ pub enum StdioStream {
 pub struct ContainerSpec {
     /// Container id: 1..=128 characters of `[A-Za-z0-9_.-]`, not starting with `.`.
     pub id: String,
-    /// virtio-fs tag of the share that holds the rootfs.
-    pub rootfs_tag: String,
+    /// Where the rootfs comes from.
+    pub rootfs: Rootfs,
     /// Mount the rootfs read-only.
     pub rootfs_readonly: bool,
     /// Hostname of the container's UTS namespace.
@@ -134,6 +134,45 @@ pub struct ContainerSpec {
     pub cwd: String,
     /// Credentials of the process.
     pub user: User,
+}
+
+/// Where a container's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Rootfs {
+    /// A virtio-fs share: a host directory.
+    VirtioFs {
+        /// The share's tag: 1 to 36 bytes.
+        tag: String,
+    },
+    /// The ext4 filesystem on the virtio-blk disk whose serial (its GET_ID string) is
+    /// `serial`: a raw disk image on the host.
+    Block {
+        /// 1 to 20 characters of `[A-Za-z0-9_-]` (the virtio-blk id is 20 bytes).
+        serial: String,
+    },
+}
+
+impl Rootfs {
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            Self::VirtioFs { tag } if tag.is_empty() || tag.len() > 36 || tag.contains('\0') => {
+                Err(format!("invalid virtio-fs tag {tag:?}"))
+            }
+            Self::Block { serial } if !valid_serial(serial) => {
+                Err(format!("invalid virtio-blk serial {serial:?}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether `serial` can name a virtio-blk disk: 1 to 20 characters of `[A-Za-z0-9_-]`.
+pub fn valid_serial(serial: &str) -> bool {
+    (1..=20).contains(&serial.len())
+        && serial
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }
 
 /// Credentials of a container's process.
@@ -174,9 +213,7 @@ impl ContainerSpec {
         {
             return Err("env entries must be KEY=VALUE without NUL bytes".into());
         }
-        if self.rootfs_tag.is_empty() || self.rootfs_tag.len() > 36 {
-            return Err(format!("invalid virtio-fs tag {:?}", self.rootfs_tag));
-        }
+        self.rootfs.validate()?;
         match &self.hostname {
             Some(h) if h.len() > 64 || h.contains('\0') => {
                 Err(format!("hostname {h:?} is longer than 64 bytes or has NUL"))
@@ -209,7 +246,9 @@ mod tests {
     fn spec() -> ContainerSpec {
         ContainerSpec {
             id: "c1".into(),
-            rootfs_tag: "rootfs".into(),
+            rootfs: Rootfs::VirtioFs {
+                tag: "rootfs".into(),
+            },
             rootfs_readonly: false,
             hostname: Some("h".into()),
             args: vec!["/bin/sh".into()],
@@ -247,5 +286,39 @@ mod tests {
         let mut s = spec();
         s.env.push("NOEQUALS".into());
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn test_spec_validate_bad_rootfs_rejected() {
+        for rootfs in [
+            Rootfs::VirtioFs { tag: String::new() },
+            Rootfs::VirtioFs {
+                tag: "t".repeat(37),
+            },
+            Rootfs::Block {
+                serial: String::new(),
+            },
+            Rootfs::Block {
+                serial: "../../dev/sda".into(),
+            },
+            Rootfs::Block {
+                serial: "s".repeat(21),
+            },
+        ] {
+            let mut s = spec();
+            s.rootfs = rootfs.clone();
+            assert!(s.validate().is_err(), "{rootfs:?}");
+        }
+        let mut s = spec();
+        s.rootfs = Rootfs::Block {
+            serial: "husk-rootfs".into(),
+        };
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn test_rootfs_json_shape_tagged_by_kind() {
+        let json = serde_json::to_string(&Rootfs::Block { serial: "r".into() }).unwrap();
+        assert_eq!(json, r#"{"kind":"block","serial":"r"}"#);
     }
 }

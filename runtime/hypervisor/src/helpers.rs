@@ -168,10 +168,12 @@ pub(crate) fn require_inputs(config: &crate::VmConfig) -> Result<Option<PathBuf>
             hint: "install it with `cargo install virtiofsd` (needs libseccomp-dev libcap-ng-dev)",
         })?),
     };
-    for (what, path) in [
+    let inputs = [
         ("guest kernel", &config.kernel),
         ("initramfs", &config.initramfs),
-    ] {
+    ];
+    let disks = config.disks.iter().map(|d| ("disk image", &d.path));
+    for (what, path) in inputs.into_iter().chain(disks) {
         if !path.is_file() {
             return Err(HypervisorError::MissingFile {
                 what,

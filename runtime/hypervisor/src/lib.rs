@@ -53,6 +53,18 @@ pub struct FsShare {
     pub host_dir: PathBuf,
 }
 
+/// A raw disk image given to the guest as a virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The disk's serial (virtio-blk GET_ID), by which the guest finds it: 1 to 20 characters
+    /// of `[A-Za-z0-9_-]`.
+    pub serial: String,
+    /// Host file.
+    pub path: PathBuf,
+    /// The guest cannot write it.
+    pub read_only: bool,
+}
+
 /// Everything a door needs to boot one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -66,6 +78,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// virtio-fs shares.
     pub shares: Vec<FsShare>,
+    /// virtio-blk disks.
+    pub disks: Vec<Disk>,
     /// Private directory of this VM: sockets and logs go here; the door removes only its own files.
     pub run_dir: PathBuf,
 }

@@ -1,24 +1,37 @@
 //! OCI bundle -> what the VM and the agent need. The only module that reads `oci-spec` types.
 //!
-//! Supported for now (OCI runtime spec 1.2, config.md): `root.path`, `root.readonly`,
+//! Supported for now (OCI runtime spec 1.2, config.md): `root.path` (a directory, shared with
+//! virtio-fs, or a raw ext4 disk image, attached as a virtio-blk disk), `root.readonly`,
 //! `hostname`, `process.{args, env, cwd, user.{uid, gid, additionalGids, umask}}`. A field
 //! husk cannot honour yet (`process.terminal = true`) is an error, never silently ignored.
 
 use std::path::{Path, PathBuf};
 
-use husk_protocol::{ContainerSpec, User};
+use husk_protocol::{ContainerSpec, Rootfs as AgentRootfs, User};
 use oci_spec::runtime::Spec;
 
 use crate::SandboxError;
 
 /// virtio-fs tag of the rootfs share.
 pub const ROOTFS_TAG: &str = "rootfs";
+/// virtio-blk serial of the rootfs disk.
+pub const ROOTFS_SERIAL: &str = "husk-rootfs";
+
+/// The container's root filesystem on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rootfs {
+    /// A directory, shared into the guest with virtio-fs (tag [`ROOTFS_TAG`]).
+    Dir(PathBuf),
+    /// A raw disk image holding an ext4 filesystem, attached as a virtio-blk disk (serial
+    /// [`ROOTFS_SERIAL`]).
+    Image(PathBuf),
+}
 
 /// A bundle ready to run.
 #[derive(Debug, Clone)]
 pub struct Bundle {
-    /// Absolute path of the rootfs directory on the host.
-    pub rootfs: PathBuf,
+    /// The rootfs (absolute path).
+    pub rootfs: Rootfs,
     /// What the agent builds.
     pub spec: ContainerSpec,
 }
@@ -44,9 +57,15 @@ impl Bundle {
             true => root.path().clone(),
             false => dir.join(root.path()),
         };
-        if !rootfs.is_dir() {
+        let (rootfs, agent_rootfs) = if rootfs.is_dir() {
+            let tag = ROOTFS_TAG.to_owned();
+            (Rootfs::Dir(rootfs), AgentRootfs::VirtioFs { tag })
+        } else if rootfs.is_file() {
+            let serial = ROOTFS_SERIAL.to_owned();
+            (Rootfs::Image(rootfs), AgentRootfs::Block { serial })
+        } else {
             return Err(SandboxError::MissingRootfs { path: rootfs });
-        }
+        };
         let process = spec
             .process()
             .as_ref()
@@ -63,7 +82,7 @@ impl Bundle {
         let user = process.user();
         let spec = ContainerSpec {
             id: id.to_owned(),
-            rootfs_tag: ROOTFS_TAG.to_owned(),
+            rootfs: agent_rootfs,
             rootfs_readonly: root.readonly().unwrap_or(false),
             hostname: spec.hostname().clone(),
             args,
@@ -100,7 +119,7 @@ mod tests {
     fn test_load_default_spec_maps_fields() {
         let dir = bundle_with(&default_config());
         let b = Bundle::load(dir.path(), "c1").unwrap();
-        assert_eq!(b.rootfs, dir.path().join("rootfs"));
+        assert_eq!(b.rootfs, Rootfs::Dir(dir.path().join("rootfs")));
         assert_eq!(b.spec.args, vec!["sh"]);
         assert_eq!(b.spec.cwd, "/");
         assert_eq!(b.spec.id, "c1");

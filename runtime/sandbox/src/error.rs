@@ -25,7 +25,7 @@ pub enum SandboxError {
         reason: String,
     },
     /// The rootfs named by config.json does not exist.
-    #[error("rootfs {} does not exist or is not a directory", path.display())]
+    #[error("rootfs {} does not exist or is neither a directory nor a disk image file", path.display())]
     MissingRootfs {
         /// Resolved rootfs path.
         path: PathBuf,

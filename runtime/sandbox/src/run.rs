@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use husk_hypervisor::{
-    new_door, FsShare, Hypervisor, HypervisorError, HypervisorKind, VmConfig, VmExit,
+    new_door, Disk, FsShare, Hypervisor, HypervisorError, HypervisorKind, VmConfig, VmExit,
 };
 use husk_protocol::StdioStream;
 use nix::sys::signal::Signal as NixSignal;
@@ -12,7 +12,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{debug, info, warn};
 
 use crate::agent::AgentClient;
-use crate::bundle::{Bundle, ROOTFS_TAG};
+use crate::bundle::{Bundle, Rootfs, ROOTFS_SERIAL, ROOTFS_TAG};
 use crate::state_dir::StateDir;
 use crate::stdio::{relay_output, relay_stdin, HostOutput};
 use crate::SandboxError;
@@ -78,10 +78,21 @@ pub async fn run(opts: &RunOptions) -> Result<RunOutcome, SandboxError> {
         initramfs: opts.initramfs.clone(),
         memory_mib: opts.memory_mib,
         vcpus: opts.vcpus,
-        shares: vec![FsShare {
-            tag: ROOTFS_TAG.to_owned(),
-            host_dir: bundle.rootfs.clone(),
-        }],
+        shares: match &bundle.rootfs {
+            Rootfs::Dir(dir) => vec![FsShare {
+                tag: ROOTFS_TAG.to_owned(),
+                host_dir: dir.clone(),
+            }],
+            Rootfs::Image(_) => Vec::new(),
+        },
+        disks: match &bundle.rootfs {
+            Rootfs::Image(path) => vec![Disk {
+                serial: ROOTFS_SERIAL.to_owned(),
+                path: path.clone(),
+                read_only: bundle.spec.rootfs_readonly,
+            }],
+            Rootfs::Dir(_) => Vec::new(),
+        },
         run_dir: state.path().to_owned(),
     };
     let mut vm = new_door(opts.hypervisor, config)?;

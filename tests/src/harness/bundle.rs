@@ -40,6 +40,27 @@ impl TestBundle {
         bundle
     }
 
+    /// Turns the rootfs into a raw ext4 disk image `rootfs.img` of `mib` MiB (mkfs.ext4 -d)
+    /// and points `root.path` at it: the block-device rootfs.
+    pub fn into_disk_image(self, mib: u32) -> Self {
+        let image = self.dir.path().join("rootfs.img");
+        let out = std::process::Command::new(which("mkfs.ext4"))
+            .args(["-q", "-F", "-d"])
+            .arg(self.dir.path().join("rootfs"))
+            .arg(&image)
+            .arg(format!("{mib}M"))
+            .output()
+            .expect("mkfs.ext4");
+        assert!(
+            out.status.success(),
+            "mkfs.ext4: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_dir_all(self.dir.path().join("rootfs")).expect("remove rootfs dir");
+        self.edit(|c| c["root"]["path"] = "rootfs.img".into());
+        self
+    }
+
     /// The bundle directory.
     pub fn path(&self) -> &Path {
         self.dir.path()
@@ -56,9 +77,11 @@ impl TestBundle {
     }
 }
 
-fn which(program: &str) -> std::path::PathBuf {
+/// `program` in PATH or the sbin directories.
+pub fn which(program: &str) -> std::path::PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
         .map(|d| d.join(program))
         .find(|p| p.is_file())
         .expect("program on PATH")

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-pub use bundle::TestBundle;
+pub use bundle::{which, TestBundle};
 
 /// Where husk and its guest artifacts are.
 #[derive(Debug, Clone)]

@@ -75,6 +75,16 @@ impl Hypervisor for KvmDoor {
                     .arg(format!("{}={}", share.tag, socket.display()));
             }
         }
+        for disk in &self.config.disks {
+            let flag = if disk.read_only {
+                "--disk-ro"
+            } else {
+                "--disk"
+            };
+            let mut value = std::ffi::OsString::from(format!("{}=", disk.serial));
+            value.push(&disk.path);
+            cmd.arg(flag).arg(value);
+        }
         debug!(vmm = %self.vmm.display(), "starting the built-in VMM");
         let child = helpers::spawn_logged(HUSK_VMM, &mut cmd, &self.run_path("vmm.log"))?;
         info!(pid = child.id(), "built-in VMM started");

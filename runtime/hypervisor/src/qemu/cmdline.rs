@@ -76,6 +76,17 @@ pub fn args(config: &VmConfig, accel: Accel, sockets: &Sockets, console: &Path) 
         a.push("-device".into());
         a.push(format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag).into());
     }
+    for (i, disk) in config.disks.iter().enumerate() {
+        // `,` in a -blockdev value is escaped by doubling it.
+        let path = disk.path.to_string_lossy().replace(',', ",,");
+        let read_only = if disk.read_only { "on" } else { "off" };
+        a.push("-blockdev".into());
+        a.push(
+            format!("driver=file,node-name=disk{i},filename={path},read-only={read_only}").into(),
+        );
+        a.push("-device".into());
+        a.push(format!("virtio-blk-device,drive=disk{i},serial={}", disk.serial).into());
+    }
     a
 }
 
@@ -99,6 +110,11 @@ mod tests {
             shares: vec![FsShare {
                 tag: "rootfs".into(),
                 host_dir: "/b/rootfs".into(),
+            }],
+            disks: vec![crate::Disk {
+                serial: "husk-rootfs".into(),
+                path: "/b/a,b.img".into(),
+                read_only: true,
             }],
             run_dir: "/run/husk/x".into(),
         }
@@ -130,6 +146,10 @@ mod tests {
             "socket,id=fs0,path=/r/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=rootfs"
         ));
         assert!(s.contains("-serial file:/r/console.log"));
+        assert!(s.contains(
+            "-blockdev driver=file,node-name=disk0,filename=/b/a,,b.img,read-only=on \
+             -device virtio-blk-device,drive=disk0,serial=husk-rootfs"
+        ));
         assert!(s.contains("-no-reboot"));
     }
 
