@@ -68,6 +68,10 @@ fn test_husk_run_through_builtin_vmm_in_emulated_test_host() {
         ("two vCPUs from the MP table", "cpus=2"),
         ("exit code", "HUSK-RUN c1 EXIT 3 "),
         ("exit by signal", "HUSK-RUN c2 EXIT 137 "),
+        ("disk-image rootfs on virtio-blk", "/dev/vda / ext4 rw"),
+        ("written to the disk", "disk-ok"),
+        ("disk image exit", "HUSK-RUN c3 EXIT 0 "),
+        ("disk image clean after the run", "FSCK 0"),
         ("nothing left behind", "LEFT-BEHIND []"),
         ("the whole job", "NESTED-EXIT 0"),
     ] {

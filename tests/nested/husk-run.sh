@@ -4,7 +4,9 @@
 #   c1: --hypervisor kvm --vcpus 2, reads a line from stdin, prints it, the kernel release and
 #       the number of CPUs the container sees (the MP table's), exits 3;
 #   c2: --hypervisor auto (must pick the built-in VMM here), SIGTERM to husk once the container
-#       runs: forwarded, ignored by the container's PID 1, SIGKILL after the grace: 137.
+#       runs: forwarded, ignored by the container's PID 1, SIGKILL after the grace: 137;
+#   c3: the rootfs as an ext4 disk image (virtio-blk): the container writes to it, and the image
+#       is clean afterwards (`FSCK <status>`).
 # Prints one `HUSK-RUN <id> EXIT <code> WALL-MS <ms>` line per run and `LEFT-BEHIND [...]`.
 # Usage: husk-run.sh HUSK
 husk=$1
@@ -15,6 +17,8 @@ ln -s busybox "$bundle/rootfs/bin/sh"
 ln -s busybox "$bundle/rootfs/bin/uname"
 ln -s busybox "$bundle/rootfs/bin/sleep"
 ln -s busybox "$bundle/rootfs/bin/nproc"
+ln -s busybox "$bundle/rootfs/bin/grep"
+ln -s busybox "$bundle/rootfs/bin/cat"
 "$husk" spec --bundle "$bundle" || exit 11
 cp "$bundle/config.json" /run/config.json
 "$husk" check
@@ -49,6 +53,13 @@ echo "from-host-stdin" | run c1 kvm 'read line; echo built-in VMM: kernel $(unam
 flags=
 run c2 auto 'echo running; sleep 600' TERM < /dev/null > /run/out
 cat /run/out
+
+mkfs.ext4 -q -F -d "$bundle/rootfs" /run/rootfs.img 16M || exit 12
+sed 's|"path": "rootfs"|"path": "/run/rootfs.img"|; s|"readonly": true|"readonly": false|' /run/config.json > /run/config-disk.json
+cp /run/config-disk.json /run/config.json
+run c3 kvm 'grep ^/dev/vda /proc/mounts; echo disk-ok > /f; cat /f' < /dev/null
+e2fsck -fn /run/rootfs.img > /dev/null 2>&1
+echo "FSCK $?"
 left=$(ls -A /run/husk 2>/dev/null)
 echo "LEFT-BEHIND [$left]"
 [ -z "$left" ]

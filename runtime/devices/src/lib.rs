@@ -2,17 +2,21 @@
 //! to QEMU over vhost-user.
 //!
 //! Today: the host side of virtio-vsock with the hybrid vsock convention (see [`vsock`]),
-//! served over vhost-user with [`spawn_vhost_user_vsock`].
+//! served over vhost-user with [`spawn_vhost_user_vsock`] or in process with [`VsockMmio`];
+//! virtio-blk on a raw file, in process with [`BlockMmio`] (see [`block`]).
 
 #![warn(missing_docs)]
 
+pub mod block;
 pub mod fs;
 mod rate_limited;
 pub mod transport;
 pub mod vsock;
 
+pub use block::BlockError;
 pub use fs::VhostUserFs;
 pub use transport::mmio::{Interrupt, MmioTransport, VirtioMmioDevice};
+pub use transport::mmio_block::BlockMmio;
 pub use transport::mmio_vsock::VsockMmio;
 pub use transport::vhost_user::{spawn_vhost_user_vsock, VsockDaemon};
 pub use vsock::{VsockConfig, VsockError};

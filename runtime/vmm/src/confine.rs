@@ -21,6 +21,10 @@ const ALLOWED: &[i64] = &[
     libc::SYS_readv,
     libc::SYS_writev,
     libc::SYS_lseek,
+    // virtio-blk: positioned I/O on the disk image, FLUSH.
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_fdatasync,
     libc::SYS_close,
     libc::SYS_fcntl,
     libc::SYS_epoll_create1,

@@ -1,7 +1,7 @@
 //! `husk-vmm`: one built-in-VMM virtual machine as a process of its own (the door spawns it, so
 //! that the VM has its own pid, lifetime and, later, seccomp filter).
 //!
-//! `husk-vmm --kernel K --initramfs I --console LOG --vsock-uds SOCK [--fs TAG=SOCK]... [--memory-mib N] [--vcpus N] [--cmdline S]`
+//! `husk-vmm --kernel K --initramfs I --console LOG --vsock-uds SOCK [--fs TAG=SOCK]... [--disk[-ro] SERIAL=IMG]... [--memory-mib N] [--vcpus N] [--cmdline S]`
 //! boots the Linux guest with a serial console to LOG and the vsock device (hybrid vsock on
 //! SOCK). `--payload FILE` runs raw 64-bit code instead (tests and benches); `--report` prints
 //! one JSON line of measurements to stdout at the end. The process drops every capability
@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use husk_devices::{VhostUserFs, VirtioMmioDevice, VsockConfig, VsockMmio};
+use husk_devices::{BlockMmio, VhostUserFs, VirtioMmioDevice, VsockConfig, VsockMmio};
 use husk_vmm::{CpuMode, Entry, ExitReason, RunReport, Vm, VmConfig};
 
 /// Guest CID of every husk VM (each VM has its own vsock device).
@@ -46,6 +46,13 @@ struct Args {
     /// (repeatable).
     #[arg(long = "fs", value_parser = parse_fs)]
     fs: Vec<(String, PathBuf)>,
+    /// A virtio-blk disk on a raw image: `SERIAL=FILE`, SERIAL (at most 20 bytes) being how
+    /// the guest finds it (repeatable).
+    #[arg(long = "disk", value_parser = parse_fs)]
+    disks: Vec<(String, PathBuf)>,
+    /// A read-only virtio-blk disk: `SERIAL=FILE` (repeatable).
+    #[arg(long = "disk-ro", value_parser = parse_fs)]
+    disks_ro: Vec<(String, PathBuf)>,
     /// Guest RAM.
     #[arg(long, default_value_t = 256)]
     memory_mib: u32,
@@ -106,6 +113,10 @@ fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
     }
     for (tag, socket) in &args.fs {
         virtio.push(Box::new(VhostUserFs::new(tag, socket)?));
+    }
+    let disks = args.disks.iter().map(|d| (d, false));
+    for ((serial, path), read_only) in disks.chain(args.disks_ro.iter().map(|d| (d, true))) {
+        virtio.push(Box::new(BlockMmio::new(path, read_only, serial)?));
     }
     let (entry, irqchip) = match (&args.payload, &args.kernel, &args.initramfs) {
         (Some(payload), _, _) => {
@@ -172,7 +183,8 @@ fn print_report(report: &RunReport) {
     println!("{line}");
 }
 
+/// `NAME=PATH` (a virtio-fs tag and its socket, a disk serial and its image).
 fn parse_fs(value: &str) -> Result<(String, PathBuf), String> {
-    let (tag, socket) = value.split_once('=').ok_or("expected TAG=SOCKET")?;
-    Ok((tag.to_owned(), PathBuf::from(socket)))
+    let (name, path) = value.split_once('=').ok_or("expected NAME=PATH")?;
+    Ok((name.to_owned(), PathBuf::from(path)))
 }

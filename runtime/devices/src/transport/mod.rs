@@ -6,5 +6,6 @@
 //! built-in VMM will drive the same device from its own event loop.
 
 pub mod mmio;
+pub mod mmio_block;
 pub mod mmio_vsock;
 pub mod vhost_user;
