@@ -219,7 +219,9 @@ impl Containers {
     }
 
     /// Sends `signal` to the container's process.
-    pub fn signal(&self, id: &str, signal: i32) -> Result<(), Failure> {
+    /// Sends `signal` to the container's first process, or with `all` to every process in
+    /// its pid namespace.
+    pub fn signal(&self, id: &str, signal: i32, all: bool) -> Result<(), Failure> {
         let sig = Signal::try_from(signal).map_err(|_| {
             (
                 ErrorKind::InvalidRequest,
@@ -227,10 +229,17 @@ impl Containers {
             )
         })?;
         let pid = self.lock().get(id).ok_or_else(|| not_found(id))?.pid;
-        match kill(pid, sig) {
-            Ok(()) | Err(Errno::ESRCH) => Ok(()),
-            Err(e) => Err(internal(ctx(e, "kill"))),
+        let mut pids = vec![pid];
+        if all {
+            pids.extend(same_pid_namespace(pid));
         }
+        for pid in pids {
+            match kill(pid, sig) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => return Err(internal(ctx(e, "kill"))),
+            }
+        }
+        Ok(())
     }
 
     /// Hands out one stdio stream of a created container, once.
@@ -336,6 +345,23 @@ fn block_device(serial: &str) -> std::io::Result<PathBuf> {
         std::io::ErrorKind::NotFound,
         format!("no virtio-blk disk with serial {serial:?}"),
     ))
+}
+
+/// The other processes in `init`'s pid namespace.
+fn same_pid_namespace(init: Pid) -> Vec<Pid> {
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let Some(target) = ns(init.as_raw()) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != init.as_raw() && ns(pid).as_ref() == Some(&target))
+        .map(Pid::from_raw)
+        .collect()
 }
 
 /// A close-on-exec pipe: (read end, write end).

@@ -85,8 +85,8 @@ async fn handle(containers: &Containers, request: Request) -> Response {
             .wait(&id)
             .await
             .map(|code| Response::Exited { code }),
-        Request::SignalContainer { id, signal } => {
-            containers.signal(&id, signal).map(|()| Response::Ok)
+        Request::SignalContainer { id, signal, all } => {
+            containers.signal(&id, signal, all).map(|()| Response::Ok)
         }
         Request::AttachStdio { .. } | Request::Shutdown => {
             Err((ErrorKind::InvalidRequest, "not valid here".to_owned()))

@@ -39,6 +39,9 @@ pub enum Request {
         id: String,
         /// Signal number (1..=64).
         signal: i32,
+        /// To every process of the container, not only its first.
+        #[serde(default)]
+        all: bool,
     },
     /// Turns the connection into the raw byte stream of one of the container's stdio streams.
     AttachStdio {

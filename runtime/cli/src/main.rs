@@ -6,6 +6,7 @@
 
 mod artifacts;
 mod check;
+mod lifecycle;
 mod logging;
 mod run;
 mod spec;
@@ -45,8 +46,25 @@ enum Command {
     /// Print what this host can run: KVM and its capability probe, QEMU, virtiofsd, guest
     /// kernel and initramfs, and the door `--hypervisor auto` picks.
     Check,
-    /// Create and run a container in a new micro-VM, then tear it down.
+    /// Create and run a container in a new micro-VM, then tear it down (`--detach`: leave it
+    /// running).
     Run(run::RunArgs),
+    /// Create a container in a new micro-VM; its process waits for `start`.
+    Create(lifecycle::CreateArgs),
+    /// Start the process of a created container.
+    Start(lifecycle::IdArgs),
+    /// Print a container's OCI state (JSON).
+    State(lifecycle::IdArgs),
+    /// Send a signal to a container's process (default SIGTERM).
+    Kill(lifecycle::KillArgs),
+    /// Delete a stopped container (`--force`: any container) and its VM.
+    Delete(lifecycle::DeleteArgs),
+    /// List containers.
+    #[command(alias = "ls")]
+    List(lifecycle::ListArgs),
+    /// Owns the VM of a created container (started by `create`; not for direct use).
+    #[command(hide = true)]
+    Monitor(lifecycle::MonitorArgs),
     /// Write a default config.json (as `runc spec`).
     Spec(spec::SpecArgs),
 }
@@ -73,6 +91,13 @@ fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
     match &cli.command {
         Command::Check => Ok(check::check(cli)),
         Command::Run(args) => run::run(cli, args),
+        Command::Create(args) => lifecycle::create(cli, args),
+        Command::Start(args) => lifecycle::start(cli, args),
+        Command::State(args) => lifecycle::state(cli, args),
+        Command::Kill(args) => lifecycle::kill(cli, args),
+        Command::Delete(args) => lifecycle::delete(cli, args),
+        Command::List(args) => lifecycle::list(cli, args),
+        Command::Monitor(args) => lifecycle::monitor(cli, args),
         Command::Spec(args) => spec::spec(args).map(|()| 0),
     }
 }

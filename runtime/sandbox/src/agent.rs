@@ -161,9 +161,18 @@ impl AgentClient {
     /// # Errors
     /// The agent's refusal or a transport error.
     pub async fn signal(&mut self, id: &str, signal: i32) -> Result<(), SandboxError> {
+        self.signal_all(id, signal, false).await
+    }
+
+    /// Sends `signal` to the container's process, or with `all` to all of its processes.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn signal_all(&mut self, id: &str, signal: i32, all: bool) -> Result<(), SandboxError> {
         self.request_ok(&Request::SignalContainer {
             id: id.to_owned(),
             signal,
+            all,
         })
         .await
     }

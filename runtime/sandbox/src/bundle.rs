@@ -5,6 +5,7 @@
 //! `hostname`, `process.{args, env, cwd, user.{uid, gid, additionalGids, umask}}`. A field
 //! husk cannot honour yet (`process.terminal = true`) is an error, never silently ignored.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use husk_protocol::{ContainerSpec, Rootfs as AgentRootfs, User};
@@ -27,11 +28,24 @@ pub enum Rootfs {
     Image(PathBuf),
 }
 
+impl Rootfs {
+    /// The host path.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Dir(path) | Self::Image(path) => path,
+        }
+    }
+}
+
 /// A bundle ready to run.
 #[derive(Debug, Clone)]
 pub struct Bundle {
+    /// The bundle directory (absolute).
+    pub dir: PathBuf,
     /// The rootfs (absolute path).
     pub rootfs: Rootfs,
+    /// config.json's annotations.
+    pub annotations: BTreeMap<String, String>,
     /// What the agent builds.
     pub spec: ContainerSpec,
 }
@@ -43,6 +57,10 @@ impl Bundle {
     /// [`SandboxError::ReadConfig`], [`SandboxError::InvalidConfig`] or
     /// [`SandboxError::MissingRootfs`].
     pub fn load(dir: &Path, id: &str) -> Result<Self, SandboxError> {
+        let dir = &std::path::absolute(dir).map_err(|source| SandboxError::StateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
         let path = dir.join("config.json");
         let spec = Spec::load(&path).map_err(|source| SandboxError::ReadConfig {
             path: path.clone(),
@@ -79,6 +97,12 @@ impl Bundle {
         if args.is_empty() {
             return Err(invalid("process.args must not be empty"));
         }
+        let annotations = spec
+            .annotations()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let user = process.user();
         let spec = ContainerSpec {
             id: id.to_owned(),
@@ -96,7 +120,12 @@ impl Bundle {
             },
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
-        Ok(Self { rootfs, spec })
+        Ok(Self {
+            dir: dir.clone(),
+            rootfs,
+            annotations,
+            spec,
+        })
     }
 }
 

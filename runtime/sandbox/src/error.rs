@@ -33,7 +33,19 @@ pub enum SandboxError {
     /// The container id is malformed.
     #[error("{0}")]
     InvalidId(String),
-    /// A container with this id exists (another husk holds its state directory).
+    /// `create` failed: the monitor's own error line.
+    #[error("{0}")]
+    CreateFailed(String),
+    /// No container has this id.
+    #[error("container {id:?} does not exist")]
+    NotFound {
+        /// The id.
+        id: String,
+    },
+    /// The container's status does not allow the command (as runc's messages).
+    #[error("{0}")]
+    InvalidState(String),
+    /// A container with this id exists.
     #[error("container {id:?} already exists")]
     AlreadyExists {
         /// Container id.

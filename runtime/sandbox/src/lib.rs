@@ -10,10 +10,12 @@
 pub mod agent;
 pub mod bundle;
 mod error;
+pub mod lifecycle;
 mod run;
+pub mod state;
 pub mod state_dir;
 pub mod stdio;
 
 pub use error::SandboxError;
 pub use husk_hypervisor::{find_program, probe_kvm, HypervisorKind, ProbeReport};
-pub use run::{run, RunOptions, RunOutcome, Timings};
+pub use run::{monitor, run, RunOptions, RunOutcome, Timings};

@@ -1,6 +1,6 @@
 //! `run`: bundle in, exit code out; a VM booted for the container and torn down after it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use husk_hypervisor::{
@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::agent::AgentClient;
 use crate::bundle::{Bundle, Rootfs, ROOTFS_SERIAL, ROOTFS_TAG};
+use crate::state::{now_rfc3339, CommandLock, OciState, Private, Record, Status, OCI_VERSION};
 use crate::state_dir::StateDir;
 use crate::stdio::{relay_output, relay_stdin, HostOutput};
 use crate::SandboxError;
@@ -66,14 +67,137 @@ pub struct RunOutcome {
 }
 
 /// Runs the bundle's process in a fresh VM, relaying husk's stdio, and tears everything down.
+/// While it runs, the container has a state directory like any other (`husk state`, `kill`,
+/// `exec` work on it); it goes with the run.
 ///
 /// # Errors
 /// Every [`SandboxError`]; nothing made by the run is left behind on error.
-pub async fn run(opts: &RunOptions) -> Result<RunOutcome, SandboxError> {
+pub async fn run(opts: &RunOptions, pid_file: Option<&Path>) -> Result<RunOutcome, SandboxError> {
     let t0 = Instant::now();
     let bundle = Bundle::load(&opts.bundle, &opts.id)?;
     let state = StateDir::create(&opts.root, &opts.id)?;
-    let config = VmConfig {
+    let mut record = new_record(&bundle, Status::Creating);
+    record.husk.ephemeral = true;
+    record.write(state.path())?;
+    let mut vm = new_door(opts.hypervisor, vm_config(opts, &bundle, state.path()))?;
+    let result = run_in_vm(vm.as_mut(), &bundle, opts.boot_timeout, state.path(), pid_file).await;
+    let stopped = vm.stop().await;
+    drop(state);
+    let mut outcome = result?;
+    stopped?;
+    outcome.timings.total = t0.elapsed();
+    info!(id = %opts.id, exit_code = outcome.exit_code, timings = ?outcome.timings, "container exited");
+    Ok(outcome)
+}
+
+/// The owner of a container made by `husk create`: in the state directory `create` made, boots
+/// the VM and builds the container (its process waits for `husk start`), records `created`,
+/// then waits for the process to exit, records `stopped` with the exit code and powers the VM
+/// off; the directory stays for `delete`. SIGTERM (from `delete`) ends the VM at once.
+///
+/// # Errors
+/// Every [`SandboxError`] before the container is created; the VM is torn down.
+pub async fn monitor(opts: &RunOptions) -> Result<(), SandboxError> {
+    let state = StateDir::adopt(&opts.root, &opts.id, Duration::from_secs(10))?;
+    let dir = state.path().to_owned();
+    let bundle = Bundle::load(&opts.bundle, &opts.id)?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut vm = new_door(opts.hypervisor, vm_config(opts, &bundle, &dir))?;
+    let result = tokio::select! {
+        r = monitor_vm(vm.as_mut(), &bundle, opts.boot_timeout, &dir) => r,
+        _ = terminate.recv() => {
+            info!("terminated: ending the VM");
+            Ok(())
+        }
+    };
+    let stopped = vm.stop().await;
+    if result.is_err() || stopped.is_err() {
+        // The container never came to be (or its record is past saving): stopped for sure.
+        let _ = update_record(&dir, |r| {
+            r.oci.status = Status::Stopped;
+        });
+    }
+    result?;
+    stopped?;
+    Ok(())
+}
+
+async fn monitor_vm(
+    vm: &mut dyn Hypervisor,
+    bundle: &Bundle,
+    boot_timeout: Duration,
+    dir: &Path,
+) -> Result<(), SandboxError> {
+    vm.start().await?;
+    let mut agent = boot(vm, boot_timeout).await?;
+    let id = bundle.spec.id.as_str();
+    let outputs = guard(vm, create_container(&mut agent, bundle)).await?;
+    let pid = vm.pid().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    update_record(dir, |r| {
+        r.oci.status = Status::Created;
+        r.oci.pid = pid;
+    })?;
+    debug!("container created");
+    let exit_code = {
+        let mut waiter = guard(vm, agent.reconnect()).await?;
+        match guard(vm, waiter.wait(id)).await {
+            Ok(code) => Some(code),
+            Err(e) => {
+                warn!(error = %e, "container's VM ended");
+                None
+            }
+        }
+    };
+    debug!(?exit_code, "container exited");
+    for output in outputs {
+        let _ = output.await;
+    }
+    update_record(dir, |r| {
+        r.oci.status = Status::Stopped;
+        r.husk.exit_code = exit_code;
+    })?;
+    if exit_code.is_some() {
+        power_off(vm, agent).await;
+    }
+    Ok(())
+}
+
+/// The record of a container being made from `bundle` by this process.
+pub(crate) fn new_record(bundle: &Bundle, status: Status) -> Record {
+    Record {
+        oci: OciState {
+            oci_version: OCI_VERSION.to_owned(),
+            id: bundle.spec.id.clone(),
+            pid: 0,
+            status,
+            bundle: bundle.dir.clone(),
+            rootfs: bundle.rootfs.path().to_owned(),
+            created: now_rfc3339(),
+            owner: String::new(),
+            annotations: bundle.annotations.clone(),
+        },
+        husk: Private {
+            owner_pid: i32::try_from(std::process::id()).unwrap_or(0),
+            exit_code: None,
+            ephemeral: false,
+        },
+    }
+}
+
+/// Read-modify-write of `dir`'s record under its command lock. A command holding the lock for
+/// long (it never does) does not stall the owner: after [`LOCK_PATIENCE`] it writes anyway.
+pub(crate) fn update_record(dir: &Path, f: impl FnOnce(&mut Record)) -> Result<(), SandboxError> {
+    let _lock = CommandLock::take_within(dir, LOCK_PATIENCE)?;
+    let mut record = Record::read(dir)?;
+    f(&mut record);
+    record.write(dir)
+}
+
+/// How long the owner waits for a command's lock before updating the record anyway.
+const LOCK_PATIENCE: Duration = Duration::from_secs(2);
+
+fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
+    VmConfig {
         kernel: opts.kernel.clone(),
         initramfs: opts.initramfs.clone(),
         memory_mib: opts.memory_mib,
@@ -93,23 +217,39 @@ pub async fn run(opts: &RunOptions) -> Result<RunOutcome, SandboxError> {
             }],
             Rootfs::Dir(_) => Vec::new(),
         },
-        run_dir: state.path().to_owned(),
-    };
-    let mut vm = new_door(opts.hypervisor, config)?;
-    let result = run_in_vm(vm.as_mut(), &bundle, opts.boot_timeout).await;
-    let stopped = vm.stop().await;
-    drop(state);
-    let mut outcome = result?;
-    stopped?;
-    outcome.timings.total = t0.elapsed();
-    info!(id = %opts.id, exit_code = outcome.exit_code, timings = ?outcome.timings, "container exited");
-    Ok(outcome)
+        run_dir: run_dir.to_owned(),
+    }
+}
+
+/// Creates the container and connects its stdio to this process's (stdin relayed on a thread
+/// of its own, outputs until the agent ends them).
+async fn create_container(
+    agent: &mut AgentClient,
+    bundle: &Bundle,
+) -> Result<[tokio::task::JoinHandle<std::io::Result<u64>>; 2], SandboxError> {
+    let id = bundle.spec.id.as_str();
+    agent.create(&bundle.spec).await?;
+    let stdin = agent.attach(id, StdioStream::Stdin).await?;
+    let outputs = [
+        relay_output(
+            agent.attach(id, StdioStream::Stdout).await?,
+            HostOutput::Stdout,
+        )?,
+        relay_output(
+            agent.attach(id, StdioStream::Stderr).await?,
+            HostOutput::Stderr,
+        )?,
+    ];
+    relay_stdin(stdin)?;
+    Ok(outputs)
 }
 
 async fn run_in_vm(
     vm: &mut dyn Hypervisor,
     bundle: &Bundle,
     boot_timeout: Duration,
+    dir: &Path,
+    pid_file: Option<&Path>,
 ) -> Result<RunOutcome, SandboxError> {
     let t_boot = Instant::now();
     vm.start().await?;
@@ -118,23 +258,22 @@ async fn run_in_vm(
     debug!("agent ready");
     let id = bundle.spec.id.as_str();
     let outputs = guard(vm, async {
-        agent.create(&bundle.spec).await?;
-        let stdin = agent.attach(id, StdioStream::Stdin).await?;
-        let outputs = [
-            relay_output(
-                agent.attach(id, StdioStream::Stdout).await?,
-                HostOutput::Stdout,
-            )?,
-            relay_output(
-                agent.attach(id, StdioStream::Stderr).await?,
-                HostOutput::Stderr,
-            )?,
-        ];
-        relay_stdin(stdin)?;
+        let outputs = create_container(&mut agent, bundle).await?;
         agent.start(id).await?;
         Ok(outputs)
     })
     .await?;
+    let pid = vm.pid().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    update_record(dir, |r| {
+        r.oci.status = Status::Running;
+        r.oci.pid = pid;
+    })?;
+    if let Some(path) = pid_file {
+        std::fs::write(path, pid.to_string()).map_err(|source| SandboxError::StateDir {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
     let t_started = Instant::now();
     debug!("container started");
     let exit_code = supervise(vm, &mut agent, id).await?;
@@ -142,6 +281,10 @@ async fn run_in_vm(
     for output in outputs {
         let _ = output.await;
     }
+    update_record(dir, |r| {
+        r.oci.status = Status::Stopped;
+        r.husk.exit_code = Some(exit_code);
+    })?;
     power_off(vm, agent).await;
     debug!("VM powered off");
     let timings = Timings {

@@ -1,12 +1,22 @@
-//! A container's state directory: `<root>/<id>/`, held under an exclusive `flock` for as long
-//! as its owner lives. The VM's sockets and logs live in it. A directory whose lock is free
-//! belongs to a husk that died (SIGKILL): it is stale and is cleared before reuse.
+//! A container's state directory: `<root>/<id>/`, with its record ([`crate::state`]), the VM's
+//! sockets and logs, and two locks:
+//! - the owner lock (`lock`), held by the process that owns the VM (`husk run`, or the monitor
+//!   `husk create` leaves behind) for as long as it lives: a free owner lock means the VM is
+//!   gone, whatever the record says;
+//! - the command lock (`cmd.lock`, [`crate::state::CommandLock`]), held by each command for its
+//!   read-modify-write of the record.
+//!
+//! A directory whose owner died is stale when it belonged to a `husk run` (its record says
+//! ephemeral) or never got a record: it is cleared before the id is reused. A created or
+//! detached container's directory stays, `stopped`, until `delete`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::state::{Record, Status};
 use crate::SandboxError;
 
 /// Longest path we put a Unix socket at (sun_path is 108 bytes; the vsock device appends
@@ -14,23 +24,25 @@ use crate::SandboxError;
 const MAX_SOCKET_PATH: usize = 90;
 /// Longest socket file name the doors use in the directory.
 const LONGEST_SOCKET_NAME: &str = "vhost-vsock.sock";
+/// File name of the owner lock.
+const OWNER_LOCK: &str = "lock";
 
-/// An owned, locked state directory; removed on drop.
+/// An owned state directory: its owner lock is held; removed on drop unless [`StateDir::keep`].
 #[derive(Debug)]
 pub struct StateDir {
     path: PathBuf,
     _lock: Flock<File>,
+    remove_on_drop: bool,
 }
 
 impl StateDir {
-    /// Creates and locks `<root>/<id>`, clearing a stale one left by a dead husk.
+    /// Creates `<root>/<id>` and takes its owner lock, clearing a stale one.
     ///
     /// # Errors
-    /// [`SandboxError::InvalidId`], [`SandboxError::AlreadyExists`] when a live husk holds it,
+    /// [`SandboxError::InvalidId`], [`SandboxError::AlreadyExists`] when the id is in use,
     /// [`SandboxError::StateDir`] on I/O errors.
     pub fn create(root: &Path, id: &str) -> Result<Self, SandboxError> {
-        husk_protocol::validate_id(id).map_err(SandboxError::InvalidId)?;
-        let path = root.join(id);
+        let path = container_dir(root, id)?;
         let io_err = |source| SandboxError::StateDir {
             path: path.clone(),
             source,
@@ -48,23 +60,102 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => clear_stale(&path, id)?,
             Err(e) => return Err(io_err(e)),
         }
-        let lock_file = File::create(path.join("lock")).map_err(io_err)?;
+        let lock_file = File::create(path.join(OWNER_LOCK)).map_err(io_err)?;
         let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| SandboxError::AlreadyExists { id: id.to_owned() })?;
-        Ok(Self { path, _lock: lock })
+        Ok(Self {
+            path,
+            _lock: lock,
+            remove_on_drop: true,
+        })
+    }
+
+    /// Takes over the existing `<root>/<id>` as its owner, waiting up to `timeout` for the
+    /// owner lock (its creator lets go of it right after starting us). Kept on drop.
+    ///
+    /// # Errors
+    /// [`SandboxError::NotFound`], or the lock is not free in time.
+    pub fn adopt(root: &Path, id: &str, timeout: Duration) -> Result<Self, SandboxError> {
+        let path = container_dir(root, id)?;
+        let file = File::open(path.join(OWNER_LOCK)).map_err(|_| SandboxError::NotFound {
+            id: id.to_owned(),
+        })?;
+        let deadline = Instant::now() + timeout;
+        let mut file = file;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => {
+                    return Ok(Self {
+                        path,
+                        _lock: lock,
+                        remove_on_drop: false,
+                    })
+                }
+                Err((f, _)) if Instant::now() < deadline => {
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(_) => return Err(SandboxError::AlreadyExists { id: id.to_owned() }),
+            }
+        }
     }
 
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Keeps the directory when this owner goes (a container that lives on until `delete`).
+    pub fn keep(&mut self) {
+        self.remove_on_drop = false;
+    }
 }
 
-/// Removes `path` if no live process holds its lock; otherwise the id is taken.
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        if !self.remove_on_drop {
+            return;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "failed to remove state directory");
+        }
+    }
+}
+
+/// `<root>/<id>` for a valid id.
+///
+/// # Errors
+/// [`SandboxError::InvalidId`].
+pub fn container_dir(root: &Path, id: &str) -> Result<PathBuf, SandboxError> {
+    husk_protocol::validate_id(id).map_err(SandboxError::InvalidId)?;
+    Ok(root.join(id))
+}
+
+/// Whether a live process owns the VM of the container in `dir`.
+pub fn owner_alive(dir: &Path) -> bool {
+    let Ok(file) = File::open(dir.join(OWNER_LOCK)) else {
+        return false;
+    };
+    Flock::lock(file, FlockArg::LockSharedNonblock).is_err()
+}
+
+/// Clears `path` when no live process owns it and it is not a container awaiting `delete`;
+/// otherwise the id is taken.
 fn clear_stale(path: &Path, id: &str) -> Result<(), SandboxError> {
     let taken = || SandboxError::AlreadyExists { id: id.to_owned() };
-    let lock_file = File::open(path.join("lock")).map_err(|_| taken())?;
+    let lock_file = File::open(path.join(OWNER_LOCK)).map_err(|_| taken())?;
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| taken())?;
+    let stale = match Record::read(path) {
+        Err(SandboxError::NotFound { .. }) => true,
+        Ok(record) => {
+            record.husk.ephemeral
+                || (record.oci.status == Status::Creating && !pid_alive(record.husk.owner_pid))
+        }
+        Err(_) => false,
+    };
+    if !stale {
+        return Err(taken());
+    }
     tracing::warn!(path = %path.display(), "removing stale state directory of a dead husk");
     std::fs::remove_dir_all(path).map_err(|source| SandboxError::StateDir {
         path: path.to_owned(),
@@ -76,12 +167,9 @@ fn clear_stale(path: &Path, id: &str) -> Result<(), SandboxError> {
     })
 }
 
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            tracing::warn!(path = %self.path.display(), error = %e, "failed to remove state directory");
-        }
-    }
+/// Whether `pid` names a live process.
+pub(crate) fn pid_alive(pid: i32) -> bool {
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
 #[cfg(test)]

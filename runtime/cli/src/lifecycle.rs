@@ -1,0 +1,289 @@
+//! The lifecycle commands, as runc's: `create`, `start`, `state`, `kill`, `delete`, `list`, and
+//! the hidden `monitor` that `create` leaves behind to own the container's VM.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::Context;
+use clap::Args;
+use husk_sandbox::lifecycle;
+use husk_sandbox::state::OciState;
+use husk_sandbox::RunOptions;
+
+use crate::run::VmArgs;
+use crate::Cli;
+
+/// `husk create [--bundle DIR] [--pid-file F] ID`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Write the VM's host pid (the OCI state's `pid`) to this file.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Accepted for runc compatibility; a terminal (process.terminal) is not supported yet.
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    /// Accepted for runc compatibility: the guest always pivots into the rootfs.
+    #[arg(long)]
+    no_pivot: bool,
+    /// Container id.
+    id: String,
+}
+
+/// `husk monitor ID` (internal).
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Container id.
+    id: String,
+}
+
+/// `ID` alone.
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    /// Container id.
+    id: String,
+}
+
+/// `husk kill [--all] ID [SIGNAL]`.
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// Send the signal to every process of the container.
+    #[arg(short, long)]
+    all: bool,
+    /// Container id.
+    id: String,
+    /// Signal name (`KILL`, `SIGKILL`) or number.
+    #[arg(default_value = "SIGTERM")]
+    signal: String,
+}
+
+/// `husk delete [--force] ID`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Also delete a running container (its VM is ended).
+    #[arg(short, long)]
+    force: bool,
+    /// Container id.
+    id: String,
+}
+
+/// `husk list [--format table|json] [--quiet]`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Output format.
+    #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+    format: String,
+    /// Only the ids.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// `create`: boots the VM, builds the container, returns with its process waiting.
+pub fn create(cli: &Cli, args: &CreateArgs) -> anyhow::Result<i32> {
+    let opts = args.vm.options(cli, &args.id)?;
+    runtime()?.block_on(create_with(cli, &args.vm, &opts, args.pid_file.as_deref()))?;
+    Ok(0)
+}
+
+/// Starts `husk monitor` with this process's stdio (the container's), waits until it created
+/// the container, writes the pid file.
+pub async fn create_with(
+    cli: &Cli,
+    vm: &VmArgs,
+    opts: &RunOptions,
+    pid_file: Option<&Path>,
+) -> anyhow::Result<OciState> {
+    let state = lifecycle::prepare_create(opts)?;
+    let exe = std::env::current_exe().context("cannot find the husk executable")?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("--root").arg(&cli.root);
+    if let Some(log) = &cli.log {
+        cmd.arg("--log").arg(log);
+    }
+    cmd.args(["--log-format", &cli.log_format]);
+    if cli.debug {
+        cmd.arg("--debug");
+    }
+    cmd.arg("--kernel").arg(&opts.kernel);
+    cmd.arg("--initramfs").arg(&opts.initramfs);
+    cmd.arg("monitor").arg("--bundle").arg(&vm.bundle);
+    cmd.args([
+        "--hypervisor",
+        &vm.hypervisor,
+        "--memory",
+        &vm.memory.to_string(),
+        "--vcpus",
+        &vm.vcpus.to_string(),
+        "--boot-timeout",
+        &vm.boot_timeout.to_string(),
+        "--",
+        &opts.id,
+    ]);
+    cmd.stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    let mut monitor = cmd.spawn().context("cannot start husk's monitor")?;
+    let oci = lifecycle::hand_over(state, &mut monitor, opts.boot_timeout * 2).await?;
+    if let Some(path) = pid_file {
+        write_pid_file(path, oci.pid)?;
+    }
+    Ok(oci)
+}
+
+/// Writes `pid` to `path` atomically, as runc.
+pub fn write_pid_file(path: &Path, pid: i32) -> anyhow::Result<()> {
+    let tmp = path.with_extension("husk-tmp");
+    std::fs::write(&tmp, pid.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write pid file {}", path.display()))
+}
+
+/// The monitor: owns the VM of a created container until it stopped (or `delete`).
+pub fn monitor(cli: &Cli, args: &MonitorArgs) -> anyhow::Result<i32> {
+    // Out of the caller's session: a terminal's signals are not the container's end.
+    let _ = nix::unistd::setsid();
+    let opts = args.vm.options(cli, &args.id)?;
+    match runtime()?.block_on(husk_sandbox::monitor(&opts)) {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            let line = format!("{:#}", anyhow::Error::from(e));
+            tracing::error!("{line}");
+            let path = cli.root.join(&args.id).join(lifecycle::MONITOR_ERROR);
+            let _ = std::fs::write(path, &line);
+            Ok(1)
+        }
+    }
+}
+
+/// `start`.
+pub fn start(cli: &Cli, args: &IdArgs) -> anyhow::Result<i32> {
+    runtime()?.block_on(lifecycle::start(&cli.root, &args.id))?;
+    Ok(0)
+}
+
+/// `state`: the OCI state as JSON (indented, as runc).
+pub fn state(cli: &Cli, args: &IdArgs) -> anyhow::Result<i32> {
+    let state = lifecycle::state(&cli.root, &args.id)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string_pretty(&state)?)?;
+    Ok(0)
+}
+
+/// `kill`.
+pub fn kill(cli: &Cli, args: &KillArgs) -> anyhow::Result<i32> {
+    let signal = parse_signal(&args.signal)?;
+    runtime()?.block_on(lifecycle::kill(&cli.root, &args.id, signal, args.all))?;
+    Ok(0)
+}
+
+/// `delete`.
+pub fn delete(cli: &Cli, args: &DeleteArgs) -> anyhow::Result<i32> {
+    runtime()?.block_on(lifecycle::delete(&cli.root, &args.id, args.force))?;
+    Ok(0)
+}
+
+/// `list`: a table as runc's (`ID PID STATUS BUNDLE CREATED OWNER`), JSON, or ids.
+pub fn list(cli: &Cli, args: &ListArgs) -> anyhow::Result<i32> {
+    let states = lifecycle::list(&cli.root)?;
+    let mut out = std::io::stdout().lock();
+    if args.quiet {
+        for s in &states {
+            writeln!(out, "{}", s.id)?;
+        }
+    } else if args.format == "json" {
+        let owned: Vec<OciState> = states.into_iter().map(with_owner).collect();
+        writeln!(out, "{}", serde_json::to_string(&owned)?)?;
+    } else {
+        let rows: Vec<[String; 6]> = std::iter::once(
+            ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"].map(String::from),
+        )
+        .chain(states.into_iter().map(with_owner).map(|s| {
+            [
+                s.id,
+                s.pid.to_string(),
+                s.status.to_string(),
+                s.bundle.display().to_string(),
+                s.created,
+                s.owner,
+            ]
+        }))
+        .collect();
+        // runc's tabwriter: cells at least 12 wide, 3 spaces of padding.
+        let widths: Vec<usize> = (0..6)
+            .map(|c| rows.iter().map(|r| r[c].len() + 3).max().unwrap_or(0).max(12))
+            .collect();
+        for row in rows {
+            let line: String = row
+                .iter()
+                .zip(&widths)
+                .enumerate()
+                .map(|(c, (cell, w))| match c {
+                    5 => cell.clone(),
+                    _ => format!("{cell:<w$}"),
+                })
+                .collect();
+            writeln!(out, "{}", line.trim_end())?;
+        }
+    }
+    Ok(0)
+}
+
+/// `list` names the owning user, as runc's (root: the state directories are root's).
+fn with_owner(mut s: OciState) -> OciState {
+    if s.owner.is_empty() {
+        s.owner = "root".to_owned();
+    }
+    s
+}
+
+/// A signal by name (`KILL`, `SIGKILL`, case-insensitive) or number.
+///
+/// # Errors
+/// An unknown name or a number outside 1..=64 (`invalid signal`, as runc).
+pub fn parse_signal(value: &str) -> anyhow::Result<i32> {
+    if let Ok(n) = value.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+        anyhow::bail!("invalid signal {value:?}");
+    }
+    let upper = value.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|s| s as i32)
+        .map_err(|_| anyhow::anyhow!("invalid signal {value:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_signal_names_and_numbers() {
+        assert_eq!(parse_signal("KILL").unwrap(), 9);
+        assert_eq!(parse_signal("sigterm").unwrap(), 15);
+        assert_eq!(parse_signal("SIGUSR1").unwrap(), 10);
+        assert_eq!(parse_signal("9").unwrap(), 9);
+    }
+
+    #[test]
+    fn test_parse_signal_unknown_rejected() {
+        for bad in ["NOPE", "0", "65", "-1", ""] {
+            assert!(parse_signal(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! The OCI lifecycle across separate commands, as runc's: `create` leaves a monitor process
+//! owning the VM (see [`crate::monitor`]) with the container's process waiting; `start`,
+//! `kill`, `state`, `delete` and `list` find it through its state directory, talk to its agent
+//! over the VM's vsock socket, and update its record under the command lock.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill as send_signal, Signal};
+use nix::unistd::Pid;
+use tracing::{debug, warn};
+
+use crate::agent::AgentClient;
+use crate::bundle::Bundle;
+use crate::state::{CommandLock, OciState, Record, Status};
+use crate::state_dir::{container_dir, owner_alive, pid_alive, StateDir};
+use crate::{RunOptions, SandboxError};
+
+/// Name of the VM's hybrid vsock socket in a state directory (both doors use it).
+const VSOCK_SOCKET: &str = "vsock.sock";
+/// File the monitor writes its one-line error to when it fails before `created`.
+pub const MONITOR_ERROR: &str = "monitor.err";
+/// How long an agent command waits for the agent's answer.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `delete` lets the owner end the VM after SIGTERM before it kills it.
+const OWNER_GRACE: Duration = Duration::from_secs(3);
+
+/// `create`, first half: checks the bundle, takes the id and records `creating`. The caller
+/// then starts the monitor and hands the directory over with [`hand_over`].
+///
+/// # Errors
+/// An invalid bundle or id, or an id in use; nothing is left behind.
+pub fn prepare_create(opts: &RunOptions) -> Result<StateDir, SandboxError> {
+    let bundle = Bundle::load(&opts.bundle, &opts.id)?;
+    let state = StateDir::create(&opts.root, &opts.id)?;
+    crate::run::new_record(&bundle, Status::Creating).write(state.path())?;
+    Ok(state)
+}
+
+/// `create`, second half: the monitor (pid `monitor`) takes the directory over; waits until it
+/// recorded `created`, or reports its error and removes the directory.
+///
+/// # Errors
+/// The monitor's own error line, or that it ended without one.
+pub async fn hand_over(
+    mut state: StateDir,
+    monitor: &mut tokio::process::Child,
+    timeout: Duration,
+) -> Result<OciState, SandboxError> {
+    let dir = state.path().to_owned();
+    let pid = monitor.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    crate::run::update_record(&dir, |r| r.husk.owner_pid = pid)?;
+    state.keep();
+    drop(state);
+    let deadline = Instant::now() + timeout;
+    let failed = |reason: String| {
+        let _ = std::fs::remove_dir_all(&dir);
+        Err(SandboxError::CreateFailed(reason))
+    };
+    loop {
+        if let Ok(record) = Record::read(&dir) {
+            if record.oci.status == Status::Created {
+                return Ok(record.oci);
+            }
+        }
+        if let Some(status) = monitor.try_wait()? {
+            let reason = std::fs::read_to_string(dir.join(MONITOR_ERROR))
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| format!("husk's monitor exited with {status}"));
+            return failed(reason);
+        }
+        if Instant::now() >= deadline {
+            let _ = monitor.start_kill();
+            let _ = monitor.wait().await;
+            return failed(format!("not created within {}s", timeout.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `state`: the container's OCI state as it is now.
+///
+/// # Errors
+/// An invalid id or no such container.
+pub fn state(root: &Path, id: &str) -> Result<OciState, SandboxError> {
+    let dir = container_dir(root, id)?;
+    Ok(Record::read(&dir)?.current(&dir).oci)
+}
+
+/// The exit code of a stopped container (1 when its VM ended without one), `None` while it
+/// has not stopped.
+///
+/// # Errors
+/// An invalid id or no such container.
+pub fn exit_code(root: &Path, id: &str) -> Result<Option<i32>, SandboxError> {
+    let dir = container_dir(root, id)?;
+    let record = Record::read(&dir)?.current(&dir);
+    Ok(match record.oci.status {
+        Status::Stopped => Some(record.husk.exit_code.unwrap_or(1)),
+        _ => None,
+    })
+}
+
+/// `list`: every container under `root`, sorted by id.
+///
+/// # Errors
+/// `root` exists but cannot be read.
+pub fn list(root: &Path) -> Result<Vec<OciState>, SandboxError> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(SandboxError::StateDir {
+                path: root.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut states: Vec<OciState> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| Record::read(&e.path()).ok().map(|r| r.current(&e.path()).oci))
+        .collect();
+    states.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(states)
+}
+
+/// `start`: lets the created container's process run.
+///
+/// # Errors
+/// No such container, a status other than `created` (runc's messages), or the agent's error.
+pub async fn start(root: &Path, id: &str) -> Result<(), SandboxError> {
+    let dir = container_dir(root, id)?;
+    let _lock = CommandLock::take(&dir)?;
+    let record = Record::read(&dir)?.current(&dir);
+    match record.oci.status {
+        Status::Created => {}
+        Status::Running => return invalid("cannot start an already running container"),
+        Status::Stopped => return invalid("cannot start a container that has stopped"),
+        Status::Creating => return invalid("cannot start a container that is being created"),
+    }
+    let mut agent = agent(&dir).await?;
+    agent.start(id).await?;
+    let mut record = Record::read(&dir)?;
+    record.oci.status = Status::Running;
+    record.write(&dir)
+}
+
+/// `kill`: sends `signal` to the container's process (`all`: to every process of the
+/// container).
+///
+/// # Errors
+/// No such container, a container that is not created or running, or the agent's error.
+pub async fn kill(root: &Path, id: &str, signal: i32, all: bool) -> Result<(), SandboxError> {
+    let dir = container_dir(root, id)?;
+    let _lock = CommandLock::take(&dir)?;
+    let record = Record::read(&dir)?.current(&dir);
+    if !matches!(record.oci.status, Status::Created | Status::Running) {
+        return invalid("container not running");
+    }
+    let mut agent = agent(&dir).await?;
+    agent.signal_all(id, signal, all).await
+}
+
+/// `delete`: removes a stopped (or created) container; `force` also ends a running one.
+///
+/// # Errors
+/// No such container (not an error with `force`), or a running one without `force`.
+pub async fn delete(root: &Path, id: &str, force: bool) -> Result<(), SandboxError> {
+    let dir = container_dir(root, id)?;
+    if !dir.exists() && force {
+        return Ok(());
+    }
+    let lock = CommandLock::take(&dir)?;
+    let record = match Record::read(&dir) {
+        Ok(record) => record.current(&dir),
+        // A directory without a record is debris of a create that died early.
+        Err(SandboxError::NotFound { .. }) if force || !owner_alive(&dir) => {
+            drop(lock);
+            return remove(&dir);
+        }
+        Err(e) => return Err(e),
+    };
+    match record.oci.status {
+        Status::Stopped | Status::Created => {}
+        status if force => debug!(%status, "deleting by force"),
+        status => {
+            return invalid(&format!(
+                "cannot delete container {id} that is not stopped: {status}"
+            ))
+        }
+    }
+    drop(lock);
+    end_owner(&dir, &record).await;
+    remove(&dir)
+}
+
+/// Ends the process owning the container's VM (its monitor, or a `husk run`): SIGTERM, then
+/// SIGKILL to it and to the VMM after [`OWNER_GRACE`].
+async fn end_owner(dir: &Path, record: &Record) {
+    let owner = record.husk.owner_pid;
+    if !owner_alive(dir) && !pid_alive(owner) {
+        return;
+    }
+    if owner > 0 {
+        let _ = send_signal(Pid::from_raw(owner), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + OWNER_GRACE;
+    while owner_alive(dir) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if owner_alive(dir) {
+        warn!(owner, "owner of the VM did not end; killing it and its VMM");
+        for pid in [owner, record.oci.pid] {
+            if pid > 0 {
+                let _ = send_signal(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        let deadline = Instant::now() + OWNER_GRACE;
+        while owner_alive(dir) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn remove(dir: &PathBuf) -> Result<(), SandboxError> {
+    std::fs::remove_dir_all(dir).map_err(|source| SandboxError::StateDir {
+        path: dir.clone(),
+        source,
+    })
+}
+
+async fn agent(dir: &Path) -> Result<AgentClient, SandboxError> {
+    AgentClient::connect(&dir.join(VSOCK_SOCKET), Instant::now() + AGENT_TIMEOUT).await
+}
+
+fn invalid<T>(message: &str) -> Result<T, SandboxError> {
+    Err(SandboxError::InvalidState(message.to_owned()))
+}
