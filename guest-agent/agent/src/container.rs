@@ -222,12 +222,16 @@ impl Containers {
     /// Sends `signal` to the container's first process, or with `all` to every process in
     /// its pid namespace.
     pub fn signal(&self, id: &str, signal: i32, all: bool) -> Result<(), Failure> {
-        let sig = Signal::try_from(signal).map_err(|_| {
-            (
-                ErrorKind::InvalidRequest,
-                format!("invalid signal {signal}"),
-            )
-        })?;
+        // 0 only checks that the process exists (kill(2)).
+        let sig = match signal {
+            0 => None,
+            n => Some(Signal::try_from(n).map_err(|_| {
+                (
+                    ErrorKind::InvalidRequest,
+                    format!("invalid signal {signal}"),
+                )
+            })?),
+        };
         let pid = self.lock().get(id).ok_or_else(|| not_found(id))?.pid;
         let mut pids = vec![pid];
         if all {

@@ -37,7 +37,7 @@ pub enum Request {
     SignalContainer {
         /// Container id.
         id: String,
-        /// Signal number (1..=64).
+        /// Signal number (0..=64; 0 checks that the process exists).
         signal: i32,
         /// To every process of the container, not only its first.
         #[serde(default)]

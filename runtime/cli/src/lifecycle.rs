@@ -220,7 +220,13 @@ pub fn list(cli: &Cli, args: &ListArgs) -> anyhow::Result<i32> {
         .collect();
         // runc's tabwriter: cells at least 12 wide, 3 spaces of padding.
         let widths: Vec<usize> = (0..6)
-            .map(|c| rows.iter().map(|r| r[c].len() + 3).max().unwrap_or(0).max(12))
+            .map(|c| {
+                rows.iter()
+                    .map(|r| r[c].len() + 3)
+                    .max()
+                    .unwrap_or(0)
+                    .max(12)
+            })
             .collect();
         for row in rows {
             let line: String = row
@@ -246,13 +252,14 @@ fn with_owner(mut s: OciState) -> OciState {
     s
 }
 
-/// A signal by name (`KILL`, `SIGKILL`, case-insensitive) or number.
+/// A signal by name (`KILL`, `SIGKILL`, case-insensitive) or number (0: only check that the
+/// process exists, as kill(2)).
 ///
 /// # Errors
-/// An unknown name or a number outside 1..=64 (`invalid signal`, as runc).
+/// An unknown name or a number outside 0..=64 (`invalid signal`, as runc).
 pub fn parse_signal(value: &str) -> anyhow::Result<i32> {
     if let Ok(n) = value.parse::<i32>() {
-        if (1..=64).contains(&n) {
+        if (0..=64).contains(&n) {
             return Ok(n);
         }
         anyhow::bail!("invalid signal {value:?}");
@@ -282,7 +289,7 @@ mod tests {
 
     #[test]
     fn test_parse_signal_unknown_rejected() {
-        for bad in ["NOPE", "0", "65", "-1", ""] {
+        for bad in ["NOPE", "65", "-1", ""] {
             assert!(parse_signal(bad).is_err(), "{bad}");
         }
     }

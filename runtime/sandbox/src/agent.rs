@@ -168,7 +168,12 @@ impl AgentClient {
     ///
     /// # Errors
     /// The agent's refusal or a transport error.
-    pub async fn signal_all(&mut self, id: &str, signal: i32, all: bool) -> Result<(), SandboxError> {
+    pub async fn signal_all(
+        &mut self,
+        id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), SandboxError> {
         self.request_ok(&Request::SignalContainer {
             id: id.to_owned(),
             signal,

@@ -48,7 +48,10 @@ pub async fn hand_over(
     timeout: Duration,
 ) -> Result<OciState, SandboxError> {
     let dir = state.path().to_owned();
-    let pid = monitor.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    let pid = monitor
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .unwrap_or(0);
     crate::run::update_record(&dir, |r| r.husk.owner_pid = pid)?;
     state.keep();
     drop(state);
@@ -120,7 +123,11 @@ pub fn list(root: &Path) -> Result<Vec<OciState>, SandboxError> {
     };
     let mut states: Vec<OciState> = entries
         .filter_map(Result::ok)
-        .filter_map(|e| Record::read(&e.path()).ok().map(|r| r.current(&e.path()).oci))
+        .filter_map(|e| {
+            Record::read(&e.path())
+                .ok()
+                .map(|r| r.current(&e.path()).oci)
+        })
         .collect();
     states.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(states)

@@ -80,7 +80,14 @@ pub async fn run(opts: &RunOptions, pid_file: Option<&Path>) -> Result<RunOutcom
     record.husk.ephemeral = true;
     record.write(state.path())?;
     let mut vm = new_door(opts.hypervisor, vm_config(opts, &bundle, state.path()))?;
-    let result = run_in_vm(vm.as_mut(), &bundle, opts.boot_timeout, state.path(), pid_file).await;
+    let result = run_in_vm(
+        vm.as_mut(),
+        &bundle,
+        opts.boot_timeout,
+        state.path(),
+        pid_file,
+    )
+    .await;
     let stopped = vm.stop().await;
     drop(state);
     let mut outcome = result?;

@@ -139,8 +139,8 @@ impl Record {
 
     /// The state as a reader should believe it: a container whose owner is gone is stopped.
     pub fn current(mut self, dir: &Path) -> Self {
-        let handing_over = self.oci.status == Status::Creating
-            && crate::state_dir::pid_alive(self.husk.owner_pid);
+        let handing_over =
+            self.oci.status == Status::Creating && crate::state_dir::pid_alive(self.husk.owner_pid);
         if self.oci.status != Status::Stopped
             && !handing_over
             && !crate::state_dir::owner_alive(dir)
@@ -198,14 +198,20 @@ impl CommandLock {
     ///
     /// # Errors
     /// As [`CommandLock::take`].
-    pub fn take_within(dir: &Path, patience: std::time::Duration) -> Result<Option<Self>, SandboxError> {
+    pub fn take_within(
+        dir: &Path,
+        patience: std::time::Duration,
+    ) -> Result<Option<Self>, SandboxError> {
         let path = dir.join(COMMAND_LOCK);
         let mut file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|source| SandboxError::StateDir { path: path.clone(), source })?;
+            .map_err(|source| SandboxError::StateDir {
+                path: path.clone(),
+                source,
+            })?;
         let deadline = std::time::Instant::now() + patience;
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {

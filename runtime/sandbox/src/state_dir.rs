@@ -77,9 +77,8 @@ impl StateDir {
     /// [`SandboxError::NotFound`], or the lock is not free in time.
     pub fn adopt(root: &Path, id: &str, timeout: Duration) -> Result<Self, SandboxError> {
         let path = container_dir(root, id)?;
-        let file = File::open(path.join(OWNER_LOCK)).map_err(|_| SandboxError::NotFound {
-            id: id.to_owned(),
-        })?;
+        let file = File::open(path.join(OWNER_LOCK))
+            .map_err(|_| SandboxError::NotFound { id: id.to_owned() })?;
         let deadline = Instant::now() + timeout;
         let mut file = file;
         loop {

@@ -1,0 +1,422 @@
+//! The OCI lifecycle across separate commands (`create`, `start`, `state`, `kill`, `delete`,
+//! `list`, `run --detach`), through real guests (QEMU door), with runc as the oracle: the same
+//! bundle and the same commands under both, compared step by step.
+
+// An integration-test file is a crate of its own: its tests need no `cfg(test)` module.
+#![allow(clippy::tests_outside_test_module)]
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_e2e::harness::{processes_mentioning, stderr, stdout, Env, Husk, TestBundle};
+use serde_json::Value;
+
+/// One runtime under test: husk, or runc with a root of its own.
+enum Runtime<'a> {
+    Husk(&'a Husk),
+    Runc(&'a Path),
+}
+
+impl Runtime<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Husk(_) => "husk",
+            Self::Runc(_) => "runc",
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        match self {
+            Self::Husk(h) => h.command(args),
+            Self::Runc(root) => {
+                let mut cmd = Command::new("runc");
+                cmd.arg("--root").arg(root).args(args);
+                cmd
+            }
+        }
+    }
+
+    /// Runs a command to completion (stdio of the container: null, or `out` for `create`).
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("runtime command")
+    }
+
+    /// `create --bundle B ID` with the container's output going to `out`.
+    fn create(&self, bundle: &Path, id: &str, out: &Path) -> Output {
+        let file = std::fs::File::create(out).expect("output file");
+        let mut cmd = self.command(&["create", "--bundle", bundle.to_str().expect("utf-8"), id]);
+        let status = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .status()
+            .expect("create");
+        Output {
+            status,
+            stdout: Vec::new(),
+            stderr: std::fs::read(out).unwrap_or_default(),
+        }
+    }
+
+    fn state(&self, id: &str) -> Option<Value> {
+        let out = self.run(&["state", id]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("state JSON"))
+    }
+
+    fn status(&self, id: &str) -> String {
+        self.state(id).map_or_else(
+            || "gone".to_owned(),
+            |s| s["status"].as_str().unwrap_or("?").to_owned(),
+        )
+    }
+
+    /// Waits (up to 20 s) for `status`.
+    fn await_status(&self, id: &str, status: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = self.status(id);
+            if now == status || Instant::now() > deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The lifecycle as a list of (step, succeeded, status afterwards).
+fn lifecycle(rt: &Runtime<'_>, bundle: &Path, out: &Path) -> Vec<(String, bool, String)> {
+    let id = "lc";
+    let mut steps = Vec::new();
+    let mut step = |name: &str, ok: bool, status: String| {
+        steps.push((name.to_owned(), ok, status));
+    };
+    let created = rt.create(bundle, id, out);
+    assert!(
+        created.status.success(),
+        "{} create: {}",
+        rt.name(),
+        stderr(&created)
+    );
+    step("create", true, rt.status(id));
+    let state = rt.state(id).expect("state");
+    let pid = state["pid"].as_i64().unwrap_or(0);
+    step("created pid > 0", pid > 0, rt.status(id));
+    step(
+        "start",
+        rt.run(&["start", id]).status.success(),
+        rt.status(id),
+    );
+    // The process runs: its first output reaches create's stdout.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(out).unwrap_or_default() != "started\n"
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    step(
+        "start again",
+        rt.run(&["start", id]).status.success(),
+        rt.status(id),
+    );
+    step(
+        "delete running",
+        rt.run(&["delete", id]).status.success(),
+        rt.status(id),
+    );
+    step(
+        "kill NOPE",
+        rt.run(&["kill", id, "NOPE"]).status.success(),
+        rt.status(id),
+    );
+    step(
+        "kill KILL",
+        rt.run(&["kill", id, "KILL"]).status.success(),
+        rt.await_status(id, "stopped"),
+    );
+    let state = rt.state(id).expect("state");
+    step("stopped pid 0", state["pid"] == 0, rt.status(id));
+    step(
+        "kill stopped",
+        rt.run(&["kill", id, "KILL"]).status.success(),
+        rt.status(id),
+    );
+    step(
+        "start stopped",
+        rt.run(&["start", id]).status.success(),
+        rt.status(id),
+    );
+    step(
+        "delete",
+        rt.run(&["delete", id]).status.success(),
+        rt.status(id),
+    );
+    step(
+        "delete again",
+        rt.run(&["delete", id]).status.success(),
+        rt.status(id),
+    );
+    step(
+        "delete --force gone",
+        rt.run(&["delete", "--force", id]).status.success(),
+        rt.status(id),
+    );
+    steps
+}
+
+fn busybox_sleeper(husk: &Husk) -> TestBundle {
+    let bundle = TestBundle::busybox(husk, &["sh", "-c", "echo started; exec sleep 60"]);
+    bundle.edit(|c| c["process"]["terminal"] = false.into());
+    bundle
+}
+
+#[test]
+fn test_lifecycle_create_start_kill_delete_same_as_runc() {
+    let Some(env) = Env::get("test_lifecycle_create_start_kill_delete_same_as_runc") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = busybox_sleeper(&husk);
+    let runc_root = tempfile::tempdir().expect("runc root");
+    let outs = tempfile::tempdir().expect("outputs");
+    let expected = lifecycle(
+        &Runtime::Runc(runc_root.path()),
+        bundle.path(),
+        &outs.path().join("runc"),
+    );
+    let got = lifecycle(
+        &Runtime::Husk(&husk),
+        bundle.path(),
+        &outs.path().join("husk"),
+    );
+    assert_eq!(got, expected, "husk's lifecycle differs from runc's");
+    let output = std::fs::read_to_string(outs.path().join("husk")).expect("output");
+    assert_eq!(
+        output, "started\n",
+        "the container's output reaches create's stdout"
+    );
+    husk.assert_clean();
+}
+
+#[test]
+fn test_state_json_fields_match_runc() {
+    let Some(env) = Env::get("test_state_json_fields_match_runc") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = busybox_sleeper(&husk);
+    let runc_root = tempfile::tempdir().expect("runc root");
+    let outs = tempfile::tempdir().expect("outputs");
+    let mut states = Vec::new();
+    for rt in [Runtime::Runc(runc_root.path()), Runtime::Husk(&husk)] {
+        let out = rt.create(bundle.path(), "st", &outs.path().join(rt.name()));
+        assert!(out.status.success(), "{}: {}", rt.name(), stderr(&out));
+        states.push(rt.state("st").expect("state"));
+        let listed = rt.run(&["list", "--format", "json"]);
+        let listed: Value = serde_json::from_slice(&listed.stdout).expect("list JSON");
+        assert_eq!(listed[0]["id"], "st", "{} list: {listed}", rt.name());
+        assert_eq!(listed[0]["owner"], "root", "{} list: {listed}", rt.name());
+        let table = stdout(&rt.run(&["list"]));
+        assert!(table.starts_with("ID   "), "{}: {table}", rt.name());
+        assert!(rt.run(&["delete", "--force", "st"]).status.success());
+    }
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&states[1]), keys(&states[0]));
+    for field in ["id", "status", "bundle", "rootfs", "owner"] {
+        assert_eq!(states[1][field], states[0][field], "field {field}");
+    }
+    husk.assert_clean();
+}
+
+#[test]
+fn test_bad_input_fails_where_runc_fails() {
+    let Some(env) = Env::get("test_bad_input_fails_where_runc_fails") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = busybox_sleeper(&husk);
+    let b = bundle.path().to_str().expect("utf-8").to_owned();
+    let runc_root = tempfile::tempdir().expect("runc root");
+    let empty = tempfile::tempdir().expect("no config");
+    let e = empty.path().to_str().expect("utf-8").to_owned();
+    let outs = tempfile::tempdir().expect("outputs");
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("state of a missing container", vec!["state", "nope"]),
+        ("start of a missing container", vec!["start", "nope"]),
+        ("kill of a missing container", vec!["kill", "nope", "KILL"]),
+        ("delete of a missing container", vec!["delete", "nope"]),
+        (
+            "delete --force of a missing container",
+            vec!["delete", "--force", "nope"],
+        ),
+        (
+            "create without config.json",
+            vec!["create", "--bundle", &e, "x1"],
+        ),
+        (
+            "create with a bad id",
+            vec!["create", "--bundle", &b, "../x"],
+        ),
+        (
+            "create with an id in use",
+            vec!["create", "--bundle", &b, "used"],
+        ),
+        (
+            "kill with an unknown signal",
+            vec!["kill", "used", "SIGNOPE"],
+        ),
+        ("kill with signal 0", vec!["kill", "used", "0"]),
+        ("list", vec!["list"]),
+    ];
+    let mut differ = Vec::new();
+    for rt in [Runtime::Runc(runc_root.path()), Runtime::Husk(&husk)] {
+        let used = rt.create(bundle.path(), "used", &outs.path().join(rt.name()));
+        assert!(used.status.success(), "{}: {}", rt.name(), stderr(&used));
+        for (what, args) in &cases {
+            let out = rt.run(args);
+            differ.push((rt.name(), *what, out.status.success(), stderr(&out)));
+        }
+        assert!(rt.run(&["delete", "--force", "used"]).status.success());
+    }
+    let (runc, husk_results) = differ.split_at(cases.len());
+    for (r, h) in runc.iter().zip(husk_results) {
+        assert_eq!(
+            h.2,
+            r.2,
+            "{}: runc ok={} ({}), husk ok={} ({})",
+            r.1,
+            r.2,
+            r.3.trim(),
+            h.2,
+            h.3.trim()
+        );
+        if !h.2 {
+            assert_eq!(
+                h.3.lines().count(),
+                1,
+                "{}: husk's error is one line: {}",
+                h.1,
+                h.3
+            );
+        }
+    }
+    husk.assert_clean();
+}
+
+#[test]
+fn test_run_detach_then_kill_and_delete_clean() {
+    let Some(env) = Env::get("test_run_detach_then_kill_and_delete_clean") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = busybox_sleeper(&husk);
+    let pid_file = bundle.path().join("vm.pid");
+    let out = husk
+        .command(&[
+            "run",
+            "--detach",
+            "--pid-file",
+            pid_file.to_str().expect("utf-8"),
+            "--bundle",
+            bundle.path().to_str().expect("utf-8"),
+            "det",
+        ])
+        // Not a pipe: the container keeps its stdio open, `output()` would wait for it.
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(bundle.path().join("err")).expect("err file"))
+        .status()
+        .expect("run --detach");
+    let err = std::fs::read_to_string(bundle.path().join("err")).unwrap_or_default();
+    assert!(out.success(), "{err}");
+    let rt = Runtime::Husk(&husk);
+    let state = rt.state("det").expect("state");
+    assert_eq!(state["status"], "running");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert_eq!(state["pid"], pid);
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the VM's pid is live"
+    );
+    assert!(rt.run(&["kill", "det"]).status.success(), "SIGTERM");
+    // PID 1 of the container ignores SIGTERM (no handler): still running.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rt.status("det"), "running");
+    assert!(rt.run(&["kill", "--all", "det", "9"]).status.success());
+    assert_eq!(rt.await_status("det", "stopped"), "stopped");
+    assert!(rt.run(&["delete", "det"]).status.success());
+    husk.assert_clean();
+}
+
+#[test]
+fn test_vmm_killed_state_stopped_delete_clean() {
+    let Some(env) = Env::get("test_vmm_killed_state_stopped_delete_clean") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = busybox_sleeper(&husk);
+    let rt = Runtime::Husk(&husk);
+    let outs = tempfile::tempdir().expect("outputs");
+    assert!(rt
+        .create(bundle.path(), "vk", &outs.path().join("o"))
+        .status
+        .success());
+    assert!(rt.run(&["start", "vk"]).status.success());
+    let pid = rt.state("vk").expect("state")["pid"].as_i64().expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill VMM");
+    assert_eq!(rt.await_status("vk", "stopped"), "stopped");
+    assert!(rt.run(&["delete", "vk"]).status.success());
+    husk.assert_clean();
+}
+
+#[test]
+fn test_monitor_killed_state_stopped_nothing_left_after_delete() {
+    let Some(env) = Env::get("test_monitor_killed_state_stopped_nothing_left_after_delete") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = busybox_sleeper(&husk);
+    let rt = Runtime::Husk(&husk);
+    let outs = tempfile::tempdir().expect("outputs");
+    assert!(rt
+        .create(bundle.path(), "mk", &outs.path().join("o"))
+        .status
+        .success());
+    assert!(rt.run(&["start", "mk"]).status.success());
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(husk.root().join("mk/state.json")).expect("record"))
+            .expect("record JSON");
+    let owner = record["husk"]["owner_pid"].as_i64().expect("owner pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(owner).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill monitor");
+    assert_eq!(rt.await_status("mk", "stopped"), "stopped");
+    // The VMM and virtiofsd died with their owner.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_mentioning(husk.root()).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(rt.run(&["delete", "mk"]).status.success());
+    husk.assert_clean();
+}
