@@ -152,6 +152,7 @@ mod tests {
             Request::SignalContainer {
                 id: "c".into(),
                 signal: 9,
+                all: true,
             },
             Request::AttachStdio {
                 id: "c".into(),
