@@ -137,12 +137,20 @@ pub(crate) async fn wait_vm(
     tokio::select! {
         status = vmm.wait() => Ok(VmExit { status: status.map_err(HypervisorError::Process)? }),
         (i, status) = first_exit(fs) => {
+            // A VMM that died takes virtiofsd's connection with it: virtiofsd may notice first.
+            // The VMM's end is the root cause then.
+            if let Ok(vmm_status) = tokio::time::timeout(HELPER_EXIT_GRACE, vmm.wait()).await {
+                return Ok(VmExit { status: vmm_status.map_err(HypervisorError::Process)? });
+            }
             let status = status.map_err(HypervisorError::Process)?;
             let detail = crate::tail_lines(&fs[i].log, 3).join(" | ");
             Err(HelperExited { program: "virtiofsd", status, detail }.into())
         }
     }
 }
+
+/// How long a virtiofsd exit waits for the VMM's, which would explain it.
+const HELPER_EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Index and exit status of the first virtiofsd to exit; never resolves when there is none.
 async fn first_exit(fs: &mut [Virtiofsd]) -> (usize, std::io::Result<std::process::ExitStatus>) {
