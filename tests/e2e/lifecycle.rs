@@ -420,3 +420,87 @@ fn test_monitor_killed_state_stopped_nothing_left_after_delete() {
     assert!(rt.run(&["delete", "mk"]).status.success());
     husk.assert_clean();
 }
+
+#[test]
+fn test_exec_same_output_and_exit_codes_as_runc_and_ps_lists_it() {
+    let Some(env) = Env::get("test_exec_same_output_and_exit_codes_as_runc_and_ps_lists_it") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = busybox_sleeper(&husk);
+    let runc_root = tempfile::tempdir().expect("runc root");
+    let outs = tempfile::tempdir().expect("outputs");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["sh", "-c", "echo out; echo err >&2; exit 5"],
+        vec!["--user", "1000:1000", "id"],
+        vec!["--cwd", "/bin", "pwd"],
+        vec!["--env", "FOO=bar", "sh", "-c", "echo $FOO"],
+        vec!["sh", "-c", "read line; echo got $line"],
+        vec!["sh", "-c", "kill -9 $$"],
+    ];
+    let mut results = Vec::new();
+    for rt in [Runtime::Runc(runc_root.path()), Runtime::Husk(&husk)] {
+        let out = rt.create(bundle.path(), "ex", &outs.path().join(rt.name()));
+        assert!(out.status.success(), "{}: {}", rt.name(), stderr(&out));
+        assert!(rt.run(&["start", "ex"]).status.success());
+        for case in &cases {
+            let (flags, cmd): (Vec<&str>, Vec<&str>) = match case[0].starts_with("--") {
+                true => (case[..2].to_vec(), case[2..].to_vec()),
+                false => (Vec::new(), case.clone()),
+            };
+            let mut args = vec!["exec"];
+            args.extend(flags);
+            args.push("ex");
+            args.extend(cmd);
+            let mut child = rt
+                .command(&args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("exec");
+            use std::io::Write as _;
+            let _ = child.stdin.take().expect("stdin").write_all(b"hello\n");
+            let out = child.wait_with_output().expect("exec output");
+            results.push((
+                rt.name(),
+                case.join(" "),
+                out.status.code(),
+                stdout(&out),
+                stderr(&out),
+            ));
+        }
+        let missing = rt.run(&["exec", "ex", "no-such-program"]);
+        results.push((
+            rt.name(),
+            "missing".into(),
+            Some(i32::from(missing.status.success())),
+            String::new(),
+            String::new(),
+        ));
+        if let Runtime::Husk(_) = rt {
+            let ps = rt.run(&["ps", "--format", "json", "ex"]);
+            let pids: Vec<u32> = serde_json::from_slice(&ps.stdout).expect("ps JSON");
+            assert_eq!(pids.len(), 1, "one process: {pids:?}");
+            assert!(rt
+                .run(&["exec", "-d", "ex", "sleep", "100"])
+                .status
+                .success());
+            let table = stdout(&rt.run(&["ps", "ex"]));
+            assert!(table.contains("sleep 100"), "ps lists the exec: {table}");
+        }
+        assert!(rt.run(&["delete", "--force", "ex"]).status.success());
+    }
+    let (runc, husk_results) = results.split_at(cases.len() + 1);
+    for (r, h) in runc.iter().zip(husk_results) {
+        assert_eq!(
+            (h.2, &h.3),
+            (r.2, &r.3),
+            "exec {}: husk stderr {:?}, runc stderr {:?}",
+            r.1,
+            h.4,
+            r.4
+        );
+    }
+    husk.assert_clean();
+}

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use husk_protocol::{
-    read_message, write_message, ContainerSpec, ErrorKind, Response, Rootfs, StdioStream,
+    read_message, write_message, ContainerSpec, ErrorKind, ProcessInfo, Response, Rootfs,
+    StdioStream,
 };
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -123,7 +124,7 @@ impl Containers {
             stderr_w.as_fd(),
             sync_child.as_fd(),
         ];
-        let pid = sys::spawn_container_init(fds, namespaces())
+        let pid = sys::spawn_self(crate::container_init::ARG_C, fds, namespaces())
             .map_err(|e| internal(format!("clone: {e}")))?;
         // Registered before the next await: the reaper cannot miss this child's exit.
         let exit = self.exits.watch(pid);
@@ -219,6 +220,28 @@ impl Containers {
     }
 
     /// Sends `signal` to the container's process.
+    /// The pid of a running container's first process (the namespaces an exec joins).
+    pub fn running_pid(&self, id: &str) -> Result<Pid, Failure> {
+        let map = self.lock();
+        let c = map.get(id).ok_or_else(|| not_found(id))?;
+        match c.state {
+            State::Running => Ok(c.pid),
+            _ => Err((
+                ErrorKind::InvalidState,
+                format!("container {id:?} is not running"),
+            )),
+        }
+    }
+
+    /// The container's processes: its first one and everything in its pid namespace.
+    pub fn processes(&self, id: &str) -> Result<Vec<ProcessInfo>, Failure> {
+        let pid = self.lock().get(id).ok_or_else(|| not_found(id))?.pid;
+        let mut pids = vec![pid];
+        pids.extend(same_pid_namespace(pid));
+        pids.sort_by_key(|p| p.as_raw());
+        Ok(pids.into_iter().filter_map(process_info).collect())
+    }
+
     /// Sends `signal` to the container's first process, or with `all` to every process in
     /// its pid namespace.
     pub fn signal(&self, id: &str, signal: i32, all: bool) -> Result<(), Failure> {
@@ -351,6 +374,39 @@ fn block_device(serial: &str) -> std::io::Result<PathBuf> {
     ))
 }
 
+/// What /proc says of `pid`; `None` when it is gone.
+fn process_info(pid: Pid) -> Option<ProcessInfo> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok())
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmd = String::from_utf8_lossy(&cmdline)
+        .split('\0')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let name = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Name:"))
+        .map(str::trim)
+        .unwrap_or("?");
+    Some(ProcessInfo {
+        pid: u32::try_from(pid.as_raw()).ok()?,
+        ppid: field("PPid:")?,
+        uid: field("Uid:")?,
+        cmd: if cmd.is_empty() {
+            format!("[{name}]")
+        } else {
+            cmd
+        },
+    })
+}
+
 /// The other processes in `init`'s pid namespace.
 fn same_pid_namespace(init: Pid) -> Vec<Pid> {
     let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
@@ -369,17 +425,17 @@ fn same_pid_namespace(init: Pid) -> Vec<Pid> {
 }
 
 /// A close-on-exec pipe: (read end, write end).
-fn pipe_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     pipe2(OFlag::O_CLOEXEC).map_err(|e| ctx(e, "pipe2"))
 }
 
-fn not_found(id: &str) -> Failure {
+pub(crate) fn not_found(id: &str) -> Failure {
     (
         ErrorKind::NotFound,
         format!("container {id:?} does not exist"),
     )
 }
 
-fn internal(e: impl ToString) -> Failure {
+pub(crate) fn internal(e: impl ToString) -> Failure {
     (ErrorKind::Internal, e.to_string())
 }

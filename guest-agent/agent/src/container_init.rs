@@ -31,7 +31,7 @@ pub const ARG: &str = "container-init";
 pub const ARG_C: &CStr = c"container-init";
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-const DEFAULT_UMASK: u32 = 0o022;
+pub(crate) const DEFAULT_UMASK: u32 = 0o022;
 /// Exit code when the process could not be executed (as a shell).
 const EXIT_EXEC_FAILED: u8 = 127;
 
@@ -205,7 +205,7 @@ fn exec(spec: &ContainerSpec) -> String {
     }
 }
 
-fn set_user(user: &User) -> nix::Result<()> {
+pub(crate) fn set_user(user: &User) -> nix::Result<()> {
     let groups: Vec<Gid> = user
         .additional_gids
         .iter()
@@ -219,7 +219,7 @@ fn set_user(user: &User) -> nix::Result<()> {
 
 /// The file `program` names: itself if it has a `/`, else the first executable in `$PATH` (the
 /// container's env, as runc).
-fn find_program(program: &str, env: &[String]) -> Result<PathBuf, String> {
+pub(crate) fn find_program(program: &str, env: &[String]) -> Result<PathBuf, String> {
     if program.contains('/') {
         return Ok(PathBuf::from(program));
     }

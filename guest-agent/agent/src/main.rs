@@ -4,10 +4,13 @@
 //! [`husk_protocol::AGENT_PORT`] ([`server`]): one VM, one or more containers, each a child in its
 //! own namespaces ([`container`]). The same binary, started as `husk-agent container-init`, is the
 //! first process of a container: it finishes the container's setup from the inside and execs the
-//! bundle's process ([`container_init`]).
+//! bundle's process ([`container_init`]); as `husk-agent exec-init`, it starts an exec process in
+//! a running container ([`exec_init`], for [`exec`]).
 
 mod container;
 mod container_init;
+mod exec;
+mod exec_init;
 mod init;
 mod reaper;
 mod server;
@@ -16,8 +19,10 @@ mod sys;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    if std::env::args_os().nth(1).as_deref() == Some(container_init::ARG.as_ref()) {
-        return container_init::main();
+    match std::env::args_os().nth(1) {
+        Some(mode) if mode == container_init::ARG => return container_init::main(),
+        Some(mode) if mode == exec_init::ARG => return exec_init::main(),
+        _ => {}
     }
     let pid1 = std::process::id() == 1;
     let result = run(pid1);

@@ -9,15 +9,23 @@ use tokio::io::AsyncReadExt;
 use tokio_vsock::{OwnedReadHalf, OwnedWriteHalf, VsockAddr, VsockListener, VMADDR_CID_ANY};
 
 use crate::container::{copy_output, copy_stdin, Attached, Containers};
+use crate::exec::Execs;
 use crate::{init, reaper};
+
+/// What every connection serves: the containers and their exec processes.
+#[derive(Debug, Clone, Default)]
+struct Agent {
+    containers: Containers,
+    execs: Execs,
+}
 
 /// How long a shutdown waits for the host to take the acknowledgement and hang up.
 const SHUTDOWN_ACK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Accepts host connections forever.
 pub async fn serve() -> std::io::Result<()> {
-    let containers = Containers::default();
-    let exits = containers.exits();
+    let agent = Agent::default();
+    let exits = agent.containers.exits();
     tokio::spawn(async move {
         if let Err(e) = reaper::run(exits).await {
             eprintln!("husk-agent: reaper: {e}");
@@ -27,11 +35,11 @@ pub async fn serve() -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let (rd, wr) = stream.into_split();
-        tokio::spawn(connection(rd, wr, containers.clone()));
+        tokio::spawn(connection(rd, wr, agent.clone()));
     }
 }
 
-async fn connection(mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, containers: Containers) {
+async fn connection(mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, agent: Agent) {
     loop {
         let request = match read_message::<Request, _>(&mut rd).await {
             Ok(Some(request)) => request,
@@ -43,9 +51,11 @@ async fn connection(mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, containers: C
             }
         };
         match request {
-            Request::AttachStdio { id, stream } => {
-                return attach(rd, wr, &containers, &id, stream).await
-            }
+            Request::AttachStdio {
+                id,
+                stream,
+                exec_id,
+            } => return attach(rd, wr, &agent, &id, exec_id.as_deref(), stream).await,
             Request::Shutdown => {
                 let _ = write_message(&mut wr, &Response::Ok).await;
                 // The reply is only queued in the guest's socket: powering off now can lose it.
@@ -58,7 +68,7 @@ async fn connection(mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, containers: C
                 init::power_off();
             }
             request => {
-                let reply = handle(&containers, request).await;
+                let reply = handle(&agent, request).await;
                 if write_message(&mut wr, &reply).await.is_err() {
                     return;
                 }
@@ -67,7 +77,8 @@ async fn connection(mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, containers: C
     }
 }
 
-async fn handle(containers: &Containers, request: Request) -> Response {
+async fn handle(agent: &Agent, request: Request) -> Response {
+    let containers = &agent.containers;
     let result = match request {
         Request::Hello { .. } => {
             // The host compares versions; the agent always says which one it speaks.
@@ -88,6 +99,32 @@ async fn handle(containers: &Containers, request: Request) -> Response {
         Request::SignalContainer { id, signal, all } => {
             containers.signal(&id, signal, all).map(|()| Response::Ok)
         }
+        Request::ExecProcess {
+            id,
+            exec_id,
+            process,
+            detach,
+        } => agent
+            .execs
+            .exec(containers, &id, &exec_id, process, detach)
+            .await
+            .map(|pid| Response::Started { pid }),
+        Request::WaitProcess { id, exec_id } => agent
+            .execs
+            .wait(&id, &exec_id)
+            .await
+            .map(|code| Response::Exited { code }),
+        Request::SignalProcess {
+            id,
+            exec_id,
+            signal,
+        } => agent
+            .execs
+            .signal(&id, &exec_id, signal)
+            .map(|()| Response::Ok),
+        Request::ListProcesses { id } => containers
+            .processes(&id)
+            .map(|processes| Response::Processes { processes }),
         Request::AttachStdio { .. } | Request::Shutdown => {
             Err((ErrorKind::InvalidRequest, "not valid here".to_owned()))
         }
@@ -98,11 +135,16 @@ async fn handle(containers: &Containers, request: Request) -> Response {
 async fn attach(
     rd: OwnedReadHalf,
     mut wr: OwnedWriteHalf,
-    containers: &Containers,
+    agent: &Agent,
     id: &str,
+    exec_id: Option<&str>,
     stream: StdioStream,
 ) {
-    let attached = match containers.attach(id, stream) {
+    let attached = match exec_id {
+        None => agent.containers.attach(id, stream),
+        Some(exec_id) => agent.execs.attach(id, exec_id, stream),
+    };
+    let attached = match attached {
         Ok(attached) => attached,
         Err((kind, message)) => {
             let _ = write_message(&mut wr, &error(kind, message)).await;

@@ -1,6 +1,6 @@
 //! The agent's only unsafe code: the two kernel calls nix has no safe form for.
 
-use std::ffi::{c_char, c_short};
+use std::ffi::{c_char, c_short, CStr};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr;
@@ -9,21 +9,24 @@ use nix::sched::CloneFlags;
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
 
-use crate::container_init;
-
 /// Stack of the cloned child until it execs (it only calls dup2 and execve).
 const CLONE_STACK_SIZE: usize = 64 * 1024;
 
-/// Starts `/proc/self/exe container-init` as a child in the namespaces `flags` asks for, with
-/// `fds[i]` as its fd `i` (stdin, stdout, stderr, sync socket). The fds must be above 2 (the
-/// agent's own stdio is open), so that no dup2 overwrites a source still to be duplicated.
-pub fn spawn_container_init(fds: [BorrowedFd<'_>; 4], flags: CloneFlags) -> io::Result<Pid> {
+/// Starts `/proc/self/exe <mode>` (`container-init`, `exec-init`) as a child in the new
+/// namespaces `flags` asks for, with `fds[i]` as its fd `i` (stdin, stdout, stderr, sync
+/// socket). The fds must be above 2 (the agent's own stdio is open), so that no dup2
+/// overwrites a source still to be duplicated.
+pub fn spawn_self(
+    mode: &'static CStr,
+    fds: [BorrowedFd<'_>; 4],
+    flags: CloneFlags,
+) -> io::Result<Pid> {
     let raw = fds.map(|fd| fd.as_raw_fd());
     if raw.iter().any(|&fd| fd <= 2) {
         return Err(io::Error::other("container fds must be above 2"));
     }
     let exe = c"/proc/self/exe";
-    let argv: [*const c_char; 3] = [exe.as_ptr(), container_init::ARG_C.as_ptr(), ptr::null()];
+    let argv: [*const c_char; 3] = [exe.as_ptr(), mode.as_ptr(), ptr::null()];
     let envp: [*const c_char; 1] = [ptr::null()];
     let mut stack = vec![0u8; CLONE_STACK_SIZE];
     let child = Box::new(move || -> isize {

@@ -157,7 +157,24 @@ mod tests {
             Request::AttachStdio {
                 id: "c".into(),
                 stream: StdioStream::Stderr,
+                exec_id: Some("e".into()),
             },
+            Request::ExecProcess {
+                id: "c".into(),
+                exec_id: "e".into(),
+                process: crate::ProcessSpec {
+                    args: vec!["ls".into()],
+                    env: vec![],
+                    cwd: "/".into(),
+                    user: crate::User::default(),
+                },
+                detach: false,
+            },
+            Request::WaitProcess {
+                id: "c".into(),
+                exec_id: "e".into(),
+            },
+            Request::ListProcesses { id: "c".into() },
             Request::Shutdown,
         ]
     }

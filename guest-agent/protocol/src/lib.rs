@@ -22,6 +22,6 @@ pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRA
 #[cfg(feature = "tokio")]
 pub use frame::{read_message, write_message};
 pub use messages::{
-    valid_serial, validate_id, ContainerSpec, ErrorKind, Request, Response, Rootfs, StdioStream,
-    User, AGENT_PORT, PROTOCOL_VERSION,
+    valid_serial, validate_id, ContainerSpec, ErrorKind, ExecInit, ProcessInfo, ProcessSpec,
+    Request, Response, Rootfs, StdioStream, User, AGENT_PORT, PROTOCOL_VERSION,
 };

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
@@ -43,12 +43,52 @@ pub enum Request {
         #[serde(default)]
         all: bool,
     },
-    /// Turns the connection into the raw byte stream of one of the container's stdio streams.
+    /// Turns the connection into the raw byte stream of one of the container's stdio streams
+    /// (or of one of its exec processes').
     AttachStdio {
         /// Container id.
         id: String,
         /// Which stream.
         stream: StdioStream,
+        /// The exec process, if not the container's own.
+        #[serde(default)]
+        exec_id: Option<String>,
+    },
+    /// Runs another process in the running container's namespaces; answered by
+    /// [`Response::Started`]. Its stdio is attached like the container's, with `exec_id`.
+    ExecProcess {
+        /// Container id.
+        id: String,
+        /// The host's name for this process: 1..=128 of `[A-Za-z0-9_.-]`, unique in the
+        /// container.
+        exec_id: String,
+        /// What to run.
+        process: ProcessSpec,
+        /// Nobody will attach: stdin is closed and output discarded.
+        #[serde(default)]
+        detach: bool,
+    },
+    /// Answered by [`Response::Exited`] once the exec process exited and its output was
+    /// delivered.
+    WaitProcess {
+        /// Container id.
+        id: String,
+        /// Exec process.
+        exec_id: String,
+    },
+    /// Sends a signal to an exec process.
+    SignalProcess {
+        /// Container id.
+        id: String,
+        /// Exec process.
+        exec_id: String,
+        /// Signal number (0..=64).
+        signal: i32,
+    },
+    /// Answered by [`Response::Processes`]: every process of the container.
+    ListProcesses {
+        /// Container id.
+        id: String,
     },
     /// Syncs file systems and powers the VM off.
     Shutdown,
@@ -76,6 +116,11 @@ pub enum Response {
     Exited {
         /// Exit code, or 128 + N when killed by signal N.
         code: i32,
+    },
+    /// The processes of a container.
+    Processes {
+        /// In pid order.
+        processes: Vec<ProcessInfo>,
     },
     /// The request failed.
     Error {
@@ -178,6 +223,52 @@ pub fn valid_serial(serial: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }
 
+/// A process to run in an existing container (exec).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    /// argv; never empty.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` pairs.
+    pub env: Vec<String>,
+    /// Absolute working directory inside the container.
+    pub cwd: String,
+    /// Credentials.
+    pub user: User,
+}
+
+impl ProcessSpec {
+    /// Checks the fields a hostile or buggy peer could get wrong.
+    ///
+    /// # Errors
+    /// A one-line description of the first invalid field.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_process(&self.args, &self.env, &self.cwd)
+    }
+}
+
+/// One process of a container, as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Pid in the guest (the agent's pid namespace).
+    pub pid: u32,
+    /// Parent pid, same namespace (0 for the container's first process).
+    pub ppid: u32,
+    /// Real user id.
+    pub uid: u32,
+    /// Command line, space-separated (the name in brackets when it has none).
+    pub cmd: String,
+}
+
+/// What the agent hands its `exec-init` helper (agent-internal): the container's first
+/// process, whose namespaces to join, and what to run there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecInit {
+    /// Pid of the container's first process, in the agent's pid namespace.
+    pub init_pid: i32,
+    /// What to run.
+    pub process: ProcessSpec,
+}
+
 /// Credentials of a container's process.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
@@ -203,19 +294,7 @@ impl ContainerSpec {
     /// A one-line description of the first invalid field.
     pub fn validate(&self) -> Result<(), String> {
         validate_id(&self.id)?;
-        if self.args.is_empty() || self.args.iter().any(|a| a.contains('\0')) {
-            return Err("process args must be non-empty and free of NUL bytes".into());
-        }
-        if !self.cwd.starts_with('/') {
-            return Err(format!("cwd {:?} is not an absolute path", self.cwd));
-        }
-        if self
-            .env
-            .iter()
-            .any(|e| !e.contains('=') || e.contains('\0'))
-        {
-            return Err("env entries must be KEY=VALUE without NUL bytes".into());
-        }
+        validate_process(&self.args, &self.env, &self.cwd)?;
         self.rootfs.validate()?;
         match &self.hostname {
             Some(h) if h.len() > 64 || h.contains('\0') => {
@@ -224,6 +303,21 @@ impl ContainerSpec {
             _ => Ok(()),
         }
     }
+}
+
+/// Checks what any process spec must satisfy: args non-empty, env `KEY=VALUE`, no NUL bytes,
+/// an absolute cwd.
+fn validate_process(args: &[String], env: &[String], cwd: &str) -> Result<(), String> {
+    if args.is_empty() || args.iter().any(|a| a.contains('\0')) {
+        return Err("process args must be non-empty and free of NUL bytes".into());
+    }
+    if !cwd.starts_with('/') || cwd.contains('\0') {
+        return Err(format!("cwd {cwd:?} is not an absolute path"));
+    }
+    if env.iter().any(|e| !e.contains('=') || e.contains('\0')) {
+        return Err("env entries must be KEY=VALUE without NUL bytes".into());
+    }
+    Ok(())
 }
 
 /// Checks a container id: 1..=128 of `[A-Za-z0-9_.-]`, not `.`-led (so never `.` or `..`).

@@ -71,6 +71,51 @@ pub struct DeleteArgs {
     id: String,
 }
 
+/// `husk exec [-p process.json | ARGS...] [--env K=V]... [--cwd DIR] [--user UID[:GID]]
+/// [--detach] [--pid-file F] ID`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// An OCI process JSON file (instead of ARGS).
+    #[arg(short, long)]
+    process: Option<PathBuf>,
+    /// Environment variable `KEY=VALUE` to add (repeatable).
+    #[arg(short, long)]
+    env: Vec<String>,
+    /// Working directory in the container.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// `uid[:gid]` to run as.
+    #[arg(short, long)]
+    user: Option<String>,
+    /// Return once the process started.
+    #[arg(short, long)]
+    detach: bool,
+    /// Write the process's pid (in the guest) to this file.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// A terminal for the process: not supported yet.
+    #[arg(short, long)]
+    tty: bool,
+    /// Accepted for runc compatibility; a terminal is not supported yet.
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    /// Container id.
+    id: String,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true)]
+    args: Vec<String>,
+}
+
+/// `husk ps [--format table|json] ID`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Output format.
+    #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+    format: String,
+    /// Container id.
+    id: String,
+}
+
 /// `husk list [--format table|json] [--quiet]`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
@@ -189,6 +234,47 @@ pub fn kill(cli: &Cli, args: &KillArgs) -> anyhow::Result<i32> {
 /// `delete`.
 pub fn delete(cli: &Cli, args: &DeleteArgs) -> anyhow::Result<i32> {
     runtime()?.block_on(lifecycle::delete(&cli.root, &args.id, args.force))?;
+    Ok(0)
+}
+
+/// `exec`: exits with the process's exit code.
+pub fn exec(cli: &Cli, args: &ExecArgs) -> anyhow::Result<i32> {
+    if args.tty {
+        anyhow::bail!("--tty is not supported yet");
+    }
+    if args.process.is_none() && args.args.is_empty() {
+        anyhow::bail!("exec needs a process: -p process.json or a command");
+    }
+    let request = lifecycle::ExecRequest {
+        process_file: args.process.clone(),
+        args: args.args.clone(),
+        env: args.env.clone(),
+        cwd: args.cwd.clone(),
+        user: args.user.clone(),
+        detach: args.detach,
+    };
+    let mut pid = None;
+    let result = runtime()?.block_on(lifecycle::exec(&cli.root, &args.id, &request, &mut pid));
+    if let (Some(path), Some(pid)) = (&args.pid_file, pid) {
+        write_pid_file(path, i32::try_from(pid).unwrap_or(0))?;
+    }
+    Ok(result?)
+}
+
+/// `ps`: the container's processes, a table (`UID PID PPID CMD`, pids as the guest sees them)
+/// or a JSON array of pids.
+pub fn ps(cli: &Cli, args: &PsArgs) -> anyhow::Result<i32> {
+    let processes = runtime()?.block_on(lifecycle::processes(&cli.root, &args.id))?;
+    let mut out = std::io::stdout().lock();
+    if args.format == "json" {
+        let pids: Vec<u32> = processes.iter().map(|p| p.pid).collect();
+        writeln!(out, "{}", serde_json::to_string(&pids)?)?;
+        return Ok(0);
+    }
+    writeln!(out, "{:<8} {:>7} {:>7} CMD", "UID", "PID", "PPID")?;
+    for p in processes {
+        writeln!(out, "{:<8} {:>7} {:>7} {}", p.uid, p.pid, p.ppid, p.cmd)?;
+    }
     Ok(0)
 }
 

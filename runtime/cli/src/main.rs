@@ -59,6 +59,10 @@ enum Command {
     Kill(lifecycle::KillArgs),
     /// Delete a stopped container (`--force`: any container) and its VM.
     Delete(lifecycle::DeleteArgs),
+    /// Run another process in a running container.
+    Exec(lifecycle::ExecArgs),
+    /// List the processes of a container.
+    Ps(lifecycle::PsArgs),
     /// List containers.
     #[command(alias = "ls")]
     List(lifecycle::ListArgs),
@@ -97,6 +101,8 @@ fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
         Command::Kill(args) => lifecycle::kill(cli, args),
         Command::Delete(args) => lifecycle::delete(cli, args),
         Command::List(args) => lifecycle::list(cli, args),
+        Command::Exec(args) => lifecycle::exec(cli, args),
+        Command::Ps(args) => lifecycle::ps(cli, args),
         Command::Monitor(args) => lifecycle::monitor(cli, args),
         Command::Spec(args) => spec::spec(args).map(|()| 0),
     }

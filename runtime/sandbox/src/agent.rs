@@ -6,7 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use husk_protocol::{read_message, write_message, ContainerSpec, Request, Response, StdioStream};
+use husk_protocol::{
+    read_message, write_message, ContainerSpec, ProcessInfo, ProcessSpec, Request, Response,
+    StdioStream,
+};
 use husk_protocol::{AGENT_PORT, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -182,6 +185,76 @@ impl AgentClient {
         .await
     }
 
+    /// Starts `process` in the running container; returns its pid in the guest.
+    ///
+    /// # Errors
+    /// The agent's refusal (`exec_failed` with the reason) or a transport error.
+    pub async fn exec(
+        &mut self,
+        id: &str,
+        exec_id: &str,
+        process: &ProcessSpec,
+        detach: bool,
+    ) -> Result<u32, SandboxError> {
+        let request = Request::ExecProcess {
+            id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            process: process.clone(),
+            detach,
+        };
+        match self.request(&request).await? {
+            Response::Started { pid } => Ok(pid),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Waits for an exec process's exit code (after its output was delivered).
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn wait_process(&mut self, id: &str, exec_id: &str) -> Result<i32, SandboxError> {
+        let request = Request::WaitProcess {
+            id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+        };
+        match self.request(&request).await? {
+            Response::Exited { code } => Ok(code),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends `signal` to an exec process.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn signal_process(
+        &mut self,
+        id: &str,
+        exec_id: &str,
+        signal: i32,
+    ) -> Result<(), SandboxError> {
+        self.request_ok(&Request::SignalProcess {
+            id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            signal,
+        })
+        .await
+    }
+
+    /// The container's processes.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn processes(&mut self, id: &str) -> Result<Vec<ProcessInfo>, SandboxError> {
+        match self
+            .request(&Request::ListProcesses { id: id.to_owned() })
+            .await?
+        {
+            Response::Processes { processes } => Ok(processes),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Asks the agent to power the VM off. The connection closes on return, which tells the
     /// agent its acknowledgement arrived and it may power off.
     ///
@@ -196,12 +269,26 @@ impl AgentClient {
     /// # Errors
     /// The agent's refusal or a transport error.
     pub async fn attach(&self, id: &str, stream: StdioStream) -> Result<UnixStream, SandboxError> {
+        self.attach_process(id, None, stream).await
+    }
+
+    /// [`AgentClient::attach`] for the container's process or (`exec_id`) an exec process.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn attach_process(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        stream: StdioStream,
+    ) -> Result<UnixStream, SandboxError> {
         let mut conn = connect_vsock(&self.uds, AGENT_PORT).await?;
         write_message(
             &mut conn,
             &Request::AttachStdio {
                 id: id.to_owned(),
                 stream,
+                exec_id: exec_id.map(str::to_owned),
             },
         )
         .await?;

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use husk_protocol::{ContainerSpec, Rootfs as AgentRootfs, User};
+use husk_protocol::{ContainerSpec, ProcessSpec, Rootfs as AgentRootfs, User};
 use oci_spec::runtime::Spec;
 
 use crate::SandboxError;
@@ -127,6 +127,80 @@ impl Bundle {
             spec,
         })
     }
+}
+
+/// The process `husk exec -p FILE` asks for: an OCI `process` object.
+///
+/// # Errors
+/// [`SandboxError::ReadConfig`]-like errors naming the file: unreadable, not a process,
+/// `terminal: true`, or invalid fields.
+pub fn process_from_file(path: &Path) -> Result<ProcessSpec, SandboxError> {
+    let invalid = |reason: String| SandboxError::InvalidConfig {
+        path: path.to_owned(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| invalid(format!("cannot read: {e}")))?;
+    let process: oci_spec::runtime::Process =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not an OCI process: {e}")))?;
+    if process.terminal().unwrap_or(false) {
+        return Err(invalid(
+            "terminal=true is not supported yet; set it to false".into(),
+        ));
+    }
+    let user = process.user();
+    let spec = ProcessSpec {
+        args: process.args().clone().unwrap_or_default(),
+        env: process.env().clone().unwrap_or_default(),
+        cwd: process.cwd().to_string_lossy().into_owned(),
+        user: User {
+            uid: user.uid(),
+            gid: user.gid(),
+            additional_gids: user.additional_gids().clone().unwrap_or_default(),
+            umask: user.umask(),
+        },
+    };
+    spec.validate().map_err(invalid)?;
+    Ok(spec)
+}
+
+/// The process `husk exec ID ARGS...` asks for: the container's own env, cwd and user from its
+/// config.json, with the request's overrides.
+///
+/// # Errors
+/// The bundle's config cannot be read, or an override is invalid (`--user` not `uid[:gid]`).
+pub fn exec_process(
+    bundle: &Path,
+    id: &str,
+    request: &crate::lifecycle::ExecRequest,
+) -> Result<ProcessSpec, SandboxError> {
+    let base = Bundle::load(bundle, id)?.spec;
+    let invalid = |reason: String| SandboxError::InvalidConfig {
+        path: bundle.join("config.json"),
+        reason,
+    };
+    let mut user = base.user;
+    if let Some(value) = &request.user {
+        let (uid, gid) = value.split_once(':').unwrap_or((value, "0"));
+        user.uid = uid
+            .parse()
+            .map_err(|_| invalid(format!("--user {value:?} is not uid[:gid]")))?;
+        user.gid = gid
+            .parse()
+            .map_err(|_| invalid(format!("--user {value:?} is not uid[:gid]")))?;
+    }
+    let mut env = base.env;
+    env.extend(request.env.iter().cloned());
+    let spec = ProcessSpec {
+        args: request.args.clone(),
+        env,
+        cwd: request.cwd.clone().unwrap_or(base.cwd),
+        user,
+    };
+    spec.validate().map_err(|e| SandboxError::InvalidConfig {
+        path: PathBuf::from("exec"),
+        reason: e,
+    })?;
+    Ok(spec)
 }
 
 #[cfg(test)]

@@ -11,9 +11,12 @@ use nix::unistd::Pid;
 use tracing::{debug, warn};
 
 use crate::agent::AgentClient;
+use husk_protocol::ProcessInfo;
+
 use crate::bundle::Bundle;
 use crate::state::{CommandLock, OciState, Record, Status};
 use crate::state_dir::{container_dir, owner_alive, pid_alive, StateDir};
+use crate::stdio::{relay_output, relay_stdin, HostOutput};
 use crate::{RunOptions, SandboxError};
 
 /// Name of the VM's hybrid vsock socket in a state directory (both doors use it).
@@ -201,6 +204,101 @@ pub async fn delete(root: &Path, id: &str, force: bool) -> Result<(), SandboxErr
     drop(lock);
     end_owner(&dir, &record).await;
     remove(&dir)
+}
+
+/// How `exec` builds the process: from a `process.json` (OCI `process` object), or from the
+/// container's own config.json with these overrides.
+#[derive(Debug, Clone, Default)]
+pub struct ExecRequest {
+    /// An OCI `process` JSON file; the other fields are ignored when set.
+    pub process_file: Option<PathBuf>,
+    /// argv (when no process file).
+    pub args: Vec<String>,
+    /// `KEY=VALUE` added to the container's env.
+    pub env: Vec<String>,
+    /// Working directory instead of the container's.
+    pub cwd: Option<String>,
+    /// `uid[:gid]` instead of the container's user.
+    pub user: Option<String>,
+    /// Return once started; stdin closed, output discarded.
+    pub detach: bool,
+}
+
+/// `exec`: runs another process in the running container, with this process's stdio; its exit
+/// code (0 for `detach`, the pid then going to `pid_out`).
+///
+/// # Errors
+/// No such container, one not running, an invalid process, or the agent's error (an exec
+/// failure names the program).
+pub async fn exec(
+    root: &Path,
+    id: &str,
+    request: &ExecRequest,
+    pid_out: &mut Option<u32>,
+) -> Result<i32, SandboxError> {
+    let dir = container_dir(root, id)?;
+    let record = Record::read(&dir)?.current(&dir);
+    match record.oci.status {
+        Status::Running => {}
+        Status::Stopped => return invalid("cannot exec in a stopped container"),
+        _ => return invalid("cannot exec in a container that is not running"),
+    }
+    let process = match &request.process_file {
+        Some(path) => crate::bundle::process_from_file(path)?,
+        None => crate::bundle::exec_process(&record.oci.bundle, id, request)?,
+    };
+    let exec_id = format!(
+        "exec-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    );
+    let mut agent = agent(&dir).await?;
+    let pid = agent.exec(id, &exec_id, &process, request.detach).await?;
+    *pid_out = Some(pid);
+    if request.detach {
+        return Ok(0);
+    }
+    let stdin = agent
+        .attach_process(id, Some(&exec_id), husk_protocol::StdioStream::Stdin)
+        .await?;
+    let mut outputs = Vec::new();
+    for (stream, target) in [
+        (husk_protocol::StdioStream::Stdout, HostOutput::Stdout),
+        (husk_protocol::StdioStream::Stderr, HostOutput::Stderr),
+    ] {
+        let conn = agent.attach_process(id, Some(&exec_id), stream).await?;
+        outputs.push(relay_output(conn, target)?);
+    }
+    relay_stdin(stdin)?;
+    let mut waiter = agent.reconnect().await?;
+    let wait = waiter.wait_process(id, &exec_id);
+    tokio::pin!(wait);
+    let mut signals = crate::run::ForwardedSignals::new()?;
+    let code = loop {
+        tokio::select! {
+            code = &mut wait => break code?,
+            signo = signals.recv() => agent.signal_process(id, &exec_id, signo).await?,
+        }
+    };
+    for output in outputs {
+        let _ = output.await;
+    }
+    Ok(code)
+}
+
+/// `ps`: the container's processes (pids as the guest sees them).
+///
+/// # Errors
+/// No such container, one not running, or the agent's error.
+pub async fn processes(root: &Path, id: &str) -> Result<Vec<ProcessInfo>, SandboxError> {
+    let dir = container_dir(root, id)?;
+    let record = Record::read(&dir)?.current(&dir);
+    if !matches!(record.oci.status, Status::Created | Status::Running) {
+        return invalid("container is not running");
+    }
+    agent(&dir).await?.processes(id).await
 }
 
 /// Ends the process owning the container's VM (its monitor, or a `husk run`): SIGTERM, then

@@ -430,8 +430,8 @@ fn exit_reason(vm: &dyn Hypervisor, exit: Result<VmExit, HypervisorError>) -> St
     }
 }
 
-/// The signals `husk run` forwards to the container, as runc does.
-struct ForwardedSignals {
+/// The signals `husk run` (and `exec`) forward to the container, as runc does.
+pub(crate) struct ForwardedSignals {
     int: Signal,
     term: Signal,
     hup: Signal,
@@ -439,7 +439,7 @@ struct ForwardedSignals {
 }
 
 impl ForwardedSignals {
-    fn new() -> std::io::Result<Self> {
+    pub(crate) fn new() -> std::io::Result<Self> {
         Ok(Self {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
@@ -449,7 +449,7 @@ impl ForwardedSignals {
     }
 
     /// The next signal's number.
-    async fn recv(&mut self) -> i32 {
+    pub(crate) async fn recv(&mut self) -> i32 {
         let sig = tokio::select! {
             _ = self.int.recv() => NixSignal::SIGINT,
             _ = self.term.recv() => NixSignal::SIGTERM,

@@ -1,0 +1,211 @@
+//! Exec processes: more processes in a running container's namespaces, each started by an
+//! `exec-init` helper ([`crate::exec_init`]) that joins the namespaces and spawns it.
+//!
+//! The helper stays the process's parent and exits with its exit code (128+N for signal N):
+//! the reaper reports the helper's exit, and signals go straight to the process.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use husk_protocol::{
+    read_message, validate_id, write_message, ErrorKind, ExecInit, ProcessSpec, Response,
+    StdioStream,
+};
+use nix::errno::Errno;
+use nix::sched::CloneFlags;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::unistd::Pid;
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use crate::container::{copy_output, internal, pipe_pair, Attached, Containers, Failure};
+use crate::init::ctx;
+use crate::sys;
+
+#[derive(Debug)]
+struct Exec {
+    /// The process itself (signals go here).
+    pid: Pid,
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    /// The helper's exit code, which is the process's.
+    exit: watch::Receiver<Option<i32>>,
+    open_outputs: Arc<watch::Sender<usize>>,
+}
+
+/// All exec processes of the VM, by (container id, exec id).
+#[derive(Debug, Clone, Default)]
+pub struct Execs {
+    map: Arc<Mutex<HashMap<(String, String), Exec>>>,
+}
+
+impl Execs {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(String, String), Exec>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts `process` in container `id`'s namespaces; returns its pid.
+    pub async fn exec(
+        &self,
+        containers: &Containers,
+        id: &str,
+        exec_id: &str,
+        process: ProcessSpec,
+        detach: bool,
+    ) -> Result<u32, Failure> {
+        validate_id(exec_id).map_err(|e| (ErrorKind::InvalidRequest, format!("exec id: {e}")))?;
+        process
+            .validate()
+            .map_err(|e| (ErrorKind::InvalidRequest, e))?;
+        let init_pid = containers.running_pid(id)?;
+        let key = (id.to_owned(), exec_id.to_owned());
+        if self.lock().contains_key(&key) {
+            return Err((
+                ErrorKind::AlreadyExists,
+                format!("exec {exec_id:?} exists in container {id:?}"),
+            ));
+        }
+        let (stdin_r, stdin_w) = pipe_pair().map_err(internal)?;
+        let (stdout_r, stdout_w) = pipe_pair().map_err(internal)?;
+        let (stderr_r, stderr_w) = pipe_pair().map_err(internal)?;
+        let (sync_parent, sync_child) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| internal(ctx(e, "socketpair")))?;
+        let fds = [
+            stdin_r.as_fd(),
+            stdout_w.as_fd(),
+            stderr_w.as_fd(),
+            sync_child.as_fd(),
+        ];
+        let helper = sys::spawn_self(crate::exec_init::ARG_C, fds, CloneFlags::empty())
+            .map_err(|e| internal(format!("clone: {e}")))?;
+        // Registered before the next await: the reaper cannot miss the helper's exit.
+        let exit = containers.exits().watch(helper);
+        drop((stdin_r, stdout_w, stderr_w, sync_child));
+        let std_sync = std::os::unix::net::UnixStream::from(sync_parent);
+        std_sync.set_nonblocking(true).map_err(internal)?;
+        let mut sync = UnixStream::from_std(std_sync).map_err(internal)?;
+        let init = ExecInit {
+            init_pid: init_pid.as_raw(),
+            process,
+        };
+        write_message(&mut sync, &init)
+            .await
+            .map_err(|e| internal(format!("send exec spec: {e}")))?;
+        let pid = match read_message::<Response, _>(&mut sync).await {
+            Ok(Some(Response::Started { pid })) => pid,
+            Ok(Some(Response::Error { kind, message })) => return Err((kind, message)),
+            Ok(_) => return Err(internal("exec-init exited during setup")),
+            Err(e) => return Err(internal(format!("exec-init: {e}"))),
+        };
+        let (open_outputs, _) = watch::channel(2usize);
+        let open_outputs = Arc::new(open_outputs);
+        let mut entry = Exec {
+            pid: Pid::from_raw(i32::try_from(pid).map_err(internal)?),
+            stdin: Some(stdin_w),
+            stdout: Some(stdout_r),
+            stderr: Some(stderr_r),
+            exit,
+            open_outputs: open_outputs.clone(),
+        };
+        if detach {
+            entry.stdin = None;
+            for fd in [entry.stdout.take(), entry.stderr.take()]
+                .into_iter()
+                .flatten()
+            {
+                tokio::spawn(copy_output(
+                    fd,
+                    None::<tokio::io::Sink>,
+                    open_outputs.clone(),
+                ));
+            }
+        }
+        self.lock().insert(key, entry);
+        Ok(pid)
+    }
+
+    /// Hands out one stdio stream of an exec process, once.
+    pub fn attach(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stream: StdioStream,
+    ) -> Result<Attached, Failure> {
+        let mut map = self.lock();
+        let e = map
+            .get_mut(&(id.to_owned(), exec_id.to_owned()))
+            .ok_or_else(|| not_found(id, exec_id))?;
+        let taken = match stream {
+            StdioStream::Stdin => e.stdin.take().map(Attached::Stdin),
+            StdioStream::Stdout => e
+                .stdout
+                .take()
+                .map(|fd| Attached::Output(fd, e.open_outputs.clone())),
+            StdioStream::Stderr => e
+                .stderr
+                .take()
+                .map(|fd| Attached::Output(fd, e.open_outputs.clone())),
+        };
+        taken.ok_or_else(|| {
+            (
+                ErrorKind::InvalidState,
+                format!("{stream:?} of exec {exec_id:?} is already attached"),
+            )
+        })
+    }
+
+    /// Waits for the exec process to exit and its output to be delivered; its exit code. The
+    /// process is forgotten afterwards.
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<i32, Failure> {
+        let key = (id.to_owned(), exec_id.to_owned());
+        let (mut exit, mut outputs) = {
+            let map = self.lock();
+            let e = map.get(&key).ok_or_else(|| not_found(id, exec_id))?;
+            (e.exit.clone(), e.open_outputs.subscribe())
+        };
+        let code = match exit.wait_for(Option::is_some).await {
+            Ok(code) => code.unwrap_or_default(),
+            Err(_) => return Err(internal("exit status lost")),
+        };
+        let _ = outputs.wait_for(|open| *open == 0).await;
+        self.lock().remove(&key);
+        Ok(code)
+    }
+
+    /// Sends `signal` (0: only check) to the exec process.
+    pub fn signal(&self, id: &str, exec_id: &str, signal: i32) -> Result<(), Failure> {
+        let sig = match signal {
+            0 => None,
+            n => Some(Signal::try_from(n).map_err(|_| {
+                (
+                    ErrorKind::InvalidRequest,
+                    format!("invalid signal {signal}"),
+                )
+            })?),
+        };
+        let pid = self
+            .lock()
+            .get(&(id.to_owned(), exec_id.to_owned()))
+            .ok_or_else(|| not_found(id, exec_id))?
+            .pid;
+        match kill(pid, sig) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(e) => Err(internal(ctx(e, "kill"))),
+        }
+    }
+}
+
+fn not_found(id: &str, exec_id: &str) -> Failure {
+    (
+        ErrorKind::NotFound,
+        format!("no exec {exec_id:?} in container {id:?}"),
+    )
+}

@@ -1,0 +1,123 @@
+//! `husk-agent exec-init`: starts an exec process inside a running container.
+//!
+//! Started by [`crate::exec`] with the process's stdin/stdout/stderr and a sync socket on fd 3.
+//! It reads an [`ExecInit`], joins the namespaces of the container's first process (ipc, uts,
+//! net, pid, mount: the mount namespace's root is the container's root), takes the process's
+//! credentials, umask and cwd, and spawns it (a child, so that it is inside the pid
+//! namespace). It answers `Started {pid}` (the pid in the agent's namespace) or an error, then
+//! waits for the process and exits with its exit code, 128+N when signal N ended it.
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, ExitCode};
+
+use husk_protocol::{decode_body, decode_len, encode, ErrorKind, ExecInit, Response};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sched::{setns, CloneFlags};
+use nix::sys::stat::{umask, Mode};
+use nix::unistd::chdir;
+
+use crate::container_init::{find_program, set_user, DEFAULT_UMASK};
+use crate::init::ctx;
+use crate::sys;
+
+/// The argument that selects this mode.
+pub const ARG: &str = "exec-init";
+/// [`ARG`] as a C string, for [`sys::spawn_self`].
+pub const ARG_C: &CStr = c"exec-init";
+
+/// Namespaces joined, mount last (it changes what /proc paths name).
+const NAMESPACES: [(&str, CloneFlags); 5] = [
+    ("ipc", CloneFlags::CLONE_NEWIPC),
+    ("uts", CloneFlags::CLONE_NEWUTS),
+    ("net", CloneFlags::CLONE_NEWNET),
+    ("pid", CloneFlags::CLONE_NEWPID),
+    ("mnt", CloneFlags::CLONE_NEWNS),
+];
+
+pub fn main() -> ExitCode {
+    let mut sync = UnixStream::from(sys::inherited_sync_fd());
+    let init = match read_init(&mut sync) {
+        Ok(init) => init,
+        Err(e) => {
+            eprintln!("husk-agent exec-init: reading the spec: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let child = fcntl(&sync, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map_err(|e| ctx(e, "close-on-exec sync socket").to_string())
+        .and_then(|_| spawn(&init));
+    let (reply, child) = match child {
+        Ok(child) => (Response::Started { pid: child.id() }, Some(child)),
+        Err(message) => (
+            Response::Error {
+                kind: ErrorKind::ExecFailed,
+                message,
+            },
+            None,
+        ),
+    };
+    let sent = encode(&reply)
+        .map_err(io::Error::other)
+        .and_then(|frame| sync.write_all(&frame));
+    drop(sync);
+    let Some(mut child) = child else {
+        return ExitCode::from(127);
+    };
+    if sent.is_err() {
+        let _ = child.kill();
+    }
+    let code = match child.wait() {
+        Ok(status) => status
+            .code()
+            .or_else(|| status.signal().map(|n| 128 + n))
+            .unwrap_or(1),
+        Err(_) => 1,
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// Joins the container and spawns the process; the reason when it could not.
+fn spawn(init: &ExecInit) -> Result<std::process::Child, String> {
+    let files = NAMESPACES
+        .iter()
+        .map(|(name, flag)| {
+            File::open(format!("/proc/{}/ns/{name}", init.init_pid))
+                .map(|f| (f, *flag, *name))
+                .map_err(|e| format!("open {name} namespace of the container: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for (file, flag, name) in files {
+        setns(file, flag).map_err(|e| format!("join the container's {name} namespace: {e}"))?;
+    }
+    let p = &init.process;
+    set_user(&p.user).map_err(|e| format!("set user {}:{}: {e}", p.user.uid, p.user.gid))?;
+    umask(Mode::from_bits_truncate(
+        p.user.umask.unwrap_or(DEFAULT_UMASK),
+    ));
+    chdir(p.cwd.as_str()).map_err(|e| format!("chdir to cwd {:?}: {}", p.cwd, e.desc()))?;
+    let program = find_program(&p.args[0], &p.env)?;
+    let mut cmd = Command::new(program);
+    cmd.arg0(&p.args[0]).args(&p.args[1..]).env_clear();
+    for pair in &p.env {
+        if let Some((key, value)) = pair.split_once('=') {
+            cmd.env(key, value);
+        }
+    }
+    cmd.spawn()
+        .map_err(|e| format!("exec {:?}: {e}", p.args[0]))
+}
+
+fn read_init(stream: &mut UnixStream) -> io::Result<ExecInit> {
+    let mut header = [0u8; husk_protocol::HEADER_LEN];
+    stream.read_exact(&mut header)?;
+    let len = decode_len(header).map_err(io::Error::other)?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    let init: ExecInit = decode_body(&body).map_err(io::Error::other)?;
+    init.process.validate().map_err(io::Error::other)?;
+    Ok(init)
+}
