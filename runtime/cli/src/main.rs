@@ -15,9 +15,12 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// `husk --version`, as runc's: the runtime, then the OCI runtime spec it implements.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\nspec: 1.2.0");
+
 /// Run OCI containers, each in its own micro-VM.
 #[derive(Debug, Parser)]
-#[command(name = "husk", version, about)]
+#[command(name = "husk", version = VERSION, about)]
 struct Cli {
     /// Directory for container state.
     #[arg(long, global = true, default_value = "/run/husk")]

@@ -5,12 +5,16 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 
-/// `husk spec [--bundle DIR]`.
+/// `husk spec [--bundle DIR] [--rootless]`.
 #[derive(Debug, Args)]
 pub struct SpecArgs {
     /// Directory to write config.json into.
     #[arg(short, long, default_value = ".")]
     bundle: PathBuf,
+    /// A spec for a container without root on the host: a user namespace mapping the calling
+    /// user, as `runc spec --rootless`.
+    #[arg(long)]
+    rootless: bool,
 }
 
 /// Writes `<bundle>/config.json`, refusing to overwrite one (as runc does).
@@ -19,7 +23,13 @@ pub fn spec(args: &SpecArgs) -> anyhow::Result<()> {
     if path.exists() {
         bail!("File {} exists. Remove it first", path.display());
     }
-    let spec = oci_spec::runtime::Spec::default();
+    let spec = match args.rootless {
+        true => oci_spec::runtime::Spec::rootless(
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        ),
+        false => oci_spec::runtime::Spec::default(),
+    };
     let json = serde_json::to_string_pretty(&spec)?;
     std::fs::write(&path, json + "\n").with_context(|| format!("cannot write {}", path.display()))
 }
