@@ -78,7 +78,10 @@ fn main() {
         },
     ];
     println!("\nlifecycle, medians of {RUNS} runs (husk: QEMU door as `auto` picks here):");
-    println!("{:<8} {:>22} {:>16}", "", "create+start (ms)", "exec true (ms)");
+    println!(
+        "{:<8} {:>22} {:>16}",
+        "", "create+start (ms)", "exec true (ms)"
+    );
     let mut rows = Vec::new();
     for rt in &runtimes {
         let mut starts = Vec::new();

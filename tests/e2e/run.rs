@@ -305,3 +305,30 @@ fn test_run_disk_image_rootfs_readonly_write_fails() {
     assert!(before == after, "the read-only disk image changed");
     husk.assert_clean();
 }
+
+#[test]
+fn test_run_vm_size_annotations_reach_guest() {
+    let Some(env) = Env::get("test_run_vm_size_annotations_reach_guest") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", "nproc; grep MemTotal /proc/meminfo"]);
+    bundle.edit(|c| {
+        c["annotations"] = serde_json::json!({"io.husk.vm.vcpus": "2", "io.husk.vm.memory": "128"});
+    });
+    let out = husk.run(&bundle, "annot", b"");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("2"), "{text}");
+    let kib: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("MemTotal");
+    assert!(
+        (64 * 1024..=128 * 1024).contains(&kib),
+        "MemTotal {kib} kB for a 128 MiB VM"
+    );
+    husk.assert_clean();
+}

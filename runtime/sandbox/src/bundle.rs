@@ -37,9 +37,56 @@ impl Rootfs {
     }
 }
 
+/// Annotation: guest memory in MiB (64..=65536), over `--memory`.
+pub const ANNOTATION_MEMORY: &str = "io.husk.vm.memory";
+/// Annotation: guest vCPUs (1..=32), over `--vcpus`.
+pub const ANNOTATION_VCPUS: &str = "io.husk.vm.vcpus";
+/// Annotation: `auto`, `kvm` or `qemu`, over `--hypervisor`.
+pub const ANNOTATION_HYPERVISOR: &str = "io.husk.hypervisor";
+
+/// What the bundle's annotations ask of its VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmOverrides {
+    /// [`ANNOTATION_MEMORY`].
+    pub memory_mib: Option<u32>,
+    /// [`ANNOTATION_VCPUS`].
+    pub vcpus: Option<u32>,
+    /// [`ANNOTATION_HYPERVISOR`].
+    pub hypervisor: Option<husk_hypervisor::HypervisorKind>,
+}
+
+impl VmOverrides {
+    fn from_annotations(annotations: &BTreeMap<String, String>) -> Result<Self, String> {
+        let number = |key: &str, range: std::ops::RangeInclusive<u32>| {
+            annotations
+                .get(key)
+                .map(|v| match v.parse::<u32>() {
+                    Ok(n) if range.contains(&n) => Ok(n),
+                    _ => Err(format!(
+                        "annotation {key}={v:?} is not a number in {}..={}",
+                        range.start(),
+                        range.end()
+                    )),
+                })
+                .transpose()
+        };
+        let hypervisor = annotations
+            .get(ANNOTATION_HYPERVISOR)
+            .map(|v| v.parse().map_err(|e| format!("annotation {ANNOTATION_HYPERVISOR}: {e}")))
+            .transpose()?;
+        Ok(Self {
+            memory_mib: number(ANNOTATION_MEMORY, 64..=65536)?,
+            vcpus: number(ANNOTATION_VCPUS, 1..=32)?,
+            hypervisor,
+        })
+    }
+}
+
 /// A bundle ready to run.
 #[derive(Debug, Clone)]
 pub struct Bundle {
+    /// VM size and door from the annotations.
+    pub vm: VmOverrides,
     /// The bundle directory (absolute).
     pub dir: PathBuf,
     /// The rootfs (absolute path).
@@ -120,7 +167,9 @@ impl Bundle {
             },
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
+        let vm = VmOverrides::from_annotations(&annotations).map_err(|e| invalid(&e))?;
         Ok(Self {
+            vm,
             dir: dir.clone(),
             rootfs,
             annotations,
@@ -227,6 +276,51 @@ mod tests {
         assert_eq!(b.spec.cwd, "/");
         assert_eq!(b.spec.id, "c1");
         assert!(b.spec.env.iter().any(|e| e.starts_with("PATH=")));
+    }
+
+    fn with_annotations(pairs: &[(&str, &str)]) -> String {
+        let mut config: serde_json::Value = serde_json::from_str(&default_config()).unwrap();
+        config["annotations"] = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        config.to_string()
+    }
+
+    #[test]
+    fn test_load_vm_annotations_parsed() {
+        let dir = bundle_with(&with_annotations(&[
+            (ANNOTATION_MEMORY, "128"),
+            (ANNOTATION_VCPUS, "2"),
+            (ANNOTATION_HYPERVISOR, "qemu"),
+        ]));
+        let b = Bundle::load(dir.path(), "c1").unwrap();
+        assert_eq!(
+            b.vm,
+            VmOverrides {
+                memory_mib: Some(128),
+                vcpus: Some(2),
+                hypervisor: Some(husk_hypervisor::HypervisorKind::Qemu),
+            }
+        );
+    }
+
+    #[test]
+    fn test_load_bad_vm_annotation_invalid_config() {
+        for (key, value) in [
+            (ANNOTATION_MEMORY, "lots"),
+            (ANNOTATION_MEMORY, "16"),
+            (ANNOTATION_VCPUS, "0"),
+            (ANNOTATION_HYPERVISOR, "xen"),
+        ] {
+            let dir = bundle_with(&with_annotations(&[(key, value)]));
+            let err = Bundle::load(dir.path(), "c1").unwrap_err();
+            assert!(
+                matches!(&err, SandboxError::InvalidConfig { reason, .. } if reason.contains(key)),
+                "{key}={value}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -79,7 +79,7 @@ pub async fn run(opts: &RunOptions, pid_file: Option<&Path>) -> Result<RunOutcom
     let mut record = new_record(&bundle, Status::Creating);
     record.husk.ephemeral = true;
     record.write(state.path())?;
-    let mut vm = new_door(opts.hypervisor, vm_config(opts, &bundle, state.path()))?;
+    let mut vm = new_door(door(opts, &bundle), vm_config(opts, &bundle, state.path()))?;
     let result = run_in_vm(
         vm.as_mut(),
         &bundle,
@@ -109,7 +109,7 @@ pub async fn monitor(opts: &RunOptions) -> Result<(), SandboxError> {
     let dir = state.path().to_owned();
     let bundle = Bundle::load(&opts.bundle, &opts.id)?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let mut vm = new_door(opts.hypervisor, vm_config(opts, &bundle, &dir))?;
+    let mut vm = new_door(door(opts, &bundle), vm_config(opts, &bundle, &dir))?;
     let result = tokio::select! {
         r = monitor_vm(vm.as_mut(), &bundle, opts.boot_timeout, &dir) => r,
         _ = terminate.recv() => {
@@ -203,12 +203,18 @@ pub(crate) fn update_record(dir: &Path, f: impl FnOnce(&mut Record)) -> Result<(
 /// How long the owner waits for a command's lock before updating the record anyway.
 const LOCK_PATIENCE: Duration = Duration::from_secs(2);
 
+/// The door: the bundle's annotation, else the command line's.
+fn door(opts: &RunOptions, bundle: &Bundle) -> HypervisorKind {
+    bundle.vm.hypervisor.unwrap_or(opts.hypervisor)
+}
+
+/// The VM for `bundle`; its annotations size it over the command line.
 fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
     VmConfig {
         kernel: opts.kernel.clone(),
         initramfs: opts.initramfs.clone(),
-        memory_mib: opts.memory_mib,
-        vcpus: opts.vcpus,
+        memory_mib: bundle.vm.memory_mib.unwrap_or(opts.memory_mib),
+        vcpus: bundle.vm.vcpus.unwrap_or(opts.vcpus),
         shares: match &bundle.rootfs {
             Rootfs::Dir(dir) => vec![FsShare {
                 tag: ROOTFS_TAG.to_owned(),
