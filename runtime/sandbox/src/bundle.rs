@@ -72,7 +72,10 @@ impl VmOverrides {
         };
         let hypervisor = annotations
             .get(ANNOTATION_HYPERVISOR)
-            .map(|v| v.parse().map_err(|e| format!("annotation {ANNOTATION_HYPERVISOR}: {e}")))
+            .map(|v| {
+                v.parse()
+                    .map_err(|e| format!("annotation {ANNOTATION_HYPERVISOR}: {e}"))
+            })
             .transpose()?;
         Ok(Self {
             memory_mib: number(ANNOTATION_MEMORY, 64..=65536)?,
