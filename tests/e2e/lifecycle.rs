@@ -504,3 +504,66 @@ fn test_exec_same_output_and_exit_codes_as_runc_and_ps_lists_it() {
     }
     husk.assert_clean();
 }
+
+/// A hook that writes its stdin (the state) to `<dir>/<phase>-<runtime>.json`.
+fn recording_hook(dir: &Path, phase: &str, runtime: &str) -> Value {
+    let file = dir.join(format!("{phase}-{runtime}.json"));
+    serde_json::json!({
+        "path": "/bin/sh",
+        "args": ["sh", "-c", format!("cat > {}", file.display())],
+        "env": ["PATH=/usr/bin:/bin"],
+    })
+}
+
+#[test]
+fn test_hooks_run_with_state_as_runc_and_failing_prestart_fails_create() {
+    let Some(env) = Env::get("test_hooks_run_with_state_as_runc_and_failing_prestart_fails_create")
+    else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = busybox_sleeper(&husk);
+    let runc_root = tempfile::tempdir().expect("runc root");
+    let dir = tempfile::tempdir().expect("hook outputs");
+    let phases = ["createRuntime", "prestart", "poststart", "poststop"];
+    for rt in [Runtime::Runc(runc_root.path()), Runtime::Husk(&husk)] {
+        bundle.edit(|c| {
+            for phase in phases {
+                c["hooks"][phase] =
+                    serde_json::json!([recording_hook(dir.path(), phase, rt.name())]);
+            }
+        });
+        let out = rt.create(
+            bundle.path(),
+            "hk",
+            &dir.path().join(format!("out-{}", rt.name())),
+        );
+        assert!(out.status.success(), "{}: {}", rt.name(), stderr(&out));
+        assert!(rt.run(&["start", "hk"]).status.success());
+        assert!(rt.run(&["kill", "hk", "KILL"]).status.success());
+        assert_eq!(rt.await_status("hk", "stopped"), "stopped");
+        assert!(rt.run(&["delete", "hk"]).status.success());
+    }
+    for phase in phases {
+        let read = |rt: &str| -> Value {
+            let path = dir.path().join(format!("{phase}-{rt}.json"));
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{rt} did not run {phase}: {e}"));
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{rt} {phase}: {e}: {text}"))
+        };
+        let (runc, husk_state) = (read("runc"), read("husk"));
+        assert_eq!(husk_state["id"], "hk", "{phase}: {husk_state}");
+        assert_eq!(husk_state["status"], runc["status"], "{phase}: status");
+        assert_eq!(husk_state["bundle"], runc["bundle"], "{phase}: bundle");
+    }
+    // A failing prestart hook fails create and leaves nothing.
+    bundle.edit(|c| {
+        c["hooks"] = serde_json::json!({"prestart": [{"path": "/bin/false"}]});
+    });
+    for rt in [Runtime::Runc(runc_root.path()), Runtime::Husk(&husk)] {
+        let out = rt.create(bundle.path(), "bad", &dir.path().join("bad-out"));
+        assert!(!out.status.success(), "{}: create succeeded", rt.name());
+        let _ = rt.run(&["delete", "--force", "bad"]);
+    }
+    husk.assert_clean();
+}

@@ -90,6 +90,8 @@ impl VmOverrides {
 pub struct Bundle {
     /// VM size and door from the annotations.
     pub vm: VmOverrides,
+    /// The host hooks.
+    pub hooks: crate::hooks::Hooks,
     /// The bundle directory (absolute).
     pub dir: PathBuf,
     /// The rootfs (absolute path).
@@ -147,6 +149,8 @@ impl Bundle {
         if args.is_empty() {
             return Err(invalid("process.args must not be empty"));
         }
+        let hooks =
+            crate::hooks::Hooks::from_spec(spec.hooks().as_ref()).map_err(|e| invalid(&e))?;
         let annotations = spec
             .annotations()
             .clone()
@@ -173,6 +177,7 @@ impl Bundle {
         let vm = VmOverrides::from_annotations(&annotations).map_err(|e| invalid(&e))?;
         Ok(Self {
             vm,
+            hooks,
             dir: dir.clone(),
             rootfs,
             annotations,

@@ -33,6 +33,16 @@ pub enum SandboxError {
     /// The container id is malformed.
     #[error("{0}")]
     InvalidId(String),
+    /// A hook failed.
+    #[error("{phase} hook {}: {reason}", path.display())]
+    Hook {
+        /// Which hooks (`createRuntime`, `poststart`, ...).
+        phase: String,
+        /// The hook's program.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// `create` failed: the monitor's own error line.
     #[error("{0}")]
     CreateFailed(String),

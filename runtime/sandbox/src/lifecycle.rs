@@ -154,7 +154,13 @@ pub async fn start(root: &Path, id: &str) -> Result<(), SandboxError> {
     agent.start(id).await?;
     let mut record = Record::read(&dir)?;
     record.oci.status = Status::Running;
-    record.write(&dir)
+    record.write(&dir)?;
+    crate::hooks::run_logged(
+        "poststart",
+        &record.husk.hooks.poststart,
+        &poststart_state(&record.oci),
+    );
+    Ok(())
 }
 
 /// `kill`: sends `signal` to the container's process (`all`: to every process of the
@@ -203,6 +209,9 @@ pub async fn delete(root: &Path, id: &str, force: bool) -> Result<(), SandboxErr
     }
     drop(lock);
     end_owner(&dir, &record).await;
+    let mut state = record.oci.clone();
+    (state.status, state.pid) = (Status::Stopped, 0);
+    crate::hooks::run_logged("poststop", &record.husk.hooks.poststop, &state);
     remove(&dir)
 }
 
@@ -299,6 +308,13 @@ pub async fn processes(root: &Path, id: &str) -> Result<Vec<ProcessInfo>, Sandbo
         return invalid("container is not running");
     }
     agent(&dir).await?.processes(id).await
+}
+
+/// The state poststart hooks get: runc's, which still says `created`.
+pub(crate) fn poststart_state(state: &OciState) -> OciState {
+    let mut state = state.clone();
+    state.status = Status::Created;
+    state
 }
 
 /// Ends the process owning the container's VM (its monitor, or a `husk run`): SIGTERM, then

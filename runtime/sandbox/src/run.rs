@@ -140,6 +140,7 @@ async fn monitor_vm(
     let id = bundle.spec.id.as_str();
     let outputs = guard(vm, create_container(&mut agent, bundle)).await?;
     let pid = vm.pid().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    create_runtime_hooks(dir, bundle, pid)?;
     update_record(dir, |r| {
         r.oci.status = Status::Created;
         r.oci.pid = pid;
@@ -169,6 +170,17 @@ async fn monitor_vm(
     Ok(())
 }
 
+/// Runs the createRuntime (and prestart) hooks with the container's state, its VM up and its
+/// process waiting.
+fn create_runtime_hooks(dir: &Path, bundle: &Bundle, pid: i32) -> Result<(), SandboxError> {
+    if bundle.hooks.create_runtime.is_empty() {
+        return Ok(());
+    }
+    let mut state = Record::read(dir)?.oci;
+    state.pid = pid;
+    crate::hooks::run("createRuntime", &bundle.hooks.create_runtime, &state)
+}
+
 /// The record of a container being made from `bundle` by this process.
 pub(crate) fn new_record(bundle: &Bundle, status: Status) -> Record {
     Record {
@@ -187,6 +199,7 @@ pub(crate) fn new_record(bundle: &Bundle, status: Status) -> Record {
             owner_pid: i32::try_from(std::process::id()).unwrap_or(0),
             exit_code: None,
             ephemeral: false,
+            hooks: bundle.hooks.clone(),
         },
     }
 }
@@ -270,17 +283,20 @@ async fn run_in_vm(
     let t_ready = Instant::now();
     debug!("agent ready");
     let id = bundle.spec.id.as_str();
+    let pid = vm.pid().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
     let outputs = guard(vm, async {
         let outputs = create_container(&mut agent, bundle).await?;
+        create_runtime_hooks(dir, bundle, pid)?;
         agent.start(id).await?;
         Ok(outputs)
     })
     .await?;
-    let pid = vm.pid().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
     update_record(dir, |r| {
         r.oci.status = Status::Running;
         r.oci.pid = pid;
     })?;
+    let state = crate::lifecycle::poststart_state(&Record::read(dir)?.oci);
+    crate::hooks::run_logged("poststart", &bundle.hooks.poststart, &state);
     if let Some(path) = pid_file {
         std::fs::write(path, pid.to_string()).map_err(|source| SandboxError::StateDir {
             path: path.to_owned(),
@@ -300,6 +316,9 @@ async fn run_in_vm(
     })?;
     power_off(vm, agent).await;
     debug!("VM powered off");
+    let mut state = Record::read(dir)?.oci;
+    state.pid = 0;
+    crate::hooks::run_logged("poststop", &bundle.hooks.poststop, &state);
     let timings = Timings {
         boot_to_agent: t_ready - t_boot,
         container_start: t_started - t_ready,

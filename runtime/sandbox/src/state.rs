@@ -93,6 +93,9 @@ pub struct Private {
     /// `husk run` without `--keep`: the directory goes with its owner, and one left by an
     /// owner that was killed is cleared by the next use of the id.
     pub ephemeral: bool,
+    /// The bundle's host hooks still to run (poststart, poststop), as they were at create.
+    #[serde(default)]
+    pub hooks: crate::hooks::Hooks,
 }
 
 impl Record {
