@@ -23,7 +23,7 @@ use nix::unistd::{chdir, execve, pivot_root, setgid, setgroups, sethostname, set
 
 use crate::container::rootfs_path;
 use crate::init::ctx;
-use crate::sys;
+use crate::{privileges, sys};
 
 /// The argument that selects this mode.
 pub const ARG: &str = "container-init";
@@ -180,8 +180,14 @@ fn enter_root(root: &Path) -> io::Result<()> {
 
 /// Becomes the user and execs the process; returns only the reason it failed.
 fn exec(spec: &ContainerSpec) -> String {
+    if let Err(e) = privileges::before_user(spec) {
+        return e;
+    }
     if let Err(e) = set_user(&spec.user) {
         return format!("set user {}:{}: {e}", spec.user.uid, spec.user.gid);
+    }
+    if let Err(e) = privileges::after_user(spec) {
+        return e;
     }
     umask(Mode::from_bits_truncate(
         spec.user.umask.unwrap_or(DEFAULT_UMASK),

@@ -9,6 +9,7 @@
 mod container;
 mod container_init;
 mod init;
+mod privileges;
 mod reaper;
 mod server;
 mod sys;

@@ -17,6 +17,7 @@
 
 mod frame;
 mod messages;
+mod process;
 
 pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRAME_LEN};
 #[cfg(feature = "tokio")]
@@ -25,3 +26,4 @@ pub use messages::{
     valid_serial, validate_id, ContainerSpec, ErrorKind, Request, Response, Rootfs, StdioStream,
     User, AGENT_PORT, PROTOCOL_VERSION,
 };
+pub use process::{Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE, RLIMIT_NAMES};

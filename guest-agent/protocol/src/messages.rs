@@ -3,8 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::process::{validate_rlimits, Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE};
+
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
@@ -20,8 +22,8 @@ pub enum Request {
     },
     /// Builds the container's namespaces and rootfs; its process waits for `StartContainer`.
     CreateContainer {
-        /// What to build.
-        spec: ContainerSpec,
+        /// What to build (boxed: it is by far the largest request).
+        spec: Box<ContainerSpec>,
     },
     /// Lets the created container's process exec; answered by [`Response::Started`].
     StartContainer {
@@ -134,6 +136,18 @@ pub struct ContainerSpec {
     pub cwd: String,
     /// Credentials of the process.
     pub user: User,
+    /// Resource limits set before exec (version 3).
+    #[serde(default)]
+    pub rlimits: Vec<Rlimit>,
+    /// Set `no_new_privs` before exec (version 3).
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    /// The process's `oom_score_adj`, -1000..=1000 (version 3).
+    #[serde(default)]
+    pub oom_score_adj: Option<i32>,
+    /// The process's capability sets; `None` leaves root's full set (version 3).
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
 }
 
 /// Where a container's root filesystem comes from.
@@ -214,11 +228,24 @@ impl ContainerSpec {
             return Err("env entries must be KEY=VALUE without NUL bytes".into());
         }
         self.rootfs.validate()?;
-        match &self.hostname {
-            Some(h) if h.len() > 64 || h.contains('\0') => {
-                Err(format!("hostname {h:?} is longer than 64 bytes or has NUL"))
+        if let Some(h) = &self.hostname {
+            if h.len() > 64 || h.contains('\0') {
+                return Err(format!("hostname {h:?} is longer than 64 bytes or has NUL"));
             }
-            _ => Ok(()),
+        }
+        self.validate_process()
+    }
+
+    fn validate_process(&self) -> Result<(), String> {
+        validate_rlimits(&self.rlimits)?;
+        if let Some(adj) = self.oom_score_adj {
+            if !OOM_SCORE_ADJ_RANGE.contains(&adj) {
+                return Err(format!("oomScoreAdj {adj} is outside -1000..=1000"));
+            }
+        }
+        match &self.capabilities {
+            Some(caps) => caps.validate(),
+            None => Ok(()),
         }
     }
 }
@@ -255,7 +282,20 @@ mod tests {
             env: vec!["PATH=/bin".into()],
             cwd: "/".into(),
             user: User::default(),
+            rlimits: Vec::new(),
+            no_new_privileges: false,
+            oom_score_adj: None,
+            capabilities: None,
         }
+    }
+
+    #[test]
+    fn test_spec_validate_oom_score_adj_out_of_range_rejected() {
+        let mut s = spec();
+        s.oom_score_adj = Some(-1000);
+        assert!(s.validate().is_ok());
+        s.oom_score_adj = Some(1001);
+        assert!(s.validate().is_err());
     }
 
     #[test]

@@ -2,8 +2,12 @@
 //!
 //! Supported for now (OCI runtime spec 1.2, config.md): `root.path` (a directory, shared with
 //! virtio-fs, or a raw ext4 disk image, attached as a virtio-blk disk), `root.readonly`,
-//! `hostname`, `process.{args, env, cwd, user.{uid, gid, additionalGids, umask}}`. A field
-//! husk cannot honour yet (`process.terminal = true`) is an error, never silently ignored.
+//! `hostname`, `process.{args, env, cwd, user.{uid, gid, additionalGids, umask}}`,
+//! `process.{rlimits, noNewPrivileges, oomScoreAdj, capabilities}` ([`process`]). A field
+//! husk cannot honour yet (`process.terminal = true`, `process.apparmorProfile`, ...) is an
+//! error, never silently ignored.
+
+mod process;
 
 use std::path::{Path, PathBuf};
 
@@ -80,6 +84,7 @@ impl Bundle {
             return Err(invalid("process.args must not be empty"));
         }
         let user = process.user();
+        let attrs = process::attrs(process).map_err(|reason| invalid(&reason))?;
         let spec = ContainerSpec {
             id: id.to_owned(),
             rootfs: agent_rootfs,
@@ -94,6 +99,10 @@ impl Bundle {
                 additional_gids: user.additional_gids().clone().unwrap_or_default(),
                 umask: user.umask(),
             },
+            rlimits: attrs.rlimits,
+            no_new_privileges: attrs.no_new_privileges,
+            oom_score_adj: attrs.oom_score_adj,
+            capabilities: attrs.capabilities,
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
         Ok(Self { rootfs, spec })
