@@ -126,3 +126,139 @@ fn test_config_rlimit_soft_above_hard_refused() {
     });
     assert_refused(&husk, &bundle, "soft limit 10 is above the hard limit 5");
 }
+
+#[test]
+fn test_config_default_mounts_masked_and_readonly_paths_as_runc() {
+    let Some(env) = Env::get("test_config_default_mounts_masked_and_readonly_paths_as_runc") else {
+        return;
+    };
+    let husk = env.husk();
+    let script =
+        "grep -E ' /(proc|dev|dev/pts|dev/shm|dev/mqueue|sys|sys/fs/cgroup) ' /proc/mounts; \
+         ls /dev; echo cmdline=$(wc -c < /proc/cmdline); \
+         echo 1 > /proc/sys/kernel/ns_last_pid || echo sys-ro; \
+         grep -E ' /proc/(sys|cmdline) ' /proc/mounts";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    // The default list names files this guest kernel does not have (skipped, as by runc);
+    // /proc/cmdline is one it has.
+    bundle.edit(|c| {
+        c["linux"]["maskedPaths"]
+            .as_array_mut()
+            .expect("maskedPaths")
+            .push("/proc/cmdline".into())
+    });
+    let out = run_expect(&husk, &bundle, "mounts", 0);
+    let text = stdout(&out);
+    let mounts: Vec<(&str, &str, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 6).then(|| (f[1], f[2], f[3]))
+        })
+        .collect();
+    let find = |dest: &str| mounts.iter().find(|m| m.0 == dest).copied();
+    // The default spec's mounts, with their options (as runc mounts them).
+    let (_, fs, opts) = find("/dev").expect("/dev mounted");
+    assert_eq!(fs, "tmpfs");
+    assert!(
+        opts.starts_with("rw,nosuid") && opts.contains("size=65536k"),
+        "{opts}"
+    );
+    assert_eq!(find("/dev/pts").map(|m| m.1), Some("devpts"));
+    assert_eq!(find("/dev/shm").map(|m| m.1), Some("tmpfs"));
+    assert_eq!(find("/dev/mqueue").map(|m| m.1), Some("mqueue"));
+    let (_, fs, opts) = find("/sys").expect("/sys mounted");
+    assert_eq!(fs, "sysfs");
+    assert!(opts.starts_with("ro,nosuid,nodev,noexec"), "{opts}");
+    let (_, fs, opts) = find("/sys/fs/cgroup").expect("cgroup2 mounted");
+    assert_eq!(fs, "cgroup2");
+    assert!(opts.starts_with("ro,"), "{opts}");
+    for node in [
+        "null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm",
+    ] {
+        assert!(
+            text.lines().any(|l| l == node),
+            "/dev/{node} missing: {text}"
+        );
+    }
+    // maskedPaths: the container's /dev/null over a file; readonlyPaths: /proc/sys.
+    assert!(text.contains("cmdline=0\n"), "{text}");
+    assert!(text.contains("sys-ro\n"), "{text}");
+    let (_, _, opts) = find("/proc/sys").expect("/proc/sys bound");
+    assert!(opts.starts_with("ro,"), "{opts}");
+    assert_eq!(find("/proc/cmdline").map(|m| m.1), Some("tmpfs"));
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_custom_tmpfs_mount_options_and_sysctl_applied() {
+    let Some(env) = Env::get("test_config_custom_tmpfs_mount_options_and_sysctl_applied") else {
+        return;
+    };
+    let husk = env.husk();
+    let script = "grep ' /data ' /proc/mounts; touch /data/x && echo wrote; \
+         cat /proc/sys/net/ipv4/ip_forward /proc/sys/kernel/shmmni; \
+         grep -c ' /proc/acpi\\| /sys/firmware ' /proc/mounts";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        c["mounts"].as_array_mut().expect("mounts").push(json!({
+            "destination": "/data", "type": "tmpfs", "source": "tmpfs",
+            "options": ["nosuid", "nodev", "noexec", "ro", "size=1m", "mode=700"]
+        }));
+        c["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1", "kernel.shmmni": "1234"});
+        c["linux"]["maskedPaths"] = json!(["/sys/firmware", "/no/such/path"]);
+    });
+    let out = run_expect(&husk, &bundle, "tmpfs", 0);
+    let text = stdout(&out);
+    let line = text.lines().next().unwrap_or_default();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(f.get(2), Some(&"tmpfs"), "{text}");
+    let opts = f.get(3).copied().unwrap_or_default();
+    assert!(opts.starts_with("ro,nosuid,nodev,noexec"), "{opts}");
+    assert!(
+        opts.contains("size=1024k") && opts.contains("mode=700"),
+        "{opts}"
+    );
+    assert!(
+        !text.contains("wrote"),
+        "read-only tmpfs was written: {text}"
+    );
+    assert!(text.contains("\n1\n1234\n"), "{text}");
+    // A masked directory gets an empty tmpfs; a missing masked path is skipped.
+    assert!(text.ends_with("1\n"), "{text}");
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_non_namespaced_sysctl_refused() {
+    let Some(env) = Env::get("test_config_non_namespaced_sysctl_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    bundle.edit(|c| c["linux"]["sysctl"] = json!({"vm.swappiness": "10"}));
+    assert_refused(
+        &husk,
+        &bundle,
+        "sysctl \"vm.swappiness\" is not in a separate kernel namespace",
+    );
+}
+
+#[test]
+fn test_config_bind_mount_refused() {
+    let Some(env) = Env::get("test_config_bind_mount_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    bundle.edit(|c| {
+        c["mounts"].as_array_mut().expect("mounts").push(json!({
+            "destination": "/data", "type": "bind", "source": "/tmp", "options": ["rbind"]
+        }))
+    });
+    assert_refused(
+        &husk,
+        &bundle,
+        "bind mounts of host paths are not supported yet",
+    );
+}

@@ -9,6 +9,7 @@
 mod container;
 mod container_init;
 mod init;
+mod mounts;
 mod privileges;
 mod reaper;
 mod server;

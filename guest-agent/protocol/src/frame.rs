@@ -154,6 +154,16 @@ mod tests {
                 ambient: vec!["CAP_KILL".into()],
                 ..Default::default()
             }),
+            mounts: vec![crate::Mount {
+                destination: "/dev".into(),
+                kind: crate::MountKind::Tmpfs,
+                flags: vec![crate::MountFlag::Nosuid],
+                data: vec!["mode=755".into()],
+            }],
+            masked_paths: vec!["/proc/kcore".into()],
+            readonly_paths: vec!["/proc/sys".into()],
+            sysctl: [("net.ipv4.ip_forward".to_owned(), "1".to_owned())].into(),
+            namespaces: vec![crate::Namespace::Mount, crate::Namespace::Net],
         };
         vec![
             Request::Hello { version: 1 },

@@ -1,8 +1,14 @@
 //! Messages of the protocol. JSON with an internal `type` tag; unknown fields are ignored so
 //! that a newer peer can add optional fields without a version bump.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
+use crate::linux::{
+    validate_container_path, validate_namespaces, validate_sysctls, Mount, Namespace,
+    SysctlNamespace,
+};
 use crate::process::{validate_rlimits, Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE};
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
@@ -148,6 +154,22 @@ pub struct ContainerSpec {
     /// The process's capability sets; `None` leaves root's full set (version 3).
     #[serde(default)]
     pub capabilities: Option<Capabilities>,
+    /// Kernel file systems to mount, in order, before the root is entered (version 3).
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    /// Paths hidden from the process: `/dev/null` over files, an empty read-only tmpfs over
+    /// directories (version 3).
+    #[serde(default)]
+    pub masked_paths: Vec<String>,
+    /// Paths made read-only (version 3).
+    #[serde(default)]
+    pub readonly_paths: Vec<String>,
+    /// Namespaced kernel parameters, `net.ipv4.ip_forward` -> `1` (version 3).
+    #[serde(default)]
+    pub sysctl: BTreeMap<String, String>,
+    /// Namespaces the container gets its own of (version 3).
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
 }
 
 /// Where a container's root filesystem comes from.
@@ -233,7 +255,32 @@ impl ContainerSpec {
                 return Err(format!("hostname {h:?} is longer than 64 bytes or has NUL"));
             }
         }
-        self.validate_process()
+        self.validate_process()?;
+        self.validate_linux()
+    }
+
+    fn validate_linux(&self) -> Result<(), String> {
+        for mount in &self.mounts {
+            mount.validate()?;
+        }
+        for path in &self.masked_paths {
+            validate_container_path("masked path", path)?;
+        }
+        for path in &self.readonly_paths {
+            validate_container_path("read-only path", path)?;
+        }
+        validate_namespaces(&self.namespaces)?;
+        validate_sysctls(&self.sysctl, |ns| {
+            self.namespaces.contains(&match ns {
+                SysctlNamespace::Net => Namespace::Net,
+                SysctlNamespace::Ipc => Namespace::Ipc,
+                SysctlNamespace::Uts => Namespace::Uts,
+            })
+        })?;
+        if self.hostname.is_some() && !self.namespaces.contains(&Namespace::Uts) {
+            return Err("hostname needs the container's own uts namespace".into());
+        }
+        Ok(())
     }
 
     fn validate_process(&self) -> Result<(), String> {
@@ -286,6 +333,11 @@ mod tests {
             no_new_privileges: false,
             oom_score_adj: None,
             capabilities: None,
+            mounts: Vec::new(),
+            masked_paths: Vec::new(),
+            readonly_paths: Vec::new(),
+            sysctl: BTreeMap::new(),
+            namespaces: vec![Namespace::Mount, Namespace::Uts],
         }
     }
 

@@ -7,6 +7,7 @@
 //! husk cannot honour yet (`process.terminal = true`, `process.apparmorProfile`, ...) is an
 //! error, never silently ignored.
 
+mod linux;
 mod process;
 
 use std::path::{Path, PathBuf};
@@ -85,6 +86,7 @@ impl Bundle {
         }
         let user = process.user();
         let attrs = process::attrs(process).map_err(|reason| invalid(&reason))?;
+        let linux = linux::attrs(&spec).map_err(|reason| invalid(&reason))?;
         let spec = ContainerSpec {
             id: id.to_owned(),
             rootfs: agent_rootfs,
@@ -103,6 +105,11 @@ impl Bundle {
             no_new_privileges: attrs.no_new_privileges,
             oom_score_adj: attrs.oom_score_adj,
             capabilities: attrs.capabilities,
+            mounts: linux.mounts,
+            masked_paths: linux.masked_paths,
+            readonly_paths: linux.readonly_paths,
+            sysctl: linux.sysctl,
+            namespaces: linux.namespaces,
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
         Ok(Self { rootfs, spec })
