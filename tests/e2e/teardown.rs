@@ -105,6 +105,9 @@ fn test_run_guest_panic_mid_run_error_and_clean() {
         &husk,
         &["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60"],
     );
+    // As under runc, the default spec makes /proc/sysrq-trigger read-only: a privileged
+    // container (no read-only paths) is what can reach it.
+    bundle.edit(|c| c["linux"]["readonlyPaths"] = serde_json::json!([]));
     let out = husk.run(&bundle, "panic", b"");
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use husk_protocol::{
-    read_message, write_message, ContainerSpec, ErrorKind, ProcessInfo, Response, Rootfs,
-    StdioStream,
+    read_message, write_message, ContainerSpec, ErrorKind, Namespace, ProcessInfo, Response,
+    Rootfs, StdioStream,
 };
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -36,13 +36,21 @@ pub fn rootfs_path(id: &str) -> PathBuf {
         .join("rootfs")
 }
 
-/// Namespaces of a container: everything but user and cgroup (not asked for yet).
-fn namespaces() -> CloneFlags {
-    CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWNET
+/// clone(2) flags for the spec's namespaces; the cgroup namespace is made by container-init
+/// itself, once it is in its cgroup.
+fn clone_flags(namespaces: &[Namespace]) -> CloneFlags {
+    namespaces.iter().fold(CloneFlags::empty(), |flags, ns| {
+        flags
+            | match ns {
+                Namespace::Pid => CloneFlags::CLONE_NEWPID,
+                Namespace::Net => CloneFlags::CLONE_NEWNET,
+                Namespace::Ipc => CloneFlags::CLONE_NEWIPC,
+                Namespace::Uts => CloneFlags::CLONE_NEWUTS,
+                Namespace::Mount => CloneFlags::CLONE_NEWNS,
+                Namespace::User => CloneFlags::CLONE_NEWUSER,
+                Namespace::Cgroup => CloneFlags::empty(),
+            }
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,8 +132,12 @@ impl Containers {
             stderr_w.as_fd(),
             sync_child.as_fd(),
         ];
-        let pid = sys::spawn_self(crate::container_init::ARG_C, fds, namespaces())
-            .map_err(|e| internal(format!("clone: {e}")))?;
+        let pid = sys::spawn_self(
+            crate::container_init::ARG_C,
+            fds,
+            clone_flags(&spec.namespaces),
+        )
+        .map_err(|e| internal(format!("clone: {e}")))?;
         // Registered before the next await: the reaper cannot miss this child's exit.
         let exit = self.exits.watch(pid);
         drop((stdin_r, stdout_w, stderr_w, sync_child));

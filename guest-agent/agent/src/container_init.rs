@@ -15,15 +15,18 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use husk_protocol::{decode_body, decode_len, encode, ContainerSpec, ErrorKind, Response, User};
+use husk_protocol::{
+    decode_body, decode_len, encode, ContainerSpec, ErrorKind, Namespace, Response, User,
+};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sys::stat::{makedev, mknod, umask, Mode, SFlag};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::stat::{umask, Mode};
 use nix::unistd::{chdir, execve, pivot_root, setgid, setgroups, sethostname, setuid, Gid, Uid};
 
 use crate::container::rootfs_path;
 use crate::init::ctx;
-use crate::sys;
+use crate::{mounts, privileges, sys};
 
 /// The argument that selects this mode.
 pub const ARG: &str = "container-init";
@@ -34,23 +37,6 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub(crate) const DEFAULT_UMASK: u32 = 0o022;
 /// Exit code when the process could not be executed (as a shell).
 const EXIT_EXEC_FAILED: u8 = 127;
-
-/// Character devices every container gets in its /dev: (name, major, minor).
-const DEV_NODES: [(&str, u64, u64); 6] = [
-    ("null", 1, 3),
-    ("zero", 1, 5),
-    ("full", 1, 7),
-    ("random", 1, 8),
-    ("urandom", 1, 9),
-    ("tty", 5, 0),
-];
-const DEV_LINKS: [(&str, &str); 5] = [
-    ("fd", "/proc/self/fd"),
-    ("stdin", "/proc/self/fd/0"),
-    ("stdout", "/proc/self/fd/1"),
-    ("stderr", "/proc/self/fd/2"),
-    ("ptmx", "pts/ptmx"),
-];
 
 pub fn main() -> ExitCode {
     let mut sync = UnixStream::from(sys::inherited_sync_fd());
@@ -85,10 +71,15 @@ fn error(kind: ErrorKind, message: String) -> Response {
     Response::Error { kind, message }
 }
 
-/// Mounts, root, hostname, loopback: everything before the user's process.
+/// Namespaces not made by clone, mounts, root, sysctls, paths, hostname, loopback:
+/// everything before the user's process.
 fn setup(spec: &ContainerSpec) -> io::Result<()> {
     umask(Mode::empty());
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if spec.namespaces.contains(&Namespace::Cgroup) {
+        // After the agent moved this process into the container's cgroup: that cgroup
+        // becomes the root of the container's view.
+        unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| ctx(e, "unshare cgroup namespace"))?;
+    }
     mount(
         None::<&str>,
         "/",
@@ -97,74 +88,28 @@ fn setup(spec: &ContainerSpec) -> io::Result<()> {
         None::<&str>,
     )
     .map_err(|e| ctx(e, "make / private"))?;
+    for (key, value) in &spec.sysctl {
+        mounts::write_sysctl(key, value)?;
+    }
     let root = rootfs_path(&spec.id);
-    mount_at(&root, "proc", "proc", nosuid, None)?;
-    let dev = mount_at(
-        &root,
-        "dev",
-        "tmpfs",
-        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
-        Some("mode=755,size=65536k"),
-    )?;
-    populate_dev(&dev)?;
-    mount_at(
-        &dev,
-        "pts",
-        "devpts",
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
-    )?;
-    mount_at(&dev, "shm", "tmpfs", nosuid, Some("mode=1777,size=65536k"))?;
-    mount_at(&dev, "mqueue", "mqueue", nosuid, None)?;
-    mount_at(&root, "sys", "sysfs", nosuid | MsFlags::MS_RDONLY, None)?;
+    mounts::mount_all(&root, &spec.mounts)?;
     enter_root(&root)?;
     if spec.rootfs_readonly {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         mount(None::<&str>, "/", None::<&str>, flags, None::<&str>)
             .map_err(|e| ctx(e, "remount / read-only"))?;
     }
+    for path in &spec.readonly_paths {
+        mounts::make_readonly(path)?;
+    }
+    for path in &spec.masked_paths {
+        mounts::mask(path)?;
+    }
     if let Some(hostname) = &spec.hostname {
         sethostname(hostname).map_err(|e| ctx(e, "sethostname"))?;
     }
-    sys::loopback_up().map_err(|e| io::Error::new(e.kind(), format!("loopback up: {e}")))?;
-    Ok(())
-}
-
-/// Mounts `fstype` on `parent/name`, creating the directory; refuses a symlink there (the
-/// rootfs is the user's).
-fn mount_at(
-    parent: &Path,
-    name: &str,
-    fstype: &str,
-    flags: MsFlags,
-    data: Option<&str>,
-) -> io::Result<PathBuf> {
-    let target = parent.join(name);
-    match std::fs::symlink_metadata(&target) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(io::Error::other(format!(
-                "{} in the rootfs is not a directory",
-                Path::new("/").join(name).display()
-            )))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(&target)
-            .map_err(|e| io::Error::new(e.kind(), format!("mkdir /{name} in the rootfs: {e}")))?,
-        Err(e) => return Err(e),
-    }
-    mount(Some(fstype), &target, Some(fstype), flags, data)
-        .map_err(|e| ctx(e, &format!("mount {fstype} on /{name}")))?;
-    Ok(target)
-}
-
-fn populate_dev(dev: &Path) -> io::Result<()> {
-    let rw = Mode::from_bits_truncate(0o666);
-    for (name, major, minor) in DEV_NODES {
-        mknod(&dev.join(name), SFlag::S_IFCHR, rw, makedev(major, minor))
-            .map_err(|e| ctx(e, &format!("mknod /dev/{name}")))?;
-    }
-    for (name, target) in DEV_LINKS {
-        std::os::unix::fs::symlink(target, dev.join(name))?;
+    if spec.namespaces.contains(&Namespace::Net) {
+        sys::loopback_up().map_err(|e| io::Error::new(e.kind(), format!("loopback up: {e}")))?;
     }
     Ok(())
 }
@@ -180,8 +125,14 @@ fn enter_root(root: &Path) -> io::Result<()> {
 
 /// Becomes the user and execs the process; returns only the reason it failed.
 fn exec(spec: &ContainerSpec) -> String {
+    if let Err(e) = privileges::before_user(spec) {
+        return e;
+    }
     if let Err(e) = set_user(&spec.user) {
         return format!("set user {}:{}: {e}", spec.user.uid, spec.user.gid);
+    }
+    if let Err(e) = privileges::after_user(spec) {
+        return e;
     }
     umask(Mode::from_bits_truncate(
         spec.user.umask.unwrap_or(DEFAULT_UMASK),

@@ -29,8 +29,11 @@ pub const ARG: &str = "exec-init";
 /// [`ARG`] as a C string, for [`sys::spawn_self`].
 pub const ARG_C: &CStr = c"exec-init";
 
-/// Namespaces joined, mount last (it changes what /proc paths name).
-const NAMESPACES: [(&str, CloneFlags); 5] = [
+/// Namespaces joined: user first (it grants the rights to join the others), mount last (it
+/// changes what /proc paths name). One the container shares with the agent is skipped.
+const NAMESPACES: [(&str, CloneFlags); 7] = [
+    ("user", CloneFlags::CLONE_NEWUSER),
+    ("cgroup", CloneFlags::CLONE_NEWCGROUP),
     ("ipc", CloneFlags::CLONE_NEWIPC),
     ("uts", CloneFlags::CLONE_NEWUTS),
     ("net", CloneFlags::CLONE_NEWNET),
@@ -82,8 +85,11 @@ pub fn main() -> ExitCode {
 
 /// Joins the container and spawns the process; the reason when it could not.
 fn spawn(init: &ExecInit) -> Result<std::process::Child, String> {
+    let own = |name: &str, pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{name}")).ok();
+    let init_pid = init.init_pid.to_string();
     let files = NAMESPACES
         .iter()
+        .filter(|(name, _)| own(name, "self") != own(name, &init_pid))
         .map(|(name, flag)| {
             File::open(format!("/proc/{}/ns/{name}", init.init_pid))
                 .map(|f| (f, *flag, *name))

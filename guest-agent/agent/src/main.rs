@@ -12,6 +12,8 @@ mod container_init;
 mod exec;
 mod exec_init;
 mod init;
+mod mounts;
+mod privileges;
 mod reaper;
 mod server;
 mod sys;

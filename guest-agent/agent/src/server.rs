@@ -87,7 +87,7 @@ async fn handle(agent: &Agent, request: Request) -> Response {
                 agent: concat!("husk-agent ", env!("CARGO_PKG_VERSION")).to_owned(),
             };
         }
-        Request::CreateContainer { spec } => containers.create(spec).await.map(|()| Response::Ok),
+        Request::CreateContainer { spec } => containers.create(*spec).await.map(|()| Response::Ok),
         Request::StartContainer { id } => containers
             .start(&id)
             .await

@@ -143,10 +143,33 @@ mod tests {
                 additional_gids: vec![3],
                 umask: Some(0o22),
             },
+            rlimits: vec![crate::Rlimit {
+                kind: "RLIMIT_NOFILE".into(),
+                soft: 10,
+                hard: u64::MAX,
+            }],
+            no_new_privileges: true,
+            oom_score_adj: Some(-5),
+            capabilities: Some(crate::Capabilities {
+                ambient: vec!["CAP_KILL".into()],
+                ..Default::default()
+            }),
+            mounts: vec![crate::Mount {
+                destination: "/dev".into(),
+                kind: crate::MountKind::Tmpfs,
+                flags: vec![crate::MountFlag::Nosuid],
+                data: vec!["mode=755".into()],
+            }],
+            masked_paths: vec!["/proc/kcore".into()],
+            readonly_paths: vec!["/proc/sys".into()],
+            sysctl: [("net.ipv4.ip_forward".to_owned(), "1".to_owned())].into(),
+            namespaces: vec![crate::Namespace::Mount, crate::Namespace::Net],
         };
         vec![
             Request::Hello { version: 1 },
-            Request::CreateContainer { spec },
+            Request::CreateContainer {
+                spec: Box::new(spec),
+            },
             Request::StartContainer { id: "c".into() },
             Request::WaitContainer { id: "c".into() },
             Request::SignalContainer {

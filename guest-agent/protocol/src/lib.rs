@@ -16,12 +16,16 @@
 #![warn(missing_docs)]
 
 mod frame;
+mod linux;
 mod messages;
+mod process;
 
 pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRAME_LEN};
 #[cfg(feature = "tokio")]
 pub use frame::{read_message, write_message};
+pub use linux::{sysctl_namespace, Mount, MountFlag, MountKind, Namespace, SysctlNamespace};
 pub use messages::{
     valid_serial, validate_id, ContainerSpec, ErrorKind, ExecInit, ProcessInfo, ProcessSpec,
     Request, Response, Rootfs, StdioStream, User, AGENT_PORT, PROTOCOL_VERSION,
 };
+pub use process::{Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE, RLIMIT_NAMES};

@@ -1,7 +1,15 @@
 //! Messages of the protocol. JSON with an internal `type` tag; unknown fields are ignored so
 //! that a newer peer can add optional fields without a version bump.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+
+use crate::linux::{
+    validate_container_path, validate_namespaces, validate_sysctls, Mount, Namespace,
+    SysctlNamespace,
+};
+use crate::process::{validate_rlimits, Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE};
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
 pub const PROTOCOL_VERSION: u32 = 3;
@@ -20,8 +28,8 @@ pub enum Request {
     },
     /// Builds the container's namespaces and rootfs; its process waits for `StartContainer`.
     CreateContainer {
-        /// What to build.
-        spec: ContainerSpec,
+        /// What to build (boxed: it is by far the largest request).
+        spec: Box<ContainerSpec>,
     },
     /// Lets the created container's process exec; answered by [`Response::Started`].
     StartContainer {
@@ -182,6 +190,34 @@ pub struct ContainerSpec {
     pub cwd: String,
     /// Credentials of the process.
     pub user: User,
+    /// Resource limits set before exec (version 3).
+    #[serde(default)]
+    pub rlimits: Vec<Rlimit>,
+    /// Set `no_new_privs` before exec (version 3).
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    /// The process's `oom_score_adj`, -1000..=1000 (version 3).
+    #[serde(default)]
+    pub oom_score_adj: Option<i32>,
+    /// The process's capability sets; `None` leaves root's full set (version 3).
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
+    /// Kernel file systems to mount, in order, before the root is entered (version 3).
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    /// Paths hidden from the process: `/dev/null` over files, an empty read-only tmpfs over
+    /// directories (version 3).
+    #[serde(default)]
+    pub masked_paths: Vec<String>,
+    /// Paths made read-only (version 3).
+    #[serde(default)]
+    pub readonly_paths: Vec<String>,
+    /// Namespaced kernel parameters, `net.ipv4.ip_forward` -> `1` (version 3).
+    #[serde(default)]
+    pub sysctl: BTreeMap<String, String>,
+    /// Namespaces the container gets its own of (version 3).
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
 }
 
 /// Where a container's root filesystem comes from.
@@ -296,11 +332,49 @@ impl ContainerSpec {
         validate_id(&self.id)?;
         validate_process(&self.args, &self.env, &self.cwd)?;
         self.rootfs.validate()?;
-        match &self.hostname {
-            Some(h) if h.len() > 64 || h.contains('\0') => {
-                Err(format!("hostname {h:?} is longer than 64 bytes or has NUL"))
+        if let Some(h) = &self.hostname {
+            if h.len() > 64 || h.contains('\0') {
+                return Err(format!("hostname {h:?} is longer than 64 bytes or has NUL"));
             }
-            _ => Ok(()),
+        }
+        self.validate_process()?;
+        self.validate_linux()
+    }
+
+    fn validate_linux(&self) -> Result<(), String> {
+        for mount in &self.mounts {
+            mount.validate()?;
+        }
+        for path in &self.masked_paths {
+            validate_container_path("masked path", path)?;
+        }
+        for path in &self.readonly_paths {
+            validate_container_path("read-only path", path)?;
+        }
+        validate_namespaces(&self.namespaces)?;
+        validate_sysctls(&self.sysctl, |ns| {
+            self.namespaces.contains(&match ns {
+                SysctlNamespace::Net => Namespace::Net,
+                SysctlNamespace::Ipc => Namespace::Ipc,
+                SysctlNamespace::Uts => Namespace::Uts,
+            })
+        })?;
+        if self.hostname.is_some() && !self.namespaces.contains(&Namespace::Uts) {
+            return Err("hostname needs the container's own uts namespace".into());
+        }
+        Ok(())
+    }
+
+    fn validate_process(&self) -> Result<(), String> {
+        validate_rlimits(&self.rlimits)?;
+        if let Some(adj) = self.oom_score_adj {
+            if !OOM_SCORE_ADJ_RANGE.contains(&adj) {
+                return Err(format!("oomScoreAdj {adj} is outside -1000..=1000"));
+            }
+        }
+        match &self.capabilities {
+            Some(caps) => caps.validate(),
+            None => Ok(()),
         }
     }
 }
@@ -352,7 +426,25 @@ mod tests {
             env: vec!["PATH=/bin".into()],
             cwd: "/".into(),
             user: User::default(),
+            rlimits: Vec::new(),
+            no_new_privileges: false,
+            oom_score_adj: None,
+            capabilities: None,
+            mounts: Vec::new(),
+            masked_paths: Vec::new(),
+            readonly_paths: Vec::new(),
+            sysctl: BTreeMap::new(),
+            namespaces: vec![Namespace::Mount, Namespace::Uts],
         }
+    }
+
+    #[test]
+    fn test_spec_validate_oom_score_adj_out_of_range_rejected() {
+        let mut s = spec();
+        s.oom_score_adj = Some(-1000);
+        assert!(s.validate().is_ok());
+        s.oom_score_adj = Some(1001);
+        assert!(s.validate().is_err());
     }
 
     #[test]

@@ -127,8 +127,10 @@ impl AgentClient {
     /// # Errors
     /// The agent's refusal or a transport error.
     pub async fn create(&mut self, spec: &ContainerSpec) -> Result<(), SandboxError> {
-        self.request_ok(&Request::CreateContainer { spec: spec.clone() })
-            .await
+        self.request_ok(&Request::CreateContainer {
+            spec: Box::new(spec.clone()),
+        })
+        .await
     }
 
     /// Starts the container's process; returns its pid in the guest.

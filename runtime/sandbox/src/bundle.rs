@@ -2,8 +2,13 @@
 //!
 //! Supported for now (OCI runtime spec 1.2, config.md): `root.path` (a directory, shared with
 //! virtio-fs, or a raw ext4 disk image, attached as a virtio-blk disk), `root.readonly`,
-//! `hostname`, `process.{args, env, cwd, user.{uid, gid, additionalGids, umask}}`. A field
-//! husk cannot honour yet (`process.terminal = true`) is an error, never silently ignored.
+//! `hostname`, `process.{args, env, cwd, user.{uid, gid, additionalGids, umask}}`,
+//! `process.{rlimits, noNewPrivileges, oomScoreAdj, capabilities}` ([`process`]). A field
+//! husk cannot honour yet (`process.terminal = true`, `process.apparmorProfile`, ...) is an
+//! error, never silently ignored.
+
+mod linux;
+mod process;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -158,6 +163,8 @@ impl Bundle {
             .into_iter()
             .collect();
         let user = process.user();
+        let attrs = process::attrs(process).map_err(|reason| invalid(&reason))?;
+        let linux = linux::attrs(&spec).map_err(|reason| invalid(&reason))?;
         let spec = ContainerSpec {
             id: id.to_owned(),
             rootfs: agent_rootfs,
@@ -172,6 +179,15 @@ impl Bundle {
                 additional_gids: user.additional_gids().clone().unwrap_or_default(),
                 umask: user.umask(),
             },
+            rlimits: attrs.rlimits,
+            no_new_privileges: attrs.no_new_privileges,
+            oom_score_adj: attrs.oom_score_adj,
+            capabilities: attrs.capabilities,
+            mounts: linux.mounts,
+            masked_paths: linux.masked_paths,
+            readonly_paths: linux.readonly_paths,
+            sysctl: linux.sysctl,
+            namespaces: linux.namespaces,
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
         let vm = VmOverrides::from_annotations(&annotations).map_err(|e| invalid(&e))?;

@@ -1,0 +1,184 @@
+//! The container's file system view, built by container-init inside its mount namespace:
+//! config.json's kernel file system mounts (before `pivot_root`, under the rootfs), the
+//! default device nodes in a `/dev` tmpfs, sysctls, and read-only and masked paths (after
+//! `pivot_root`, as runc: sysctls, then read-only paths, then masked paths).
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use husk_protocol::{Mount, MountFlag};
+use nix::mount::{mount, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::sys::statvfs::{statvfs, FsFlags};
+
+use crate::init::ctx;
+
+/// Character devices every container gets in a `/dev` it mounts: (name, major, minor).
+const DEV_NODES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+const DEV_LINKS: [(&str, &str); 5] = [
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+];
+
+/// Mounts `mounts` in order under `root`; a tmpfs on `/dev` gets the default device nodes
+/// and links right away, before anything is mounted below it.
+pub fn mount_all(root: &Path, mounts: &[Mount]) -> io::Result<()> {
+    for m in mounts {
+        let target = prepare_target(root, &m.destination)?;
+        let fstype = m.kind.fstype();
+        let data = m.data.join(",");
+        let data = (!data.is_empty()).then_some(data.as_str());
+        mount(
+            Some(fstype),
+            &target,
+            Some(fstype),
+            ms_flags(&m.flags),
+            data,
+        )
+        .map_err(|e| ctx(e, &format!("mount {fstype} on {}", m.destination)))?;
+        if m.destination.trim_end_matches('/') == "/dev" {
+            populate_dev(&target)?;
+        }
+    }
+    Ok(())
+}
+
+/// `root` + `destination`, creating missing directories; a symlink or a non-directory on the
+/// way is an error (the rootfs is the user's: a mount must not land outside it).
+fn prepare_target(root: &Path, destination: &str) -> io::Result<PathBuf> {
+    let mut path = root.to_path_buf();
+    for component in destination.split('/').filter(|c| !c.is_empty()) {
+        path.push(component);
+        let shown = || {
+            path.strip_prefix(root)
+                .unwrap_or(&path)
+                .display()
+                .to_string()
+        };
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(io::Error::other(format!(
+                    "mount destination {destination}: /{} in the rootfs is not a directory",
+                    shown()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(&path)
+                .map_err(|e| io::Error::new(e.kind(), format!("mkdir /{}: {e}", shown())))?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(path)
+}
+
+fn ms_flags(flags: &[MountFlag]) -> MsFlags {
+    flags.iter().fold(MsFlags::empty(), |acc, f| {
+        acc | match f {
+            MountFlag::Ro => MsFlags::MS_RDONLY,
+            MountFlag::Nosuid => MsFlags::MS_NOSUID,
+            MountFlag::Nodev => MsFlags::MS_NODEV,
+            MountFlag::Noexec => MsFlags::MS_NOEXEC,
+            MountFlag::Sync => MsFlags::MS_SYNCHRONOUS,
+            MountFlag::Dirsync => MsFlags::MS_DIRSYNC,
+            MountFlag::Noatime => MsFlags::MS_NOATIME,
+            MountFlag::Nodiratime => MsFlags::MS_NODIRATIME,
+            MountFlag::Relatime => MsFlags::MS_RELATIME,
+            MountFlag::Strictatime => MsFlags::MS_STRICTATIME,
+        }
+    })
+}
+
+fn populate_dev(dev: &Path) -> io::Result<()> {
+    let rw = Mode::from_bits_truncate(0o666);
+    for (name, major, minor) in DEV_NODES {
+        mknod(&dev.join(name), SFlag::S_IFCHR, rw, makedev(major, minor))
+            .map_err(|e| ctx(e, &format!("mknod /dev/{name}")))?;
+    }
+    for (name, target) in DEV_LINKS {
+        std::os::unix::fs::symlink(target, dev.join(name))?;
+    }
+    Ok(())
+}
+
+/// Writes `value` to the sysctl `key` through the caller's /proc/sys: the net, IPC and UTS
+/// entries there are those of the caller's namespaces.
+pub fn write_sysctl(key: &str, value: &str) -> io::Result<()> {
+    let rel = match key.contains('/') {
+        true => key.to_owned(),
+        false => key.replace('.', "/"),
+    };
+    std::fs::write(Path::new("/proc/sys").join(rel), value)
+        .map_err(|e| io::Error::new(e.kind(), format!("sysctl {key}={value}: {e}")))
+}
+
+/// Makes `path` read-only with a bind mount onto itself, keeping the flags the mount had (in
+/// a user namespace they are locked); a missing path is skipped, as runc does.
+pub fn make_readonly(path: &str) -> io::Result<()> {
+    match mount(
+        Some(path),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    ) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(ctx(e, &format!("bind read-only path {path}"))),
+    }
+    let kept = statvfs(path)
+        .map(|st| {
+            let f = st.flags();
+            [
+                (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+                (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+                (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+                (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+                (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+                (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+            ]
+            .into_iter()
+            .filter(|(st, _)| f.contains(*st))
+            .fold(MsFlags::empty(), |acc, (_, ms)| acc | ms)
+        })
+        .map_err(|e| ctx(e, &format!("statvfs {path}")))?;
+    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | kept;
+    mount(None::<&str>, path, None::<&str>, flags, None::<&str>)
+        .map_err(|e| ctx(e, &format!("remount {path} read-only")))
+}
+
+/// Hides `path`: `/dev/null` bound over a file, an empty read-only tmpfs over a directory; a
+/// missing path is skipped, as runc does.
+pub fn mask(path: &str) -> io::Result<()> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("masked path {path}: {e}"))),
+    };
+    let result = match meta.is_dir() {
+        true => mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        ),
+        false => mount(
+            Some("/dev/null"),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        ),
+    };
+    result.map_err(|e| ctx(e, &format!("mask {path}")))
+}

@@ -1,0 +1,264 @@
+//! The container's file system view and kernel parameters in a [`crate::ContainerSpec`]:
+//! kernel file system mounts (config.md `mounts`), `linux.maskedPaths`,
+//! `linux.readonlyPaths` and `linux.sysctl` (config-linux.md), with their checks.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A kernel file system mounted into the container (bind mounts are not supported yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// Absolute path inside the container.
+    pub destination: String,
+    /// The file system.
+    pub kind: MountKind,
+    /// Generic mount flags.
+    #[serde(default)]
+    pub flags: Vec<MountFlag>,
+    /// File-system-specific options (`size=65536k`, `mode=755`, `newinstance`, ...), joined
+    /// with `,` for mount(2).
+    #[serde(default)]
+    pub data: Vec<String>,
+}
+
+/// File systems a container may mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountKind {
+    /// procfs of the container's pid namespace.
+    Proc,
+    /// sysfs of the container's network namespace.
+    Sysfs,
+    /// A fresh tmpfs.
+    Tmpfs,
+    /// A new devpts instance.
+    Devpts,
+    /// POSIX message queues of the container's IPC namespace.
+    Mqueue,
+    /// The cgroup v2 hierarchy (config.json's `cgroup` type too: the guest is cgroup v2 only).
+    Cgroup2,
+}
+
+impl MountKind {
+    /// The file system type name for mount(2).
+    pub fn fstype(self) -> &'static str {
+        match self {
+            Self::Proc => "proc",
+            Self::Sysfs => "sysfs",
+            Self::Tmpfs => "tmpfs",
+            Self::Devpts => "devpts",
+            Self::Mqueue => "mqueue",
+            Self::Cgroup2 => "cgroup2",
+        }
+    }
+}
+
+/// Generic mount flags (mount(2) `MS_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountFlag {
+    /// `MS_RDONLY`.
+    Ro,
+    /// `MS_NOSUID`.
+    Nosuid,
+    /// `MS_NODEV`.
+    Nodev,
+    /// `MS_NOEXEC`.
+    Noexec,
+    /// `MS_SYNCHRONOUS`.
+    Sync,
+    /// `MS_DIRSYNC`.
+    Dirsync,
+    /// `MS_NOATIME`.
+    Noatime,
+    /// `MS_NODIRATIME`.
+    Nodiratime,
+    /// `MS_RELATIME`.
+    Relatime,
+    /// `MS_STRICTATIME`.
+    Strictatime,
+}
+
+/// A namespace the container gets its own of (namespaces(7)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Namespace {
+    /// Process ids: the container's process is PID 1.
+    Pid,
+    /// Network stack (loopback only in the guest).
+    Net,
+    /// SysV IPC and POSIX message queues.
+    Ipc,
+    /// Hostname and domain name.
+    Uts,
+    /// Mount table; required (the agent builds the container's root in it).
+    Mount,
+    /// cgroup root: the container sees its own cgroup as `/`.
+    Cgroup,
+    /// User and group ids, with the spec's id mappings.
+    User,
+}
+
+/// Checks the namespace list: each at most once, and a mount namespace (the agent must not
+/// build the container's root in its own mount table).
+pub(crate) fn validate_namespaces(namespaces: &[Namespace]) -> Result<(), String> {
+    for (i, ns) in namespaces.iter().enumerate() {
+        if namespaces.iter().skip(i + 1).any(|o| o == ns) {
+            return Err(format!("namespace {ns:?} is listed twice"));
+        }
+    }
+    if !namespaces.contains(&Namespace::Mount) {
+        return Err("linux.namespaces must include a mount namespace".into());
+    }
+    Ok(())
+}
+
+/// Longest path accepted in a mount, masked or read-only path (PATH_MAX).
+const MAX_PATH_LEN: usize = 4096;
+/// Longest single file-system-specific option.
+const MAX_DATA_LEN: usize = 256;
+
+/// Checks an absolute path inside the container: `/`-led, no `.`/`..` components, no NUL.
+pub(crate) fn validate_container_path(what: &str, path: &str) -> Result<(), String> {
+    let ok = path.starts_with('/')
+        && path.len() <= MAX_PATH_LEN
+        && !path.contains('\0')
+        && path.split('/').all(|c| c != "." && c != "..");
+    match ok {
+        true => Ok(()),
+        false => Err(format!(
+            "{what} {path:?} must be an absolute path without . or .. components"
+        )),
+    }
+}
+
+impl Mount {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        validate_container_path("mount destination", &self.destination)?;
+        if self.destination.trim_end_matches('/').is_empty() {
+            return Err("a mount cannot replace the root directory".into());
+        }
+        let bad = self
+            .data
+            .iter()
+            .find(|d| d.is_empty() || d.len() > MAX_DATA_LEN || d.contains([',', '\0']));
+        match bad {
+            Some(d) => Err(format!("mount {}: invalid option {d:?}", self.destination)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Namespaces a sysctl can live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SysctlNamespace {
+    /// `net.*`.
+    Net,
+    /// SysV IPC and POSIX message queue limits.
+    Ipc,
+    /// `kernel.hostname`, `kernel.domainname`.
+    Uts,
+}
+
+/// IPC sysctls outside `fs.mqueue.` (ipc_namespaces(7)), as runc's allow list.
+const IPC_SYSCTLS: [&str; 8] = [
+    "kernel.msgmax",
+    "kernel.msgmnb",
+    "kernel.msgmni",
+    "kernel.sem",
+    "kernel.shmall",
+    "kernel.shmmax",
+    "kernel.shmmni",
+    "kernel.shm_rmid_forced",
+];
+
+/// The namespace a sysctl belongs to, or `None` for one that would change the whole guest
+/// kernel (refused, as runc refuses sysctls that are not namespaced).
+pub fn sysctl_namespace(key: &str) -> Option<SysctlNamespace> {
+    if key.starts_with("net.") {
+        Some(SysctlNamespace::Net)
+    } else if key.starts_with("fs.mqueue.") || IPC_SYSCTLS.contains(&key) {
+        Some(SysctlNamespace::Ipc)
+    } else if key == "kernel.hostname" || key == "kernel.domainname" {
+        Some(SysctlNamespace::Uts)
+    } else {
+        None
+    }
+}
+
+/// Checks sysctl keys (`[A-Za-z0-9_-]` words joined by `.` or `/`, namespaced) and values
+/// (no NUL); `has_ns` says whether the container gets its own namespace of a kind.
+pub(crate) fn validate_sysctls(
+    sysctl: &BTreeMap<String, String>,
+    has_ns: impl Fn(SysctlNamespace) -> bool,
+) -> Result<(), String> {
+    for (key, value) in sysctl {
+        let well_formed = key.len() <= 256
+            && key.split(['.', '/']).all(|w| {
+                !w.is_empty()
+                    && w.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+            });
+        if !well_formed || value.contains('\0') {
+            return Err(format!("invalid sysctl {key:?}={value:?}"));
+        }
+        match sysctl_namespace(key) {
+            Some(ns) if has_ns(ns) => {}
+            Some(ns) => {
+                return Err(format!(
+                    "sysctl {key:?} needs the container's own {ns:?} namespace"
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "sysctl {key:?} is not in a separate kernel namespace"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_validate_container_path_dotdot_relative_nul_rejected() {
+        for bad in ["proc", "/proc/../etc", "/./x", "/a\0b", ""] {
+            assert!(validate_container_path("p", bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_container_path("p", "/proc/kcore").is_ok());
+    }
+
+    #[test]
+    fn test_mount_validate_root_or_comma_option_rejected() {
+        let mut m = Mount {
+            destination: "/dev".into(),
+            kind: MountKind::Tmpfs,
+            flags: vec![MountFlag::Nosuid],
+            data: vec!["size=1m".into()],
+        };
+        assert!(m.validate().is_ok());
+        m.data.push("mode=1,uid=0".into());
+        assert!(m.validate().is_err());
+        m.data.clear();
+        m.destination = "/".into();
+        assert!(m.validate().is_err());
+    }
+
+    #[test]
+    fn test_validate_sysctls_non_namespaced_rejected() {
+        let all = |_| true;
+        let one = |k: &str| BTreeMap::from([(k.to_owned(), "1".to_owned())]);
+        assert!(validate_sysctls(&one("net.ipv4.ip_forward"), all).is_ok());
+        assert!(validate_sysctls(&one("kernel.shmmax"), all).is_ok());
+        assert!(validate_sysctls(&one("fs.mqueue.msg_max"), all).is_ok());
+        for bad in ["vm.swappiness", "kernel.panic", "net..x", "net.a/../b"] {
+            assert!(validate_sysctls(&one(bad), all).is_err(), "{bad}");
+        }
+        let no_net = |ns| ns != SysctlNamespace::Net;
+        assert!(validate_sysctls(&one("net.ipv4.ip_forward"), no_net).is_err());
+    }
+}

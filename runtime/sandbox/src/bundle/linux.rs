@@ -1,0 +1,257 @@
+//! config.json `mounts` and `linux` -> the agent's mounts, masked and read-only paths and
+//! sysctls (OCI runtime spec 1.2, config.md and config-linux.md), and the `linux` fields
+//! husk refuses because the guest cannot honour them yet.
+//!
+//! Ignored on purpose (documented in README.md): mount propagation options and
+//! `linux.rootfsPropagation` (every mount in the guest is private; there is no host mount
+//! tree to propagate to), `linux.cgroupsPath` (the agent names the container's cgroup in the
+//! guest), `linux.resources.devices` (the VM is the device boundary: the guest has only the
+//! container's own devices), `annotations`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use husk_protocol::{Mount, MountFlag, MountKind, Namespace};
+use oci_spec::runtime::{Linux, Mount as OciMount, Spec};
+
+/// The agent's view of what this module converts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct LinuxAttrs {
+    pub mounts: Vec<Mount>,
+    pub masked_paths: Vec<String>,
+    pub readonly_paths: Vec<String>,
+    pub sysctl: BTreeMap<String, String>,
+    pub namespaces: Vec<Namespace>,
+}
+
+/// Converts `mounts` and the supported `linux` fields; an unsupported one that is set is an
+/// error.
+pub(super) fn attrs(spec: &Spec) -> Result<LinuxAttrs, String> {
+    refuse_unsupported_top(spec)?;
+    let mounts = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .map(mount)
+        .collect::<Result<_, _>>()?;
+    let Some(linux) = spec.linux() else {
+        return Err("no linux section: husk needs at least linux.namespaces with mount".into());
+    };
+    refuse_unsupported(linux)?;
+    Ok(LinuxAttrs {
+        mounts,
+        masked_paths: linux.masked_paths().clone().unwrap_or_default(),
+        readonly_paths: linux.readonly_paths().clone().unwrap_or_default(),
+        sysctl: linux
+            .sysctl()
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        namespaces: namespaces(linux)?,
+    })
+}
+
+fn mount(m: &OciMount) -> Result<Mount, String> {
+    let destination = path_string(m.destination());
+    let options = m.options().clone().unwrap_or_default();
+    let is_bind =
+        m.typ().as_deref() == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind");
+    if is_bind {
+        return Err(format!(
+            "mount {destination}: bind mounts of host paths are not supported yet"
+        ));
+    }
+    if m.uid_mappings().is_some() || m.gid_mappings().is_some() {
+        return Err(format!(
+            "mount {destination}: idmapped mounts are not supported"
+        ));
+    }
+    let kind = match m.typ().as_deref() {
+        Some("proc") => MountKind::Proc,
+        Some("sysfs") => MountKind::Sysfs,
+        Some("tmpfs") => MountKind::Tmpfs,
+        Some("devpts") => MountKind::Devpts,
+        Some("mqueue") => MountKind::Mqueue,
+        Some("cgroup" | "cgroup2") => MountKind::Cgroup2,
+        other => {
+            return Err(format!(
+                "mount {destination}: type {other:?} is not supported (proc, sysfs, tmpfs, devpts, mqueue, cgroup, cgroup2)"
+            ))
+        }
+    };
+    let (flags, data) = mount_options(&options).map_err(|e| format!("mount {destination}: {e}"))?;
+    Ok(Mount {
+        destination,
+        kind,
+        flags,
+        data,
+    })
+}
+
+/// Splits OCI mount options into generic flags (later options win: `ro` then `rw` is rw)
+/// and file-system-specific data.
+fn mount_options(options: &[String]) -> Result<(Vec<MountFlag>, Vec<String>), String> {
+    use MountFlag::*;
+    let mut flags: Vec<MountFlag> = Vec::new();
+    let mut data = Vec::new();
+    for option in options {
+        let (set, clear) = match option.as_str() {
+            "defaults" | "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave"
+            | "unbindable" | "runbindable" => (None, None),
+            "ro" => (Some(Ro), None),
+            "rw" => (None, Some(Ro)),
+            "nosuid" => (Some(Nosuid), None),
+            "suid" => (None, Some(Nosuid)),
+            "nodev" => (Some(Nodev), None),
+            "dev" => (None, Some(Nodev)),
+            "noexec" => (Some(Noexec), None),
+            "exec" => (None, Some(Noexec)),
+            "sync" => (Some(Sync), None),
+            "async" => (None, Some(Sync)),
+            "dirsync" => (Some(Dirsync), None),
+            "noatime" => (Some(Noatime), None),
+            "atime" => (None, Some(Noatime)),
+            "nodiratime" => (Some(Nodiratime), None),
+            "diratime" => (None, Some(Nodiratime)),
+            "relatime" => (Some(Relatime), None),
+            "norelatime" => (None, Some(Relatime)),
+            "strictatime" => (Some(Strictatime), None),
+            "nostrictatime" => (None, Some(Strictatime)),
+            "remount" | "mand" | "nomand" | "idmap" | "ridmap" | "rro" | "rrw" | "recursive" => {
+                return Err(format!("option {option:?} is not supported"))
+            }
+            _ => {
+                data.push(option.clone());
+                continue;
+            }
+        };
+        flags.retain(|f| Some(*f) != clear && Some(*f) != set);
+        flags.extend(set);
+    }
+    Ok((flags, data))
+}
+
+/// Top-level fields the guest cannot honour yet.
+fn refuse_unsupported_top(spec: &Spec) -> Result<(), String> {
+    if spec.domainname().as_deref().is_some_and(|d| !d.is_empty()) {
+        return Err("domainname is not supported yet; remove it".into());
+    }
+    Ok(())
+}
+
+/// `linux` fields the guest cannot honour yet: present and non-empty is an error.
+fn refuse_unsupported(linux: &Linux) -> Result<(), String> {
+    let some_str = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
+    let refused = [
+        (
+            "devices",
+            linux.devices().as_ref().is_some_and(|d| !d.is_empty()),
+        ),
+        ("mountLabel", some_str(linux.mount_label())),
+        ("intelRdt", linux.intel_rdt().is_some()),
+        ("memoryPolicy", linux.memory_policy().is_some()),
+        ("personality", linux.personality().is_some()),
+        ("timeOffsets", linux.time_offsets().is_some()),
+        ("netDevices", linux.net_devices().is_some()),
+        ("seccomp", linux.seccomp().is_some()),
+        ("uidMappings", linux.uid_mappings().is_some()),
+        ("gidMappings", linux.gid_mappings().is_some()),
+        (
+            "resources",
+            linux.resources().as_ref().is_some_and(|r| {
+                r.memory().is_some()
+                    || r.cpu().is_some()
+                    || r.pids().is_some()
+                    || r.block_io().is_some()
+                    || r.hugepage_limits().is_some()
+                    || r.network().is_some()
+                    || r.rdma().is_some()
+                    || r.unified().is_some()
+            }),
+        ),
+    ];
+    match refused.into_iter().find(|(_, set)| *set) {
+        Some((field, _)) => Err(format!("linux.{field} is not supported yet; remove it")),
+        None => Ok(()),
+    }
+}
+
+/// `linux.namespaces`: each one new (a `path` to join is not supported); `time` is refused.
+fn namespaces(linux: &Linux) -> Result<Vec<Namespace>, String> {
+    use oci_spec::runtime::LinuxNamespaceType as T;
+    let mut out = Vec::new();
+    for ns in linux.namespaces().iter().flatten() {
+        if let Some(path) = ns.path() {
+            return Err(format!(
+                "linux.namespaces: joining the {} namespace at {} is not supported (the container has its own VM)",
+                ns.typ(),
+                path.display()
+            ));
+        }
+        out.push(match ns.typ() {
+            T::Pid => Namespace::Pid,
+            T::Network => Namespace::Net,
+            T::Ipc => Namespace::Ipc,
+            T::Uts => Namespace::Uts,
+            T::Mount => Namespace::Mount,
+            T::Cgroup => Namespace::Cgroup,
+            T::User => return Err("linux.namespaces: user namespaces are not supported yet".into()),
+            T::Time => return Err("linux.namespaces: time namespaces are not supported".into()),
+        });
+    }
+    Ok(out)
+}
+
+fn path_string(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn test_attrs_default_spec_mounts_converted() {
+        let a = attrs(&Spec::default()).unwrap();
+        let dests: Vec<&str> = a.mounts.iter().map(|m| m.destination.as_str()).collect();
+        assert_eq!(
+            dests,
+            [
+                "/proc",
+                "/dev",
+                "/dev/pts",
+                "/dev/shm",
+                "/dev/mqueue",
+                "/sys",
+                "/sys/fs/cgroup"
+            ]
+        );
+        assert_eq!(a.mounts[6].kind, MountKind::Cgroup2);
+        assert_eq!(a.mounts[1].data, ["mode=755", "size=65536k"]);
+        assert!(a.masked_paths.contains(&"/proc/kcore".to_owned()));
+        assert!(a.readonly_paths.contains(&"/proc/sys".to_owned()));
+    }
+
+    #[test]
+    fn test_mount_options_later_wins_and_data_kept() {
+        let (flags, data) = mount_options(&opts(&["ro", "nosuid", "rw", "size=1m"])).unwrap();
+        assert_eq!(flags, [MountFlag::Nosuid]);
+        assert_eq!(data, ["size=1m"]);
+        assert!(mount_options(&opts(&["remount"])).is_err());
+    }
+
+    #[test]
+    fn test_mount_bind_and_unknown_type_rejected() {
+        let mut m = OciMount::default();
+        m.set_destination("/data".into());
+        m.set_typ(Some("bind".into()));
+        assert!(mount(&m).unwrap_err().contains("bind mounts"));
+        m.set_typ(Some("overlay".into()));
+        assert!(mount(&m).unwrap_err().contains("not supported"));
+    }
+}

@@ -1,0 +1,264 @@
+//! config.json honoured inside the guest: a busybox bundle whose config sets process limits
+//! and privileges, mounts, masked and read-only paths, sysctls, cgroup resources, a seccomp
+//! profile or namespaces runs through `husk run` in a real guest (QEMU door), and the
+//! container reports what it sees from the inside (/proc/self/status, ulimit, /proc/mounts,
+//! /sys/fs/cgroup); config husk cannot honour is refused with one line before a VM boots.
+
+// An integration-test file is a crate of its own: its tests need no `cfg(test)` module.
+#![allow(clippy::tests_outside_test_module)]
+
+use std::process::Output;
+
+use husk_e2e::harness::{stderr, stdout, Env, Husk, TestBundle};
+use serde_json::json;
+
+/// Runs `bundle` as container `id` and returns its output after checking exit code `code`.
+fn run_expect(husk: &Husk, bundle: &TestBundle, id: &str, code: i32) -> Output {
+    let out = husk.run(bundle, id, b"");
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    out
+}
+
+/// Asserts that husk refused the bundle with one `husk: ...` line containing `needle`.
+fn assert_refused(husk: &Husk, bundle: &TestBundle, needle: &str) {
+    let out = husk.run(bundle, "refused", b"");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line expected: {err:?}");
+    assert!(
+        err.starts_with("husk: ") && err.contains(needle),
+        "{needle:?} not in {err:?}"
+    );
+    husk.assert_clean();
+}
+
+/// The values of `Key:` lines of /proc/self/status printed by the container.
+fn status_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+const SHOW_PRIVILEGES: &str =
+    "echo nofile=$(ulimit -n); echo oom=$(cat /proc/self/oom_score_adj); \
+     grep -E '^(NoNewPrivs|Cap(Inh|Prm|Eff|Bnd|Amb)):' /proc/self/status";
+
+#[test]
+fn test_config_default_spec_privileges_as_runc() {
+    let Some(env) = Env::get("test_config_default_spec_privileges_as_runc") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", SHOW_PRIVILEGES]);
+    let out = run_expect(&husk, &bundle, "defaultprivs", 0);
+    let text = stdout(&out);
+    // `husk spec`: RLIMIT_NOFILE 1024, noNewPrivileges, AUDIT_WRITE+KILL+NET_BIND_SERVICE in
+    // every set (bits 29, 5, 10); root keeps bounding | inheritable across execve.
+    assert!(text.contains("nofile=1024\n"), "{text}");
+    assert!(text.contains("oom=0\n"), "{text}");
+    assert_eq!(status_field(&text, "NoNewPrivs"), Some("1"), "{text}");
+    for set in ["CapEff", "CapBnd", "CapPrm", "CapAmb"] {
+        assert_eq!(
+            status_field(&text, set),
+            Some("0000000020000420"),
+            "{set}: {text}"
+        );
+    }
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_rlimits_caps_nnp_oom_applied_for_non_root_user() {
+    let Some(env) = Env::get("test_config_rlimits_caps_nnp_oom_applied_for_non_root_user") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", SHOW_PRIVILEGES]);
+    bundle.edit(|c| {
+        let p = &mut c["process"];
+        p["user"] = json!({"uid": 1000, "gid": 1000});
+        p["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "soft": 123, "hard": 456}]);
+        p["noNewPrivileges"] = true.into();
+        p["oomScoreAdj"] = 500.into();
+        let kept = json!(["CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+        p["capabilities"] = json!({
+            "bounding": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+            "effective": kept, "permitted": kept, "inheritable": kept, "ambient": kept,
+        });
+    });
+    let out = run_expect(&husk, &bundle, "privs", 0);
+    let text = stdout(&out);
+    assert!(text.contains("nofile=123\n"), "{text}");
+    assert!(text.contains("oom=500\n"), "{text}");
+    assert_eq!(status_field(&text, "NoNewPrivs"), Some("1"), "{text}");
+    // CHOWN (bit 0) stays in the bounding set only; KILL (5) and NET_BIND_SERVICE (10) were
+    // kept across the switch to uid 1000 and execve through the ambient set.
+    assert_eq!(
+        status_field(&text, "CapBnd"),
+        Some("0000000000000421"),
+        "{text}"
+    );
+    for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(
+            status_field(&text, set),
+            Some("0000000000000420"),
+            "{set}: {text}"
+        );
+    }
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_rlimit_soft_above_hard_refused() {
+    let Some(env) = Env::get("test_config_rlimit_soft_above_hard_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    bundle.edit(|c| {
+        c["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "soft": 10, "hard": 5}])
+    });
+    assert_refused(&husk, &bundle, "soft limit 10 is above the hard limit 5");
+}
+
+#[test]
+fn test_config_default_mounts_masked_and_readonly_paths_as_runc() {
+    let Some(env) = Env::get("test_config_default_mounts_masked_and_readonly_paths_as_runc") else {
+        return;
+    };
+    let husk = env.husk();
+    let script =
+        "grep -E ' /(proc|dev|dev/pts|dev/shm|dev/mqueue|sys|sys/fs/cgroup) ' /proc/mounts; \
+         ls /dev; echo cmdline=$(wc -c < /proc/cmdline); \
+         echo 1 > /proc/sys/kernel/ns_last_pid || echo sys-ro; \
+         grep -E ' /proc/(sys|cmdline) ' /proc/mounts";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    // The default list names files this guest kernel does not have (skipped, as by runc);
+    // /proc/cmdline is one it has.
+    bundle.edit(|c| {
+        c["linux"]["maskedPaths"]
+            .as_array_mut()
+            .expect("maskedPaths")
+            .push("/proc/cmdline".into())
+    });
+    let out = run_expect(&husk, &bundle, "mounts", 0);
+    let text = stdout(&out);
+    let mounts: Vec<(&str, &str, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 6).then(|| (f[1], f[2], f[3]))
+        })
+        .collect();
+    let find = |dest: &str| mounts.iter().find(|m| m.0 == dest).copied();
+    // The default spec's mounts, with their options (as runc mounts them).
+    let (_, fs, opts) = find("/dev").expect("/dev mounted");
+    assert_eq!(fs, "tmpfs");
+    assert!(
+        opts.starts_with("rw,nosuid") && opts.contains("size=65536k"),
+        "{opts}"
+    );
+    assert_eq!(find("/dev/pts").map(|m| m.1), Some("devpts"));
+    assert_eq!(find("/dev/shm").map(|m| m.1), Some("tmpfs"));
+    assert_eq!(find("/dev/mqueue").map(|m| m.1), Some("mqueue"));
+    let (_, fs, opts) = find("/sys").expect("/sys mounted");
+    assert_eq!(fs, "sysfs");
+    assert!(opts.starts_with("ro,nosuid,nodev,noexec"), "{opts}");
+    let (_, fs, opts) = find("/sys/fs/cgroup").expect("cgroup2 mounted");
+    assert_eq!(fs, "cgroup2");
+    assert!(opts.starts_with("ro,"), "{opts}");
+    for node in [
+        "null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm",
+    ] {
+        assert!(
+            text.lines().any(|l| l == node),
+            "/dev/{node} missing: {text}"
+        );
+    }
+    // maskedPaths: the container's /dev/null over a file; readonlyPaths: /proc/sys.
+    assert!(text.contains("cmdline=0\n"), "{text}");
+    assert!(text.contains("sys-ro\n"), "{text}");
+    let (_, _, opts) = find("/proc/sys").expect("/proc/sys bound");
+    assert!(opts.starts_with("ro,"), "{opts}");
+    assert_eq!(find("/proc/cmdline").map(|m| m.1), Some("tmpfs"));
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_custom_tmpfs_mount_options_and_sysctl_applied() {
+    let Some(env) = Env::get("test_config_custom_tmpfs_mount_options_and_sysctl_applied") else {
+        return;
+    };
+    let husk = env.husk();
+    let script = "grep ' /data ' /proc/mounts; touch /data/x && echo wrote; \
+         cat /proc/sys/net/ipv4/ip_forward /proc/sys/kernel/shmmni; \
+         grep -c ' /proc/acpi\\| /sys/firmware ' /proc/mounts";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        c["mounts"].as_array_mut().expect("mounts").push(json!({
+            "destination": "/data", "type": "tmpfs", "source": "tmpfs",
+            "options": ["nosuid", "nodev", "noexec", "ro", "size=1m", "mode=700"]
+        }));
+        c["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1", "kernel.shmmni": "1234"});
+        c["linux"]["maskedPaths"] = json!(["/sys/firmware", "/no/such/path"]);
+    });
+    let out = run_expect(&husk, &bundle, "tmpfs", 0);
+    let text = stdout(&out);
+    let line = text.lines().next().unwrap_or_default();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(f.get(2), Some(&"tmpfs"), "{text}");
+    let opts = f.get(3).copied().unwrap_or_default();
+    assert!(opts.starts_with("ro,nosuid,nodev,noexec"), "{opts}");
+    assert!(
+        opts.contains("size=1024k") && opts.contains("mode=700"),
+        "{opts}"
+    );
+    assert!(
+        !text.contains("wrote"),
+        "read-only tmpfs was written: {text}"
+    );
+    assert!(text.contains("\n1\n1234\n"), "{text}");
+    // A masked directory gets an empty tmpfs; a missing masked path is skipped.
+    assert!(text.ends_with("1\n"), "{text}");
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_non_namespaced_sysctl_refused() {
+    let Some(env) = Env::get("test_config_non_namespaced_sysctl_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    bundle.edit(|c| c["linux"]["sysctl"] = json!({"vm.swappiness": "10"}));
+    assert_refused(
+        &husk,
+        &bundle,
+        "sysctl \"vm.swappiness\" is not in a separate kernel namespace",
+    );
+}
+
+#[test]
+fn test_config_bind_mount_refused() {
+    let Some(env) = Env::get("test_config_bind_mount_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    bundle.edit(|c| {
+        c["mounts"].as_array_mut().expect("mounts").push(json!({
+            "destination": "/data", "type": "bind", "source": "/tmp", "options": ["rbind"]
+        }))
+    });
+    assert_refused(
+        &husk,
+        &bundle,
+        "bind mounts of host paths are not supported yet",
+    );
+}
