@@ -66,6 +66,8 @@ enum Command {
     Exec(lifecycle::ExecArgs),
     /// List the processes of a container.
     Ps(lifecycle::PsArgs),
+    /// Print what this runtime supports (OCI features JSON).
+    Features,
     /// List containers.
     #[command(alias = "ls")]
     List(lifecycle::ListArgs),
@@ -97,6 +99,13 @@ fn main() {
 fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
     match &cli.command {
         Command::Check => Ok(check::check(cli)),
+        Command::Features => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&husk_sandbox::features::features())?
+            );
+            Ok(0)
+        }
         Command::Run(args) => run::run(cli, args),
         Command::Create(args) => lifecycle::create(cli, args),
         Command::Start(args) => lifecycle::start(cli, args),

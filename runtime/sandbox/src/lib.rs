@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod bundle;
 mod error;
+pub mod features;
 pub mod hooks;
 pub mod lifecycle;
 mod run;
