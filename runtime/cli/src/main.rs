@@ -34,6 +34,10 @@ struct Cli {
     /// Log debug detail.
     #[arg(long, global = true)]
     debug: bool,
+    /// Accepted for runc compatibility: the container's cgroups live in its guest, where
+    /// there is no systemd.
+    #[arg(long, global = true)]
+    systemd_cgroup: bool,
     /// Guest kernel (ELF vmlinux); default: share/husk/vmlinux beside the husk binary.
     #[arg(long, global = true, env = "HUSK_KERNEL")]
     kernel: Option<PathBuf>,
