@@ -6,6 +6,7 @@
 //! first process of a container: it finishes the container's setup from the inside and execs the
 //! bundle's process ([`container_init`]).
 
+mod cgroup;
 mod container;
 mod container_init;
 mod init;

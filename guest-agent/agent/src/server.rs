@@ -84,7 +84,7 @@ async fn handle(containers: &Containers, request: Request) -> Response {
         Request::WaitContainer { id } => containers
             .wait(&id)
             .await
-            .map(|code| Response::Exited { code }),
+            .map(|(code, oom_killed)| Response::Exited { code, oom_killed }),
         Request::SignalContainer { id, signal } => {
             containers.signal(&id, signal).map(|()| Response::Ok)
         }

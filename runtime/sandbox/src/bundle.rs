@@ -9,6 +9,7 @@
 
 mod linux;
 mod process;
+mod resources;
 
 use std::path::{Path, PathBuf};
 
@@ -110,6 +111,7 @@ impl Bundle {
             readonly_paths: linux.readonly_paths,
             sysctl: linux.sysctl,
             namespaces: linux.namespaces,
+            resources: linux.resources,
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
         Ok(Self { rootfs, spec })
