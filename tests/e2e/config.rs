@@ -262,3 +262,85 @@ fn test_config_bind_mount_refused() {
         "bind mounts of host paths are not supported yet",
     );
 }
+
+#[test]
+fn test_config_resources_cgroup_limits_visible_and_pids_max_stops_forks() {
+    let Some(env) =
+        Env::get("test_config_resources_cgroup_limits_visible_and_pids_max_stops_forks")
+    else {
+        return;
+    };
+    let husk = env.husk();
+    // The default spec has a cgroup namespace and mounts cgroup2 at /sys/fs/cgroup: the
+    // container's own cgroup is the root it sees. `read` is a builtin: no fork at the limit.
+    let script = "cd /sys/fs/cgroup; for f in memory.max cpu.max cpu.weight cpuset.cpus pids.max; \
+         do read v < $f; echo $f=$v; done; \
+         sh -c 'for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do sleep 30 & done' || echo fork-failed; \
+         read n < pids.current; echo pids.current=$n; \
+         while read k v; do [ $k = max ] && echo pids.events.max=$v; done < pids.events";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        c["linux"]["resources"] = json!({
+            "memory": {"limit": 64 << 20},
+            "cpu": {"shares": 1024, "quota": 50000, "period": 100000, "cpus": "0"},
+            "pids": {"limit": 10},
+        })
+    });
+    let out = run_expect(&husk, &bundle, "limits", 0);
+    let text = stdout(&out);
+    for line in [
+        "memory.max=67108864",
+        "cpu.max=50000 100000",
+        "cpu.weight=39",
+        "cpuset.cpus=0",
+        "pids.max=10",
+        "fork-failed",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} missing: {text}");
+    }
+    assert!(stderr(&out).contains("can't fork"), "{}", stderr(&out));
+    let value = |key: &str| -> u32 {
+        let line = text.lines().find_map(|l| l.strip_prefix(key));
+        line.and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key}: {text}"))
+    };
+    assert!(value("pids.current=") <= 10, "{text}");
+    assert!(value("pids.events.max=") >= 1, "{text}");
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_memory_limit_exceeded_oom_killed_137_and_reported() {
+    let Some(env) = Env::get("test_config_memory_limit_exceeded_oom_killed_137_and_reported")
+    else {
+        return;
+    };
+    let husk = env.husk();
+    // tail keeps the last "line" of stdin in memory: 100 MiB of zeros is one line.
+    let bundle = TestBundle::busybox(
+        &husk,
+        &["sh", "-c", "dd if=/dev/zero bs=1M count=100 | tail"],
+    );
+    bundle.edit(|c| c["linux"]["resources"] = json!({"memory": {"limit": 32 << 20}}));
+    let out = run_expect(&husk, &bundle, "oom", 137);
+    let err = stderr(&out);
+    assert!(
+        err.lines().any(|l| l
+            == "husk: container oom was killed by the OOM killer: its memory limit was reached"),
+        "{err}"
+    );
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_exit_137_without_oom_not_reported_as_oom() {
+    let Some(env) = Env::get("test_config_exit_137_without_oom_not_reported_as_oom") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", "exit 137"]);
+    bundle.edit(|c| c["linux"]["resources"] = json!({"memory": {"limit": 32 << 20}}));
+    let out = run_expect(&husk, &bundle, "nooom", 137);
+    assert!(!stderr(&out).contains("OOM"), "{}", stderr(&out));
+    husk.assert_clean();
+}

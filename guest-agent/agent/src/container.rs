@@ -21,6 +21,7 @@ use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
+use crate::cgroup::Cgroup;
 use crate::init::{ctx, mkdir_p, RUN_DIR};
 use crate::reaper::Exits;
 use crate::sys;
@@ -64,6 +65,7 @@ enum State {
 #[derive(Debug)]
 struct Container {
     pid: Pid,
+    cgroup: Cgroup,
     state: State,
     sync: Option<UnixStream>,
     stdin: Option<OwnedFd>,
@@ -104,18 +106,26 @@ impl Containers {
         }
         let root = rootfs_path(&id);
         mount_rootfs(&spec.rootfs, spec.rootfs_readonly, &root).map_err(internal)?;
-        let result = self.spawn(&spec).await;
+        let cgroup = match Cgroup::create(&id, &spec.resources) {
+            Ok(cgroup) => cgroup,
+            Err(e) => {
+                let _ = umount2(&root, MntFlags::MNT_DETACH);
+                return Err(internal(e));
+            }
+        };
+        let result = self.spawn(&spec, cgroup.clone()).await;
         if let Err(e) = &result {
             if let Some(c) = self.lock().remove(&id) {
                 let _ = kill(c.pid, Signal::SIGKILL);
             }
+            cgroup.remove().await;
             let _ = umount2(&root, MntFlags::MNT_DETACH);
             return Err(e.clone());
         }
         result
     }
 
-    async fn spawn(&self, spec: &ContainerSpec) -> Result<(), Failure> {
+    async fn spawn(&self, spec: &ContainerSpec, cgroup: Cgroup) -> Result<(), Failure> {
         let (stdin_r, stdin_w) = pipe_pair().map_err(internal)?;
         let (stdout_r, stdout_w) = pipe_pair().map_err(internal)?;
         let (stderr_r, stderr_w) = pipe_pair().map_err(internal)?;
@@ -142,10 +152,13 @@ impl Containers {
         let exit = self.exits.watch(pid);
         drop((stdin_r, stdout_w, stderr_w, sync_child));
         let (open_outputs, _) = watch::channel(2usize);
+        // Before container-init has its spec: it must not run anything outside its cgroup.
+        let placed = cgroup.add(pid);
         self.lock().insert(
             spec.id.clone(),
             Container {
                 pid,
+                cgroup,
                 state: State::Creating,
                 sync: None,
                 stdin: Some(stdin_w),
@@ -155,6 +168,7 @@ impl Containers {
                 open_outputs: Arc::new(open_outputs),
             },
         );
+        placed.map_err(internal)?;
         let std_sync = std::os::unix::net::UnixStream::from(sync_parent);
         std_sync.set_nonblocking(true).map_err(internal)?;
         let mut sync = UnixStream::from_std(std_sync).map_err(internal)?;
@@ -212,12 +226,13 @@ impl Containers {
         }
     }
 
-    /// Waits for the process to exit and its output to be delivered; returns the exit code.
-    pub async fn wait(&self, id: &str) -> Result<i32, Failure> {
-        let (mut exit, mut outputs) = {
+    /// Waits for the process to exit and its output to be delivered; returns the exit code
+    /// and whether the OOM killer struck in the container's cgroup.
+    pub async fn wait(&self, id: &str) -> Result<(i32, bool), Failure> {
+        let (mut exit, mut outputs, cgroup) = {
             let map = self.lock();
             let c = map.get(id).ok_or_else(|| not_found(id))?;
-            (c.exit.clone(), c.open_outputs.subscribe())
+            (c.exit.clone(), c.open_outputs.subscribe(), c.cgroup.clone())
         };
         let code = match exit.wait_for(Option::is_some).await {
             Ok(code) => code.unwrap_or_default(),
@@ -227,8 +242,10 @@ impl Containers {
         if let Some(c) = self.lock().get_mut(id) {
             c.state = State::Stopped;
         }
+        let oom_killed = cgroup.oom_killed();
+        cgroup.remove().await;
         let _ = umount2(&rootfs_path(id), MntFlags::MNT_DETACH);
-        Ok(code)
+        Ok((code, oom_killed))
     }
 
     /// Sends `signal` to the container's process.

@@ -7,6 +7,7 @@
 //! bundle's process ([`container_init`]); as `husk-agent exec-init`, it starts an exec process in
 //! a running container ([`exec_init`], for [`exec`]).
 
+mod cgroup;
 mod container;
 mod container_init;
 mod exec;

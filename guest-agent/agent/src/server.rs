@@ -95,7 +95,7 @@ async fn handle(agent: &Agent, request: Request) -> Response {
         Request::WaitContainer { id } => containers
             .wait(&id)
             .await
-            .map(|code| Response::Exited { code }),
+            .map(|(code, oom_killed)| Response::Exited { code, oom_killed }),
         Request::SignalContainer { id, signal, all } => {
             containers.signal(&id, signal, all).map(|()| Response::Ok)
         }
@@ -109,11 +109,16 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             .exec(containers, &id, &exec_id, process, detach)
             .await
             .map(|pid| Response::Started { pid }),
-        Request::WaitProcess { id, exec_id } => agent
-            .execs
-            .wait(&id, &exec_id)
-            .await
-            .map(|code| Response::Exited { code }),
+        Request::WaitProcess { id, exec_id } => {
+            agent
+                .execs
+                .wait(&id, &exec_id)
+                .await
+                .map(|code| Response::Exited {
+                    code,
+                    oom_killed: false,
+                })
+        }
         Request::SignalProcess {
             id,
             exec_id,

@@ -164,6 +164,11 @@ mod tests {
             readonly_paths: vec!["/proc/sys".into()],
             sysctl: [("net.ipv4.ip_forward".to_owned(), "1".to_owned())].into(),
             namespaces: vec![crate::Namespace::Mount, crate::Namespace::Net],
+            resources: crate::Resources {
+                memory_max: Some(1 << 25),
+                cpu_quota_us: Some(50_000),
+                ..Default::default()
+            },
         };
         vec![
             Request::Hello { version: 1 },
@@ -225,7 +230,10 @@ mod tests {
             },
             Response::Ok,
             Response::Started { pid: 7 },
-            Response::Exited { code: 137 },
+            Response::Exited {
+                code: 137,
+                oom_killed: true,
+            },
             Response::Error {
                 kind: ErrorKind::NotFound,
                 message: "no".into(),

@@ -19,6 +19,7 @@ mod frame;
 mod linux;
 mod messages;
 mod process;
+mod resources;
 
 pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRAME_LEN};
 #[cfg(feature = "tokio")]
@@ -29,3 +30,4 @@ pub use messages::{
     Request, Response, Rootfs, StdioStream, User, AGENT_PORT, PROTOCOL_VERSION,
 };
 pub use process::{Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE, RLIMIT_NAMES};
+pub use resources::{cpu_shares_to_weight, Resources, DEFAULT_CPU_PERIOD_US};

@@ -10,6 +10,7 @@ use crate::linux::{
     SysctlNamespace,
 };
 use crate::process::{validate_rlimits, Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE};
+use crate::resources::Resources;
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
 pub const PROTOCOL_VERSION: u32 = 3;
@@ -124,6 +125,10 @@ pub enum Response {
     Exited {
         /// Exit code, or 128 + N when killed by signal N.
         code: i32,
+        /// The kernel's OOM killer killed a process of the container (its cgroup's
+        /// `memory.events` counted an `oom_kill`; version 3).
+        #[serde(default)]
+        oom_killed: bool,
     },
     /// The processes of a container.
     Processes {
@@ -218,6 +223,9 @@ pub struct ContainerSpec {
     /// Namespaces the container gets its own of (version 3).
     #[serde(default)]
     pub namespaces: Vec<Namespace>,
+    /// cgroup v2 limits of the container's cgroup (version 3).
+    #[serde(default)]
+    pub resources: Resources,
 }
 
 /// Where a container's root filesystem comes from.
@@ -352,6 +360,7 @@ impl ContainerSpec {
             validate_container_path("read-only path", path)?;
         }
         validate_namespaces(&self.namespaces)?;
+        self.resources.validate()?;
         validate_sysctls(&self.sysctl, |ns| {
             self.namespaces.contains(&match ns {
                 SysctlNamespace::Net => Namespace::Net,
@@ -435,6 +444,7 @@ mod tests {
             readonly_paths: Vec::new(),
             sysctl: BTreeMap::new(),
             namespaces: vec![Namespace::Mount, Namespace::Uts],
+            resources: Resources::default(),
         }
     }
 

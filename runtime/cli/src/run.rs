@@ -93,6 +93,12 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<i32> {
             t.total.as_millis()
         );
     }
+    if outcome.oom_killed {
+        eprintln!(
+            "husk: container {} was killed by the OOM killer: its memory limit was reached",
+            args.id
+        );
+    }
     Ok(outcome.exit_code)
 }
 

@@ -52,6 +52,15 @@ pub async fn connect_vsock(uds: &Path, port: u32) -> std::io::Result<UnixStream>
     Err(std::io::Error::other("vsock device answer too long"))
 }
 
+/// How a container's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code, 128+N when killed by signal N.
+    pub code: i32,
+    /// The OOM killer killed a process of the container (its memory limit was reached).
+    pub oom_killed: bool,
+}
+
 /// A control connection to the agent.
 #[derive(Debug)]
 pub struct AgentClient {
@@ -147,16 +156,16 @@ impl AgentClient {
         }
     }
 
-    /// Waits for the process to exit and its output to be delivered; returns the exit code.
+    /// Waits for the process to exit and its output to be delivered; returns how it ended.
     ///
     /// # Errors
     /// The agent's refusal or a transport error.
-    pub async fn wait(&mut self, id: &str) -> Result<i32, SandboxError> {
+    pub async fn wait(&mut self, id: &str) -> Result<ExitStatus, SandboxError> {
         match self
             .request(&Request::WaitContainer { id: id.to_owned() })
             .await?
         {
-            Response::Exited { code } => Ok(code),
+            Response::Exited { code, oom_killed } => Ok(ExitStatus { code, oom_killed }),
             other => Err(unexpected(&other)),
         }
     }
@@ -220,7 +229,7 @@ impl AgentClient {
             exec_id: exec_id.to_owned(),
         };
         match self.request(&request).await? {
-            Response::Exited { code } => Ok(code),
+            Response::Exited { code, .. } => Ok(code),
             other => Err(unexpected(&other)),
         }
     }

@@ -9,6 +9,7 @@
 
 mod linux;
 mod process;
+mod resources;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -188,6 +189,7 @@ impl Bundle {
             readonly_paths: linux.readonly_paths,
             sysctl: linux.sysctl,
             namespaces: linux.namespaces,
+            resources: linux.resources,
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
         let vm = VmOverrides::from_annotations(&annotations).map_err(|e| invalid(&e))?;

@@ -11,7 +11,7 @@ use nix::sys::signal::Signal as NixSignal;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{debug, info, warn};
 
-use crate::agent::AgentClient;
+use crate::agent::{AgentClient, ExitStatus};
 use crate::bundle::{Bundle, Rootfs, ROOTFS_SERIAL, ROOTFS_TAG};
 use crate::state::{now_rfc3339, CommandLock, OciState, Private, Record, Status, OCI_VERSION};
 use crate::state_dir::StateDir;
@@ -62,6 +62,8 @@ pub struct Timings {
 pub struct RunOutcome {
     /// The container's exit code (128+N when killed by signal N).
     pub exit_code: i32,
+    /// The OOM killer killed a process of the container.
+    pub oom_killed: bool,
     /// Where the time went.
     pub timings: Timings,
 }
@@ -149,7 +151,7 @@ async fn monitor_vm(
     let exit_code = {
         let mut waiter = guard(vm, agent.reconnect()).await?;
         match guard(vm, waiter.wait(id)).await {
-            Ok(code) => Some(code),
+            Ok(exit) => Some(exit.code),
             Err(e) => {
                 warn!(error = %e, "container's VM ended");
                 None
@@ -305,14 +307,18 @@ async fn run_in_vm(
     }
     let t_started = Instant::now();
     debug!("container started");
-    let exit_code = supervise(vm, &mut agent, id).await?;
-    debug!(exit_code, "container exited");
+    let exit = supervise(vm, &mut agent, id).await?;
+    debug!(
+        exit_code = exit.code,
+        oom_killed = exit.oom_killed,
+        "container exited"
+    );
     for output in outputs {
         let _ = output.await;
     }
     update_record(dir, |r| {
         r.oci.status = Status::Stopped;
-        r.husk.exit_code = Some(exit_code);
+        r.husk.exit_code = Some(exit.code);
     })?;
     power_off(vm, agent).await;
     debug!("VM powered off");
@@ -324,7 +330,11 @@ async fn run_in_vm(
         container_start: t_started - t_ready,
         total: Duration::ZERO,
     };
-    Ok(RunOutcome { exit_code, timings })
+    Ok(RunOutcome {
+        exit_code: exit.code,
+        oom_killed: exit.oom_killed,
+        timings,
+    })
 }
 
 /// Waits for the agent's first answer, or reports why the guest never gave one.
@@ -384,7 +394,7 @@ async fn supervise(
     vm: &mut dyn Hypervisor,
     agent: &mut AgentClient,
     id: &str,
-) -> Result<i32, SandboxError> {
+) -> Result<ExitStatus, SandboxError> {
     match wait_forwarding_signals(vm, agent, id).await {
         Err(e) => Err(explain(vm, e).await),
         ok => ok,
@@ -395,7 +405,7 @@ async fn wait_forwarding_signals(
     vm: &mut dyn Hypervisor,
     agent: &mut AgentClient,
     id: &str,
-) -> Result<i32, SandboxError> {
+) -> Result<ExitStatus, SandboxError> {
     let mut waiter = agent.reconnect().await?;
     let wait = waiter.wait(id);
     tokio::pin!(wait);
@@ -421,7 +431,7 @@ async fn wait_forwarding_signals(
                 let sigkill = NixSignal::SIGKILL as i32;
                 if escalation == Escalation::Killed {
                     warn!("container survived SIGKILL; ending its VM");
-                    return Ok(128 + sigkill);
+                    return Ok(ExitStatus { code: 128 + sigkill, oom_killed: false });
                 }
                 warn!("container outlived a forwarded signal; sending SIGKILL");
                 agent.signal(id, sigkill).await?;

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use husk_protocol::{Mount, MountFlag, MountKind, Namespace};
+use husk_protocol::{Mount, MountFlag, MountKind, Namespace, Resources};
 use oci_spec::runtime::{Linux, Mount as OciMount, Spec};
 
 /// The agent's view of what this module converts.
@@ -22,6 +22,7 @@ pub(super) struct LinuxAttrs {
     pub readonly_paths: Vec<String>,
     pub sysctl: BTreeMap<String, String>,
     pub namespaces: Vec<Namespace>,
+    pub resources: Resources,
 }
 
 /// Converts `mounts` and the supported `linux` fields; an unsupported one that is set is an
@@ -49,6 +50,10 @@ pub(super) fn attrs(spec: &Spec) -> Result<LinuxAttrs, String> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         namespaces: namespaces(linux)?,
+        resources: match linux.resources() {
+            Some(r) => super::resources::resources(r)?,
+            None => Resources::default(),
+        },
     })
 }
 
@@ -157,19 +162,6 @@ fn refuse_unsupported(linux: &Linux) -> Result<(), String> {
         ("seccomp", linux.seccomp().is_some()),
         ("uidMappings", linux.uid_mappings().is_some()),
         ("gidMappings", linux.gid_mappings().is_some()),
-        (
-            "resources",
-            linux.resources().as_ref().is_some_and(|r| {
-                r.memory().is_some()
-                    || r.cpu().is_some()
-                    || r.pids().is_some()
-                    || r.block_io().is_some()
-                    || r.hugepage_limits().is_some()
-                    || r.network().is_some()
-                    || r.rdma().is_some()
-                    || r.unified().is_some()
-            }),
-        ),
     ];
     match refused.into_iter().find(|(_, set)| *set) {
         Some((field, _)) => Err(format!("linux.{field} is not supported yet; remove it")),
