@@ -567,3 +567,75 @@ fn test_hooks_run_with_state_as_runc_and_failing_prestart_fails_create() {
     }
     husk.assert_clean();
 }
+
+#[test]
+fn test_pause_resume_update_events_as_runc() {
+    let Some(env) = Env::get("test_pause_resume_update_events_as_runc") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = busybox_sleeper(&husk);
+    let runc_root = tempfile::tempdir().expect("runc root");
+    let outs = tempfile::tempdir().expect("outputs");
+    let mut seen = Vec::new();
+    for rt in [Runtime::Runc(runc_root.path()), Runtime::Husk(&husk)] {
+        let mut steps = Vec::new();
+        let out = rt.create(bundle.path(), "pr", &outs.path().join(rt.name()));
+        assert!(out.status.success(), "{}: {}", rt.name(), stderr(&out));
+        steps.push((
+            "resume created",
+            rt.run(&["resume", "pr"]).status.success(),
+            rt.status("pr"),
+        ));
+        assert!(rt.run(&["start", "pr"]).status.success());
+        steps.push((
+            "pause",
+            rt.run(&["pause", "pr"]).status.success(),
+            rt.status("pr"),
+        ));
+        steps.push((
+            "pause again",
+            rt.run(&["pause", "pr"]).status.success(),
+            rt.status("pr"),
+        ));
+        steps.push((
+            "exec paused",
+            rt.run(&["exec", "pr", "true"]).status.success(),
+            rt.status("pr"),
+        ));
+        steps.push((
+            "resume",
+            rt.run(&["resume", "pr"]).status.success(),
+            rt.status("pr"),
+        ));
+        steps.push((
+            "exec resumed",
+            rt.run(&["exec", "pr", "true"]).status.success(),
+            rt.status("pr"),
+        ));
+        let update = rt.run(&["update", "--memory", "64m", "--pids-limit", "20", "pr"]);
+        steps.push(("update", update.status.success(), stderr(&update)));
+        if let Runtime::Husk(_) = rt {
+            // The guest has cgroup v2 only; the host's runc may be on v1, so only husk's view.
+            let limits = rt.run(&[
+                "exec",
+                "pr",
+                "cat",
+                "/sys/fs/cgroup/memory.max",
+                "/sys/fs/cgroup/pids.max",
+            ]);
+            assert_eq!(stdout(&limits), "67108864\n20\n", "{}", stderr(&limits));
+        }
+        let event = rt.run(&["events", "--stats", "pr"]);
+        let event: Value = serde_json::from_slice(&event.stdout).expect("events JSON");
+        steps.push((
+            "events --stats",
+            event["type"] == "stats" && event["id"] == "pr",
+            event["data"]["memory"]["usage"]["limit"].to_string(),
+        ));
+        assert!(rt.run(&["delete", "--force", "pr"]).status.success());
+        seen.push(steps);
+    }
+    assert_eq!(seen[1], seen[0], "husk differs from runc");
+    husk.assert_clean();
+}

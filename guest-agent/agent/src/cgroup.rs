@@ -9,7 +9,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use husk_protocol::Resources;
+use husk_protocol::{Resources, Stats};
 use nix::unistd::Pid;
 
 const ROOT: &str = "/sys/fs/cgroup";
@@ -19,6 +19,8 @@ const CONTROLLERS: &str = "+cpu +cpuset +memory +pids";
 /// How long removal waits for the kernel to let go of the container's last processes.
 const REMOVE_TRIES: u32 = 50;
 const REMOVE_PAUSE: Duration = Duration::from_millis(10);
+/// Polls of `cgroup.events` while freezing or thawing (1 s).
+const FREEZE_TRIES: u32 = 100;
 
 /// A container's cgroup directory.
 #[derive(Debug, Clone)]
@@ -44,7 +46,8 @@ impl Cgroup {
         Ok(cgroup)
     }
 
-    fn set(&self, r: &Resources) -> io::Result<()> {
+    /// Writes the limits `r` sets; the others stay as they are.
+    pub fn set(&self, r: &Resources) -> io::Result<()> {
         let files = [
             ("memory.max", r.memory_max.map(|v| v.to_string())),
             ("memory.low", r.memory_low.map(|v| v.to_string())),
@@ -60,6 +63,46 @@ impl Cgroup {
             }
         }
         Ok(())
+    }
+
+    /// Freezes (`true`) or thaws the cgroup's processes and waits until the kernel says so.
+    pub async fn freeze(&self, frozen: bool) -> io::Result<()> {
+        self.write("cgroup.freeze", if frozen { "1" } else { "0" })?;
+        let want = if frozen { "frozen 1" } else { "frozen 0" };
+        for _ in 0..FREEZE_TRIES {
+            let events = std::fs::read_to_string(self.path.join("cgroup.events"))?;
+            if events.lines().any(|l| l == want) {
+                return Ok(());
+            }
+            tokio::time::sleep(REMOVE_PAUSE).await;
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("cgroup {} did not become {want}", self.path.display()),
+        ))
+    }
+
+    /// The cgroup's counters.
+    pub fn stats(&self) -> Stats {
+        let read = |file: &str| std::fs::read_to_string(self.path.join(file)).unwrap_or_default();
+        let keyed = |text: &str, key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let number = |file: &str| read(file).trim().parse::<u64>().ok();
+        let cpu = read("cpu.stat");
+        Stats {
+            cpu_usage_usec: keyed(&cpu, "usage_usec"),
+            cpu_user_usec: keyed(&cpu, "user_usec"),
+            cpu_system_usec: keyed(&cpu, "system_usec"),
+            memory_current: number("memory.current").unwrap_or(0),
+            memory_max: number("memory.max"),
+            oom_kills: keyed(&read("memory.events"), "oom_kill"),
+            pids_current: number("pids.current").unwrap_or(0),
+            pids_max: number("pids.max"),
+        }
     }
 
     /// Moves process `pid` (and the threads of its process) into this cgroup.

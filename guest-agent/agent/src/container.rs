@@ -59,6 +59,7 @@ enum State {
     Creating,
     Created,
     Running,
+    Paused,
     Stopped,
 }
 
@@ -248,7 +249,58 @@ impl Containers {
         Ok((code, oom_killed))
     }
 
-    /// Sends `signal` to the container's process.
+    /// Freezes (`pause`) or thaws the container's cgroup.
+    pub async fn pause(&self, id: &str, pause: bool) -> Result<(), Failure> {
+        let (from, to) = match pause {
+            true => (State::Running, State::Paused),
+            false => (State::Paused, State::Running),
+        };
+        let cgroup = {
+            let map = self.lock();
+            let c = map.get(id).ok_or_else(|| not_found(id))?;
+            if c.state != from {
+                let what = if pause { "running" } else { "paused" };
+                return Err((
+                    ErrorKind::InvalidState,
+                    format!("container {id:?} is not {what}"),
+                ));
+            }
+            c.cgroup.clone()
+        };
+        cgroup.freeze(pause).await.map_err(internal)?;
+        if let Some(c) = self.lock().get_mut(id) {
+            if c.state == from {
+                c.state = to;
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the container's cgroup limits.
+    pub fn update(&self, id: &str, resources: &husk_protocol::Resources) -> Result<(), Failure> {
+        resources
+            .validate()
+            .map_err(|e| (ErrorKind::InvalidRequest, e))?;
+        let cgroup = self
+            .lock()
+            .get(id)
+            .ok_or_else(|| not_found(id))?
+            .cgroup
+            .clone();
+        cgroup.set(resources).map_err(internal)
+    }
+
+    /// The container's cgroup counters.
+    pub fn stats(&self, id: &str) -> Result<husk_protocol::Stats, Failure> {
+        let cgroup = self
+            .lock()
+            .get(id)
+            .ok_or_else(|| not_found(id))?
+            .cgroup
+            .clone();
+        Ok(cgroup.stats())
+    }
+
     /// The pid of a running container's first process (the namespaces an exec joins).
     pub fn running_pid(&self, id: &str) -> Result<Pid, Failure> {
         let map = self.lock();

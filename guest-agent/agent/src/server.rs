@@ -127,6 +127,16 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             .execs
             .signal(&id, &exec_id, signal)
             .map(|()| Response::Ok),
+        Request::PauseContainer { id } => containers.pause(&id, true).await.map(|()| Response::Ok),
+        Request::ResumeContainer { id } => {
+            containers.pause(&id, false).await.map(|()| Response::Ok)
+        }
+        Request::UpdateContainer { id, resources } => {
+            containers.update(&id, &resources).map(|()| Response::Ok)
+        }
+        Request::ContainerStats { id } => {
+            containers.stats(&id).map(|stats| Response::Stats { stats })
+        }
         Request::ListProcesses { id } => containers
             .processes(&id)
             .map(|processes| Response::Processes { processes }),

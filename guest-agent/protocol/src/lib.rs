@@ -27,7 +27,7 @@ pub use frame::{read_message, write_message};
 pub use linux::{sysctl_namespace, Mount, MountFlag, MountKind, Namespace, SysctlNamespace};
 pub use messages::{
     valid_serial, validate_id, ContainerSpec, ErrorKind, ExecInit, ProcessInfo, ProcessSpec,
-    Request, Response, Rootfs, StdioStream, User, AGENT_PORT, PROTOCOL_VERSION,
+    Request, Response, Rootfs, Stats, StdioStream, User, AGENT_PORT, PROTOCOL_VERSION,
 };
 pub use process::{Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE, RLIMIT_NAMES};
 pub use resources::{cpu_shares_to_weight, Resources, DEFAULT_CPU_PERIOD_US};

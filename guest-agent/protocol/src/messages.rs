@@ -94,6 +94,28 @@ pub enum Request {
         /// Signal number (0..=64).
         signal: i32,
     },
+    /// Freezes every process of the container (its cgroup).
+    PauseContainer {
+        /// Container id.
+        id: String,
+    },
+    /// Thaws a paused container.
+    ResumeContainer {
+        /// Container id.
+        id: String,
+    },
+    /// Changes the container's cgroup limits (the fields set; the others stay).
+    UpdateContainer {
+        /// Container id.
+        id: String,
+        /// The new limits.
+        resources: Resources,
+    },
+    /// Answered by [`Response::Stats`]: the container's cgroup counters.
+    ContainerStats {
+        /// Container id.
+        id: String,
+    },
     /// Answered by [`Response::Processes`]: every process of the container.
     ListProcesses {
         /// Container id.
@@ -129,6 +151,11 @@ pub enum Response {
         /// `memory.events` counted an `oom_kill`; version 3).
         #[serde(default)]
         oom_killed: bool,
+    },
+    /// A container's cgroup counters.
+    Stats {
+        /// The counters.
+        stats: Stats,
     },
     /// The processes of a container.
     Processes {
@@ -288,6 +315,27 @@ impl ProcessSpec {
     pub fn validate(&self) -> Result<(), String> {
         validate_process(&self.args, &self.env, &self.cwd)
     }
+}
+
+/// A container's cgroup counters (cgroup v2 files in the guest).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// `cpu.stat` usage_usec.
+    pub cpu_usage_usec: u64,
+    /// `cpu.stat` user_usec.
+    pub cpu_user_usec: u64,
+    /// `cpu.stat` system_usec.
+    pub cpu_system_usec: u64,
+    /// `memory.current` in bytes.
+    pub memory_current: u64,
+    /// `memory.max` in bytes (`None`: no limit).
+    pub memory_max: Option<u64>,
+    /// `memory.events` oom_kill.
+    pub oom_kills: u64,
+    /// `pids.current`.
+    pub pids_current: u64,
+    /// `pids.max` (`None`: no limit).
+    pub pids_max: Option<u64>,
 }
 
 /// One process of a container, as the agent sees it.

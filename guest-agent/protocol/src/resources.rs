@@ -49,7 +49,11 @@ impl Resources {
         })
     }
 
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    /// Checks the values the kernel would refuse.
+    ///
+    /// # Errors
+    /// A one-line reason.
+    pub fn validate(&self) -> Result<(), String> {
         if self.cpu_weight.is_some_and(|w| !(1..=10_000).contains(&w)) {
             return Err("cpu weight must be within 1..=10000".into());
         }

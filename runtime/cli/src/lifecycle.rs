@@ -116,6 +116,51 @@ pub struct PsArgs {
     id: String,
 }
 
+/// `husk update [--memory B] [--memory-reservation B] [--pids-limit N] [--cpu-shares N]
+/// [--cpu-quota US] [--cpu-period US] [--cpuset-cpus L] [--cpuset-mems L] ID`.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Memory limit in bytes (suffixes k, m, g), or -1 for none.
+    #[arg(long, allow_hyphen_values = true)]
+    memory: Option<String>,
+    /// Memory soft limit (`memory.low`) in bytes (suffixes k, m, g).
+    #[arg(long)]
+    memory_reservation: Option<String>,
+    /// Most processes, or -1 for none.
+    #[arg(long, allow_hyphen_values = true)]
+    pids_limit: Option<i64>,
+    /// CPU shares (relative weight, converted to cpu.weight as runc does).
+    #[arg(long)]
+    cpu_shares: Option<u64>,
+    /// CPU time in microseconds per period.
+    #[arg(long)]
+    cpu_quota: Option<u64>,
+    /// CPU period in microseconds.
+    #[arg(long)]
+    cpu_period: Option<u64>,
+    /// CPUs the container may use (`0-1,3`).
+    #[arg(long)]
+    cpuset_cpus: Option<String>,
+    /// Memory nodes the container may use.
+    #[arg(long)]
+    cpuset_mems: Option<String>,
+    /// Container id.
+    id: String,
+}
+
+/// `husk events [--stats] [--interval SECS] ID`.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Print one stats event and exit.
+    #[arg(long)]
+    stats: bool,
+    /// Seconds between stats events.
+    #[arg(long, default_value = "5s", value_parser = parse_interval)]
+    interval: std::time::Duration,
+    /// Container id.
+    id: String,
+}
+
 /// `husk list [--format table|json] [--quiet]`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
@@ -202,7 +247,10 @@ pub fn monitor(cli: &Cli, args: &MonitorArgs) -> anyhow::Result<i32> {
         Ok(()) => Ok(0),
         Err(e) => {
             let line = format!("{:#}", anyhow::Error::from(e));
-            tracing::error!("{line}");
+            // `create` reports the line on the same stderr: log it only to a log file.
+            if cli.log.is_some() {
+                tracing::error!("{line}");
+            }
             let path = cli.root.join(&args.id).join(lifecycle::MONITOR_ERROR);
             let _ = std::fs::write(path, &line);
             Ok(1)
@@ -276,6 +324,101 @@ pub fn ps(cli: &Cli, args: &PsArgs) -> anyhow::Result<i32> {
         writeln!(out, "{:<8} {:>7} {:>7} {}", p.uid, p.pid, p.ppid, p.cmd)?;
     }
     Ok(0)
+}
+
+/// `pause` / `resume`.
+pub fn pause(cli: &Cli, args: &IdArgs, pause: bool) -> anyhow::Result<i32> {
+    runtime()?.block_on(lifecycle::pause(&cli.root, &args.id, pause))?;
+    Ok(0)
+}
+
+/// `update`: the given limits, applied to the container's cgroup in the guest. The VM's own
+/// memory and vCPUs stay as they were booted (no hotplug).
+pub fn update(cli: &Cli, args: &UpdateArgs) -> anyhow::Result<i32> {
+    let bytes = |v: &Option<String>| -> anyhow::Result<Option<u64>> {
+        v.as_deref()
+            .filter(|v| *v != "-1")
+            .map(parse_bytes)
+            .transpose()
+    };
+    let resources = husk_sandbox::Resources {
+        memory_max: bytes(&args.memory)?,
+        memory_low: bytes(&args.memory_reservation)?,
+        pids_max: args.pids_limit.and_then(|n| u64::try_from(n).ok()),
+        cpu_weight: args.cpu_shares.and_then(husk_sandbox::cpu_shares_to_weight),
+        cpu_quota_us: args.cpu_quota,
+        cpu_period_us: args.cpu_period,
+        cpuset_cpus: args.cpuset_cpus.clone(),
+        cpuset_mems: args.cpuset_mems.clone(),
+    };
+    runtime()?.block_on(lifecycle::update(&cli.root, &args.id, &resources))?;
+    Ok(0)
+}
+
+/// `events`: stats events as JSON lines (runc's shape: `{"type":"stats","id":..,"data":..}`),
+/// one with `--stats`, else one per interval until the container stops.
+pub fn events(cli: &Cli, args: &EventsArgs) -> anyhow::Result<i32> {
+    let rt = runtime()?;
+    loop {
+        let Some(stats) = rt.block_on(lifecycle::stats(&cli.root, &args.id))? else {
+            return Ok(0);
+        };
+        let event = serde_json::json!({
+            "type": "stats",
+            "id": args.id,
+            "data": {
+                "cpu": {"usage": {
+                    "total": stats.cpu_usage_usec * 1000,
+                    "user": stats.cpu_user_usec * 1000,
+                    "kernel": stats.cpu_system_usec * 1000,
+                }},
+                "memory": {
+                    "usage": {"usage": stats.memory_current, "limit": stats.memory_max.unwrap_or(u64::MAX)},
+                    "oom_kill": stats.oom_kills,
+                },
+                "pids": {"current": stats.pids_current, "limit": stats.pids_max.unwrap_or(0)},
+            },
+        });
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{event}")?;
+        out.flush()?;
+        if args.stats {
+            return Ok(0);
+        }
+        std::thread::sleep(args.interval);
+    }
+}
+
+/// `100`, `64k`, `256m`, `1g` (powers of 1024) as bytes.
+fn parse_bytes(value: &str) -> anyhow::Result<u64> {
+    let lower = value.to_ascii_lowercase();
+    let lower = lower.trim_end_matches('b');
+    let (digits, shift) = match lower.chars().last() {
+        Some('k') => (&lower[..lower.len() - 1], 10),
+        Some('m') => (&lower[..lower.len() - 1], 20),
+        Some('g') => (&lower[..lower.len() - 1], 30),
+        _ => (lower, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| anyhow::anyhow!("invalid size {value:?}"))
+}
+
+/// `5s`, `500ms`, `2m` or plain seconds.
+fn parse_interval(value: &str) -> Result<std::time::Duration, String> {
+    let parse = |n: &str| {
+        n.parse::<u64>()
+            .map_err(|_| format!("invalid interval {value:?}"))
+    };
+    if let Some(ms) = value.strip_suffix("ms") {
+        return parse(ms).map(std::time::Duration::from_millis);
+    }
+    if let Some(m) = value.strip_suffix('m') {
+        return parse(m).map(|m| std::time::Duration::from_secs(m * 60));
+    }
+    parse(value.strip_suffix('s').unwrap_or(value)).map(std::time::Duration::from_secs)
 }
 
 /// `list`: a table as runc's (`ID PID STATUS BUNDLE CREATED OWNER`), JSON, or ids.
@@ -371,6 +514,23 @@ mod tests {
         assert_eq!(parse_signal("sigterm").unwrap(), 15);
         assert_eq!(parse_signal("SIGUSR1").unwrap(), 10);
         assert_eq!(parse_signal("9").unwrap(), 9);
+    }
+
+    #[test]
+    fn test_parse_bytes_suffixes() {
+        assert_eq!(parse_bytes("100").unwrap(), 100);
+        assert_eq!(parse_bytes("64k").unwrap(), 64 << 10);
+        assert_eq!(parse_bytes("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_bytes("1g").unwrap(), 1 << 30);
+        assert!(parse_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn test_parse_interval_units() {
+        assert_eq!(parse_interval("5s").unwrap().as_secs(), 5);
+        assert_eq!(parse_interval("500ms").unwrap().as_millis(), 500);
+        assert_eq!(parse_interval("2m").unwrap().as_secs(), 120);
+        assert!(parse_interval("soon").is_err());
     }
 
     #[test]

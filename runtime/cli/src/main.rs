@@ -70,6 +70,14 @@ enum Command {
     Exec(lifecycle::ExecArgs),
     /// List the processes of a container.
     Ps(lifecycle::PsArgs),
+    /// Freeze every process of a running container.
+    Pause(lifecycle::IdArgs),
+    /// Thaw a paused container.
+    Resume(lifecycle::IdArgs),
+    /// Change a container's cgroup limits (in its guest).
+    Update(lifecycle::UpdateArgs),
+    /// Print a container's stats as JSON events.
+    Events(lifecycle::EventsArgs),
     /// Print what this runtime supports (OCI features JSON).
     Features,
     /// List containers.
@@ -118,6 +126,10 @@ fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
         Command::Delete(args) => lifecycle::delete(cli, args),
         Command::List(args) => lifecycle::list(cli, args),
         Command::Exec(args) => lifecycle::exec(cli, args),
+        Command::Pause(args) => lifecycle::pause(cli, args, true),
+        Command::Resume(args) => lifecycle::pause(cli, args, false),
+        Command::Update(args) => lifecycle::update(cli, args),
+        Command::Events(args) => lifecycle::events(cli, args),
         Command::Ps(args) => lifecycle::ps(cli, args),
         Command::Monitor(args) => lifecycle::monitor(cli, args),
         Command::Spec(args) => spec::spec(args).map(|()| 0),

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use husk_protocol::{
-    read_message, write_message, ContainerSpec, ProcessInfo, ProcessSpec, Request, Response,
-    StdioStream,
+    read_message, write_message, ContainerSpec, ProcessInfo, ProcessSpec, Request, Resources,
+    Response, Stats, StdioStream,
 };
 use husk_protocol::{AGENT_PORT, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -250,6 +250,45 @@ impl AgentClient {
             signal,
         })
         .await
+    }
+
+    /// Freezes (`pause`) or thaws the container.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn pause(&mut self, id: &str, pause: bool) -> Result<(), SandboxError> {
+        let id = id.to_owned();
+        self.request_ok(&match pause {
+            true => Request::PauseContainer { id },
+            false => Request::ResumeContainer { id },
+        })
+        .await
+    }
+
+    /// Changes the container's cgroup limits.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn update(&mut self, id: &str, resources: &Resources) -> Result<(), SandboxError> {
+        self.request_ok(&Request::UpdateContainer {
+            id: id.to_owned(),
+            resources: resources.clone(),
+        })
+        .await
+    }
+
+    /// The container's cgroup counters.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn stats(&mut self, id: &str) -> Result<Stats, SandboxError> {
+        match self
+            .request(&Request::ContainerStats { id: id.to_owned() })
+            .await?
+        {
+            Response::Stats { stats } => Ok(stats),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// The container's processes.

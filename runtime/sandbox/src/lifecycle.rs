@@ -149,6 +149,7 @@ pub async fn start(root: &Path, id: &str) -> Result<(), SandboxError> {
         Status::Running => return invalid("cannot start an already running container"),
         Status::Stopped => return invalid("cannot start a container that has stopped"),
         Status::Creating => return invalid("cannot start a container that is being created"),
+        Status::Paused => return invalid("cannot start a paused container"),
     }
     let mut agent = agent(&dir).await?;
     agent.start(id).await?;
@@ -172,7 +173,10 @@ pub async fn kill(root: &Path, id: &str, signal: i32, all: bool) -> Result<(), S
     let dir = container_dir(root, id)?;
     let _lock = CommandLock::take(&dir)?;
     let record = Record::read(&dir)?.current(&dir);
-    if !matches!(record.oci.status, Status::Created | Status::Running) {
+    if !matches!(
+        record.oci.status,
+        Status::Created | Status::Running | Status::Paused
+    ) {
         return invalid("container not running");
     }
     let mut agent = agent(&dir).await?;
@@ -297,6 +301,76 @@ pub async fn exec(
     Ok(code)
 }
 
+/// `pause` (`true`) or `resume`: freezes or thaws the container's processes.
+///
+/// # Errors
+/// No such container, one not running (pause) or not paused (resume), or the agent's error.
+pub async fn pause(root: &Path, id: &str, pause: bool) -> Result<(), SandboxError> {
+    let dir = container_dir(root, id)?;
+    let _lock = CommandLock::take(&dir)?;
+    let record = Record::read(&dir)?.current(&dir);
+    let (from, to) = match pause {
+        true => (Status::Running, Status::Paused),
+        false => (Status::Paused, Status::Running),
+    };
+    if record.oci.status != from {
+        return invalid(if pause {
+            "container not running"
+        } else {
+            "container not paused"
+        });
+    }
+    agent(&dir).await?.pause(id, pause).await?;
+    let mut record = Record::read(&dir)?;
+    record.oci.status = to;
+    record.write(&dir)
+}
+
+/// `update`: new cgroup limits for a created, running or paused container.
+///
+/// # Errors
+/// No such container, a stopped one, invalid limits, or the agent's error.
+pub async fn update(
+    root: &Path,
+    id: &str,
+    resources: &husk_protocol::Resources,
+) -> Result<(), SandboxError> {
+    resources
+        .validate()
+        .map_err(|e| SandboxError::InvalidState(format!("invalid resources: {e}")))?;
+    let dir = container_dir(root, id)?;
+    let _lock = CommandLock::take(&dir)?;
+    let record = Record::read(&dir)?.current(&dir);
+    if !matches!(
+        record.oci.status,
+        Status::Created | Status::Running | Status::Paused
+    ) {
+        return invalid("container not running");
+    }
+    agent(&dir).await?.update(id, resources).await
+}
+
+/// The container's cgroup counters; `None` once it stopped.
+///
+/// # Errors
+/// No such container, or the agent's error.
+pub async fn stats(root: &Path, id: &str) -> Result<Option<husk_protocol::Stats>, SandboxError> {
+    let dir = container_dir(root, id)?;
+    let record = Record::read(&dir)?.current(&dir);
+    if !matches!(
+        record.oci.status,
+        Status::Created | Status::Running | Status::Paused
+    ) {
+        return Ok(None);
+    }
+    match agent(&dir).await?.stats(id).await {
+        Ok(stats) => Ok(Some(stats)),
+        // The container ended while we asked.
+        Err(SandboxError::Agent { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// `ps`: the container's processes (pids as the guest sees them).
 ///
 /// # Errors
@@ -304,7 +378,10 @@ pub async fn exec(
 pub async fn processes(root: &Path, id: &str) -> Result<Vec<ProcessInfo>, SandboxError> {
     let dir = container_dir(root, id)?;
     let record = Record::read(&dir)?.current(&dir);
-    if !matches!(record.oci.status, Status::Created | Status::Running) {
+    if !matches!(
+        record.oci.status,
+        Status::Created | Status::Running | Status::Paused
+    ) {
         return invalid("container is not running");
     }
     agent(&dir).await?.processes(id).await

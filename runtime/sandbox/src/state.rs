@@ -33,6 +33,8 @@ pub enum Status {
     Created,
     /// The container's process runs.
     Running,
+    /// Its processes are frozen (`pause`; runc's status beyond the runtime spec's four).
+    Paused,
     /// The container's process exited (or its VM ended).
     Stopped,
 }
@@ -43,6 +45,7 @@ impl std::fmt::Display for Status {
             Self::Creating => "creating",
             Self::Created => "created",
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Stopped => "stopped",
         })
     }
