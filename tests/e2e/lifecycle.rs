@@ -639,3 +639,112 @@ fn test_pause_resume_update_events_as_runc() {
     assert_eq!(seen[1], seen[0], "husk differs from runc");
     husk.assert_clean();
 }
+
+/// Accepts one connection on `listener` and takes the terminal master sent over it.
+fn receive_master(listener: &std::os::unix::net::UnixListener) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let (conn, _) = listener.accept().expect("console socket connection");
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .expect("recvmsg");
+    for cmsg in msg.cmsgs().expect("cmsgs") {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            let fd = *fds.first().expect("one fd");
+            // SAFETY: SCM_RIGHTS just installed `fd` in this process; nothing else owns it.
+            #[allow(unsafe_code)]
+            return unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        }
+    }
+    panic!("no fd on the console socket");
+}
+
+/// Reads `master` until `want` appears (or 20 s pass); what was read.
+fn read_until(master: &mut std::fs::File, want: &str) -> String {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut text = String::new();
+    let mut buf = [0u8; 1024];
+    while !text.contains(want) && Instant::now() < deadline {
+        match master.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => break,
+        }
+    }
+    text
+}
+
+#[test]
+fn test_console_socket_gets_working_pty_as_runc() {
+    let Some(env) = Env::get("test_console_socket_gets_working_pty_as_runc") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(
+        &husk,
+        &["sh", "-c", "tty; stty size; read x; echo got:$x; exit 4"],
+    );
+    bundle.edit(|c| c["process"]["terminal"] = true.into());
+    let runc_root = tempfile::tempdir().expect("runc root");
+    let dir = tempfile::tempdir().expect("sockets");
+    for rt in [Runtime::Runc(runc_root.path()), Runtime::Husk(&husk)] {
+        let socket = dir.path().join(format!("{}.sock", rt.name()));
+        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        let receiver = std::thread::spawn(move || receive_master(&listener));
+        let created = rt
+            .command(&[
+                "create",
+                "--console-socket",
+                socket.to_str().expect("utf-8"),
+                "--bundle",
+                bundle.path().to_str().expect("utf-8"),
+                "tt",
+            ])
+            // Not a pipe: the monitor keeps create's stderr open.
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("err")).expect("err file"))
+            .status()
+            .expect("create");
+        let err = std::fs::read_to_string(dir.path().join("err")).unwrap_or_default();
+        assert!(created.success(), "{}: {err}", rt.name());
+        let master = receiver.join().expect("master");
+        let size = rustix::termios::Winsize {
+            ws_row: 30,
+            ws_col: 100,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(&master, size).expect("set size");
+        nix::fcntl::fcntl(
+            &master,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .expect("nonblocking");
+        // Let the size reach the guest terminal before the process reads it.
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(rt.run(&["start", "tt"]).status.success());
+        let mut master = std::fs::File::from(master);
+        let first = read_until(&mut master, "30 100");
+        assert!(first.contains("/dev/pts/"), "{}: tty: {first:?}", rt.name());
+        assert!(first.contains("30 100"), "{}: size: {first:?}", rt.name());
+        use std::io::Write as _;
+        master.write_all(b"hello\r").expect("type");
+        let rest = read_until(&mut master, "got:hello");
+        assert!(rest.contains("got:hello"), "{}: {rest:?}", rt.name());
+        assert_eq!(rt.await_status("tt", "stopped"), "stopped", "{}", rt.name());
+        assert!(rt.run(&["delete", "tt"]).status.success());
+    }
+    husk.assert_clean();
+}

@@ -72,6 +72,8 @@ struct Container {
     stdin: Option<OwnedFd>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    /// The terminal's master, when the process has one.
+    pty: Option<OwnedFd>,
     exit: watch::Receiver<Option<i32>>,
     /// How many of stdout/stderr still have output to deliver.
     open_outputs: Arc<watch::Sender<usize>>,
@@ -127,9 +129,7 @@ impl Containers {
     }
 
     async fn spawn(&self, spec: &ContainerSpec, cgroup: Cgroup) -> Result<(), Failure> {
-        let (stdin_r, stdin_w) = pipe_pair().map_err(internal)?;
-        let (stdout_r, stdout_w) = pipe_pair().map_err(internal)?;
-        let (stderr_r, stderr_w) = pipe_pair().map_err(internal)?;
+        let stdio = StdioFds::new()?;
         let (sync_parent, sync_child) = socketpair(
             AddressFamily::Unix,
             SockType::Stream,
@@ -137,10 +137,11 @@ impl Containers {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| internal(ctx(e, "socketpair")))?;
+        let [child_in, child_out, child_err] = &stdio.child;
         let fds = [
-            stdin_r.as_fd(),
-            stdout_w.as_fd(),
-            stderr_w.as_fd(),
+            child_in.as_fd(),
+            child_out.as_fd(),
+            child_err.as_fd(),
             sync_child.as_fd(),
         ];
         let pid = sys::spawn_self(
@@ -151,8 +152,16 @@ impl Containers {
         .map_err(|e| internal(format!("clone: {e}")))?;
         // Registered before the next await: the reaper cannot miss this child's exit.
         let exit = self.exits.watch(pid);
-        drop((stdin_r, stdout_w, stderr_w, sync_child));
-        let (open_outputs, _) = watch::channel(2usize);
+        let StdioFds {
+            child,
+            stdin,
+            stdout,
+            stderr,
+            pty,
+        } = stdio;
+        drop((child, sync_child));
+        let outputs = if spec.terminal { 1 } else { 2 };
+        let (open_outputs, _) = watch::channel(outputs);
         // Before container-init has its spec: it must not run anything outside its cgroup.
         let placed = cgroup.add(pid);
         self.lock().insert(
@@ -162,9 +171,10 @@ impl Containers {
                 cgroup,
                 state: State::Creating,
                 sync: None,
-                stdin: Some(stdin_w),
-                stdout: Some(stdout_r),
-                stderr: Some(stderr_r),
+                stdin: Some(stdin),
+                stdout: Some(stdout),
+                stderr,
+                pty,
                 exit,
                 open_outputs: Arc::new(open_outputs),
             },
@@ -182,8 +192,18 @@ impl Containers {
             Ok(_) => return Err(internal("container init exited during setup".to_owned())),
             Err(e) => return Err(internal(format!("container init: {e}"))),
         }
+        let master = match spec.terminal {
+            true => Some(receive_terminal(&sync).await?),
+            false => None,
+        };
         let mut map = self.lock();
         if let Some(c) = map.get_mut(&spec.id) {
+            if let Some(master) = master {
+                c.stdin = Some(master.try_clone().map_err(internal)?);
+                c.stdout = Some(master.try_clone().map_err(internal)?);
+                c.stderr = None;
+                c.pty = Some(master);
+            }
             c.sync = Some(sync);
             c.state = State::Created;
         }
@@ -274,6 +294,19 @@ impl Containers {
             }
         }
         Ok(())
+    }
+
+    /// Sets the window size of the container's terminal.
+    pub fn resize(&self, id: &str, rows: u16, cols: u16) -> Result<(), Failure> {
+        let map = self.lock();
+        let c = map.get(id).ok_or_else(|| not_found(id))?;
+        let pty = c.pty.as_ref().ok_or_else(|| {
+            (
+                ErrorKind::InvalidState,
+                format!("container {id:?} has no terminal"),
+            )
+        })?;
+        set_winsize(pty, rows, cols)
     }
 
     /// Changes the container's cgroup limits.
@@ -385,10 +418,86 @@ pub enum Attached {
 
 /// Copies host bytes into the container's stdin until the host closes its side.
 pub async fn copy_stdin<R: tokio::io::AsyncRead + Unpin>(mut from: R, fd: OwnedFd) {
-    let Ok(mut to) = pipe::Sender::from_owned_fd(fd) else {
-        return;
-    };
-    let _ = tokio::io::copy(&mut from, &mut to).await;
+    if is_fifo(&fd) {
+        let Ok(mut to) = pipe::Sender::from_owned_fd(fd) else {
+            return;
+        };
+        let _ = tokio::io::copy(&mut from, &mut to).await;
+    } else {
+        // A terminal's master: blocking writes on tokio's blocking threads.
+        let mut to = tokio::fs::File::from_std(std::fs::File::from(fd));
+        let _ = tokio::io::copy(&mut from, &mut to).await;
+    }
+}
+
+fn is_fifo(fd: &OwnedFd) -> bool {
+    nix::sys::stat::fstat(fd).is_ok_and(|st| {
+        nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+            == nix::sys::stat::SFlag::S_IFIFO
+    })
+}
+
+/// A terminal master as a reader: EIO (the terminal's last holder closed it) is the end.
+struct PtyReader(tokio::fs::File);
+
+impl tokio::io::AsyncRead for PtyReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
+            std::task::Poll::Ready(Err(e)) if e.raw_os_error() == Some(libc::EIO) => {
+                std::task::Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+/// The fds of a process's stdio: what the child gets as 0, 1, 2, and the agent's ends.
+pub(crate) struct StdioFds {
+    /// The child's stdin, stdout, stderr.
+    pub child: [OwnedFd; 3],
+    /// Write end of stdin (a terminal: the master).
+    pub stdin: OwnedFd,
+    /// Read end of stdout (a terminal: the master).
+    pub stdout: OwnedFd,
+    /// Read end of stderr; none with a terminal.
+    pub stderr: Option<OwnedFd>,
+    /// The terminal's master, for its window size.
+    pub pty: Option<OwnedFd>,
+}
+
+impl StdioFds {
+    /// Three pipes. A process with a terminal gets them too, until it replaces them with the
+    /// terminal it allocates inside the container ([`receive_terminal`]).
+    pub(crate) fn new() -> Result<Self, Failure> {
+        let (stdin_r, stdin_w) = pipe_pair().map_err(internal)?;
+        let (stdout_r, stdout_w) = pipe_pair().map_err(internal)?;
+        let (stderr_r, stderr_w) = pipe_pair().map_err(internal)?;
+        Ok(Self {
+            child: [stdin_r, stdout_w, stderr_w],
+            stdin: stdin_w,
+            stdout: stdout_r,
+            stderr: Some(stderr_r),
+            pty: None,
+        })
+    }
+}
+
+/// Receives the terminal master the container's process allocated (after its setup reply).
+pub(crate) async fn receive_terminal(sync: &UnixStream) -> Result<OwnedFd, Failure> {
+    loop {
+        sync.readable().await.map_err(internal)?;
+        match sync.try_io(tokio::io::Interest::READABLE, || {
+            sys::recv_fd(std::os::fd::AsFd::as_fd(sync))
+        }) {
+            Ok(fd) => return Ok(fd),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(internal(format!("container terminal: {e}"))),
+        }
+    }
 }
 
 /// Copies an output pipe to `to` until EOF (then shuts `to` down), draining into the void if
@@ -398,16 +507,27 @@ pub async fn copy_output<W: tokio::io::AsyncWrite + Unpin>(
     to: Option<W>,
     open_outputs: Arc<watch::Sender<usize>>,
 ) {
-    if let Ok(mut from) = pipe::Receiver::from_owned_fd(fd) {
-        let delivered = match to {
-            Some(mut to) => {
-                tokio::io::copy(&mut from, &mut to).await.is_ok() && to.shutdown().await.is_ok()
+    let mut from: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if is_fifo(&fd) {
+        match pipe::Receiver::from_owned_fd(fd) {
+            Ok(from) => Box::new(from),
+            Err(_) => {
+                open_outputs.send_modify(|open| *open = open.saturating_sub(1));
+                return;
             }
-            None => false,
-        };
-        if !delivered {
-            let _ = tokio::io::copy(&mut from, &mut tokio::io::sink()).await;
         }
+    } else {
+        Box::new(PtyReader(tokio::fs::File::from_std(std::fs::File::from(
+            fd,
+        ))))
+    };
+    let delivered = match to {
+        Some(mut to) => {
+            tokio::io::copy(&mut from, &mut to).await.is_ok() && to.shutdown().await.is_ok()
+        }
+        None => false,
+    };
+    if !delivered {
+        let _ = tokio::io::copy(&mut from, &mut tokio::io::sink()).await;
     }
     open_outputs.send_modify(|open| *open = open.saturating_sub(1));
 }
@@ -503,6 +623,17 @@ fn same_pid_namespace(init: Pid) -> Vec<Pid> {
         .filter(|&pid| pid != init.as_raw() && ns(pid).as_ref() == Some(&target))
         .map(Pid::from_raw)
         .collect()
+}
+
+/// Sets a terminal's window size.
+pub(crate) fn set_winsize(pty: &OwnedFd, rows: u16, cols: u16) -> Result<(), Failure> {
+    let size = rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    rustix::termios::tcsetwinsize(pty, size).map_err(|e| internal(format!("set window size: {e}")))
 }
 
 /// A close-on-exec pipe: (read end, write end).

@@ -58,6 +58,12 @@ pub fn main() -> ExitCode {
     if write_frame(&mut sync, &reply).is_err() || failed {
         return ExitCode::FAILURE;
     }
+    if spec.terminal {
+        if let Err(e) = use_terminal(&sync) {
+            eprintln!("husk-agent container-init: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let mut start = [0u8; 1];
     if !matches!(sync.read(&mut start), Ok(1)) {
         return ExitCode::FAILURE;
@@ -123,8 +129,32 @@ fn enter_root(root: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Allocates the process's terminal in the container's own devpts (so that `tty` names it
+/// there), makes it stdin, stdout and stderr, and hands the master to the agent.
+pub(crate) fn use_terminal(sync: &UnixStream) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let (master, slave) = sys::open_terminal()
+        .map_err(|e| io::Error::new(e.kind(), format!("open /dev/ptmx: {e}")))?;
+    nix::unistd::dup2_stdin(&slave).map_err(|e| ctx(e, "terminal as stdin"))?;
+    nix::unistd::dup2_stdout(&slave).map_err(|e| ctx(e, "terminal as stdout"))?;
+    nix::unistd::dup2_stderr(&slave).map_err(|e| ctx(e, "terminal as stderr"))?;
+    sys::send_fd(sync.as_fd(), master.as_fd())
+        .map_err(|e| io::Error::new(e.kind(), format!("send the terminal: {e}")))
+}
+
 /// Becomes the user and execs the process; returns only the reason it failed.
 fn exec(spec: &ContainerSpec) -> String {
+    if spec.terminal {
+        // A session of its own, with the terminal (stdin) as its controlling terminal.
+        if let Err(e) = nix::unistd::setsid()
+            .map_err(io::Error::from)
+            .and_then(|_| {
+                rustix::process::ioctl_tiocsctty(std::io::stdin()).map_err(io::Error::from)
+            })
+        {
+            return format!("controlling terminal: {e}");
+        }
+    }
     if let Err(e) = privileges::before_user(spec) {
         return e;
     }

@@ -20,7 +20,9 @@ use nix::unistd::Pid;
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
-use crate::container::{copy_output, internal, pipe_pair, Attached, Containers, Failure};
+use crate::container::{
+    copy_output, internal, receive_terminal, set_winsize, Attached, Containers, Failure, StdioFds,
+};
 use crate::init::ctx;
 use crate::sys;
 
@@ -31,6 +33,8 @@ struct Exec {
     stdin: Option<OwnedFd>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    /// The terminal's master, when the process has one.
+    pty: Option<OwnedFd>,
     /// The helper's exit code, which is the process's.
     exit: watch::Receiver<Option<i32>>,
     open_outputs: Arc<watch::Sender<usize>>,
@@ -68,9 +72,8 @@ impl Execs {
                 format!("exec {exec_id:?} exists in container {id:?}"),
             ));
         }
-        let (stdin_r, stdin_w) = pipe_pair().map_err(internal)?;
-        let (stdout_r, stdout_w) = pipe_pair().map_err(internal)?;
-        let (stderr_r, stderr_w) = pipe_pair().map_err(internal)?;
+        let terminal = process.terminal;
+        let stdio = StdioFds::new()?;
         let (sync_parent, sync_child) = socketpair(
             AddressFamily::Unix,
             SockType::Stream,
@@ -78,17 +81,25 @@ impl Execs {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| internal(ctx(e, "socketpair")))?;
+        let [child_in, child_out, child_err] = &stdio.child;
         let fds = [
-            stdin_r.as_fd(),
-            stdout_w.as_fd(),
-            stderr_w.as_fd(),
+            child_in.as_fd(),
+            child_out.as_fd(),
+            child_err.as_fd(),
             sync_child.as_fd(),
         ];
         let helper = sys::spawn_self(crate::exec_init::ARG_C, fds, CloneFlags::empty())
             .map_err(|e| internal(format!("clone: {e}")))?;
         // Registered before the next await: the reaper cannot miss the helper's exit.
         let exit = containers.exits().watch(helper);
-        drop((stdin_r, stdout_w, stderr_w, sync_child));
+        let StdioFds {
+            child,
+            mut stdin,
+            mut stdout,
+            mut stderr,
+            mut pty,
+        } = stdio;
+        drop((child, sync_child));
         let std_sync = std::os::unix::net::UnixStream::from(sync_parent);
         std_sync.set_nonblocking(true).map_err(internal)?;
         let mut sync = UnixStream::from_std(std_sync).map_err(internal)?;
@@ -105,13 +116,22 @@ impl Execs {
             Ok(_) => return Err(internal("exec-init exited during setup")),
             Err(e) => return Err(internal(format!("exec-init: {e}"))),
         };
-        let (open_outputs, _) = watch::channel(2usize);
+        if terminal {
+            let master = receive_terminal(&sync).await?;
+            stdin = master.try_clone().map_err(internal)?;
+            stdout = master.try_clone().map_err(internal)?;
+            stderr = None;
+            pty = Some(master);
+        }
+        let outputs = if terminal { 1 } else { 2 };
+        let (open_outputs, _) = watch::channel(outputs);
         let open_outputs = Arc::new(open_outputs);
         let mut entry = Exec {
             pid: Pid::from_raw(i32::try_from(pid).map_err(internal)?),
-            stdin: Some(stdin_w),
-            stdout: Some(stdout_r),
-            stderr: Some(stderr_r),
+            stdin: Some(stdin),
+            stdout: Some(stdout),
+            stderr,
+            pty,
             exit,
             open_outputs: open_outputs.clone(),
         };
@@ -178,6 +198,21 @@ impl Execs {
         let _ = outputs.wait_for(|open| *open == 0).await;
         self.lock().remove(&key);
         Ok(code)
+    }
+
+    /// Sets the window size of the exec process's terminal.
+    pub fn resize(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> Result<(), Failure> {
+        let map = self.lock();
+        let e = map
+            .get(&(id.to_owned(), exec_id.to_owned()))
+            .ok_or_else(|| not_found(id, exec_id))?;
+        let pty = e.pty.as_ref().ok_or_else(|| {
+            (
+                ErrorKind::InvalidState,
+                format!("exec {exec_id:?} has no terminal"),
+            )
+        })?;
+        set_winsize(pty, rows, cols)
     }
 
     /// Sends `signal` (0: only check) to the exec process.

@@ -10,6 +10,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitCode};
@@ -53,19 +54,25 @@ pub fn main() -> ExitCode {
     let child = fcntl(&sync, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
         .map_err(|e| ctx(e, "close-on-exec sync socket").to_string())
         .and_then(|_| spawn(&init));
-    let (reply, child) = match child {
-        Ok(child) => (Response::Started { pid: child.id() }, Some(child)),
+    let (reply, child, master) = match child {
+        Ok((child, master)) => (Response::Started { pid: child.id() }, Some(child), master),
         Err(message) => (
             Response::Error {
                 kind: ErrorKind::ExecFailed,
                 message,
             },
             None,
+            None,
         ),
     };
     let sent = encode(&reply)
         .map_err(io::Error::other)
-        .and_then(|frame| sync.write_all(&frame));
+        .and_then(|frame| sync.write_all(&frame))
+        .and_then(|()| match &master {
+            Some(master) => sys::send_fd(sync.as_fd(), master.as_fd()),
+            None => Ok(()),
+        });
+    drop(master);
     drop(sync);
     let Some(mut child) = child else {
         return ExitCode::from(127);
@@ -83,8 +90,9 @@ pub fn main() -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-/// Joins the container and spawns the process; the reason when it could not.
-fn spawn(init: &ExecInit) -> Result<std::process::Child, String> {
+/// Joins the container and spawns the process (with a terminal from the container's devpts
+/// if it asks for one: its master is returned); the reason when it could not.
+fn spawn(init: &ExecInit) -> Result<(std::process::Child, Option<OwnedFd>), String> {
     let own = |name: &str, pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{name}")).ok();
     let init_pid = init.init_pid.to_string();
     let files = NAMESPACES
@@ -108,13 +116,23 @@ fn spawn(init: &ExecInit) -> Result<std::process::Child, String> {
     let program = find_program(&p.args[0], &p.env)?;
     let mut cmd = Command::new(program);
     cmd.arg0(&p.args[0]).args(&p.args[1..]).env_clear();
+    let mut master = None;
+    if p.terminal {
+        let (m, slave) = sys::open_terminal().map_err(|e| format!("open /dev/ptmx: {e}"))?;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("terminal: {e}"));
+        cmd.stdin(dup(&slave)?).stdout(dup(&slave)?).stderr(slave);
+        sys::with_controlling_terminal(&mut cmd);
+        master = Some(m);
+    }
     for pair in &p.env {
         if let Some((key, value)) = pair.split_once('=') {
             cmd.env(key, value);
         }
     }
-    cmd.spawn()
-        .map_err(|e| format!("exec {:?}: {e}", p.args[0]))
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("exec {:?}: {e}", p.args[0]))?;
+    Ok((child, master))
 }
 
 fn read_init(stream: &mut UnixStream) -> io::Result<ExecInit> {

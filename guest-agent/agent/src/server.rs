@@ -137,6 +137,16 @@ async fn handle(agent: &Agent, request: Request) -> Response {
         Request::ContainerStats { id } => {
             containers.stats(&id).map(|stats| Response::Stats { stats })
         }
+        Request::ResizeTerminal {
+            id,
+            exec_id,
+            rows,
+            cols,
+        } => match exec_id {
+            None => containers.resize(&id, rows, cols),
+            Some(exec_id) => agent.execs.resize(&id, &exec_id, rows, cols),
+        }
+        .map(|()| Response::Ok),
         Request::ListProcesses { id } => containers
             .processes(&id)
             .map(|processes| Response::Processes { processes }),

@@ -3,6 +3,7 @@
 use std::ffi::{c_char, c_short, CStr};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::ptr;
 
 use nix::sched::CloneFlags;
@@ -85,6 +86,76 @@ pub fn loopback_up() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A new terminal from the `/dev/ptmx` of the calling process's root (a container's own
+/// devpts): (master, slave), both close-on-exec.
+pub fn open_terminal() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    nix::pty::grantpt(&master)?;
+    nix::pty::unlockpt(&master)?;
+    let name = nix::pty::ptsname_r(&master)?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(&name)?;
+    Ok((master.into(), slave.into()))
+}
+
+/// Sends `fd` over the sync socket (SCM_RIGHTS, with one byte).
+pub fn send_fd(socket: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    let fds = [fd.as_raw_fd()];
+    sendmsg::<UnixAddr>(
+        socket.as_raw_fd(),
+        &[io::IoSlice::new(b"T")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )?;
+    Ok(())
+}
+
+/// Receives one fd sent with [`send_fd`]; `WouldBlock` when nothing is there yet.
+pub fn recv_fd(socket: BorrowedFd<'_>) -> io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            if let Some(&fd) = fds.first() {
+                use std::os::fd::FromRawFd;
+                // SAFETY: SCM_RIGHTS just installed `fd` in this process; nothing else owns it.
+                return Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Err(io::Error::other("no terminal fd on the sync socket"))
+}
+
+/// Makes `cmd`'s child the leader of a new session whose controlling terminal is its stdin
+/// (a terminal's slave): what a shell needs for job control and Ctrl-C.
+pub fn with_controlling_terminal(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and calls only setsid and
+    // ioctl, both async-signal-safe, on the child's own fd 0; it touches no shared memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The sync socket the agent put on fd 3 of `container-init`.

@@ -169,6 +169,7 @@ mod tests {
                 cpu_quota_us: Some(50_000),
                 ..Default::default()
             },
+            terminal: false,
         };
         vec![
             Request::Hello { version: 1 },
@@ -195,6 +196,7 @@ mod tests {
                     env: vec![],
                     cwd: "/".into(),
                     user: crate::User::default(),
+                    terminal: false,
                 },
                 detach: false,
             },

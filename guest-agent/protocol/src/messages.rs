@@ -116,6 +116,18 @@ pub enum Request {
         /// Container id.
         id: String,
     },
+    /// Sets the window size of the container's (or an exec process's) terminal.
+    ResizeTerminal {
+        /// Container id.
+        id: String,
+        /// The exec process, if not the container's own.
+        #[serde(default)]
+        exec_id: Option<String>,
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
     /// Answered by [`Response::Processes`]: every process of the container.
     ListProcesses {
         /// Container id.
@@ -253,6 +265,10 @@ pub struct ContainerSpec {
     /// cgroup v2 limits of the container's cgroup (version 3).
     #[serde(default)]
     pub resources: Resources,
+    /// The process gets a pseudo-terminal as stdin, stdout and stderr (and controlling
+    /// terminal); its stdout stream carries the terminal's output, there is no stderr stream.
+    #[serde(default)]
+    pub terminal: bool,
 }
 
 /// Where a container's root filesystem comes from.
@@ -305,6 +321,9 @@ pub struct ProcessSpec {
     pub cwd: String,
     /// Credentials.
     pub user: User,
+    /// A pseudo-terminal, as [`ContainerSpec::terminal`].
+    #[serde(default)]
+    pub terminal: bool,
 }
 
 impl ProcessSpec {
@@ -493,6 +512,7 @@ mod tests {
             sysctl: BTreeMap::new(),
             namespaces: vec![Namespace::Mount, Namespace::Uts],
             resources: Resources::default(),
+            terminal: false,
         }
     }
 

@@ -22,7 +22,7 @@ pub struct CreateArgs {
     /// Write the VM's host pid (the OCI state's `pid`) to this file.
     #[arg(long)]
     pid_file: Option<PathBuf>,
-    /// Accepted for runc compatibility; a terminal (process.terminal) is not supported yet.
+    /// Where the master of the container's terminal (process.terminal) goes, as runc.
     #[arg(long)]
     console_socket: Option<PathBuf>,
     /// Accepted for runc compatibility: the guest always pivots into the rootfs.
@@ -37,6 +37,9 @@ pub struct CreateArgs {
 pub struct MonitorArgs {
     #[command(flatten)]
     vm: VmArgs,
+    /// Where the master of the container's terminal goes.
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
     /// Container id.
     id: String,
 }
@@ -93,10 +96,10 @@ pub struct ExecArgs {
     /// Write the process's pid (in the guest) to this file.
     #[arg(long)]
     pid_file: Option<PathBuf>,
-    /// A terminal for the process: not supported yet.
+    /// A terminal for the process (husk's own, or the console socket's).
     #[arg(short, long)]
     tty: bool,
-    /// Accepted for runc compatibility; a terminal is not supported yet.
+    /// With `--tty`: where the master of the process's terminal goes.
     #[arg(long)]
     console_socket: Option<PathBuf>,
     /// Container id.
@@ -180,7 +183,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// `create`: boots the VM, builds the container, returns with its process waiting.
 pub fn create(cli: &Cli, args: &CreateArgs) -> anyhow::Result<i32> {
-    let opts = args.vm.options(cli, &args.id)?;
+    let mut opts = args.vm.options(cli, &args.id)?;
+    opts.console_socket = args.console_socket.clone();
     runtime()?.block_on(create_with(cli, &args.vm, &opts, args.pid_file.as_deref()))?;
     Ok(0)
 }
@@ -207,6 +211,9 @@ pub async fn create_with(
     cmd.arg("--kernel").arg(&opts.kernel);
     cmd.arg("--initramfs").arg(&opts.initramfs);
     cmd.arg("monitor").arg("--bundle").arg(&vm.bundle);
+    if let Some(socket) = &opts.console_socket {
+        cmd.arg("--console-socket").arg(socket);
+    }
     cmd.args([
         "--hypervisor",
         &vm.hypervisor,
@@ -242,7 +249,8 @@ pub fn write_pid_file(path: &Path, pid: i32) -> anyhow::Result<()> {
 pub fn monitor(cli: &Cli, args: &MonitorArgs) -> anyhow::Result<i32> {
     // Out of the caller's session: a terminal's signals are not the container's end.
     let _ = nix::unistd::setsid();
-    let opts = args.vm.options(cli, &args.id)?;
+    let mut opts = args.vm.options(cli, &args.id)?;
+    opts.console_socket = args.console_socket.clone();
     match runtime()?.block_on(husk_sandbox::monitor(&opts)) {
         Ok(()) => Ok(0),
         Err(e) => {
@@ -287,9 +295,6 @@ pub fn delete(cli: &Cli, args: &DeleteArgs) -> anyhow::Result<i32> {
 
 /// `exec`: exits with the process's exit code.
 pub fn exec(cli: &Cli, args: &ExecArgs) -> anyhow::Result<i32> {
-    if args.tty {
-        anyhow::bail!("--tty is not supported yet");
-    }
     if args.process.is_none() && args.args.is_empty() {
         anyhow::bail!("exec needs a process: -p process.json or a command");
     }
@@ -300,6 +305,8 @@ pub fn exec(cli: &Cli, args: &ExecArgs) -> anyhow::Result<i32> {
         cwd: args.cwd.clone(),
         user: args.user.clone(),
         detach: args.detach,
+        terminal: args.tty,
+        console_socket: args.console_socket.clone(),
     };
     let mut pid = None;
     let result = runtime()?.block_on(lifecycle::exec(&cli.root, &args.id, &request, &mut pid));

@@ -42,6 +42,7 @@ impl VmArgs {
             memory_mib: self.memory,
             vcpus: self.vcpus,
             boot_timeout: Duration::from_secs(self.boot_timeout),
+            console_socket: None,
         })
     }
 }
@@ -60,7 +61,7 @@ pub struct RunArgs {
     /// Write the VM's host pid (the OCI state's `pid`) to this file.
     #[arg(long)]
     pid_file: Option<PathBuf>,
-    /// Accepted for runc compatibility; a terminal (process.terminal) is not supported yet.
+    /// With `--detach`: where the master of the container's terminal (process.terminal) goes.
     #[arg(long)]
     console_socket: Option<PathBuf>,
     /// Accepted for runc compatibility: the guest always pivots into the rootfs.
@@ -75,7 +76,8 @@ pub struct RunArgs {
 
 /// Runs the container; returns its exit code.
 pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<i32> {
-    let opts = args.vm.options(cli, &args.id)?;
+    let mut opts = args.vm.options(cli, &args.id)?;
+    opts.console_socket = args.console_socket.clone();
     // One thread: the VMM and its helpers die with the thread that spawned them.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -252,6 +252,31 @@ impl AgentClient {
         .await
     }
 
+    /// The VM's vsock socket this client talks through.
+    pub fn uds(&self) -> &Path {
+        &self.uds
+    }
+
+    /// Sets the window size of the container's (or an exec's) terminal.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn resize(
+        &mut self,
+        id: &str,
+        exec_id: Option<&str>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), SandboxError> {
+        self.request_ok(&Request::ResizeTerminal {
+            id: id.to_owned(),
+            exec_id: exec_id.map(str::to_owned),
+            rows,
+            cols,
+        })
+        .await
+    }
+
     /// Freezes (`pause`) or thaws the container.
     ///
     /// # Errors

@@ -146,11 +146,7 @@ impl Bundle {
             .process()
             .as_ref()
             .ok_or_else(|| invalid("no process"))?;
-        if process.terminal().unwrap_or(false) {
-            return Err(invalid(
-                "process.terminal=true is not supported yet; set it to false",
-            ));
-        }
+        let terminal = process.terminal().unwrap_or(false);
         let args = process.args().clone().unwrap_or_default();
         if args.is_empty() {
             return Err(invalid("process.args must not be empty"));
@@ -190,6 +186,7 @@ impl Bundle {
             sysctl: linux.sysctl,
             namespaces: linux.namespaces,
             resources: linux.resources,
+            terminal,
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
         let vm = VmOverrides::from_annotations(&annotations).map_err(|e| invalid(&e))?;
@@ -207,8 +204,8 @@ impl Bundle {
 /// The process `husk exec -p FILE` asks for: an OCI `process` object.
 ///
 /// # Errors
-/// [`SandboxError::ReadConfig`]-like errors naming the file: unreadable, not a process,
-/// `terminal: true`, or invalid fields.
+/// [`SandboxError::ReadConfig`]-like errors naming the file: unreadable, not a process, or
+/// invalid fields.
 pub fn process_from_file(path: &Path) -> Result<ProcessSpec, SandboxError> {
     let invalid = |reason: String| SandboxError::InvalidConfig {
         path: path.to_owned(),
@@ -217,11 +214,6 @@ pub fn process_from_file(path: &Path) -> Result<ProcessSpec, SandboxError> {
     let bytes = std::fs::read(path).map_err(|e| invalid(format!("cannot read: {e}")))?;
     let process: oci_spec::runtime::Process =
         serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not an OCI process: {e}")))?;
-    if process.terminal().unwrap_or(false) {
-        return Err(invalid(
-            "terminal=true is not supported yet; set it to false".into(),
-        ));
-    }
     let user = process.user();
     let spec = ProcessSpec {
         args: process.args().clone().unwrap_or_default(),
@@ -233,6 +225,7 @@ pub fn process_from_file(path: &Path) -> Result<ProcessSpec, SandboxError> {
             additional_gids: user.additional_gids().clone().unwrap_or_default(),
             umask: user.umask(),
         },
+        terminal: process.terminal().unwrap_or(false),
     };
     spec.validate().map_err(invalid)?;
     Ok(spec)
@@ -270,6 +263,7 @@ pub fn exec_process(
         env,
         cwd: request.cwd.clone().unwrap_or(base.cwd),
         user,
+        terminal: request.terminal,
     };
     spec.validate().map_err(|e| SandboxError::InvalidConfig {
         path: PathBuf::from("exec"),

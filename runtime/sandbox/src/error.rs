@@ -33,6 +33,9 @@ pub enum SandboxError {
     /// The container id is malformed.
     #[error("{0}")]
     InvalidId(String),
+    /// A terminal could not be set up.
+    #[error("terminal: {0}")]
+    Terminal(String),
     /// A hook failed.
     #[error("{phase} hook {}: {reason}", path.display())]
     Hook {

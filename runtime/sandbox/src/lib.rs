@@ -17,6 +17,7 @@ mod run;
 pub mod state;
 pub mod state_dir;
 pub mod stdio;
+pub mod terminal;
 
 pub use error::SandboxError;
 pub use husk_hypervisor::{find_program, probe_kvm, HypervisorKind, ProbeReport};

@@ -16,7 +16,6 @@ use husk_protocol::ProcessInfo;
 use crate::bundle::Bundle;
 use crate::state::{CommandLock, OciState, Record, Status};
 use crate::state_dir::{container_dir, owner_alive, pid_alive, StateDir};
-use crate::stdio::{relay_output, relay_stdin, HostOutput};
 use crate::{RunOptions, SandboxError};
 
 /// Name of the VM's hybrid vsock socket in a state directory (both doors use it).
@@ -235,6 +234,10 @@ pub struct ExecRequest {
     pub user: Option<String>,
     /// Return once started; stdin closed, output discarded.
     pub detach: bool,
+    /// A terminal for the process (`--tty`).
+    pub terminal: bool,
+    /// Where the terminal's master goes; husk's own terminal when `None`.
+    pub console_socket: Option<PathBuf>,
 }
 
 /// `exec`: runs another process in the running container, with this process's stdio; its exit
@@ -273,18 +276,14 @@ pub async fn exec(
     if request.detach {
         return Ok(0);
     }
-    let stdin = agent
-        .attach_process(id, Some(&exec_id), husk_protocol::StdioStream::Stdin)
-        .await?;
-    let mut outputs = Vec::new();
-    for (stream, target) in [
-        (husk_protocol::StdioStream::Stdout, HostOutput::Stdout),
-        (husk_protocol::StdioStream::Stderr, HostOutput::Stderr),
-    ] {
-        let conn = agent.attach_process(id, Some(&exec_id), stream).await?;
-        outputs.push(relay_output(conn, target)?);
-    }
-    relay_stdin(stdin)?;
+    let outputs = crate::run::attach_stdio(
+        &agent,
+        id,
+        Some(&exec_id),
+        process.terminal,
+        request.console_socket.as_deref(),
+    )
+    .await?;
     let mut waiter = agent.reconnect().await?;
     let wait = waiter.wait_process(id, &exec_id);
     tokio::pin!(wait);
@@ -295,9 +294,7 @@ pub async fn exec(
             signo = signals.recv() => agent.signal_process(id, &exec_id, signo).await?,
         }
     };
-    for output in outputs {
-        let _ = output.await;
-    }
+    outputs.delivered().await;
     Ok(code)
 }
 

@@ -44,6 +44,22 @@ pub struct RunOptions {
     pub vcpus: u32,
     /// Longest time from VM start to the agent's answer.
     pub boot_timeout: Duration,
+    /// Where the master of the container's terminal goes (`process.terminal`; `create` only).
+    pub console_socket: Option<PathBuf>,
+}
+
+/// The console socket a container with a terminal needs when it is created to run detached.
+fn console_socket<'a>(
+    opts: &'a RunOptions,
+    bundle: &Bundle,
+) -> Result<Option<&'a Path>, SandboxError> {
+    match (bundle.spec.terminal, &opts.console_socket) {
+        (true, None) => Err(SandboxError::Terminal(
+            "process.terminal needs --console-socket for a container that is created to run detached".into(),
+        )),
+        (true, Some(path)) => Ok(Some(path)),
+        (false, _) => Ok(None),
+    }
 }
 
 /// Where the time of a run went.
@@ -113,7 +129,7 @@ pub async fn monitor(opts: &RunOptions) -> Result<(), SandboxError> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut vm = new_door(door(opts, &bundle), vm_config(opts, &bundle, &dir))?;
     let result = tokio::select! {
-        r = monitor_vm(vm.as_mut(), &bundle, opts.boot_timeout, &dir) => r,
+        r = monitor_vm(vm.as_mut(), &bundle, opts, &dir) => r,
         _ = terminate.recv() => {
             info!("terminated: ending the VM");
             Ok(())
@@ -134,13 +150,15 @@ pub async fn monitor(opts: &RunOptions) -> Result<(), SandboxError> {
 async fn monitor_vm(
     vm: &mut dyn Hypervisor,
     bundle: &Bundle,
-    boot_timeout: Duration,
+    opts: &RunOptions,
     dir: &Path,
 ) -> Result<(), SandboxError> {
+    let boot_timeout = opts.boot_timeout;
     vm.start().await?;
     let mut agent = boot(vm, boot_timeout).await?;
     let id = bundle.spec.id.as_str();
-    let outputs = guard(vm, create_container(&mut agent, bundle)).await?;
+    let console = console_socket(opts, bundle)?;
+    let outputs = guard(vm, create_container(&mut agent, bundle, console)).await?;
     let pid = vm.pid().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
     create_runtime_hooks(dir, bundle, pid)?;
     update_record(dir, |r| {
@@ -159,9 +177,7 @@ async fn monitor_vm(
         }
     };
     debug!(?exit_code, "container exited");
-    for output in outputs {
-        let _ = output.await;
-    }
+    outputs.delivered().await;
     update_record(dir, |r| {
         r.oci.status = Status::Stopped;
         r.husk.exit_code = exit_code;
@@ -249,27 +265,72 @@ fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
     }
 }
 
-/// Creates the container and connects its stdio to this process's (stdin relayed on a thread
-/// of its own, outputs until the agent ends them).
+/// The relays of a container's stdio to the host; done when its output has been delivered.
+pub(crate) struct Outputs {
+    handles: Vec<tokio::task::JoinHandle<std::io::Result<u64>>>,
+    _terminal: Option<crate::terminal::Relay>,
+}
+
+impl Outputs {
+    /// Waits until every output stream was delivered.
+    pub(crate) async fn delivered(self) {
+        for handle in self.handles {
+            let _ = handle.await;
+        }
+    }
+}
+
+/// Creates the container and connects its stdio to the host: this process's stdio (stdin
+/// relayed on a thread of its own, outputs until the agent ends them), or with a terminal the
+/// console socket's (`console_socket`) or this process's terminal.
 async fn create_container(
     agent: &mut AgentClient,
     bundle: &Bundle,
-) -> Result<[tokio::task::JoinHandle<std::io::Result<u64>>; 2], SandboxError> {
+    console_socket: Option<&Path>,
+) -> Result<Outputs, SandboxError> {
     let id = bundle.spec.id.as_str();
     agent.create(&bundle.spec).await?;
-    let stdin = agent.attach(id, StdioStream::Stdin).await?;
-    let outputs = [
-        relay_output(
-            agent.attach(id, StdioStream::Stdout).await?,
-            HostOutput::Stdout,
-        )?,
-        relay_output(
-            agent.attach(id, StdioStream::Stderr).await?,
-            HostOutput::Stderr,
-        )?,
+    attach_stdio(agent, id, None, bundle.spec.terminal, console_socket).await
+}
+
+/// Attaches the stdio streams of `id` (or its exec `exec_id`) and relays them.
+pub(crate) async fn attach_stdio(
+    agent: &AgentClient,
+    id: &str,
+    exec_id: Option<&str>,
+    terminal: bool,
+    console_socket: Option<&Path>,
+) -> Result<Outputs, SandboxError> {
+    let stdin = agent
+        .attach_process(id, exec_id, StdioStream::Stdin)
+        .await?;
+    let stdout = agent
+        .attach_process(id, exec_id, StdioStream::Stdout)
+        .await?;
+    if terminal {
+        let end = match console_socket {
+            Some(path) => crate::terminal::HostEnd::ConsoleSocket(path.to_owned()),
+            None => crate::terminal::HostEnd::OwnStdio,
+        };
+        let mut relay = crate::terminal::connect(agent, id, exec_id, stdin, stdout, &end)?;
+        let output = std::mem::replace(&mut relay.output, tokio::spawn(async { Ok(0) }));
+        return Ok(Outputs {
+            handles: vec![output],
+            _terminal: Some(relay),
+        });
+    }
+    let stderr = agent
+        .attach_process(id, exec_id, StdioStream::Stderr)
+        .await?;
+    let handles = vec![
+        relay_output(stdout, HostOutput::Stdout)?,
+        relay_output(stderr, HostOutput::Stderr)?,
     ];
     relay_stdin(stdin)?;
-    Ok(outputs)
+    Ok(Outputs {
+        handles,
+        _terminal: None,
+    })
 }
 
 async fn run_in_vm(
@@ -287,7 +348,7 @@ async fn run_in_vm(
     let id = bundle.spec.id.as_str();
     let pid = vm.pid().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
     let outputs = guard(vm, async {
-        let outputs = create_container(&mut agent, bundle).await?;
+        let outputs = create_container(&mut agent, bundle, None).await?;
         create_runtime_hooks(dir, bundle, pid)?;
         agent.start(id).await?;
         Ok(outputs)
@@ -313,9 +374,7 @@ async fn run_in_vm(
         oom_killed = exit.oom_killed,
         "container exited"
     );
-    for output in outputs {
-        let _ = output.await;
-    }
+    outputs.delivered().await;
     update_record(dir, |r| {
         r.oci.status = Status::Stopped;
         r.husk.exit_code = Some(exit.code);
