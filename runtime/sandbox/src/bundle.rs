@@ -380,13 +380,10 @@ mod tests {
     }
 
     #[test]
-    fn test_load_terminal_rejected() {
+    fn test_load_terminal_mapped() {
         let config = default_config().replace("\"terminal\":false", "\"terminal\":true");
         assert!(config.contains("\"terminal\":true"));
         let dir = bundle_with(&config);
-        assert!(matches!(
-            Bundle::load(dir.path(), "c"),
-            Err(SandboxError::InvalidConfig { .. })
-        ));
+        assert!(Bundle::load(dir.path(), "c").unwrap().spec.terminal);
     }
 }
