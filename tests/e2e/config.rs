@@ -344,3 +344,149 @@ fn test_config_exit_137_without_oom_not_reported_as_oom() {
     assert!(!stderr(&out).contains("OOM"), "{}", stderr(&out));
     husk.assert_clean();
 }
+
+#[test]
+fn test_config_seccomp_errno_rule_mkdir_operation_not_permitted() {
+    let Some(env) = Env::get("test_config_seccomp_errno_rule_mkdir_operation_not_permitted") else {
+        return;
+    };
+    let husk = env.husk();
+    // The default rootfs is read-only (EROFS): EPERM can only come from the filter.
+    let script = "mkdir /tmp/x; echo mkdir=$?; touch /dev/shm/y && echo touch-ok; \
+         grep -E '^(NoNewPrivs|Seccomp|Seccomp_filters):' /proc/self/status";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        // Without no_new_privs the filter goes in while CAP_SYS_ADMIN is still held.
+        c["process"]["noNewPrivileges"] = false.into();
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "syscalls": [
+                {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+                {"names": ["no_such_syscall"], "action": "SCMP_ACT_KILL"},
+            ]
+        })
+    });
+    let out = run_expect(&husk, &bundle, "seccomp", 0);
+    let text = stdout(&out);
+    assert!(
+        stderr(&out).contains("mkdir: can't create directory '/tmp/x': Operation not permitted"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        text.contains("mkdir=1\n") && text.contains("touch-ok\n"),
+        "{text}{}",
+        stderr(&out)
+    );
+    assert_eq!(status_field(&text, "NoNewPrivs"), Some("0"), "{text}");
+    // Mode 2 (filter); an errno filter only: the unknown name was skipped, as by runc.
+    assert_eq!(status_field(&text, "Seccomp"), Some("2"), "{text}");
+    assert_eq!(status_field(&text, "Seccomp_filters"), Some("1"), "{text}");
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_seccomp_default_errno_allow_list_and_arg_condition() {
+    let Some(env) = Env::get("test_config_seccomp_default_errno_allow_list_and_arg_condition")
+    else {
+        return;
+    };
+    let husk = env.husk();
+    // Default: ENOSYS (38) for everything not listed. uname is allowed; personality only
+    // with argument 0 == 0xffffffff (the query); kill is not listed at all.
+    let script = "uname -s; kill -0 $$ || echo kill-refused";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        let allowed = json!([
+            "read",
+            "write",
+            "writev",
+            "open",
+            "openat",
+            "close",
+            "fstat",
+            "newfstatat",
+            "stat",
+            "lseek",
+            "mmap",
+            "munmap",
+            "mprotect",
+            "brk",
+            "rt_sigaction",
+            "rt_sigprocmask",
+            "rt_sigreturn",
+            "ioctl",
+            "access",
+            "pipe",
+            "pipe2",
+            "dup2",
+            "dup3",
+            "fcntl",
+            "getpid",
+            "getppid",
+            "getuid",
+            "geteuid",
+            "getgid",
+            "getegid",
+            "wait4",
+            "exit",
+            "exit_group",
+            "execve",
+            "clone",
+            "clone3",
+            "fork",
+            "vfork",
+            "uname",
+            "arch_prctl",
+            "set_tid_address",
+            "set_robust_list",
+            "rseq",
+            "prlimit64",
+            "getrandom",
+            "readlink",
+            "getcwd",
+            "chdir",
+            "sysinfo",
+            "futex",
+            "getdents64",
+            "statx",
+            "sigaltstack"
+        ]);
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "defaultErrnoRet": 38,
+            "syscalls": [
+                {"names": allowed, "action": "SCMP_ACT_ALLOW"},
+                {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+                 "args": [{"index": 0, "value": 4294967295u64, "op": "SCMP_CMP_EQ"}]},
+            ]
+        })
+    });
+    let out = run_expect(&husk, &bundle, "seccompdefault", 0);
+    let text = stdout(&out);
+    assert!(text.starts_with("Linux\n"), "{text}");
+    assert!(text.contains("kill-refused"), "{text}");
+    assert!(
+        stderr(&out).contains("Function not implemented"),
+        "{}",
+        stderr(&out)
+    );
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_seccomp_notify_refused() {
+    let Some(env) = Env::get("test_config_seccomp_notify_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    bundle.edit(|c| {
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]
+        })
+    });
+    assert_refused(&husk, &bundle, "SCMP_ACT_NOTIFY is not supported");
+}

@@ -23,10 +23,11 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{chdir, execve, pivot_root, setgid, setgroups, sethostname, setuid, Gid, Uid};
+use seccompiler::BpfProgram;
 
 use crate::container::rootfs_path;
 use crate::init::ctx;
-use crate::{mounts, privileges, sys};
+use crate::{mounts, privileges, seccomp, sys};
 
 /// The argument that selects this mode.
 pub const ARG: &str = "container-init";
@@ -50,9 +51,18 @@ pub fn main() -> ExitCode {
     let setup = fcntl(&sync, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
         .map_err(|e| ctx(e, "close-on-exec sync socket"))
         .and_then(|_| setup(&spec));
-    let reply = match setup {
-        Ok(()) => Response::Ok,
-        Err(e) => error(ErrorKind::Internal, format!("container setup: {e}")),
+    // Compiled now so that a profile the agent cannot build fails `create`, not `start`.
+    let filters = match &spec.seccomp {
+        Some(profile) => seccomp::compile(profile),
+        None => Ok(Vec::new()),
+    };
+    let (reply, filters) = match (setup, filters) {
+        (Ok(()), Ok(filters)) => (Response::Ok, filters),
+        (Err(e), _) => (
+            error(ErrorKind::Internal, format!("container setup: {e}")),
+            Vec::new(),
+        ),
+        (Ok(()), Err(e)) => (error(ErrorKind::InvalidRequest, e), Vec::new()),
     };
     let failed = reply != Response::Ok;
     if write_frame(&mut sync, &reply).is_err() || failed {
@@ -62,7 +72,7 @@ pub fn main() -> ExitCode {
     if !matches!(sync.read(&mut start), Ok(1)) {
         return ExitCode::FAILURE;
     }
-    let e = exec(&spec);
+    let e = exec(&spec, &filters);
     let _ = write_frame(&mut sync, &error(ErrorKind::ExecFailed, e));
     ExitCode::from(EXIT_EXEC_FAILED)
 }
@@ -124,7 +134,14 @@ fn enter_root(root: &Path) -> io::Result<()> {
 }
 
 /// Becomes the user and execs the process; returns only the reason it failed.
-fn exec(spec: &ContainerSpec) -> String {
+/// Without `no_new_privs` the seccomp filters go in first, while CAP_SYS_ADMIN is still held
+/// (so they also cover the privilege changes); with it, last, right before execve (as runc).
+fn exec(spec: &ContainerSpec, filters: &[BpfProgram]) -> String {
+    if !spec.no_new_privileges {
+        if let Err(e) = install(filters) {
+            return e;
+        }
+    }
     if let Err(e) = privileges::before_user(spec) {
         return e;
     }
@@ -150,10 +167,22 @@ fn exec(spec: &ContainerSpec) -> String {
     else {
         return "args or env contain a NUL byte".to_owned();
     };
+    if spec.no_new_privileges {
+        if let Err(e) = install(filters) {
+            return e;
+        }
+    }
     match execve(&path, &args, &env) {
         Err(e) => format!("exec {program:?}: {}", e.desc()),
         Ok(never) => match never {},
     }
+}
+
+fn install(filters: &[BpfProgram]) -> Result<(), String> {
+    for program in filters {
+        sys::install_seccomp(program).map_err(|e| format!("install seccomp filter: {e}"))?;
+    }
+    Ok(())
 }
 
 fn set_user(user: &User) -> nix::Result<()> {

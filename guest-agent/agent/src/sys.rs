@@ -1,4 +1,5 @@
-//! The agent's only unsafe code: the two kernel calls nix has no safe form for.
+//! The agent's only unsafe code: the kernel calls nix has no safe form for (clone with a
+//! callback, the loopback ioctls, seccomp(2) with a filter).
 
 use std::ffi::{c_char, c_short};
 use std::io;
@@ -91,4 +92,40 @@ pub fn inherited_sync_fd() -> std::os::fd::OwnedFd {
     // `spawn_container_init`; nothing else in this process refers to it, so taking ownership
     // once, at startup, is sound.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(3) }
+}
+
+/// Installs a seccomp BPF program on the calling thread (seccomp(2)
+/// `SECCOMP_SET_MODE_FILTER`, no flags). The kernel requires `no_new_privs` or
+/// CAP_SYS_ADMIN; unlike seccompiler's `apply_filter`, this never sets `no_new_privs` itself
+/// (the spec decides).
+pub fn install_seccomp(program: &[seccompiler::sock_filter]) -> io::Result<()> {
+    let mut filter: Vec<libc::sock_filter> = program
+        .iter()
+        .map(|f| libc::sock_filter {
+            code: f.code,
+            jt: f.jt,
+            jf: f.jf,
+            k: f.k,
+        })
+        .collect();
+    let len = u16::try_from(filter.len())
+        .map_err(|_| io::Error::other("seccomp program longer than 65535 instructions"))?;
+    let prog = libc::sock_fprog {
+        len,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: `prog` points at `len` valid instructions in `filter`, both alive for the call;
+    // the kernel copies the program and keeps no pointer into our memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
 }

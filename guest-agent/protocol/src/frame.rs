@@ -169,6 +169,22 @@ mod tests {
                 cpu_quota_us: Some(50_000),
                 ..Default::default()
             },
+            seccomp: Some(crate::Seccomp {
+                default_action: crate::SeccompAction::Allow,
+                default_errno: None,
+                architectures: vec!["SCMP_ARCH_X86_64".into()],
+                syscalls: vec![crate::SyscallRule {
+                    names: vec!["mkdir".into()],
+                    action: crate::SeccompAction::Errno,
+                    errno: Some(1),
+                    args: vec![crate::SyscallArg {
+                        index: 1,
+                        value: 0o700,
+                        value_two: 0,
+                        op: crate::ArgOp::Eq,
+                    }],
+                }],
+            }),
         };
         vec![
             Request::Hello { version: 1 },

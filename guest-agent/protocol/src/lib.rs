@@ -20,6 +20,7 @@ mod linux;
 mod messages;
 mod process;
 mod resources;
+mod seccomp;
 
 pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRAME_LEN};
 #[cfg(feature = "tokio")]
@@ -31,3 +32,4 @@ pub use messages::{
 };
 pub use process::{Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE, RLIMIT_NAMES};
 pub use resources::{cpu_shares_to_weight, Resources, DEFAULT_CPU_PERIOD_US};
+pub use seccomp::{ArgOp, Seccomp, SeccompAction, SyscallArg, SyscallRule, DEFAULT_SECCOMP_ERRNO};

@@ -11,6 +11,7 @@ use crate::linux::{
 };
 use crate::process::{validate_rlimits, Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE};
 use crate::resources::Resources;
+use crate::seccomp::Seccomp;
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
 pub const PROTOCOL_VERSION: u32 = 3;
@@ -178,6 +179,9 @@ pub struct ContainerSpec {
     /// cgroup v2 limits of the container's cgroup (version 3).
     #[serde(default)]
     pub resources: Resources,
+    /// seccomp profile installed right before exec (version 3).
+    #[serde(default)]
+    pub seccomp: Option<Seccomp>,
 }
 
 /// Where a container's root filesystem comes from.
@@ -279,6 +283,9 @@ impl ContainerSpec {
         }
         validate_namespaces(&self.namespaces)?;
         self.resources.validate()?;
+        if let Some(seccomp) = &self.seccomp {
+            seccomp.validate()?;
+        }
         validate_sysctls(&self.sysctl, |ns| {
             self.namespaces.contains(&match ns {
                 SysctlNamespace::Net => Namespace::Net,
@@ -348,6 +355,7 @@ mod tests {
             sysctl: BTreeMap::new(),
             namespaces: vec![Namespace::Mount, Namespace::Uts],
             resources: Resources::default(),
+            seccomp: None,
         }
     }
 

@@ -10,6 +10,7 @@
 mod linux;
 mod process;
 mod resources;
+mod seccomp;
 
 use std::path::{Path, PathBuf};
 
@@ -112,6 +113,7 @@ impl Bundle {
             sysctl: linux.sysctl,
             namespaces: linux.namespaces,
             resources: linux.resources,
+            seccomp: linux.seccomp,
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
         Ok(Self { rootfs, spec })

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use husk_protocol::{Mount, MountFlag, MountKind, Namespace, Resources};
+use husk_protocol::{Mount, MountFlag, MountKind, Namespace, Resources, Seccomp};
 use oci_spec::runtime::{Linux, Mount as OciMount, Spec};
 
 /// The agent's view of what this module converts.
@@ -23,6 +23,7 @@ pub(super) struct LinuxAttrs {
     pub sysctl: BTreeMap<String, String>,
     pub namespaces: Vec<Namespace>,
     pub resources: Resources,
+    pub seccomp: Option<Seccomp>,
 }
 
 /// Converts `mounts` and the supported `linux` fields; an unsupported one that is set is an
@@ -54,6 +55,11 @@ pub(super) fn attrs(spec: &Spec) -> Result<LinuxAttrs, String> {
             Some(r) => super::resources::resources(r)?,
             None => Resources::default(),
         },
+        seccomp: linux
+            .seccomp()
+            .as_ref()
+            .map(super::seccomp::seccomp)
+            .transpose()?,
     })
 }
 
@@ -162,7 +168,6 @@ fn refuse_unsupported(linux: &Linux) -> Result<(), String> {
         ("personality", linux.personality().is_some()),
         ("timeOffsets", linux.time_offsets().is_some()),
         ("netDevices", linux.net_devices().is_some()),
-        ("seccomp", linux.seccomp().is_some()),
         ("uidMappings", linux.uid_mappings().is_some()),
         ("gidMappings", linux.gid_mappings().is_some()),
     ];
