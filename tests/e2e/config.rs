@@ -490,3 +490,119 @@ fn test_config_seccomp_notify_refused() {
     });
     assert_refused(&husk, &bundle, "SCMP_ACT_NOTIFY is not supported");
 }
+
+/// config.json `linux.namespaces` of the default spec without `kind`.
+fn drop_namespace(bundle: &TestBundle, kind: &str) {
+    bundle.edit(|c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .retain(|ns| ns["type"] != kind)
+    });
+}
+
+#[test]
+fn test_config_user_namespace_ids_mapped() {
+    let Some(env) = Env::get("test_config_user_namespace_ids_mapped") else {
+        return;
+    };
+    let husk = env.husk();
+    // The rootfs belongs to guest uid 0, which the mapping leaves out: inside it shows as the
+    // overflow id 65534, while the container's root is guest uid 100000.
+    let script = "echo uid=$(id -u) gid=$(id -g); cat /proc/self/uid_map /proc/self/gid_map; \
+         stat -c owner=%u /bin/busybox; hostname; \
+         grep -E '^CapEff:' /proc/self/status; echo > /dev/null && echo devnull-ok";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .push(json!({"type": "user"}));
+        c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        c["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 200000, "size": 65536}]);
+        c["hostname"] = "userns".into();
+    });
+    let out = run_expect(&husk, &bundle, "userns", 0);
+    let text = stdout(&out);
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.first(), Some(&vec!["uid=0", "gid=0"]), "{text}");
+    assert_eq!(lines.get(1), Some(&vec!["0", "100000", "65536"]), "{text}");
+    assert_eq!(lines.get(2), Some(&vec!["0", "200000", "65536"]), "{text}");
+    assert_eq!(lines.get(3), Some(&vec!["owner=65534"]), "{text}");
+    assert_eq!(lines.get(4), Some(&vec!["userns"]), "{text}");
+    assert_eq!(
+        status_field(&text, "CapEff"),
+        Some("0000000020000420"),
+        "{text}"
+    );
+    assert!(text.contains("devnull-ok"), "{text}");
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_without_pid_and_net_namespaces_sees_guest() {
+    let Some(env) = Env::get("test_config_without_pid_and_net_namespaces_sees_guest") else {
+        return;
+    };
+    let husk = env.husk();
+    let script = "echo pid=$$; cat /proc/1/comm; ls /sys/class/net";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    drop_namespace(&bundle, "pid");
+    drop_namespace(&bundle, "network");
+    let out = run_expect(&husk, &bundle, "hostns", 0);
+    let text = stdout(&out);
+    // Without its own pid namespace the container sees the agent as PID 1.
+    assert!(!text.starts_with("pid=1\n"), "{text}");
+    assert!(text.lines().nth(1).is_some_and(|l| l != "sh"), "{text}");
+    assert!(text.lines().any(|l| l == "lo"), "{text}");
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_namespace_path_refused() {
+    let Some(env) = Env::get("test_config_namespace_path_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    bundle.edit(|c| c["linux"]["namespaces"][0]["path"] = "/proc/1/ns/pid".into());
+    assert_refused(
+        &husk,
+        &bundle,
+        "joining the pid namespace at /proc/1/ns/pid is not supported",
+    );
+}
+
+#[test]
+fn test_config_without_mount_namespace_refused() {
+    let Some(env) = Env::get("test_config_without_mount_namespace_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    drop_namespace(&bundle, "mount");
+    assert_refused(
+        &husk,
+        &bundle,
+        "linux.namespaces must include a mount namespace",
+    );
+}
+
+#[test]
+fn test_config_unknown_namespace_type_refused() {
+    let Some(env) = Env::get("test_config_unknown_namespace_type_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    bundle.edit(|c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .push(json!({"type": "bogus"}))
+    });
+    assert_refused(&husk, &bundle, "config.json");
+}

@@ -141,11 +141,19 @@ impl Containers {
             stderr_w.as_fd(),
             sync_child.as_fd(),
         ];
-        let pid = sys::spawn_container_init(fds, clone_flags(&spec.namespaces))
+        let (gate_r, gate_w) = pipe_pair().map_err(internal)?;
+        let pid = sys::spawn_container_init(fds, gate_r.as_fd(), clone_flags(&spec.namespaces))
             .map_err(|e| internal(format!("clone: {e}")))?;
         // Registered before the next await: the reaper cannot miss this child's exit.
         let exit = self.exits.watch(pid);
-        drop((stdin_r, stdout_w, stderr_w, sync_child));
+        drop((stdin_r, stdout_w, stderr_w, sync_child, gate_r));
+        // The child execs container-init once the gate opens: after its id maps are written.
+        let opened = write_id_maps(pid, spec).and_then(|()| {
+            nix::unistd::write(&gate_w, &[1])
+                .map(drop)
+                .map_err(|e| ctx(e, "open the exec gate"))
+        });
+        drop(gate_w);
         let (open_outputs, _) = watch::channel(2usize);
         // Before container-init has its spec: it must not run anything outside its cgroup.
         let placed = cgroup.add(pid);
@@ -163,7 +171,7 @@ impl Containers {
                 open_outputs: Arc::new(open_outputs),
             },
         );
-        placed.map_err(internal)?;
+        placed.and(opened).map_err(internal)?;
         let std_sync = std::os::unix::net::UnixStream::from(sync_parent);
         std_sync.set_nonblocking(true).map_err(internal)?;
         let mut sync = UnixStream::from_std(std_sync).map_err(internal)?;
@@ -361,6 +369,26 @@ fn block_device(serial: &str) -> std::io::Result<PathBuf> {
         std::io::ErrorKind::NotFound,
         format!("no virtio-blk disk with serial {serial:?}"),
     ))
+}
+
+/// Writes `/proc/<pid>/{uid,gid}_map` for a container with a user namespace.
+fn write_id_maps(pid: Pid, spec: &ContainerSpec) -> std::io::Result<()> {
+    if !spec.namespaces.contains(&Namespace::User) {
+        return Ok(());
+    }
+    for (file, mappings) in [
+        ("uid_map", &spec.uid_mappings),
+        ("gid_map", &spec.gid_mappings),
+    ] {
+        let lines: String = mappings
+            .iter()
+            .map(|m| format!("{} {} {}\n", m.container_id, m.host_id, m.size))
+            .collect();
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, lines)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("write {path}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// A close-on-exec pipe: (read end, write end).

@@ -102,6 +102,16 @@ fn setup(spec: &ContainerSpec) -> io::Result<()> {
         mounts::write_sysctl(key, value)?;
     }
     let root = rootfs_path(&spec.id);
+    // A mount made in this namespace, unlike the copied ones, which a user namespace locks
+    // (pivot_root refuses a locked new root), as runc does.
+    mount(
+        Some(&root),
+        &root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| ctx(e, "bind the rootfs onto itself"))?;
     mounts::mount_all(&root, &spec.mounts)?;
     enter_root(&root)?;
     if spec.rootfs_readonly {

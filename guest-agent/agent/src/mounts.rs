@@ -98,16 +98,36 @@ fn ms_flags(flags: &[MountFlag]) -> MsFlags {
     })
 }
 
+/// Creates the default device nodes; in a user namespace, where mknod is not allowed, binds
+/// the guest's own nodes (still visible under /dev before `pivot_root`) instead, as runc.
 fn populate_dev(dev: &Path) -> io::Result<()> {
     let rw = Mode::from_bits_truncate(0o666);
     for (name, major, minor) in DEV_NODES {
-        mknod(&dev.join(name), SFlag::S_IFCHR, rw, makedev(major, minor))
-            .map_err(|e| ctx(e, &format!("mknod /dev/{name}")))?;
+        let node = dev.join(name);
+        match mknod(&node, SFlag::S_IFCHR, rw, makedev(major, minor)) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EPERM) => bind_device(name, &node)?,
+            Err(e) => return Err(ctx(e, &format!("mknod /dev/{name}"))),
+        }
     }
     for (name, target) in DEV_LINKS {
         std::os::unix::fs::symlink(target, dev.join(name))?;
     }
     Ok(())
+}
+
+fn bind_device(name: &str, node: &Path) -> io::Result<()> {
+    std::fs::File::create(node)
+        .map_err(|e| io::Error::new(e.kind(), format!("create /dev/{name}: {e}")))?;
+    let source = Path::new("/dev").join(name);
+    mount(
+        Some(&source),
+        node,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| ctx(e, &format!("bind /dev/{name}")))
 }
 
 /// Writes `value` to the sysctl `key` through the caller's /proc/sys: the net, IPC and UTS

@@ -18,8 +18,19 @@ const CLONE_STACK_SIZE: usize = 64 * 1024;
 /// Starts `/proc/self/exe container-init` as a child in the namespaces `flags` asks for, with
 /// `fds[i]` as its fd `i` (stdin, stdout, stderr, sync socket). The fds must be above 2 (the
 /// agent's own stdio is open), so that no dup2 overwrites a source still to be duplicated.
-pub fn spawn_container_init(fds: [BorrowedFd<'_>; 4], flags: CloneFlags) -> io::Result<Pid> {
+///
+/// The child waits for one byte on `gate` (a close-on-exec pipe's read end) before it execs:
+/// in a new user namespace the parent writes the id maps first, then the child becomes the
+/// namespace's root (uid and gid 0 inside) so that the exec keeps its capabilities there (an
+/// unmapped uid would lose them all).
+pub fn spawn_container_init(
+    fds: [BorrowedFd<'_>; 4],
+    gate: BorrowedFd<'_>,
+    flags: CloneFlags,
+) -> io::Result<Pid> {
     let raw = fds.map(|fd| fd.as_raw_fd());
+    let gate = gate.as_raw_fd();
+    let user_ns = flags.contains(CloneFlags::CLONE_NEWUSER);
     if raw.iter().any(|&fd| fd <= 2) {
         return Err(io::Error::other("container fds must be above 2"));
     }
@@ -29,6 +40,20 @@ pub fn spawn_container_init(fds: [BorrowedFd<'_>; 4], flags: CloneFlags) -> io::
     let mut stack = vec![0u8; CLONE_STACK_SIZE];
     let child = Box::new(move || -> isize {
         // Between clone and execve the child runs only async-signal-safe calls.
+        let mut byte = 0u8;
+        // SAFETY: read(2) of one byte into a live local from an fd this process owns.
+        if unsafe { libc::read(gate, (&mut byte as *mut u8).cast(), 1) } != 1 {
+            return 125;
+        }
+        if user_ns {
+            // Raw syscalls: glibc's wrappers would signal the parent's other threads.
+            for nr in [libc::SYS_setresgid, libc::SYS_setresuid] {
+                // SAFETY: setresgid/setresuid with ids, no memory involved.
+                if unsafe { libc::syscall(nr, 0, 0, 0) } != 0 {
+                    return 124;
+                }
+            }
+        }
         for (target, fd) in (0..).zip(raw) {
             // SAFETY: dup2/fcntl on fds this process owns; no memory is touched. dup2 onto
             // itself keeps close-on-exec, so that case clears the flag instead.
@@ -48,8 +73,9 @@ pub fn spawn_container_init(fds: [BorrowedFd<'_>; 4], flags: CloneFlags) -> io::
         127
     });
     // SAFETY: no CLONE_VM, so the child runs on its own copy of the address space and of
-    // `stack`; the callback above only calls dup2 and execve (async-signal-safe) before the
-    // exec replaces the image, so no lock held by another thread can be taken in the child.
+    // `stack`; the callback above only makes raw syscalls (read, setres[ug]id, dup2, fcntl,
+    // execve) before the exec replaces the image, so no lock held by another thread can be
+    // taken in the child.
     let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }?;
     Ok(pid)
 }

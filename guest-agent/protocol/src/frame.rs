@@ -163,7 +163,17 @@ mod tests {
             masked_paths: vec!["/proc/kcore".into()],
             readonly_paths: vec!["/proc/sys".into()],
             sysctl: [("net.ipv4.ip_forward".to_owned(), "1".to_owned())].into(),
-            namespaces: vec![crate::Namespace::Mount, crate::Namespace::Net],
+            namespaces: vec![crate::Namespace::Mount, crate::Namespace::User],
+            uid_mappings: vec![crate::IdMapping {
+                container_id: 0,
+                host_id: 1000,
+                size: 10,
+            }],
+            gid_mappings: vec![crate::IdMapping {
+                container_id: 0,
+                host_id: 1000,
+                size: 10,
+            }],
             resources: crate::Resources {
                 memory_max: Some(1 << 25),
                 cpu_quota_us: Some(50_000),

@@ -25,7 +25,9 @@ mod seccomp;
 pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRAME_LEN};
 #[cfg(feature = "tokio")]
 pub use frame::{read_message, write_message};
-pub use linux::{sysctl_namespace, Mount, MountFlag, MountKind, Namespace, SysctlNamespace};
+pub use linux::{
+    sysctl_namespace, IdMapping, Mount, MountFlag, MountKind, Namespace, SysctlNamespace,
+};
 pub use messages::{
     valid_serial, validate_id, ContainerSpec, ErrorKind, Request, Response, Rootfs, StdioStream,
     User, AGENT_PORT, PROTOCOL_VERSION,

@@ -100,6 +100,44 @@ pub enum Namespace {
     User,
 }
 
+/// One line of a user namespace's `uid_map` or `gid_map` (user_namespaces(7)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMapping {
+    /// First id inside the container.
+    pub container_id: u32,
+    /// First id in the guest it maps to.
+    pub host_id: u32,
+    /// How many ids; at least 1.
+    pub size: u32,
+}
+
+/// Most lines a `uid_map`/`gid_map` may have (user_namespaces(7), since Linux 4.15).
+const MAX_ID_MAPPINGS: usize = 340;
+
+/// Checks id mappings: present exactly when there is a user namespace, 1 to 340 lines, no
+/// empty or overflowing range.
+pub(crate) fn validate_id_mappings(
+    what: &str,
+    mappings: &[IdMapping],
+    user_ns: bool,
+) -> Result<(), String> {
+    match (user_ns, mappings.is_empty()) {
+        (true, true) => return Err(format!("a user namespace needs {what}")),
+        (false, false) => return Err(format!("{what} need a user namespace")),
+        _ => {}
+    }
+    if mappings.len() > MAX_ID_MAPPINGS {
+        return Err(format!("{what}: more than {MAX_ID_MAPPINGS} mappings"));
+    }
+    for m in mappings {
+        let fits = |start: u32| start.checked_add(m.size).is_some();
+        if m.size == 0 || !fits(m.container_id) || !fits(m.host_id) {
+            return Err(format!("{what}: invalid mapping {m:?}"));
+        }
+    }
+    Ok(())
+}
+
 /// Checks the namespace list: each at most once, and a mount namespace (the agent must not
 /// build the container's root in its own mount table).
 pub(crate) fn validate_namespaces(namespaces: &[Namespace]) -> Result<(), String> {

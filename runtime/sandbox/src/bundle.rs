@@ -114,6 +114,8 @@ impl Bundle {
             namespaces: linux.namespaces,
             resources: linux.resources,
             seccomp: linux.seccomp,
+            uid_mappings: linux.uid_mappings,
+            gid_mappings: linux.gid_mappings,
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
         Ok(Self { rootfs, spec })

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use husk_protocol::{Mount, MountFlag, MountKind, Namespace, Resources, Seccomp};
-use oci_spec::runtime::{Linux, Mount as OciMount, Spec};
+use husk_protocol::{IdMapping, Mount, MountFlag, MountKind, Namespace, Resources, Seccomp};
+use oci_spec::runtime::{Linux, LinuxIdMapping, Mount as OciMount, Spec};
 
 /// The agent's view of what this module converts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -24,6 +24,8 @@ pub(super) struct LinuxAttrs {
     pub namespaces: Vec<Namespace>,
     pub resources: Resources,
     pub seccomp: Option<Seccomp>,
+    pub uid_mappings: Vec<IdMapping>,
+    pub gid_mappings: Vec<IdMapping>,
 }
 
 /// Converts `mounts` and the supported `linux` fields; an unsupported one that is set is an
@@ -60,6 +62,8 @@ pub(super) fn attrs(spec: &Spec) -> Result<LinuxAttrs, String> {
             .as_ref()
             .map(super::seccomp::seccomp)
             .transpose()?,
+        uid_mappings: id_mappings(linux.uid_mappings()),
+        gid_mappings: id_mappings(linux.gid_mappings()),
     })
 }
 
@@ -168,8 +172,6 @@ fn refuse_unsupported(linux: &Linux) -> Result<(), String> {
         ("personality", linux.personality().is_some()),
         ("timeOffsets", linux.time_offsets().is_some()),
         ("netDevices", linux.net_devices().is_some()),
-        ("uidMappings", linux.uid_mappings().is_some()),
-        ("gidMappings", linux.gid_mappings().is_some()),
     ];
     match refused.into_iter().find(|(_, set)| *set) {
         Some((field, _)) => Err(format!("linux.{field} is not supported yet; remove it")),
@@ -196,11 +198,22 @@ fn namespaces(linux: &Linux) -> Result<Vec<Namespace>, String> {
             T::Uts => Namespace::Uts,
             T::Mount => Namespace::Mount,
             T::Cgroup => Namespace::Cgroup,
-            T::User => return Err("linux.namespaces: user namespaces are not supported yet".into()),
+            T::User => Namespace::User,
             T::Time => return Err("linux.namespaces: time namespaces are not supported".into()),
         });
     }
     Ok(out)
+}
+
+fn id_mappings(list: &Option<Vec<LinuxIdMapping>>) -> Vec<IdMapping> {
+    list.iter()
+        .flatten()
+        .map(|m| IdMapping {
+            container_id: m.container_id(),
+            host_id: m.host_id(),
+            size: m.size(),
+        })
+        .collect()
 }
 
 fn path_string(path: &Path) -> String {
