@@ -245,22 +245,67 @@ fn test_config_non_namespaced_sysctl_refused() {
 }
 
 #[test]
-fn test_config_bind_mount_refused() {
-    let Some(env) = Env::get("test_config_bind_mount_refused") else {
+fn test_config_bind_mounts_host_dir_written_and_file_read_only() {
+    let Some(env) = Env::get("test_config_bind_mounts_host_dir_written_and_file_read_only") else {
+        return;
+    };
+    let husk = env.husk();
+    let host = tempfile::tempdir().expect("host dir");
+    let data = host.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    std::fs::write(host.path().join("greeting"), "hello from the host\n").expect("write");
+    let script = "echo written-in-guest > /data/out.txt; cat /etc/greeting; \
+         echo x >> /etc/greeting || echo greeting-ro; grep -E ' /(data|etc/greeting) ' /proc/mounts";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        let mounts = c["mounts"].as_array_mut().expect("mounts");
+        mounts.push(json!({
+            "destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]
+        }));
+        mounts.push(json!({
+            "destination": "/etc/greeting", "type": "none",
+            "source": host.path().join("greeting"), "options": ["bind", "ro", "nosuid"]
+        }));
+    });
+    let out = run_expect(&husk, &bundle, "binds", 0);
+    let text = stdout(&out);
+    assert_eq!(
+        std::fs::read_to_string(data.join("out.txt")).expect("file written in the guest"),
+        "written-in-guest\n"
+    );
+    assert!(
+        text.starts_with("hello from the host\ngreeting-ro\n"),
+        "{text}"
+    );
+    let opts = |dest: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(dest))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(opts("/data").starts_with("rw"), "{text}");
+    assert!(opts("/etc/greeting").starts_with("ro,nosuid"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("greeting")).expect("read"),
+        "hello from the host\n"
+    );
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_bind_mount_missing_source_refused() {
+    let Some(env) = Env::get("test_config_bind_mount_missing_source_refused") else {
         return;
     };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["true"]);
     bundle.edit(|c| {
         c["mounts"].as_array_mut().expect("mounts").push(json!({
-            "destination": "/data", "type": "bind", "source": "/tmp", "options": ["rbind"]
+            "destination": "/data", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]
         }))
     });
-    assert_refused(
-        &husk,
-        &bundle,
-        "bind mounts of host paths are not supported yet",
-    );
+    assert_refused(&husk, &bundle, "bind mount /data: bind source /no/such/dir");
 }
 
 #[test]

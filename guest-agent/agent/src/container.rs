@@ -53,6 +53,14 @@ fn clone_flags(namespaces: &[Namespace]) -> CloneFlags {
     })
 }
 
+/// Where container `id`'s bind-mount shares are mounted, each in a directory named by its tag.
+pub fn shares_path(id: &str) -> PathBuf {
+    PathBuf::from(RUN_DIR)
+        .join("containers")
+        .join(id)
+        .join("shares")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Creating,
@@ -105,10 +113,10 @@ impl Containers {
         }
         let root = rootfs_path(&id);
         mount_rootfs(&spec.rootfs, spec.rootfs_readonly, &root).map_err(internal)?;
-        let cgroup = match Cgroup::create(&id, &spec.resources) {
+        let cgroup = match mount_shares(&spec).and_then(|()| Cgroup::create(&id, &spec.resources)) {
             Ok(cgroup) => cgroup,
             Err(e) => {
-                let _ = umount2(&root, MntFlags::MNT_DETACH);
+                unmount_all(&id);
                 return Err(internal(e));
             }
         };
@@ -118,7 +126,7 @@ impl Containers {
                 let _ = kill(c.pid, Signal::SIGKILL);
             }
             cgroup.remove().await;
-            let _ = umount2(&root, MntFlags::MNT_DETACH);
+            unmount_all(&id);
             return Err(e.clone());
         }
         result
@@ -247,7 +255,7 @@ impl Containers {
         }
         let oom_killed = cgroup.oom_killed();
         cgroup.remove().await;
-        let _ = umount2(&rootfs_path(id), MntFlags::MNT_DETACH);
+        unmount_all(id);
         Ok((code, oom_killed))
     }
 
@@ -354,6 +362,41 @@ fn mount_rootfs(rootfs: &Rootfs, readonly: bool, root: &Path) -> std::io::Result
             })
         }
     }
+}
+
+/// Mounts the virtio-fs share of every bind mount under [`shares_path`], each tag once.
+fn mount_shares(spec: &ContainerSpec) -> std::io::Result<()> {
+    let dir = shares_path(&spec.id);
+    let mut tags: Vec<&str> = spec
+        .mounts
+        .iter()
+        .filter_map(|m| m.source.as_ref().map(|s| s.tag.as_str()))
+        .collect();
+    tags.sort_unstable();
+    tags.dedup();
+    for tag in tags {
+        let target = dir.join(tag);
+        mkdir_p(&target)?;
+        mount(
+            Some(tag),
+            &target,
+            Some("virtiofs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| ctx(e, &format!("mount virtio-fs share {tag:?}")))?;
+    }
+    Ok(())
+}
+
+/// Detaches container `id`'s shares and rootfs from the agent's namespace.
+fn unmount_all(id: &str) {
+    if let Ok(entries) = std::fs::read_dir(shares_path(id)) {
+        for entry in entries.flatten() {
+            let _ = umount2(&entry.path(), MntFlags::MNT_DETACH);
+        }
+    }
+    let _ = umount2(&rootfs_path(id), MntFlags::MNT_DETACH);
 }
 
 /// The device node of the virtio-blk disk whose serial is `serial`.

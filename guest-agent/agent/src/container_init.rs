@@ -25,7 +25,7 @@ use nix::sys::stat::{umask, Mode};
 use nix::unistd::{chdir, execve, pivot_root, setgid, setgroups, sethostname, setuid, Gid, Uid};
 use seccompiler::BpfProgram;
 
-use crate::container::rootfs_path;
+use crate::container::{rootfs_path, shares_path};
 use crate::init::ctx;
 use crate::{mounts, privileges, seccomp, sys};
 
@@ -112,7 +112,7 @@ fn setup(spec: &ContainerSpec) -> io::Result<()> {
         None::<&str>,
     )
     .map_err(|e| ctx(e, "bind the rootfs onto itself"))?;
-    mounts::mount_all(&root, &spec.mounts)?;
+    mounts::mount_all(&root, &shares_path(&spec.id), &spec.mounts)?;
     enter_root(&root)?;
     if spec.rootfs_readonly {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;

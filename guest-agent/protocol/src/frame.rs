@@ -159,6 +159,7 @@ mod tests {
                 kind: crate::MountKind::Tmpfs,
                 flags: vec![crate::MountFlag::Nosuid],
                 data: vec!["mode=755".into()],
+                source: None,
             }],
             masked_paths: vec!["/proc/kcore".into()],
             readonly_paths: vec!["/proc/sys".into()],

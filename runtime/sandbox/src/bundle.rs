@@ -7,6 +7,7 @@
 //! husk cannot honour yet (`process.terminal = true`, `process.apparmorProfile`, ...) is an
 //! error, never silently ignored.
 
+mod binds;
 mod linux;
 mod process;
 mod resources;
@@ -16,6 +17,8 @@ use std::path::{Path, PathBuf};
 
 use husk_protocol::{ContainerSpec, Rootfs as AgentRootfs, User};
 use oci_spec::runtime::Spec;
+
+pub use binds::BindShare;
 
 use crate::SandboxError;
 
@@ -41,6 +44,8 @@ pub struct Bundle {
     pub rootfs: Rootfs,
     /// What the agent builds.
     pub spec: ContainerSpec,
+    /// Host directories bind mounts need, each shared with virtio-fs.
+    pub bind_shares: Vec<BindShare>,
 }
 
 impl Bundle {
@@ -88,7 +93,7 @@ impl Bundle {
         }
         let user = process.user();
         let attrs = process::attrs(process).map_err(|reason| invalid(&reason))?;
-        let linux = linux::attrs(&spec).map_err(|reason| invalid(&reason))?;
+        let linux = linux::attrs(&spec, dir).map_err(|reason| invalid(&reason))?;
         let spec = ContainerSpec {
             id: id.to_owned(),
             rootfs: agent_rootfs,
@@ -118,7 +123,11 @@ impl Bundle {
             gid_mappings: linux.gid_mappings,
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
-        Ok(Self { rootfs, spec })
+        Ok(Self {
+            rootfs,
+            spec,
+            bind_shares: linux.bind_shares,
+        })
     }
 }
 

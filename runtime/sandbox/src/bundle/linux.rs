@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::binds::{BindShare, BindShares};
 use husk_protocol::{IdMapping, Mount, MountFlag, MountKind, Namespace, Resources, Seccomp};
 use oci_spec::runtime::{Linux, LinuxIdMapping, Mount as OciMount, Spec};
 
@@ -26,17 +27,19 @@ pub(super) struct LinuxAttrs {
     pub seccomp: Option<Seccomp>,
     pub uid_mappings: Vec<IdMapping>,
     pub gid_mappings: Vec<IdMapping>,
+    pub bind_shares: Vec<BindShare>,
 }
 
 /// Converts `mounts` and the supported `linux` fields; an unsupported one that is set is an
 /// error.
-pub(super) fn attrs(spec: &Spec) -> Result<LinuxAttrs, String> {
+pub(super) fn attrs(spec: &Spec, bundle: &Path) -> Result<LinuxAttrs, String> {
     refuse_unsupported_top(spec)?;
+    let mut binds = BindShares::new(bundle);
     let mounts = spec
         .mounts()
         .iter()
         .flatten()
-        .map(mount)
+        .map(|m| mount(m, &mut binds))
         .collect::<Result<_, _>>()?;
     let Some(linux) = spec.linux() else {
         return Err("no linux section: husk needs at least linux.namespaces with mount".into());
@@ -64,23 +67,44 @@ pub(super) fn attrs(spec: &Spec) -> Result<LinuxAttrs, String> {
             .transpose()?,
         uid_mappings: id_mappings(linux.uid_mappings()),
         gid_mappings: id_mappings(linux.gid_mappings()),
+        bind_shares: binds.shares,
     })
 }
 
-fn mount(m: &OciMount) -> Result<Mount, String> {
+fn mount(m: &OciMount, binds: &mut BindShares) -> Result<Mount, String> {
     let destination = path_string(m.destination());
-    let options = m.options().clone().unwrap_or_default();
-    let is_bind =
-        m.typ().as_deref() == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind");
-    if is_bind {
-        return Err(format!(
-            "mount {destination}: bind mounts of host paths are not supported yet"
-        ));
-    }
+    let mut options = m.options().clone().unwrap_or_default();
     if m.uid_mappings().is_some() || m.gid_mappings().is_some() {
         return Err(format!(
             "mount {destination}: idmapped mounts are not supported"
         ));
+    }
+    let is_bind =
+        m.typ().as_deref() == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind");
+    if is_bind {
+        // A share has no submounts: bind and rbind are the same here.
+        options.retain(|o| o != "bind" && o != "rbind");
+        let (flags, data) =
+            mount_options(&options).map_err(|e| format!("mount {destination}: {e}"))?;
+        if let Some(option) = data.first() {
+            return Err(format!(
+                "bind mount {destination}: option {option:?} is not supported"
+            ));
+        }
+        let source = m
+            .source()
+            .as_deref()
+            .ok_or_else(|| format!("bind mount {destination}: no source"))?;
+        let source = binds
+            .source(source)
+            .map_err(|e| format!("bind mount {destination}: {e}"))?;
+        return Ok(Mount {
+            destination,
+            kind: MountKind::Bind,
+            flags,
+            data,
+            source: Some(source),
+        });
     }
     let kind = match m.typ().as_deref() {
         Some("proc") => MountKind::Proc,
@@ -101,6 +125,7 @@ fn mount(m: &OciMount) -> Result<Mount, String> {
         kind,
         flags,
         data,
+        source: None,
     })
 }
 
@@ -230,7 +255,7 @@ mod tests {
 
     #[test]
     fn test_attrs_default_spec_mounts_converted() {
-        let a = attrs(&Spec::default()).unwrap();
+        let a = attrs(&Spec::default(), Path::new("/")).unwrap();
         let dests: Vec<&str> = a.mounts.iter().map(|m| m.destination.as_str()).collect();
         assert_eq!(
             dests,
@@ -259,12 +284,22 @@ mod tests {
     }
 
     #[test]
-    fn test_mount_bind_and_unknown_type_rejected() {
+    fn test_mount_bind_missing_source_and_unknown_type_rejected() {
+        let mut binds = BindShares::new(Path::new("/"));
         let mut m = OciMount::default();
         m.set_destination("/data".into());
         m.set_typ(Some("bind".into()));
-        assert!(mount(&m).unwrap_err().contains("bind mounts"));
+        m.set_source(Some("/no/such/dir".into()));
+        assert!(mount(&m, &mut binds).unwrap_err().contains("/no/such/dir"));
+        m.set_source(Some("/tmp".into()));
+        m.set_options(Some(vec!["rbind".into(), "ro".into()]));
+        let bind = mount(&m, &mut binds).unwrap();
+        assert_eq!(
+            (bind.kind, bind.flags),
+            (MountKind::Bind, vec![MountFlag::Ro])
+        );
         m.set_typ(Some("overlay".into()));
-        assert!(mount(&m).unwrap_err().contains("not supported"));
+        m.set_options(None);
+        assert!(mount(&m, &mut binds).unwrap_err().contains("not supported"));
     }
 }
