@@ -3,9 +3,13 @@
 //! Supported for now (OCI runtime spec 1.2, config.md): `root.path` (a directory, shared with
 //! virtio-fs, or a raw ext4 disk image, attached as a virtio-blk disk), `root.readonly`,
 //! `hostname`, `process.{args, env, cwd, user.{uid, gid, additionalGids, umask}}`,
-//! `process.{rlimits, noNewPrivileges, oomScoreAdj, capabilities}` ([`process`]). A field
-//! husk cannot honour yet (`process.terminal = true`, `process.apparmorProfile`, ...) is an
-//! error, never silently ignored.
+//! `process.{rlimits, noNewPrivileges, oomScoreAdj, capabilities}` (`bundle::process`),
+//! `mounts` (kernel file systems, and bind mounts through extra virtio-fs shares:
+//! `bundle::binds`) and `linux.{namespaces, uid/gidMappings, maskedPaths, readonlyPaths,
+//! sysctl}` (`bundle::linux`), `linux.resources` (`bundle::resources`), `linux.seccomp`
+//! (`bundle::seccomp`). A field husk cannot honour yet (`process.terminal = true`,
+//! `process.apparmorProfile`, `linux.devices`, ...) is an error, never silently ignored;
+//! README.md lists every field and the few ignored ones.
 
 mod binds;
 mod linux;
