@@ -155,13 +155,7 @@ impl Containers {
         // Registered before the next await: the reaper cannot miss this child's exit.
         let exit = self.exits.watch(pid);
         drop((stdin_r, stdout_w, stderr_w, sync_child, gate_r));
-        // The child execs container-init once the gate opens: after its id maps are written.
-        let opened = write_id_maps(pid, spec).and_then(|()| {
-            nix::unistd::write(&gate_w, &[1])
-                .map(drop)
-                .map_err(|e| ctx(e, "open the exec gate"))
-        });
-        drop(gate_w);
+        let opened = open_gate(pid, spec, gate_w);
         let (open_outputs, _) = watch::channel(2usize);
         // Before container-init has its spec: it must not run anything outside its cgroup.
         let placed = cgroup.add(pid);
@@ -412,6 +406,14 @@ fn block_device(serial: &str) -> std::io::Result<PathBuf> {
         std::io::ErrorKind::NotFound,
         format!("no virtio-blk disk with serial {serial:?}"),
     ))
+}
+
+/// Lets the cloned child exec container-init, after writing its id maps.
+fn open_gate(pid: Pid, spec: &ContainerSpec, gate: OwnedFd) -> std::io::Result<()> {
+    write_id_maps(pid, spec)?;
+    nix::unistd::write(&gate, &[1])
+        .map(drop)
+        .map_err(|e| ctx(e, "open the exec gate"))
 }
 
 /// Writes `/proc/<pid>/{uid,gid}_map` for a container with a user namespace.

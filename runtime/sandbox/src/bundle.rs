@@ -69,32 +69,11 @@ impl Bundle {
             reason: reason.to_owned(),
         };
         let root = spec.root().as_ref().ok_or_else(|| invalid("no root"))?;
-        let rootfs = match root.path().is_absolute() {
-            true => root.path().clone(),
-            false => dir.join(root.path()),
-        };
-        let (rootfs, agent_rootfs) = if rootfs.is_dir() {
-            let tag = ROOTFS_TAG.to_owned();
-            (Rootfs::Dir(rootfs), AgentRootfs::VirtioFs { tag })
-        } else if rootfs.is_file() {
-            let serial = ROOTFS_SERIAL.to_owned();
-            (Rootfs::Image(rootfs), AgentRootfs::Block { serial })
-        } else {
-            return Err(SandboxError::MissingRootfs { path: rootfs });
-        };
+        let (rootfs, agent_rootfs) = resolve_rootfs(dir, root.path())?;
         let process = spec
             .process()
             .as_ref()
             .ok_or_else(|| invalid("no process"))?;
-        if process.terminal().unwrap_or(false) {
-            return Err(invalid(
-                "process.terminal=true is not supported yet; set it to false",
-            ));
-        }
-        let args = process.args().clone().unwrap_or_default();
-        if args.is_empty() {
-            return Err(invalid("process.args must not be empty"));
-        }
         let user = process.user();
         let attrs = process::attrs(process).map_err(|reason| invalid(&reason))?;
         let linux = linux::attrs(&spec, dir).map_err(|reason| invalid(&reason))?;
@@ -103,7 +82,7 @@ impl Bundle {
             rootfs: agent_rootfs,
             rootfs_readonly: root.readonly().unwrap_or(false),
             hostname: spec.hostname().clone(),
-            args,
+            args: attrs.args,
             env: process.env().clone().unwrap_or_default(),
             cwd: process.cwd().to_string_lossy().into_owned(),
             user: User {
@@ -132,6 +111,23 @@ impl Bundle {
             spec,
             bind_shares: linux.bind_shares,
         })
+    }
+}
+
+/// The rootfs at `path` (relative to the bundle `dir`): a directory or a disk image file.
+fn resolve_rootfs(dir: &Path, path: &Path) -> Result<(Rootfs, AgentRootfs), SandboxError> {
+    let rootfs = match path.is_absolute() {
+        true => path.to_owned(),
+        false => dir.join(path),
+    };
+    if rootfs.is_dir() {
+        let tag = ROOTFS_TAG.to_owned();
+        Ok((Rootfs::Dir(rootfs), AgentRootfs::VirtioFs { tag }))
+    } else if rootfs.is_file() {
+        let serial = ROOTFS_SERIAL.to_owned();
+        Ok((Rootfs::Image(rootfs), AgentRootfs::Block { serial }))
+    } else {
+        Err(SandboxError::MissingRootfs { path: rootfs })
     }
 }
 

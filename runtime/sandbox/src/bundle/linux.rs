@@ -84,27 +84,7 @@ fn mount(m: &OciMount, binds: &mut BindShares) -> Result<Mount, String> {
     if is_bind {
         // A share has no submounts: bind and rbind are the same here.
         options.retain(|o| o != "bind" && o != "rbind");
-        let (flags, data) =
-            mount_options(&options).map_err(|e| format!("mount {destination}: {e}"))?;
-        if let Some(option) = data.first() {
-            return Err(format!(
-                "bind mount {destination}: option {option:?} is not supported"
-            ));
-        }
-        let source = m
-            .source()
-            .as_deref()
-            .ok_or_else(|| format!("bind mount {destination}: no source"))?;
-        let source = binds
-            .source(source)
-            .map_err(|e| format!("bind mount {destination}: {e}"))?;
-        return Ok(Mount {
-            destination,
-            kind: MountKind::Bind,
-            flags,
-            data,
-            source: Some(source),
-        });
+        return bind_mount(destination, m.source().as_deref(), &options, binds);
     }
     let kind = match m.typ().as_deref() {
         Some("proc") => MountKind::Proc,
@@ -126,6 +106,31 @@ fn mount(m: &OciMount, binds: &mut BindShares) -> Result<Mount, String> {
         flags,
         data,
         source: None,
+    })
+}
+
+fn bind_mount(
+    destination: String,
+    source: Option<&Path>,
+    options: &[String],
+    binds: &mut BindShares,
+) -> Result<Mount, String> {
+    let (flags, data) = mount_options(options).map_err(|e| format!("mount {destination}: {e}"))?;
+    if let Some(option) = data.first() {
+        return Err(format!(
+            "bind mount {destination}: option {option:?} is not supported"
+        ));
+    }
+    let source = source.ok_or_else(|| format!("bind mount {destination}: no source"))?;
+    let source = binds
+        .source(source)
+        .map_err(|e| format!("bind mount {destination}: {e}"))?;
+    Ok(Mount {
+        destination,
+        kind: MountKind::Bind,
+        flags,
+        data,
+        source: Some(source),
     })
 }
 
