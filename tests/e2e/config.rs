@@ -245,22 +245,67 @@ fn test_config_non_namespaced_sysctl_refused() {
 }
 
 #[test]
-fn test_config_bind_mount_refused() {
-    let Some(env) = Env::get("test_config_bind_mount_refused") else {
+fn test_config_bind_mounts_host_dir_written_and_file_read_only() {
+    let Some(env) = Env::get("test_config_bind_mounts_host_dir_written_and_file_read_only") else {
+        return;
+    };
+    let husk = env.husk();
+    let host = tempfile::tempdir().expect("host dir");
+    let data = host.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    std::fs::write(host.path().join("greeting"), "hello from the host\n").expect("write");
+    let script = "echo written-in-guest > /data/out.txt; cat /etc/greeting; \
+         echo x >> /etc/greeting || echo greeting-ro; grep -E ' /(data|etc/greeting) ' /proc/mounts";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        let mounts = c["mounts"].as_array_mut().expect("mounts");
+        mounts.push(json!({
+            "destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]
+        }));
+        mounts.push(json!({
+            "destination": "/etc/greeting", "type": "none",
+            "source": host.path().join("greeting"), "options": ["bind", "ro", "nosuid"]
+        }));
+    });
+    let out = run_expect(&husk, &bundle, "binds", 0);
+    let text = stdout(&out);
+    assert_eq!(
+        std::fs::read_to_string(data.join("out.txt")).expect("file written in the guest"),
+        "written-in-guest\n"
+    );
+    assert!(
+        text.starts_with("hello from the host\ngreeting-ro\n"),
+        "{text}"
+    );
+    let opts = |dest: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(dest))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(opts("/data").starts_with("rw"), "{text}");
+    assert!(opts("/etc/greeting").starts_with("ro,nosuid"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("greeting")).expect("read"),
+        "hello from the host\n"
+    );
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_bind_mount_missing_source_refused() {
+    let Some(env) = Env::get("test_config_bind_mount_missing_source_refused") else {
         return;
     };
     let husk = env.husk();
     let bundle = TestBundle::busybox(&husk, &["true"]);
     bundle.edit(|c| {
         c["mounts"].as_array_mut().expect("mounts").push(json!({
-            "destination": "/data", "type": "bind", "source": "/tmp", "options": ["rbind"]
+            "destination": "/data", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]
         }))
     });
-    assert_refused(
-        &husk,
-        &bundle,
-        "bind mounts of host paths are not supported yet",
-    );
+    assert_refused(&husk, &bundle, "bind mount /data: bind source /no/such/dir");
 }
 
 #[test]
@@ -343,4 +388,279 @@ fn test_config_exit_137_without_oom_not_reported_as_oom() {
     let out = run_expect(&husk, &bundle, "nooom", 137);
     assert!(!stderr(&out).contains("OOM"), "{}", stderr(&out));
     husk.assert_clean();
+}
+
+#[test]
+fn test_config_seccomp_errno_rule_mkdir_operation_not_permitted() {
+    let Some(env) = Env::get("test_config_seccomp_errno_rule_mkdir_operation_not_permitted") else {
+        return;
+    };
+    let husk = env.husk();
+    // The default rootfs is read-only (EROFS): EPERM can only come from the filter.
+    let script = "mkdir /tmp/x; echo mkdir=$?; touch /dev/shm/y && echo touch-ok; \
+         grep -E '^(NoNewPrivs|Seccomp|Seccomp_filters):' /proc/self/status";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        // Without no_new_privs the filter goes in while CAP_SYS_ADMIN is still held.
+        c["process"]["noNewPrivileges"] = false.into();
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "syscalls": [
+                {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+                {"names": ["no_such_syscall"], "action": "SCMP_ACT_KILL"},
+            ]
+        })
+    });
+    let out = run_expect(&husk, &bundle, "seccomp", 0);
+    let text = stdout(&out);
+    assert!(
+        stderr(&out).contains("mkdir: can't create directory '/tmp/x': Operation not permitted"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        text.contains("mkdir=1\n") && text.contains("touch-ok\n"),
+        "{text}{}",
+        stderr(&out)
+    );
+    assert_eq!(status_field(&text, "NoNewPrivs"), Some("0"), "{text}");
+    // Mode 2 (filter); an errno filter only: the unknown name was skipped, as by runc.
+    assert_eq!(status_field(&text, "Seccomp"), Some("2"), "{text}");
+    assert_eq!(status_field(&text, "Seccomp_filters"), Some("1"), "{text}");
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_seccomp_default_errno_allow_list_and_arg_condition() {
+    let Some(env) = Env::get("test_config_seccomp_default_errno_allow_list_and_arg_condition")
+    else {
+        return;
+    };
+    let husk = env.husk();
+    // Default: ENOSYS (38) for everything not listed: mkdir is not. uname is allowed; kill
+    // only with signal (argument 1) 0 and personality only with the query 0xffffffff.
+    let script =
+        "uname -s; kill -0 $$ && echo kill0-ok; kill -TERM 99999 || echo kill-term-refused; \
+         mkdir /dev/shm/d || echo mkdir-refused";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        let allowed = json!([
+            "read",
+            "write",
+            "writev",
+            "open",
+            "openat",
+            "close",
+            "fstat",
+            "newfstatat",
+            "stat",
+            "lseek",
+            "mmap",
+            "munmap",
+            "mprotect",
+            "brk",
+            "rt_sigaction",
+            "rt_sigprocmask",
+            "rt_sigreturn",
+            "ioctl",
+            "access",
+            "pipe",
+            "pipe2",
+            "dup2",
+            "dup3",
+            "fcntl",
+            "getpid",
+            "getppid",
+            "getuid",
+            "geteuid",
+            "getgid",
+            "getegid",
+            "wait4",
+            "exit",
+            "exit_group",
+            "execve",
+            "clone",
+            "clone3",
+            "fork",
+            "vfork",
+            "uname",
+            "arch_prctl",
+            "set_tid_address",
+            "set_robust_list",
+            "rseq",
+            "prlimit64",
+            "getrandom",
+            "readlink",
+            "getcwd",
+            "chdir",
+            "sysinfo",
+            "futex",
+            "getdents64",
+            "statx",
+            "sigaltstack"
+        ]);
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "defaultErrnoRet": 38,
+            "syscalls": [
+                {"names": allowed, "action": "SCMP_ACT_ALLOW"},
+                {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+                 "args": [{"index": 0, "value": 4294967295u64, "op": "SCMP_CMP_EQ"}]},
+                {"names": ["kill"], "action": "SCMP_ACT_ALLOW",
+                 "args": [{"index": 1, "value": 0, "op": "SCMP_CMP_EQ"}]},
+            ]
+        })
+    });
+    let out = run_expect(&husk, &bundle, "seccompdefault", 0);
+    let text = stdout(&out);
+    assert_eq!(
+        text,
+        "Linux\nkill0-ok\nkill-term-refused\nmkdir-refused\n",
+        "{}",
+        stderr(&out)
+    );
+    // ENOSYS from the filter, not ESRCH from the kernel, for the signal the rule leaves out.
+    let err = stderr(&out);
+    assert!(
+        err.contains("can't kill pid 99999: Function not implemented"),
+        "{err}"
+    );
+    assert!(
+        err.contains("can't create directory '/dev/shm/d': Function not implemented"),
+        "{err}"
+    );
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_seccomp_notify_refused() {
+    let Some(env) = Env::get("test_config_seccomp_notify_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    bundle.edit(|c| {
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]
+        })
+    });
+    assert_refused(&husk, &bundle, "SCMP_ACT_NOTIFY is not supported");
+}
+
+/// config.json `linux.namespaces` of the default spec without `kind`.
+fn drop_namespace(bundle: &TestBundle, kind: &str) {
+    bundle.edit(|c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .retain(|ns| ns["type"] != kind)
+    });
+}
+
+#[test]
+fn test_config_user_namespace_ids_mapped() {
+    let Some(env) = Env::get("test_config_user_namespace_ids_mapped") else {
+        return;
+    };
+    let husk = env.husk();
+    // The rootfs belongs to guest uid 0, which the mapping leaves out: inside it shows as the
+    // overflow id 65534, while the container's root is guest uid 100000.
+    let script = "echo uid=$(id -u) gid=$(id -g); cat /proc/self/uid_map /proc/self/gid_map; \
+         stat -c owner=%u /bin/busybox; hostname; \
+         grep -E '^CapEff:' /proc/self/status; echo > /dev/null && echo devnull-ok";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .push(json!({"type": "user"}));
+        c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        c["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 200000, "size": 65536}]);
+        c["hostname"] = "userns".into();
+    });
+    let out = run_expect(&husk, &bundle, "userns", 0);
+    let text = stdout(&out);
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.first(), Some(&vec!["uid=0", "gid=0"]), "{text}");
+    assert_eq!(lines.get(1), Some(&vec!["0", "100000", "65536"]), "{text}");
+    assert_eq!(lines.get(2), Some(&vec!["0", "200000", "65536"]), "{text}");
+    assert_eq!(lines.get(3), Some(&vec!["owner=65534"]), "{text}");
+    assert_eq!(lines.get(4), Some(&vec!["userns"]), "{text}");
+    assert_eq!(
+        status_field(&text, "CapEff"),
+        Some("0000000020000420"),
+        "{text}"
+    );
+    assert!(text.contains("devnull-ok"), "{text}");
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_without_pid_and_net_namespaces_sees_guest() {
+    let Some(env) = Env::get("test_config_without_pid_and_net_namespaces_sees_guest") else {
+        return;
+    };
+    let husk = env.husk();
+    let script = "echo pid=$$; cat /proc/1/comm; ls /sys/class/net";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    drop_namespace(&bundle, "pid");
+    drop_namespace(&bundle, "network");
+    let out = run_expect(&husk, &bundle, "hostns", 0);
+    let text = stdout(&out);
+    // Without its own pid namespace the container sees the agent as PID 1.
+    assert!(!text.starts_with("pid=1\n"), "{text}");
+    assert!(text.lines().nth(1).is_some_and(|l| l != "sh"), "{text}");
+    assert!(text.lines().any(|l| l == "lo"), "{text}");
+    husk.assert_clean();
+}
+
+#[test]
+fn test_config_namespace_path_refused() {
+    let Some(env) = Env::get("test_config_namespace_path_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    bundle.edit(|c| c["linux"]["namespaces"][0]["path"] = "/proc/1/ns/pid".into());
+    assert_refused(
+        &husk,
+        &bundle,
+        "joining the pid namespace at /proc/1/ns/pid is not supported",
+    );
+}
+
+#[test]
+fn test_config_without_mount_namespace_refused() {
+    let Some(env) = Env::get("test_config_without_mount_namespace_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    drop_namespace(&bundle, "mount");
+    assert_refused(
+        &husk,
+        &bundle,
+        "linux.namespaces must include a mount namespace",
+    );
+}
+
+#[test]
+fn test_config_unknown_namespace_type_refused() {
+    let Some(env) = Env::get("test_config_unknown_namespace_type_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    bundle.edit(|c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .push(json!({"type": "bogus"}))
+    });
+    assert_refused(&husk, &bundle, "config.json");
 }

@@ -54,6 +54,14 @@ fn clone_flags(namespaces: &[Namespace]) -> CloneFlags {
     })
 }
 
+/// Where container `id`'s bind-mount shares are mounted, each in a directory named by its tag.
+pub fn shares_path(id: &str) -> PathBuf {
+    PathBuf::from(RUN_DIR)
+        .join("containers")
+        .join(id)
+        .join("shares")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Creating,
@@ -109,10 +117,10 @@ impl Containers {
         }
         let root = rootfs_path(&id);
         mount_rootfs(&spec.rootfs, spec.rootfs_readonly, &root).map_err(internal)?;
-        let cgroup = match Cgroup::create(&id, &spec.resources) {
+        let cgroup = match mount_shares(&spec).and_then(|()| Cgroup::create(&id, &spec.resources)) {
             Ok(cgroup) => cgroup,
             Err(e) => {
-                let _ = umount2(&root, MntFlags::MNT_DETACH);
+                unmount_all(&id);
                 return Err(internal(e));
             }
         };
@@ -122,7 +130,7 @@ impl Containers {
                 let _ = kill(c.pid, Signal::SIGKILL);
             }
             cgroup.remove().await;
-            let _ = umount2(&root, MntFlags::MNT_DETACH);
+            unmount_all(&id);
             return Err(e.clone());
         }
         result
@@ -144,9 +152,11 @@ impl Containers {
             child_err.as_fd(),
             sync_child.as_fd(),
         ];
+        let (gate_r, gate_w) = pipe_pair().map_err(internal)?;
         let pid = sys::spawn_self(
             crate::container_init::ARG_C,
             fds,
+            gate_r.as_fd(),
             clone_flags(&spec.namespaces),
         )
         .map_err(|e| internal(format!("clone: {e}")))?;
@@ -159,7 +169,8 @@ impl Containers {
             stderr,
             pty,
         } = stdio;
-        drop((child, sync_child));
+        drop((child, sync_child, gate_r));
+        let opened = open_gate(pid, spec, gate_w);
         let outputs = if spec.terminal { 1 } else { 2 };
         let (open_outputs, _) = watch::channel(outputs);
         // Before container-init has its spec: it must not run anything outside its cgroup.
@@ -179,7 +190,7 @@ impl Containers {
                 open_outputs: Arc::new(open_outputs),
             },
         );
-        placed.map_err(internal)?;
+        placed.and(opened).map_err(internal)?;
         let std_sync = std::os::unix::net::UnixStream::from(sync_parent);
         std_sync.set_nonblocking(true).map_err(internal)?;
         let mut sync = UnixStream::from_std(std_sync).map_err(internal)?;
@@ -265,7 +276,7 @@ impl Containers {
         }
         let oom_killed = cgroup.oom_killed();
         cgroup.remove().await;
-        let _ = umount2(&rootfs_path(id), MntFlags::MNT_DETACH);
+        unmount_all(id);
         Ok((code, oom_killed))
     }
 
@@ -560,6 +571,41 @@ fn mount_rootfs(rootfs: &Rootfs, readonly: bool, root: &Path) -> std::io::Result
     }
 }
 
+/// Mounts the virtio-fs share of every bind mount under [`shares_path`], each tag once.
+fn mount_shares(spec: &ContainerSpec) -> std::io::Result<()> {
+    let dir = shares_path(&spec.id);
+    let mut tags: Vec<&str> = spec
+        .mounts
+        .iter()
+        .filter_map(|m| m.source.as_ref().map(|s| s.tag.as_str()))
+        .collect();
+    tags.sort_unstable();
+    tags.dedup();
+    for tag in tags {
+        let target = dir.join(tag);
+        mkdir_p(&target)?;
+        mount(
+            Some(tag),
+            &target,
+            Some("virtiofs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| ctx(e, &format!("mount virtio-fs share {tag:?}")))?;
+    }
+    Ok(())
+}
+
+/// Detaches container `id`'s shares and rootfs from the agent's namespace.
+fn unmount_all(id: &str) {
+    if let Ok(entries) = std::fs::read_dir(shares_path(id)) {
+        for entry in entries.flatten() {
+            let _ = umount2(&entry.path(), MntFlags::MNT_DETACH);
+        }
+    }
+    let _ = umount2(&rootfs_path(id), MntFlags::MNT_DETACH);
+}
+
 /// The device node of the virtio-blk disk whose serial is `serial`.
 fn block_device(serial: &str) -> std::io::Result<PathBuf> {
     for entry in std::fs::read_dir("/sys/block")? {
@@ -634,6 +680,34 @@ pub(crate) fn set_winsize(pty: &OwnedFd, rows: u16, cols: u16) -> Result<(), Fai
         ws_ypixel: 0,
     };
     rustix::termios::tcsetwinsize(pty, size).map_err(|e| internal(format!("set window size: {e}")))
+}
+
+/// Lets the cloned child exec container-init, after writing its id maps.
+fn open_gate(pid: Pid, spec: &ContainerSpec, gate: OwnedFd) -> std::io::Result<()> {
+    write_id_maps(pid, spec)?;
+    nix::unistd::write(&gate, &[1])
+        .map(drop)
+        .map_err(|e| ctx(e, "open the exec gate"))
+}
+
+/// Writes `/proc/<pid>/{uid,gid}_map` for a container with a user namespace.
+fn write_id_maps(pid: Pid, spec: &ContainerSpec) -> std::io::Result<()> {
+    if !spec.namespaces.contains(&Namespace::User) {
+        return Ok(());
+    }
+    for (file, mappings) in [
+        ("uid_map", &spec.uid_mappings),
+        ("gid_map", &spec.gid_mappings),
+    ] {
+        let lines: String = mappings
+            .iter()
+            .map(|m| format!("{} {} {}\n", m.container_id, m.host_id, m.size))
+            .collect();
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, lines)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("write {path}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// A close-on-exec pipe: (read end, write end).

@@ -23,10 +23,11 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{chdir, execve, pivot_root, setgid, setgroups, sethostname, setuid, Gid, Uid};
+use seccompiler::BpfProgram;
 
-use crate::container::rootfs_path;
+use crate::container::{rootfs_path, shares_path};
 use crate::init::ctx;
-use crate::{mounts, privileges, sys};
+use crate::{mounts, privileges, seccomp, sys};
 
 /// The argument that selects this mode.
 pub const ARG: &str = "container-init";
@@ -50,9 +51,18 @@ pub fn main() -> ExitCode {
     let setup = fcntl(&sync, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
         .map_err(|e| ctx(e, "close-on-exec sync socket"))
         .and_then(|_| setup(&spec));
-    let reply = match setup {
-        Ok(()) => Response::Ok,
-        Err(e) => error(ErrorKind::Internal, format!("container setup: {e}")),
+    // Compiled now so that a profile the agent cannot build fails `create`, not `start`.
+    let filters = match &spec.seccomp {
+        Some(profile) => seccomp::compile(profile),
+        None => Ok(Vec::new()),
+    };
+    let (reply, filters) = match (setup, filters) {
+        (Ok(()), Ok(filters)) => (Response::Ok, filters),
+        (Err(e), _) => (
+            error(ErrorKind::Internal, format!("container setup: {e}")),
+            Vec::new(),
+        ),
+        (Ok(()), Err(e)) => (error(ErrorKind::InvalidRequest, e), Vec::new()),
     };
     let failed = reply != Response::Ok;
     if write_frame(&mut sync, &reply).is_err() || failed {
@@ -68,7 +78,7 @@ pub fn main() -> ExitCode {
     if !matches!(sync.read(&mut start), Ok(1)) {
         return ExitCode::FAILURE;
     }
-    let e = exec(&spec);
+    let e = exec(&spec, &filters);
     let _ = write_frame(&mut sync, &error(ErrorKind::ExecFailed, e));
     ExitCode::from(EXIT_EXEC_FAILED)
 }
@@ -98,7 +108,17 @@ fn setup(spec: &ContainerSpec) -> io::Result<()> {
         mounts::write_sysctl(key, value)?;
     }
     let root = rootfs_path(&spec.id);
-    mounts::mount_all(&root, &spec.mounts)?;
+    // A mount made in this namespace, unlike the copied ones, which a user namespace locks
+    // (pivot_root refuses a locked new root), as runc does.
+    mount(
+        Some(&root),
+        &root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| ctx(e, "bind the rootfs onto itself"))?;
+    mounts::mount_all(&root, &shares_path(&spec.id), &spec.mounts)?;
     enter_root(&root)?;
     if spec.rootfs_readonly {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
@@ -143,7 +163,9 @@ pub(crate) fn use_terminal(sync: &UnixStream) -> io::Result<()> {
 }
 
 /// Becomes the user and execs the process; returns only the reason it failed.
-fn exec(spec: &ContainerSpec) -> String {
+/// Without `no_new_privs` the seccomp filters go in first, while CAP_SYS_ADMIN is still held
+/// (so they also cover the privilege changes); with it, last, right before execve (as runc).
+fn exec(spec: &ContainerSpec, filters: &[BpfProgram]) -> String {
     if spec.terminal {
         // A session of its own, with the terminal (stdin) as its controlling terminal.
         if let Err(e) = nix::unistd::setsid()
@@ -153,6 +175,11 @@ fn exec(spec: &ContainerSpec) -> String {
             })
         {
             return format!("controlling terminal: {e}");
+        }
+    }
+    if !spec.no_new_privileges {
+        if let Err(e) = install(filters) {
+            return e;
         }
     }
     if let Err(e) = privileges::before_user(spec) {
@@ -180,10 +207,22 @@ fn exec(spec: &ContainerSpec) -> String {
     else {
         return "args or env contain a NUL byte".to_owned();
     };
+    if spec.no_new_privileges {
+        if let Err(e) = install(filters) {
+            return e;
+        }
+    }
     match execve(&path, &args, &env) {
         Err(e) => format!("exec {program:?}: {}", e.desc()),
         Ok(never) => match never {},
     }
+}
+
+fn install(filters: &[BpfProgram]) -> Result<(), String> {
+    for program in filters {
+        sys::install_seccomp(program).map_err(|e| format!("install seccomp filter: {e}"))?;
+    }
+    Ok(())
 }
 
 pub(crate) fn set_user(user: &User) -> nix::Result<()> {

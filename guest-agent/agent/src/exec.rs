@@ -88,8 +88,17 @@ impl Execs {
             child_err.as_fd(),
             sync_child.as_fd(),
         ];
-        let helper = sys::spawn_self(crate::exec_init::ARG_C, fds, CloneFlags::empty())
-            .map_err(|e| internal(format!("clone: {e}")))?;
+        let (gate_r, gate_w) = crate::container::pipe_pair().map_err(internal)?;
+        let helper = sys::spawn_self(
+            crate::exec_init::ARG_C,
+            fds,
+            gate_r.as_fd(),
+            CloneFlags::empty(),
+        )
+        .map_err(|e| internal(format!("clone: {e}")))?;
+        // No namespace of its own to prepare: let it run at once.
+        nix::unistd::write(&gate_w, &[1]).map_err(|e| internal(ctx(e, "open the exec gate")))?;
+        drop((gate_r, gate_w));
         // Registered before the next await: the reaper cannot miss the helper's exit.
         let exit = containers.exits().watch(helper);
         let StdioFds {

@@ -16,8 +16,10 @@ mod init;
 mod mounts;
 mod privileges;
 mod reaper;
+mod seccomp;
 mod server;
 mod sys;
+mod syscalls;
 
 use std::process::ExitCode;
 

@@ -6,7 +6,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use husk_protocol::{Mount, MountFlag};
+use husk_protocol::{BindSource, Mount, MountFlag, MountKind};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::sys::statvfs::{statvfs, FsFlags};
@@ -31,9 +31,14 @@ const DEV_LINKS: [(&str, &str); 5] = [
 ];
 
 /// Mounts `mounts` in order under `root`; a tmpfs on `/dev` gets the default device nodes
-/// and links right away, before anything is mounted below it.
-pub fn mount_all(root: &Path, mounts: &[Mount]) -> io::Result<()> {
+/// and links right away, before anything is mounted below it. Bind sources are under
+/// `shares` (the agent mounted each virtio-fs share there, named by its tag).
+pub fn mount_all(root: &Path, shares: &Path, mounts: &[Mount]) -> io::Result<()> {
     for m in mounts {
+        if let (MountKind::Bind, Some(source)) = (m.kind, &m.source) {
+            bind(root, shares, m, source)?;
+            continue;
+        }
         let target = prepare_target(root, &m.destination)?;
         let fstype = m.kind.fstype();
         let data = m.data.join(",");
@@ -51,6 +56,55 @@ pub fn mount_all(root: &Path, mounts: &[Mount]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Binds a file or directory of a share onto `m.destination`, then applies its flags with a
+/// remount (a bind mount ignores them on creation).
+fn bind(root: &Path, shares: &Path, m: &Mount, source: &BindSource) -> io::Result<()> {
+    let mut from = shares.join(&source.tag);
+    let target = match &source.file {
+        Some(file) => {
+            from.push(file);
+            let (parent, name) = m
+                .destination
+                .trim_end_matches('/')
+                .rsplit_once('/')
+                .unwrap_or(("", &m.destination));
+            let target = prepare_target(root, parent)?.join(name);
+            match std::fs::symlink_metadata(&target) {
+                Ok(meta) if meta.is_file() => {}
+                Ok(_) => {
+                    return Err(io::Error::other(format!(
+                        "bind mount {}: the destination in the rootfs is not a regular file",
+                        m.destination
+                    )))
+                }
+                Err(_) => drop(std::fs::File::create(&target)?),
+            }
+            target
+        }
+        None => prepare_target(root, &m.destination)?,
+    };
+    let what = format!("bind {} on {}", from.display(), m.destination);
+    mount(
+        Some(&from),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| ctx(e, &what))?;
+    let flags = ms_flags(&m.flags);
+    if flags.is_empty() {
+        return Ok(());
+    }
+    let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
+    mount(None::<&str>, &target, None::<&str>, remount, None::<&str>).map_err(|e| {
+        ctx(
+            e,
+            &format!("remount bind mount {} with its options", m.destination),
+        )
+    })
 }
 
 /// `root` + `destination`, creating missing directories; a symlink or a non-directory on the
@@ -98,16 +152,36 @@ fn ms_flags(flags: &[MountFlag]) -> MsFlags {
     })
 }
 
+/// Creates the default device nodes; in a user namespace, where mknod is not allowed, binds
+/// the guest's own nodes (still visible under /dev before `pivot_root`) instead, as runc.
 fn populate_dev(dev: &Path) -> io::Result<()> {
     let rw = Mode::from_bits_truncate(0o666);
     for (name, major, minor) in DEV_NODES {
-        mknod(&dev.join(name), SFlag::S_IFCHR, rw, makedev(major, minor))
-            .map_err(|e| ctx(e, &format!("mknod /dev/{name}")))?;
+        let node = dev.join(name);
+        match mknod(&node, SFlag::S_IFCHR, rw, makedev(major, minor)) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EPERM) => bind_device(name, &node)?,
+            Err(e) => return Err(ctx(e, &format!("mknod /dev/{name}"))),
+        }
     }
     for (name, target) in DEV_LINKS {
         std::os::unix::fs::symlink(target, dev.join(name))?;
     }
     Ok(())
+}
+
+fn bind_device(name: &str, node: &Path) -> io::Result<()> {
+    std::fs::File::create(node)
+        .map_err(|e| io::Error::new(e.kind(), format!("create /dev/{name}: {e}")))?;
+    let source = Path::new("/dev").join(name);
+    mount(
+        Some(&source),
+        node,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| ctx(e, &format!("bind /dev/{name}")))
 }
 
 /// Writes `value` to the sysctl `key` through the caller's /proc/sys: the net, IPC and UTS

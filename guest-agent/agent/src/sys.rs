@@ -1,4 +1,5 @@
-//! The agent's only unsafe code: the two kernel calls nix has no safe form for.
+//! The agent's only unsafe code: the kernel calls nix has no safe form for (clone with a
+//! callback, the loopback ioctls, seccomp(2) with a filter).
 
 use std::ffi::{c_char, c_short, CStr};
 use std::io;
@@ -17,12 +18,20 @@ const CLONE_STACK_SIZE: usize = 64 * 1024;
 /// namespaces `flags` asks for, with `fds[i]` as its fd `i` (stdin, stdout, stderr, sync
 /// socket). The fds must be above 2 (the agent's own stdio is open), so that no dup2
 /// overwrites a source still to be duplicated.
+///
+/// The child waits for one byte on `gate` (a close-on-exec pipe's read end) before it execs:
+/// in a new user namespace the parent writes the id maps first, then the child becomes the
+/// namespace's root (uid and gid 0 inside) so that the exec keeps its capabilities there (an
+/// unmapped uid would lose them all).
 pub fn spawn_self(
     mode: &'static CStr,
     fds: [BorrowedFd<'_>; 4],
+    gate: BorrowedFd<'_>,
     flags: CloneFlags,
 ) -> io::Result<Pid> {
     let raw = fds.map(|fd| fd.as_raw_fd());
+    let gate = gate.as_raw_fd();
+    let user_ns = flags.contains(CloneFlags::CLONE_NEWUSER);
     if raw.iter().any(|&fd| fd <= 2) {
         return Err(io::Error::other("container fds must be above 2"));
     }
@@ -32,6 +41,20 @@ pub fn spawn_self(
     let mut stack = vec![0u8; CLONE_STACK_SIZE];
     let child = Box::new(move || -> isize {
         // Between clone and execve the child runs only async-signal-safe calls.
+        let mut byte = 0u8;
+        // SAFETY: read(2) of one byte into a live local from an fd this process owns.
+        if unsafe { libc::read(gate, (&mut byte as *mut u8).cast(), 1) } != 1 {
+            return 125;
+        }
+        if user_ns {
+            // Raw syscalls: glibc's wrappers would signal the parent's other threads.
+            for nr in [libc::SYS_setresgid, libc::SYS_setresuid] {
+                // SAFETY: setresgid/setresuid with ids, no memory involved.
+                if unsafe { libc::syscall(nr, 0, 0, 0) } != 0 {
+                    return 124;
+                }
+            }
+        }
         for (target, fd) in (0..).zip(raw) {
             // SAFETY: dup2/fcntl on fds this process owns; no memory is touched. dup2 onto
             // itself keeps close-on-exec, so that case clears the flag instead.
@@ -51,8 +74,9 @@ pub fn spawn_self(
         127
     });
     // SAFETY: no CLONE_VM, so the child runs on its own copy of the address space and of
-    // `stack`; the callback above only calls dup2 and execve (async-signal-safe) before the
-    // exec replaces the image, so no lock held by another thread can be taken in the child.
+    // `stack`; the callback above only makes raw syscalls (read, setres[ug]id, dup2, fcntl,
+    // execve) before the exec replaces the image, so no lock held by another thread can be
+    // taken in the child.
     let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }?;
     Ok(pid)
 }
@@ -165,4 +189,40 @@ pub fn inherited_sync_fd() -> std::os::fd::OwnedFd {
     // `spawn_container_init`; nothing else in this process refers to it, so taking ownership
     // once, at startup, is sound.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(3) }
+}
+
+/// Installs a seccomp BPF program on the calling thread (seccomp(2)
+/// `SECCOMP_SET_MODE_FILTER`, no flags). The kernel requires `no_new_privs` or
+/// CAP_SYS_ADMIN; unlike seccompiler's `apply_filter`, this never sets `no_new_privs` itself
+/// (the spec decides).
+pub fn install_seccomp(program: &[seccompiler::sock_filter]) -> io::Result<()> {
+    let mut filter: Vec<libc::sock_filter> = program
+        .iter()
+        .map(|f| libc::sock_filter {
+            code: f.code,
+            jt: f.jt,
+            jf: f.jf,
+            k: f.k,
+        })
+        .collect();
+    let len = u16::try_from(filter.len())
+        .map_err(|_| io::Error::other("seccomp program longer than 65535 instructions"))?;
+    let prog = libc::sock_fprog {
+        len,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: `prog` points at `len` valid instructions in `filter`, both alive for the call;
+    // the kernel copies the program and keeps no pointer into our memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
 }

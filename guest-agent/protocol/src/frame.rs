@@ -159,17 +159,44 @@ mod tests {
                 kind: crate::MountKind::Tmpfs,
                 flags: vec![crate::MountFlag::Nosuid],
                 data: vec!["mode=755".into()],
+                source: None,
             }],
             masked_paths: vec!["/proc/kcore".into()],
             readonly_paths: vec!["/proc/sys".into()],
             sysctl: [("net.ipv4.ip_forward".to_owned(), "1".to_owned())].into(),
-            namespaces: vec![crate::Namespace::Mount, crate::Namespace::Net],
+            namespaces: vec![crate::Namespace::Mount, crate::Namespace::User],
+            uid_mappings: vec![crate::IdMapping {
+                container_id: 0,
+                host_id: 1000,
+                size: 10,
+            }],
+            gid_mappings: vec![crate::IdMapping {
+                container_id: 0,
+                host_id: 1000,
+                size: 10,
+            }],
             resources: crate::Resources {
                 memory_max: Some(1 << 25),
                 cpu_quota_us: Some(50_000),
                 ..Default::default()
             },
             terminal: false,
+            seccomp: Some(crate::Seccomp {
+                default_action: crate::SeccompAction::Allow,
+                default_errno: None,
+                architectures: vec!["SCMP_ARCH_X86_64".into()],
+                syscalls: vec![crate::SyscallRule {
+                    names: vec!["mkdir".into()],
+                    action: crate::SeccompAction::Errno,
+                    errno: Some(1),
+                    args: vec![crate::SyscallArg {
+                        index: 1,
+                        value: 0o700,
+                        value_two: 0,
+                        op: crate::ArgOp::Eq,
+                    }],
+                }],
+            }),
         };
         vec![
             Request::Hello { version: 1 },

@@ -20,14 +20,19 @@ mod linux;
 mod messages;
 mod process;
 mod resources;
+mod seccomp;
 
 pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRAME_LEN};
 #[cfg(feature = "tokio")]
 pub use frame::{read_message, write_message};
-pub use linux::{sysctl_namespace, Mount, MountFlag, MountKind, Namespace, SysctlNamespace};
+pub use linux::{
+    sysctl_namespace, BindSource, IdMapping, Mount, MountFlag, MountKind, Namespace,
+    SysctlNamespace,
+};
 pub use messages::{
     valid_serial, validate_id, ContainerSpec, ErrorKind, ExecInit, ProcessInfo, ProcessSpec,
     Request, Response, Rootfs, Stats, StdioStream, User, AGENT_PORT, PROTOCOL_VERSION,
 };
 pub use process::{Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE, RLIMIT_NAMES};
 pub use resources::{cpu_shares_to_weight, Resources, DEFAULT_CPU_PERIOD_US};
+pub use seccomp::{ArgOp, Seccomp, SeccompAction, SyscallArg, SyscallRule, DEFAULT_SECCOMP_ERRNO};

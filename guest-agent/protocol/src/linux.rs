@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// A kernel file system mounted into the container (bind mounts are not supported yet).
+/// A kernel file system, or a bind mount of a host path shared with virtio-fs, mounted into
+/// the container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mount {
     /// Absolute path inside the container.
@@ -17,9 +18,40 @@ pub struct Mount {
     #[serde(default)]
     pub flags: Vec<MountFlag>,
     /// File-system-specific options (`size=65536k`, `mode=755`, `newinstance`, ...), joined
-    /// with `,` for mount(2).
+    /// with `,` for mount(2); none for a bind mount.
     #[serde(default)]
     pub data: Vec<String>,
+    /// What a [`MountKind::Bind`] mount binds; `None` for every other kind.
+    #[serde(default)]
+    pub source: Option<BindSource>,
+}
+
+/// The source of a bind mount: a host directory shared with virtio-fs (one share per
+/// directory), or one file in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindSource {
+    /// virtio-fs tag of the share: 1 to 36 bytes of `[A-Za-z0-9_-]`.
+    pub tag: String,
+    /// A file name in the shared directory to bind instead of the directory itself.
+    #[serde(default)]
+    pub file: Option<String>,
+}
+
+impl BindSource {
+    fn validate(&self) -> Result<(), String> {
+        let tag_ok = (1..=36).contains(&self.tag.len())
+            && self
+                .tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+        let file_ok = self.file.as_deref().is_none_or(|f| {
+            !f.is_empty() && f.len() <= 255 && f != "." && f != ".." && !f.contains(['/', '\0'])
+        });
+        match tag_ok && file_ok {
+            true => Ok(()),
+            false => Err(format!("invalid bind source {self:?}")),
+        }
+    }
 }
 
 /// File systems a container may mount.
@@ -38,6 +70,8 @@ pub enum MountKind {
     Mqueue,
     /// The cgroup v2 hierarchy (config.json's `cgroup` type too: the guest is cgroup v2 only).
     Cgroup2,
+    /// A bind mount of [`Mount::source`].
+    Bind,
 }
 
 impl MountKind {
@@ -50,6 +84,7 @@ impl MountKind {
             Self::Devpts => "devpts",
             Self::Mqueue => "mqueue",
             Self::Cgroup2 => "cgroup2",
+            Self::Bind => "bind",
         }
     }
 }
@@ -100,6 +135,44 @@ pub enum Namespace {
     User,
 }
 
+/// One line of a user namespace's `uid_map` or `gid_map` (user_namespaces(7)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMapping {
+    /// First id inside the container.
+    pub container_id: u32,
+    /// First id in the guest it maps to.
+    pub host_id: u32,
+    /// How many ids; at least 1.
+    pub size: u32,
+}
+
+/// Most lines a `uid_map`/`gid_map` may have (user_namespaces(7), since Linux 4.15).
+const MAX_ID_MAPPINGS: usize = 340;
+
+/// Checks id mappings: present exactly when there is a user namespace, 1 to 340 lines, no
+/// empty or overflowing range.
+pub(crate) fn validate_id_mappings(
+    what: &str,
+    mappings: &[IdMapping],
+    user_ns: bool,
+) -> Result<(), String> {
+    match (user_ns, mappings.is_empty()) {
+        (true, true) => return Err(format!("a user namespace needs {what}")),
+        (false, false) => return Err(format!("{what} need a user namespace")),
+        _ => {}
+    }
+    if mappings.len() > MAX_ID_MAPPINGS {
+        return Err(format!("{what}: more than {MAX_ID_MAPPINGS} mappings"));
+    }
+    for m in mappings {
+        let fits = |start: u32| start.checked_add(m.size).is_some();
+        if m.size == 0 || !fits(m.container_id) || !fits(m.host_id) {
+            return Err(format!("{what}: invalid mapping {m:?}"));
+        }
+    }
+    Ok(())
+}
+
 /// Checks the namespace list: each at most once, and a mount namespace (the agent must not
 /// build the container's root in its own mount table).
 pub(crate) fn validate_namespaces(namespaces: &[Namespace]) -> Result<(), String> {
@@ -138,6 +211,22 @@ impl Mount {
         validate_container_path("mount destination", &self.destination)?;
         if self.destination.trim_end_matches('/').is_empty() {
             return Err("a mount cannot replace the root directory".into());
+        }
+        match (&self.kind, &self.source) {
+            (MountKind::Bind, Some(source)) if self.data.is_empty() => source.validate()?,
+            (MountKind::Bind, _) => {
+                return Err(format!(
+                    "bind mount {}: needs a source and no options",
+                    self.destination
+                ))
+            }
+            (_, Some(_)) => {
+                return Err(format!(
+                    "mount {}: only a bind mount has a source",
+                    self.destination
+                ))
+            }
+            (_, None) => {}
         }
         let bad = self
             .data
@@ -239,6 +328,7 @@ mod tests {
             kind: MountKind::Tmpfs,
             flags: vec![MountFlag::Nosuid],
             data: vec!["size=1m".into()],
+            source: None,
         };
         assert!(m.validate().is_ok());
         m.data.push("mode=1,uid=0".into());
@@ -246,6 +336,34 @@ mod tests {
         m.data.clear();
         m.destination = "/".into();
         assert!(m.validate().is_err());
+    }
+
+    #[test]
+    fn test_mount_validate_bind_source_checked() {
+        let mut m = Mount {
+            destination: "/data".into(),
+            kind: MountKind::Bind,
+            flags: vec![MountFlag::Ro],
+            data: vec![],
+            source: Some(BindSource {
+                tag: "bind0".into(),
+                file: Some("greeting".into()),
+            }),
+        };
+        assert!(m.validate().is_ok());
+        for (tag, file) in [
+            ("bind0", Some("../etc")),
+            ("bind0", Some("a/b")),
+            ("", None),
+        ] {
+            m.source = Some(BindSource {
+                tag: tag.into(),
+                file: file.map(Into::into),
+            });
+            assert!(m.validate().is_err(), "{tag:?} {file:?}");
+        }
+        m.source = None;
+        assert!(m.validate().is_err(), "bind without a source");
     }
 
     #[test]

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::linux::{
-    validate_container_path, validate_namespaces, validate_sysctls, Mount, Namespace,
-    SysctlNamespace,
+    validate_container_path, validate_id_mappings, validate_namespaces, validate_sysctls,
+    IdMapping, Mount, Namespace, SysctlNamespace,
 };
 use crate::process::{validate_rlimits, Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE};
 use crate::resources::Resources;
+use crate::seccomp::Seccomp;
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
 pub const PROTOCOL_VERSION: u32 = 3;
@@ -262,6 +263,12 @@ pub struct ContainerSpec {
     /// Namespaces the container gets its own of (version 3).
     #[serde(default)]
     pub namespaces: Vec<Namespace>,
+    /// uid_map of the user namespace (only with [`Namespace::User`]; version 3).
+    #[serde(default)]
+    pub uid_mappings: Vec<IdMapping>,
+    /// gid_map of the user namespace (only with [`Namespace::User`]; version 3).
+    #[serde(default)]
+    pub gid_mappings: Vec<IdMapping>,
     /// cgroup v2 limits of the container's cgroup (version 3).
     #[serde(default)]
     pub resources: Resources,
@@ -269,6 +276,9 @@ pub struct ContainerSpec {
     /// terminal); its stdout stream carries the terminal's output, there is no stderr stream.
     #[serde(default)]
     pub terminal: bool,
+    /// seccomp profile installed right before exec (version 3).
+    #[serde(default)]
+    pub seccomp: Option<Seccomp>,
 }
 
 /// Where a container's root filesystem comes from.
@@ -427,7 +437,13 @@ impl ContainerSpec {
             validate_container_path("read-only path", path)?;
         }
         validate_namespaces(&self.namespaces)?;
+        let user_ns = self.namespaces.contains(&Namespace::User);
+        validate_id_mappings("uidMappings", &self.uid_mappings, user_ns)?;
+        validate_id_mappings("gidMappings", &self.gid_mappings, user_ns)?;
         self.resources.validate()?;
+        if let Some(seccomp) = &self.seccomp {
+            seccomp.validate()?;
+        }
         validate_sysctls(&self.sysctl, |ns| {
             self.namespaces.contains(&match ns {
                 SysctlNamespace::Net => Namespace::Net,
@@ -511,9 +527,35 @@ mod tests {
             readonly_paths: Vec::new(),
             sysctl: BTreeMap::new(),
             namespaces: vec![Namespace::Mount, Namespace::Uts],
+            uid_mappings: Vec::new(),
+            gid_mappings: Vec::new(),
             resources: Resources::default(),
             terminal: false,
+            seccomp: None,
         }
+    }
+
+    #[test]
+    fn test_spec_validate_namespaces_and_mappings_checked() {
+        let mut s = spec();
+        s.namespaces.retain(|ns| *ns != Namespace::Mount);
+        assert!(s.validate().is_err(), "no mount namespace");
+        let mut s = spec();
+        s.namespaces.push(Namespace::User);
+        assert!(s.validate().is_err(), "user namespace without mappings");
+        let map = IdMapping {
+            container_id: 0,
+            host_id: 1000,
+            size: 1000,
+        };
+        s.uid_mappings = vec![map];
+        s.gid_mappings = vec![map];
+        assert!(s.validate().is_ok());
+        s.gid_mappings[0].size = u32::MAX;
+        assert!(s.validate().is_err(), "overflowing mapping");
+        let mut s = spec();
+        s.namespaces.retain(|ns| *ns != Namespace::Uts);
+        assert!(s.validate().is_err(), "hostname without uts namespace");
     }
 
     #[test]

@@ -3,19 +3,27 @@
 //! Supported for now (OCI runtime spec 1.2, config.md): `root.path` (a directory, shared with
 //! virtio-fs, or a raw ext4 disk image, attached as a virtio-blk disk), `root.readonly`,
 //! `hostname`, `process.{args, env, cwd, user.{uid, gid, additionalGids, umask}}`,
-//! `process.{rlimits, noNewPrivileges, oomScoreAdj, capabilities}` ([`process`]). A field
-//! husk cannot honour yet (`process.terminal = true`, `process.apparmorProfile`, ...) is an
-//! error, never silently ignored.
+//! `process.{rlimits, noNewPrivileges, oomScoreAdj, capabilities}` (`bundle::process`),
+//! `mounts` (kernel file systems, and bind mounts through extra virtio-fs shares:
+//! `bundle::binds`) and `linux.{namespaces, uid/gidMappings, maskedPaths, readonlyPaths,
+//! sysctl}` (`bundle::linux`), `linux.resources` (`bundle::resources`), `linux.seccomp`
+//! (`bundle::seccomp`). A field husk cannot honour yet (`process.terminal = true`,
+//! `process.apparmorProfile`, `linux.devices`, ...) is an error, never silently ignored;
+//! README.md lists every field and the few ignored ones.
 
+mod binds;
 mod linux;
 mod process;
 mod resources;
+mod seccomp;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use husk_protocol::{ContainerSpec, ProcessSpec, Rootfs as AgentRootfs, User};
 use oci_spec::runtime::Spec;
+
+pub use binds::BindShare;
 
 use crate::SandboxError;
 
@@ -106,6 +114,8 @@ pub struct Bundle {
     pub annotations: BTreeMap<String, String>,
     /// What the agent builds.
     pub spec: ContainerSpec,
+    /// Host directories bind mounts need, each shared with virtio-fs.
+    pub bind_shares: Vec<BindShare>,
 }
 
 impl Bundle {
@@ -129,28 +139,12 @@ impl Bundle {
             reason: reason.to_owned(),
         };
         let root = spec.root().as_ref().ok_or_else(|| invalid("no root"))?;
-        let rootfs = match root.path().is_absolute() {
-            true => root.path().clone(),
-            false => dir.join(root.path()),
-        };
-        let (rootfs, agent_rootfs) = if rootfs.is_dir() {
-            let tag = ROOTFS_TAG.to_owned();
-            (Rootfs::Dir(rootfs), AgentRootfs::VirtioFs { tag })
-        } else if rootfs.is_file() {
-            let serial = ROOTFS_SERIAL.to_owned();
-            (Rootfs::Image(rootfs), AgentRootfs::Block { serial })
-        } else {
-            return Err(SandboxError::MissingRootfs { path: rootfs });
-        };
+        let (rootfs, agent_rootfs) = resolve_rootfs(dir, root.path())?;
         let process = spec
             .process()
             .as_ref()
             .ok_or_else(|| invalid("no process"))?;
         let terminal = process.terminal().unwrap_or(false);
-        let args = process.args().clone().unwrap_or_default();
-        if args.is_empty() {
-            return Err(invalid("process.args must not be empty"));
-        }
         let hooks =
             crate::hooks::Hooks::from_spec(spec.hooks().as_ref()).map_err(|e| invalid(&e))?;
         let annotations = spec
@@ -161,13 +155,13 @@ impl Bundle {
             .collect();
         let user = process.user();
         let attrs = process::attrs(process).map_err(|reason| invalid(&reason))?;
-        let linux = linux::attrs(&spec).map_err(|reason| invalid(&reason))?;
+        let linux = linux::attrs(&spec, dir).map_err(|reason| invalid(&reason))?;
         let spec = ContainerSpec {
             id: id.to_owned(),
             rootfs: agent_rootfs,
             rootfs_readonly: root.readonly().unwrap_or(false),
             hostname: spec.hostname().clone(),
-            args,
+            args: attrs.args,
             env: process.env().clone().unwrap_or_default(),
             cwd: process.cwd().to_string_lossy().into_owned(),
             user: User {
@@ -186,6 +180,9 @@ impl Bundle {
             sysctl: linux.sysctl,
             namespaces: linux.namespaces,
             resources: linux.resources,
+            seccomp: linux.seccomp,
+            uid_mappings: linux.uid_mappings,
+            gid_mappings: linux.gid_mappings,
             terminal,
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
@@ -197,7 +194,25 @@ impl Bundle {
             rootfs,
             annotations,
             spec,
+            bind_shares: linux.bind_shares,
         })
+    }
+}
+
+/// The rootfs at `path` (relative to the bundle `dir`): a directory or a disk image file.
+fn resolve_rootfs(dir: &Path, path: &Path) -> Result<(Rootfs, AgentRootfs), SandboxError> {
+    let rootfs = match path.is_absolute() {
+        true => path.to_owned(),
+        false => dir.join(path),
+    };
+    if rootfs.is_dir() {
+        let tag = ROOTFS_TAG.to_owned();
+        Ok((Rootfs::Dir(rootfs), AgentRootfs::VirtioFs { tag }))
+    } else if rootfs.is_file() {
+        let serial = ROOTFS_SERIAL.to_owned();
+        Ok((Rootfs::Image(rootfs), AgentRootfs::Block { serial }))
+    } else {
+        Err(SandboxError::MissingRootfs { path: rootfs })
     }
 }
 

@@ -252,7 +252,13 @@ fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
                 host_dir: dir.clone(),
             }],
             Rootfs::Image(_) => Vec::new(),
-        },
+        }
+        .into_iter()
+        .chain(bundle.bind_shares.iter().map(|b| FsShare {
+            tag: b.tag.clone(),
+            host_dir: b.dir.clone(),
+        }))
+        .collect(),
         disks: match &bundle.rootfs {
             Rootfs::Image(path) => vec![Disk {
                 serial: ROOTFS_SERIAL.to_owned(),

@@ -11,8 +11,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use husk_protocol::{Mount, MountFlag, MountKind, Namespace, Resources};
-use oci_spec::runtime::{Linux, Mount as OciMount, Spec};
+use super::binds::{BindShare, BindShares};
+use husk_protocol::{IdMapping, Mount, MountFlag, MountKind, Namespace, Resources, Seccomp};
+use oci_spec::runtime::{Linux, LinuxIdMapping, Mount as OciMount, Spec};
 
 /// The agent's view of what this module converts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -23,17 +24,22 @@ pub(super) struct LinuxAttrs {
     pub sysctl: BTreeMap<String, String>,
     pub namespaces: Vec<Namespace>,
     pub resources: Resources,
+    pub seccomp: Option<Seccomp>,
+    pub uid_mappings: Vec<IdMapping>,
+    pub gid_mappings: Vec<IdMapping>,
+    pub bind_shares: Vec<BindShare>,
 }
 
 /// Converts `mounts` and the supported `linux` fields; an unsupported one that is set is an
 /// error.
-pub(super) fn attrs(spec: &Spec) -> Result<LinuxAttrs, String> {
+pub(super) fn attrs(spec: &Spec, bundle: &Path) -> Result<LinuxAttrs, String> {
     refuse_unsupported_top(spec)?;
+    let mut binds = BindShares::new(bundle);
     let mounts = spec
         .mounts()
         .iter()
         .flatten()
-        .map(mount)
+        .map(|m| mount(m, &mut binds))
         .collect::<Result<_, _>>()?;
     let Some(linux) = spec.linux() else {
         return Err("no linux section: husk needs at least linux.namespaces with mount".into());
@@ -54,23 +60,31 @@ pub(super) fn attrs(spec: &Spec) -> Result<LinuxAttrs, String> {
             Some(r) => super::resources::resources(r)?,
             None => Resources::default(),
         },
+        seccomp: linux
+            .seccomp()
+            .as_ref()
+            .map(super::seccomp::seccomp)
+            .transpose()?,
+        uid_mappings: id_mappings(linux.uid_mappings()),
+        gid_mappings: id_mappings(linux.gid_mappings()),
+        bind_shares: binds.shares,
     })
 }
 
-fn mount(m: &OciMount) -> Result<Mount, String> {
+fn mount(m: &OciMount, binds: &mut BindShares) -> Result<Mount, String> {
     let destination = path_string(m.destination());
-    let options = m.options().clone().unwrap_or_default();
-    let is_bind =
-        m.typ().as_deref() == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind");
-    if is_bind {
-        return Err(format!(
-            "mount {destination}: bind mounts of host paths are not supported yet"
-        ));
-    }
+    let mut options = m.options().clone().unwrap_or_default();
     if m.uid_mappings().is_some() || m.gid_mappings().is_some() {
         return Err(format!(
             "mount {destination}: idmapped mounts are not supported"
         ));
+    }
+    let is_bind =
+        m.typ().as_deref() == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind");
+    if is_bind {
+        // A share has no submounts: bind and rbind are the same here.
+        options.retain(|o| o != "bind" && o != "rbind");
+        return bind_mount(destination, m.source().as_deref(), &options, binds);
     }
     let kind = match m.typ().as_deref() {
         Some("proc") => MountKind::Proc,
@@ -91,6 +105,32 @@ fn mount(m: &OciMount) -> Result<Mount, String> {
         kind,
         flags,
         data,
+        source: None,
+    })
+}
+
+fn bind_mount(
+    destination: String,
+    source: Option<&Path>,
+    options: &[String],
+    binds: &mut BindShares,
+) -> Result<Mount, String> {
+    let (flags, data) = mount_options(options).map_err(|e| format!("mount {destination}: {e}"))?;
+    if let Some(option) = data.first() {
+        return Err(format!(
+            "bind mount {destination}: option {option:?} is not supported"
+        ));
+    }
+    let source = source.ok_or_else(|| format!("bind mount {destination}: no source"))?;
+    let source = binds
+        .source(source)
+        .map_err(|e| format!("bind mount {destination}: {e}"))?;
+    Ok(Mount {
+        destination,
+        kind: MountKind::Bind,
+        flags,
+        data,
+        source: Some(source),
     })
 }
 
@@ -159,9 +199,6 @@ fn refuse_unsupported(linux: &Linux) -> Result<(), String> {
         ("personality", linux.personality().is_some()),
         ("timeOffsets", linux.time_offsets().is_some()),
         ("netDevices", linux.net_devices().is_some()),
-        ("seccomp", linux.seccomp().is_some()),
-        ("uidMappings", linux.uid_mappings().is_some()),
-        ("gidMappings", linux.gid_mappings().is_some()),
     ];
     match refused.into_iter().find(|(_, set)| *set) {
         Some((field, _)) => Err(format!("linux.{field} is not supported yet; remove it")),
@@ -188,11 +225,22 @@ fn namespaces(linux: &Linux) -> Result<Vec<Namespace>, String> {
             T::Uts => Namespace::Uts,
             T::Mount => Namespace::Mount,
             T::Cgroup => Namespace::Cgroup,
-            T::User => return Err("linux.namespaces: user namespaces are not supported yet".into()),
+            T::User => Namespace::User,
             T::Time => return Err("linux.namespaces: time namespaces are not supported".into()),
         });
     }
     Ok(out)
+}
+
+fn id_mappings(list: &Option<Vec<LinuxIdMapping>>) -> Vec<IdMapping> {
+    list.iter()
+        .flatten()
+        .map(|m| IdMapping {
+            container_id: m.container_id(),
+            host_id: m.host_id(),
+            size: m.size(),
+        })
+        .collect()
 }
 
 fn path_string(path: &Path) -> String {
@@ -209,7 +257,7 @@ mod tests {
 
     #[test]
     fn test_attrs_default_spec_mounts_converted() {
-        let a = attrs(&Spec::default()).unwrap();
+        let a = attrs(&Spec::default(), Path::new("/")).unwrap();
         let dests: Vec<&str> = a.mounts.iter().map(|m| m.destination.as_str()).collect();
         assert_eq!(
             dests,
@@ -238,12 +286,22 @@ mod tests {
     }
 
     #[test]
-    fn test_mount_bind_and_unknown_type_rejected() {
+    fn test_mount_bind_missing_source_and_unknown_type_rejected() {
+        let mut binds = BindShares::new(Path::new("/"));
         let mut m = OciMount::default();
         m.set_destination("/data".into());
         m.set_typ(Some("bind".into()));
-        assert!(mount(&m).unwrap_err().contains("bind mounts"));
+        m.set_source(Some("/no/such/dir".into()));
+        assert!(mount(&m, &mut binds).unwrap_err().contains("/no/such/dir"));
+        m.set_source(Some("/tmp".into()));
+        m.set_options(Some(vec!["rbind".into(), "ro".into()]));
+        let bind = mount(&m, &mut binds).unwrap();
+        assert_eq!(
+            (bind.kind, bind.flags),
+            (MountKind::Bind, vec![MountFlag::Ro])
+        );
         m.set_typ(Some("overlay".into()));
-        assert!(mount(&m).unwrap_err().contains("not supported"));
+        m.set_options(None);
+        assert!(mount(&m, &mut binds).unwrap_err().contains("not supported"));
     }
 }

@@ -1,6 +1,6 @@
-//! config.json `process` beyond argv and credentials: `rlimits`, `noNewPrivileges`,
-//! `oomScoreAdj` and `capabilities` (OCI runtime spec 1.2, config.md), and the process fields
-//! husk refuses because the guest cannot honour them.
+//! config.json `process` beyond env, cwd and credentials: `args` (never empty), `rlimits`,
+//! `noNewPrivileges`, `oomScoreAdj` and `capabilities` (OCI runtime spec 1.2, config.md), and
+//! the process fields husk refuses because the guest cannot honour them.
 
 use husk_protocol::{Capabilities, Rlimit};
 use oci_spec::runtime::{Capabilities as OciCapabilities, LinuxCapabilities, Process};
@@ -8,6 +8,7 @@ use oci_spec::runtime::{Capabilities as OciCapabilities, LinuxCapabilities, Proc
 /// The agent's view of the process attributes this module converts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct ProcessAttrs {
+    pub args: Vec<String>,
     pub rlimits: Vec<Rlimit>,
     pub no_new_privileges: bool,
     pub oom_score_adj: Option<i32>,
@@ -16,6 +17,10 @@ pub(super) struct ProcessAttrs {
 
 /// Converts the supported attributes; an unsupported one that is set is an error.
 pub(super) fn attrs(process: &Process) -> Result<ProcessAttrs, String> {
+    let args = process.args().clone().unwrap_or_default();
+    if args.is_empty() {
+        return Err("process.args must not be empty".into());
+    }
     refuse_unsupported(process)?;
     let rlimits = process
         .rlimits()
@@ -28,6 +33,7 @@ pub(super) fn attrs(process: &Process) -> Result<ProcessAttrs, String> {
         })
         .collect();
     Ok(ProcessAttrs {
+        args,
         rlimits,
         no_new_privileges: process.no_new_privileges().unwrap_or(false),
         oom_score_adj: process.oom_score_adj(),
