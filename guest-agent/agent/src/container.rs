@@ -370,16 +370,7 @@ impl Containers {
     /// Sends `signal` to the container's first process, or with `all` to every process in
     /// its pid namespace.
     pub fn signal(&self, id: &str, signal: i32, all: bool) -> Result<(), Failure> {
-        // 0 only checks that the process exists (kill(2)).
-        let sig = match signal {
-            0 => None,
-            n => Some(Signal::try_from(n).map_err(|_| {
-                (
-                    ErrorKind::InvalidRequest,
-                    format!("invalid signal {signal}"),
-                )
-            })?),
-        };
+        let sig = parse_signal(signal)?;
         let pid = self.lock().get(id).ok_or_else(|| not_found(id))?.pid;
         let mut pids = vec![pid];
         if all {
@@ -619,6 +610,19 @@ fn block_device(serial: &str) -> std::io::Result<PathBuf> {
         std::io::ErrorKind::NotFound,
         format!("no virtio-blk disk with serial {serial:?}"),
     ))
+}
+
+/// A signal number from the host: 0 (`None`) only checks that the process exists (kill(2)).
+pub(crate) fn parse_signal(signal: i32) -> Result<Option<Signal>, Failure> {
+    match signal {
+        0 => Ok(None),
+        n => Signal::try_from(n).map(Some).map_err(|_| {
+            (
+                ErrorKind::InvalidRequest,
+                format!("invalid signal {signal}"),
+            )
+        }),
+    }
 }
 
 /// What /proc says of `pid`; `None` when it is gone.

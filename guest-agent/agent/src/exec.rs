@@ -14,7 +14,7 @@ use husk_protocol::{
 };
 use nix::errno::Errno;
 use nix::sched::CloneFlags;
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::kill;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
 use tokio::net::UnixStream;
@@ -226,15 +226,7 @@ impl Execs {
 
     /// Sends `signal` (0: only check) to the exec process.
     pub fn signal(&self, id: &str, exec_id: &str, signal: i32) -> Result<(), Failure> {
-        let sig = match signal {
-            0 => None,
-            n => Some(Signal::try_from(n).map_err(|_| {
-                (
-                    ErrorKind::InvalidRequest,
-                    format!("invalid signal {signal}"),
-                )
-            })?),
-        };
+        let sig = crate::container::parse_signal(signal)?;
         let pid = self
             .lock()
             .get(&(id.to_owned(), exec_id.to_owned()))

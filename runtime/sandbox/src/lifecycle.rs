@@ -171,13 +171,7 @@ pub async fn start(root: &Path, id: &str) -> Result<(), SandboxError> {
 pub async fn kill(root: &Path, id: &str, signal: i32, all: bool) -> Result<(), SandboxError> {
     let dir = container_dir(root, id)?;
     let _lock = CommandLock::take(&dir)?;
-    let record = Record::read(&dir)?.current(&dir);
-    if !matches!(
-        record.oci.status,
-        Status::Created | Status::Running | Status::Paused
-    ) {
-        return invalid("container not running");
-    }
+    require_live(&dir)?;
     let mut agent = agent(&dir).await?;
     agent.signal_all(id, signal, all).await
 }
@@ -337,13 +331,7 @@ pub async fn update(
         .map_err(|e| SandboxError::InvalidState(format!("invalid resources: {e}")))?;
     let dir = container_dir(root, id)?;
     let _lock = CommandLock::take(&dir)?;
-    let record = Record::read(&dir)?.current(&dir);
-    if !matches!(
-        record.oci.status,
-        Status::Created | Status::Running | Status::Paused
-    ) {
-        return invalid("container not running");
-    }
+    require_live(&dir)?;
     agent(&dir).await?.update(id, resources).await
 }
 
@@ -428,6 +416,15 @@ fn remove(dir: &PathBuf) -> Result<(), SandboxError> {
 
 async fn agent(dir: &Path) -> Result<AgentClient, SandboxError> {
     AgentClient::connect(&dir.join(VSOCK_SOCKET), Instant::now() + AGENT_TIMEOUT).await
+}
+
+/// Fails unless the container in `dir` is created, running or paused (its VM is up).
+fn require_live(dir: &Path) -> Result<(), SandboxError> {
+    let record = Record::read(dir)?.current(dir);
+    match record.oci.status {
+        Status::Created | Status::Running | Status::Paused => Ok(()),
+        _ => invalid("container not running"),
+    }
 }
 
 fn invalid<T>(message: &str) -> Result<T, SandboxError> {

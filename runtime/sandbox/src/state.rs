@@ -111,14 +111,7 @@ impl Record {
         let path = dir.join(STATE_FILE);
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SandboxError::NotFound {
-                    id: dir
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found(dir)),
             Err(source) => return Err(SandboxError::StateDir { path, source }),
         };
         serde_json::from_slice(&bytes).map_err(|e| SandboxError::StateDir {
@@ -172,24 +165,7 @@ impl CommandLock {
     /// [`SandboxError::NotFound`] when the directory is gone, [`SandboxError::StateDir`]
     /// otherwise.
     pub fn take(dir: &Path) -> Result<Self, SandboxError> {
-        let path = dir.join(COMMAND_LOCK);
-        let file = match File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-        {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SandboxError::NotFound {
-                    id: dir
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                })
-            }
-            Err(source) => return Err(SandboxError::StateDir { path, source }),
-        };
+        let (file, path) = open_lock(dir)?;
         Flock::lock(file, FlockArg::LockExclusive)
             .map(Self)
             .map_err(|(_, errno)| SandboxError::StateDir {
@@ -208,16 +184,7 @@ impl CommandLock {
         dir: &Path,
         patience: std::time::Duration,
     ) -> Result<Option<Self>, SandboxError> {
-        let path = dir.join(COMMAND_LOCK);
-        let mut file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| SandboxError::StateDir {
-                path: path.clone(),
-                source,
-            })?;
+        let (mut file, _) = open_lock(dir)?;
         let deadline = std::time::Instant::now() + patience;
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -229,6 +196,31 @@ impl CommandLock {
                 Err(_) => return Ok(None),
             }
         }
+    }
+}
+
+/// `<dir>`'s command lock file, made on first use.
+fn open_lock(dir: &Path) -> Result<(File, PathBuf), SandboxError> {
+    let path = dir.join(COMMAND_LOCK);
+    match File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+    {
+        Ok(file) => Ok((file, path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(not_found(dir)),
+        Err(source) => Err(SandboxError::StateDir { path, source }),
+    }
+}
+
+/// No container: `dir`'s name is its id.
+fn not_found(dir: &Path) -> SandboxError {
+    SandboxError::NotFound {
+        id: dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
     }
 }
 
