@@ -759,45 +759,44 @@ fn test_exec_tty_console_socket_working_pty_and_exit_code() {
     let dir = tempfile::tempdir().expect("sockets");
     // runc hands an exec terminal over differently (it returns at once); husk keeps the
     // process attached and exits with its code, as `exec -t` without a console socket.
-    for rt in [Runtime::Husk(&husk)] {
-        let out = rt.create(bundle.path(), "et", &dir.path().join(rt.name()));
-        assert!(out.status.success(), "{}: {}", rt.name(), stderr(&out));
-        assert!(rt.run(&["start", "et"]).status.success());
-        let socket = dir.path().join(format!("{}-exec.sock", rt.name()));
-        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
-        let receiver = std::thread::spawn(move || receive_master(&listener));
-        let exec = rt
-            .command(&[
-                "exec",
-                "-t",
-                "--console-socket",
-                socket.to_str().expect("utf-8"),
-                "et",
-                "sh",
-                "-c",
-                "tty; read x; echo got:$x; exit 4",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("exec-err")).expect("err file"))
-            .spawn()
-            .expect("exec");
-        let master = receiver.join().expect("master");
-        nix::fcntl::fcntl(
-            &master,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .expect("nonblocking");
-        let mut master = std::fs::File::from(master);
-        let first = read_until(&mut master, "/dev/pts/");
-        assert!(first.contains("/dev/pts/"), "{}: {first:?}", rt.name());
-        use std::io::Write as _;
-        master.write_all(b"hi\r").expect("type");
-        let rest = read_until(&mut master, "got:hi");
-        assert!(rest.contains("got:hi"), "{}: {rest:?}", rt.name());
-        let status = exec.wait_with_output().expect("exec exit").status;
-        assert_eq!(status.code(), Some(4), "{}", rt.name());
-        assert!(rt.run(&["delete", "--force", "et"]).status.success());
-    }
+    let rt = Runtime::Husk(&husk);
+    let out = rt.create(bundle.path(), "et", &dir.path().join(rt.name()));
+    assert!(out.status.success(), "{}: {}", rt.name(), stderr(&out));
+    assert!(rt.run(&["start", "et"]).status.success());
+    let socket = dir.path().join(format!("{}-exec.sock", rt.name()));
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let receiver = std::thread::spawn(move || receive_master(&listener));
+    let exec = rt
+        .command(&[
+            "exec",
+            "-t",
+            "--console-socket",
+            socket.to_str().expect("utf-8"),
+            "et",
+            "sh",
+            "-c",
+            "tty; read x; echo got:$x; exit 4",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("exec-err")).expect("err file"))
+        .spawn()
+        .expect("exec");
+    let master = receiver.join().expect("master");
+    nix::fcntl::fcntl(
+        &master,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .expect("nonblocking");
+    let mut master = std::fs::File::from(master);
+    let first = read_until(&mut master, "/dev/pts/");
+    assert!(first.contains("/dev/pts/"), "{}: {first:?}", rt.name());
+    use std::io::Write as _;
+    master.write_all(b"hi\r").expect("type");
+    let rest = read_until(&mut master, "got:hi");
+    assert!(rest.contains("got:hi"), "{}: {rest:?}", rt.name());
+    let status = exec.wait_with_output().expect("exec exit").status;
+    assert_eq!(status.code(), Some(4), "{}", rt.name());
+    assert!(rt.run(&["delete", "--force", "et"]).status.success());
     husk.assert_clean();
 }
