@@ -332,3 +332,34 @@ fn test_run_vm_size_annotations_reach_guest() {
     );
     husk.assert_clean();
 }
+
+#[test]
+fn test_run_vm_sized_from_resources() {
+    let Some(env) = Env::get("test_run_vm_sized_from_resources") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", "nproc; grep MemTotal /proc/meminfo"]);
+    bundle.edit(|c| {
+        c["linux"]["resources"] = serde_json::json!({
+            "memory": {"limit": 400 * 1024 * 1024},
+            "cpu": {"quota": 200000, "period": 100000},
+        });
+    });
+    let out = husk.run(&bundle, "sized", b"");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("2"), "vCPUs from the CPU quota: {text}");
+    let kib: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("MemTotal");
+    // 400 MiB limit + 64 MiB guest overhead = a 464 MiB VM (more than the 256 MiB default).
+    assert!(
+        (400 * 1024..=464 * 1024).contains(&kib),
+        "MemTotal {kib} kB"
+    );
+    husk.assert_clean();
+}

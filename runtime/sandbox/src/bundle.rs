@@ -42,6 +42,47 @@ pub enum Rootfs {
     Image(PathBuf),
 }
 
+impl Bundle {
+    /// Guest memory for the container's memory limit: the limit plus [`GUEST_OVERHEAD_MIB`]
+    /// (at least 64 MiB); `None` without a limit.
+    pub fn sized_memory_mib(&self) -> Option<u32> {
+        let limit = self.spec.resources.memory_max?;
+        let mib = limit
+            .div_ceil(1 << 20)
+            .saturating_add(GUEST_OVERHEAD_MIB)
+            .max(64);
+        Some(u32::try_from(mib).unwrap_or(u32::MAX).min(65536))
+    }
+
+    /// vCPUs for the container's CPU quota (rounded up) or, without one, its cpuset; `None`
+    /// when it has neither.
+    pub fn sized_vcpus(&self) -> Option<u32> {
+        let r = &self.spec.resources;
+        let from_quota = r.cpu_quota_us.map(|quota| {
+            let period = r
+                .cpu_period_us
+                .unwrap_or(husk_protocol::DEFAULT_CPU_PERIOD_US)
+                .max(1);
+            quota.div_ceil(period)
+        });
+        let count = from_quota.or_else(|| r.cpuset_cpus.as_deref().and_then(cpu_list_len))?;
+        Some(
+            u32::try_from(count)
+                .unwrap_or(MAX_VCPUS)
+                .clamp(1, MAX_VCPUS),
+        )
+    }
+}
+
+/// How many CPUs a list like `0-3,6` names; `None` when it is not one.
+fn cpu_list_len(list: &str) -> Option<u64> {
+    list.split(',').map(str::trim).try_fold(0u64, |n, part| {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi) = (lo.parse::<u64>().ok()?, hi.parse::<u64>().ok()?);
+        (hi >= lo).then(|| n + hi - lo + 1)
+    })
+}
+
 impl Rootfs {
     /// The host path.
     pub fn path(&self) -> &Path {
@@ -98,6 +139,11 @@ impl VmOverrides {
         })
     }
 }
+
+/// Guest memory beyond a container's memory limit: kernel, agent, page cache headroom.
+pub const GUEST_OVERHEAD_MIB: u64 = 64;
+/// The most vCPUs a VM gets (the guest kernel's NR_CPUS).
+const MAX_VCPUS: u32 = 32;
 
 /// A bundle ready to run.
 #[derive(Debug, Clone)]
@@ -321,6 +367,31 @@ mod tests {
             .collect::<serde_json::Map<_, _>>()
             .into();
         config.to_string()
+    }
+
+    #[test]
+    fn test_cpu_list_len_ranges_and_singles() {
+        assert_eq!(cpu_list_len("0-3,6"), Some(5));
+        assert_eq!(cpu_list_len("1"), Some(1));
+        assert_eq!(cpu_list_len("3-1"), None);
+        assert_eq!(cpu_list_len("x"), None);
+    }
+
+    #[test]
+    fn test_sized_vm_from_resources() {
+        let dir = bundle_with(&default_config());
+        let mut b = Bundle::load(dir.path(), "c1").unwrap();
+        assert_eq!((b.sized_memory_mib(), b.sized_vcpus()), (None, None));
+        b.spec.resources.memory_max = Some(256 << 20);
+        b.spec.resources.cpu_quota_us = Some(150_000);
+        b.spec.resources.cpu_period_us = Some(100_000);
+        assert_eq!(
+            (b.sized_memory_mib(), b.sized_vcpus()),
+            (Some(320), Some(2))
+        );
+        b.spec.resources.cpu_quota_us = None;
+        b.spec.resources.cpuset_cpus = Some("0-2".into());
+        assert_eq!(b.sized_vcpus(), Some(3));
     }
 
     #[test]

@@ -239,13 +239,22 @@ fn door(opts: &RunOptions, bundle: &Bundle) -> HypervisorKind {
     bundle.vm.hypervisor.unwrap_or(opts.hypervisor)
 }
 
-/// The VM for `bundle`; its annotations size it over the command line.
+/// The VM for `bundle`: its annotations size it, else its resources (memory limit plus the
+/// guest's own overhead, vCPUs from the CPU quota or cpuset), else the command line.
 fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
     VmConfig {
         kernel: opts.kernel.clone(),
         initramfs: opts.initramfs.clone(),
-        memory_mib: bundle.vm.memory_mib.unwrap_or(opts.memory_mib),
-        vcpus: bundle.vm.vcpus.unwrap_or(opts.vcpus),
+        memory_mib: bundle
+            .vm
+            .memory_mib
+            .or_else(|| bundle.sized_memory_mib())
+            .unwrap_or(opts.memory_mib),
+        vcpus: bundle
+            .vm
+            .vcpus
+            .or_else(|| bundle.sized_vcpus())
+            .unwrap_or(opts.vcpus),
         shares: match &bundle.rootfs {
             Rootfs::Dir(dir) => vec![FsShare {
                 tag: ROOTFS_TAG.to_owned(),
