@@ -137,29 +137,8 @@ impl Containers {
     }
 
     async fn spawn(&self, spec: &ContainerSpec, cgroup: Cgroup) -> Result<(), Failure> {
-        let stdio = StdioFds::new()?;
-        let (sync_parent, sync_child) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|e| internal(ctx(e, "socketpair")))?;
-        let [child_in, child_out, child_err] = &stdio.child;
-        let fds = [
-            child_in.as_fd(),
-            child_out.as_fd(),
-            child_err.as_fd(),
-            sync_child.as_fd(),
-        ];
-        let (gate_r, gate_w) = pipe_pair().map_err(internal)?;
-        let pid = sys::spawn_self(
-            crate::container_init::ARG_C,
-            fds,
-            gate_r.as_fd(),
-            clone_flags(&spec.namespaces),
-        )
-        .map_err(|e| internal(format!("clone: {e}")))?;
+        let (pid, sync_parent, gate_w, stdio) =
+            spawn_helper(crate::container_init::ARG_C, clone_flags(&spec.namespaces))?;
         // Registered before the next await: the reaper cannot miss this child's exit.
         let exit = self.exits.watch(pid);
         let StdioFds {
@@ -169,7 +148,7 @@ impl Containers {
             stderr,
             pty,
         } = stdio;
-        drop((child, sync_child, gate_r));
+        drop(child);
         let opened = open_gate(pid, spec, gate_w);
         let outputs = if spec.terminal { 1 } else { 2 };
         let (open_outputs, _) = watch::channel(outputs);
@@ -486,6 +465,34 @@ impl StdioFds {
             pty: None,
         })
     }
+}
+
+/// Starts `/proc/self/exe <mode>` (container-init, exec-init) on fresh stdio pipes and a sync
+/// socket; it waits at its gate. Returns its pid, the agent's end of the sync socket, the
+/// gate's write end and the stdio (whose `child` ends the caller drops).
+pub(crate) fn spawn_helper(
+    mode: &'static std::ffi::CStr,
+    flags: CloneFlags,
+) -> Result<(Pid, OwnedFd, OwnedFd, StdioFds), Failure> {
+    let stdio = StdioFds::new()?;
+    let (sync_parent, sync_child) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| internal(ctx(e, "socketpair")))?;
+    let [child_in, child_out, child_err] = &stdio.child;
+    let fds = [
+        child_in.as_fd(),
+        child_out.as_fd(),
+        child_err.as_fd(),
+        sync_child.as_fd(),
+    ];
+    let (gate_r, gate_w) = pipe_pair().map_err(internal)?;
+    let pid = sys::spawn_self(mode, fds, gate_r.as_fd(), flags)
+        .map_err(|e| internal(format!("clone: {e}")))?;
+    Ok((pid, sync_parent, gate_w, stdio))
 }
 
 /// Receives the terminal master the container's process allocated (after its setup reply).

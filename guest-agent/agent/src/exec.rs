@@ -5,7 +5,7 @@
 //! the reaper reports the helper's exit, and signals go straight to the process.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use husk_protocol::{
@@ -15,16 +15,15 @@ use husk_protocol::{
 use nix::errno::Errno;
 use nix::sched::CloneFlags;
 use nix::sys::signal::kill;
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use crate::container::{
-    copy_output, internal, receive_terminal, set_winsize, Attached, Containers, Failure, StdioFds,
+    copy_output, internal, receive_terminal, set_winsize, spawn_helper, Attached, Containers,
+    Failure, StdioFds,
 };
 use crate::init::ctx;
-use crate::sys;
 
 #[derive(Debug)]
 struct Exec {
@@ -73,34 +72,13 @@ impl Execs {
             ));
         }
         let terminal = process.terminal;
-        let stdio = StdioFds::new()?;
-        let (sync_parent, sync_child) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|e| internal(ctx(e, "socketpair")))?;
-        let [child_in, child_out, child_err] = &stdio.child;
-        let fds = [
-            child_in.as_fd(),
-            child_out.as_fd(),
-            child_err.as_fd(),
-            sync_child.as_fd(),
-        ];
-        let (gate_r, gate_w) = crate::container::pipe_pair().map_err(internal)?;
-        let helper = sys::spawn_self(
-            crate::exec_init::ARG_C,
-            fds,
-            gate_r.as_fd(),
-            CloneFlags::empty(),
-        )
-        .map_err(|e| internal(format!("clone: {e}")))?;
-        // No namespace of its own to prepare: let it run at once.
-        nix::unistd::write(&gate_w, &[1]).map_err(|e| internal(ctx(e, "open the exec gate")))?;
-        drop((gate_r, gate_w));
+        let (helper, sync_parent, gate_w, stdio) =
+            spawn_helper(crate::exec_init::ARG_C, CloneFlags::empty())?;
         // Registered before the next await: the reaper cannot miss the helper's exit.
         let exit = containers.exits().watch(helper);
+        // No namespace of its own to prepare: let it run at once.
+        nix::unistd::write(&gate_w, &[1]).map_err(|e| internal(ctx(e, "open the exec gate")))?;
+        drop(gate_w);
         let StdioFds {
             child,
             mut stdin,
@@ -108,7 +86,7 @@ impl Execs {
             mut stderr,
             mut pty,
         } = stdio;
-        drop((child, sync_child));
+        drop(child);
         let std_sync = std::os::unix::net::UnixStream::from(sync_parent);
         std_sync.set_nonblocking(true).map_err(internal)?;
         let mut sync = UnixStream::from_std(std_sync).map_err(internal)?;
