@@ -77,14 +77,8 @@ struct Container {
     cgroup: Cgroup,
     state: State,
     sync: Option<UnixStream>,
-    stdin: Option<OwnedFd>,
-    stdout: Option<OwnedFd>,
-    stderr: Option<OwnedFd>,
-    /// The terminal's master, when the process has one.
-    pty: Option<OwnedFd>,
+    io: ProcessIo,
     exit: watch::Receiver<Option<i32>>,
-    /// How many of stdout/stderr still have output to deliver.
-    open_outputs: Arc<watch::Sender<usize>>,
 }
 
 /// All containers of the VM.
@@ -137,21 +131,11 @@ impl Containers {
     }
 
     async fn spawn(&self, spec: &ContainerSpec, cgroup: Cgroup) -> Result<(), Failure> {
-        let (pid, sync_parent, gate_w, stdio) =
+        let (pid, sync_parent, gate_w, io) =
             spawn_helper(crate::container_init::ARG_C, clone_flags(&spec.namespaces))?;
         // Registered before the next await: the reaper cannot miss this child's exit.
         let exit = self.exits.watch(pid);
-        let StdioFds {
-            child,
-            stdin,
-            stdout,
-            stderr,
-            pty,
-        } = stdio;
-        drop(child);
         let opened = open_gate(pid, spec, gate_w);
-        let outputs = if spec.terminal { 1 } else { 2 };
-        let (open_outputs, _) = watch::channel(outputs);
         // Before container-init has its spec: it must not run anything outside its cgroup.
         let placed = cgroup.add(pid);
         self.lock().insert(
@@ -161,12 +145,8 @@ impl Containers {
                 cgroup,
                 state: State::Creating,
                 sync: None,
-                stdin: Some(stdin),
-                stdout: Some(stdout),
-                stderr,
-                pty,
+                io,
                 exit,
-                open_outputs: Arc::new(open_outputs),
             },
         );
         placed.and(opened).map_err(internal)?;
@@ -189,10 +169,7 @@ impl Containers {
         let mut map = self.lock();
         if let Some(c) = map.get_mut(&spec.id) {
             if let Some(master) = master {
-                c.stdin = Some(master.try_clone().map_err(internal)?);
-                c.stdout = Some(master.try_clone().map_err(internal)?);
-                c.stderr = None;
-                c.pty = Some(master);
+                c.io.use_terminal(master)?;
             }
             c.sync = Some(sync);
             c.state = State::Created;
@@ -202,7 +179,7 @@ impl Containers {
 
     /// Lets the container's process run; returns its pid (in the agent's pid namespace).
     pub async fn start(&self, id: &str) -> Result<u32, Failure> {
-        let (mut sync, pid, outputs) = {
+        let (mut sync, pid) = {
             let mut map = self.lock();
             let c = map.get_mut(id).ok_or_else(|| not_found(id))?;
             if c.state != State::Created {
@@ -213,19 +190,10 @@ impl Containers {
             }
             let sync = c.sync.take().ok_or_else(|| not_found(id))?;
             c.state = State::Running;
-            // Nobody attached: stdin reads EOF, output is drained so the process never blocks.
-            c.stdin = None;
-            let outputs = [c.stdout.take(), c.stderr.take()];
-            for fd in outputs.into_iter().flatten() {
-                tokio::spawn(copy_output(
-                    fd,
-                    None::<tokio::io::Sink>,
-                    c.open_outputs.clone(),
-                ));
-            }
-            (sync, c.pid, c.open_outputs.clone())
+            // Whatever the host did not attach is closed or drained.
+            c.io.discard();
+            (sync, c.pid)
         };
-        drop(outputs);
         sync.write_all(&[1])
             .await
             .map_err(|e| internal(format!("start: {e}")))?;
@@ -243,7 +211,7 @@ impl Containers {
         let (mut exit, mut outputs, cgroup) = {
             let map = self.lock();
             let c = map.get(id).ok_or_else(|| not_found(id))?;
-            (c.exit.clone(), c.open_outputs.subscribe(), c.cgroup.clone())
+            (c.exit.clone(), c.io.outputs(), c.cgroup.clone())
         };
         let code = match exit.wait_for(Option::is_some).await {
             Ok(code) => code.unwrap_or_default(),
@@ -290,13 +258,12 @@ impl Containers {
     pub fn resize(&self, id: &str, rows: u16, cols: u16) -> Result<(), Failure> {
         let map = self.lock();
         let c = map.get(id).ok_or_else(|| not_found(id))?;
-        let pty = c.pty.as_ref().ok_or_else(|| {
-            (
+        c.io.resize(rows, cols).unwrap_or_else(|| {
+            Err((
                 ErrorKind::InvalidState,
                 format!("container {id:?} has no terminal"),
-            )
-        })?;
-        set_winsize(pty, rows, cols)
+            ))
+        })
     }
 
     /// Changes the container's cgroup limits.
@@ -368,18 +335,7 @@ impl Containers {
     pub fn attach(&self, id: &str, stream: StdioStream) -> Result<Attached, Failure> {
         let mut map = self.lock();
         let c = map.get_mut(id).ok_or_else(|| not_found(id))?;
-        let taken = match stream {
-            StdioStream::Stdin => c.stdin.take().map(Attached::Stdin),
-            StdioStream::Stdout => c
-                .stdout
-                .take()
-                .map(|fd| Attached::Output(fd, c.open_outputs.clone())),
-            StdioStream::Stderr => c
-                .stderr
-                .take()
-                .map(|fd| Attached::Output(fd, c.open_outputs.clone())),
-        };
-        taken.ok_or_else(|| {
+        c.io.attach(stream).ok_or_else(|| {
             (
                 ErrorKind::InvalidState,
                 format!("{stream:?} of {id:?} is attached already or gone"),
@@ -436,45 +392,100 @@ impl tokio::io::AsyncRead for PtyReader {
     }
 }
 
-/// The fds of a process's stdio: what the child gets as 0, 1, 2, and the agent's ends.
-pub(crate) struct StdioFds {
-    /// The child's stdin, stdout, stderr.
-    pub child: [OwnedFd; 3],
+/// The agent's ends of a process's stdio, each handed to the host once (or drained).
+#[derive(Debug)]
+pub(crate) struct ProcessIo {
     /// Write end of stdin (a terminal: the master).
-    pub stdin: OwnedFd,
+    stdin: Option<OwnedFd>,
     /// Read end of stdout (a terminal: the master).
-    pub stdout: OwnedFd,
+    stdout: Option<OwnedFd>,
     /// Read end of stderr; none with a terminal.
-    pub stderr: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
     /// The terminal's master, for its window size.
-    pub pty: Option<OwnedFd>,
+    pty: Option<OwnedFd>,
+    /// How many output streams still have output to deliver.
+    open_outputs: Arc<watch::Sender<usize>>,
 }
 
-impl StdioFds {
-    /// Three pipes. A process with a terminal gets them too, until it replaces them with the
-    /// terminal it allocates inside the container ([`receive_terminal`]).
-    pub(crate) fn new() -> Result<Self, Failure> {
-        let (stdin_r, stdin_w) = pipe_pair().map_err(internal)?;
-        let (stdout_r, stdout_w) = pipe_pair().map_err(internal)?;
-        let (stderr_r, stderr_w) = pipe_pair().map_err(internal)?;
-        Ok(Self {
-            child: [stdin_r, stdout_w, stderr_w],
-            stdin: stdin_w,
-            stdout: stdout_r,
-            stderr: Some(stderr_r),
-            pty: None,
-        })
+impl ProcessIo {
+    /// The process's terminal master replaces the pipes: stdin and stdout are the master,
+    /// there is no stderr stream.
+    pub(crate) fn use_terminal(&mut self, master: OwnedFd) -> Result<(), Failure> {
+        self.stdin = Some(master.try_clone().map_err(internal)?);
+        self.stdout = Some(master.try_clone().map_err(internal)?);
+        self.stderr = None;
+        self.pty = Some(master);
+        self.open_outputs.send_replace(1);
+        Ok(())
     }
+
+    /// Hands out `stream`; `None` when it was handed out already.
+    pub(crate) fn attach(&mut self, stream: StdioStream) -> Option<Attached> {
+        match stream {
+            StdioStream::Stdin => self.stdin.take().map(Attached::Stdin),
+            StdioStream::Stdout => self
+                .stdout
+                .take()
+                .map(|fd| Attached::Output(fd, self.open_outputs.clone())),
+            StdioStream::Stderr => self
+                .stderr
+                .take()
+                .map(|fd| Attached::Output(fd, self.open_outputs.clone())),
+        }
+    }
+
+    /// Nobody will attach: stdin reads EOF, output is drained so the process never blocks.
+    pub(crate) fn discard(&mut self) {
+        self.stdin = None;
+        for fd in [self.stdout.take(), self.stderr.take()]
+            .into_iter()
+            .flatten()
+        {
+            tokio::spawn(copy_output(
+                fd,
+                None::<tokio::io::Sink>,
+                self.open_outputs.clone(),
+            ));
+        }
+    }
+
+    /// Watches how many output streams are still open (0: all output delivered).
+    pub(crate) fn outputs(&self) -> watch::Receiver<usize> {
+        self.open_outputs.subscribe()
+    }
+
+    /// Sets the terminal's window size; `None` when the process has no terminal.
+    pub(crate) fn resize(&self, rows: u16, cols: u16) -> Option<Result<(), Failure>> {
+        self.pty.as_ref().map(|pty| set_winsize(pty, rows, cols))
+    }
+}
+
+/// Three close-on-exec pipes: the child's ends (its 0, 1, 2) and the agent's. A process with a
+/// terminal gets them too, until it replaces them with the terminal it allocates inside the
+/// container ([`receive_terminal`], [`ProcessIo::use_terminal`]).
+fn stdio_pipes() -> Result<([OwnedFd; 3], ProcessIo), Failure> {
+    let (stdin_r, stdin_w) = pipe_pair().map_err(internal)?;
+    let (stdout_r, stdout_w) = pipe_pair().map_err(internal)?;
+    let (stderr_r, stderr_w) = pipe_pair().map_err(internal)?;
+    let (open_outputs, _) = watch::channel(2usize);
+    let io = ProcessIo {
+        stdin: Some(stdin_w),
+        stdout: Some(stdout_r),
+        stderr: Some(stderr_r),
+        pty: None,
+        open_outputs: Arc::new(open_outputs),
+    };
+    Ok(([stdin_r, stdout_w, stderr_w], io))
 }
 
 /// Starts `/proc/self/exe <mode>` (container-init, exec-init) on fresh stdio pipes and a sync
 /// socket; it waits at its gate. Returns its pid, the agent's end of the sync socket, the
-/// gate's write end and the stdio (whose `child` ends the caller drops).
+/// gate's write end and the agent's ends of its stdio.
 pub(crate) fn spawn_helper(
     mode: &'static std::ffi::CStr,
     flags: CloneFlags,
-) -> Result<(Pid, OwnedFd, OwnedFd, StdioFds), Failure> {
-    let stdio = StdioFds::new()?;
+) -> Result<(Pid, OwnedFd, OwnedFd, ProcessIo), Failure> {
+    let (child, io) = stdio_pipes()?;
     let (sync_parent, sync_child) = socketpair(
         AddressFamily::Unix,
         SockType::Stream,
@@ -482,7 +493,7 @@ pub(crate) fn spawn_helper(
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| internal(ctx(e, "socketpair")))?;
-    let [child_in, child_out, child_err] = &stdio.child;
+    let [child_in, child_out, child_err] = &child;
     let fds = [
         child_in.as_fd(),
         child_out.as_fd(),
@@ -492,7 +503,9 @@ pub(crate) fn spawn_helper(
     let (gate_r, gate_w) = pipe_pair().map_err(internal)?;
     let pid = sys::spawn_self(mode, fds, gate_r.as_fd(), flags)
         .map_err(|e| internal(format!("clone: {e}")))?;
-    Ok((pid, sync_parent, gate_w, stdio))
+    // The child has its own copies now.
+    drop(child);
+    Ok((pid, sync_parent, gate_w, io))
 }
 
 /// Receives the terminal master the container's process allocated (after its setup reply).

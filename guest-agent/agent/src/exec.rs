@@ -5,7 +5,6 @@
 //! the reaper reports the helper's exit, and signals go straight to the process.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use husk_protocol::{
@@ -20,8 +19,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use crate::container::{
-    copy_output, internal, receive_terminal, set_winsize, spawn_helper, Attached, Containers,
-    Failure, StdioFds,
+    internal, receive_terminal, spawn_helper, Attached, Containers, Failure, ProcessIo,
 };
 use crate::init::ctx;
 
@@ -29,14 +27,9 @@ use crate::init::ctx;
 struct Exec {
     /// The process itself (signals go here).
     pid: Pid,
-    stdin: Option<OwnedFd>,
-    stdout: Option<OwnedFd>,
-    stderr: Option<OwnedFd>,
-    /// The terminal's master, when the process has one.
-    pty: Option<OwnedFd>,
+    io: ProcessIo,
     /// The helper's exit code, which is the process's.
     exit: watch::Receiver<Option<i32>>,
-    open_outputs: Arc<watch::Sender<usize>>,
 }
 
 /// All exec processes of the VM, by (container id, exec id).
@@ -72,21 +65,13 @@ impl Execs {
             ));
         }
         let terminal = process.terminal;
-        let (helper, sync_parent, gate_w, stdio) =
+        let (helper, sync_parent, gate_w, mut io) =
             spawn_helper(crate::exec_init::ARG_C, CloneFlags::empty())?;
         // Registered before the next await: the reaper cannot miss the helper's exit.
         let exit = containers.exits().watch(helper);
         // No namespace of its own to prepare: let it run at once.
         nix::unistd::write(&gate_w, &[1]).map_err(|e| internal(ctx(e, "open the exec gate")))?;
         drop(gate_w);
-        let StdioFds {
-            child,
-            mut stdin,
-            mut stdout,
-            mut stderr,
-            mut pty,
-        } = stdio;
-        drop(child);
         let std_sync = std::os::unix::net::UnixStream::from(sync_parent);
         std_sync.set_nonblocking(true).map_err(internal)?;
         let mut sync = UnixStream::from_std(std_sync).map_err(internal)?;
@@ -104,37 +89,16 @@ impl Execs {
             Err(e) => return Err(internal(format!("exec-init: {e}"))),
         };
         if terminal {
-            let master = receive_terminal(&sync).await?;
-            stdin = master.try_clone().map_err(internal)?;
-            stdout = master.try_clone().map_err(internal)?;
-            stderr = None;
-            pty = Some(master);
+            io.use_terminal(receive_terminal(&sync).await?)?;
         }
-        let outputs = if terminal { 1 } else { 2 };
-        let (open_outputs, _) = watch::channel(outputs);
-        let open_outputs = Arc::new(open_outputs);
-        let mut entry = Exec {
-            pid: Pid::from_raw(i32::try_from(pid).map_err(internal)?),
-            stdin: Some(stdin),
-            stdout: Some(stdout),
-            stderr,
-            pty,
-            exit,
-            open_outputs: open_outputs.clone(),
-        };
         if detach {
-            entry.stdin = None;
-            for fd in [entry.stdout.take(), entry.stderr.take()]
-                .into_iter()
-                .flatten()
-            {
-                tokio::spawn(copy_output(
-                    fd,
-                    None::<tokio::io::Sink>,
-                    open_outputs.clone(),
-                ));
-            }
+            io.discard();
         }
+        let entry = Exec {
+            pid: Pid::from_raw(i32::try_from(pid).map_err(internal)?),
+            io,
+            exit,
+        };
         self.lock().insert(key, entry);
         Ok(pid)
     }
@@ -150,18 +114,7 @@ impl Execs {
         let e = map
             .get_mut(&(id.to_owned(), exec_id.to_owned()))
             .ok_or_else(|| not_found(id, exec_id))?;
-        let taken = match stream {
-            StdioStream::Stdin => e.stdin.take().map(Attached::Stdin),
-            StdioStream::Stdout => e
-                .stdout
-                .take()
-                .map(|fd| Attached::Output(fd, e.open_outputs.clone())),
-            StdioStream::Stderr => e
-                .stderr
-                .take()
-                .map(|fd| Attached::Output(fd, e.open_outputs.clone())),
-        };
-        taken.ok_or_else(|| {
+        e.io.attach(stream).ok_or_else(|| {
             (
                 ErrorKind::InvalidState,
                 format!("{stream:?} of exec {exec_id:?} is already attached"),
@@ -176,7 +129,7 @@ impl Execs {
         let (mut exit, mut outputs) = {
             let map = self.lock();
             let e = map.get(&key).ok_or_else(|| not_found(id, exec_id))?;
-            (e.exit.clone(), e.open_outputs.subscribe())
+            (e.exit.clone(), e.io.outputs())
         };
         let code = match exit.wait_for(Option::is_some).await {
             Ok(code) => code.unwrap_or_default(),
@@ -193,13 +146,12 @@ impl Execs {
         let e = map
             .get(&(id.to_owned(), exec_id.to_owned()))
             .ok_or_else(|| not_found(id, exec_id))?;
-        let pty = e.pty.as_ref().ok_or_else(|| {
-            (
+        e.io.resize(rows, cols).unwrap_or_else(|| {
+            Err((
                 ErrorKind::InvalidState,
                 format!("exec {exec_id:?} has no terminal"),
-            )
-        })?;
-        set_winsize(pty, rows, cols)
+            ))
+        })
     }
 
     /// Sends `signal` (0: only check) to the exec process.
