@@ -2,7 +2,7 @@
 //! process together), one per unit of work and one per error branch, so that a guest-triggered
 //! error that is only logged rate-limited is still counted exactly.
 
-use crate::vsock::metrics::Counter;
+use crate::vsock::metrics::{log_nonzero, Counter};
 
 /// All block counters.
 #[derive(Debug)]
@@ -78,13 +78,7 @@ impl BlockMetrics {
 
     /// Logs every non-zero counter on one `info!` line.
     pub(crate) fn log_summary(&self) {
-        let summary: Vec<String> = self
-            .snapshot()
-            .into_iter()
-            .filter(|(_, value)| *value != 0)
-            .map(|(name, value)| format!("{name}={value}"))
-            .collect();
-        tracing::info!(metrics = %summary.join(" "), "block device metrics");
+        log_nonzero("block", self.snapshot());
     }
 }
 

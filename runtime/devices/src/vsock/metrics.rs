@@ -116,14 +116,19 @@ pub(crate) static METRICS: VsockMetrics = VsockMetrics::new();
 impl VsockMetrics {
     /// Logs every non-zero counter on one `info!` line.
     pub(crate) fn log_summary(&self) {
-        let summary: Vec<String> = self
-            .snapshot()
-            .into_iter()
-            .filter(|(_, value)| *value != 0)
-            .map(|(name, value)| format!("{name}={value}"))
-            .collect();
-        tracing::info!(metrics = %summary.join(" "), "vsock device metrics");
+        log_nonzero("vsock", self.snapshot());
     }
+}
+
+/// Logs the non-zero `counters` of device `what` on one `info!` line (every device's
+/// metrics summary).
+pub(crate) fn log_nonzero(what: &str, counters: impl IntoIterator<Item = (&'static str, u64)>) {
+    let summary: Vec<String> = counters
+        .into_iter()
+        .filter(|(_, value)| *value != 0)
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    tracing::info!(metrics = %summary.join(" "), "{what} device metrics");
 }
 
 #[cfg(test)]
