@@ -131,6 +131,7 @@ mod tests {
             id: "c".into(),
             rootfs: crate::Rootfs::VirtioFs {
                 tag: "rootfs".into(),
+                path: Some("pod/c/rootfs".into()),
             },
             rootfs_readonly: true,
             hostname: None,
@@ -165,6 +166,10 @@ mod tests {
             readonly_paths: vec!["/proc/sys".into()],
             sysctl: [("net.ipv4.ip_forward".to_owned(), "1".to_owned())].into(),
             namespaces: vec![crate::Namespace::Mount, crate::Namespace::User],
+            join_namespaces: vec![crate::JoinNamespace {
+                kind: crate::Namespace::Net,
+                container: "sandbox".into(),
+            }],
             uid_mappings: vec![crate::IdMapping {
                 container_id: 0,
                 host_id: 1000,

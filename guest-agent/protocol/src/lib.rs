@@ -26,7 +26,7 @@ pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRA
 #[cfg(feature = "tokio")]
 pub use frame::{read_message, write_message};
 pub use linux::{
-    sysctl_namespace, BindSource, IdMapping, Mount, MountFlag, MountKind, Namespace,
+    sysctl_namespace, BindSource, IdMapping, JoinNamespace, Mount, MountFlag, MountKind, Namespace,
     SysctlNamespace,
 };
 pub use messages::{

@@ -27,12 +27,17 @@ pub struct Mount {
 }
 
 /// The source of a bind mount: a host directory shared with virtio-fs (one share per
-/// directory), or one file in it.
+/// directory), a directory inside the share, or one file in either.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BindSource {
     /// virtio-fs tag of the share: 1 to 36 bytes of `[A-Za-z0-9_-]`.
     pub tag: String,
-    /// A file name in the shared directory to bind instead of the directory itself.
+    /// A directory inside the share to bind instead of the share's root, relative to it (see
+    /// [`validate_share_path`]; version 4).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// A file name in the shared directory (or in [`BindSource::path`]) to bind instead of the
+    /// directory itself.
     #[serde(default)]
     pub file: Option<String>,
 }
@@ -47,10 +52,33 @@ impl BindSource {
         let file_ok = self.file.as_deref().is_none_or(|f| {
             !f.is_empty() && f.len() <= 255 && f != "." && f != ".." && !f.contains(['/', '\0'])
         });
-        match tag_ok && file_ok {
-            true => Ok(()),
-            false => Err(format!("invalid bind source {self:?}")),
+        if !(tag_ok && file_ok) {
+            return Err(format!("invalid bind source {self:?}"));
         }
+        match &self.path {
+            Some(path) => validate_share_path("bind source path", path),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Longest directory path inside a virtio-fs share (PATH_MAX).
+const MAX_SHARE_PATH_LEN: usize = 4096;
+
+/// Checks a directory path inside a virtio-fs share ([`BindSource::path`],
+/// [`crate::Rootfs::VirtioFs`]'s `path`): relative, 1 to 4096 bytes, no NUL, every
+/// `/`-separated component non-empty and neither `.` nor `..` (so it cannot leave the share).
+pub(crate) fn validate_share_path(what: &str, path: &str) -> Result<(), String> {
+    let ok = (1..=MAX_SHARE_PATH_LEN).contains(&path.len())
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    match ok {
+        true => Ok(()),
+        false => Err(format!(
+            "{what} {path:?} must be a relative path of 1 to {MAX_SHARE_PATH_LEN} bytes without empty, . or .. components"
+        )),
     }
 }
 
@@ -135,6 +163,19 @@ pub enum Namespace {
     User,
 }
 
+/// A namespace of another container of the same VM that a container enters (setns(2))
+/// instead of getting its own: how the containers of a pod share the sandbox's network, IPC
+/// and UTS namespaces (version 4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinNamespace {
+    /// Which namespace: [`Namespace::Net`], [`Namespace::Ipc`], [`Namespace::Uts`],
+    /// [`Namespace::Pid`] or [`Namespace::Cgroup`] (user and mount cannot be joined).
+    pub kind: Namespace,
+    /// Id of the container whose first process's namespace is entered; it must have been
+    /// created in this VM and not have exited.
+    pub container: String,
+}
+
 /// One line of a user namespace's `uid_map` or `gid_map` (user_namespaces(7)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdMapping {
@@ -183,6 +224,31 @@ pub(crate) fn validate_namespaces(namespaces: &[Namespace]) -> Result<(), String
     }
     if !namespaces.contains(&Namespace::Mount) {
         return Err("linux.namespaces must include a mount namespace".into());
+    }
+    Ok(())
+}
+
+/// Checks the namespaces to join: a valid container id each, at most one entry per kind,
+/// none also in `namespaces` (the container's own), and neither user nor mount.
+pub(crate) fn validate_join_namespaces(
+    joins: &[JoinNamespace],
+    namespaces: &[Namespace],
+) -> Result<(), String> {
+    for (i, join) in joins.iter().enumerate() {
+        let kind = join.kind;
+        crate::validate_id(&join.container)
+            .map_err(|e| format!("join_namespaces {kind:?}: {e}"))?;
+        if matches!(kind, Namespace::User | Namespace::Mount) {
+            return Err(format!("joining a {kind:?} namespace is not supported"));
+        }
+        if namespaces.contains(&kind) {
+            return Err(format!(
+                "namespace {kind:?} is both the container's own and joined"
+            ));
+        }
+        if joins.iter().skip(i + 1).any(|o| o.kind == kind) {
+            return Err(format!("namespace {kind:?} is joined twice"));
+        }
     }
     Ok(())
 }
@@ -347,6 +413,7 @@ mod tests {
             data: vec![],
             source: Some(BindSource {
                 tag: "bind0".into(),
+                path: None,
                 file: Some("greeting".into()),
             }),
         };
@@ -358,12 +425,106 @@ mod tests {
         ] {
             m.source = Some(BindSource {
                 tag: tag.into(),
+                path: None,
                 file: file.map(Into::into),
             });
             assert!(m.validate().is_err(), "{tag:?} {file:?}");
         }
         m.source = None;
         assert!(m.validate().is_err(), "bind without a source");
+    }
+
+    #[test]
+    fn test_validate_share_path_relative_paths_accepted() {
+        for good in ["a", "pod/c1/rootfs", "..a/b..", ".x", &"x".repeat(4096)] {
+            assert!(validate_share_path("p", good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn test_validate_share_path_escapes_and_bad_forms_rejected() {
+        let long = "x".repeat(4097);
+        for bad in [
+            "", "/abs", "a/", "a//b", ".", "..", "a/./b", "a/../b", "../a", "a/..", "a\0b", &long,
+        ] {
+            assert!(validate_share_path("p", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn test_bind_source_validate_path_checked() {
+        let mut source = BindSource {
+            tag: "bind0".into(),
+            path: Some("pod/c1/volumes/data".into()),
+            file: Some("greeting".into()),
+        };
+        assert!(source.validate().is_ok());
+        for bad in ["/pod", "pod/../etc", "pod//c1", ""] {
+            source.path = Some(bad.into());
+            assert!(source.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn test_bind_source_json_without_path_decodes_to_none() {
+        let source: BindSource = serde_json::from_str(r#"{"tag":"bind0","file":"f"}"#).unwrap();
+        assert_eq!(source.path, None);
+    }
+
+    fn join(kind: Namespace, container: &str) -> JoinNamespace {
+        JoinNamespace {
+            kind,
+            container: container.into(),
+        }
+    }
+
+    #[test]
+    fn test_validate_join_namespaces_pod_namespaces_accepted() {
+        let own = [Namespace::Mount, Namespace::Pid];
+        let joins: Vec<_> = [
+            Namespace::Net,
+            Namespace::Ipc,
+            Namespace::Uts,
+            Namespace::Cgroup,
+        ]
+        .into_iter()
+        .map(|kind| join(kind, "sandbox-1"))
+        .collect();
+        assert!(validate_join_namespaces(&joins, &own).is_ok());
+        assert!(
+            validate_join_namespaces(&[join(Namespace::Pid, "s")], &[Namespace::Mount]).is_ok()
+        );
+    }
+
+    #[test]
+    fn test_validate_join_namespaces_user_or_mount_rejected() {
+        for kind in [Namespace::User, Namespace::Mount] {
+            let err = validate_join_namespaces(&[join(kind, "sandbox")], &[]).unwrap_err();
+            assert!(err.contains("not supported"), "{err}");
+        }
+    }
+
+    #[test]
+    fn test_validate_join_namespaces_also_own_rejected() {
+        let own = [Namespace::Mount, Namespace::Net];
+        assert!(validate_join_namespaces(&[join(Namespace::Net, "sandbox")], &own).is_err());
+    }
+
+    #[test]
+    fn test_validate_join_namespaces_kind_twice_rejected() {
+        let joins = [join(Namespace::Ipc, "a"), join(Namespace::Ipc, "b")];
+        assert!(validate_join_namespaces(&joins, &[Namespace::Mount]).is_err());
+    }
+
+    #[test]
+    fn test_validate_join_namespaces_bad_container_id_rejected() {
+        for id in ["", "..", "a/b", ".hidden"] {
+            let joins = [join(Namespace::Net, id)];
+            assert!(
+                validate_join_namespaces(&joins, &[Namespace::Mount]).is_err(),
+                "{id:?}"
+            );
+        }
     }
 
     #[test]

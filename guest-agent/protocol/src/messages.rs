@@ -6,15 +6,16 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::linux::{
-    validate_container_path, validate_id_mappings, validate_namespaces, validate_sysctls,
-    IdMapping, Mount, Namespace, SysctlNamespace,
+    validate_container_path, validate_id_mappings, validate_join_namespaces, validate_namespaces,
+    validate_share_path, validate_sysctls, IdMapping, JoinNamespace, Mount, Namespace,
+    SysctlNamespace,
 };
 use crate::process::{validate_rlimits, Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE};
 use crate::resources::Resources;
 use crate::seccomp::Seccomp;
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
@@ -225,7 +226,8 @@ pub struct ContainerSpec {
     pub rootfs: Rootfs,
     /// Mount the rootfs read-only.
     pub rootfs_readonly: bool,
-    /// Hostname of the container's UTS namespace.
+    /// Hostname of the container's UTS namespace; needs its own or a joined one (a joined one
+    /// keeps its hostname: the agent does not set it again).
     pub hostname: Option<String>,
     /// argv of the process; never empty.
     pub args: Vec<String>,
@@ -263,6 +265,11 @@ pub struct ContainerSpec {
     /// Namespaces the container gets its own of (version 3).
     #[serde(default)]
     pub namespaces: Vec<Namespace>,
+    /// Namespaces of other containers of this VM the container enters instead of getting its
+    /// own: net, ipc, uts, pid or cgroup, each at most once and not also in
+    /// [`ContainerSpec::namespaces`] (version 4).
+    #[serde(default)]
+    pub join_namespaces: Vec<JoinNamespace>,
     /// uid_map of the user namespace (only with [`Namespace::User`]; version 3).
     #[serde(default)]
     pub uid_mappings: Vec<IdMapping>,
@@ -285,10 +292,14 @@ pub struct ContainerSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Rootfs {
-    /// A virtio-fs share: a host directory.
+    /// A virtio-fs share: a host directory, or a directory inside it.
     VirtioFs {
         /// The share's tag: 1 to 36 bytes.
         tag: String,
+        /// A directory inside the share to use as the rootfs instead of the share's root:
+        /// relative, 1 to 4096 bytes, no empty, `.` or `..` component (version 4).
+        #[serde(default)]
+        path: Option<String>,
     },
     /// The ext4 filesystem on the virtio-blk disk whose serial (its GET_ID string) is
     /// `serial`: a raw disk image on the host.
@@ -301,9 +312,14 @@ pub enum Rootfs {
 impl Rootfs {
     fn validate(&self) -> Result<(), String> {
         match self {
-            Self::VirtioFs { tag } if tag.is_empty() || tag.len() > 36 || tag.contains('\0') => {
+            Self::VirtioFs { tag, .. }
+                if tag.is_empty() || tag.len() > 36 || tag.contains('\0') =>
+            {
                 Err(format!("invalid virtio-fs tag {tag:?}"))
             }
+            Self::VirtioFs {
+                path: Some(path), ..
+            } => validate_share_path("rootfs path", path),
             Self::Block { serial } if !valid_serial(serial) => {
                 Err(format!("invalid virtio-blk serial {serial:?}"))
             }
@@ -437,6 +453,7 @@ impl ContainerSpec {
             validate_container_path("read-only path", path)?;
         }
         validate_namespaces(&self.namespaces)?;
+        validate_join_namespaces(&self.join_namespaces, &self.namespaces)?;
         let user_ns = self.namespaces.contains(&Namespace::User);
         validate_id_mappings("uidMappings", &self.uid_mappings, user_ns)?;
         validate_id_mappings("gidMappings", &self.gid_mappings, user_ns)?;
@@ -451,8 +468,12 @@ impl ContainerSpec {
                 SysctlNamespace::Uts => Namespace::Uts,
             })
         })?;
-        if self.hostname.is_some() && !self.namespaces.contains(&Namespace::Uts) {
-            return Err("hostname needs the container's own uts namespace".into());
+        let joins_uts = self
+            .join_namespaces
+            .iter()
+            .any(|j| j.kind == Namespace::Uts);
+        if self.hostname.is_some() && !self.namespaces.contains(&Namespace::Uts) && !joins_uts {
+            return Err("hostname needs the container's own or a joined uts namespace".into());
         }
         Ok(())
     }
@@ -511,6 +532,7 @@ mod tests {
             id: "c1".into(),
             rootfs: Rootfs::VirtioFs {
                 tag: "rootfs".into(),
+                path: None,
             },
             rootfs_readonly: false,
             hostname: Some("h".into()),
@@ -527,6 +549,7 @@ mod tests {
             readonly_paths: Vec::new(),
             sysctl: BTreeMap::new(),
             namespaces: vec![Namespace::Mount, Namespace::Uts],
+            join_namespaces: Vec::new(),
             uid_mappings: Vec::new(),
             gid_mappings: Vec::new(),
             resources: Resources::default(),
@@ -600,9 +623,25 @@ mod tests {
     #[test]
     fn test_spec_validate_bad_rootfs_rejected() {
         for rootfs in [
-            Rootfs::VirtioFs { tag: String::new() },
+            Rootfs::VirtioFs {
+                tag: String::new(),
+                path: None,
+            },
             Rootfs::VirtioFs {
                 tag: "t".repeat(37),
+                path: None,
+            },
+            Rootfs::VirtioFs {
+                tag: "rootfs".into(),
+                path: Some("../etc".into()),
+            },
+            Rootfs::VirtioFs {
+                tag: "rootfs".into(),
+                path: Some("/abs".into()),
+            },
+            Rootfs::VirtioFs {
+                tag: "rootfs".into(),
+                path: Some("pod/./c1".into()),
             },
             Rootfs::Block {
                 serial: String::new(),
@@ -623,6 +662,96 @@ mod tests {
             serial: "husk-rootfs".into(),
         };
         assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn test_spec_validate_rootfs_path_in_share_accepted() {
+        let mut s = spec();
+        s.rootfs = Rootfs::VirtioFs {
+            tag: "pod".into(),
+            path: Some("containers/c1/rootfs".into()),
+        };
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn test_rootfs_json_without_path_decodes_to_none() {
+        let rootfs: Rootfs = serde_json::from_str(r#"{"kind":"virtio_fs","tag":"t"}"#).unwrap();
+        let want = Rootfs::VirtioFs {
+            tag: "t".into(),
+            path: None,
+        };
+        assert_eq!(rootfs, want);
+    }
+
+    fn joining(kind: Namespace) -> ContainerSpec {
+        let mut s = spec();
+        s.namespaces.retain(|ns| *ns != kind);
+        s.join_namespaces = vec![JoinNamespace {
+            kind,
+            container: "sandbox".into(),
+        }];
+        s
+    }
+
+    #[test]
+    fn test_spec_validate_join_pod_namespaces_accepted() {
+        for kind in [
+            Namespace::Net,
+            Namespace::Ipc,
+            Namespace::Uts,
+            Namespace::Pid,
+            Namespace::Cgroup,
+        ] {
+            assert!(joining(kind).validate().is_ok(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn test_spec_validate_join_also_own_namespace_rejected() {
+        let mut s = joining(Namespace::Net);
+        s.namespaces.push(Namespace::Net);
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn test_spec_validate_join_user_or_mount_rejected() {
+        let mut s = joining(Namespace::Net);
+        s.join_namespaces[0].kind = Namespace::User;
+        assert!(s.validate().is_err(), "user");
+        let mut s = joining(Namespace::Mount);
+        s.namespaces.push(Namespace::Mount);
+        s.join_namespaces[0].kind = Namespace::Mount;
+        assert!(s.validate().is_err(), "mount");
+    }
+
+    #[test]
+    fn test_spec_validate_join_same_kind_twice_rejected() {
+        let mut s = joining(Namespace::Ipc);
+        s.join_namespaces.push(s.join_namespaces[0].clone());
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn test_spec_validate_join_invalid_container_rejected() {
+        let mut s = joining(Namespace::Net);
+        s.join_namespaces[0].container = "../x".into();
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn test_spec_validate_hostname_with_joined_uts_accepted() {
+        let s = joining(Namespace::Uts);
+        assert!(s.hostname.is_some());
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn test_spec_json_without_join_namespaces_decodes_to_empty() {
+        let mut json = serde_json::to_value(spec()).unwrap();
+        json.as_object_mut().unwrap().remove("join_namespaces");
+        let s: ContainerSpec = serde_json::from_value(json).unwrap();
+        assert!(s.join_namespaces.is_empty());
     }
 
     #[test]

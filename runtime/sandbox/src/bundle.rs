@@ -225,6 +225,7 @@ impl Bundle {
             readonly_paths: linux.readonly_paths,
             sysctl: linux.sysctl,
             namespaces: linux.namespaces,
+            join_namespaces: Vec::new(),
             resources: linux.resources,
             seccomp: linux.seccomp,
             uid_mappings: linux.uid_mappings,
@@ -253,7 +254,10 @@ fn resolve_rootfs(dir: &Path, path: &Path) -> Result<(Rootfs, AgentRootfs), Sand
     };
     if rootfs.is_dir() {
         let tag = ROOTFS_TAG.to_owned();
-        Ok((Rootfs::Dir(rootfs), AgentRootfs::VirtioFs { tag }))
+        Ok((
+            Rootfs::Dir(rootfs),
+            AgentRootfs::VirtioFs { tag, path: None },
+        ))
     } else if rootfs.is_file() {
         let serial = ROOTFS_SERIAL.to_owned();
         Ok((Rootfs::Image(rootfs), AgentRootfs::Block { serial }))

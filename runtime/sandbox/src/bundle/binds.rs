@@ -64,7 +64,11 @@ impl BindShares {
                 tag
             }
         };
-        Ok(BindSource { tag, file })
+        Ok(BindSource {
+            tag,
+            path: None,
+            file,
+        })
     }
 }
 
