@@ -110,6 +110,16 @@ impl Cgroup {
         self.write("cgroup.procs", &pid.as_raw().to_string())
     }
 
+    /// The processes in the cgroup (`cgroup.procs`); none when it cannot be read.
+    pub fn pids(&self) -> Vec<Pid> {
+        std::fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+            .map(Pid::from_raw)
+            .collect()
+    }
+
     /// Whether the OOM killer killed a process of this cgroup (`memory.events` `oom_kill`).
     pub fn oom_killed(&self) -> bool {
         std::fs::read_to_string(self.path.join("memory.events")).is_ok_and(|events| {

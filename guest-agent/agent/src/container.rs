@@ -1,4 +1,9 @@
 //! Containers of this VM: create (namespaces + container-init), start, wait, signal, stdio.
+//!
+//! A pod is several containers of one VM: each has its own rootfs (a directory of a shared
+//! virtio-fs tag, `Rootfs::VirtioFs::path`) and mount namespace, and may enter namespaces of
+//! a container created before it (`ContainerSpec::join_namespaces`, usually the sandbox's net,
+//! ipc and uts) instead of getting its own.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -10,7 +15,7 @@ use husk_protocol::{
     Rootfs, StdioStream,
 };
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
@@ -24,7 +29,7 @@ use tokio::sync::watch;
 use crate::cgroup::Cgroup;
 use crate::init::{ctx, mkdir_p, RUN_DIR};
 use crate::reaper::Exits;
-use crate::sys;
+use crate::{namespaces, sys};
 
 /// A request's failure, as it goes back to the host.
 pub type Failure = (ErrorKind, String);
@@ -35,6 +40,15 @@ pub fn rootfs_path(id: &str) -> PathBuf {
         .join("containers")
         .join(id)
         .join("rootfs")
+}
+
+/// Where container `id`'s rootfs share is mounted while a directory of it is bound onto
+/// [`rootfs_path`] (`Rootfs::VirtioFs` with a `path`); detached right afterwards.
+fn rootfs_share_path(id: &str) -> PathBuf {
+    PathBuf::from(RUN_DIR)
+        .join("containers")
+        .join(id)
+        .join("share")
 }
 
 /// clone(2) flags for the spec's namespaces; the cgroup namespace is made by container-init
@@ -74,6 +88,9 @@ enum State {
 #[derive(Debug)]
 struct Container {
     pid: Pid,
+    /// `pid` entered another container's pid namespace: it is not that namespace's init, so
+    /// the container's processes are those of its cgroup, not of the whole namespace.
+    joined_pid: bool,
     cgroup: Cgroup,
     state: State,
     sync: Option<UnixStream>,
@@ -109,8 +126,9 @@ impl Containers {
                 format!("container {id:?} already exists"),
             ));
         }
+        let joins = self.join_targets(&spec)?;
         let root = rootfs_path(&id);
-        mount_rootfs(&spec.rootfs, spec.rootfs_readonly, &root).map_err(internal)?;
+        mount_rootfs(&id, &spec.rootfs, spec.rootfs_readonly, &root).map_err(internal)?;
         let cgroup = match mount_shares(&spec).and_then(|()| Cgroup::create(&id, &spec.resources)) {
             Ok(cgroup) => cgroup,
             Err(e) => {
@@ -118,7 +136,7 @@ impl Containers {
                 return Err(internal(e));
             }
         };
-        let result = self.spawn(&spec, cgroup.clone()).await;
+        let result = self.spawn(&spec, &joins, cgroup.clone()).await;
         if let Err(e) = &result {
             if let Some(c) = self.lock().remove(&id) {
                 let _ = kill(c.pid, Signal::SIGKILL);
@@ -130,9 +148,37 @@ impl Containers {
         result
     }
 
-    async fn spawn(&self, spec: &ContainerSpec, cgroup: Cgroup) -> Result<(), Failure> {
-        let (pid, sync_parent, gate_w, io) =
-            spawn_helper(crate::container_init::ARG_C, clone_flags(&spec.namespaces))?;
+    /// The first process of each container whose namespace `spec` joins, with the namespace:
+    /// the container must exist and its first process must not have exited.
+    fn join_targets(&self, spec: &ContainerSpec) -> Result<Vec<(Namespace, Pid)>, Failure> {
+        let map = self.lock();
+        let live = |c: &&Container| c.state != State::Stopped && c.exit.borrow().is_none();
+        spec.join_namespaces
+            .iter()
+            .map(|join| match map.get(&join.container).filter(live) {
+                Some(c) => Ok((join.kind, c.pid)),
+                None => Err((
+                    ErrorKind::InvalidRequest,
+                    format!(
+                        "cannot join the {:?} namespace of container {:?}: it does not exist or has exited",
+                        join.kind, join.container
+                    ),
+                )),
+            })
+            .collect()
+    }
+
+    async fn spawn(
+        &self,
+        spec: &ContainerSpec,
+        joins: &[(Namespace, Pid)],
+        cgroup: Cgroup,
+    ) -> Result<(), Failure> {
+        let (pid, sync_parent, gate_w, io) = spawn_joined(
+            joins,
+            crate::container_init::ARG_C,
+            clone_flags(&spec.namespaces),
+        )?;
         // Registered before the next await: the reaper cannot miss this child's exit.
         let exit = self.exits.watch(pid);
         let opened = open_gate(pid, spec, gate_w);
@@ -142,6 +188,7 @@ impl Containers {
             spec.id.clone(),
             Container {
                 pid,
+                joined_pid: joins.iter().any(|(ns, _)| *ns == Namespace::Pid),
                 cgroup,
                 state: State::Creating,
                 sync: None,
@@ -304,24 +351,37 @@ impl Containers {
         }
     }
 
-    /// The container's processes: its first one and everything in its pid namespace.
-    pub fn processes(&self, id: &str) -> Result<Vec<ProcessInfo>, Failure> {
-        let pid = self.lock().get(id).ok_or_else(|| not_found(id))?.pid;
+    /// The container's first process and its others: everything in its pid namespace, or in
+    /// its cgroup when it joined another container's pid namespace.
+    fn members(&self, id: &str) -> Result<Vec<Pid>, Failure> {
+        let (pid, joined_pid, cgroup) = {
+            let map = self.lock();
+            let c = map.get(id).ok_or_else(|| not_found(id))?;
+            (c.pid, c.joined_pid, c.cgroup.clone())
+        };
         let mut pids = vec![pid];
-        pids.extend(same_pid_namespace(pid));
+        match joined_pid {
+            true => pids.extend(cgroup.pids().into_iter().filter(|&p| p != pid)),
+            false => pids.extend(same_pid_namespace(pid)),
+        }
+        Ok(pids)
+    }
+
+    /// The container's processes (see [`Containers::members`]).
+    pub fn processes(&self, id: &str) -> Result<Vec<ProcessInfo>, Failure> {
+        let mut pids = self.members(id)?;
         pids.sort_by_key(|p| p.as_raw());
         Ok(pids.into_iter().filter_map(process_info).collect())
     }
 
-    /// Sends `signal` to the container's first process, or with `all` to every process in
-    /// its pid namespace.
+    /// Sends `signal` to the container's first process, or with `all` to every process of
+    /// the container (see [`Containers::members`]).
     pub fn signal(&self, id: &str, signal: i32, all: bool) -> Result<(), Failure> {
         let sig = parse_signal(signal)?;
-        let pid = self.lock().get(id).ok_or_else(|| not_found(id))?.pid;
-        let mut pids = vec![pid];
-        if all {
-            pids.extend(same_pid_namespace(pid));
-        }
+        let pids = match all {
+            true => self.members(id)?,
+            false => vec![self.lock().get(id).ok_or_else(|| not_found(id))?.pid],
+        };
         for pid in pids {
             match kill(pid, sig) {
                 Ok(()) | Err(Errno::ESRCH) => {}
@@ -508,6 +568,31 @@ pub(crate) fn spawn_helper(
     Ok((pid, sync_parent, gate_w, io))
 }
 
+/// [`spawn_helper`] in the namespaces `joins` names (of other containers' first processes).
+/// setns(2) changes only the calling thread, so a thread of its own enters them and clones
+/// the helper, which inherits them (a pid namespace too: it applies to children); the thread
+/// ends right after, so no agent thread ever leaves the agent's namespaces.
+fn spawn_joined(
+    joins: &[(Namespace, Pid)],
+    mode: &'static std::ffi::CStr,
+    flags: CloneFlags,
+) -> Result<(Pid, OwnedFd, OwnedFd, ProcessIo), Failure> {
+    if joins.is_empty() {
+        return spawn_helper(mode, flags);
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                for (ns, pid) in joins {
+                    namespaces::join(*pid, &[*ns]).map_err(internal)?;
+                }
+                spawn_helper(mode, flags)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(internal("the namespace-joining thread panicked")))
+    })
+}
+
 /// Receives the terminal master the container's process allocated (after its setup reply).
 pub(crate) async fn receive_terminal(sync: &UnixStream) -> Result<OwnedFd, Failure> {
     loop {
@@ -554,17 +639,16 @@ pub async fn copy_output<W: tokio::io::AsyncWrite + Unpin>(
     open_outputs.send_modify(|open| *open = open.saturating_sub(1));
 }
 
-fn mount_rootfs(rootfs: &Rootfs, readonly: bool, root: &Path) -> std::io::Result<()> {
+/// Mounts container `id`'s rootfs on `root` (read-only is applied by container-init, except
+/// for a disk, which may not be writable at all).
+fn mount_rootfs(id: &str, rootfs: &Rootfs, readonly: bool, root: &Path) -> std::io::Result<()> {
     mkdir_p(root)?;
     match rootfs {
-        Rootfs::VirtioFs { tag } => mount(
-            Some(tag.as_str()),
-            root,
-            Some("virtiofs"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| ctx(e, &format!("mount virtio-fs {tag:?}"))),
+        Rootfs::VirtioFs { tag, path: None } => mount_virtiofs(tag, root),
+        Rootfs::VirtioFs {
+            tag,
+            path: Some(path),
+        } => mount_share_dir(tag, path, &rootfs_share_path(id), root),
         Rootfs::Block { serial } => {
             let device = block_device(serial)?;
             // A read-only disk cannot be mounted read-write at all.
@@ -580,6 +664,50 @@ fn mount_rootfs(rootfs: &Rootfs, readonly: bool, root: &Path) -> std::io::Result
             })
         }
     }
+}
+
+fn mount_virtiofs(tag: &str, target: &Path) -> std::io::Result<()> {
+    mount(
+        Some(tag),
+        target,
+        Some("virtiofs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| ctx(e, &format!("mount virtio-fs {tag:?}")))
+}
+
+/// Binds directory `path` of virtio-fs share `tag` onto `root`. The share is mounted on
+/// `staging` only until the bind is made, then detached (the bind keeps the file system; a tag
+/// mounted again, for another container of the pod, shares its superblock). `path` is opened
+/// beneath the share without following symlinks, so that the rootfs is never outside it.
+fn mount_share_dir(tag: &str, path: &str, staging: &Path, root: &Path) -> std::io::Result<()> {
+    mkdir_p(staging)?;
+    mount_virtiofs(tag, staging)?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    let bound = std::fs::File::open(staging)
+        .and_then(|share| {
+            openat2(&share, path, how)
+                .map_err(|e| ctx(e, &format!("open {path:?} in virtio-fs share {tag:?}")))
+        })
+        .and_then(|dir| {
+            use std::os::fd::AsRawFd;
+            let source = format!("/proc/self/fd/{}", dir.as_raw_fd());
+            let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
+            mount(
+                Some(source.as_str()),
+                root,
+                None::<&str>,
+                flags,
+                None::<&str>,
+            )
+            .map_err(|e| ctx(e, &format!("bind {path:?} of virtio-fs share {tag:?}")))
+        });
+    let detached =
+        umount2(staging, MntFlags::MNT_DETACH).map_err(|e| ctx(e, "detach the rootfs share"));
+    bound.and(detached)
 }
 
 /// Mounts the virtio-fs share of every bind mount under [`shares_path`], each tag once.
@@ -614,6 +742,8 @@ fn unmount_all(id: &str) {
             let _ = umount2(&entry.path(), MntFlags::MNT_DETACH);
         }
     }
+    // Detached right after the bind already; again in case that failed.
+    let _ = umount2(&rootfs_share_path(id), MntFlags::MNT_DETACH);
     let _ = umount2(&rootfs_path(id), MntFlags::MNT_DETACH);
 }
 
@@ -748,4 +878,33 @@ pub(crate) fn not_found(id: &str) -> Failure {
 
 pub(crate) fn internal(e: impl ToString) -> Failure {
     (ErrorKind::Internal, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joining(container: &str) -> ContainerSpec {
+        serde_json::from_value(serde_json::json!({
+            "id": "app", "rootfs": {"kind": "virtio_fs", "tag": "pod", "path": "app"},
+            "rootfs_readonly": false, "hostname": null, "args": ["sh"], "env": [], "cwd": "/",
+            "user": {"uid": 0, "gid": 0}, "namespaces": ["mount"],
+            "join_namespaces": [{"kind": "net", "container": container}],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn test_join_targets_unknown_container_invalid_request() {
+        let containers = Containers::default();
+        let (kind, message) = containers.join_targets(&joining("sandbox")).unwrap_err();
+        assert_eq!(kind, ErrorKind::InvalidRequest);
+        assert!(message.contains("\"sandbox\""), "{message}");
+    }
+
+    #[test]
+    fn test_clone_flags_joined_kinds_not_new() {
+        let flags = clone_flags(&joining("sandbox").namespaces);
+        assert_eq!(flags, CloneFlags::CLONE_NEWNS);
+    }
 }

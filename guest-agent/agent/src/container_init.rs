@@ -131,7 +131,9 @@ fn setup(spec: &ContainerSpec) -> io::Result<()> {
     for path in &spec.masked_paths {
         mounts::mask(path)?;
     }
-    if let Some(hostname) = &spec.hostname {
+    // Only in its own uts namespace: a joined one keeps the hostname its owner set (CRI gives
+    // a pod's containers the pod's hostname anyway).
+    if let (Some(hostname), true) = (&spec.hostname, spec.namespaces.contains(&Namespace::Uts)) {
         sethostname(hostname).map_err(|e| ctx(e, "sethostname"))?;
     }
     if spec.namespaces.contains(&Namespace::Net) {

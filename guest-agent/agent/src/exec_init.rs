@@ -8,7 +8,6 @@
 //! waits for the process and exits with its exit code, 128+N when signal N ended it.
 
 use std::ffi::CStr;
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -17,30 +16,17 @@ use std::process::{Command, ExitCode};
 
 use husk_protocol::{decode_body, decode_len, encode, ErrorKind, ExecInit, Response};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-use nix::sched::{setns, CloneFlags};
 use nix::sys::stat::{umask, Mode};
-use nix::unistd::chdir;
+use nix::unistd::{chdir, Pid};
 
 use crate::container_init::{find_program, set_user, DEFAULT_UMASK};
 use crate::init::ctx;
-use crate::sys;
+use crate::{namespaces, sys};
 
 /// The argument that selects this mode.
 pub const ARG: &str = "exec-init";
 /// [`ARG`] as a C string, for [`sys::spawn_self`].
 pub const ARG_C: &CStr = c"exec-init";
-
-/// Namespaces joined: user first (it grants the rights to join the others), mount last (it
-/// changes what /proc paths name). One the container shares with the agent is skipped.
-const NAMESPACES: [(&str, CloneFlags); 7] = [
-    ("user", CloneFlags::CLONE_NEWUSER),
-    ("cgroup", CloneFlags::CLONE_NEWCGROUP),
-    ("ipc", CloneFlags::CLONE_NEWIPC),
-    ("uts", CloneFlags::CLONE_NEWUTS),
-    ("net", CloneFlags::CLONE_NEWNET),
-    ("pid", CloneFlags::CLONE_NEWPID),
-    ("mnt", CloneFlags::CLONE_NEWNS),
-];
 
 pub fn main() -> ExitCode {
     let mut sync = UnixStream::from(sys::inherited_sync_fd());
@@ -93,20 +79,10 @@ pub fn main() -> ExitCode {
 /// Joins the container and spawns the process (with a terminal from the container's devpts
 /// if it asks for one: its master is returned); the reason when it could not.
 fn spawn(init: &ExecInit) -> Result<(std::process::Child, Option<OwnedFd>), String> {
-    let own = |name: &str, pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{name}")).ok();
-    let init_pid = init.init_pid.to_string();
-    let files = NAMESPACES
-        .iter()
-        .filter(|(name, _)| own(name, "self") != own(name, &init_pid))
-        .map(|(name, flag)| {
-            File::open(format!("/proc/{}/ns/{name}", init.init_pid))
-                .map(|f| (f, *flag, *name))
-                .map_err(|e| format!("open {name} namespace of the container: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    for (file, flag, name) in files {
-        setns(file, flag).map_err(|e| format!("join the container's {name} namespace: {e}"))?;
-    }
+    // Every namespace (one the container shares with the agent is skipped); the process is
+    // spawned below, a child, so that it is inside the pid namespace too.
+    namespaces::join(Pid::from_raw(init.init_pid), &namespaces::ALL)
+        .map_err(|e| format!("enter the container: {e}"))?;
     let p = &init.process;
     set_user(&p.user).map_err(|e| format!("set user {}:{}: {e}", p.user.uid, p.user.gid))?;
     umask(Mode::from_bits_truncate(

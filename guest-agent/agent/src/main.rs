@@ -14,6 +14,7 @@ mod exec;
 mod exec_init;
 mod init;
 mod mounts;
+mod namespaces;
 mod privileges;
 mod reaper;
 mod seccomp;

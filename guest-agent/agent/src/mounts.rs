@@ -58,10 +58,14 @@ pub fn mount_all(root: &Path, shares: &Path, mounts: &[Mount]) -> io::Result<()>
     Ok(())
 }
 
-/// Binds a file or directory of a share onto `m.destination`, then applies its flags with a
-/// remount (a bind mount ignores them on creation).
+/// Binds a file or directory of a share (or of a directory inside it, `source.path`) onto
+/// `m.destination`, then applies its flags with a remount (a bind mount ignores them on
+/// creation).
 fn bind(root: &Path, shares: &Path, m: &Mount, source: &BindSource) -> io::Result<()> {
     let mut from = shares.join(&source.tag);
+    if let Some(path) = &source.path {
+        from.push(path);
+    }
     let target = match &source.file {
         Some(file) => {
             from.push(file);
