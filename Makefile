@@ -34,9 +34,10 @@ deps:
 build: husk initramfs test-host-kernel
 
 husk:
-	cargo build --release -p husk-cli -p husk-vmm
+	cargo build --release -p husk-cli -p husk-vmm -p husk-shim
 	install -D -m 0755 target/release/husk $(OUT)/bin/husk
 	install -D -m 0755 target/release/husk-vmm $(OUT)/bin/husk-vmm
+	install -D -m 0755 target/release/containerd-shim-husk-v2 $(OUT)/bin/containerd-shim-husk-v2
 
 agent:
 	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p husk-agent --target $(HOST_TRIPLE)

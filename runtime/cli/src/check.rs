@@ -4,7 +4,7 @@ use std::path::Path;
 
 use husk_sandbox::{find_program, probe_kvm};
 
-use crate::{artifacts, Cli};
+use crate::Cli;
 
 /// Prints one line per requirement; exit 0 when some door can run a container here.
 pub fn check(cli: &Cli) -> i32 {
@@ -31,11 +31,11 @@ pub fn check(cli: &Cli) -> i32 {
     let virtiofsd = found("virtiofsd", find_program("virtiofsd"));
     let kernel = exists(
         "kernel",
-        &artifacts::locate(cli.kernel.as_deref(), "vmlinux"),
+        &husk_sandbox::artifacts::locate(cli.kernel.as_deref(), "vmlinux"),
     );
     let initramfs = exists(
         "initramfs",
-        &artifacts::locate(cli.initramfs.as_deref(), "initramfs.cpio"),
+        &husk_sandbox::artifacts::locate(cli.initramfs.as_deref(), "initramfs.cpio"),
     );
     let runnable = qemu && virtiofsd && kernel && initramfs;
     let door = match (runnable, probe.passed) {

@@ -4,7 +4,6 @@
 //! into `husk-sandbox`. Errors become one stderr line (`husk: <error chain>`) and exit 1.
 #![forbid(unsafe_code)]
 
-mod artifacts;
 mod check;
 mod lifecycle;
 mod logging;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use husk_sandbox::{HypervisorKind, RunOptions};
 
-use crate::{artifacts, lifecycle, Cli};
+use crate::{lifecycle, Cli};
 
 /// What sizes and boots the VM: shared by `run` and `create`.
 #[derive(Debug, Clone, Args)]
@@ -37,8 +37,8 @@ impl VmArgs {
             bundle: self.bundle.clone(),
             root: cli.root.clone(),
             hypervisor: self.hypervisor.parse::<HypervisorKind>()?,
-            kernel: artifacts::locate(cli.kernel.as_deref(), "vmlinux"),
-            initramfs: artifacts::locate(cli.initramfs.as_deref(), "initramfs.cpio"),
+            kernel: husk_sandbox::artifacts::locate(cli.kernel.as_deref(), "vmlinux"),
+            initramfs: husk_sandbox::artifacts::locate(cli.initramfs.as_deref(), "initramfs.cpio"),
             memory_mib: self.memory,
             vcpus: self.vcpus,
             boot_timeout: Duration::from_secs(self.boot_timeout),

@@ -145,6 +145,23 @@ pub const GUEST_OVERHEAD_MIB: u64 = 64;
 /// The most vCPUs a VM gets (the guest kernel's NR_CPUS).
 const MAX_VCPUS: u32 = 32;
 
+/// What a container is in its pod (the containerd shim's sandbox: one VM for several
+/// containers), for the `linux.namespaces` entries with a `path`, CRI's way of sharing the
+/// pod's namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodRole<'a> {
+    /// Alone in its VM (husk's CLI): a path is refused.
+    Alone,
+    /// The pod's first container: a path is the pod's namespace on the host; in the VM the
+    /// container gets a new one.
+    Sandbox,
+    /// A later container of the pod: a path means the sandbox container's namespace.
+    Member {
+        /// The sandbox container's id.
+        sandbox: &'a str,
+    },
+}
+
 /// A bundle ready to run.
 #[derive(Debug, Clone)]
 pub struct Bundle {
@@ -171,6 +188,15 @@ impl Bundle {
     /// [`SandboxError::ReadConfig`], [`SandboxError::InvalidConfig`] or
     /// [`SandboxError::MissingRootfs`].
     pub fn load(dir: &Path, id: &str) -> Result<Self, SandboxError> {
+        Self::load_in_pod(dir, id, PodRole::Alone)
+    }
+
+    /// [`Bundle::load`] for a container that is `role` in its pod: `linux.namespaces` paths
+    /// are read as [`PodRole`] says.
+    ///
+    /// # Errors
+    /// As [`Bundle::load`].
+    pub fn load_in_pod(dir: &Path, id: &str, role: PodRole<'_>) -> Result<Self, SandboxError> {
         let dir = &std::path::absolute(dir).map_err(|source| SandboxError::StateDir {
             path: dir.to_owned(),
             source,
@@ -201,7 +227,7 @@ impl Bundle {
             .collect();
         let user = process.user();
         let attrs = process::attrs(process).map_err(|reason| invalid(&reason))?;
-        let linux = linux::attrs(&spec, dir).map_err(|reason| invalid(&reason))?;
+        let linux = linux::attrs(&spec, dir, role).map_err(|reason| invalid(&reason))?;
         let spec = ContainerSpec {
             id: id.to_owned(),
             rootfs: agent_rootfs,
@@ -225,7 +251,7 @@ impl Bundle {
             readonly_paths: linux.readonly_paths,
             sysctl: linux.sysctl,
             namespaces: linux.namespaces,
-            join_namespaces: Vec::new(),
+            join_namespaces: linux.join_namespaces,
             resources: linux.resources,
             seccomp: linux.seccomp,
             uid_mappings: linux.uid_mappings,
@@ -277,8 +303,16 @@ pub fn process_from_file(path: &Path) -> Result<ProcessSpec, SandboxError> {
         reason,
     };
     let bytes = std::fs::read(path).map_err(|e| invalid(format!("cannot read: {e}")))?;
+    process_from_json(&bytes).map_err(invalid)
+}
+
+/// The process an OCI `process` JSON object describes (`exec -p`, the shim's Exec).
+///
+/// # Errors
+/// Not an OCI process, or invalid fields.
+pub fn process_from_json(bytes: &[u8]) -> Result<ProcessSpec, String> {
     let process: oci_spec::runtime::Process =
-        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not an OCI process: {e}")))?;
+        serde_json::from_slice(bytes).map_err(|e| format!("not an OCI process: {e}"))?;
     let user = process.user();
     let spec = ProcessSpec {
         args: process.args().clone().unwrap_or_default(),
@@ -292,8 +326,18 @@ pub fn process_from_file(path: &Path) -> Result<ProcessSpec, SandboxError> {
         },
         terminal: process.terminal().unwrap_or(false),
     };
-    spec.validate().map_err(invalid)?;
+    spec.validate()?;
     Ok(spec)
+}
+
+/// The limits an OCI `linux.resources` JSON object sets (the shim's Update).
+///
+/// # Errors
+/// Not OCI resources, or a limit husk cannot set.
+pub fn resources_from_json(bytes: &[u8]) -> Result<husk_protocol::Resources, String> {
+    let r: oci_spec::runtime::LinuxResources =
+        serde_json::from_slice(bytes).map_err(|e| format!("not OCI linux.resources: {e}"))?;
+    resources::resources(&r)
 }
 
 /// The process `husk exec ID ARGS...` asks for: the container's own env, cwd and user from its

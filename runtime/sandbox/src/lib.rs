@@ -8,11 +8,13 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod artifacts;
 pub mod bundle;
 mod error;
 pub mod features;
 pub mod hooks;
 pub mod lifecycle;
+pub mod pod;
 mod run;
 pub mod state;
 pub mod state_dir;

@@ -242,19 +242,12 @@ fn door(opts: &RunOptions, bundle: &Bundle) -> HypervisorKind {
 /// The VM for `bundle`: its annotations size it, else its resources (memory limit plus the
 /// guest's own overhead, vCPUs from the CPU quota or cpuset), else the command line.
 fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
+    let (memory_mib, vcpus) = vm_size(bundle, opts.memory_mib, opts.vcpus);
     VmConfig {
         kernel: opts.kernel.clone(),
         initramfs: opts.initramfs.clone(),
-        memory_mib: bundle
-            .vm
-            .memory_mib
-            .or_else(|| bundle.sized_memory_mib())
-            .unwrap_or(opts.memory_mib),
-        vcpus: bundle
-            .vm
-            .vcpus
-            .or_else(|| bundle.sized_vcpus())
-            .unwrap_or(opts.vcpus),
+        memory_mib,
+        vcpus,
         shares: match &bundle.rootfs {
             Rootfs::Dir(dir) => vec![FsShare {
                 tag: ROOTFS_TAG.to_owned(),
@@ -278,6 +271,23 @@ fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
         },
         run_dir: run_dir.to_owned(),
     }
+}
+
+/// Guest memory (MiB) and vCPUs for `bundle`: its annotations, else its resources, else the
+/// defaults given.
+pub(crate) fn vm_size(bundle: &Bundle, memory_mib: u32, vcpus: u32) -> (u32, u32) {
+    (
+        bundle
+            .vm
+            .memory_mib
+            .or_else(|| bundle.sized_memory_mib())
+            .unwrap_or(memory_mib),
+        bundle
+            .vm
+            .vcpus
+            .or_else(|| bundle.sized_vcpus())
+            .unwrap_or(vcpus),
+    )
 }
 
 /// The relays of a container's stdio to the host; done when its output has been delivered.
@@ -412,7 +422,10 @@ async fn run_in_vm(
 }
 
 /// Waits for the agent's first answer, or reports why the guest never gave one.
-async fn boot(vm: &mut dyn Hypervisor, timeout: Duration) -> Result<AgentClient, SandboxError> {
+pub(crate) async fn boot(
+    vm: &mut dyn Hypervisor,
+    timeout: Duration,
+) -> Result<AgentClient, SandboxError> {
     let deadline = Instant::now() + timeout;
     let vsock = vm.vsock_path();
     tokio::select! {
@@ -531,7 +544,7 @@ async fn power_off(vm: &mut dyn Hypervisor, agent: AgentClient) {
     }
 }
 
-fn exit_reason(vm: &dyn Hypervisor, exit: Result<VmExit, HypervisorError>) -> String {
+pub(crate) fn exit_reason(vm: &dyn Hypervisor, exit: Result<VmExit, HypervisorError>) -> String {
     match (husk_hypervisor::kernel_panic(&vm.console_path()), exit) {
         (Some(reason), _) => format!("guest kernel panic: {reason}"),
         (None, Ok(exit)) => format!("VMM exited with {}", exit.status),

@@ -12,7 +12,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::binds::{BindShare, BindShares};
-use husk_protocol::{IdMapping, Mount, MountFlag, MountKind, Namespace, Resources, Seccomp};
+use super::PodRole;
+use husk_protocol::{
+    IdMapping, JoinNamespace, Mount, MountFlag, MountKind, Namespace, Resources, Seccomp,
+};
 use oci_spec::runtime::{Linux, LinuxIdMapping, Mount as OciMount, Spec};
 
 /// The agent's view of what this module converts.
@@ -28,11 +31,12 @@ pub(super) struct LinuxAttrs {
     pub uid_mappings: Vec<IdMapping>,
     pub gid_mappings: Vec<IdMapping>,
     pub bind_shares: Vec<BindShare>,
+    pub join_namespaces: Vec<JoinNamespace>,
 }
 
 /// Converts `mounts` and the supported `linux` fields; an unsupported one that is set is an
 /// error.
-pub(super) fn attrs(spec: &Spec, bundle: &Path) -> Result<LinuxAttrs, String> {
+pub(super) fn attrs(spec: &Spec, bundle: &Path, role: PodRole<'_>) -> Result<LinuxAttrs, String> {
     refuse_unsupported_top(spec)?;
     let mut binds = BindShares::new(bundle);
     let mounts = spec
@@ -45,6 +49,7 @@ pub(super) fn attrs(spec: &Spec, bundle: &Path) -> Result<LinuxAttrs, String> {
         return Err("no linux section: husk needs at least linux.namespaces with mount".into());
     };
     refuse_unsupported(linux)?;
+    let mut join_namespaces = Vec::new();
     Ok(LinuxAttrs {
         mounts,
         masked_paths: linux.masked_paths().clone().unwrap_or_default(),
@@ -55,7 +60,8 @@ pub(super) fn attrs(spec: &Spec, bundle: &Path) -> Result<LinuxAttrs, String> {
             .flatten()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        namespaces: namespaces(linux)?,
+        namespaces: namespaces(linux, role, &mut join_namespaces)?,
+        join_namespaces,
         resources: match linux.resources() {
             Some(r) => super::resources::resources(r)?,
             None => Resources::default(),
@@ -206,19 +212,19 @@ fn refuse_unsupported(linux: &Linux) -> Result<(), String> {
     }
 }
 
-/// `linux.namespaces`: each one new (a `path` to join is not supported); `time` is refused.
-fn namespaces(linux: &Linux) -> Result<Vec<Namespace>, String> {
+/// `linux.namespaces`: the new ones; `time` is refused. A `path` to join is refused for a
+/// container alone in its VM, means a new namespace for a pod's sandbox container (the path
+/// is the pod's namespace on the host) and the sandbox container's namespace for a later one
+/// of the pod (pushed to `joined`).
+fn namespaces(
+    linux: &Linux,
+    role: PodRole<'_>,
+    joined: &mut Vec<JoinNamespace>,
+) -> Result<Vec<Namespace>, String> {
     use oci_spec::runtime::LinuxNamespaceType as T;
     let mut out = Vec::new();
     for ns in linux.namespaces().iter().flatten() {
-        if let Some(path) = ns.path() {
-            return Err(format!(
-                "linux.namespaces: joining the {} namespace at {} is not supported (the container has its own VM)",
-                ns.typ(),
-                path.display()
-            ));
-        }
-        out.push(match ns.typ() {
+        let kind = match ns.typ() {
             T::Pid => Namespace::Pid,
             T::Network => Namespace::Net,
             T::Ipc => Namespace::Ipc,
@@ -227,7 +233,21 @@ fn namespaces(linux: &Linux) -> Result<Vec<Namespace>, String> {
             T::Cgroup => Namespace::Cgroup,
             T::User => Namespace::User,
             T::Time => return Err("linux.namespaces: time namespaces are not supported".into()),
-        });
+        };
+        match (ns.path(), role) {
+            (None, _) | (Some(_), PodRole::Sandbox) => out.push(kind),
+            (Some(_), PodRole::Member { sandbox }) => joined.push(JoinNamespace {
+                kind,
+                container: sandbox.to_owned(),
+            }),
+            (Some(path), PodRole::Alone) => {
+                return Err(format!(
+                    "linux.namespaces: joining the {} namespace at {} is not supported (the container has its own VM)",
+                    ns.typ(),
+                    path.display()
+                ))
+            }
+        }
     }
     Ok(out)
 }
@@ -257,7 +277,7 @@ mod tests {
 
     #[test]
     fn test_attrs_default_spec_mounts_converted() {
-        let a = attrs(&Spec::default(), Path::new("/")).unwrap();
+        let a = attrs(&Spec::default(), Path::new("/"), PodRole::Alone).unwrap();
         let dests: Vec<&str> = a.mounts.iter().map(|m| m.destination.as_str()).collect();
         assert_eq!(
             dests,

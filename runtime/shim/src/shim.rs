@@ -1,0 +1,234 @@
+//! The shim binary's life: `start` (spawn or reuse the pod's shim), serving, and `delete`
+//! (containerd's cleanup after a shim that died), plus where a pod's files are.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim::protos::api::DeleteResponse;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Config, Error, ExitSignal, Flags, StartOpts};
+use husk_sandbox::pod::PodOptions;
+use husk_sandbox::HypervisorKind;
+use tracing::{info, warn};
+
+use crate::task::TaskService;
+
+/// Annotation CRI puts on every container of a pod: the pod's sandbox id.
+pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// Annotation CRI puts on every container: `sandbox` for the pod's first, else `container`.
+pub const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
+/// Where the shim keeps each pod's directory (VM sockets, console log, the virtio-fs share).
+const RUN_ROOT: &str = "/run/husk-shim";
+/// The file in a pod's directory that names its VMM's pid.
+const VMM_PID_FILE: &str = "vmm.pid";
+
+/// The shim (the `containerd-shim` crate drives it).
+pub struct HuskShim {
+    namespace: String,
+    id: String,
+    bundle: PathBuf,
+    exit: Arc<ExitSignal>,
+}
+
+impl std::fmt::Debug for HuskShim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HuskShim")
+            .field("namespace", &self.namespace)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl containerd_shim::Shim for HuskShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        if args.action.is_empty() {
+            init_logging(args.debug);
+        }
+        let bundle = match args.bundle.is_empty() {
+            true => std::env::current_dir().unwrap_or_default(),
+            false => PathBuf::from(&args.bundle),
+        };
+        Self {
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            bundle,
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        spawn_server(opts).await
+    }
+
+    /// Cleans up after a shim that died: the VMM and virtiofsd died with it (they are
+    /// killed when their parent dies); the pod's mounts and directory are left.
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        let annotations = Annotations::read(&self.bundle);
+        let grouping = annotations.sandbox_id.as_deref().unwrap_or(&self.id);
+        let run_dir = pod_dir(&self.namespace, grouping);
+        if grouping == self.id {
+            kill_vmm(&run_dir);
+            husk_sandbox::pod::cleanup(&run_dir);
+        } else {
+            husk_sandbox::pod::unmount_under(&run_dir.join("share").join(&self.id));
+        }
+        husk_sandbox::pod::unmount_under(&self.bundle.join("rootfs"));
+        info!(id = %self.id, "cleaned up after a dead shim");
+        let mut response = DeleteResponse::new();
+        response.exit_status = 128 + 9;
+        response.exited_at = Some(containerd_shim::util::timestamp()?).into();
+        Ok(response)
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        TaskService::new(
+            self.namespace.clone(),
+            publisher,
+            self.exit.clone(),
+            ShimConfig::from_env(),
+        )
+    }
+}
+
+/// Starts the shim server of the container's pod, or finds it running: the containers of a
+/// pod share one (grouped by the sandbox id); containerd runs `start` in the bundle.
+async fn spawn_server(opts: StartOpts) -> Result<String, Error> {
+    let grouping = Annotations::read(Path::new("."))
+        .sandbox_id
+        .unwrap_or_else(|| opts.id.clone());
+    containerd_shim::spawn(opts, &grouping, Vec::new()).await
+}
+
+/// The CRI annotations of a bundle's config.json that decide its pod.
+#[derive(Debug, Default, Clone)]
+pub struct Annotations {
+    /// [`ANNOTATION_SANDBOX_ID`].
+    pub sandbox_id: Option<String>,
+    /// [`ANNOTATION_CONTAINER_TYPE`] is `sandbox`.
+    pub is_sandbox: bool,
+}
+
+impl Annotations {
+    /// Reads `<bundle>/config.json`; none when it cannot be read (its loading reports that).
+    pub fn read(bundle: &Path) -> Self {
+        let value = std::fs::read(bundle.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        let get = |key: &str| {
+            value
+                .as_ref()
+                .and_then(|v| v.get("annotations"))
+                .and_then(|a| a.get(key))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        Self {
+            sandbox_id: get(ANNOTATION_SANDBOX_ID).filter(|s| !s.is_empty()),
+            is_sandbox: get(ANNOTATION_CONTAINER_TYPE).as_deref() == Some("sandbox"),
+        }
+    }
+}
+
+/// The directory of pod `grouping` in containerd namespace `namespace`.
+pub fn pod_dir(namespace: &str, grouping: &str) -> PathBuf {
+    Path::new(RUN_ROOT).join(namespace).join(grouping)
+}
+
+/// Records the VMM's pid in the pod's directory, for [`kill_vmm`].
+pub fn record_vmm_pid(run_dir: &Path, pid: Option<u32>) {
+    if let Some(pid) = pid {
+        if let Err(e) = std::fs::write(run_dir.join(VMM_PID_FILE), pid.to_string()) {
+            warn!(error = %e, "VMM pid not recorded");
+        }
+    }
+}
+
+/// Kills the pod's VMM if it still runs (a shim killed before the VMM noticed); the pid is
+/// only trusted while that process still names the pod's directory on its command line.
+fn kill_vmm(run_dir: &Path) {
+    let Some(pid) = std::fs::read_to_string(run_dir.join(VMM_PID_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = run_dir.as_os_str().as_encoded_bytes();
+    if cmdline.windows(needle.len()).any(|w| w == needle) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// What every pod of this shim binary gets: the guest artifacts beside the binary
+/// (`../share/husk/`), the door from `HUSK_HYPERVISOR` (default `auto`).
+#[derive(Debug, Clone)]
+pub struct ShimConfig {
+    /// Door for a bundle that names none.
+    pub hypervisor: HypervisorKind,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Initramfs with the agent.
+    pub initramfs: PathBuf,
+}
+
+impl ShimConfig {
+    fn from_env() -> Self {
+        let hypervisor = std::env::var("HUSK_HYPERVISOR")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(HypervisorKind::Auto);
+        Self {
+            hypervisor,
+            kernel: husk_sandbox::artifacts::locate(None, "vmlinux"),
+            initramfs: husk_sandbox::artifacts::locate(None, "initramfs.cpio"),
+        }
+    }
+
+    /// The options of pod `grouping` in `namespace`.
+    pub fn pod(&self, namespace: &str, grouping: &str) -> PodOptions {
+        PodOptions {
+            hypervisor: self.hypervisor,
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
+            memory_mib: 256,
+            vcpus: 1,
+            boot_timeout: Duration::from_secs(60),
+            run_dir: pod_dir(namespace, grouping),
+        }
+    }
+}
+
+/// Logs to the `log` FIFO containerd opened in the bundle directory (containerd copies it to
+/// its own log).
+fn init_logging(debug: bool) {
+    let level = match debug {
+        true => "debug",
+        false => "info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let fifo = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("log");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    let _ = match fifo {
+        Ok(file) => builder.with_writer(std::sync::Mutex::new(file)).try_init(),
+        Err(_) => builder.with_writer(std::io::stderr).try_init(),
+    };
+}

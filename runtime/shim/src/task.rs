@@ -1,0 +1,1007 @@
+//! containerd's Task service over one pod VM.
+//!
+//! The first container created boots the pod's VM (sized by its bundle); later ones of the
+//! same sandbox are created in it by the agent. Each process (a container's own, or an exec)
+//! has its stdio relays and a waiter that records its exit and publishes `TaskExit` once its
+//! output was written out. Deleting the pod's first container, or the last one, powers the
+//! VM off.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as SyncMutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim::protos::api;
+use containerd_shim::protos::cgroups::metrics as cg;
+use containerd_shim::protos::events::task as ev;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{Message, MessageDyn};
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::protos::types::task::{ProcessInfo, Status};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
+use husk_protocol::{ProcessSpec, StdioStream};
+use husk_sandbox::bundle::{Bundle, PodRole};
+use husk_sandbox::pod::PodVm;
+use husk_sandbox::SandboxError;
+use tokio::sync::{watch, Mutex};
+use tracing::{debug, info, warn};
+
+use crate::io::{Relays, StdioPaths, Streams};
+use crate::shim::{record_vmm_pid, Annotations, ShimConfig};
+
+/// Exit status of a process whose VM went away under it (as SIGKILL).
+const EXIT_VM_GONE: u32 = 128 + 9;
+/// How long the outputs of a process whose VM ended may take to drain.
+const DRAIN_AFTER_VM_END: Duration = Duration::from_secs(2);
+
+/// The Task service of one shim (one pod).
+#[derive(Clone)]
+pub struct TaskService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for TaskService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskService")
+            .field("namespace", &self.inner.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    namespace: String,
+    publisher: RemotePublisher,
+    exit: Arc<ExitSignal>,
+    config: ShimConfig,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The pod's VM and its first container's id.
+    pod: Option<(Arc<PodVm>, String)>,
+    containers: HashMap<String, Arc<Container>>,
+}
+
+struct Container {
+    id: String,
+    bundle: PathBuf,
+    pod: Arc<PodVm>,
+    init: Arc<Process>,
+    execs: SyncMutex<HashMap<String, Arc<Process>>>,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone)]
+struct Exit {
+    status: u32,
+    at: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+struct Process {
+    /// `None` for the container's own process.
+    exec_id: Option<String>,
+    stdio: StdioPaths,
+    /// An exec's process until it is started.
+    spec: SyncMutex<Option<ProcessSpec>>,
+    phase: SyncMutex<Phase>,
+    pid: SyncMutex<u32>,
+    relays: Mutex<Option<Relays>>,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+impl Process {
+    fn new(exec_id: Option<String>, stdio: StdioPaths, spec: Option<ProcessSpec>) -> Self {
+        Self {
+            exec_id,
+            stdio,
+            spec: SyncMutex::new(spec),
+            phase: SyncMutex::new(Phase::Created),
+            pid: SyncMutex::new(0),
+            relays: Mutex::new(None),
+            exit: watch::Sender::new(None),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        self.phase.lock().map_or(Phase::Stopped, |p| *p)
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        if let Ok(mut p) = self.phase.lock() {
+            // Nothing brings a stopped process back.
+            if *p != Phase::Stopped {
+                *p = phase;
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid.lock().map_or(0, |p| *p)
+    }
+
+    fn set_pid(&self, pid: u32) {
+        if let Ok(mut p) = self.pid.lock() {
+            *p = pid;
+        }
+    }
+
+    fn exited(&self) -> Option<Exit> {
+        self.exit.borrow().clone()
+    }
+}
+
+impl TaskService {
+    /// The service of a shim in containerd namespace `namespace`.
+    pub fn new(
+        namespace: String,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+        config: ShimConfig,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                namespace,
+                publisher,
+                exit,
+                config,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        if let Err(e) = self
+            .publisher
+            .publish(Context::default(), topic, &self.namespace, event)
+            .await
+        {
+            warn!(topic, error = %e, "event not published");
+        }
+    }
+
+    async fn container(&self, id: &str) -> TtrpcResult<Arc<Container>> {
+        self.state
+            .lock()
+            .await
+            .containers
+            .get(id)
+            .cloned()
+            .ok_or_else(|| error(Code::NOT_FOUND, format!("container {id:?} does not exist")))
+    }
+
+    async fn process(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> TtrpcResult<(Arc<Container>, Arc<Process>)> {
+        let c = self.container(id).await?;
+        let p = match exec_id.is_empty() {
+            true => c.init.clone(),
+            false => c
+                .execs
+                .lock()
+                .ok()
+                .and_then(|e| e.get(exec_id).cloned())
+                .ok_or_else(|| {
+                    error(
+                        Code::NOT_FOUND,
+                        format!("process {exec_id:?} of container {id:?} does not exist"),
+                    )
+                })?,
+        };
+        Ok((c, p))
+    }
+
+    /// The pod to create container `id` (`annotations` from its bundle) in, booting it for
+    /// the first container; with the container's role in it.
+    async fn pod_for(
+        &self,
+        state: &mut State,
+        id: &str,
+        bundle: &Path,
+        annotations: &Annotations,
+    ) -> TtrpcResult<(Arc<PodVm>, Bundle)> {
+        if let Some((pod, sandbox)) = &state.pod {
+            if pod.has_ended() {
+                return Err(error(
+                    Code::FAILED_PRECONDITION,
+                    format!("the pod's VM has ended; container {id:?} cannot join it"),
+                ));
+            }
+            let role = PodRole::Member { sandbox };
+            let bundle = Bundle::load_in_pod(bundle, id, role).map_err(sandbox_error)?;
+            return Ok((pod.clone(), bundle));
+        }
+        let role = match annotations.is_sandbox {
+            true => PodRole::Sandbox,
+            false => PodRole::Alone,
+        };
+        let loaded = Bundle::load_in_pod(bundle, id, role).map_err(sandbox_error)?;
+        let grouping = annotations.sandbox_id.as_deref().unwrap_or(id);
+        let opts = self.config.pod(&self.namespace, grouping);
+        let pod = Arc::new(PodVm::boot(&opts, &loaded).await.map_err(sandbox_error)?);
+        record_vmm_pid(&opts.run_dir, pod.vmm_pid());
+        state.pod = Some((pod.clone(), id.to_owned()));
+        Ok((pod, loaded))
+    }
+
+    async fn create(self: &Arc<Self>, req: api::CreateTaskRequest) -> TtrpcResult<u32> {
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        stdio
+            .check()
+            .map_err(|e| error(Code::INVALID_ARGUMENT, e))?;
+        if !req.checkpoint.is_empty() {
+            return Err(error(
+                Code::UNIMPLEMENTED,
+                "checkpoint/restore is not supported",
+            ));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let rootfs = bundle.join("rootfs");
+        let mut state = self.state.lock().await;
+        if state.containers.contains_key(&req.id) {
+            return Err(error(
+                Code::ALREADY_EXISTS,
+                format!("container {:?} already exists", req.id),
+            ));
+        }
+        for m in &req.rootfs {
+            if let Err(e) = containerd_shim::util::mount_rootfs(m, &rootfs).await {
+                husk_sandbox::pod::unmount_under(&rootfs);
+                return Err(error(
+                    Code::INTERNAL,
+                    format!("mount {} rootfs at {}: {e}", m.type_, rootfs.display()),
+                ));
+            }
+        }
+        let annotations = Annotations::read(&bundle);
+        let created = self
+            .create_in_pod(&mut state, &req.id, &bundle, &annotations, stdio)
+            .await;
+        match created {
+            Ok(container) => {
+                let pid = container.init.pid();
+                state.containers.insert(req.id.clone(), container);
+                Ok(pid)
+            }
+            Err(e) => {
+                husk_sandbox::pod::unmount_under(&rootfs);
+                let first = state.pod.as_ref().is_some_and(|(_, s)| *s == req.id);
+                if first {
+                    if let Some((pod, _)) = state.pod.take() {
+                        pod.shutdown().await;
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_in_pod(
+        self: &Arc<Self>,
+        state: &mut State,
+        id: &str,
+        bundle_dir: &Path,
+        annotations: &Annotations,
+        stdio: StdioPaths,
+    ) -> TtrpcResult<Arc<Container>> {
+        let (pod, mut bundle) = self.pod_for(state, id, bundle_dir, annotations).await?;
+        if bundle.spec.terminal != stdio.terminal {
+            bundle.spec.terminal = stdio.terminal;
+        }
+        pod.create(&mut bundle).await.map_err(sandbox_error)?;
+        let process = Arc::new(Process::new(None, stdio, None));
+        process.set_pid(pod.vmm_pid().unwrap_or(0));
+        let container = Arc::new(Container {
+            id: id.to_owned(),
+            bundle: bundle_dir.to_owned(),
+            pod: pod.clone(),
+            init: process.clone(),
+            execs: SyncMutex::new(HashMap::new()),
+        });
+        let streams = attach(&pod, id, None, process.stdio.terminal)
+            .await
+            .map_err(sandbox_error)?;
+        let relays = Relays::start(&process.stdio, streams)
+            .await
+            .map_err(|e| error(Code::INTERNAL, format!("stdio of {id:?}: {e}")))?;
+        *process.relays.lock().await = Some(relays);
+        tokio::spawn(watch_exit(self.clone(), container.clone(), process));
+        Ok(container)
+    }
+}
+
+impl Inner {
+    async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> TtrpcResult<u32> {
+        let (c, p) = self.process(id, exec_id).await?;
+        if p.phase() != Phase::Created {
+            return Err(error(
+                Code::FAILED_PRECONDITION,
+                format!("process {:?} of {id:?} was already started", p.exec_id),
+            ));
+        }
+        let Some(exec_id) = p.exec_id.clone() else {
+            c.pod.agent().await.start(id).await.map_err(sandbox_error)?;
+            p.set_phase(Phase::Running);
+            let pid = p.pid();
+            let event = ev::TaskStart {
+                container_id: id.to_owned(),
+                pid,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(event))
+                .await;
+            return Ok(pid);
+        };
+        let spec = p
+            .spec
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .ok_or_else(|| error(Code::FAILED_PRECONDITION, "exec already started"))?;
+        let pid = c
+            .pod
+            .agent()
+            .await
+            .exec(id, &exec_id, &spec, false)
+            .await
+            .map_err(sandbox_error)?;
+        p.set_pid(pid);
+        p.set_phase(Phase::Running);
+        let streams = attach(&c.pod, id, Some(&exec_id), spec.terminal)
+            .await
+            .map_err(sandbox_error)?;
+        let relays = Relays::start(&p.stdio, streams)
+            .await
+            .map_err(|e| error(Code::INTERNAL, format!("stdio of exec {exec_id:?}: {e}")))?;
+        *p.relays.lock().await = Some(relays);
+        tokio::spawn(watch_exit(self.clone(), c.clone(), p.clone()));
+        let event = ev::TaskExecStarted {
+            container_id: id.to_owned(),
+            exec_id,
+            pid,
+            ..Default::default()
+        };
+        self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event))
+            .await;
+        Ok(pid)
+    }
+
+    async fn kill(&self, req: &api::KillRequest) -> TtrpcResult<()> {
+        let (c, p) = self.process(&req.id, &req.exec_id).await?;
+        let signal = i32::try_from(req.signal)
+            .map_err(|_| error(Code::INVALID_ARGUMENT, format!("signal {}", req.signal)))?;
+        if p.exited().is_some() && !req.all {
+            return Err(error(Code::NOT_FOUND, "process already finished"));
+        }
+        let mut agent = c.pod.agent().await;
+        let sent = match &p.exec_id {
+            None => agent.signal_all(&req.id, signal, req.all).await,
+            Some(exec_id) => agent.signal_process(&req.id, exec_id, signal).await,
+        };
+        match sent {
+            Err(_) if p.exited().is_some() || c.pod.has_ended() => Ok(()),
+            other => other.map_err(sandbox_error),
+        }
+    }
+
+    async fn delete(self: &Arc<Self>, id: &str, exec_id: &str) -> TtrpcResult<api::DeleteResponse> {
+        let (c, p) = self.process(id, exec_id).await?;
+        if !exec_id.is_empty() {
+            let Some(exit) = p.exited() else {
+                return Err(error(
+                    Code::FAILED_PRECONDITION,
+                    format!("exec {exec_id:?} of {id:?} is still running"),
+                ));
+            };
+            if let Ok(mut execs) = c.execs.lock() {
+                execs.remove(exec_id);
+            }
+            return Ok(delete_response(p.pid(), &exit));
+        }
+        let exit = match (p.exited(), p.phase()) {
+            (Some(exit), _) => exit,
+            (None, Phase::Created) => {
+                // Never started: its process goes, as with runc.
+                let _ = c.pod.agent().await.signal_all(id, 9, true).await;
+                let mut rx = p.exit.subscribe();
+                let waited =
+                    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
+                        .await;
+                match waited {
+                    Ok(Ok(exit)) => exit.clone().unwrap_or_else(vm_gone),
+                    _ => vm_gone(),
+                }
+            }
+            (None, _) => {
+                return Err(error(
+                    Code::FAILED_PRECONDITION,
+                    format!("container {id:?} is still running"),
+                ))
+            }
+        };
+        let mut state = self.state.lock().await;
+        state.containers.remove(id);
+        c.pod.remove(id);
+        husk_sandbox::pod::unmount_under(&c.bundle.join("rootfs"));
+        let first = state.pod.as_ref().is_some_and(|(_, s)| s == id);
+        if first || state.containers.is_empty() {
+            if let Some((pod, _)) = state.pod.take() {
+                info!(id, "last or first container of the pod deleted: VM off");
+                pod.shutdown().await;
+            }
+        }
+        drop(state);
+        let event = ev::TaskDelete {
+            container_id: id.to_owned(),
+            pid: p.pid(),
+            exit_status: exit.status,
+            exited_at: Some(exit.at.clone()).into(),
+            id: id.to_owned(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event))
+            .await;
+        Ok(delete_response(p.pid(), &exit))
+    }
+
+    async fn exec(&self, req: &api::ExecProcessRequest) -> TtrpcResult<()> {
+        let c = self.container(&req.id).await?;
+        if c.init.phase() != Phase::Running {
+            return Err(error(
+                Code::FAILED_PRECONDITION,
+                format!("container {:?} is not running", req.id),
+            ));
+        }
+        let value = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.as_slice())
+            .unwrap_or_default();
+        let mut spec = husk_sandbox::bundle::process_from_json(value).map_err(|e| {
+            error(
+                Code::INVALID_ARGUMENT,
+                format!("exec {:?}: {e}", req.exec_id),
+            )
+        })?;
+        spec.terminal = req.terminal;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        stdio
+            .check()
+            .map_err(|e| error(Code::INVALID_ARGUMENT, e))?;
+        let mut execs = c
+            .execs
+            .lock()
+            .map_err(|_| error(Code::INTERNAL, "exec table poisoned"))?;
+        if execs.contains_key(&req.exec_id) {
+            return Err(error(
+                Code::ALREADY_EXISTS,
+                format!("exec {:?} already exists", req.exec_id),
+            ));
+        }
+        let process = Process::new(Some(req.exec_id.clone()), stdio, Some(spec));
+        execs.insert(req.exec_id.clone(), Arc::new(process));
+        Ok(())
+    }
+
+    async fn state(&self, id: &str, exec_id: &str) -> TtrpcResult<api::StateResponse> {
+        let (c, p) = self.process(id, exec_id).await?;
+        let status = match p.phase() {
+            Phase::Created => Status::CREATED,
+            Phase::Running => Status::RUNNING,
+            Phase::Paused => Status::PAUSED,
+            Phase::Stopped => Status::STOPPED,
+        };
+        let mut response = api::StateResponse {
+            id: id.to_owned(),
+            bundle: c.bundle.to_string_lossy().into_owned(),
+            pid: p.pid(),
+            status: status.into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        if let Some(exit) = p.exited() {
+            response.exit_status = exit.status;
+            response.exited_at = Some(exit.at).into();
+        }
+        Ok(response)
+    }
+
+    async fn pause(&self, id: &str, pause: bool) -> TtrpcResult<()> {
+        let c = self.container(id).await?;
+        c.pod
+            .agent()
+            .await
+            .pause(id, pause)
+            .await
+            .map_err(sandbox_error)?;
+        let container_id = id.to_owned();
+        match pause {
+            true => {
+                c.init.set_phase(Phase::Paused);
+                let event = ev::TaskPaused {
+                    container_id,
+                    ..Default::default()
+                };
+                self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(event))
+                    .await;
+            }
+            false => {
+                c.init.set_phase(Phase::Running);
+                let event = ev::TaskResumed {
+                    container_id,
+                    ..Default::default()
+                };
+                self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(event))
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn stats(&self, id: &str) -> TtrpcResult<Any> {
+        let c = self.container(id).await?;
+        let stats = c.pod.agent().await.stats(id).await.map_err(sandbox_error)?;
+        // cgroup v1's message: what containerd 1.6's clients decode, whatever the host's
+        // cgroups; the guest's cgroup v2 counters fill it.
+        let metrics = cg::Metrics {
+            pids: Some(cg::PidsStat {
+                current: stats.pids_current,
+                limit: stats.pids_max.unwrap_or(0),
+                ..Default::default()
+            })
+            .into(),
+            cpu: Some(cg::CPUStat {
+                usage: Some(cg::CPUUsage {
+                    total: stats.cpu_usage_usec.saturating_mul(1000),
+                    user: stats.cpu_user_usec.saturating_mul(1000),
+                    kernel: stats.cpu_system_usec.saturating_mul(1000),
+                    ..Default::default()
+                })
+                .into(),
+                ..Default::default()
+            })
+            .into(),
+            memory: Some(cg::MemoryStat {
+                usage: Some(cg::MemoryEntry {
+                    usage: stats.memory_current,
+                    limit: stats.memory_max.unwrap_or(u64::MAX),
+                    ..Default::default()
+                })
+                .into(),
+                ..Default::default()
+            })
+            .into(),
+            memory_oom_control: Some(cg::MemoryOomControl {
+                oom_kill: stats.oom_kills,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        let value = metrics
+            .write_to_bytes()
+            .map_err(|e| error(Code::INTERNAL, e.to_string()))?;
+        Ok(Any {
+            type_url: "io.containerd.cgroups.v1.Metrics".to_owned(),
+            value,
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self) {
+        let mut state = self.state.lock().await;
+        if !state.containers.is_empty() {
+            return;
+        }
+        if let Some((pod, _)) = state.pod.take() {
+            pod.shutdown().await;
+        }
+        self.exit.signal();
+    }
+}
+
+/// Waits for `p`'s exit (or its VM's end), lets its output drain, records the exit and
+/// publishes it (`TaskOOM` first when the OOM killer struck).
+async fn watch_exit(inner: Arc<Inner>, c: Arc<Container>, p: Arc<Process>) {
+    let id = c.id.as_str();
+    let waited =
+        async {
+            let mut conn = c.pod.connect().await?;
+            match &p.exec_id {
+                None => conn.wait(id).await,
+                Some(exec_id) => conn.wait_process(id, exec_id).await.map(|code| {
+                    husk_sandbox::agent::ExitStatus {
+                        code,
+                        oom_killed: false,
+                    }
+                }),
+            }
+        };
+    let (status, oom, vm_ended) = tokio::select! {
+        r = waited => match r {
+            Ok(exit) => (u32::try_from(exit.code).unwrap_or(EXIT_VM_GONE), exit.oom_killed, false),
+            Err(e) => {
+                warn!(id, exec_id = ?p.exec_id, error = %e, "exit status lost");
+                (EXIT_VM_GONE, false, true)
+            }
+        },
+        reason = c.pod.ended() => {
+            warn!(id, exec_id = ?p.exec_id, %reason, "the pod's VM ended");
+            (EXIT_VM_GONE, false, true)
+        }
+    };
+    if let Some(relays) = p.relays.lock().await.as_mut() {
+        match vm_ended {
+            false => relays.delivered().await,
+            true => {
+                if tokio::time::timeout(DRAIN_AFTER_VM_END, relays.delivered())
+                    .await
+                    .is_err()
+                {
+                    relays.abort();
+                }
+            }
+        }
+    }
+    let exit = Exit { status, at: now() };
+    debug!(id, exec_id = ?p.exec_id, status, "process exited");
+    if oom {
+        let event = ev::TaskOOM {
+            container_id: id.to_owned(),
+            ..Default::default()
+        };
+        inner
+            .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(event))
+            .await;
+    }
+    if let Ok(mut phase) = p.phase.lock() {
+        *phase = Phase::Stopped;
+    }
+    p.exit.send_replace(Some(exit.clone()));
+    let event = ev::TaskExit {
+        container_id: id.to_owned(),
+        id: p.exec_id.clone().unwrap_or_else(|| id.to_owned()),
+        pid: p.pid(),
+        exit_status: exit.status,
+        exited_at: Some(exit.at).into(),
+        ..Default::default()
+    };
+    inner
+        .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event))
+        .await;
+}
+
+/// Attaches the agent's stdio streams of `id` (or its exec `exec_id`).
+async fn attach(
+    pod: &PodVm,
+    id: &str,
+    exec_id: Option<&str>,
+    terminal: bool,
+) -> Result<Streams, SandboxError> {
+    let agent = pod.agent().await;
+    let stdin = agent
+        .attach_process(id, exec_id, StdioStream::Stdin)
+        .await?;
+    let stdout = agent
+        .attach_process(id, exec_id, StdioStream::Stdout)
+        .await?;
+    let stderr = match terminal {
+        true => None,
+        false => Some(
+            agent
+                .attach_process(id, exec_id, StdioStream::Stderr)
+                .await?,
+        ),
+    };
+    Ok(Streams {
+        stdin,
+        stdout,
+        stderr,
+    })
+}
+
+fn now() -> Timestamp {
+    containerd_shim::util::timestamp().unwrap_or_default()
+}
+
+fn vm_gone() -> Exit {
+    Exit {
+        status: EXIT_VM_GONE,
+        at: now(),
+    }
+}
+
+fn delete_response(pid: u32, exit: &Exit) -> api::DeleteResponse {
+    api::DeleteResponse {
+        pid,
+        exit_status: exit.status,
+        exited_at: Some(exit.at.clone()).into(),
+        ..Default::default()
+    }
+}
+
+fn error(code: Code, message: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
+}
+
+/// A sandbox error as containerd's status: what the request asked for is wrong, or not.
+fn sandbox_error(e: SandboxError) -> ttrpc::Error {
+    let code = match &e {
+        SandboxError::InvalidConfig { .. }
+        | SandboxError::ReadConfig { .. }
+        | SandboxError::MissingRootfs { .. }
+        | SandboxError::InvalidId(_) => Code::INVALID_ARGUMENT,
+        SandboxError::NotFound { .. } => Code::NOT_FOUND,
+        SandboxError::AlreadyExists { .. } => Code::ALREADY_EXISTS,
+        SandboxError::InvalidState(_) => Code::FAILED_PRECONDITION,
+        _ => Code::INTERNAL,
+    };
+    error(code, e.to_string())
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        info!(id = %req.id, bundle = %req.bundle, terminal = req.terminal, "create");
+        let event = ev::TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(ev::TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            })
+            .into(),
+            checkpoint: req.checkpoint.clone(),
+            ..Default::default()
+        };
+        let pid = self.inner.create(req).await?;
+        let event = ev::TaskCreate { pid, ..event };
+        self.inner
+            .publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event))
+            .await;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let pid = self.inner.start(&req.id, &req.exec_id).await?;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        self.inner.state(&req.id, &req.exec_id).await
+    }
+
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        let (_, p) = self.inner.process(&req.id, &req.exec_id).await?;
+        let mut rx = p.exit.subscribe();
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| error(Code::INTERNAL, "exit status lost"))?
+            .clone()
+            .unwrap_or_else(vm_gone);
+        Ok(api::WaitResponse {
+            exit_status: exit.status,
+            exited_at: Some(exit.at).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        debug!(id = %req.id, exec_id = %req.exec_id, signal = req.signal, all = req.all, "kill");
+        self.inner.kill(&req).await?;
+        Ok(api::Empty::default())
+    }
+
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        info!(id = %req.id, exec_id = %req.exec_id, "delete");
+        self.inner.delete(&req.id, &req.exec_id).await
+    }
+
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.inner.exec(&req).await?;
+        let event = ev::TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        self.inner
+            .publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(event))
+            .await;
+        Ok(api::Empty::default())
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let (c, p) = self.inner.process(&req.id, &req.exec_id).await?;
+        let rows = u16::try_from(req.height).unwrap_or(u16::MAX);
+        let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
+        c.pod
+            .agent()
+            .await
+            .resize(&req.id, p.exec_id.as_deref(), rows, cols)
+            .await
+            .map_err(sandbox_error)?;
+        Ok(api::Empty::default())
+    }
+
+    async fn close_io(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> TtrpcResult<api::Empty> {
+        let (_, p) = self.inner.process(&req.id, &req.exec_id).await?;
+        if req.stdin {
+            if let Some(relays) = p.relays.lock().await.as_ref() {
+                relays.close_stdin();
+            }
+        }
+        Ok(api::Empty::default())
+    }
+
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        let c = self.inner.container(&req.id).await?;
+        let processes = c
+            .pod
+            .agent()
+            .await
+            .processes(&req.id)
+            .await
+            .map_err(sandbox_error)?;
+        Ok(api::PidsResponse {
+            processes: processes
+                .into_iter()
+                .map(|p| ProcessInfo {
+                    pid: p.pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.inner.pause(&req.id, true).await?;
+        Ok(api::Empty::default())
+    }
+
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResumeRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.inner.pause(&req.id, false).await?;
+        Ok(api::Empty::default())
+    }
+
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let c = self.inner.container(&req.id).await?;
+        let value = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.as_slice())
+            .unwrap_or_default();
+        let resources = husk_sandbox::bundle::resources_from_json(value)
+            .map_err(|e| error(Code::INVALID_ARGUMENT, format!("update {:?}: {e}", req.id)))?;
+        c.pod
+            .agent()
+            .await
+            .update(&req.id, &resources)
+            .await
+            .map_err(sandbox_error)?;
+        Ok(api::Empty::default())
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let stats = self.inner.stats(&req.id).await?;
+        Ok(api::StatsResponse {
+            stats: Some(stats).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = match &self.inner.state.lock().await.pod {
+            Some((pod, _)) => pod.vmm_pid().unwrap_or(0),
+            None => 0,
+        };
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.inner.shutdown().await;
+        Ok(api::Empty::default())
+    }
+}
