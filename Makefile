@@ -65,9 +65,9 @@ test-unit:
 test-e2e: deps build
 	HUSK_OUT=$(OUT) cargo test -p husk-e2e -- --test-threads=2
 
-## bench: hello-world latency and peak host memory, husk vs runc; lifecycle (create+start, exec, state/list with 50) vs runc; built-in VMM vs QEMU; same run
+## bench: hello-world latency and peak host memory, husk vs runc; lifecycle (create+start, exec, state/list with 50) vs runc; built-in VMM vs QEMU; containerd shim (ctr run latency, memory per container) husk.v2 vs runc.v2; same run
 bench: deps build
-	HUSK_OUT=$(OUT) cargo bench -p husk-e2e --bench run --bench lifecycle --bench vmm
+	HUSK_OUT=$(OUT) cargo bench -p husk-e2e --bench run --bench lifecycle --bench vmm --bench containerd
 
 fmt:
 	cargo fmt --all

@@ -219,24 +219,34 @@ impl Containerd {
             .collect()
     }
 
-    /// Best effort: kill and delete every task and container in our namespaces.
+    /// Best effort: kill and delete every task and container in our namespaces. Never
+    /// panics (it runs in `drop`, maybe while a test panics).
     fn remove_containers(&self) {
-        let namespaces = self.namespaces.lock().expect("lock").clone();
-        let limit = Duration::from_secs(15);
+        let namespaces = self
+            .namespaces
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_default();
         for ns in &namespaces {
             let ctr = Ctr {
                 containerd: self,
                 ns: ns.clone(),
                 runtime: Runtime::Runc,
             };
-            for task in ctr.tasks() {
-                let _ = ctr.run_for(&["task", "kill", "-s", "KILL", &task.id], limit);
-                let _ = ctr.await_status(&task.id, |s| s != Some("RUNNING"), limit);
-                let _ = ctr.run_for(&["task", "delete", "--force", &task.id], limit);
+            let tasks = ctr.try_run(&["task", "ls"]).map(|o| parse_tasks(&o.stdout));
+            for task in tasks.unwrap_or_default() {
+                let _ = ctr.try_run(&["task", "kill", "-s", "KILL", &task.id]);
+                let _ = ctr.try_run(&["task", "delete", "--force", &task.id]);
             }
-            let list = ctr.run_for(&["containers", "ls", "-q"], limit);
+            let list = ctr
+                .try_run(&["containers", "ls", "-q"])
+                .unwrap_or_else(|| Output {
+                    status: ExitStatus::default(),
+                    stdout: Vec::new(),
+                    stderr: Vec::new(),
+                });
             for id in text(&list.stdout).split_whitespace() {
-                let _ = ctr.run_for(&["containers", "delete", id], limit);
+                let _ = ctr.try_run(&["containers", "delete", id]);
             }
         }
     }
@@ -343,6 +353,22 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The rows of `ctr task ls`' output (a header line, then `TASK PID STATUS`).
+fn parse_tasks(stdout: &[u8]) -> Vec<Task> {
+    text(stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut cols = line.split_whitespace();
+            Some(Task {
+                id: cols.next()?.to_owned(),
+                pid: cols.next()?.parse().ok()?,
+                status: cols.next()?.to_owned(),
+            })
+        })
+        .collect()
+}
+
 /// One row of `ctr task ls`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Task {
@@ -436,20 +462,23 @@ impl Ctr<'_> {
     }
 
     /// `ctr task ls`, parsed.
+    ///
+    /// # Panics
+    /// As [`Ctr::ctr`].
     pub fn tasks(&self) -> Vec<Task> {
-        let out = self.run_for(&["task", "ls"], CTR_TIMEOUT);
-        text(&out.stdout)
-            .lines()
-            .skip(1)
-            .filter_map(|line| {
-                let mut cols = line.split_whitespace();
-                Some(Task {
-                    id: cols.next()?.to_owned(),
-                    pid: cols.next()?.parse().ok()?,
-                    status: cols.next()?.to_owned(),
-                })
-            })
-            .collect()
+        parse_tasks(&self.ctr(&["task", "ls"]).stdout)
+    }
+
+    /// `ctr <args>` with a 15 s limit, `None` when it could not run or took longer.
+    fn try_run(&self, args: &[&str]) -> Option<Output> {
+        let (out, err) = self.containerd.output_files(&self.ns);
+        let child = self
+            .command(args)
+            .stdout(File::create(&out).ok()?)
+            .stderr(File::create(&err).ok()?)
+            .spawn()
+            .ok()?;
+        Spawned { child, out, err }.wait_for(Duration::from_secs(15))
     }
 
     /// The task's row in `ctr task ls`, if it has one.
@@ -564,8 +593,10 @@ impl Spawned {
     fn wait_status(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(status) = self.child.try_wait().expect("wait ctr") {
-                return Some(status);
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) => {}
+                Err(_) => return None,
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
