@@ -9,7 +9,8 @@ AGENT_BIN := target/$(HOST_TRIPLE)/release/husk-agent
 DEMO      := $(CURDIR)/build/demo-bundle
 
 APT_PACKAGES := qemu-system-x86 linux-source-6.12 build-essential flex bison bc libelf-dev \
-	libssl-dev cpio xz-utils busybox-static runc libseccomp-dev libcap-ng-dev pkg-config e2fsprogs
+	libssl-dev cpio xz-utils busybox-static runc libseccomp-dev libcap-ng-dev pkg-config e2fsprogs \
+	containerd
 export PATH := /usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all deps build husk agent kernel test-host-kernel initramfs demo test test-unit test-e2e bench fmt lint clean
@@ -65,9 +66,9 @@ test-unit:
 test-e2e: deps build
 	HUSK_OUT=$(OUT) cargo test -p husk-e2e -- --test-threads=2
 
-## bench: hello-world latency and peak host memory, husk vs runc; lifecycle (create+start, exec, state/list with 50) vs runc; built-in VMM vs QEMU; same run
+## bench: hello-world latency and peak host memory, husk vs runc; lifecycle (create+start, exec, state/list with 50) vs runc; built-in VMM vs QEMU; containerd shim (ctr run latency, memory per container) husk.v2 vs runc.v2; same run
 bench: deps build
-	HUSK_OUT=$(OUT) cargo bench -p husk-e2e --bench run --bench lifecycle --bench vmm
+	HUSK_OUT=$(OUT) cargo bench -p husk-e2e --bench run --bench lifecycle --bench vmm --bench containerd
 
 fmt:
 	cargo fmt --all

@@ -4,7 +4,10 @@
 //! `SKIPPED: <reason>` line and returns `None`; it never passes silently otherwise.
 
 mod bundle;
+pub mod containerd;
 pub mod nested;
+pub mod oci_image;
+pub mod procs;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,9 +37,7 @@ impl Env {
     }
 
     fn find() -> Result<Self, String> {
-        let out = std::env::var_os("HUSK_OUT")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../out"));
+        let out = husk_out();
         let env = Self {
             husk: out.join("bin/husk"),
             share: out.join("share/husk"),
@@ -77,7 +78,16 @@ impl Env {
     }
 }
 
-fn on_path(program: &str) -> bool {
+/// `$HUSK_OUT`, where `make build` installs husk (`bin/`) and the guest artifacts
+/// (`share/husk/`); `out/` at the workspace root when unset.
+pub fn husk_out() -> PathBuf {
+    std::env::var_os("HUSK_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../out"))
+}
+
+/// Whether `program` is a file in one of PATH's directories.
+pub fn on_path(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).any(|d| d.join(program).is_file())
 }
