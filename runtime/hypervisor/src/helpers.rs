@@ -99,6 +99,11 @@ impl Virtiofsd {
                 "chroot",
                 "--cache",
                 "auto",
+                // A pod's share has a host mount per container under it (its rootfs). Announced
+                // as submounts, each becomes a superblock of its own in the guest, and the
+                // guest kernel reuses the newest one when the tag is mounted again (for the
+                // next container): its root would be the previous container's rootfs.
+                "--no-announce-submounts",
                 "--log-level",
                 "error",
             ]);

@@ -72,13 +72,20 @@ impl containerd_shim::Shim for HuskShim {
         let annotations = Annotations::read(&self.bundle);
         let grouping = annotations.sandbox_id.as_deref().unwrap_or(&self.id);
         let run_dir = pod_dir(&self.namespace, grouping);
-        if grouping == self.id {
-            kill_vmm(&run_dir);
-            husk_sandbox::pod::cleanup(&run_dir);
-        } else {
-            husk_sandbox::pod::unmount_under(&run_dir.join("share").join(&self.id));
+        // containerd also runs `delete` after a failed create, with the pod's server alive:
+        // that server owns the pod and has undone the container already.
+        if !server_alive(&self.bundle) {
+            if grouping == self.id {
+                kill_vmm(&run_dir);
+                husk_sandbox::pod::cleanup(&run_dir);
+            } else {
+                husk_sandbox::pod::unmount_under(&run_dir.join("share").join(&self.id));
+            }
+            husk_sandbox::pod::unmount_under(&self.bundle.join("rootfs"));
+            if let Some(socket) = server_socket(&self.bundle) {
+                let _ = std::fs::remove_file(socket);
+            }
         }
-        husk_sandbox::pod::unmount_under(&self.bundle.join("rootfs"));
         info!(id = %self.id, "cleaned up after a dead shim");
         let mut response = DeleteResponse::new();
         response.exit_status = 128 + 9;
@@ -106,7 +113,22 @@ async fn spawn_server(opts: StartOpts) -> Result<String, Error> {
     let grouping = Annotations::read(Path::new("."))
         .sandbox_id
         .unwrap_or_else(|| opts.id.clone());
-    containerd_shim::spawn(opts, &grouping, Vec::new()).await
+    let address = containerd_shim::spawn(opts, &grouping, Vec::new()).await?;
+    // containerd's cleanup (and the server, on its way out) find the socket here.
+    std::fs::write("address", &address).map_err(|e| Error::Other(format!("write address: {e}")))?;
+    Ok(address)
+}
+
+/// The socket of `bundle`'s shim server, from the `address` file `start` wrote.
+fn server_socket(bundle: &Path) -> Option<PathBuf> {
+    let address = std::fs::read_to_string(bundle.join("address")).ok()?;
+    let path = PathBuf::from(address.trim().trim_start_matches("unix://"));
+    path.is_absolute().then_some(path)
+}
+
+/// Whether the shim server of `bundle` still answers.
+fn server_alive(bundle: &Path) -> bool {
+    server_socket(bundle).is_some_and(|p| std::os::unix::net::UnixStream::connect(p).is_ok())
 }
 
 /// The CRI annotations of a bundle's config.json that decide its pod.
