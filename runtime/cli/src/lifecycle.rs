@@ -208,8 +208,8 @@ pub async fn create_with(
     if cli.debug {
         cmd.arg("--debug");
     }
-    cmd.arg("--kernel").arg(&opts.kernel);
-    cmd.arg("--initramfs").arg(&opts.initramfs);
+    cmd.arg("--kernel").arg(&opts.vm.kernel);
+    cmd.arg("--initramfs").arg(&opts.vm.initramfs);
     cmd.arg("monitor").arg("--bundle").arg(&vm.bundle);
     if let Some(socket) = &opts.console_socket {
         cmd.arg("--console-socket").arg(socket);
@@ -230,7 +230,7 @@ pub async fn create_with(
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
     let mut monitor = cmd.spawn().context("cannot start husk's monitor")?;
-    let oci = lifecycle::hand_over(state, &mut monitor, opts.boot_timeout * 2).await?;
+    let oci = lifecycle::hand_over(state, &mut monitor, opts.vm.boot_timeout * 2).await?;
     if let Some(path) = pid_file {
         write_pid_file(path, oci.pid)?;
     }

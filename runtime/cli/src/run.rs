@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use husk_sandbox::{HypervisorKind, RunOptions};
+use husk_sandbox::{HypervisorKind, RunOptions, VmOptions};
 
 use crate::{lifecycle, Cli};
 
@@ -36,12 +36,17 @@ impl VmArgs {
             id: id.to_owned(),
             bundle: self.bundle.clone(),
             root: cli.root.clone(),
-            hypervisor: self.hypervisor.parse::<HypervisorKind>()?,
-            kernel: husk_sandbox::artifacts::locate(cli.kernel.as_deref(), "vmlinux"),
-            initramfs: husk_sandbox::artifacts::locate(cli.initramfs.as_deref(), "initramfs.cpio"),
-            memory_mib: self.memory,
-            vcpus: self.vcpus,
-            boot_timeout: Duration::from_secs(self.boot_timeout),
+            vm: VmOptions {
+                hypervisor: self.hypervisor.parse::<HypervisorKind>()?,
+                kernel: husk_sandbox::artifacts::locate(cli.kernel.as_deref(), "vmlinux"),
+                initramfs: husk_sandbox::artifacts::locate(
+                    cli.initramfs.as_deref(),
+                    "initramfs.cpio",
+                ),
+                memory_mib: self.memory,
+                vcpus: self.vcpus,
+                boot_timeout: Duration::from_secs(self.boot_timeout),
+            },
             console_socket: None,
         })
     }

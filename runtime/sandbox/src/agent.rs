@@ -61,6 +61,17 @@ pub struct ExitStatus {
     pub oom_killed: bool,
 }
 
+/// The stdio streams of one process in the guest ([`AgentClient::attach_streams`]).
+#[derive(Debug)]
+pub struct ProcessStreams {
+    /// To the process's stdin; shutting its write side down closes the process's stdin.
+    pub stdin: UnixStream,
+    /// From its stdout (its terminal, with one); ends with the process's output.
+    pub stdout: UnixStream,
+    /// From its stderr; none with a terminal.
+    pub stderr: Option<UnixStream>,
+}
+
 /// A control connection to the agent.
 #[derive(Debug)]
 pub struct AgentClient {
@@ -345,6 +356,35 @@ impl AgentClient {
     /// The agent's refusal or a transport error.
     pub async fn attach(&self, id: &str, stream: StdioStream) -> Result<UnixStream, SandboxError> {
         self.attach_process(id, None, stream).await
+    }
+
+    /// Every stdio stream of the container's process or (`exec_id`) an exec process: stdin,
+    /// stdout and, without a `terminal`, stderr (a terminal's output is all on stdout).
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn attach_streams(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        terminal: bool,
+    ) -> Result<ProcessStreams, SandboxError> {
+        let stdin = self.attach_process(id, exec_id, StdioStream::Stdin).await?;
+        let stdout = self
+            .attach_process(id, exec_id, StdioStream::Stdout)
+            .await?;
+        let stderr = match terminal {
+            true => None,
+            false => Some(
+                self.attach_process(id, exec_id, StdioStream::Stderr)
+                    .await?,
+            ),
+        };
+        Ok(ProcessStreams {
+            stdin,
+            stdout,
+            stderr,
+        })
     }
 
     /// [`AgentClient::attach`] for the container's process or (`exec_id`) an exec process.

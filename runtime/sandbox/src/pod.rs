@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use husk_hypervisor::{new_door, FsShare, HypervisorKind, VmConfig};
+use husk_hypervisor::{new_door, FsShare, VmConfig};
 use husk_protocol::{BindSource, Rootfs as AgentRootfs};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tokio::sync::{oneshot, watch, Mutex, MutexGuard};
@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::agent::AgentClient;
 use crate::bundle::{Bundle, Rootfs};
+use crate::run::VmOptions;
 use crate::SandboxError;
 
 /// virtio-fs tag of the pod's share.
@@ -26,18 +27,8 @@ pub const POD_TAG: &str = "pod";
 /// How a pod's VM is made; its size comes from the first container's bundle.
 #[derive(Debug, Clone)]
 pub struct PodOptions {
-    /// Door when the bundle's annotations name none.
-    pub hypervisor: HypervisorKind,
-    /// Guest kernel.
-    pub kernel: PathBuf,
-    /// Initramfs with the agent.
-    pub initramfs: PathBuf,
-    /// Guest memory when the bundle does not size the VM.
-    pub memory_mib: u32,
-    /// Guest vCPUs when the bundle does not size the VM.
-    pub vcpus: u32,
-    /// Longest time from VM start to the agent's answer.
-    pub boot_timeout: Duration,
+    /// Door, guest artifacts and size where the bundle does not say.
+    pub vm: VmOptions,
     /// The pod's own directory (VM sockets, console log, the share); made by [`PodVm::boot`],
     /// removed by [`PodVm::shutdown`] or [`cleanup`].
     pub run_dir: PathBuf,
@@ -66,10 +57,10 @@ impl PodVm {
             path: share.clone(),
             source,
         })?;
-        let (memory_mib, vcpus) = crate::run::vm_size(first, opts.memory_mib, opts.vcpus);
+        let (memory_mib, vcpus) = crate::run::vm_size(first, &opts.vm);
         let config = VmConfig {
-            kernel: opts.kernel.clone(),
-            initramfs: opts.initramfs.clone(),
+            kernel: opts.vm.kernel.clone(),
+            initramfs: opts.vm.initramfs.clone(),
             memory_mib,
             vcpus,
             shares: vec![FsShare {
@@ -79,11 +70,11 @@ impl PodVm {
             disks: Vec::new(),
             run_dir: opts.run_dir.clone(),
         };
-        let kind = first.vm.hypervisor.unwrap_or(opts.hypervisor);
+        let kind = first.vm.hypervisor.unwrap_or(opts.vm.hypervisor);
         let mut vm = new_door(kind, config)?;
         let booted = async {
             vm.start().await?;
-            crate::run::boot(vm.as_mut(), opts.boot_timeout).await
+            crate::run::boot(vm.as_mut(), opts.vm.boot_timeout).await
         }
         .await;
         let agent = match booted {
@@ -259,6 +250,10 @@ pub fn cleanup(run_dir: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             warn!(dir = %run_dir.display(), error = %e, "pod directory not removed");
         }
+    }
+    // The directory of the pod's group (a containerd namespace) goes with its last pod.
+    if let Some(parent) = run_dir.parent() {
+        let _ = std::fs::remove_dir(parent);
     }
 }
 

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use husk_hypervisor::{
     new_door, Disk, FsShare, Hypervisor, HypervisorError, HypervisorKind, VmConfig, VmExit,
 };
-use husk_protocol::StdioStream;
 use nix::sys::signal::Signal as NixSignal;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{debug, info, warn};
@@ -32,6 +31,15 @@ pub struct RunOptions {
     pub bundle: PathBuf,
     /// State root (`--root`).
     pub root: PathBuf,
+    /// How its VM is made.
+    pub vm: VmOptions,
+    /// Where the master of the container's terminal goes (`process.terminal`; `create` only).
+    pub console_socket: Option<PathBuf>,
+}
+
+/// How a VM is made, where the bundle's annotations and resources do not say.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
     /// Which door.
     pub hypervisor: HypervisorKind,
     /// Guest kernel.
@@ -44,8 +52,6 @@ pub struct RunOptions {
     pub vcpus: u32,
     /// Longest time from VM start to the agent's answer.
     pub boot_timeout: Duration,
-    /// Where the master of the container's terminal goes (`process.terminal`; `create` only).
-    pub console_socket: Option<PathBuf>,
 }
 
 /// The console socket a container with a terminal needs when it is created to run detached.
@@ -101,7 +107,7 @@ pub async fn run(opts: &RunOptions, pid_file: Option<&Path>) -> Result<RunOutcom
     let result = run_in_vm(
         vm.as_mut(),
         &bundle,
-        opts.boot_timeout,
+        opts.vm.boot_timeout,
         state.path(),
         pid_file,
     )
@@ -153,7 +159,7 @@ async fn monitor_vm(
     opts: &RunOptions,
     dir: &Path,
 ) -> Result<(), SandboxError> {
-    let boot_timeout = opts.boot_timeout;
+    let boot_timeout = opts.vm.boot_timeout;
     vm.start().await?;
     let mut agent = boot(vm, boot_timeout).await?;
     let id = bundle.spec.id.as_str();
@@ -236,16 +242,16 @@ const LOCK_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The door: the bundle's annotation, else the command line's.
 fn door(opts: &RunOptions, bundle: &Bundle) -> HypervisorKind {
-    bundle.vm.hypervisor.unwrap_or(opts.hypervisor)
+    bundle.vm.hypervisor.unwrap_or(opts.vm.hypervisor)
 }
 
 /// The VM for `bundle`: its annotations size it, else its resources (memory limit plus the
 /// guest's own overhead, vCPUs from the CPU quota or cpuset), else the command line.
 fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
-    let (memory_mib, vcpus) = vm_size(bundle, opts.memory_mib, opts.vcpus);
+    let (memory_mib, vcpus) = vm_size(bundle, &opts.vm);
     VmConfig {
-        kernel: opts.kernel.clone(),
-        initramfs: opts.initramfs.clone(),
+        kernel: opts.vm.kernel.clone(),
+        initramfs: opts.vm.initramfs.clone(),
         memory_mib,
         vcpus,
         shares: match &bundle.rootfs {
@@ -275,18 +281,18 @@ fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
 
 /// Guest memory (MiB) and vCPUs for `bundle`: its annotations, else its resources, else the
 /// defaults given.
-pub(crate) fn vm_size(bundle: &Bundle, memory_mib: u32, vcpus: u32) -> (u32, u32) {
+pub(crate) fn vm_size(bundle: &Bundle, defaults: &VmOptions) -> (u32, u32) {
     (
         bundle
             .vm
             .memory_mib
             .or_else(|| bundle.sized_memory_mib())
-            .unwrap_or(memory_mib),
+            .unwrap_or(defaults.memory_mib),
         bundle
             .vm
             .vcpus
             .or_else(|| bundle.sized_vcpus())
-            .unwrap_or(vcpus),
+            .unwrap_or(defaults.vcpus),
     )
 }
 
@@ -326,13 +332,9 @@ pub(crate) async fn attach_stdio(
     terminal: bool,
     console_socket: Option<&Path>,
 ) -> Result<Outputs, SandboxError> {
-    let stdin = agent
-        .attach_process(id, exec_id, StdioStream::Stdin)
-        .await?;
-    let stdout = agent
-        .attach_process(id, exec_id, StdioStream::Stdout)
-        .await?;
-    if terminal {
+    let streams = agent.attach_streams(id, exec_id, terminal).await?;
+    let (stdin, stdout) = (streams.stdin, streams.stdout);
+    let Some(stderr) = streams.stderr else {
         let end = match console_socket {
             Some(path) => crate::terminal::HostEnd::ConsoleSocket(path.to_owned()),
             None => crate::terminal::HostEnd::OwnStdio,
@@ -343,10 +345,7 @@ pub(crate) async fn attach_stdio(
             handles: vec![output],
             _terminal: Some(relay),
         });
-    }
-    let stderr = agent
-        .attach_process(id, exec_id, StdioStream::Stderr)
-        .await?;
+    };
     let handles = vec![
         relay_output(stdout, HostOutput::Stdout)?,
         relay_output(stderr, HostOutput::Stderr)?,

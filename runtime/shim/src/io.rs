@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use husk_sandbox::agent::ProcessStreams;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
@@ -67,17 +68,6 @@ impl StdioPaths {
     }
 }
 
-/// The agent's streams of one process: stdin, stdout and (without a terminal) stderr.
-#[derive(Debug)]
-pub struct Streams {
-    /// To the process's stdin.
-    pub stdin: UnixStream,
-    /// From its stdout (its terminal, with one).
-    pub stdout: UnixStream,
-    /// From its stderr.
-    pub stderr: Option<UnixStream>,
-}
-
 /// The running relays of one process.
 #[derive(Debug)]
 pub struct Relays {
@@ -90,7 +80,7 @@ impl Relays {
     ///
     /// # Errors
     /// A FIFO or file cannot be opened.
-    pub async fn start(paths: &StdioPaths, streams: Streams) -> std::io::Result<Self> {
+    pub async fn start(paths: &StdioPaths, streams: ProcessStreams) -> std::io::Result<Self> {
         let close_stdin = Arc::new(Notify::new());
         let input = open_input(&paths.stdin)?;
         let stdout = open_output(&paths.stdout).await?;
@@ -251,7 +241,7 @@ mod tests {
         let (mut stderr_theirs, stderr_ours) = UnixStream::pair().unwrap();
         let mut relays = Relays::start(
             &paths,
-            Streams {
+            ProcessStreams {
                 stdin: stdin_ours,
                 stdout: stdout_ours,
                 stderr: Some(stderr_ours),

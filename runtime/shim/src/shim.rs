@@ -10,7 +10,7 @@ use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Error, ExitSignal, Flags, StartOpts};
 use husk_sandbox::pod::PodOptions;
-use husk_sandbox::HypervisorKind;
+use husk_sandbox::{HypervisorKind, VmOptions};
 use tracing::{info, warn};
 
 use crate::task::TaskService;
@@ -198,12 +198,8 @@ fn kill_vmm(run_dir: &Path) {
 /// (`../share/husk/`), the door from `HUSK_HYPERVISOR` (default `auto`).
 #[derive(Debug, Clone)]
 pub struct ShimConfig {
-    /// Door for a bundle that names none.
-    pub hypervisor: HypervisorKind,
-    /// Guest kernel.
-    pub kernel: PathBuf,
-    /// Initramfs with the agent.
-    pub initramfs: PathBuf,
+    /// How a pod's VM is made where its first bundle does not say.
+    pub vm: VmOptions,
 }
 
 impl ShimConfig {
@@ -213,21 +209,21 @@ impl ShimConfig {
             .and_then(|v| v.parse().ok())
             .unwrap_or(HypervisorKind::Auto);
         Self {
-            hypervisor,
-            kernel: husk_sandbox::artifacts::locate(None, "vmlinux"),
-            initramfs: husk_sandbox::artifacts::locate(None, "initramfs.cpio"),
+            vm: VmOptions {
+                hypervisor,
+                kernel: husk_sandbox::artifacts::locate(None, "vmlinux"),
+                initramfs: husk_sandbox::artifacts::locate(None, "initramfs.cpio"),
+                memory_mib: 256,
+                vcpus: 1,
+                boot_timeout: Duration::from_secs(60),
+            },
         }
     }
 
     /// The options of pod `grouping` in `namespace`.
     pub fn pod(&self, namespace: &str, grouping: &str) -> PodOptions {
         PodOptions {
-            hypervisor: self.hypervisor,
-            kernel: self.kernel.clone(),
-            initramfs: self.initramfs.clone(),
-            memory_mib: 256,
-            vcpus: 1,
-            boot_timeout: Duration::from_secs(60),
+            vm: self.vm.clone(),
             run_dir: pod_dir(namespace, grouping),
         }
     }

@@ -23,14 +23,14 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
-use husk_protocol::{ProcessSpec, StdioStream};
+use husk_protocol::ProcessSpec;
 use husk_sandbox::bundle::{Bundle, PodRole};
 use husk_sandbox::pod::PodVm;
 use husk_sandbox::SandboxError;
 use tokio::sync::{watch, Mutex};
 use tracing::{debug, info, warn};
 
-use crate::io::{Relays, StdioPaths, Streams};
+use crate::io::{Relays, StdioPaths};
 use crate::shim::{record_vmm_pid, Annotations, ShimConfig};
 
 /// Exit status of a process whose VM went away under it (as SIGKILL).
@@ -306,9 +306,7 @@ impl Inner {
         stdio: StdioPaths,
     ) -> TtrpcResult<Arc<Container>> {
         let (pod, mut bundle) = self.pod_for(state, id, bundle_dir, annotations).await?;
-        if bundle.spec.terminal != stdio.terminal {
-            bundle.spec.terminal = stdio.terminal;
-        }
+        bundle.spec.terminal = stdio.terminal;
         pod.create(&mut bundle).await.map_err(sandbox_error)?;
         let process = Arc::new(Process::new(None, stdio, None));
         process.set_pid(pod.vmm_pid().unwrap_or(0));
@@ -319,7 +317,10 @@ impl Inner {
             init: process.clone(),
             execs: SyncMutex::new(HashMap::new()),
         });
-        let streams = attach(&pod, id, None, process.stdio.terminal)
+        let streams = pod
+            .agent()
+            .await
+            .attach_streams(id, None, process.stdio.terminal)
             .await
             .map_err(sandbox_error)?;
         let relays = Relays::start(&process.stdio, streams)
@@ -368,7 +369,11 @@ impl Inner {
             .map_err(sandbox_error)?;
         p.set_pid(pid);
         p.set_phase(Phase::Running);
-        let streams = attach(&c.pod, id, Some(&exec_id), spec.terminal)
+        let streams = c
+            .pod
+            .agent()
+            .await
+            .attach_streams(id, Some(&exec_id), spec.terminal)
             .await
             .map_err(sandbox_error)?;
         let relays = Relays::start(&p.stdio, streams)
@@ -699,35 +704,6 @@ async fn watch_exit(inner: Arc<Inner>, c: Arc<Container>, p: Arc<Process>) {
     inner
         .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event))
         .await;
-}
-
-/// Attaches the agent's stdio streams of `id` (or its exec `exec_id`).
-async fn attach(
-    pod: &PodVm,
-    id: &str,
-    exec_id: Option<&str>,
-    terminal: bool,
-) -> Result<Streams, SandboxError> {
-    let agent = pod.agent().await;
-    let stdin = agent
-        .attach_process(id, exec_id, StdioStream::Stdin)
-        .await?;
-    let stdout = agent
-        .attach_process(id, exec_id, StdioStream::Stdout)
-        .await?;
-    let stderr = match terminal {
-        true => None,
-        false => Some(
-            agent
-                .attach_process(id, exec_id, StdioStream::Stderr)
-                .await?,
-        ),
-    };
-    Ok(Streams {
-        stdin,
-        stdout,
-        stderr,
-    })
 }
 
 fn now() -> Timestamp {
