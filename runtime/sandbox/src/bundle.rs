@@ -202,10 +202,13 @@ impl Bundle {
             source,
         })?;
         let path = dir.join("config.json");
-        let spec = Spec::load(&path).map_err(|source| SandboxError::ReadConfig {
+        let mut spec = Spec::load(&path).map_err(|source| SandboxError::ReadConfig {
             path: path.clone(),
             source,
         })?;
+        if role != PodRole::Alone {
+            drop_host_lsm_labels(&mut spec);
+        }
         let invalid = |reason: &str| SandboxError::InvalidConfig {
             path: path.clone(),
             reason: reason.to_owned(),
@@ -269,6 +272,21 @@ impl Bundle {
             spec,
             bind_shares: linux.bind_shares,
         })
+    }
+}
+
+/// Clears the host LSM labels (AppArmor profile, SELinux labels) that containerd's CRI puts on
+/// every container of a pod where the host enforces them: they name host policies, and the
+/// guest kernel has no LSM; the VM is the container's confinement.
+fn drop_host_lsm_labels(spec: &mut Spec) {
+    if let Some(mut process) = spec.process().clone() {
+        process.set_apparmor_profile(None);
+        process.set_selinux_label(None);
+        spec.set_process(Some(process));
+    }
+    if let Some(mut linux) = spec.linux().clone() {
+        linux.set_mount_label(None);
+        spec.set_linux(Some(linux));
     }
 }
 
@@ -405,6 +423,48 @@ mod tests {
         assert_eq!(b.spec.cwd, "/");
         assert_eq!(b.spec.id, "c1");
         assert!(b.spec.env.iter().any(|e| e.starts_with("PATH=")));
+    }
+
+    /// The default config with CRI's additions for a pod's app container: the pod's network
+    /// namespace by path and a host AppArmor profile.
+    fn pod_member_config() -> String {
+        let mut config: serde_json::Value = serde_json::from_str(&default_config()).unwrap();
+        let namespaces = config["linux"]["namespaces"].as_array_mut().unwrap();
+        for ns in namespaces.iter_mut() {
+            if ns["type"] == "network" {
+                ns["path"] = "/proc/1234/ns/net".into();
+            }
+        }
+        config["process"]["apparmorProfile"] = "cri-containerd.apparmor.d".into();
+        config.to_string()
+    }
+
+    #[test]
+    fn test_load_in_pod_roles_read_namespace_paths_and_drop_lsm_labels() {
+        let dir = bundle_with(&pod_member_config());
+        let alone = Bundle::load(dir.path(), "c").unwrap_err().to_string();
+        assert!(alone.contains("apparmorProfile"), "{alone}");
+
+        let sandbox = Bundle::load_in_pod(dir.path(), "pod", PodRole::Sandbox).unwrap();
+        assert!(sandbox
+            .spec
+            .namespaces
+            .contains(&husk_protocol::Namespace::Net));
+        assert!(sandbox.spec.join_namespaces.is_empty());
+
+        let role = PodRole::Member { sandbox: "pod" };
+        let member = Bundle::load_in_pod(dir.path(), "app", role).unwrap();
+        assert!(!member
+            .spec
+            .namespaces
+            .contains(&husk_protocol::Namespace::Net));
+        assert_eq!(
+            member.spec.join_namespaces,
+            vec![husk_protocol::JoinNamespace {
+                kind: husk_protocol::Namespace::Net,
+                container: "pod".into()
+            }]
+        );
     }
 
     fn with_annotations(pairs: &[(&str, &str)]) -> String {
