@@ -4,7 +4,8 @@
 //! outcome is comparable (stdout, exit codes, task states) husk's must equal runc's. Without
 //! `$HUSK_OUT/bin/containerd-shim-husk-v2` the husk half prints `SKIPPED: <reason>`.
 //!
-//! Scenarios: output and exit code of `ctr run --rm` (small and large outputs); a detached
+//! Scenarios: output and exit code of `ctr run --rm` (small and large outputs); `binary://`
+//! and `file://` log URIs; a detached
 //! task with exec, ps, kill and delete; piped stdin; a terminal; pause and resume; metrics;
 //! an OOM kill and its `/tasks/oom` event; a pod of two containers sharing a network
 //! namespace (one VM for husk); a container whose process (runc) or VMM (husk) is killed from
@@ -15,6 +16,8 @@
 
 use std::fmt::Debug;
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -190,6 +193,96 @@ fn test_containerd_run_output_and_exit_code_same_as_runc() {
         dd_bytes: 1 << 20,
     };
     both_see(test, "run-output", run_output, &expected);
+}
+
+/// What `ctr run --rm --log-uri` delivers to a `binary://` logger and to a `file://` log.
+#[derive(Debug, PartialEq)]
+struct LogUris {
+    code: Option<i32>,
+    /// The logger's arguments and environment: `<args> <CONTAINER_ID> <CONTAINER_NAMESPACE>`.
+    logger_saw: String,
+    logger_stdout: String,
+    logger_stderr: String,
+    /// The log file's lines, sorted.
+    file_log: Vec<String>,
+}
+
+/// Reads `path` until it holds `lines` lines (a logger may still be writing after ctr
+/// returns) or [`CLEANUP`] passed, and returns what it holds.
+fn settled(path: &Path, lines: usize) -> String {
+    let deadline = Instant::now() + CLEANUP;
+    loop {
+        let now = std::fs::read_to_string(path).unwrap_or_default();
+        if now.lines().count() >= lines || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A shell-script logger (containerd's binary logging protocol: args from the URI's query,
+/// `CONTAINER_ID` and `CONTAINER_NAMESPACE`, stdout on fd 3, stderr on fd 4, ready when fd 5
+/// closes), then a `file://` log.
+fn log_uris(ctr: &Ctr<'_>) -> LogUris {
+    let label = ctr.runtime().label();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let logs = dir.path();
+    let logger = logs.join("logger");
+    std::fs::write(
+        &logger,
+        format!(
+            "#!/bin/sh\ntrap '' TERM\necho \"$* $CONTAINER_ID $CONTAINER_NAMESPACE\" > {d}/saw\n\
+             exec 5>&-\ncat <&3 > {d}/out.tmp & cat <&4 > {d}/err.tmp\nwait\n\
+             mv {d}/out.tmp {d}/out; mv {d}/err.tmp {d}/err\n",
+            d = logs.display()
+        ),
+    )
+    .expect("write the logger");
+    std::fs::set_permissions(&logger, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cmd = ["sh", "-c", "echo out; echo err >&2; exit 3"];
+    let id = unique("binlog");
+    let binary = format!("--log-uri=binary://{}?k=v", logger.display());
+    let run = ctr.run(&["--rm", &binary], &id, &cmd);
+    assert_eq!(
+        run.status.code(),
+        Some(3),
+        "{label}: binary log: {}",
+        show(&run)
+    );
+    let file = logs.join("file.log");
+    let file_uri = format!("--log-uri=file://{}", file.display());
+    let run_file = ctr.run(&["--rm", &file_uri], &unique("filelog"), &cmd);
+    assert_eq!(
+        run_file.status.code(),
+        Some(3),
+        "{label}: file log: {}",
+        show(&run_file)
+    );
+    // The logger wrote what it saw before it got ready, before the task was created.
+    let saw = std::fs::read_to_string(logs.join("saw")).unwrap_or_default();
+    // stdout and stderr reach one file through two streams: their order is not kept.
+    let mut file_lines: Vec<String> = settled(&file, 2).lines().map(str::to_owned).collect();
+    file_lines.sort();
+    LogUris {
+        code: run.status.code(),
+        logger_saw: saw.replace(&id, "<id>").replace(ctr.namespace(), "<ns>"),
+        logger_stdout: settled(&logs.join("out"), 1),
+        logger_stderr: settled(&logs.join("err"), 1),
+        file_log: file_lines,
+    }
+}
+
+#[test]
+fn test_containerd_binary_and_file_log_uris_same_as_runc() {
+    let test = "test_containerd_binary_and_file_log_uris_same_as_runc";
+    let expected = LogUris {
+        code: Some(3),
+        logger_saw: "k v <id> <ns>\n".into(),
+        logger_stdout: "out\n".into(),
+        logger_stderr: "err\n".into(),
+        file_log: vec!["err".into(), "out".into()],
+    };
+    both_see(test, "log-uris", log_uris, &expected);
 }
 
 /// A detached task: exec, ps, kill (TERM, trapped), STOPPED, delete; one line per step.

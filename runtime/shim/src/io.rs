@@ -1,5 +1,6 @@
-//! A process's stdio as containerd hands it over: FIFO paths (ctr, CRI), `file://` log files
-//! or nothing, relayed to and from the agent's stdio streams of the process.
+//! A process's stdio as containerd hands it over: FIFO paths (ctr, CRI), `file://` log files,
+//! a `binary://` logger for stdout and stderr ([`crate::logger`]) or nothing, relayed to and
+//! from the agent's stdio streams of the process.
 //!
 //! FIFOs are opened read-write, so neither side blocks on open and the shim never sees EOF or
 //! EPIPE from them: stdin ends with `CloseIO` (what is left in the FIFO is still delivered),
@@ -7,7 +8,9 @@
 //! written out ([`Relays::delivered`]).
 
 use std::path::PathBuf;
+use std::process::ExitStatus;
 use std::sync::Arc;
+use std::time::Duration;
 
 use husk_sandbox::agent::ProcessStreams;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -15,7 +18,12 @@ use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
+
+use crate::logger::{self, BinaryUri, LoggerProcess, Owner};
+
+/// How long a logger may take to exit once its pipes are closed, then after SIGTERM.
+const LOGGER_GRACE: Duration = Duration::from_secs(2);
 
 /// Where one stream goes, from containerd's string.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +34,8 @@ enum Target {
     Fifo(PathBuf),
     /// `file:///path`: appended to.
     File(PathBuf),
+    /// `binary:///path?args`: a logger for stdout and stderr.
+    Binary(BinaryUri),
 }
 
 fn target(uri: &str) -> Result<Target, String> {
@@ -36,8 +46,9 @@ fn target(uri: &str) -> Result<Target, String> {
         None => Ok(Target::Fifo(PathBuf::from(uri))),
         Some(("fifo", path)) => Ok(Target::Fifo(PathBuf::from(path))),
         Some(("file", path)) if path.starts_with('/') => Ok(Target::File(PathBuf::from(path))),
+        Some(("binary", rest)) => Ok(Target::Binary(BinaryUri::parse(rest)?)),
         Some((scheme, _)) => Err(format!(
-            "stdio {uri:?}: the {scheme}:// scheme is not supported (FIFO paths and file:// are)"
+            "stdio {uri:?}: the {scheme}:// scheme is not supported (FIFO paths, file:// and binary:// are)"
         )),
     }
 }
@@ -56,15 +67,28 @@ pub struct StdioPaths {
 }
 
 impl StdioPaths {
-    /// Checks the URIs before anything is created.
+    /// Checks the URIs before anything is created: stdin is a FIFO or nothing; a
+    /// `binary://` logger takes both outputs, so stderr is then stdout's URI or empty.
     pub fn check(&self) -> Result<(), String> {
-        target(&self.stdin)?;
-        target(&self.stdout)?;
-        target(&self.stderr)?;
-        if matches!(target(&self.stdin)?, Target::File(_)) {
-            return Err("stdin cannot be a file:// URI".into());
+        match target(&self.stdin)? {
+            Target::File(_) => return Err("stdin cannot be a file:// URI".into()),
+            Target::Binary(_) => return Err("stdin cannot be a binary:// URI".into()),
+            Target::Null | Target::Fifo(_) => {}
         }
-        Ok(())
+        let stdout = target(&self.stdout)?;
+        let stderr = target(&self.stderr)?;
+        let shared = self.stderr.is_empty() || self.stderr == self.stdout;
+        match (stdout, stderr) {
+            (Target::Binary(_), _) if !shared => Err(format!(
+                "stderr {:?} differs from stdout's binary:// URI {:?} (one logger takes both)",
+                self.stderr, self.stdout
+            )),
+            (_, Target::Binary(_)) if self.stderr != self.stdout => Err(format!(
+                "stderr's binary:// URI {:?} needs the same URI on stdout (one logger takes both)",
+                self.stderr
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -73,20 +97,41 @@ impl StdioPaths {
 pub struct Relays {
     outputs: Vec<JoinHandle<()>>,
     close_stdin: Arc<Notify>,
+    logger: Option<LoggerProcess>,
 }
 
 impl Relays {
-    /// Opens containerd's ends and starts relaying.
+    /// Opens containerd's ends (starts the logger of a `binary://` URI, for `owner`) and
+    /// starts relaying.
     ///
     /// # Errors
-    /// A FIFO or file cannot be opened.
-    pub async fn start(paths: &StdioPaths, streams: ProcessStreams) -> std::io::Result<Self> {
+    /// A FIFO or file cannot be opened, a logger cannot be started or does not get ready.
+    pub async fn start(
+        paths: &StdioPaths,
+        owner: Owner<'_>,
+        streams: ProcessStreams,
+    ) -> std::io::Result<Self> {
         let close_stdin = Arc::new(Notify::new());
         let input = open_input(&paths.stdin)?;
-        let stdout = open_output(&paths.stdout).await?;
-        let stderr = match (&streams.stderr, paths.terminal) {
-            (Some(_), false) => Some(open_output(&paths.stderr).await?),
-            _ => None,
+        let with_stderr = streams.stderr.is_some() && !paths.terminal;
+        let (stdout, stderr, logger) = match target(&paths.stdout).map_err(std::io::Error::other)? {
+            Target::Binary(uri) => {
+                let logger = logger::start(&uri, owner).await?;
+                // Without a stderr stream, the logger's fd 4 ends now.
+                let stderr: Option<Output> = with_stderr.then(|| Box::new(logger.stderr) as _);
+                (
+                    Box::new(logger.stdout) as Output,
+                    stderr,
+                    Some(logger.process),
+                )
+            }
+            _ => {
+                let stderr = match with_stderr {
+                    true => Some(open_output(&paths.stderr).await?),
+                    false => None,
+                };
+                (open_output(&paths.stdout).await?, stderr, None)
+            }
         };
         tokio::spawn(relay_stdin(input, streams.stdin, close_stdin.clone()));
         let mut outputs = vec![tokio::spawn(relay_output(streams.stdout, stdout))];
@@ -96,6 +141,7 @@ impl Relays {
         Ok(Self {
             outputs,
             close_stdin,
+            logger,
         })
     }
 
@@ -109,6 +155,15 @@ impl Relays {
         for handle in self.outputs.drain(..) {
             let _ = handle.await;
         }
+    }
+
+    /// The process is deleted: a `binary://` logger still running after [`LOGGER_GRACE`]
+    /// (its pipes are closed once the outputs are delivered or aborted) gets SIGTERM, then
+    /// SIGKILL. Returns how the logger ended, if there was one.
+    pub async fn release(&mut self) -> Option<ExitStatus> {
+        let status = self.logger.as_mut()?.stop(LOGGER_GRACE, LOGGER_GRACE).await;
+        self.logger = None;
+        status
     }
 
     /// Stops the relays where they are (the process's VM is gone).
@@ -129,7 +184,7 @@ fn open_input(uri: &str) -> std::io::Result<Option<pipe::Receiver>> {
                 .read_write(true)
                 .open_receiver(path)?,
         )),
-        Target::Null | Target::File(_) => Ok(None),
+        Target::Null | Target::File(_) | Target::Binary(_) => Ok(None),
     }
 }
 
@@ -148,6 +203,8 @@ async fn open_output(uri: &str) -> std::io::Result<Output> {
                 .open(path)
                 .await?,
         ),
+        // Only stdout's URI starts a logger: stderr shares it (`StdioPaths::check`).
+        Target::Binary(_) => Box::new(tokio::io::sink()),
     })
 }
 
@@ -181,6 +238,12 @@ async fn relay_stdin(input: Option<pipe::Receiver>, mut to: UnixStream, close: A
 async fn relay_output(mut from: UnixStream, mut to: Output) {
     let copied = copy(&mut from, &mut to).await;
     let _ = to.flush().await;
+    drop(to);
+    if let Err(e) = &copied {
+        // A logger or file that fails must not block the process on a full stream.
+        warn!(error = %e, "output lost; the rest of the stream is discarded");
+        let _ = tokio::io::copy(&mut from, &mut tokio::io::sink()).await;
+    }
     debug!(?copied, "output relay done");
 }
 
@@ -201,6 +264,11 @@ async fn copy(from: &mut (impl AsyncRead + Unpin), to: &mut Output) -> std::io::
 mod tests {
     use super::*;
 
+    const OWNER: Owner<'static> = Owner {
+        container_id: "c1",
+        namespace: "ns",
+    };
+
     #[test]
     fn test_target_schemes() {
         assert_eq!(target("").unwrap(), Target::Null);
@@ -212,10 +280,15 @@ mod tests {
             target("file:///var/log/c.log").unwrap(),
             Target::File("/var/log/c.log".into())
         );
-        assert!(target("binary:///usr/bin/logger?x=1")
-            .unwrap_err()
-            .contains("binary://"));
+        assert_eq!(
+            target("binary:///usr/bin/logger?x=1").unwrap(),
+            Target::Binary(BinaryUri {
+                path: "/usr/bin/logger".into(),
+                args: vec!["x".into(), "1".into()],
+            })
+        );
         assert!(target("file://relative").is_err());
+        assert!(target("tcp://host:1").unwrap_err().contains("tcp://"));
     }
 
     #[tokio::test]
@@ -241,6 +314,7 @@ mod tests {
         let (mut stderr_theirs, stderr_ours) = UnixStream::pair().unwrap();
         let mut relays = Relays::start(
             &paths,
+            OWNER,
             ProcessStreams {
                 stdin: stdin_ours,
                 stdout: stdout_ours,
@@ -271,5 +345,111 @@ mod tests {
         assert_eq!(&out, b"out");
         let log = std::fs::read(dir.path().join("err.log")).unwrap();
         assert_eq!(log, b"err");
+    }
+
+    #[test]
+    fn test_binary_logger_takes_both_outputs() {
+        let paths = |stdout: &str, stderr: &str| StdioPaths {
+            stdin: String::new(),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+            terminal: false,
+        };
+        let logger = "binary:///bin/logger?a=1";
+        assert!(paths(logger, logger).check().is_ok());
+        assert!(paths(logger, "").check().is_ok());
+        assert!(paths(logger, "/run/fifo").check().is_err());
+        assert!(paths("/run/fifo", logger).check().is_err());
+        let stdin_logger = StdioPaths {
+            stdin: logger.into(),
+            ..paths("", "")
+        };
+        assert!(stdin_logger.check().is_err());
+    }
+
+    /// A real logger (a shell script, as containerd's docs show one): it gets the query as
+    /// arguments, the owner in its environment, the outputs on fds 3 and 4, and closes fd 5.
+    #[tokio::test]
+    async fn test_binary_logger_receives_outputs_args_and_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("log");
+        let script = dir.path().join("logger");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$* $CONTAINER_ID $CONTAINER_NAMESPACE\" > {out}.meta\n\
+                 exec 5>&-\ncat <&3 > {out}.out & cat <&4 > {out}.err\nwait\n",
+                out = out.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let uri = format!("binary://{}?k=v&flag", script.display());
+        let paths = StdioPaths {
+            stdin: String::new(),
+            stdout: uri.clone(),
+            stderr: uri,
+            terminal: false,
+        };
+        paths.check().unwrap();
+        let (stdin_ours, _stdin_theirs) = UnixStream::pair().unwrap();
+        let (mut stdout_theirs, stdout_ours) = UnixStream::pair().unwrap();
+        let (mut stderr_theirs, stderr_ours) = UnixStream::pair().unwrap();
+        let mut relays = Relays::start(
+            &paths,
+            OWNER,
+            ProcessStreams {
+                stdin: stdin_ours,
+                stdout: stdout_ours,
+                stderr: Some(stderr_ours),
+            },
+        )
+        .await
+        .unwrap();
+        stdout_theirs.write_all(b"out").await.unwrap();
+        stderr_theirs.write_all(b"err").await.unwrap();
+        drop((stdout_theirs, stderr_theirs));
+        relays.delivered().await;
+        let status = relays.release().await.expect("the logger was reaped");
+        assert!(status.success(), "{status}");
+        let read = |ext: &str| std::fs::read_to_string(format!("{}.{ext}", out.display())).unwrap();
+        assert_eq!(read("meta"), "k v flag  c1 ns\n");
+        assert_eq!(read("out"), "out");
+        assert_eq!(read("err"), "err");
+    }
+
+    #[tokio::test]
+    async fn test_binary_logger_missing_is_an_error_and_one_that_dies_loses_only_output() {
+        let missing = BinaryUri::parse("/nonexistent/logger").unwrap();
+        let e = logger::start(&missing, OWNER).await.unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/logger"), "{e}");
+
+        // A logger that exits at once (fd 5 closes with it, as containerd takes it: ready):
+        // the process's output is read and discarded, never left to block the process.
+        let paths = StdioPaths {
+            stdin: String::new(),
+            stdout: "binary:///bin/false".into(),
+            stderr: String::new(),
+            terminal: false,
+        };
+        let (stdin_ours, _stdin_theirs) = UnixStream::pair().unwrap();
+        let (mut stdout_theirs, stdout_ours) = UnixStream::pair().unwrap();
+        let mut relays = Relays::start(
+            &paths,
+            OWNER,
+            ProcessStreams {
+                stdin: stdin_ours,
+                stdout: stdout_ours,
+                stderr: None,
+            },
+        )
+        .await
+        .unwrap();
+        let status = relays.release().await.expect("the logger was reaped");
+        assert!(!status.success());
+        stdout_theirs.write_all(&[b'x'; 1 << 20]).await.unwrap();
+        drop(stdout_theirs);
+        relays.delivered().await;
     }
 }

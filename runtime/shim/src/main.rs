@@ -7,10 +7,12 @@
 //! - [`shim`]: the binary's `start` and `delete` subcommands (the `containerd-shim` crate
 //!   runs them) and where a pod's files live;
 //! - [`task`]: the ttrpc Task service;
-//! - [`io`]: the FIFOs (or log files) containerd hands over, relayed to the agent's streams.
+//! - [`io`]: the FIFOs (or log files) containerd hands over, relayed to the agent's streams;
+//! - [`logger`]: containerd's binary logging protocol (`binary://` stdio URIs).
 #![forbid(unsafe_code)]
 
 mod io;
+mod logger;
 mod shim;
 mod task;
 

@@ -31,6 +31,7 @@ use tokio::sync::{watch, Mutex};
 use tracing::{debug, info, warn};
 
 use crate::io::{Relays, StdioPaths};
+use crate::logger::Owner;
 use crate::shim::{record_vmm_pid, Annotations, ShimConfig};
 
 /// Exit status of a process whose VM went away under it (as SIGKILL).
@@ -164,6 +165,14 @@ impl TaskService {
 }
 
 impl Inner {
+    /// What a `binary://` logger of container `id` is told.
+    fn owner<'a>(&'a self, id: &'a str) -> Owner<'a> {
+        Owner {
+            container_id: id,
+            namespace: &self.namespace,
+        }
+    }
+
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         if let Err(e) = self
             .publisher
@@ -323,7 +332,7 @@ impl Inner {
             .attach_streams(id, None, process.stdio.terminal)
             .await
             .map_err(sandbox_error)?;
-        let relays = Relays::start(&process.stdio, streams)
+        let relays = Relays::start(&process.stdio, self.owner(id), streams)
             .await
             .map_err(|e| error(Code::INTERNAL, format!("stdio of {id:?}: {e}")))?;
         *process.relays.lock().await = Some(relays);
@@ -376,7 +385,7 @@ impl Inner {
             .attach_streams(id, Some(&exec_id), spec.terminal)
             .await
             .map_err(sandbox_error)?;
-        let relays = Relays::start(&p.stdio, streams)
+        let relays = Relays::start(&p.stdio, self.owner(id), streams)
             .await
             .map_err(|e| error(Code::INTERNAL, format!("stdio of exec {exec_id:?}: {e}")))?;
         *p.relays.lock().await = Some(relays);
@@ -422,6 +431,7 @@ impl Inner {
             if let Ok(mut execs) = c.execs.lock() {
                 execs.remove(exec_id);
             }
+            release_stdio(&p).await;
             return Ok(delete_response(p.pid(), &exit));
         }
         let exit = match (p.exited(), p.phase()) {
@@ -445,6 +455,7 @@ impl Inner {
                 ))
             }
         };
+        release_stdio(&p).await;
         let mut state = self.state.lock().await;
         state.containers.remove(id);
         c.pod.remove(id);
@@ -632,6 +643,15 @@ impl Inner {
             pod.shutdown().await;
         }
         self.exit.signal();
+    }
+}
+
+/// A deleted process's stdio: its `binary://` logger, if any, ends (or is stopped).
+async fn release_stdio(p: &Process) {
+    if let Some(relays) = p.relays.lock().await.as_mut() {
+        if let Some(status) = relays.release().await {
+            debug!(exec_id = ?p.exec_id, %status, "binary logger ended");
+        }
     }
 }
 
