@@ -6,7 +6,8 @@
 //!
 //! Scenarios: output and exit code of `ctr run --rm` (small and large outputs); `binary://`
 //! and `file://` log URIs; a detached
-//! task with exec, ps, kill and delete; piped stdin; a terminal; pause and resume; metrics;
+//! task with exec, ps, kill and delete; piped stdin; a terminal; pause and resume; `task
+//! update` of memory and CPU limits; metrics;
 //! an OOM kill and its `/tasks/oom` event; a pod of two containers sharing a network
 //! namespace (one VM for husk); a container whose process (runc) or VMM (husk) is killed from
 //! the host; a shim killed with SIGKILL. The last two check that nothing is left behind.
@@ -465,6 +466,92 @@ fn test_containerd_pause_resume_same_as_runc() {
         .map(|s| Some(s.to_owned()))
         .to_vec();
     both_see(test, "pause", pause_resume, &expected);
+}
+
+/// Prints `<memory limit> <cpu quota or max> <cpu period>` from the container's cgroup, v2
+/// (husk's guest, a v2 host) or v1 (runc on a v1 host).
+const LIMITS: &str = "cd /sys/fs/cgroup; if [ -e memory.max ]; then cat memory.max cpu.max; \
+    else q=$(cat cpu/cpu.cfs_quota_us); [ \"$q\" = -1 ] && q=max; \
+    echo $(cat memory/memory.limit_in_bytes) $q $(cat cpu/cpu.cfs_period_us); fi";
+
+/// `Task.Update` of container `id` with OCI `resources`, sent straight to its shim over ttrpc,
+/// the message containerd would pass on (ctr 1.6 has no `task update`).
+fn shim_update(ctr: &Ctr<'_>, id: &str, resources: &serde_json::Value) -> Result<(), String> {
+    use containerd_shim_protos::{api::UpdateTaskRequest, protobuf, ttrpc, TaskClient};
+    let address_file = ctr.bundle(id).join("address");
+    let address = std::fs::read_to_string(&address_file)
+        .map_err(|e| format!("{}: {e}", address_file.display()))?;
+    let client = ttrpc::Client::connect(address.trim()).map_err(|e| format!("{address}: {e}"))?;
+    let mut context =
+        ttrpc::context::with_timeout(i64::try_from(CTR_TIMEOUT.as_nanos()).unwrap_or(i64::MAX));
+    context.add("containerd-namespace-ttrpc".into(), ctr.namespace().into());
+    let request = UpdateTaskRequest {
+        id: id.into(),
+        resources: protobuf::MessageField::some(protobuf::well_known_types::any::Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: resources.to_string().into_bytes(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    TaskClient::new(client)
+        .update(context, &request)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// `Task.Update` of a running task's memory limit and CPU quota, as the container sees
+/// them in its cgroup (bound at /sys/fs/cgroup), before and after; then whether an exec
+/// shares the first process's cgroup.
+fn update(ctr: &Ctr<'_>) -> Vec<String> {
+    let id = "update";
+    let label = ctr.runtime().label();
+    let flags = [
+        "--memory-limit",
+        "268435456",
+        "--mount",
+        "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro",
+    ];
+    ctr.run_detached(&flags, id, &["sleep", "1000"]);
+    let limits = |exec_id: &str| {
+        exec_line(ctr, id, exec_id, &["sh", "-c", LIMITS])
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let before = limits("before");
+    let resources = serde_json::json!({
+        "memory": { "limit": 134_217_728 },
+        "cpu": { "quota": 50_000, "period": 100_000 },
+    });
+    if let Err(e) = shim_update(ctr, id, &resources) {
+        panic!("{label}: Task.Update of {id}: {e}");
+    }
+    let after = limits("after");
+    // An exec is held by the container's limits: it is in its first process's cgroup.
+    let cgroup = exec_line(
+        ctr,
+        id,
+        "cgroup",
+        &[
+            "sh",
+            "-c",
+            "[ \"$(cat /proc/self/cgroup)\" = \"$(cat /proc/1/cgroup)\" ] && echo same cgroup",
+        ],
+    );
+    remove(ctr, id);
+    vec![before, after, cgroup]
+}
+
+#[test]
+fn test_containerd_update_limits_same_as_runc() {
+    let test = "test_containerd_update_limits_same_as_runc";
+    let expected = vec![
+        "268435456 max 100000".to_owned(),
+        "134217728 50000 100000".to_owned(),
+        "same cgroup".to_owned(),
+    ];
+    both_see(test, "update", update, &expected);
 }
 
 /// `ctr task metrics`' table of a running task, as (metric, value) rows.

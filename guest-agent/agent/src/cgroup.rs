@@ -110,6 +110,16 @@ impl Cgroup {
         self.write("cgroup.procs", &pid.as_raw().to_string())
     }
 
+    /// The calling process's own cgroup directory (its `0::` line of `/proc/self/cgroup`).
+    pub fn of_self() -> io::Result<PathBuf> {
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let path = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| io::Error::other("/proc/self/cgroup has no cgroup v2 line"))?;
+        Ok(Path::new(ROOT).join(path.trim_start_matches('/')))
+    }
+
     /// The processes in the cgroup (`cgroup.procs`); none when it cannot be read.
     pub fn pids(&self) -> Vec<Pid> {
         std::fs::read_to_string(self.path.join("cgroup.procs"))
@@ -134,6 +144,9 @@ impl Cgroup {
     /// Removes the cgroup once its processes are gone (best effort: a leftover empty group
     /// only costs a directory in a VM that ends with the container).
     pub async fn remove(&self) {
+        // What outlived the first process (an exec of a container sharing another's pid
+        // namespace, which does not end with it) goes with it, as runc's destroy does.
+        let _ = self.write("cgroup.kill", "1");
         for _ in 0..REMOVE_TRIES {
             match std::fs::remove_dir(&self.path) {
                 Ok(()) => return,

@@ -338,12 +338,13 @@ impl Containers {
         Ok(cgroup.stats())
     }
 
-    /// The pid of a running container's first process (the namespaces an exec joins).
-    pub fn running_pid(&self, id: &str) -> Result<Pid, Failure> {
+    /// A running container's first process (whose namespaces an exec joins) and its cgroup
+    /// (where the exec goes).
+    pub fn running(&self, id: &str) -> Result<(Pid, Cgroup), Failure> {
         let map = self.lock();
         let c = map.get(id).ok_or_else(|| not_found(id))?;
         match c.state {
-            State::Running => Ok(c.pid),
+            State::Running => Ok((c.pid, c.cgroup.clone())),
             _ => Err((
                 ErrorKind::InvalidState,
                 format!("container {id:?} is not running"),

@@ -25,6 +25,7 @@ use nix::sys::stat::{umask, Mode};
 use nix::unistd::{chdir, execve, pivot_root, setgid, setgroups, sethostname, setuid, Gid, Uid};
 use seccompiler::BpfProgram;
 
+use crate::cgroup::Cgroup;
 use crate::container::{rootfs_path, shares_path};
 use crate::init::ctx;
 use crate::{mounts, privileges, seccomp, sys};
@@ -91,11 +92,16 @@ fn error(kind: ErrorKind, message: String) -> Response {
 /// everything before the user's process.
 fn setup(spec: &ContainerSpec) -> io::Result<()> {
     umask(Mode::empty());
-    if spec.namespaces.contains(&Namespace::Cgroup) {
-        // After the agent moved this process into the container's cgroup: that cgroup
-        // becomes the root of the container's view.
+    // The agent moved this process into the container's cgroup before it sent the spec.
+    let own_cgroup = if spec.namespaces.contains(&Namespace::Cgroup) {
+        // That cgroup becomes the root of the container's view.
         unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| ctx(e, "unshare cgroup namespace"))?;
-    }
+        None
+    } else {
+        let own = Cgroup::of_self()
+            .map_err(|e| io::Error::new(e.kind(), format!("find the container's cgroup: {e}")))?;
+        Some(own)
+    };
     mount(
         None::<&str>,
         "/",
@@ -118,7 +124,12 @@ fn setup(spec: &ContainerSpec) -> io::Result<()> {
         None::<&str>,
     )
     .map_err(|e| ctx(e, "bind the rootfs onto itself"))?;
-    mounts::mount_all(&root, &shares_path(&spec.id), &spec.mounts)?;
+    mounts::mount_all(
+        &root,
+        &shares_path(&spec.id),
+        &spec.mounts,
+        own_cgroup.as_deref(),
+    )?;
     enter_root(&root)?;
     if spec.rootfs_readonly {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;

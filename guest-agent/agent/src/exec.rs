@@ -56,7 +56,7 @@ impl Execs {
         process
             .validate()
             .map_err(|e| (ErrorKind::InvalidRequest, e))?;
-        let init_pid = containers.running_pid(id)?;
+        let (init_pid, cgroup) = containers.running(id)?;
         let key = (id.to_owned(), exec_id.to_owned());
         if self.lock().contains_key(&key) {
             return Err((
@@ -69,6 +69,10 @@ impl Execs {
             spawn_helper(crate::exec_init::ARG_C, CloneFlags::empty())?;
         // Registered before the next await: the reaper cannot miss the helper's exit.
         let exit = containers.exits().watch(helper);
+        // In the container's cgroup before it runs anything: its limits hold the exec too.
+        cgroup
+            .add(helper)
+            .map_err(|e| internal(format!("move exec into the container's cgroup: {e}")))?;
         // No namespace of its own to prepare: let it run at once.
         nix::unistd::write(&gate_w, &[1]).map_err(|e| internal(ctx(e, "open the exec gate")))?;
         drop(gate_w);

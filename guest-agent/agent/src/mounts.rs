@@ -32,11 +32,23 @@ const DEV_LINKS: [(&str, &str); 5] = [
 
 /// Mounts `mounts` in order under `root`; a tmpfs on `/dev` gets the default device nodes
 /// and links right away, before anything is mounted below it. Bind sources are under
-/// `shares` (the agent mounted each virtio-fs share there, named by its tag).
-pub fn mount_all(root: &Path, shares: &Path, mounts: &[Mount]) -> io::Result<()> {
+/// `shares` (the agent mounted each virtio-fs share there, named by its tag). A container
+/// without a cgroup namespace of its own gets its `cgroup` directory bound where it mounts
+/// the cgroup hierarchy (as runc does), never the whole guest's hierarchy.
+pub fn mount_all(
+    root: &Path,
+    shares: &Path,
+    mounts: &[Mount],
+    cgroup: Option<&Path>,
+) -> io::Result<()> {
     for m in mounts {
         if let (MountKind::Bind, Some(source)) = (m.kind, &m.source) {
             bind(root, shares, m, source)?;
+            continue;
+        }
+        if let (MountKind::Cgroup2, Some(cgroup)) = (m.kind, cgroup) {
+            let target = prepare_target(root, &m.destination)?;
+            bind_at(cgroup, &target, m)?;
             continue;
         }
         let target = prepare_target(root, &m.destination)?;
@@ -89,10 +101,15 @@ fn bind(root: &Path, shares: &Path, m: &Mount, source: &BindSource) -> io::Resul
         }
         None => prepare_target(root, &m.destination)?,
     };
+    bind_at(&from, &target, m)
+}
+
+/// Binds `from` on `target` (`m.destination` under the root), then applies `m`'s flags.
+fn bind_at(from: &Path, target: &Path, m: &Mount) -> io::Result<()> {
     let what = format!("bind {} on {}", from.display(), m.destination);
     mount(
-        Some(&from),
-        &target,
+        Some(from),
+        target,
         None::<&str>,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
@@ -103,7 +120,7 @@ fn bind(root: &Path, shares: &Path, m: &Mount, source: &BindSource) -> io::Resul
         return Ok(());
     }
     let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
-    mount(None::<&str>, &target, None::<&str>, remount, None::<&str>).map_err(|e| {
+    mount(None::<&str>, target, None::<&str>, remount, None::<&str>).map_err(|e| {
         ctx(
             e,
             &format!("remount bind mount {} with its options", m.destination),
