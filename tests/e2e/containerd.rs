@@ -650,6 +650,8 @@ struct Pod {
     same_boot_id: bool,
     shims: usize,
     vmms: usize,
+    /// `exit <code> <stdout>` of a `ctr run --rm` in the pod reusing a deleted container's id.
+    id_reused: String,
 }
 
 /// One line of `ctr task exec` in `id`.
@@ -702,8 +704,23 @@ fn pod(ctr: &Ctr<'_>) -> Pod {
         same_boot_id: exec_line(ctr, &pod, "b", &boot_id) == exec_line(ctr, &app, "b", &boot_id),
         shims: shims.len(),
         vmms,
+        id_reused: String::new(),
     };
     remove(ctr, &app);
+    // The pod goes on after a container's delete, and its id is free again in it.
+    let again = ctr.run(
+        &["--rm", flags[0], flags[1], flags[2], flags[3]],
+        &app,
+        &["echo", "again"],
+    );
+    let seen = Pod {
+        id_reused: format!(
+            "exit {} {}",
+            again.status.code().unwrap_or(-1),
+            text(&again.stdout).trim()
+        ),
+        ..seen
+    };
     remove(ctr, &pod);
     seen
 }
@@ -717,11 +734,12 @@ fn test_containerd_pod_shares_netns_one_shim_one_vm() {
             same_boot_id: true,
             shims: 1,
             vmms: usize::from(runtime == Runtime::Husk),
+            id_reused: "exit 0 again".into(),
         };
         assert_eq!(
             seen,
             &expected,
-            "{} (left, seen): expected a shared netns and boot_id, one shim for the pod (and one VMM for husk)",
+            "{} (left, seen): expected a shared netns and boot_id, one shim for the pod (and one VMM for husk), a deleted container's id usable again",
             runtime.label()
         );
     });

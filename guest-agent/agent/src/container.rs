@@ -274,6 +274,21 @@ impl Containers {
         Ok((code, oom_killed))
     }
 
+    /// Forgets a container whose exit was waited for ([`Containers::wait`] removed its cgroup
+    /// and mounts).
+    pub fn delete(&self, id: &str) -> Result<(), Failure> {
+        let mut map = self.lock();
+        let c = map.get(id).ok_or_else(|| not_found(id))?;
+        if c.state != State::Stopped {
+            return Err((
+                ErrorKind::InvalidState,
+                format!("container {id:?} has not been waited for after its exit"),
+            ));
+        }
+        map.remove(id);
+        Ok(())
+    }
+
     /// Freezes (`pause`) or thaws the container's cgroup.
     pub async fn pause(&self, id: &str, pause: bool) -> Result<(), Failure> {
         let (from, to) = match pause {

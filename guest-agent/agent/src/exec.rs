@@ -144,6 +144,11 @@ impl Execs {
         Ok(code)
     }
 
+    /// Forgets every exec process of container `id` (it was deleted; they ended with it).
+    pub fn forget(&self, id: &str) {
+        self.lock().retain(|(container, _), _| container != id);
+    }
+
     /// Sets the window size of the exec process's terminal.
     pub fn resize(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> Result<(), Failure> {
         let map = self.lock();

@@ -237,6 +237,7 @@ mod tests {
                 exec_id: "e".into(),
             },
             Request::ListProcesses { id: "c".into() },
+            Request::DeleteContainer { id: "c".into() },
             Request::Shutdown,
         ]
     }

@@ -15,7 +15,7 @@ use crate::resources::Resources;
 use crate::seccomp::Seccomp;
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
@@ -132,6 +132,13 @@ pub enum Request {
     },
     /// Answered by [`Response::Processes`]: every process of the container.
     ListProcesses {
+        /// Container id.
+        id: String,
+    },
+    /// Forgets a container whose process exited and was waited for (and its exec processes),
+    /// so that its id can be used again in this VM (version 5). A pod's VM outlives its
+    /// containers.
+    DeleteContainer {
         /// Container id.
         id: String,
     },

@@ -313,6 +313,15 @@ impl AgentClient {
         .await
     }
 
+    /// Forgets a container that exited and was waited for: its id is free again in the VM.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn delete(&mut self, id: &str) -> Result<(), SandboxError> {
+        self.request_ok(&Request::DeleteContainer { id: id.to_owned() })
+            .await
+    }
+
     /// The container's cgroup counters.
     ///
     /// # Errors

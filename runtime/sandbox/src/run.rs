@@ -130,7 +130,14 @@ pub async fn run(opts: &RunOptions, pid_file: Option<&Path>) -> Result<RunOutcom
 /// Every [`SandboxError`] before the container is created; the VM is torn down.
 pub async fn monitor(opts: &RunOptions) -> Result<(), SandboxError> {
     let state = StateDir::adopt(&opts.root, &opts.id, Duration::from_secs(10))?;
-    let dir = state.path().to_owned();
+    let result = own_vm(opts, state.path()).await;
+    state.hold_until_exit();
+    result
+}
+
+/// The monitor's work, in its state directory `dir`.
+async fn own_vm(opts: &RunOptions, dir: &Path) -> Result<(), SandboxError> {
+    let dir = dir.to_owned();
     let bundle = Bundle::load(&opts.bundle, &opts.id)?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut vm = new_door(door(opts, &bundle), vm_config(opts, &bundle, &dir))?;

@@ -31,7 +31,8 @@ const OWNER_LOCK: &str = "lock";
 #[derive(Debug)]
 pub struct StateDir {
     path: PathBuf,
-    _lock: Flock<File>,
+    /// `None` once [`StateDir::hold_until_exit`] handed it to the process's end.
+    lock: Option<Flock<File>>,
     remove_on_drop: bool,
 }
 
@@ -65,7 +66,7 @@ impl StateDir {
             .map_err(|_| SandboxError::AlreadyExists { id: id.to_owned() })?;
         Ok(Self {
             path,
-            _lock: lock,
+            lock: Some(lock),
             remove_on_drop: true,
         })
     }
@@ -86,7 +87,7 @@ impl StateDir {
                 Ok(lock) => {
                     return Ok(Self {
                         path,
-                        _lock: lock,
+                        lock: Some(lock),
                         remove_on_drop: false,
                     })
                 }
@@ -107,6 +108,15 @@ impl StateDir {
     /// Keeps the directory when this owner goes (a container that lives on until `delete`).
     pub fn keep(&mut self) {
         self.remove_on_drop = false;
+    }
+
+    /// Keeps the directory and the owner lock until this process exits: whoever waits for the
+    /// lock (`delete`) goes on only once the owner's process is gone, not while it is still
+    /// on its way out.
+    pub fn hold_until_exit(mut self) {
+        self.remove_on_drop = false;
+        // The kernel drops the lock with the process's last descriptor of it.
+        std::mem::forget(self.lock.take());
     }
 }
 

@@ -269,6 +269,38 @@ mod tests {
         namespace: "ns",
     };
 
+    /// The agent's ends of a process's streams, as a test drives them.
+    struct Theirs {
+        stdin: UnixStream,
+        stdout: UnixStream,
+        stderr: Option<UnixStream>,
+    }
+
+    /// Relays for `paths` over fresh socket pairs (a stderr stream when `stderr`).
+    async fn relays(paths: &StdioPaths, stderr: bool) -> (Relays, Theirs) {
+        let (stdin_ours, stdin) = UnixStream::pair().unwrap();
+        let (stdout, stdout_ours) = UnixStream::pair().unwrap();
+        let (stderr, stderr_ours) = match stderr {
+            true => {
+                let (theirs, ours) = UnixStream::pair().unwrap();
+                (Some(theirs), Some(ours))
+            }
+            false => (None, None),
+        };
+        let streams = ProcessStreams {
+            stdin: stdin_ours,
+            stdout: stdout_ours,
+            stderr: stderr_ours,
+        };
+        let relays = Relays::start(paths, OWNER, streams).await.unwrap();
+        let theirs = Theirs {
+            stdin,
+            stdout,
+            stderr,
+        };
+        (relays, theirs)
+    }
+
     #[test]
     fn test_target_schemes() {
         assert_eq!(target("").unwrap(), Target::Null);
@@ -309,20 +341,9 @@ mod tests {
             stderr: format!("file://{}", paths.stderr),
             ..paths
         };
-        let (stdin_ours, mut stdin_theirs) = UnixStream::pair().unwrap();
-        let (mut stdout_theirs, stdout_ours) = UnixStream::pair().unwrap();
-        let (mut stderr_theirs, stderr_ours) = UnixStream::pair().unwrap();
-        let mut relays = Relays::start(
-            &paths,
-            OWNER,
-            ProcessStreams {
-                stdin: stdin_ours,
-                stdout: stdout_ours,
-                stderr: Some(stderr_ours),
-            },
-        )
-        .await
-        .unwrap();
+        let (mut relays, theirs) = relays(&paths, true).await;
+        let (mut stdin_theirs, mut stdout_theirs) = (theirs.stdin, theirs.stdout);
+        let mut stderr_theirs = theirs.stderr.unwrap();
         // containerd's side: writes stdin, reads stdout.
         let mut writer = pipe::OpenOptions::new().open_sender(&paths.stdin).unwrap();
         writer.write_all(b"to the process").await.unwrap();
@@ -393,20 +414,9 @@ mod tests {
             terminal: false,
         };
         paths.check().unwrap();
-        let (stdin_ours, _stdin_theirs) = UnixStream::pair().unwrap();
-        let (mut stdout_theirs, stdout_ours) = UnixStream::pair().unwrap();
-        let (mut stderr_theirs, stderr_ours) = UnixStream::pair().unwrap();
-        let mut relays = Relays::start(
-            &paths,
-            OWNER,
-            ProcessStreams {
-                stdin: stdin_ours,
-                stdout: stdout_ours,
-                stderr: Some(stderr_ours),
-            },
-        )
-        .await
-        .unwrap();
+        let (mut relays, theirs) = relays(&paths, true).await;
+        let mut stdout_theirs = theirs.stdout;
+        let mut stderr_theirs = theirs.stderr.unwrap();
         stdout_theirs.write_all(b"out").await.unwrap();
         stderr_theirs.write_all(b"err").await.unwrap();
         drop((stdout_theirs, stderr_theirs));
@@ -433,19 +443,8 @@ mod tests {
             stderr: String::new(),
             terminal: false,
         };
-        let (stdin_ours, _stdin_theirs) = UnixStream::pair().unwrap();
-        let (mut stdout_theirs, stdout_ours) = UnixStream::pair().unwrap();
-        let mut relays = Relays::start(
-            &paths,
-            OWNER,
-            ProcessStreams {
-                stdin: stdin_ours,
-                stdout: stdout_ours,
-                stderr: None,
-            },
-        )
-        .await
-        .unwrap();
+        let (mut relays, theirs) = relays(&paths, false).await;
+        let mut stdout_theirs = theirs.stdout;
         let status = relays.release().await.expect("the logger was reaped");
         assert!(!status.success());
         stdout_theirs.write_all(&[b'x'; 1 << 20]).await.unwrap();

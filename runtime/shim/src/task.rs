@@ -466,6 +466,11 @@ impl Inner {
                 info!(id, "last or first container of the pod deleted: VM off");
                 pod.shutdown().await;
             }
+        } else if !c.pod.has_ended() {
+            // The pod goes on: its agent forgets the container, so that the id is free again.
+            if let Err(e) = c.pod.agent().await.delete(id).await {
+                warn!(id, error = %e, "the agent kept the deleted container");
+            }
         }
         drop(state);
         let event = ev::TaskDelete {
