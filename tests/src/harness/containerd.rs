@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::oci_image::{busybox_image_tar, IMAGE};
+use super::oci_image::{busybox_image_tar, IMAGE, PAUSE_IMAGE};
 use super::procs::{self, Proc};
 use super::{husk_out, on_path};
 
@@ -93,30 +93,66 @@ impl Containerd {
     /// # Panics
     /// When containerd is there but does not start.
     pub fn get(test: &str) -> Option<Self> {
-        let missing = ["containerd", "ctr", "containerd-shim-runc-v2", "runc"]
-            .into_iter()
-            .find(|p| !on_path(p) && !Path::new("/usr/sbin").join(p).is_file());
+        Self::get_with(test, false)
+    }
+
+    /// [`Containerd::get`] with its CRI plugin serving on the same socket (handlers `runc`
+    /// and `husk`, [`PAUSE_IMAGE`] as the sandbox image, a loopback-only CNI network), the
+    /// images imported into CRI's `k8s.io` namespace.
+    pub fn get_cri(test: &str) -> Option<Self> {
+        let containerd = Self::get_with(test, true)?;
+        drop(containerd.cri_ctr());
+        Some(containerd)
+    }
+
+    /// A `ctr` in CRI's namespace, with the images imported (ctr's `--runtime` is unused
+    /// there: CRI picks the shim by handler).
+    ///
+    /// # Panics
+    /// When the import fails.
+    pub fn cri_ctr(&self) -> Ctr<'_> {
+        self.ctr_in(Runtime::Runc, CRI_NAMESPACE.to_owned())
+    }
+
+    fn get_with(test: &str, cri: bool) -> Option<Self> {
+        let mut needed = vec!["containerd", "ctr", "containerd-shim-runc-v2", "runc"];
+        if cri {
+            needed.push(CNI_PTP);
+        }
+        let missing = needed.into_iter().find(|p| {
+            !on_path(p) && !Path::new("/usr/sbin").join(p).is_file() && !Path::new(p).is_file()
+        });
         let reason = match missing {
             Some(p) => format!("{p} is not installed; run `make deps`"),
             None if !nix::unistd::geteuid().is_root() => "containerd needs root".to_owned(),
-            None => return Some(Self::start()),
+            None => return Some(Self::start(cri)),
         };
         println!("SKIPPED: {test}: {reason}");
         None
     }
 
-    /// Starts containerd and waits (up to 20 s) until `ctr version` answers.
+    /// Starts containerd (with its CRI plugin if `cri`) and waits (up to 20 s) until
+    /// `ctr version` answers.
     ///
     /// # Panics
     /// When it cannot be spawned or does not answer in time (the log is printed).
-    pub fn start() -> Self {
+    pub fn start(cri: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("husk-containerd-")
             .tempdir()
             .expect("containerd dir");
         std::fs::create_dir_all(dir.path().join("out")).expect("output dir");
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, config_toml(dir.path())).expect("config.toml");
+        std::fs::write(&config, config_toml(dir.path(), cri)).expect("config.toml");
+        if cri {
+            let net_d = dir.path().join("cni/net.d");
+            std::fs::create_dir_all(&net_d).expect("CNI config dir");
+            std::fs::write(
+                net_d.join("10-husk-test.conflist"),
+                cni_conflist(dir.path()),
+            )
+            .expect("CNI config");
+        }
         let log = File::create(dir.path().join("containerd.log")).expect("log");
         let share = husk_out().join("share/husk");
         let child = Command::new("containerd")
@@ -168,13 +204,27 @@ impl Containerd {
     /// # Panics
     /// When the import fails.
     pub fn ctr(&self, runtime: Runtime, scenario: &str) -> Ctr<'_> {
-        let ns = format!("{scenario}-{}", runtime.label());
-        self.namespaces.lock().expect("lock").push(ns.clone());
+        self.ctr_in(runtime, format!("{scenario}-{}", runtime.label()))
+    }
+
+    /// A `ctr` in namespace `ns`; the images are imported the first time.
+    fn ctr_in(&self, runtime: Runtime, ns: String) -> Ctr<'_> {
+        let known = {
+            let mut namespaces = self.namespaces.lock().expect("lock");
+            let known = namespaces.contains(&ns);
+            if !known {
+                namespaces.push(ns.clone());
+            }
+            known
+        };
         let ctr = Ctr {
             containerd: self,
             ns,
             runtime,
         };
+        if known {
+            return ctr;
+        }
         let tar = busybox_image_tar().to_str().expect("utf-8 path");
         let out = ctr.ctr(&["images", "import", tar]);
         assert!(
@@ -305,16 +355,43 @@ impl Drop for Containerd {
     }
 }
 
+/// CRI's containerd namespace.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// A CNI plugin the CRI tests' network uses (Debian's containernetworking-plugins).
+const CNI_PTP: &str = "/usr/lib/cni/ptp";
+
+/// The CRI tests' pod network: a veth pair per pod (`ptp`) with an address from a private
+/// range kept in our directory, no masquerading; CRI needs a pod IP to start a sandbox.
+fn cni_conflist(dir: &Path) -> String {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "husk-test",
+        "plugins": [{
+            "type": "ptp",
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "subnet": "10.254.77.0/24",
+                "dataDir": dir.join("cni/ipam"),
+            },
+        }],
+    })
+    .to_string()
+}
+
 /// containerd's config (version 2): our root, state and socket, debug logs (shims log
-/// through containerd), no CRI and no snapshotters this host cannot use.
-fn config_toml(dir: &Path) -> String {
+/// through containerd), no snapshotters this host cannot use; CRI only if `cri`.
+fn config_toml(dir: &Path, cri: bool) -> String {
     let d = dir.display();
+    let cri_plugin = match cri {
+        true => "",
+        false => "\n  \"io.containerd.grpc.v1.cri\",",
+    };
     format!(
         r#"version = 2
 root = "{d}/root"
 state = "{d}/state"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+disabled_plugins = [{cri_plugin}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -333,9 +410,20 @@ disabled_plugins = [
   path = "{d}/opt"
 
 # ctr names the runtime type itself (`--runtime io.containerd.husk.v2` runs
-# `containerd-shim-husk-v2` from PATH); this entry is what CRI would use, were it enabled.
+# `containerd-shim-husk-v2` from PATH); CRI takes a handler from these.
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  # No oom_score_adj below containerd's own: some CI hosts refuse a negative one (CRI gives
+  # sandboxes -998), which runc cannot then start.
+  restrict_oom_score_adj = true
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "/usr/lib/cni"
+  conf_dir = "{d}/cni/net.d"
 [plugins."io.containerd.grpc.v1.cri".containerd]
   snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk]
   runtime_type = "io.containerd.husk.v2"
 "#

@@ -1,6 +1,7 @@
 //! A busybox OCI image, built here without a registry or a network: one uncompressed layer
 //! (busybox-static and a symlink per applet, the usual top-level directories, a passwd and a
-//! group file), its config, a manifest and an `index.json` naming it [`IMAGE`], in an OCI
+//! group file), its config, a manifest and an `index.json` naming it [`IMAGE`] (and, with
+//! `sleep` as its command, [`PAUSE_IMAGE`]), in an OCI
 //! image layout (image-spec v1.0 `image-layout.md`) packed as one tar for `ctr images import`.
 
 use std::path::{Path, PathBuf};
@@ -14,6 +15,8 @@ use super::which;
 
 /// The name `ctr images import` gives the image (the index's `org.opencontainers.image.ref.name`).
 pub const IMAGE: &str = "docker.io/library/husk-busybox:test";
+/// The same layer with `sleep` as its command: the CRI tests' sandbox ("pause") image.
+pub const PAUSE_IMAGE: &str = "docker.io/library/husk-pause:test";
 
 const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
@@ -70,26 +73,14 @@ fn build(dir: &Path) -> PathBuf {
     );
     std::fs::remove_dir_all(&rootfs).expect("remove rootfs");
     std::fs::remove_file(&layer_tar).expect("remove layer.tar");
-    let config = json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sh"],
-        },
-        // An uncompressed layer's diff_id is its own digest.
-        "rootfs": { "type": "layers", "diff_ids": [layer["digest"]] },
-    });
-    let config = add_blob(&layout, &to_vec(&config), CONFIG_MEDIA_TYPE);
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": config,
-        "layers": [layer],
-    });
-    let mut manifest = add_blob(&layout, &to_vec(&manifest), MANIFEST_MEDIA_TYPE);
-    manifest["annotations"] = json!({ "org.opencontainers.image.ref.name": IMAGE });
-    let index = json!({ "schemaVersion": 2, "manifests": [manifest] });
+    let manifests: Vec<Value> = [
+        (IMAGE, json!(["sh"])),
+        (PAUSE_IMAGE, json!(["sleep", "2147483647"])),
+    ]
+    .into_iter()
+    .map(|(name, cmd)| manifest(&layout, &layer, name, cmd))
+    .collect();
+    let index = json!({ "schemaVersion": 2, "manifests": manifests });
     std::fs::write(layout.join("index.json"), to_vec(&index)).expect("index.json");
     std::fs::write(
         layout.join("oci-layout"),
@@ -100,6 +91,31 @@ fn build(dir: &Path) -> PathBuf {
     tar(&layout, &image);
     std::fs::remove_dir_all(&layout).expect("remove layout");
     image
+}
+
+/// The config and manifest of an image `name` of `layer` running `cmd`, added to `layout`;
+/// the manifest's descriptor, named.
+fn manifest(layout: &Path, layer: &Value, name: &str, cmd: Value) -> Value {
+    let config = json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": cmd,
+        },
+        // An uncompressed layer's diff_id is its own digest.
+        "rootfs": { "type": "layers", "diff_ids": [layer["digest"]] },
+    });
+    let config = add_blob(layout, &to_vec(&config), CONFIG_MEDIA_TYPE);
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": config,
+        "layers": [layer],
+    });
+    let mut manifest = add_blob(layout, &to_vec(&manifest), MANIFEST_MEDIA_TYPE);
+    manifest["annotations"] = json!({ "org.opencontainers.image.ref.name": name });
+    manifest
 }
 
 /// busybox plus a symlink per applet (`busybox --list`), as `TestBundle::busybox` does.
