@@ -3,17 +3,21 @@
 //! samples of one run each) plus our own medians; and the host memory of a running container:
 //! 3 detached `sleep` containers per runtime, each one's shim and everything it spawned (runc:
 //! the container's process; husk: the VMM and virtiofsd), as PSS from
-//! /proc/<pid>/smaps_rollup, so pages the shims share are not counted three times.
+//! /proc/<pid>/smaps_rollup, so pages the shims share are not counted three times. Through
+//! containerd's CRI plugin (as a kubelet): the time from `RunPodSandbox` until
+//! `StartContainer` of the pod's first container returned, median of 5 pods.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode};
 use husk_e2e::harness::containerd::{Containerd, Ctr, Runtime};
+use husk_e2e::harness::cri::{container, pod_config, Cri};
 use husk_e2e::harness::procs::{self, Proc};
 
 const RUNS: usize = 10;
 const CONTAINERS: usize = 3;
+const PODS: usize = 5;
 
 fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
     v.sort_unstable();
@@ -83,8 +87,29 @@ fn memory(ctr: &Ctr<'_>) -> (Vec<u64>, BTreeMap<String, Vec<u64>>) {
     (totals, by_name)
 }
 
+/// CRI pod starts: `RunPodSandbox`, then `CreateContainer` and `StartContainer` of one
+/// container (what a kubelet waits for); the pods are removed untimed.
+fn pod_starts(containerd: &Containerd, runtime: Runtime) -> Vec<Duration> {
+    let label = runtime.label();
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut cri = Cri::connect(containerd.socket(), label);
+    (0..PODS)
+        .map(|i| {
+            let config = pod_config(&format!("bench-{label}-{i}"), logs.path());
+            let app = container("app", &["sleep", "1000"], &format!("app-{i}.log"), 0);
+            let start = Instant::now();
+            let pod = cri.run_pod(&config, label);
+            let id = cri.create_and_start(&pod, &config, app);
+            let t = start.elapsed();
+            cri.remove_container(&id);
+            cri.remove_pod(&pod);
+            t
+        })
+        .collect()
+}
+
 fn main() {
-    let Some(containerd) = Containerd::get("bench containerd") else {
+    let Some(containerd) = Containerd::get_cri("bench containerd") else {
         return;
     };
     let mut criterion = Criterion::default().configure_from_args().sample_size(RUNS);
@@ -106,29 +131,37 @@ fn main() {
             .map(|(name, kibs)| format!("{name} {:.1} MiB", median(kibs) as f64 / 1024.0))
             .collect();
         breakdown.push(format!("{}: {}", runtime.type_name(), parts.join(", ")));
-        summary.push((runtime.type_name(), median(times), median(totals)));
+        let pods = pod_starts(&containerd, runtime);
+        summary.push((
+            runtime.type_name(),
+            median(times),
+            median(totals),
+            median(pods),
+        ));
     }
-    println!("\nctr run --rm true (median of {RUNS}+ runs) and PSS per running container (median of {CONTAINERS}):");
+    println!("\nctr run --rm true (median of {RUNS}+ runs), PSS per running container (median of {CONTAINERS}), CRI pod start (median of {PODS}):");
     println!(
-        "{:<24} {:>12} {:>24}",
-        "runtime", "latency", "host memory/container"
+        "{:<24} {:>12} {:>24} {:>16}",
+        "runtime", "latency", "host memory/container", "CRI pod start"
     );
-    for (name, t, kib) in &summary {
+    for (name, t, kib, pod) in &summary {
         println!(
-            "{name:<24} {:>9.0} ms {:>20.1} MiB",
+            "{name:<24} {:>9.0} ms {:>20.1} MiB {:>13.0} ms",
             t.as_secs_f64() * 1e3,
-            *kib as f64 / 1024.0
+            *kib as f64 / 1024.0,
+            pod.as_secs_f64() * 1e3
         );
     }
     println!("memory by process (median per container):");
     for line in &breakdown {
         println!("  {line}");
     }
-    if let [(_, runc_t, runc_m), (_, husk_t, husk_m)] = summary[..] {
+    if let [(_, runc_t, runc_m, runc_p), (_, husk_t, husk_m, husk_p)] = summary[..] {
         println!(
-            "husk / runc: latency x{:.1}, memory x{:.1}",
+            "husk / runc: latency x{:.1}, memory x{:.1}, CRI pod start x{:.1}",
             husk_t.as_secs_f64() / runc_t.as_secs_f64(),
-            husk_m as f64 / runc_m.max(1) as f64
+            husk_m as f64 / runc_m.max(1) as f64,
+            husk_p.as_secs_f64() / runc_p.as_secs_f64()
         );
     }
 }

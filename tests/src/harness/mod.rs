@@ -5,6 +5,7 @@
 
 mod bundle;
 pub mod containerd;
+pub mod cri;
 pub mod nested;
 pub mod oci_image;
 pub mod procs;
