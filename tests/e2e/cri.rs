@@ -1,9 +1,10 @@
 //! containerd-shim-husk-v2 under containerd's CRI plugin, driven through the CRI gRPC API as a
 //! kubelet drives it (RuntimeClass handler `runc`, the oracle, then `husk`): a pod sandbox
-//! with the pod network CRI makes through CNI (loopback only), two containers in it, exec,
-//! container logs, an OOM-killed container's `OOMKilled` reason, stop and removal, and
-//! nothing left behind (processes, mounts, the pod's network namespace). Without `$HUSK_OUT/bin/containerd-shim-husk-v2` the husk half prints
-//! `SKIPPED: <reason>`.
+//! with the pod network CRI makes through CNI (`ptp`), containers in it sharing its network
+//! namespace and kernel, exec, the pod's IP on their interface and a server in the pod reached
+//! from the host at it, container logs, an OOM-killed container's `OOMKilled` reason, stop
+//! and removal, and nothing left behind (processes, mounts, the pod's network namespace).
+//! Without `$HUSK_OUT/bin/containerd-shim-husk-v2` the husk half prints `SKIPPED: <reason>`.
 
 // An integration-test file is a crate of its own: its tests need no `cfg(test)` module.
 #![allow(clippy::tests_outside_test_module)]
@@ -24,6 +25,10 @@ struct PodRun {
     same_boot_id: bool,
     /// The pod's network namespace is not the host's (CRI made one through CNI).
     own_netns: bool,
+    /// The container sees the pod's IP (CNI's) on its interface.
+    pod_ip_on_interface: bool,
+    /// What a server in the pod answered the host at the pod's IP.
+    reply_from_pod_ip: String,
     /// The first container's log (CRI's format: time, stream, tag, line) holds its line.
     logged: bool,
     /// Exit code and reason of a container killed by the OOM killer.
@@ -68,6 +73,25 @@ fn pod_run(containerd: &Containerd, runtime: Runtime) -> PodRun {
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
     let hostname = cri.exec(&app, &["hostname"]);
+    // The pod's network: CNI's address on the container's interface, and a server in the pod
+    // reached from the host at that address.
+    let pod_ip = cri.pod_ip(&pod);
+    let addresses = cri.exec(&app, &["ip", "-4", "-o", "address", "show"]);
+    let web = cri.create_and_start(
+        &pod,
+        &sandbox,
+        container(
+            "web",
+            &[
+                "sh",
+                "-c",
+                "while true; do echo hi from the pod | nc -l -p 8080; done",
+            ],
+            "web.log",
+            0,
+        ),
+    );
+    let reply = fetch(&pod_ip, 8080);
     let logged = wait_for_line(&logs.path().join("app.log"), "hello from the pod");
 
     let cri_ctr = containerd.cri_ctr();
@@ -85,7 +109,7 @@ fn pod_run(containerd: &Containerd, runtime: Runtime) -> PodRun {
     );
     let oom_exit = cri.exit(&oom);
 
-    for id in [&app, &side, &oom] {
+    for id in [&app, &side, &web, &oom] {
         cri.remove_container(id);
     }
     cri.remove_pod(&pod);
@@ -94,12 +118,42 @@ fn pod_run(containerd: &Containerd, runtime: Runtime) -> PodRun {
         same_netns: app_netns == side_seen.lines().next().unwrap_or_default(),
         same_boot_id: app_seen.lines().nth(1) == side_seen.lines().nth(1),
         own_netns: !app_netns.is_empty() && app_netns != host_netns,
+        pod_ip_on_interface: !pod_ip.is_empty() && addresses.contains(&format!("{pod_ip}/")),
+        reply_from_pod_ip: reply,
         logged,
         oom: oom_exit,
         shims: shims.len(),
         vmms: spawned.iter().filter(|p| p.is_vmm()).count(),
         left: leftovers(&cri_ctr, &pod, &shims, &spawned, &netns_before),
     }
+}
+
+/// The first line a TCP server at `ip:port` sends, trying for up to [`CTR_TIMEOUT`] (the
+/// server may not listen yet); what went wrong last otherwise.
+fn fetch(ip: &str, port: u16) -> String {
+    use std::io::Read;
+    let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
+        return format!("no pod IP: {ip:?}");
+    };
+    let address = std::net::SocketAddr::new(ip, port);
+    let deadline = Instant::now() + CTR_TIMEOUT;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let attempt = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut reply = String::new();
+                s.read_to_string(&mut reply)?;
+                Ok(reply)
+            });
+        match attempt {
+            Ok(reply) if !reply.is_empty() => return reply.trim().to_owned(),
+            Ok(_) => last = "empty reply".to_owned(),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    format!("{address}: {last}")
 }
 
 /// Whether `path` gets a line containing `needle` within [`CTR_TIMEOUT`].
@@ -179,6 +233,8 @@ fn test_cri_pod_lifecycle_oom_reason_and_cleanup_same_as_runc() {
             same_netns: true,
             same_boot_id: true,
             own_netns: true,
+            pod_ip_on_interface: true,
+            reply_from_pod_ip: "hi from the pod".to_owned(),
             logged: true,
             oom: Some((137, "OOMKilled".to_owned())),
             shims: 1,

@@ -110,6 +110,11 @@ impl Cgroup {
         self.write("cgroup.procs", &pid.as_raw().to_string())
     }
 
+    /// SIGKILLs every process in the cgroup (`cgroup.kill`; best effort).
+    pub fn kill_all(&self) {
+        let _ = self.write("cgroup.kill", "1");
+    }
+
     /// The calling process's own cgroup directory (its `0::` line of `/proc/self/cgroup`).
     pub fn of_self() -> io::Result<PathBuf> {
         let own = std::fs::read_to_string("/proc/self/cgroup")?;
@@ -144,9 +149,7 @@ impl Cgroup {
     /// Removes the cgroup once its processes are gone (best effort: a leftover empty group
     /// only costs a directory in a VM that ends with the container).
     pub async fn remove(&self) {
-        // What outlived the first process (an exec of a container sharing another's pid
-        // namespace, which does not end with it) goes with it, as runc's destroy does.
-        let _ = self.write("cgroup.kill", "1");
+        self.kill_all();
         for _ in 0..REMOVE_TRIES {
             match std::fs::remove_dir(&self.path) {
                 Ok(()) => return,

@@ -264,6 +264,10 @@ impl Containers {
             Ok(code) => code.unwrap_or_default(),
             Err(_) => return Err(internal("exit status lost".to_owned())),
         };
+        // The container ends with its first process: what outlives it (in a pid namespace it
+        // shares with another container, or an exec) is killed, as runc's shim does, and no
+        // longer holds the output open.
+        cgroup.kill_all();
         let _ = outputs.wait_for(|open| *open == 0).await;
         if let Some(c) = self.lock().get_mut(id) {
             c.state = State::Stopped;

@@ -15,6 +15,7 @@ mod exec_init;
 mod init;
 mod mounts;
 mod namespaces;
+mod network;
 mod privileges;
 mod reaper;
 mod seccomp;

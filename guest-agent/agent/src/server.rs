@@ -147,6 +147,9 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             Some(exec_id) => agent.execs.resize(&id, &exec_id, rows, cols),
         }
         .map(|()| Response::Ok),
+        Request::ConfigureNetwork { network } => crate::network::configure(&network)
+            .await
+            .map(|()| Response::Ok),
         Request::DeleteContainer { id } => containers.delete(&id).map(|()| {
             agent.execs.forget(&id);
             Response::Ok

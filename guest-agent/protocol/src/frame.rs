@@ -238,6 +238,14 @@ mod tests {
             },
             Request::ListProcesses { id: "c".into() },
             Request::DeleteContainer { id: "c".into() },
+            Request::ConfigureNetwork {
+                network: crate::Network {
+                    mac: "0a:58:0a:fe:4d:02".into(),
+                    mtu: 1500,
+                    addresses: Vec::new(),
+                    routes: Vec::new(),
+                },
+            },
             Request::Shutdown,
         ]
     }

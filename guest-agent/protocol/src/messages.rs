@@ -10,6 +10,7 @@ use crate::linux::{
     validate_share_path, validate_sysctls, IdMapping, JoinNamespace, Mount, Namespace,
     SysctlNamespace,
 };
+use crate::network::Network;
 use crate::process::{validate_rlimits, Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE};
 use crate::resources::Resources;
 use crate::seccomp::Seccomp;
@@ -134,6 +135,12 @@ pub enum Request {
     ListProcesses {
         /// Container id.
         id: String,
+    },
+    /// Gives the VM's network device the pod's network (before the pod's first container,
+    /// which shares the agent's network namespace then; version 5).
+    ConfigureNetwork {
+        /// The pod's interface.
+        network: Network,
     },
     /// Forgets a container whose process exited and was waited for (and its exec processes),
     /// so that its id can be used again in this VM (version 5). A pod's VM outlives its

@@ -65,6 +65,18 @@ pub struct Disk {
     pub read_only: bool,
 }
 
+/// A pod's network device: a tap in the pod's network namespace (mirrored to the pod's
+/// interface on the host), which the VMM opens from inside that namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDevice {
+    /// The pod's network namespace (a bind-mounted nsfs file, as CRI keeps it).
+    pub netns: PathBuf,
+    /// The tap's name in it.
+    pub tap: String,
+    /// The guest device's hardware address (the pod interface's).
+    pub mac: String,
+}
+
 /// Everything a door needs to boot one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -80,6 +92,8 @@ pub struct VmConfig {
     pub shares: Vec<FsShare>,
     /// virtio-blk disks.
     pub disks: Vec<Disk>,
+    /// A virtio-net device on the pod's network (the QEMU door only).
+    pub net: Option<NetDevice>,
     /// Private directory of this VM: sockets and logs go here; the door removes only its own files.
     pub run_dir: PathBuf,
 }
@@ -135,6 +149,9 @@ pub fn new_door(
 ) -> Result<Box<dyn Hypervisor>, HypervisorError> {
     match kind {
         HypervisorKind::Qemu => Ok(Box::new(qemu::QemuDoor::new(config)?)),
+        HypervisorKind::Kvm if config.net.is_some() => Err(HypervisorError::NoNetDevice),
+        // A pod's network needs a virtio-net device: QEMU has one.
+        HypervisorKind::Auto if config.net.is_some() => Ok(Box::new(qemu::QemuDoor::new(config)?)),
         HypervisorKind::Kvm => {
             let probe = probe_logged();
             if !probe.passed {

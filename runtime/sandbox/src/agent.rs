@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use husk_protocol::{
-    read_message, write_message, ContainerSpec, ProcessInfo, ProcessSpec, Request, Resources,
-    Response, Stats, StdioStream,
+    read_message, write_message, ContainerSpec, Network, ProcessInfo, ProcessSpec, Request,
+    Resources, Response, Stats, StdioStream,
 };
 use husk_protocol::{AGENT_PORT, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -309,6 +309,17 @@ impl AgentClient {
         self.request_ok(&Request::UpdateContainer {
             id: id.to_owned(),
             resources: resources.clone(),
+        })
+        .await
+    }
+
+    /// Gives the VM's network device the pod's network.
+    ///
+    /// # Errors
+    /// The agent's refusal or a transport error.
+    pub async fn configure_network(&mut self, network: &Network) -> Result<(), SandboxError> {
+        self.request_ok(&Request::ConfigureNetwork {
+            network: network.clone(),
         })
         .await
     }

@@ -179,6 +179,9 @@ pub struct Bundle {
     pub spec: ContainerSpec,
     /// Host directories bind mounts need, each shared with virtio-fs.
     pub bind_shares: Vec<BindShare>,
+    /// A pod's sandbox container: the pod's network namespace on the host, whose interface
+    /// the VM's network device stands in for.
+    pub pod_netns: Option<PathBuf>,
 }
 
 impl Bundle {
@@ -271,6 +274,7 @@ impl Bundle {
             annotations,
             spec,
             bind_shares: linux.bind_shares,
+            pod_netns: linux.pod_netns,
         })
     }
 }
@@ -445,11 +449,13 @@ mod tests {
         let alone = Bundle::load(dir.path(), "c").unwrap_err().to_string();
         assert!(alone.contains("apparmorProfile"), "{alone}");
 
+        // The pod's network namespace: the VM's network device carries it, in the agent's.
         let sandbox = Bundle::load_in_pod(dir.path(), "pod", PodRole::Sandbox).unwrap();
-        assert!(sandbox
+        assert!(!sandbox
             .spec
             .namespaces
             .contains(&husk_protocol::Namespace::Net));
+        assert_eq!(sandbox.pod_netns, Some("/proc/1234/ns/net".into()));
         assert!(sandbox.spec.join_namespaces.is_empty());
 
         let role = PodRole::Member { sandbox: "pod" };

@@ -7,6 +7,10 @@ use husk_protocol::ErrorKind;
 /// Everything a sandbox operation can fail at.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
+    /// The pod's network namespace cannot be read or wired to the VM.
+    #[error("pod network: {0}")]
+    PodNetwork(String),
+
     /// The bundle directory or its config.json is missing or unreadable.
     #[error("cannot read bundle config {}", path.display())]
     ReadConfig {

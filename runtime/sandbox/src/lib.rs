@@ -15,6 +15,7 @@ pub mod features;
 pub mod hooks;
 pub mod lifecycle;
 pub mod pod;
+mod pod_net;
 mod run;
 pub mod state;
 pub mod state_dir;

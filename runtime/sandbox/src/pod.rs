@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::agent::AgentClient;
 use crate::bundle::{Bundle, Rootfs};
+use crate::pod_net::PodNetwork;
 use crate::run::VmOptions;
 use crate::SandboxError;
 
@@ -38,6 +39,8 @@ pub struct PodOptions {
 #[derive(Debug)]
 pub struct PodVm {
     agent: Mutex<AgentClient>,
+    /// The pod's network wired to the VM, undone at shutdown.
+    network: Option<PodNetwork>,
     vmm_pid: Option<u32>,
     run_dir: PathBuf,
     share: PathBuf,
@@ -58,6 +61,10 @@ impl PodVm {
             source,
         })?;
         let (memory_mib, vcpus) = crate::run::vm_size(first, &opts.vm);
+        let network = match &first.pod_netns {
+            Some(netns) => PodNetwork::wire(netns).inspect_err(|_| cleanup(&opts.run_dir))?,
+            None => None,
+        };
         let config = VmConfig {
             kernel: opts.vm.kernel.clone(),
             initramfs: opts.vm.initramfs.clone(),
@@ -68,20 +75,33 @@ impl PodVm {
                 host_dir: share.clone(),
             }],
             disks: Vec::new(),
+            net: network.as_ref().map(|n| n.device.clone()),
             run_dir: opts.run_dir.clone(),
         };
         let kind = first.vm.hypervisor.unwrap_or(opts.vm.hypervisor);
-        let mut vm = new_door(kind, config)?;
+        let undo = |network: &Option<PodNetwork>| {
+            if let Some(n) = network {
+                n.unwire();
+            }
+            cleanup(&opts.run_dir);
+        };
+        let mut vm = new_door(kind, config)
+            .map_err(SandboxError::from)
+            .inspect_err(|_| undo(&network))?;
         let booted = async {
             vm.start().await?;
-            crate::run::boot(vm.as_mut(), opts.vm.boot_timeout).await
+            let mut agent = crate::run::boot(vm.as_mut(), opts.vm.boot_timeout).await?;
+            if let Some(n) = &network {
+                agent.configure_network(&n.network).await?;
+            }
+            Ok::<_, SandboxError>(agent)
         }
         .await;
         let agent = match booted {
             Ok(agent) => agent,
             Err(e) => {
                 let _ = vm.stop().await;
-                cleanup(&opts.run_dir);
+                undo(&network);
                 return Err(e);
             }
         };
@@ -100,6 +120,7 @@ impl PodVm {
         });
         Ok(Self {
             agent: Mutex::new(agent),
+            network,
             vmm_pid,
             run_dir: opts.run_dir.clone(),
             share,
@@ -215,6 +236,9 @@ impl PodVm {
             let _ = stop.send(());
         }
         let _ = tokio::time::timeout(STOP_GRACE, self.ended()).await;
+        if let Some(n) = &self.network {
+            n.unwire();
+        }
         cleanup(&self.run_dir);
     }
 }

@@ -282,6 +282,7 @@ fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
             }],
             Rootfs::Dir(_) => Vec::new(),
         },
+        net: None,
         run_dir: run_dir.to_owned(),
     }
 }

@@ -361,8 +361,10 @@ pub const CRI_NAMESPACE: &str = "k8s.io";
 const CNI_PTP: &str = "/usr/lib/cni/ptp";
 
 /// The CRI tests' pod network: a veth pair per pod (`ptp`) with an address from a private
-/// range kept in our directory, no masquerading; CRI needs a pod IP to start a sandbox.
+/// range kept in our directory, no masquerading; CRI needs a pod IP to start a sandbox. The
+/// range differs per test process, so that what a failed run left cannot answer for a pod.
 fn cni_conflist(dir: &Path) -> String {
+    let subnet = format!("10.254.{}.0/24", 16 + std::process::id() % 224);
     serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "husk-test",
@@ -371,7 +373,7 @@ fn cni_conflist(dir: &Path) -> String {
             "ipMasq": false,
             "ipam": {
                 "type": "host-local",
-                "subnet": "10.254.77.0/24",
+                "subnet": subnet,
                 "dataDir": dir.join("cni/ipam"),
             },
         }],

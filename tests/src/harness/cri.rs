@@ -10,8 +10,8 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerStatusRequest, CreateContainerRequest,
     ExecSyncRequest, ImageSpec, LinuxContainerConfig, LinuxContainerResources, PodSandboxConfig,
-    PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    PodSandboxMetadata, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -93,6 +93,26 @@ impl Cri {
             c.run_pod_sandbox(request)
                 .await
                 .map(|r| r.into_inner().pod_sandbox_id)
+        })
+    }
+
+    /// The pod's IP address, as CNI gave it (`PodSandboxStatus`).
+    ///
+    /// # Panics
+    /// When the call fails.
+    pub fn pod_ip(&mut self, pod: &str) -> String {
+        let request = PodSandboxStatusRequest {
+            pod_sandbox_id: pod.to_owned(),
+            verbose: false,
+        };
+        self.call("PodSandboxStatus", async |c| {
+            c.pod_sandbox_status(request).await.map(|r| {
+                r.into_inner()
+                    .status
+                    .and_then(|s| s.network)
+                    .map(|n| n.ip)
+                    .unwrap_or_default()
+            })
         })
     }
 

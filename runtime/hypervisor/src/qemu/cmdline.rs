@@ -87,6 +87,13 @@ pub fn args(config: &VmConfig, accel: Accel, sockets: &Sockets, console: &Path) 
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=disk{i},serial={}", disk.serial).into());
     }
+    if let Some(net) = &config.net {
+        // QEMU runs in the pod's network namespace, where the tap is.
+        a.push("-netdev".into());
+        a.push(format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap).into());
+        a.push("-device".into());
+        a.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac).into());
+    }
     a
 }
 
@@ -116,6 +123,7 @@ mod tests {
                 path: "/b/a,b.img".into(),
                 read_only: true,
             }],
+            net: None,
             run_dir: "/run/husk/x".into(),
         }
     }

@@ -21,6 +21,9 @@ use crate::{find_program, Hypervisor, HypervisorError, VmConfig, VmExit};
 
 /// QEMU binary the door runs.
 const QEMU: &str = "qemu-system-x86_64";
+/// util-linux's nsenter: QEMU starts in a pod's network namespace through it (it execs QEMU,
+/// same process).
+const NSENTER: &str = "nsenter";
 /// Context id of every guest (each VM has its own vsock device, so they never clash).
 const GUEST_CID: u64 = 3;
 
@@ -107,7 +110,17 @@ impl Hypervisor for QemuDoor {
         };
         let args = cmdline::args(&self.config, self.accel, &sockets, &self.console_path());
         debug!(qemu = %self.qemu.display(), ?args, "starting QEMU");
-        let mut cmd = Command::new(&self.qemu);
+        let mut cmd = match &self.config.net {
+            // Started in the pod's network namespace, where it opens the pod's tap.
+            Some(net) => {
+                let mut netns = std::ffi::OsString::from("--net=");
+                netns.push(&net.netns);
+                let mut cmd = Command::new(NSENTER);
+                cmd.arg(netns).arg("--").arg(&self.qemu);
+                cmd
+            }
+            None => Command::new(&self.qemu),
+        };
         cmd.args(&args);
         let child = helpers::spawn_logged(QEMU, &mut cmd, &self.run_path("qemu.log"))?;
         info!(pid = child.id(), accel = ?self.accel, "QEMU started");

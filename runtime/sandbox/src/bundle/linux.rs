@@ -9,7 +9,7 @@
 //! container's own devices), `annotations`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::binds::{BindShare, BindShares};
 use super::PodRole;
@@ -32,6 +32,8 @@ pub(super) struct LinuxAttrs {
     pub gid_mappings: Vec<IdMapping>,
     pub bind_shares: Vec<BindShare>,
     pub join_namespaces: Vec<JoinNamespace>,
+    /// A pod's sandbox container: the pod's network namespace on the host (CNI's).
+    pub pod_netns: Option<PathBuf>,
 }
 
 /// Converts `mounts` and the supported `linux` fields; an unsupported one that is set is an
@@ -50,6 +52,7 @@ pub(super) fn attrs(spec: &Spec, bundle: &Path, role: PodRole<'_>) -> Result<Lin
     };
     refuse_unsupported(linux)?;
     let mut join_namespaces = Vec::new();
+    let mut pod_netns = None;
     Ok(LinuxAttrs {
         mounts,
         masked_paths: linux.masked_paths().clone().unwrap_or_default(),
@@ -60,8 +63,9 @@ pub(super) fn attrs(spec: &Spec, bundle: &Path, role: PodRole<'_>) -> Result<Lin
             .flatten()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        namespaces: namespaces(linux, role, &mut join_namespaces)?,
+        namespaces: namespaces(linux, role, &mut join_namespaces, &mut pod_netns)?,
         join_namespaces,
+        pod_netns,
         resources: match linux.resources() {
             Some(r) => super::resources::resources(r)?,
             None => Resources::default(),
@@ -215,11 +219,14 @@ fn refuse_unsupported(linux: &Linux) -> Result<(), String> {
 /// `linux.namespaces`: the new ones; `time` is refused. A `path` to join is refused for a
 /// container alone in its VM, means a new namespace for a pod's sandbox container (the path
 /// is the pod's namespace on the host) and the sandbox container's namespace for a later one
-/// of the pod (pushed to `joined`).
+/// of the pod (pushed to `joined`). The pod's network namespace is the exception: the sandbox
+/// container stays in the agent's, where the VM's network device carries the pod's network
+/// (its host path goes to `pod_netns`).
 fn namespaces(
     linux: &Linux,
     role: PodRole<'_>,
     joined: &mut Vec<JoinNamespace>,
+    pod_netns: &mut Option<PathBuf>,
 ) -> Result<Vec<Namespace>, String> {
     use oci_spec::runtime::LinuxNamespaceType as T;
     let mut out = Vec::new();
@@ -235,6 +242,9 @@ fn namespaces(
             T::Time => return Err("linux.namespaces: time namespaces are not supported".into()),
         };
         match (ns.path(), role) {
+            (Some(path), PodRole::Sandbox) if kind == Namespace::Net => {
+                *pod_netns = Some(path.clone());
+            }
             (None, _) | (Some(_), PodRole::Sandbox) => out.push(kind),
             (Some(_), PodRole::Member { sandbox }) => joined.push(JoinNamespace {
                 kind,
