@@ -69,8 +69,10 @@ async fn apply(handle: &Handle, network: &Network, mac: [u8; 6]) -> Result<(), F
         let added = match family {
             IpAddr::V4(_) => {
                 let mut v4 = request.v4();
-                if let Some(IpPrefix4(a, p)) = r.destination.and_then(prefix4) {
-                    v4 = v4.destination_prefix(a, p);
+                if let Some(d) = r.destination {
+                    if let IpAddr::V4(a) = d.address {
+                        v4 = v4.destination_prefix(a, d.prefix);
+                    }
                 }
                 if let Some(IpAddr::V4(g)) = r.gateway {
                     v4 = v4.gateway(g);
@@ -94,15 +96,6 @@ async fn apply(handle: &Handle, network: &Network, mac: [u8; 6]) -> Result<(), F
         added.map_err(|e| failed(&what, &e))?;
     }
     Ok(())
-}
-
-struct IpPrefix4(std::net::Ipv4Addr, u8);
-
-fn prefix4(p: husk_protocol::IpPrefix) -> Option<IpPrefix4> {
-    match p.address {
-        IpAddr::V4(a) => Some(IpPrefix4(a, p.prefix)),
-        IpAddr::V6(_) => None,
-    }
 }
 
 /// The index of the link whose hardware address is `mac`.
