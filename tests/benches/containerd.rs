@@ -13,16 +13,12 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode};
 use husk_e2e::harness::containerd::{Containerd, Ctr, Runtime};
 use husk_e2e::harness::cri::{container, pod_config, Cri};
+use husk_e2e::harness::median;
 use husk_e2e::harness::procs::{self, Proc};
 
 const RUNS: usize = 10;
 const CONTAINERS: usize = 3;
 const PODS: usize = 5;
-
-fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
-    v.sort_unstable();
-    v[v.len() / 2]
-}
 
 /// `ctr run --rm` latencies of `true`, through criterion.
 fn latencies(criterion: &mut Criterion, ctr: &Ctr<'_>) -> Vec<Duration> {

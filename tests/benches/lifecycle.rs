@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use husk_e2e::harness::{Env, Husk, TestBundle};
+use husk_e2e::harness::{median, Env, Husk, TestBundle};
 
 const RUNS: usize = 10;
 /// Containers alive while `state` and `list` are timed.
@@ -45,11 +45,6 @@ impl Runtime<'_> {
         self.ok(args);
         t.elapsed()
     }
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn ms(d: Duration) -> f64 {

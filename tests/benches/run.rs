@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode};
-use husk_e2e::harness::{Env, Husk, TestBundle};
+use husk_e2e::harness::{median, Env, Husk, TestBundle};
 
 const RUNS: usize = 10;
 
@@ -80,11 +80,6 @@ fn tree_rss_kib(root: u32) -> BTreeMap<String, u64> {
         }
     }
     by_name
-}
-
-fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
-    v.sort_unstable();
-    v[v.len() / 2]
 }
 
 struct Runtime<'a> {

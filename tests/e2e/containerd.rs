@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use husk_e2e::harness::containerd::{Containerd, Ctr, Runtime, CTR_TIMEOUT};
 use husk_e2e::harness::procs::{self, Proc};
+use husk_e2e::harness::text;
 
 /// How long teardown (processes gone, mounts gone) may take after the fact.
 const CLEANUP: Duration = Duration::from_secs(30);
@@ -74,10 +75,6 @@ fn both_see<T: Debug + PartialEq>(
 /// A container id no other process on the host mentions (leftover checks search for it).
 fn unique(name: &str) -> String {
     format!("{name}-{}", std::process::id())
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// `code (stdout) [stderr]` of a finished command, for messages.

@@ -89,15 +89,13 @@ impl PodNetwork {
     /// Removes the tap and the interface's mirroring (best effort: the namespace may be gone).
     pub fn unwire(&self) {
         let netns = &self.device.netns;
-        for (tool, args) in [
-            (
-                "tc",
-                ["qdisc", "del", "dev", self.interface.as_str(), "ingress"],
-            ),
-            ("ip", ["link", "del", "dev", TAP, ""]),
-        ] {
-            let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
-            if let Err(e) = run(netns, tool, &args) {
+        let interface = self.interface.as_str();
+        let undo: [(&str, &[&str]); 2] = [
+            ("tc", &["qdisc", "del", "dev", interface, "ingress"]),
+            ("ip", &["link", "del", "dev", TAP]),
+        ];
+        for (tool, args) in undo {
+            if let Err(e) = run(netns, tool, args) {
                 debug!(error = %e, "pod network unwire");
             }
         }
@@ -169,16 +167,18 @@ fn interface(links: &Value, routes: &Value) -> Result<Option<(String, Network)>,
         .iter()
         .find(|r| r["dst"] == "default")
         .and_then(|r| r["dev"].as_str());
-    let link = links
+    // Interfaces with an address: the default route's, else the first.
+    let candidates: Vec<(&Value, Vec<IpPrefix>)> = links
         .iter()
-        .filter(|l| l["ifname"] != "lo" && !addresses(l).is_empty())
-        .find(|l| default_dev.is_none() || l["ifname"].as_str() == default_dev)
-        .or_else(|| {
-            links
-                .iter()
-                .find(|l| l["ifname"] != "lo" && !addresses(l).is_empty())
-        });
-    let Some(link) = link else {
+        .filter(|l| l["ifname"] != "lo")
+        .map(|l| (l, addresses(l)))
+        .filter(|(_, a)| !a.is_empty())
+        .collect();
+    let chosen = candidates
+        .iter()
+        .find(|(l, _)| default_dev.is_some() && l["ifname"].as_str() == default_dev)
+        .or(candidates.first());
+    let Some((link, link_addresses)) = chosen else {
         return Ok(None);
     };
     let name = link["ifname"]
@@ -218,7 +218,7 @@ fn interface(links: &Value, routes: &Value) -> Result<Option<(String, Network)>,
     let network = Network {
         mac,
         mtu,
-        addresses: addresses(link),
+        addresses: link_addresses.clone(),
         routes: pod_routes,
     };
     if let Err(e) = network.validate() {

@@ -161,9 +161,8 @@ impl Relays {
     /// (its pipes are closed once the outputs are delivered or aborted) gets SIGTERM, then
     /// SIGKILL. Returns how the logger ended, if there was one.
     pub async fn release(&mut self) -> Option<ExitStatus> {
-        let status = self.logger.as_mut()?.stop(LOGGER_GRACE, LOGGER_GRACE).await;
-        self.logger = None;
-        status
+        let mut logger = self.logger.take()?;
+        logger.stop(LOGGER_GRACE, LOGGER_GRACE).await
     }
 
     /// Stops the relays where they are (the process's VM is gone).

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::oci_image::{busybox_image_tar, IMAGE, PAUSE_IMAGE};
 use super::procs::{self, Proc};
-use super::{husk_out, on_path};
+use super::{husk_out, on_path, text};
 
 /// How long one `ctr` command may take unless told otherwise (a husk VM boots under TCG
 /// emulation here in 1-2 s; this leaves room for a loaded CI machine).
@@ -437,10 +437,6 @@ fn shim_path() -> std::ffi::OsString {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let dirs = std::iter::once(husk_out().join("bin")).chain(std::env::split_paths(&path));
     std::env::join_paths(dirs).expect("PATH")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// The rows of `ctr task ls`' output (a header line, then `TASK PID STATUS`).

@@ -87,6 +87,20 @@ pub fn husk_out() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../out"))
 }
 
+/// The middle value of `v` (the upper one of an even count), for the benches' medians.
+///
+/// # Panics
+/// When `v` is empty.
+pub fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Command output bytes as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// Whether `program` is a file in one of PATH's directories.
 pub fn on_path(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -177,10 +191,10 @@ pub fn processes_mentioning(needle: &Path) -> Vec<String> {
 
 /// stdout of `out` as text.
 pub fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    text(&out.stdout)
 }
 
 /// stderr of `out` as text.
 pub fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    text(&out.stderr)
 }
