@@ -41,6 +41,15 @@ pub enum HypervisorError {
         #[source]
         source: std::io::Error,
     },
+    /// A file share's staging directory could not be made.
+    #[error("failed to stage file share at {}", path.display())]
+    ShareStaging {
+        /// The staging directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A helper process ended before it was ready.
     #[error("{program} exited during start-up: {detail}")]
     HelperDied {

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 use crate::error::HelperExited;
-use crate::{sys, HypervisorError, VmExit};
+use crate::share::ShareMounts;
+use crate::{sys, FsShare, HypervisorError, VmExit};
 
 /// Finds an executable by name in `PATH` (only there: what runs is what the user's PATH says).
 pub fn find_program(name: &str) -> Option<PathBuf> {
@@ -77,21 +78,28 @@ pub(crate) struct Virtiofsd {
     pub(crate) child: Child,
     pub(crate) socket: PathBuf,
     log: PathBuf,
+    /// A file share's staging directory, removed at stop.
+    staging: Option<PathBuf>,
 }
 
 impl Virtiofsd {
-    /// Starts virtiofsd for `host_dir` with its vhost-user socket at `socket`, ready on return.
+    /// Starts virtiofsd for `share` with its vhost-user socket at `socket`, ready on return. A
+    /// read-only or file share is built in virtiofsd's own mount namespace ([`ShareMounts`]);
+    /// a file share stages beside the socket.
     pub(crate) async fn start(
         binary: &Path,
-        host_dir: &Path,
+        share: &FsShare,
         socket: &Path,
         log: &Path,
     ) -> Result<Self, HypervisorError> {
+        let staging = socket.with_extension("files");
+        let mounts = ShareMounts::prepare(share, &staging)?;
+        let staging = share.file.is_some().then_some(staging);
         let mut cmd = Command::new(binary);
         cmd.arg("--socket-path")
             .arg(socket)
             .arg("--shared-dir")
-            .arg(host_dir)
+            .arg(mounts.exported())
             // The door's process already runs as root in its own directory tree; a chroot
             // keeps virtiofsd confined to the share without the cost of new namespaces.
             .args([
@@ -107,27 +115,38 @@ impl Virtiofsd {
                 "--log-level",
                 "error",
             ]);
-        let mut child = spawn_logged("virtiofsd", &mut cmd, log)?;
-        wait_for_socket(
-            "virtiofsd",
-            &mut child,
-            socket,
-            log,
-            Duration::from_secs(10),
-        )
-        .await?;
+        if share.read_only {
+            // Besides the kernel's read-only mount: virtiofsd refuses writes itself.
+            cmd.arg("--readonly");
+        }
+        mounts.apply(&mut cmd);
+        let started = async {
+            let mut child = spawn_logged("virtiofsd", &mut cmd, log)?;
+            let timeout = Duration::from_secs(10);
+            wait_for_socket("virtiofsd", &mut child, socket, log, timeout).await?;
+            Ok::<_, HypervisorError>(child)
+        };
+        let child = started.await.inspect_err(|_| {
+            if let Some(dir) = &staging {
+                ShareMounts::remove_staging(dir);
+            }
+        })?;
         Ok(Self {
             child,
             socket: socket.to_owned(),
             log: log.to_owned(),
+            staging,
         })
     }
 
-    /// Kills and reaps virtiofsd and removes its socket.
+    /// Kills and reaps virtiofsd and removes its socket (and staging directory).
     pub(crate) async fn stop(&mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
         let _ = std::fs::remove_file(&self.socket);
+        if let Some(dir) = &self.staging {
+            ShareMounts::remove_staging(dir);
+        }
     }
 }
 

@@ -11,6 +11,7 @@ mod error;
 mod helpers;
 pub mod kvm;
 pub mod qemu;
+mod share;
 mod sys;
 
 use std::path::{Path, PathBuf};
@@ -44,13 +45,19 @@ impl std::str::FromStr for HypervisorKind {
     }
 }
 
-/// A host directory shared into the guest with virtio-fs.
+/// A host directory, or one file of it, shared into the guest with virtio-fs. What the guest
+/// may not write, the host does not let it write, whatever the guest mounts (`share`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsShare {
     /// virtio-fs tag the guest mounts.
     pub tag: String,
     /// Host directory.
     pub host_dir: PathBuf,
+    /// A file name in `host_dir`: the share is a directory holding only that file, under that
+    /// name; the rest of `host_dir` stays out of the guest's reach.
+    pub file: Option<String>,
+    /// Exported read-only (and `nosuid,nodev`) by the host kernel.
+    pub read_only: bool,
 }
 
 /// A raw disk image given to the guest as a virtio-blk disk.

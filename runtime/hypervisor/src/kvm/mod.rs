@@ -70,7 +70,7 @@ impl Hypervisor for KvmDoor {
                 let socket = self.run_path(&format!("fs{i}.sock"));
                 let log = self.run_path(&format!("virtiofsd{i}.log"));
                 self.fs
-                    .push(Virtiofsd::start(&binary, &share.host_dir, &socket, &log).await?);
+                    .push(Virtiofsd::start(&binary, share, &socket, &log).await?);
                 cmd.arg("--fs")
                     .arg(format!("{}={}", share.tag, socket.display()));
             }

@@ -117,6 +117,8 @@ mod tests {
             shares: vec![FsShare {
                 tag: "rootfs".into(),
                 host_dir: "/b/rootfs".into(),
+                file: None,
+                read_only: false,
             }],
             disks: vec![crate::Disk {
                 serial: "husk-rootfs".into(),

@@ -74,7 +74,7 @@ impl QemuDoor {
             let socket = self.run_path(&format!("fs{i}.sock"));
             let log = self.run_path(&format!("virtiofsd{i}.log"));
             self.fs
-                .push(Virtiofsd::start(&binary, &share.host_dir, &socket, &log).await?);
+                .push(Virtiofsd::start(&binary, share, &socket, &log).await?);
             sockets.push(socket);
         }
         Ok(sockets)
