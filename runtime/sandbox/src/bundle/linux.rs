@@ -132,8 +132,9 @@ fn bind_mount(
         ));
     }
     let source = source.ok_or_else(|| format!("bind mount {destination}: no source"))?;
+    let read_only = flags.contains(&MountFlag::Ro);
     let source = binds
-        .source(source)
+        .source(source, read_only)
         .map_err(|e| format!("bind mount {destination}: {e}"))?;
     Ok(Mount {
         destination,
