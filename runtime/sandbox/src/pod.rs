@@ -6,13 +6,15 @@
 //! (binds of its bind-mount sources) under it, and its spec is rewritten to use them, so that
 //! containers can come and go while the VM runs. virtiofsd is confined to the share by a
 //! chroot in the host's mount namespace: the binds made after it started are visible to it.
+//! The guest can write the share: [`share`] assembles it without resolving a path in it.
+
+mod share;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use husk_hypervisor::{new_door, FsShare, VmConfig};
 use husk_protocol::{BindSource, Rootfs as AgentRootfs};
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tokio::sync::{oneshot, watch, Mutex, MutexGuard};
 use tracing::{debug, info, warn};
 
@@ -21,6 +23,9 @@ use crate::bundle::{Bundle, Rootfs};
 use crate::pod_net::PodNetwork;
 use crate::run::VmOptions;
 use crate::SandboxError;
+
+use share::{detach_all, PodShare};
+pub use share::{mount_points_under, remove_from};
 
 /// virtio-fs tag of the pod's share.
 pub const POD_TAG: &str = "pod";
@@ -43,7 +48,7 @@ pub struct PodVm {
     network: Option<PodNetwork>,
     vmm_pid: Option<u32>,
     run_dir: PathBuf,
-    share: PathBuf,
+    share: PodShare,
     stop: std::sync::Mutex<Option<oneshot::Sender<()>>>,
     ended: watch::Receiver<Option<String>>,
 }
@@ -55,11 +60,7 @@ impl PodVm {
     /// # Errors
     /// The door cannot start the VM or the agent does not answer; nothing is left running.
     pub async fn boot(opts: &PodOptions, first: &Bundle) -> Result<Self, SandboxError> {
-        let share = opts.run_dir.join("share");
-        std::fs::create_dir_all(&share).map_err(|source| SandboxError::StateDir {
-            path: share.clone(),
-            source,
-        })?;
+        let share = PodShare::create(&opts.run_dir).inspect_err(|_| cleanup(&opts.run_dir))?;
         let (memory_mib, vcpus) = crate::run::vm_size(first, &opts.vm);
         let network = match &first.pod_netns {
             Some(netns) => PodNetwork::wire(netns).inspect_err(|_| cleanup(&opts.run_dir))?,
@@ -72,7 +73,9 @@ impl PodVm {
             vcpus,
             shares: vec![FsShare {
                 tag: POD_TAG.to_owned(),
-                host_dir: share.clone(),
+                host_dir: share.path().to_owned(),
+                file: None,
+                read_only: false,
             }],
             disks: Vec::new(),
             net: network.as_ref().map(|n| n.device.clone()),
@@ -190,15 +193,13 @@ impl PodVm {
                 reason: "a disk-image rootfs cannot join a pod; use a directory".into(),
             });
         };
-        let base = self.share.join(&id);
-        bind(rootfs, &base.join("rootfs"))?;
+        let read_only = bundle.spec.rootfs_readonly;
+        self.share
+            .place(&id, rootfs, read_only, &bundle.bind_shares)?;
         bundle.spec.rootfs = AgentRootfs::VirtioFs {
             tag: POD_TAG.to_owned(),
             path: Some(format!("{id}/rootfs")),
         };
-        for share in &bundle.bind_shares {
-            bind(&share.dir, &base.join("binds").join(&share.tag))?;
-        }
         for m in &mut bundle.spec.mounts {
             if let Some(source) = &mut m.source {
                 *source = BindSource {
@@ -213,9 +214,7 @@ impl PodVm {
 
     /// Undoes the binds of container `id` (after the agent let go of it).
     pub fn remove(&self, id: &str) {
-        let base = self.share.join(id);
-        unmount_under(&base);
-        let _ = std::fs::remove_dir_all(&base);
+        self.share.remove(id);
     }
 
     /// Powers the guest off (the agent syncs its file systems), ends the VMM and removes the
@@ -248,28 +247,14 @@ const POWEROFF_GRACE: Duration = Duration::from_secs(2);
 /// How long the door may take to end the VMM and its helpers.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Bind-mounts `from` on `to` (made as a directory), read-write; the container's own mount
-/// flags apply in the guest.
-fn bind(from: &Path, to: &Path) -> Result<(), SandboxError> {
-    let err = |source: std::io::Error| SandboxError::StateDir {
-        path: to.to_owned(),
-        source,
-    };
-    std::fs::create_dir_all(to).map_err(err)?;
-    mount(
-        Some(from),
-        to,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|e| err(std::io::Error::from(e)))
-}
-
 /// Removes a pod's directory `run_dir` with every mount under it: after [`PodVm::shutdown`],
-/// or for a pod whose owner died (the VMM and its helpers die with their owner).
+/// or for a pod whose owner died (the VMM and its helpers die with their owner). Nothing is
+/// deleted while a mount below it remains.
 pub fn cleanup(run_dir: &Path) {
-    unmount_under(run_dir);
+    if !detach_all(run_dir) {
+        warn!(dir = %run_dir.display(), "pod directory still has mounts: not removed");
+        return;
+    }
     if let Err(e) = std::fs::remove_dir_all(run_dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             warn!(dir = %run_dir.display(), error = %e, "pod directory not removed");
@@ -281,63 +266,7 @@ pub fn cleanup(run_dir: &Path) {
     }
 }
 
-/// Detaches every mount at or below `dir`, deepest first.
+/// Detaches every mount at or below `dir`, deepest first, without following a symlink.
 pub fn unmount_under(dir: &Path) {
-    let mut points = mount_points_under(dir);
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for point in points {
-        if let Err(e) = umount2(&point, MntFlags::MNT_DETACH) {
-            warn!(mount = %point.display(), error = %e, "unmount failed");
-        }
-    }
-}
-
-/// Mount points at or below `dir`, from /proc/self/mountinfo.
-pub fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    info.lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-            std::str::from_utf8(d)
-                .ok()
-                .and_then(|s| u8::from_str_radix(s, 8).ok())
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(b)) => {
-                out.push(b);
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_unescape_mountinfo_space_and_backslash() {
-        assert_eq!(unescape_mountinfo(r"/a\040b\134c"), r"/a b\c");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/bad\04"), r"/bad\04");
-    }
+    detach_all(dir);
 }
