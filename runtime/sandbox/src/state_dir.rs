@@ -55,8 +55,11 @@ impl StateDir {
             );
             return Err(SandboxError::InvalidId(msg));
         }
-        std::fs::create_dir_all(root).map_err(io_err)?;
-        match std::fs::create_dir(&path) {
+        private_dirs()
+            .recursive(true)
+            .create(root)
+            .map_err(io_err)?;
+        match private_dirs().create(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => clear_stale(&path, id)?,
             Err(e) => return Err(io_err(e)),
@@ -170,10 +173,21 @@ fn clear_stale(path: &Path, id: &str) -> Result<(), SandboxError> {
         path: path.to_owned(),
         source,
     })?;
-    std::fs::create_dir(path).map_err(|source| SandboxError::StateDir {
-        path: path.to_owned(),
-        source,
-    })
+    private_dirs()
+        .create(path)
+        .map_err(|source| SandboxError::StateDir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Directories only root enters (0700): a state directory holds the VM's sockets and logs and
+/// may hold what the guest wrote; no other host user reaches them.
+fn private_dirs() -> std::fs::DirBuilder {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut builder = std::fs::DirBuilder::new();
+    builder.mode(0o700);
+    builder
 }
 
 /// Whether `pid` names a live process.
@@ -195,6 +209,18 @@ mod tests {
         ));
         drop(first);
         assert!(!root.path().join("c1").exists());
+    }
+
+    #[test]
+    fn test_create_dirs_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let dir = StateDir::create(&root, "c1").unwrap();
+        for path in [root.as_path(), dir.path()] {
+            let mode = std::fs::metadata(path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", path.display());
+        }
     }
 
     #[test]

@@ -69,7 +69,9 @@ impl containerd_shim::Shim for HuskShim {
     /// Cleans up after a shim that died: the VMM and virtiofsd died with it (they are
     /// killed when their parent dies); the pod's mounts and directory are left.
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
-        let annotations = Annotations::read(&self.bundle);
+        husk_protocol::validate_id(&self.id).map_err(Error::InvalidArgument)?;
+        // A bad sandbox id never made a pod (create refuses it): the container was alone.
+        let annotations = Annotations::read(&self.bundle).unwrap_or_default();
         let grouping = annotations.sandbox_id.as_deref().unwrap_or(&self.id);
         let run_dir = pod_dir(&self.namespace, grouping);
         // containerd also runs `delete` after a failed create, with the pod's server alive:
@@ -79,7 +81,7 @@ impl containerd_shim::Shim for HuskShim {
                 kill_vmm(&run_dir);
                 husk_sandbox::pod::cleanup(&run_dir);
             } else {
-                husk_sandbox::pod::unmount_under(&run_dir.join("share").join(&self.id));
+                husk_sandbox::pod::remove_from(&run_dir, &self.id);
             }
             husk_sandbox::pod::unmount_under(&self.bundle.join("rootfs"));
             if let Some(socket) = server_socket(&self.bundle) {
@@ -98,6 +100,7 @@ impl containerd_shim::Shim for HuskShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        private_run_root();
         TaskService::new(
             self.namespace.clone(),
             publisher,
@@ -111,6 +114,7 @@ impl containerd_shim::Shim for HuskShim {
 /// pod share one (grouped by the sandbox id); containerd runs `start` in the bundle.
 async fn spawn_server(opts: StartOpts) -> Result<String, Error> {
     let grouping = Annotations::read(Path::new("."))
+        .map_err(Error::InvalidArgument)?
         .sandbox_id
         .unwrap_or_else(|| opts.id.clone());
     let address = containerd_shim::spawn(opts, &grouping, Vec::new()).await?;
@@ -142,7 +146,10 @@ pub struct Annotations {
 
 impl Annotations {
     /// Reads `<bundle>/config.json`; none when it cannot be read (its loading reports that).
-    pub fn read(bundle: &Path) -> Self {
+    ///
+    /// # Errors
+    /// A sandbox id that is not a valid container id (it names the pod's directory).
+    pub fn read(bundle: &Path) -> Result<Self, String> {
         let value = std::fs::read(bundle.join("config.json"))
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
@@ -154,10 +161,28 @@ impl Annotations {
                 .and_then(|v| v.as_str())
                 .map(str::to_owned)
         };
-        Self {
-            sandbox_id: get(ANNOTATION_SANDBOX_ID).filter(|s| !s.is_empty()),
-            is_sandbox: get(ANNOTATION_CONTAINER_TYPE).as_deref() == Some("sandbox"),
+        let sandbox_id = get(ANNOTATION_SANDBOX_ID).filter(|s| !s.is_empty());
+        if let Some(id) = &sandbox_id {
+            husk_protocol::validate_id(id)
+                .map_err(|e| format!("annotation {ANNOTATION_SANDBOX_ID}: {e}"))?;
         }
+        Ok(Self {
+            sandbox_id,
+            is_sandbox: get(ANNOTATION_CONTAINER_TYPE).as_deref() == Some("sandbox"),
+        })
+    }
+}
+
+/// Makes [`RUN_ROOT`] 0700: no host user reaches a pod's directory or share.
+fn private_run_root() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(RUN_ROOT)
+        .and_then(|()| std::fs::set_permissions(RUN_ROOT, std::fs::Permissions::from_mode(0o700)));
+    if let Err(e) = made {
+        warn!(path = RUN_ROOT, error = %e, "shim run directory not made private");
     }
 }
 

@@ -267,6 +267,8 @@ impl Inner {
         }
         let bundle = PathBuf::from(&req.bundle);
         let rootfs = bundle.join("rootfs");
+        let annotations =
+            Annotations::read(&bundle).map_err(|e| error(Code::INVALID_ARGUMENT, e))?;
         let mut state = self.state.lock().await;
         if state.containers.contains_key(&req.id) {
             return Err(error(
@@ -283,7 +285,6 @@ impl Inner {
                 ));
             }
         }
-        let annotations = Annotations::read(&bundle);
         let created = self
             .create_in_pod(&mut state, &req.id, &bundle, &annotations, stdio)
             .await;
