@@ -13,6 +13,7 @@
 
 mod binds;
 mod linux;
+mod mountpoints;
 mod process;
 mod resources;
 mod seccomp;
@@ -81,6 +82,26 @@ fn cpu_list_len(list: &str) -> Option<u64> {
         let (lo, hi) = (lo.parse::<u64>().ok()?, hi.parse::<u64>().ok()?);
         (hi >= lo).then(|| n + hi - lo + 1)
     })
+}
+
+impl Bundle {
+    /// Makes the mount destinations a read-only directory rootfs lacks (the guest cannot: the
+    /// host exports it read-only); nothing for a writable or disk-image rootfs.
+    ///
+    /// # Errors
+    /// [`SandboxError::InvalidConfig`] naming the destination that cannot be made.
+    pub fn prepare_mountpoints(&self) -> Result<(), SandboxError> {
+        let Rootfs::Dir(rootfs) = &self.rootfs else {
+            return Ok(());
+        };
+        if !self.spec.rootfs_readonly {
+            return Ok(());
+        }
+        mountpoints::make(rootfs, &self.spec.mounts).map_err(|reason| SandboxError::InvalidConfig {
+            path: self.dir.join("config.json"),
+            reason,
+        })
+    }
 }
 
 impl Rootfs {

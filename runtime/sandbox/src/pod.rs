@@ -193,6 +193,7 @@ impl PodVm {
                 reason: "a disk-image rootfs cannot join a pod; use a directory".into(),
             });
         };
+        bundle.prepare_mountpoints()?;
         let read_only = bundle.spec.rootfs_readonly;
         self.share
             .place(&id, rootfs, read_only, &bundle.bind_shares)?;

@@ -99,6 +99,7 @@ pub struct RunOutcome {
 pub async fn run(opts: &RunOptions, pid_file: Option<&Path>) -> Result<RunOutcome, SandboxError> {
     let t0 = Instant::now();
     let bundle = Bundle::load(&opts.bundle, &opts.id)?;
+    bundle.prepare_mountpoints()?;
     let state = StateDir::create(&opts.root, &opts.id)?;
     let mut record = new_record(&bundle, Status::Creating);
     record.husk.ephemeral = true;
@@ -139,6 +140,7 @@ pub async fn monitor(opts: &RunOptions) -> Result<(), SandboxError> {
 async fn own_vm(opts: &RunOptions, dir: &Path) -> Result<(), SandboxError> {
     let dir = dir.to_owned();
     let bundle = Bundle::load(&opts.bundle, &opts.id)?;
+    bundle.prepare_mountpoints()?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut vm = new_door(door(opts, &bundle), vm_config(opts, &bundle, &dir))?;
     let result = tokio::select! {
