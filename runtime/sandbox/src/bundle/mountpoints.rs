@@ -44,7 +44,7 @@ pub(super) fn make(rootfs: &Path, mounts: &[Mount]) -> Result<(), String> {
 fn is_below(path: &str, dir: &str) -> bool {
     let dir = dir.trim_end_matches('/');
     path.strip_prefix(dir)
-        .is_some_and(|rest| rest.starts_with('/') && rest.trim_matches('/') != "")
+        .is_some_and(|rest| rest.starts_with('/') && !rest.trim_matches('/').is_empty())
 }
 
 fn make_one(root: &OwnedFd, destination: &str, file: bool) -> Result<(), Errno> {
