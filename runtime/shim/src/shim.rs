@@ -275,3 +275,33 @@ fn init_logging(debug: bool) {
         Err(_) => builder.with_writer(std::io::stderr).try_init(),
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle_with_sandbox_id(id: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let config = serde_json::json!({
+            "annotations": {
+                ANNOTATION_SANDBOX_ID: id,
+                ANNOTATION_CONTAINER_TYPE: "container",
+            }
+        });
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn test_annotations_sandbox_id_dot_dot_refused() {
+        for id in ["../x", "..", "a/b", ".hidden"] {
+            let bundle = bundle_with_sandbox_id(id);
+            let err = Annotations::read(bundle.path()).unwrap_err();
+            assert!(err.contains(ANNOTATION_SANDBOX_ID), "{id}: {err}");
+        }
+        let bundle = bundle_with_sandbox_id("pod-1");
+        let read = Annotations::read(bundle.path()).unwrap();
+        assert_eq!(read.sandbox_id.as_deref(), Some("pod-1"));
+        assert!(!read.is_sandbox);
+    }
+}
