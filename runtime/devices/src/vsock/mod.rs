@@ -195,6 +195,14 @@ pub enum VsockError {
         /// Thread name.
         name: &'static str,
     },
+    /// A daemon thread did not stop within its deadline; it is left behind.
+    #[error("thread {name} did not stop within {timeout_ms} ms")]
+    StopTimeout {
+        /// Thread name.
+        name: &'static str,
+        /// The deadline.
+        timeout_ms: u128,
+    },
     /// The vhost-user session ended with an error.
     #[error("vhost-user session failed: {reason}")]
     Session {
