@@ -581,6 +581,7 @@ fn test_payload_corrupted_vsock_avail_idx_needs_reset_bounded_log_vm_returns() {
         .filter(|l| l.contains("virtqueue corrupted"))
         .count();
     assert_eq!(broken, 1, "{lines:#?}");
+    println!("{} log lines: {lines:?}", lines.len());
     // Other tests of this binary log too; each call site is rate-limited.
     assert!(lines.len() <= 40, "{} log lines: {lines:#?}", lines.len());
 }
