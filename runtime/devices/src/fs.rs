@@ -2,10 +2,16 @@
 //! reached over vhost-user; this is the frontend that hands it the guest memory and the queues,
 //! and relays its "used buffers" signals to the guest through the virtio-mmio transport.
 
-use std::os::unix::io::AsRawFd;
+use std::net::Shutdown;
+use std::os::unix::io::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -20,6 +26,9 @@ const VIRTIO_ID_FS: u32 = 26;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// One high-priority queue and one request queue.
 const QUEUE_SIZES: [u16; 2] = [1024, 1024];
+/// How long activation may wait for virtiofsd in all (it runs on a vCPU thread); virtiofsd
+/// answers in microseconds, a stalled or hostile one makes the device need a reset instead.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest tag in the config space (virtio 1.2 §5.11.4).
 const TAG_LEN: usize = 36;
 const EV_STOP: u64 = u64::MAX;
@@ -69,86 +78,173 @@ impl VhostUserFs {
         }
     }
 
+    /// The vhost-user handshake with virtiofsd: memory table, then each queue. It runs on a
+    /// thread of its own while the vCPU thread that wrote DRIVER_OK waits at most
+    /// [`SETUP_TIMEOUT`]; past it the socket is shut down, which ends the handshake.
     fn setup(
         &mut self,
         mem: &GuestMemoryMmap,
         queues: &[Queue],
         kicks: &[EventFd],
     ) -> Result<Vec<EventFd>, String> {
-        fn e(what: &'static str) -> impl Fn(vhost::Error) -> String {
-            move |err| format!("virtiofsd {what}: {err}")
-        }
-        let mut frontend =
-            Frontend::connect(&self.socket, QUEUE_SIZES.len() as u64).map_err(e("connect"))?;
-        frontend.set_owner().map_err(e("set owner"))?;
-        let offered = frontend.get_features().map_err(e("get features"))?;
-        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        frontend
-            .set_features(offered & (VIRTIO_F_VERSION_1 | protocol))
-            .map_err(e("set features"))?;
-        if offered & protocol != 0 {
-            let pf = frontend
-                .get_protocol_features()
-                .map_err(e("get protocol features"))?;
-            frontend
-                .set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
-                .map_err(e("set protocol features"))?;
-        }
-        let mut regions = Vec::new();
-        for region in mem.iter() {
-            let file = region
-                .file_offset()
-                .ok_or("guest memory is not file-backed (memfd needed)")?;
-            regions.push(VhostUserMemoryRegionInfo {
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                mmap_offset: file.start(),
-                mmap_handle: file.file().as_raw_fd(),
-            });
-        }
-        frontend
-            .set_mem_table(&regions)
-            .map_err(e("set mem table"))?;
-        let hva = |gpa: u64| {
-            mem.get_host_address(GuestAddress(gpa))
-                .map(|p| p as u64)
-                .map_err(|err| format!("queue address {gpa:#x}: {err}"))
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let stream = connect_until(&self.socket, deadline)
+            .map_err(|e| format!("virtiofsd connect {}: {e}", self.socket.display()))?;
+        let guard = stream.try_clone().map_err(|e| e.to_string())?;
+        let kicks = kicks
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let rings = queues
+            .iter()
+            .map(|queue| vring_config(mem, queue))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mem = mem.clone();
+        let (done, result) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("virtio-fs-setup".into())
+            .spawn(move || {
+                let _ = done.send(handshake(stream, &mem, &rings, &kicks));
+            })
+            .map_err(|e| e.to_string())?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(outcome) = result.recv_timeout(left) else {
+            let _ = guard.shutdown(Shutdown::Both);
+            return Err(format!(
+                "virtiofsd: no answer within {} ms",
+                SETUP_TIMEOUT.as_millis()
+            ));
         };
-        let mut calls = Vec::new();
-        for (i, (queue, kick)) in queues.iter().zip(kicks).enumerate() {
-            let ring = VringConfigData {
-                queue_max_size: queue.max_size(),
-                queue_size: queue.size(),
-                flags: 0,
-                desc_table_addr: hva(queue.desc_table())?,
-                used_ring_addr: hva(queue.used_ring())?,
-                avail_ring_addr: hva(queue.avail_ring())?,
-                log_addr: None,
-            };
-            let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|err| err.to_string())?;
-            frontend
-                .set_vring_num(i, queue.size())
-                .map_err(e("set vring num"))?;
-            frontend
-                .set_vring_addr(i, &ring)
-                .map_err(e("set vring addr"))?;
-            frontend.set_vring_base(i, 0).map_err(e("set vring base"))?;
-            frontend
-                .set_vring_call(i, &call)
-                .map_err(e("set vring call"))?;
-            frontend
-                .set_vring_kick(i, kick)
-                .map_err(e("set vring kick"))?;
-            if offered & protocol != 0 {
-                frontend
-                    .set_vring_enable(i, true)
-                    .map_err(e("enable vring"))?;
-            }
-            calls.push(call);
-        }
+        let (frontend, calls) = outcome?;
         self.frontend = Some(frontend);
         Ok(calls)
+    }
+}
+
+fn vhost_error(what: &'static str) -> impl Fn(vhost::Error) -> String {
+    move |err| format!("virtiofsd {what}: {err}")
+}
+
+/// Everything virtiofsd needs, over `stream`; returns the frontend and each queue's call fd.
+fn handshake(
+    stream: UnixStream,
+    mem: &GuestMemoryMmap,
+    rings: &[VringConfigData],
+    kicks: &[EventFd],
+) -> Result<(Frontend, Vec<EventFd>), String> {
+    let e = vhost_error;
+    let mut frontend = Frontend::from_stream(stream, QUEUE_SIZES.len() as u64);
+    frontend.set_owner().map_err(e("set owner"))?;
+    let offered = frontend.get_features().map_err(e("get features"))?;
+    let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    frontend
+        .set_features(offered & (VIRTIO_F_VERSION_1 | protocol))
+        .map_err(e("set features"))?;
+    let with_protocol = offered & protocol != 0;
+    if with_protocol {
+        let pf = frontend
+            .get_protocol_features()
+            .map_err(e("get protocol features"))?;
+        frontend
+            .set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
+            .map_err(e("set protocol features"))?;
+    }
+    frontend
+        .set_mem_table(&memory_regions(mem)?)
+        .map_err(e("set mem table"))?;
+    let mut calls = Vec::new();
+    for (i, (ring, kick)) in rings.iter().zip(kicks).enumerate() {
+        calls.push(setup_queue(&mut frontend, i, ring, kick, with_protocol)?);
+    }
+    Ok((frontend, calls))
+}
+
+/// Hands queue `i` to virtiofsd; returns the call fd it signals used buffers on.
+fn setup_queue(
+    frontend: &mut Frontend,
+    i: usize,
+    ring: &VringConfigData,
+    kick: &EventFd,
+    enable: bool,
+) -> Result<EventFd, String> {
+    let e = vhost_error;
+    let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|err| err.to_string())?;
+    frontend
+        .set_vring_num(i, ring.queue_size)
+        .map_err(e("set vring num"))?;
+    frontend
+        .set_vring_addr(i, ring)
+        .map_err(e("set vring addr"))?;
+    frontend.set_vring_base(i, 0).map_err(e("set vring base"))?;
+    frontend
+        .set_vring_call(i, &call)
+        .map_err(e("set vring call"))?;
+    frontend
+        .set_vring_kick(i, kick)
+        .map_err(e("set vring kick"))?;
+    if enable {
+        frontend
+            .set_vring_enable(i, true)
+            .map_err(e("enable vring"))?;
+    }
+    Ok(call)
+}
+
+/// Where queue `queue` lives, in this process's addresses.
+fn vring_config(mem: &GuestMemoryMmap, queue: &Queue) -> Result<VringConfigData, String> {
+    let hva = |gpa: u64| {
+        mem.get_host_address(GuestAddress(gpa))
+            .map(|p| p as u64)
+            .map_err(|err| format!("queue address {gpa:#x}: {err}"))
+    };
+    Ok(VringConfigData {
+        queue_max_size: queue.max_size(),
+        queue_size: queue.size(),
+        flags: 0,
+        desc_table_addr: hva(queue.desc_table())?,
+        used_ring_addr: hva(queue.used_ring())?,
+        avail_ring_addr: hva(queue.avail_ring())?,
+        log_addr: None,
+    })
+}
+
+/// Guest memory as vhost-user regions (it must be file-backed to be shared).
+fn memory_regions(mem: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionInfo>, String> {
+    let mut regions = Vec::new();
+    for region in mem.iter() {
+        let file = region
+            .file_offset()
+            .ok_or("guest memory is not file-backed (memfd needed)")?;
+        regions.push(VhostUserMemoryRegionInfo {
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            mmap_offset: file.start(),
+            mmap_handle: file.file().as_raw_fd(),
+        });
+    }
+    Ok(regions)
+}
+
+/// Connects without blocking past `deadline`: a blocking `connect(2)` on a Unix socket waits
+/// for backlog room as long as the listener does not accept.
+fn connect_until(path: &Path, deadline: Instant) -> std::io::Result<UnixStream> {
+    let addr = UnixAddr::new(path)?;
+    loop {
+        let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+        let fd: OwnedFd = socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => {
+                let stream = UnixStream::from(fd);
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -188,6 +284,9 @@ impl VirtioMmioDevice for VhostUserFs {
         kicks: Vec<EventFd>,
         interrupt: Interrupt,
     ) -> Result<(), String> {
+        if self.frontend.is_some() {
+            return Err("virtio-fs device already active".into());
+        }
         let calls = self.setup(&mem, &queues, &kicks)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let relay_stop = stop.try_clone().map_err(|e| e.to_string())?;
@@ -224,8 +323,11 @@ fn relay_calls(calls: &[EventFd], stop: &EventFd, interrupt: &Interrupt) {
     );
     let mut events = vec![EpollEvent::default(); 4];
     loop {
-        let Ok(n) = epoll.wait(-1, &mut events) else {
-            continue;
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // Anything else would fail again at once: stop relaying rather than spin.
+            Err(_) => return,
         };
         let mut used = false;
         for event in &events[..n] {
@@ -241,5 +343,51 @@ fn relay_calls(calls: &[EventFd], stop: &EventFd, interrupt: &Interrupt) {
         if used {
             interrupt.signal_used();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+    use crate::transport::mmio::MmioTransport;
+
+    fn write(t: &mut MmioTransport<VhostUserFs>, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    #[test]
+    fn test_vhost_user_fs_driver_ok_silent_virtiofsd_bounded_needs_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("fs.sock");
+        // Listens but never accepts nor answers: a stalled (or hostile) virtiofsd.
+        let _listener = UnixListener::bind(&socket).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let fs = VhostUserFs::new("rootfs", &socket).unwrap();
+        let mut t = MmioTransport::new(fs, mem, irq).unwrap();
+        for (offset, value) in [(0x070, 1), (0x070, 3), (0x024, 1), (0x020, 1), (0x070, 11)] {
+            write(&mut t, offset, value);
+        }
+        let (done, finished) = mpsc::channel();
+
+        let started = Instant::now();
+        std::thread::spawn(move || {
+            write(&mut t, 0x070, 15); // DRIVER_OK, on this "vCPU" thread
+            let mut status = [0u8; 4];
+            t.read(0x070, &mut status);
+            let _ = done.send(u32::from_le_bytes(status));
+        });
+        let status = finished
+            .recv_timeout(SETUP_TIMEOUT * 5)
+            .expect("DRIVER_OK blocked the vCPU thread");
+
+        assert!(
+            started.elapsed() >= SETUP_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(status, 15 | 64, "DEVICE_NEEDS_RESET");
     }
 }

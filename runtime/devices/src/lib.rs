@@ -9,12 +9,15 @@
 
 pub mod block;
 pub mod fs;
+mod log_bridge;
+mod queue;
 mod rate_limited;
 pub mod transport;
 pub mod vsock;
 
 pub use block::BlockError;
 pub use fs::VhostUserFs;
+pub use log_bridge::install_log_bridge;
 pub use transport::mmio::{Interrupt, MmioTransport, VirtioMmioDevice};
 pub use transport::mmio_block::BlockMmio;
 pub use transport::mmio_vsock::VsockMmio;

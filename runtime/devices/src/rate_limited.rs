@@ -79,6 +79,36 @@ macro_rules! debug_rate_limited {
 pub(crate) use debug_rate_limited;
 pub(crate) use warn_rate_limited;
 
+/// Counts the tracing events `f` emits on this thread (for tests that bound log lines).
+#[cfg(test)]
+pub(crate) fn count_events(f: impl FnOnce()) -> usize {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata};
+
+    struct Count(Arc<AtomicUsize>);
+    impl tracing::Subscriber for Count {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, _: &Event<'_>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    let count = Arc::new(AtomicUsize::new(0));
+    tracing::subscriber::with_default(Count(count.clone()), f);
+    count.load(Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

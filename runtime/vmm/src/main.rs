@@ -83,6 +83,7 @@ struct Args {
 const PAYLOAD_ADDR: u64 = 0x1_0000;
 
 fn main() -> ExitCode {
+    let _ = husk_devices::install_log_bridge(); // virtio-queue's `log` records, rate-limited
     let args = Args::parse();
     match run(&args) {
         Ok(ExitReason::Reset | ExitReason::DebugExit(b'O')) => ExitCode::SUCCESS,

@@ -19,6 +19,7 @@ use super::defs::*;
 use super::metrics::METRICS;
 use super::request::{parse, Request, RequestError};
 use super::BlockError;
+use crate::queue::{log_broken, pop, QueueFault};
 use crate::rate_limited::{debug_rate_limited, warn_rate_limited};
 
 /// Size of the bounce buffer between guest memory and the file: one `pread`/`pwrite` per this
@@ -36,6 +37,19 @@ pub(crate) struct Block {
     /// What `GET_ID` returns: the serial, NUL-padded.
     id: [u8; ID_BYTES],
     bounce: Vec<u8>,
+    /// The guest corrupted the queue: nothing is served until the driver resets the device.
+    broken: bool,
+}
+
+/// What one [`Block::process_queue`] call did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Served {
+    /// The used ring changed.
+    pub(crate) used: bool,
+    /// The queue was found corrupted in this call: the transport reports `DEVICE_NEEDS_RESET`.
+    pub(crate) broke: bool,
+    /// The call stopped at its budget with requests left: the transport calls again soon.
+    pub(crate) more: bool,
 }
 
 impl Block {
@@ -87,6 +101,7 @@ impl Block {
             read_only,
             id,
             bounce: vec![0; BOUNCE_LEN],
+            broken: false,
         })
     }
 
@@ -110,29 +125,50 @@ impl Block {
         config
     }
 
-    /// Serves every available request; returns whether buffers were used.
-    pub(crate) fn process_queue<M: GuestMemory>(&mut self, mem: &M, queue: &mut Queue) -> bool {
-        let mut used = false;
+    /// Serves the available requests, at most [`QUEUE_SIZE`] per call; nothing once the queue
+    /// was found corrupted (until [`Block::reset`]).
+    pub(crate) fn process_queue<M: GuestMemory>(&mut self, mem: &M, queue: &mut Queue) -> Served {
+        let mut served = Served::default();
+        if self.broken {
+            return served;
+        }
+        let mut budget = usize::from(QUEUE_SIZE);
+        if let Err(fault) = self.serve(mem, queue, &mut budget, &mut served.used) {
+            self.broken = true;
+            METRICS.queues_broken.inc();
+            log_broken("block", "request", &fault);
+            served.broke = true;
+        }
+        served.more = budget == 0 && !self.broken;
+        served
+    }
+
+    /// Device reset: a broken queue is served again.
+    pub(crate) fn reset(&mut self) {
+        self.broken = false;
+    }
+
+    fn serve<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+        budget: &mut usize,
+        used: &mut bool,
+    ) -> Result<(), QueueFault> {
         loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                queue_error("disable notification", &e);
-                return used;
-            }
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            queue.disable_notification(mem).map_err(QueueFault::Ring)?;
+            while *budget > 0 {
+                let Some(chain) = pop(queue, mem)? else {
+                    break;
+                };
+                *budget -= 1;
                 let head = chain.head_index();
                 let len = self.handle_chain(mem, chain);
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    queue_error("add used", &e);
-                }
-                used = true;
+                queue.add_used(mem, head, len).map_err(QueueFault::Ring)?;
+                *used = true;
             }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => return used,
-                Err(e) => {
-                    queue_error("enable notification", &e);
-                    return used;
-                }
+            if *budget == 0 || !queue.enable_notification(mem).map_err(QueueFault::Ring)? {
+                return Ok(());
             }
         }
     }
@@ -298,21 +334,19 @@ fn count_error(error: &RequestError) {
     counter.inc();
 }
 
-fn queue_error(op: &'static str, error: &virtio_queue::Error) {
-    METRICS.queue_errors.inc();
-    warn_rate_limited!(op, error = %error, "block: virtqueue operation failed");
-}
-
 #[cfg(test)]
 mod tests {
     use tempfile::NamedTempFile;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
+    use crate::rate_limited::count_events;
 
     const MEM_SIZE: usize = 0x40_0000;
     const HDR: u64 = 0x10_0000;
@@ -327,6 +361,8 @@ mod tests {
     const W: u16 = VRING_DESC_F_WRITE as u16;
     #[allow(clippy::cast_possible_truncation)] // the flag is 1
     const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    #[allow(clippy::cast_possible_truncation)] // the flag is 4
+    const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 
     /// Byte that fills sector `sector` of a fresh test disk.
     fn fill(sector: u8) -> u8 {
@@ -384,8 +420,26 @@ mod tests {
         mem: &GuestMemoryMmap,
         chains: &[Vec<(u64, u32, u16)>],
     ) -> Vec<(u32, u32)> {
+        let (vq, mut queue) = queue_with(mem, chains);
+
+        dev.process_queue(mem, &mut queue);
+
+        let used = vq.used().idx().load();
+        (0..usize::from(used))
+            .map(|i| {
+                let elem = vq.used().ring().ref_at(i).unwrap().load();
+                (elem.id(), elem.len())
+            })
+            .collect()
+    }
+
+    /// A fresh queue with `chains` of `(addr, len, flags)` descriptors made available.
+    fn queue_with<'a>(
+        mem: &'a GuestMemoryMmap,
+        chains: &[Vec<(u64, u32, u16)>],
+    ) -> (MockSplitQueue<'a, GuestMemoryMmap>, Queue) {
         let vq = MockSplitQueue::create(mem, GuestAddress(0), QUEUE_SIZE);
-        let mut queue: Queue = vq.create_queue().unwrap();
+        let queue: Queue = vq.create_queue().unwrap();
         let mut descs = Vec::new();
         for chain in chains {
             for (i, &(addr, len, flags)) in chain.iter().enumerate() {
@@ -401,16 +455,26 @@ mod tests {
             }
         }
         vq.add_desc_chains(&descs, 0).unwrap();
+        (vq, queue)
+    }
 
-        dev.process_queue(mem, &mut queue);
+    /// Runs the device on a corrupted queue: it must break in the first call (counted, at
+    /// most one log line), then serve nothing, promptly, however often it is called.
+    fn assert_breaks(dev: &mut Block, mem: &GuestMemoryMmap, queue: &mut Queue) {
+        let broken = METRICS.queues_broken.count();
 
-        let used = vq.used().idx().load();
-        (0..usize::from(used))
-            .map(|i| {
-                let elem = vq.used().ring().ref_at(i).unwrap().load();
-                (elem.id(), elem.len())
-            })
-            .collect()
+        let mut first = Served::default();
+        let lines = count_events(|| first = dev.process_queue(mem, queue));
+        let later = count_events(|| {
+            for _ in 0..1000 {
+                assert_eq!(dev.process_queue(mem, queue), Served::default());
+            }
+        });
+
+        assert!(first.broke && !first.more, "{first:?}");
+        assert!(METRICS.queues_broken.count() > broken);
+        assert!(lines <= 1, "{lines} log lines for one broken queue");
+        assert_eq!(later, 0, "a broken device stays silent");
     }
 
     #[test]
@@ -700,23 +764,75 @@ mod tests {
         let chains = [
             vec![(HDR, 16, 0), (DATA, SECTOR, 0)], // no writable status
             vec![(HDR, 16, 0), (STATUS, 0, W)],    // empty status descriptor
-            vec![(HDR, 16, 0), (0xFFFF_FFFF_0000, SECTOR, W), (STATUS, 1, W)], // outside memory
-            vec![
-                (HDR, 16, 0),
-                (MEM_SIZE as u64 - 16, SECTOR, W),
-                (STATUS, 1, W),
-            ], // crosses the end
             request(SECTOR, W),
         ];
 
         let used = run(&mut dev, &mem, &chains);
 
-        assert_eq!(used, vec![(0, 0), (2, 0), (4, 0), (7, 0), (10, SECTOR + 1)]);
+        assert_eq!(used, vec![(0, 0), (2, 0), (4, SECTOR + 1)]);
         assert_eq!(status(&mem), S_OK);
         assert_eq!(
             read_guest(&mem, DATA, SECTOR),
             vec![fill(2); SECTOR as usize]
         );
-        assert!(METRICS.bad_desc.count() >= bad_desc + 4);
+        assert!(METRICS.bad_desc.count() >= bad_desc + 2);
+    }
+
+    #[test]
+    fn test_process_queue_avail_idx_past_queue_size_broken_until_reset() {
+        let file = disk(0);
+        let mut dev = open(&file, false);
+        let mem = guest();
+        write_header(&mem, HDR, T_IN, 0);
+        let (vq, mut queue) = queue_with(&mem, &[request(SECTOR, W)]);
+        vq.avail().idx().store(QUEUE_SIZE + 1);
+
+        assert_breaks(&mut dev, &mem, &mut queue);
+        assert_eq!(vq.used().idx().load(), 0);
+        vq.avail().idx().store(1);
+        dev.reset();
+        let served = dev.process_queue(&mem, &mut queue);
+        assert!(served.used && !served.broke, "{served:?}");
+        assert_eq!(status(&mem), S_OK);
+    }
+
+    #[test]
+    fn test_process_queue_indirect_descriptor_not_offered_broken() {
+        let file = disk(0);
+        let mut dev = open(&file, false);
+        let mem = guest();
+        // A valid request behind an indirect table: never followed.
+        write_header(&mem, HDR, T_IN, 0);
+        let table = [
+            (HDR, 16, NEXT, 1),
+            (DATA, SECTOR, W | NEXT, 2),
+            (STATUS, 1, W, 0),
+        ];
+        for (i, (addr, len, flags, next)) in (0u64..).zip(table) {
+            let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+            mem.write_obj(desc, GuestAddress(0x38_0000 + 16 * i))
+                .unwrap();
+        }
+        let (_vq, mut queue) = queue_with(&mem, &[vec![(0x38_0000, 48, INDIRECT)]]);
+
+        assert_breaks(&mut dev, &mem, &mut queue);
+        assert_eq!(status(&mem), UNTOUCHED);
+    }
+
+    #[test]
+    fn test_process_queue_buffer_outside_memory_broken() {
+        let file = disk(0);
+        let mut dev = open(&file, false);
+        let mem = guest();
+        write_header(&mem, HDR, T_IN, 0);
+        let chain = vec![
+            (HDR, 16, 0),
+            (MEM_SIZE as u64 - 16, SECTOR, W),
+            (STATUS, 1, W),
+        ];
+        let (_vq, mut queue) = queue_with(&mem, &[chain]);
+
+        assert_breaks(&mut dev, &mem, &mut queue);
+        assert_eq!(status(&mem), UNTOUCHED);
     }
 }

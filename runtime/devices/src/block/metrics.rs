@@ -33,8 +33,9 @@ pub(crate) struct BlockMetrics {
     pub(crate) read_only_writes: Counter,
     /// Host I/O errors (pread, pwrite, fdatasync) and guest-memory copy failures.
     pub(crate) io_errors: Counter,
-    /// Virtqueue operations (notification, used ring) that failed.
-    pub(crate) queue_errors: Counter,
+    /// Times the guest corrupted the request queue (bad available index, descriptor index,
+    /// loop, indirect descriptor, buffer outside guest memory): the device then needs a reset.
+    pub(crate) queues_broken: Counter,
 }
 
 /// The process-wide block counters.
@@ -52,7 +53,7 @@ pub(crate) static METRICS: BlockMetrics = BlockMetrics {
     out_of_range: Counter::new(),
     read_only_writes: Counter::new(),
     io_errors: Counter::new(),
-    queue_errors: Counter::new(),
+    queues_broken: Counter::new(),
 };
 
 impl BlockMetrics {
@@ -72,7 +73,7 @@ impl BlockMetrics {
             ("out_of_range", self.out_of_range.count()),
             ("read_only_writes", self.read_only_writes.count()),
             ("io_errors", self.io_errors.count()),
-            ("queue_errors", self.queue_errors.count()),
+            ("queues_broken", self.queues_broken.count()),
         ]
     }
 
@@ -90,6 +91,6 @@ mod tests {
     fn test_metrics_snapshot_lists_every_counter() {
         let names: Vec<_> = METRICS.snapshot().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names.first(), Some(&"reads"));
-        assert_eq!(names.last(), Some(&"queue_errors"));
+        assert_eq!(names.last(), Some(&"queues_broken"));
     }
 }

@@ -26,10 +26,12 @@
 //!   `VIRTIO_BLK_S_UNSUPP`.
 //!
 //! # Hostile guest
-//! Chains are parsed with virtio-queue's `Reader`/`Writer` (every descriptor is bounds-checked
-//! against guest memory; any framing is accepted, as `VIRTIO_F_VERSION_1` implies
-//! `ANY_LAYOUT`). A chain without a writable status byte, or with a descriptor outside guest
-//! memory, is returned with a used length of 0. Any other bad request (short header, length not
+//! A corrupted ring (available index too far ahead, descriptor index out of range, loop,
+//! indirect descriptor, buffer outside guest memory) breaks the device (`queues_broken`, one
+//! rate-limited line, `DEVICE_NEEDS_RESET`, nothing served until reset; see `crate::queue`).
+//! Chains are parsed with virtio-queue's `Reader`/`Writer` (any framing is accepted, as
+//! `VIRTIO_F_VERSION_1` implies `ANY_LAYOUT`). A chain without a writable status byte is
+//! returned with a used length of 0. Any other bad request (short header, length not
 //! a multiple of 512, a sector range past the capacity or overflowing, a write to a read-only
 //! disk, a host I/O error) gets `VIRTIO_BLK_S_IOERR`. Every such branch bumps a counter in
 //! `metrics.rs` and logs rate-limited; the device keeps serving.

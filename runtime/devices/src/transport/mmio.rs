@@ -5,7 +5,7 @@
 //! Every register value comes from a hostile guest: a bad one is ignored or marks the device
 //! as needing a reset (`DEVICE_NEEDS_RESET`), never panics the VMM.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
@@ -27,6 +27,8 @@ const STATUS_FAILED: u32 = 128;
 
 /// Interrupt status bit: a queue has used buffers.
 const INT_VRING: u32 = 1;
+/// Interrupt status bit: the configuration (here: the device status) changed.
+const INT_CONFIG: u32 = 2;
 
 /// The device side a transport drives.
 pub trait VirtioMmioDevice: Send {
@@ -54,17 +56,30 @@ pub trait VirtioMmioDevice: Send {
     fn reset(&mut self);
 }
 
-/// How a device tells the driver that queues have used buffers.
+/// How a device tells the driver that queues have used buffers, or that it needs a reset.
 #[derive(Debug, Clone)]
 pub struct Interrupt {
     status: Arc<AtomicU32>,
     irq: Arc<EventFd>,
+    needs_reset: Arc<AtomicBool>,
 }
 
 impl Interrupt {
     /// Sets the used-buffer bit and raises the interrupt line.
     pub fn signal_used(&self) {
-        self.status.fetch_or(INT_VRING, Ordering::SeqCst);
+        self.raise(INT_VRING);
+    }
+
+    /// The device hit an error only a reset clears (a queue the guest corrupted): sets
+    /// `DEVICE_NEEDS_RESET` in the device status and sends a configuration change
+    /// notification, as virtio 1.2 §2.1.2 requires.
+    pub fn signal_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.raise(INT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irq.write(1) {
             warn_rate_limited!(error = %e, "virtio-mmio: raising the interrupt failed");
         }
@@ -84,9 +99,10 @@ struct QueueRegs {
 pub struct MmioTransport<D> {
     device: D,
     mem: GuestMemoryMmap,
-    irq: Arc<EventFd>,
     kicks: Vec<EventFd>,
-    interrupt_status: Arc<AtomicU32>,
+    /// Shared with the active device: interrupt status, line and `DEVICE_NEEDS_RESET`.
+    interrupt: Interrupt,
+    /// What the driver set; `DEVICE_NEEDS_RESET` lives in `interrupt`.
     status: u32,
     features_sel: u32,
     driver_features_sel: u32,
@@ -119,9 +135,12 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
         Ok(Self {
             device,
             mem,
-            irq: Arc::new(irq),
             kicks,
-            interrupt_status: Arc::default(),
+            interrupt: Interrupt {
+                status: Arc::default(),
+                irq: Arc::new(irq),
+                needs_reset: Arc::default(),
+            },
             status: 0,
             features_sel: 0,
             driver_features_sel: 0,
@@ -177,8 +196,8 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
             }
             0x034 => u32::from(self.selected_max()),
             0x044 => self.selected().map_or(0, |q| u32::from(q.ready)),
-            0x060 => self.interrupt_status.load(Ordering::SeqCst),
-            0x070 => self.status,
+            0x060 => self.interrupt.status.load(Ordering::SeqCst),
+            0x070 => self.status | self.needs_reset_bit(),
             0x0fc => self.config_generation,
             _ => 0,
         };
@@ -200,6 +219,8 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
         };
         match offset {
             0x014 => self.features_sel = value,
+            // Features are fixed once FEATURES_OK is set.
+            0x020 if self.status & STATUS_FEATURES_OK != 0 => {}
             0x020 => match self.driver_features_sel {
                 0 | 1 => {
                     self.driver_features =
@@ -234,7 +255,7 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
                 ),
             },
             0x064 => {
-                self.interrupt_status.fetch_and(!value, Ordering::SeqCst);
+                self.interrupt.status.fetch_and(!value, Ordering::SeqCst);
             }
             0x070 => self.set_status(value),
             0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
@@ -256,24 +277,46 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
 
     fn needs_reset(&mut self, why: &str) {
         warn_rate_limited!(why, "virtio-mmio: device needs reset");
-        self.status |= STATUS_NEEDS_RESET;
+        self.interrupt.signal_needs_reset();
     }
 
+    fn needs_reset_bit(&self) -> u32 {
+        match self.interrupt.needs_reset.load(Ordering::SeqCst) {
+            true => STATUS_NEEDS_RESET,
+            false => 0,
+        }
+    }
+
+    /// The driver's side of the status state machine (virtio 1.2 §2.1, §3.1.1): 0 resets;
+    /// otherwise bits are only added, each after its predecessor (ACKNOWLEDGE, DRIVER,
+    /// FEATURES_OK, DRIVER_OK; FAILED at any time). Any other write is ignored, so DRIVER_OK
+    /// activates the device once per reset and never again while it is active.
     fn set_status(&mut self, value: u32) {
         if value == 0 {
             self.reset();
+            return;
+        }
+        let value = value & !STATUS_NEEDS_RESET;
+        if value & self.status != self.status || !in_order(value) {
+            warn_rate_limited!(
+                status = self.status,
+                value,
+                "virtio-mmio: status write out of order ignored"
+            );
             return;
         }
         let newly = value & !self.status;
         self.status = value;
         if newly & STATUS_FEATURES_OK != 0 && self.driver_features & !self.device.features() != 0 {
             // The driver accepted features we never offered: refuse FEATURES_OK.
-            self.status &= !STATUS_FEATURES_OK;
+            self.status &= !(STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         }
         let wanted = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
         if newly & STATUS_DRIVER_OK != 0
+            && !self.active
             && self.status & wanted == wanted
             && self.status & STATUS_FAILED == 0
+            && self.needs_reset_bit() == 0
         {
             self.activate();
         }
@@ -304,13 +347,9 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
             Ok(kicks) => kicks,
             Err(_) => return self.needs_reset("kick fds"),
         };
-        let interrupt = Interrupt {
-            status: self.interrupt_status.clone(),
-            irq: self.irq.clone(),
-        };
         match self
             .device
-            .activate(self.mem.clone(), queues, kicks, interrupt)
+            .activate(self.mem.clone(), queues, kicks, self.interrupt.clone())
         {
             Ok(()) => self.active = true,
             Err(e) => self.needs_reset(&e),
@@ -325,12 +364,24 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
         self.status = 0;
         self.driver_features = 0;
         self.queue_sel = 0;
-        self.interrupt_status.store(0, Ordering::SeqCst);
+        self.interrupt.status.store(0, Ordering::SeqCst);
+        self.interrupt.needs_reset.store(false, Ordering::SeqCst);
         self.queues
             .iter_mut()
             .for_each(|q| *q = QueueRegs::default());
         self.config_generation = self.config_generation.wrapping_add(1);
     }
+}
+
+/// Whether every status bit set in `value` has its predecessor set too.
+fn in_order(value: u32) -> bool {
+    [
+        (STATUS_DRIVER, STATUS_ACKNOWLEDGE),
+        (STATUS_FEATURES_OK, STATUS_DRIVER),
+        (STATUS_DRIVER_OK, STATUS_FEATURES_OK),
+    ]
+    .iter()
+    .all(|&(bit, needs)| value & bit == 0 || value & needs != 0)
 }
 
 fn low(value: u64) -> u32 {
@@ -365,5 +416,152 @@ impl VirtioMmioDevice for Box<dyn VirtioMmioDevice> {
     }
     fn reset(&mut self) {
         (**self).reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    const ALL: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+
+    /// Counts activations and resets; keeps the interrupt it was given.
+    #[derive(Default)]
+    struct Probe {
+        activations: usize,
+        resets: usize,
+        interrupt: Arc<Mutex<Option<Interrupt>>>,
+    }
+
+    impl VirtioMmioDevice for Probe {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            1 << 32
+        }
+        fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            _queues: Vec<Queue>,
+            _kicks: Vec<EventFd>,
+            interrupt: Interrupt,
+        ) -> Result<(), String> {
+            self.activations += 1;
+            *self.interrupt.lock().unwrap() = Some(interrupt);
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    fn transport() -> (MmioTransport<Probe>, EventFd) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let transport = MmioTransport::new(Probe::default(), mem, irq.try_clone().unwrap());
+        (transport.unwrap(), irq)
+    }
+
+    fn write(t: &mut MmioTransport<Probe>, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn read(t: &mut MmioTransport<Probe>, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    /// ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK, DRIVER_OK.
+    fn bring_up(t: &mut MmioTransport<Probe>) {
+        write(t, 0x070, STATUS_ACKNOWLEDGE);
+        write(t, 0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        write(t, 0x024, 1);
+        write(t, 0x020, 1);
+        write(
+            t,
+            0x070,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        write(t, 0x070, ALL);
+    }
+
+    #[test]
+    fn test_mmio_driver_ok_twice_activates_once() {
+        let (mut t, _irq) = transport();
+        bring_up(&mut t);
+
+        write(&mut t, 0x070, ALL);
+        write(&mut t, 0x070, ALL & !STATUS_DRIVER_OK); // clearing a bit: ignored
+        write(&mut t, 0x070, ALL);
+
+        assert_eq!(t.device().activations, 1);
+        assert_eq!(read(&mut t, 0x070), ALL);
+    }
+
+    #[test]
+    fn test_mmio_status_zero_resets_then_driver_ok_activates_again() {
+        let (mut t, _irq) = transport();
+        bring_up(&mut t);
+
+        write(&mut t, 0x070, 0);
+        assert_eq!(read(&mut t, 0x070), 0);
+        bring_up(&mut t);
+
+        assert_eq!((t.device().activations, t.device().resets), (2, 1));
+    }
+
+    #[test]
+    fn test_mmio_driver_ok_without_features_ok_ignored() {
+        let (mut t, _irq) = transport();
+        write(&mut t, 0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+
+        write(
+            &mut t,
+            0x070,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK,
+        );
+
+        assert_eq!(t.device().activations, 0);
+        assert_eq!(read(&mut t, 0x070), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    }
+
+    #[test]
+    fn test_mmio_unoffered_feature_acked_features_ok_refused_no_activation() {
+        let (mut t, _irq) = transport();
+        write(&mut t, 0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        write(&mut t, 0x024, 0);
+        write(&mut t, 0x020, 1 << 28); // VIRTIO_RING_F_INDIRECT_DESC, never offered
+
+        write(&mut t, 0x070, ALL);
+
+        assert_eq!(t.device().activations, 0);
+        assert_eq!(read(&mut t, 0x070) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn test_mmio_device_needs_reset_sets_status_and_config_interrupt() {
+        let (mut t, irq) = transport();
+        bring_up(&mut t);
+        let interrupt = t.device().interrupt.lock().unwrap().clone().unwrap();
+
+        interrupt.signal_needs_reset();
+
+        assert_eq!(read(&mut t, 0x070), ALL | STATUS_NEEDS_RESET);
+        assert_eq!(read(&mut t, 0x060), INT_CONFIG);
+        assert_eq!(irq.read().unwrap(), 1);
+        write(&mut t, 0x070, ALL | STATUS_NEEDS_RESET); // the driver cannot clear it
+        assert_eq!(read(&mut t, 0x070), ALL | STATUS_NEEDS_RESET);
+        write(&mut t, 0x070, 0);
+        assert_eq!((read(&mut t, 0x070), read(&mut t, 0x060)), (0, 0));
     }
 }

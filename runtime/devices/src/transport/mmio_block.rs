@@ -79,7 +79,10 @@ impl BlockMmio {
         if let Some((stop, handle)) = self.worker.take() {
             let _ = stop.write(1);
             match handle.join() {
-                Ok(block) => self.idle = Some(block),
+                Ok(mut block) => {
+                    block.reset();
+                    self.idle = Some(block);
+                }
                 Err(_) => warn_rate_limited!("block: worker thread panicked; device gone"),
             }
         }
@@ -202,8 +205,19 @@ impl Worker {
     }
 
     fn serve(&mut self) {
-        if self.queue.ready() && self.block.process_queue(&self.mem, &mut self.queue) {
+        if !self.queue.ready() {
+            return;
+        }
+        let served = self.block.process_queue(&self.mem, &mut self.queue);
+        if served.used {
             self.interrupt.signal_used();
+        }
+        if served.broke {
+            self.interrupt.signal_needs_reset();
+        }
+        if served.more {
+            // Come back after looking at the stop event.
+            let _ = self.kick.write(1);
         }
     }
 }
@@ -319,6 +333,37 @@ mod tests {
         assert_eq!(data, [0x5a; 512]);
         write_reg(&mut transport, 0x070, 0);
         assert!(transport.device().worker.is_none());
+        assert!(transport.device().idle.is_some());
+    }
+
+    #[test]
+    fn test_block_mmio_corrupted_avail_idx_needs_reset_then_reset_joins() {
+        let file = disk();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(QUEUE_ADDR), QUEUE_SIZE);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = BlockMmio::new(file.path(), false, "husk-blk").unwrap();
+        let mut transport = MmioTransport::new(dev, mem.clone(), irq.try_clone().unwrap()).unwrap();
+        bring_up(&mut transport, &vq);
+        vq.avail().idx().store(QUEUE_SIZE + 1);
+
+        write_reg(&mut transport, 0x050, 0);
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while read_reg(&mut transport, 0x070) & 64 == 0 {
+            assert!(Instant::now() < deadline, "no DEVICE_NEEDS_RESET");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(read_reg(&mut transport, 0x060) & 2, 2, "config interrupt");
+        assert!(irq.read().is_ok());
+        let reset = Instant::now();
+        write_reg(&mut transport, 0x070, 0);
+        assert!(
+            reset.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            reset.elapsed()
+        );
+        assert_eq!(read_reg(&mut transport, 0x070), 0);
         assert!(transport.device().idle.is_some());
     }
 }

@@ -24,6 +24,8 @@ const FEATURES: u64 = 1 << 32;
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [MAX_QUEUE_SIZE; NUM_QUEUES];
 
 const EV_STOP: u64 = 100;
+// The worker splits `queues` as `[rx, tx, ..]`.
+const _: () = assert!(RXQ_INDEX == 0 && TXQ_INDEX == 1);
 const EV_BACKEND: u64 = 101;
 
 /// A vsock device for the built-in VMM.
@@ -171,10 +173,19 @@ fn worker(
                 }
             }
         }
-        let (rx, rest) = queues.split_at_mut(TXQ_INDEX);
-        let activity = device.process_queues(&mem, &mut rx[RXQ_INDEX], &mut rest[0]);
+        let [rx, tx, ..] = queues.as_mut_slice() else {
+            return device;
+        };
+        let activity = device.process_queues(&mem, rx, tx);
         if activity.rx_used || activity.tx_used {
             interrupt.signal_used();
+        }
+        if activity.broke {
+            interrupt.signal_needs_reset();
+        }
+        if let (true, Some(kick)) = (activity.more, kicks.get(TXQ_INDEX)) {
+            // Come back after looking at the stop event.
+            let _ = kick.write(1);
         }
     }
 }

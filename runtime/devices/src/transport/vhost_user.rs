@@ -22,8 +22,10 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use tracing::{info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -40,6 +42,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::rate_limited::warn_rate_limited;
 use crate::vsock::defs::{MAX_QUEUE_SIZE, NUM_QUEUES, RXQ_INDEX, TXQ_INDEX};
@@ -52,9 +55,14 @@ use crate::vsock::{VsockConfig, VsockEpollListener, VsockError};
 /// and the exit event.
 const BACKEND_EVENT: u16 = 4;
 const _: () = assert!(BACKEND_EVENT as usize == NUM_QUEUES + 1);
+/// Event id of [`VhostUserVsockBackend::retry`]: processing stopped at its budget with work left.
+const RETRY_EVENT: u16 = 5;
 /// The worker thread handles RX (bit 0) and TX (bit 1); the event queue stays with QEMU.
 const QUEUE_MASK: u64 = 0b11;
 const SESSION_THREAD: &str = "vsock-vhost-user";
+/// How long [`VsockDaemon::shutdown`] waits for the session and its workers to end. Each
+/// worker call is bounded (`MAX_CHAINS_PER_CALL`), so this is only a backstop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -65,6 +73,9 @@ struct VhostUserVsockBackend {
     config: VirtioVsockConfig,
     /// Shared with the vhost-user handler, which swaps in QEMU's memory on SET_MEM_TABLE.
     mem: GuestMemory,
+    /// Written when a call stopped at its budget, so that the worker comes back to the queues
+    /// after serving its other events (the exit event among them) instead of looping.
+    retry: EventFd,
 }
 
 impl VhostUserVsockBackend {
@@ -144,26 +155,41 @@ impl VhostUserBackend for VhostUserVsockBackend {
         };
         match device_event {
             BACKEND_EVENT => device.notify_backend(evset),
+            RETRY_EVENT => {
+                let _ = self.retry.read();
+            }
             event if usize::from(event) == RXQ_INDEX || usize::from(event) == TXQ_INDEX => {}
             event => {
                 warn_rate_limited!(event, "vsock: unexpected vhost-user event");
                 return Ok(());
             }
         }
-        process_vrings(device, &self.mem, vrings);
+        if process_vrings(device, &self.mem, vrings) {
+            let _ = self.retry.write(1);
+        }
         Ok(())
     }
 }
 
-fn process_vrings(device: &mut Vsock<VsockUnixBackend>, mem: &GuestMemory, vrings: &[VringRwLock]) {
+/// Serves both queues once; returns whether there is work left (see [`RETRY_EVENT`]).
+///
+/// A queue the guest corrupted stops the device (counted and logged by it). vhost-user has no
+/// way for us to set `DEVICE_NEEDS_RESET` in QEMU's device status (vhost-user-backend keeps the
+/// vring error fd to itself), so the guest just gets no more service until it resets the
+/// device.
+fn process_vrings(
+    device: &mut Vsock<VsockUnixBackend>,
+    mem: &GuestMemory,
+    vrings: &[VringRwLock],
+) -> bool {
     let (Some(rx), Some(tx)) = (vrings.get(RXQ_INDEX), vrings.get(TXQ_INDEX)) else {
-        return;
+        return false;
     };
     let mut rx = rx.get_mut();
     let mut tx = tx.get_mut();
     if !vring_ready(&rx) || !vring_ready(&tx) {
         // Before the driver is up, host clients wait in the backend.
-        return;
+        return false;
     }
     let mem = mem.memory();
     let activity = device.process_queues(&*mem, rx.get_queue_mut(), tx.get_queue_mut());
@@ -173,6 +199,7 @@ fn process_vrings(device: &mut Vsock<VsockUnixBackend>, mem: &GuestMemory, vring
     if activity.tx_used {
         signal_used(&mut tx);
     }
+    activity.more
 }
 
 fn vring_ready(vring: &VringState<GuestMemory>) -> bool {
@@ -246,6 +273,8 @@ impl SessionControl {
 /// stopping closes every host stream and removes both socket files.
 pub struct VsockDaemon {
     session: Option<JoinHandle<Result<(), VsockError>>>,
+    /// Disconnected when the session thread ends (so that a stop can wait with a deadline).
+    session_done: Receiver<()>,
     control: Arc<SessionControl>,
     vhost_socket: PathBuf,
     uds_path: PathBuf,
@@ -295,10 +324,16 @@ pub fn spawn_vhost_user_vsock(
     let device = Vsock::new(config.guest_cid, muxer);
     let backend_evset = device.backend().get_polled_evset();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let retry = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VsockError::CreateFd {
+        what: "vsock retry event",
+        source,
+    })?;
+    let retry_fd = retry.as_raw_fd();
     let backend = Arc::new(VhostUserVsockBackend {
         config: device.config(),
         device: Mutex::new(Some(device)),
         mem: mem.clone(),
+        retry,
     });
     let daemon =
         VhostUserDaemon::new(SESSION_THREAD.to_owned(), backend.clone(), mem).map_err(|e| {
@@ -313,6 +348,12 @@ pub fn spawn_vhost_user_vsock(
                 what: "vsock backend",
                 source,
             })?;
+        handler
+            .register_listener(retry_fd, EventSet::IN, u64::from(RETRY_EVENT))
+            .map_err(|source| VsockError::RegisterFd {
+                what: "vsock retry event",
+                source,
+            })?;
     }
     let listener =
         Listener::new(vhost_socket, true).map_err(|source| VsockError::BindVhostUser {
@@ -320,10 +361,14 @@ pub fn spawn_vhost_user_vsock(
             source,
         })?;
     let control = Arc::new(SessionControl::default());
+    let (done, session_done) = mpsc::channel::<()>();
     let session_control = control.clone();
     let session = thread::Builder::new()
         .name(SESSION_THREAD.to_owned())
-        .spawn(move || run_session(daemon, listener, &backend, &session_control))
+        .spawn(move || {
+            let _done = done;
+            run_session(daemon, listener, &backend, &session_control)
+        })
         .map_err(|source| VsockError::SpawnThread {
             name: SESSION_THREAD,
             source,
@@ -332,6 +377,7 @@ pub fn spawn_vhost_user_vsock(
           vhost_socket = %vhost_socket.display(), "vhost-user vsock device listening");
     Ok(VsockDaemon {
         session: Some(session),
+        session_done,
         control,
         vhost_socket: vhost_socket.to_path_buf(),
         uds_path: config.uds_path,
@@ -399,8 +445,10 @@ impl VsockDaemon {
     /// Stops the session and its threads, closes every host stream and removes both socket
     /// files.
     ///
+    /// Waits at most a few seconds: a session that does not end by then is left behind.
+    ///
     /// # Errors
-    /// [`VsockError::ThreadPanicked`], [`VsockError::RemoveSocket`], or the
+    /// [`VsockError::ThreadPanicked`], [`VsockError::StopTimeout`], [`VsockError::RemoveSocket`], or the
     /// [`VsockError::Session`] error that ended the session earlier.
     pub fn shutdown(mut self) -> Result<(), VsockError> {
         self.stop()
@@ -413,6 +461,19 @@ impl VsockDaemon {
         if !self.control.request_stop() {
             // Wake a session still blocked in accept(); refused if it already ended.
             let _ = UnixStream::connect(&self.vhost_socket);
+        }
+        if let Err(RecvTimeoutError::Timeout) = self.session_done.recv_timeout(STOP_TIMEOUT) {
+            // Never wait on the guest: whatever still runs there is left behind.
+            warn!(
+                timeout_ms = STOP_TIMEOUT.as_millis(),
+                "vhost-user vsock device did not stop in time"
+            );
+            remove_socket(&self.vhost_socket)?;
+            remove_socket(&self.uds_path)?;
+            return Err(VsockError::StopTimeout {
+                name: SESSION_THREAD,
+                timeout_ms: STOP_TIMEOUT.as_millis(),
+            });
         }
         let result = session.join().map_err(|_| VsockError::ThreadPanicked {
             name: SESSION_THREAD,

@@ -9,13 +9,18 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{ByteValued, GuestMemory, Le64};
 use vmm_sys_util::epoll::EventSet;
 
+use super::defs::MAX_QUEUE_SIZE;
 use super::metrics::METRICS;
 use super::packet::{parse_rx, parse_tx, rx_used_len};
 use super::{RxOutcome, TxOutcome, VsockBackend};
+use crate::queue::{log_broken, pop, QueueFault};
 use crate::rate_limited::warn_rate_limited;
 
 /// How often TX and RX are re-run in one call when TX waits for RX room.
 const MAX_PASSES: usize = 8;
+/// Chains one [`Vsock::process_queues`] call handles at most (two full rings of the largest
+/// size): a guest that keeps posting cannot keep the worker from its other events.
+pub(crate) const MAX_CHAINS_PER_CALL: usize = 2 * MAX_QUEUE_SIZE as usize;
 
 /// Device configuration space, `struct virtio_vsock_config` (virtio 1.2 §5.10.4).
 #[repr(C)]
@@ -43,13 +48,18 @@ impl VirtioVsockConfig {
     }
 }
 
-/// Which queues got used buffers in one [`Vsock::process_queues`] call.
+/// What one [`Vsock::process_queues`] call did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct QueueActivity {
     /// The RX used ring changed.
     pub(crate) rx_used: bool,
     /// The TX used ring changed.
     pub(crate) tx_used: bool,
+    /// A queue was found corrupted in this call: the transport reports `DEVICE_NEEDS_RESET`.
+    pub(crate) broke: bool,
+    /// The call stopped at its budget with work left: the transport calls again soon (after
+    /// checking its own events), since the guest will not notify for work it already posted.
+    pub(crate) more: bool,
 }
 
 /// Why an RX drain stopped.
@@ -60,7 +70,12 @@ enum RxStop {
     QueueEmpty,
     /// The backend declined the buffer it was offered.
     NoData,
+    /// The call's budget is spent.
+    Budget,
 }
+
+/// Which queue a fault was found on.
+type Faulted = (&'static str, QueueFault);
 
 /// A virtio-vsock device over a backend `B`.
 #[derive(Debug)]
@@ -69,6 +84,8 @@ pub(crate) struct Vsock<B> {
     backend: B,
     /// TX stopped because the backend was busy; rerun it after RX progress.
     tx_stalled: bool,
+    /// A queue was corrupted: nothing is processed until the driver resets the device.
+    broken: bool,
 }
 
 impl<B: VsockBackend> Vsock<B> {
@@ -78,6 +95,7 @@ impl<B: VsockBackend> Vsock<B> {
             guest_cid,
             backend,
             tx_stalled: false,
+            broken: false,
         }
     }
 
@@ -93,18 +111,20 @@ impl<B: VsockBackend> Vsock<B> {
         &self.backend
     }
 
-    /// Forwards events on the backend fd.
+    /// Forwards events on the backend fd (also while broken: the backend must drain them).
     pub(crate) fn notify_backend(&mut self, evset: EventSet) {
         self.backend.notify(evset);
     }
 
-    /// Device reset: every connection is dropped.
+    /// Device reset: every connection is dropped, a broken device serves again.
     pub(crate) fn reset(&mut self) {
         self.backend.reset();
         self.tx_stalled = false;
+        self.broken = false;
     }
 
-    /// Consumes TX, fills RX, and repeats while TX waits for RX room and RX made progress.
+    /// Consumes TX, fills RX, and repeats while TX waits for RX room and RX made progress; at
+    /// most [`MAX_CHAINS_PER_CALL`] chains in all. Nothing once a queue was found corrupted.
     pub(crate) fn process_queues<M: GuestMemory>(
         &mut self,
         mem: &M,
@@ -112,43 +132,73 @@ impl<B: VsockBackend> Vsock<B> {
         txq: &mut Queue,
     ) -> QueueActivity {
         let mut activity = QueueActivity::default();
-        for _ in 0..MAX_PASSES {
-            activity.tx_used |= self.process_tx(mem, txq);
-            let rx_used = self.process_rx(mem, rxq);
-            activity.rx_used |= rx_used;
-            if !(self.tx_stalled && rx_used) {
-                break;
-            }
+        if self.broken {
+            return activity;
         }
+        let mut budget = MAX_CHAINS_PER_CALL;
+        if let Err((queue, fault)) = self.run_passes(mem, rxq, txq, &mut budget, &mut activity) {
+            self.mark_broken(queue, &fault);
+            activity.broke = true;
+        }
+        activity.more = budget == 0 && !self.broken;
         activity
     }
 
+    fn run_passes<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        rxq: &mut Queue,
+        txq: &mut Queue,
+        budget: &mut usize,
+        activity: &mut QueueActivity,
+    ) -> Result<(), Faulted> {
+        for _ in 0..MAX_PASSES {
+            activity.tx_used |= self.process_tx(mem, txq, budget).map_err(|f| ("tx", f))?;
+            let rx_used = self.process_rx(mem, rxq, budget).map_err(|f| ("rx", f))?;
+            activity.rx_used |= rx_used;
+            if !(self.tx_stalled && rx_used) || *budget == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the device: counted, logged once, every host stream closed (their clients see
+    /// EOF instead of waiting on a guest that can no longer answer).
+    fn mark_broken(&mut self, queue: &'static str, fault: &QueueFault) {
+        self.broken = true;
+        METRICS.queues_broken.inc();
+        log_broken("vsock", queue, fault);
+        self.backend.reset();
+    }
+
     /// Drains the TX queue into the backend; returns whether buffers were used.
-    fn process_tx<M: GuestMemory>(&mut self, mem: &M, queue: &mut Queue) -> bool {
+    fn process_tx<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+        budget: &mut usize,
+    ) -> Result<bool, QueueFault> {
         let mut used = false;
         self.tx_stalled = false;
         loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                queue_error("tx disable notification", &e);
-                return used;
-            }
-            while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
+            queue.disable_notification(mem).map_err(QueueFault::Ring)?;
+            while *budget > 0 {
+                let Some(mut chain) = pop(queue, mem)? else {
+                    break;
+                };
+                *budget -= 1;
                 let head = chain.head_index();
                 if self.handle_tx_chain(mem, &mut chain) == TxOutcome::Busy {
                     queue.go_to_previous_position();
                     self.tx_stalled = true;
-                    return used;
+                    return Ok(used);
                 }
-                add_used(queue, mem, head, 0);
+                queue.add_used(mem, head, 0).map_err(QueueFault::Ring)?;
                 used = true;
             }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => return used,
-                Err(e) => {
-                    queue_error("tx enable notification", &e);
-                    return used;
-                }
+            if *budget == 0 || !queue.enable_notification(mem).map_err(QueueFault::Ring)? {
+                return Ok(used);
             }
         }
     }
@@ -183,38 +233,48 @@ impl<B: VsockBackend> Vsock<B> {
     }
 
     /// Fills RX buffers from the backend; returns whether buffers were used.
-    fn process_rx<M: GuestMemory>(&mut self, mem: &M, queue: &mut Queue) -> bool {
+    fn process_rx<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+        budget: &mut usize,
+    ) -> Result<bool, QueueFault> {
         let mut used = false;
         loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                queue_error("rx disable notification", &e);
-                return used;
-            }
-            let stop = self.drain_rx(mem, queue, &mut used);
+            queue.disable_notification(mem).map_err(QueueFault::Ring)?;
+            let stop = self.drain_rx(mem, queue, &mut used, budget)?;
             // Re-enable kicks in every case: a backend with more to send needs the next buffer.
-            match (queue.enable_notification(mem), stop) {
-                (Ok(true), RxStop::QueueEmpty) => continue,
-                (Err(e), _) => queue_error("rx enable notification", &e),
-                _ => {}
+            let more = queue.enable_notification(mem).map_err(QueueFault::Ring)?;
+            if !(more && matches!(stop, RxStop::QueueEmpty)) {
+                return Ok(used);
             }
-            return used;
         }
     }
 
-    fn drain_rx<M: GuestMemory>(&mut self, mem: &M, queue: &mut Queue, used: &mut bool) -> RxStop {
+    fn drain_rx<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+        used: &mut bool,
+        budget: &mut usize,
+    ) -> Result<RxStop, QueueFault> {
         loop {
             if !self.backend.has_pending_rx() {
-                return RxStop::BackendIdle;
+                return Ok(RxStop::BackendIdle);
             }
-            let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
-                return RxStop::QueueEmpty;
+            if *budget == 0 {
+                return Ok(RxStop::Budget);
+            }
+            let Some(mut chain) = pop(queue, mem)? else {
+                return Ok(RxStop::QueueEmpty);
             };
+            *budget -= 1;
             let head = chain.head_index();
             let Some(len) = self.fill_rx_chain(mem, &mut chain) else {
                 queue.go_to_previous_position();
-                return RxStop::NoData;
+                return Ok(RxStop::NoData);
             };
-            add_used(queue, mem, head, len);
+            queue.add_used(mem, head, len).map_err(QueueFault::Ring)?;
             *used = true;
         }
     }
@@ -243,22 +303,38 @@ impl<B: VsockBackend> Vsock<B> {
     }
 }
 
-fn add_used<M: GuestMemory>(queue: &mut Queue, mem: &M, head: u16, len: u32) {
-    if let Err(e) = queue.add_used(mem, head, len) {
-        queue_error("add used", &e);
-    }
-}
-
-fn queue_error(op: &'static str, error: &virtio_queue::Error) {
-    METRICS.queue_errors.inc();
-    warn_rate_limited!(op, error = %error, "vsock: virtqueue operation failed");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rate_limited::count_events;
     use crate::vsock::defs::uapi::*;
-    use crate::vsock::test_utils::{Hdr, TestContext, DESC_F_WRITE as WRITE, GUEST_CID};
+    use crate::vsock::test_utils::{
+        Hdr, TestContext, DESC_F_WRITE as WRITE, GUEST_CID, QUEUE_SIZE, SCRATCH_BASE,
+    };
+    use crate::vsock::unix::VsockUnixBackend;
+
+    /// `VIRTQ_DESC_F_INDIRECT`.
+    const INDIRECT: u16 = 4;
+
+    /// Runs the device on a corrupted queue: it must break in the first call (counted, at
+    /// most one log line) and then do nothing at all, promptly, however often it is called.
+    fn assert_breaks(ctx: &mut TestContext, dev: &mut Vsock<VsockUnixBackend>) {
+        let broken_before = METRICS.queues_broken.count();
+
+        let mut first = QueueActivity::default();
+        let lines = count_events(|| first = ctx.process(dev));
+        let later = count_events(|| {
+            for _ in 0..1000 {
+                assert_eq!(ctx.pump(dev), QueueActivity::default());
+            }
+        });
+
+        assert!(first.broke, "{first:?}");
+        assert!(!first.more);
+        assert!(METRICS.queues_broken.count() > broken_before);
+        assert!(lines <= 1, "{lines} log lines for one broken queue");
+        assert_eq!(later, 0, "a broken device stays silent");
+    }
 
     #[test]
     fn test_vsock_config_reads_guest_cid_le() {
@@ -280,7 +356,6 @@ mod tests {
         let bad_before = METRICS.tx_bad_desc.count();
         ctx.push_tx_raw(&[(0x80_0000, 44, WRITE)]); // write-only header
         ctx.push_tx_raw(&[(0x80_0000, 10, 0)]); // header too short
-        ctx.push_tx_raw(&[(0xFFFF_FFFF_0000, 44, 0)]); // outside guest memory
         ctx.push_tx(Hdr::guest(VSOCK_OP_RW, 5000, 1234), &[]);
         ctx.push_rx_buffers(4);
 
@@ -288,9 +363,9 @@ mod tests {
 
         assert!(activity.tx_used);
         let used = ctx.take_used_tx();
-        assert_eq!(used.len(), 4);
+        assert_eq!(used.len(), 3);
         assert!(used.iter().all(|elem| elem.len() == 0));
-        assert!(METRICS.tx_bad_desc.count() >= bad_before + 3);
+        assert!(METRICS.tx_bad_desc.count() >= bad_before + 2);
         let rx = ctx.take_rx();
         assert_eq!(rx.len(), 1, "the valid orphan packet still gets its rst");
         assert_eq!(rx[0].hdr.op, VSOCK_OP_RST);
@@ -367,5 +442,78 @@ mod tests {
 
         assert!(!activity.rx_used);
         assert_eq!(ctx.take_rx().len(), 1);
+    }
+
+    #[test]
+    fn test_process_tx_avail_idx_past_queue_size_breaks_device() {
+        let mut ctx = TestContext::new();
+        let mut dev = ctx.device();
+        ctx.push_tx(Hdr::guest(VSOCK_OP_RW, 5000, 1234), &[]);
+        ctx.corrupt_tx_avail_idx(QUEUE_SIZE + 1);
+
+        assert_breaks(&mut ctx, &mut dev);
+        assert!(ctx.take_used_tx().is_empty());
+    }
+
+    #[test]
+    fn test_process_rx_avail_idx_past_queue_size_breaks_device() {
+        let mut ctx = TestContext::new();
+        let mut dev = ctx.device();
+        // An orphan packet: the backend then has an rst to deliver on RX.
+        ctx.push_tx(Hdr::guest(VSOCK_OP_RW, 5000, 1234), &[]);
+        ctx.push_rx_buffers(1);
+        ctx.corrupt_rx_avail_idx(QUEUE_SIZE);
+
+        assert_breaks(&mut ctx, &mut dev);
+        assert!(ctx.take_rx().is_empty());
+    }
+
+    #[test]
+    fn test_process_tx_indirect_descriptor_not_offered_breaks_device() {
+        let mut ctx = TestContext::new();
+        let mut dev = ctx.device();
+        // A well-formed indirect table holding a valid packet header: never followed.
+        ctx.push_tx_hdr_raw(
+            Hdr::guest(VSOCK_OP_REQUEST, 5000, 1234),
+            &[(SCRATCH_BASE, 16, INDIRECT)],
+        );
+
+        assert_breaks(&mut ctx, &mut dev);
+    }
+
+    #[test]
+    fn test_process_tx_buffer_outside_memory_breaks_device() {
+        let mut ctx = TestContext::new();
+        let mut dev = ctx.device();
+        ctx.push_tx_raw(&[(0xFFFF_FFFF_0000, 44, 0)]);
+
+        assert_breaks(&mut ctx, &mut dev);
+    }
+
+    #[test]
+    fn test_process_rx_looping_chain_breaks_device() {
+        let mut ctx = TestContext::new();
+        let mut dev = ctx.device();
+        ctx.push_tx(Hdr::guest(VSOCK_OP_RW, 5000, 1234), &[]);
+        ctx.push_rx_loop();
+
+        assert_breaks(&mut ctx, &mut dev);
+    }
+
+    #[test]
+    fn test_vsock_reset_after_broken_device_serves_again() {
+        let mut ctx = TestContext::new();
+        let mut dev = ctx.device();
+        ctx.corrupt_tx_avail_idx(QUEUE_SIZE + 1);
+        assert!(ctx.process(&mut dev).broke);
+        ctx.corrupt_tx_avail_idx(0);
+
+        dev.reset();
+        ctx.push_tx(Hdr::guest(VSOCK_OP_REQUEST, 5000, 1234), &[]);
+        ctx.push_rx_buffers(1);
+        let activity = ctx.process(&mut dev);
+
+        assert!(activity.tx_used && activity.rx_used, "{activity:?}");
+        assert_eq!(ctx.take_rx().len(), 1, "the refused request gets its rst");
     }
 }

@@ -35,10 +35,14 @@
 //! CREDIT_REQUEST). Half-close maps SHUTDOWN flags onto `shutdown(2)` and EOF.
 //!
 //! # Hostile guest
-//! Descriptor chains are parsed by `virtio_vsock::packet::VsockPacket` (bounds-checked against
-//! guest memory); a bad chain is returned to the guest unused, counted in `metrics.rs` and logged
-//! rate-limited. Header values are only used through checked or wrapping arithmetic as the spec
-//! defines them.
+//! Every chain is popped through `crate::queue::pop`: a corrupted ring (available index too far
+//! ahead, descriptor index out of range, loop, indirect descriptor, buffer outside guest memory)
+//! breaks the device (`queues_broken`, one rate-limited line, `DEVICE_NEEDS_RESET` through the
+//! transport, every host stream closed, nothing processed until reset). A well-formed chain
+//! that is not a valid packet is parsed by `virtio_vsock::packet::VsockPacket`, returned to the
+//! guest unused, counted in `metrics.rs` and logged rate-limited. One `process_queues` call
+//! handles a bounded number of chains. Header values are only used through checked or wrapping
+//! arithmetic as the spec defines them.
 
 pub(crate) mod csm;
 pub(crate) mod device;
@@ -194,6 +198,14 @@ pub enum VsockError {
     ThreadPanicked {
         /// Thread name.
         name: &'static str,
+    },
+    /// A daemon thread did not stop within its deadline; it is left behind.
+    #[error("thread {name} did not stop within {timeout_ms} ms")]
+    StopTimeout {
+        /// Thread name.
+        name: &'static str,
+        /// The deadline.
+        timeout_ms: u128,
     },
     /// The vhost-user session ended with an error.
     #[error("vhost-user session failed: {reason}")]

@@ -173,6 +173,21 @@ impl Ring {
         head
     }
 
+    /// Makes available a chain of two writable descriptors whose second points back at the
+    /// first.
+    fn add_loop(&mut self, mem: &GuestMemoryMmap, addr: u64) {
+        let head = self.add_chain(mem, &[(addr, 64, DESC_F_WRITE), (addr, 64, DESC_F_WRITE)]);
+        let second = (head + 1) % QUEUE_SIZE;
+        let desc = RawDescriptor::from(SplitDescriptor::new(addr, 64, DESC_F_WRITE | 1, head));
+        mem.write_obj(desc, GuestAddress(self.desc + 16 * u64::from(second)))
+            .unwrap();
+    }
+
+    fn set_avail_idx(&mut self, mem: &GuestMemoryMmap, ahead: u16) {
+        let idx = self.avail_idx.wrapping_add(ahead);
+        mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
+    }
+
     fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<VirtqUsedElem> {
         let used_idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
         let mut out = Vec::new();
@@ -272,6 +287,22 @@ impl TestContext {
             self.rx
                 .add_chain(&self.mem, &[(addr, HDR_LEN + RX_BUF_DATA, DESC_F_WRITE)]);
         }
+    }
+
+    /// Moves the TX ring's available index `ahead` entries past what was posted, as a
+    /// hostile driver would.
+    pub(crate) fn corrupt_tx_avail_idx(&mut self, ahead: u16) {
+        self.tx.set_avail_idx(&self.mem, ahead);
+    }
+
+    /// Queues an RX chain that loops (its second descriptor's `next` is its head).
+    pub(crate) fn push_rx_loop(&mut self) {
+        self.rx.add_loop(&self.mem, RX_BUF_BASE);
+    }
+
+    /// Moves the RX ring's available index `ahead` entries past what was posted.
+    pub(crate) fn corrupt_rx_avail_idx(&mut self, ahead: u16) {
+        self.rx.set_avail_idx(&self.mem, ahead);
     }
 
     /// TX chains the device returned since the last call.
