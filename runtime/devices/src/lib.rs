@@ -9,6 +9,8 @@
 
 pub mod block;
 pub mod fs;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod rate_limited;
 pub mod transport;
 pub mod vsock;
