@@ -311,11 +311,12 @@ pub(crate) fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-            std::str::from_utf8(d)
-                .ok()
-                .and_then(|s| u8::from_str_radix(s, 8).ok())
-        });
+        // Three octal digits exactly: `from_str_radix` alone would also take a sign (`\+12`).
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|s| u8::from_str_radix(s, 8).ok());
         match (bytes[i], octal) {
             (b'\\', Some(b)) => {
                 out.push(b);
@@ -339,5 +340,16 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/a\040b\134c"), r"/a b\c");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
         assert_eq!(unescape_mountinfo(r"/bad\04"), r"/bad\04");
+    }
+
+    #[test]
+    fn test_unescape_mountinfo_signed_digits_kept_literally() {
+        // Found by the mountinfo_unescape fuzz target: `\+01` decoded as "\x01".
+        assert_eq!(
+            unescape_mountinfo(r"/ru\+011t1\ba12nl"),
+            r"/ru\+011t1\ba12nl"
+        );
+        assert_eq!(unescape_mountinfo(r"/a\-12\+7x"), r"/a\-12\+7x");
+        assert_eq!(unescape_mountinfo(r"/a\400"), r"/a\400");
     }
 }
