@@ -17,6 +17,7 @@ const REGISTERS: [u64; 22] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
+    husk_fuzz::ignore_sigpipe();
     let mut input = Input::new(data);
     let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]) else {
         return;

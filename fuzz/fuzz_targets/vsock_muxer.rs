@@ -30,6 +30,7 @@ struct Host {
 }
 
 fuzz_target!(|data: &[u8]| {
+    husk_fuzz::ignore_sigpipe();
     let dir = tempfile::tempdir().expect("temp dir");
     let uds = dir.path().join("v.sock");
     let Ok(mut dev) = VsockFuzz::new(GUEST_CID, &uds) else {

@@ -14,6 +14,7 @@ const TXQ: usize = 1;
 const HDR_LEN: u32 = 44;
 
 fuzz_target!(|data: &[u8]| {
+    husk_fuzz::ignore_sigpipe();
     let dir = tempfile::tempdir().expect("temp dir");
     let Ok(mut dev) = VsockFuzz::new(GUEST_CID, &dir.path().join("v.sock")) else {
         return;
