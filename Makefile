@@ -13,11 +13,11 @@ APT_PACKAGES := qemu-system-x86 linux-source-6.12 build-essential flex bison bc 
 	containerd containernetworking-plugins protobuf-compiler iproute2
 export PATH := /usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all deps build husk agent kernel test-host-kernel initramfs demo test test-unit test-e2e bench fmt lint clean
+.PHONY: all deps build husk agent kernel test-host-kernel initramfs demo test test-unit test-e2e fuzz bench fmt lint clean
 
 all: build
 
-## deps: Debian packages and virtiofsd (idempotent; quick when all is there)
+## deps: Debian packages, virtiofsd and cargo-fuzz (idempotent; quick when all is there)
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
@@ -29,6 +29,8 @@ deps:
 	fi
 	@command -v virtiofsd >/dev/null || { echo "cargo: installing virtiofsd"; \
 		cargo install --quiet --locked --root /usr/local virtiofsd; }
+	@command -v cargo-fuzz >/dev/null || { echo "cargo: installing cargo-fuzz"; \
+		cargo install --quiet --locked cargo-fuzz; }
 
 ## build: husk, husk-vmm, the static agent, the guest kernel, the initramfs and the emulated
 ## test host's kernel (for the built-in VMM's end-to-end tests), into out/
@@ -66,15 +68,23 @@ test-unit:
 test-e2e: deps build
 	HUSK_OUT=$(OUT) cargo test -p husk-e2e -- --test-threads=2
 
+## fuzz: every fuzz target (fuzz/, libFuzzer) for FUZZ_SECS seconds each (default 20) from its
+## committed corpus; fails on any crash
+FUZZ_SECS ?= 20
+fuzz: deps
+	FUZZ_SECS=$(FUZZ_SECS) fuzz/run.sh
+
 ## bench: hello-world latency and peak host memory, husk vs runc; lifecycle (create+start, exec, state/list with 50) vs runc; built-in VMM vs QEMU; containerd shim (ctr run latency, memory per container) husk.v2 vs runc.v2; same run
 bench: deps build
 	HUSK_OUT=$(OUT) cargo bench -p husk-e2e --bench run --bench lifecycle --bench vmm --bench containerd
 
 fmt:
 	cargo fmt --all
+	cargo fmt --manifest-path fuzz/Cargo.toml
 
 lint:
 	cargo fmt --all -- --check
+	cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
 clean:

@@ -7,6 +7,9 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber.
 pub fn init(log: Option<&Path>, format: &str, debug: bool) -> anyhow::Result<()> {
+    // The `log` records of the rust-vmm crates (guest-triggered, unthrottled) go to tracing
+    // through a rate limiter.
+    let _ = husk_devices::install_log_bridge();
     let level = if debug { "debug" } else { "warn" };
     let filter = EnvFilter::try_from_env("HUSK_LOG").unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()

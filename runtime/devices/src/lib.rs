@@ -9,6 +9,8 @@
 
 pub mod block;
 pub mod fs;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod log_bridge;
 mod queue;
 mod rate_limited;

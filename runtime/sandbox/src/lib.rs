@@ -13,6 +13,15 @@ pub mod bundle;
 mod error;
 pub mod features;
 pub mod hooks;
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`; never in a release build):
+/// parsers that are private to their module.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    /// Decodes one field of /proc/self/mountinfo (octal escapes `\ooo`).
+    pub fn unescape_mountinfo(field: &str) -> String {
+        crate::pod::unescape_mountinfo(field)
+    }
+}
 pub mod lifecycle;
 pub mod pod;
 mod pod_net;

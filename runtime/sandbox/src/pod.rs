@@ -9,6 +9,8 @@
 //! The guest can write the share: [`share`] assembles it without resolving a path in it.
 
 mod share;
+#[cfg(feature = "fuzzing")]
+pub(crate) use share::unescape_mountinfo;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

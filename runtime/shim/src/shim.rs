@@ -257,6 +257,8 @@ impl ShimConfig {
 /// Logs to the `log` FIFO containerd opened in the bundle directory (containerd copies it to
 /// its own log).
 fn init_logging(debug: bool) {
+    // The `log` records of the rust-vmm crates and ttrpc go to tracing, rate-limited.
+    let _ = husk_devices::install_log_bridge();
     let level = match debug {
         true => "debug",
         false => "info",

@@ -288,16 +288,17 @@ pub fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(field: &str) -> String {
+pub(crate) fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-            std::str::from_utf8(d)
-                .ok()
-                .and_then(|s| u8::from_str_radix(s, 8).ok())
-        });
+        // Three octal digits exactly: `from_str_radix` alone would also take a sign (`\+12`).
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|s| u8::from_str_radix(s, 8).ok());
         match (b, octal) {
             (b'\\', Some(o)) => {
                 out.push(o);
@@ -499,5 +500,14 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/a\040b\134c"), r"/a b\c");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
         assert_eq!(unescape_mountinfo(r"/bad\04"), r"/bad\04");
+    }
+
+    #[test]
+    fn test_unescape_mountinfo_signed_digits_kept_literally() {
+        // Found by the mountinfo_unescape fuzz target: `\+01` decoded as "\x01".
+        assert_eq!(
+            unescape_mountinfo(r"/ru\+011t1\ba12nl"),
+            r"/ru\+011t1\ba12nl"
+        );
     }
 }

@@ -552,7 +552,7 @@ impl VsockBackend for VsockUnixBackend {
 }
 
 /// `CONNECT <port>` (keyword case-insensitive, exactly two words) to the port.
-fn parse_connect_line(line: &[u8]) -> Option<u32> {
+pub(crate) fn parse_connect_line(line: &[u8]) -> Option<u32> {
     let line = std::str::from_utf8(line).ok()?;
     let mut words = line.split_ascii_whitespace();
     let (keyword, port) = (words.next()?, words.next()?);
