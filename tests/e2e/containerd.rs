@@ -19,12 +19,12 @@ use std::fmt::Debug;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use husk_e2e::harness::containerd::{Containerd, Ctr, Runtime, CTR_TIMEOUT};
 use husk_e2e::harness::procs::{self, Proc};
-use husk_e2e::harness::text;
+use husk_e2e::harness::{show, text, unique};
 
 /// How long teardown (processes gone, mounts gone) may take after the fact.
 const CLEANUP: Duration = Duration::from_secs(30);
@@ -70,21 +70,6 @@ fn both_see<T: Debug + PartialEq>(
             runtime.label()
         );
     });
-}
-
-/// A container id no other process on the host mentions (leftover checks search for it).
-fn unique(name: &str) -> String {
-    format!("{name}-{}", std::process::id())
-}
-
-/// `code (stdout) [stderr]` of a finished command, for messages.
-fn show(out: &Output) -> String {
-    format!(
-        "{:?} stdout {:?} stderr {:?}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
 }
 
 /// Kills a task with SIGKILL, waits until it is STOPPED and deletes it and its container.

@@ -15,59 +15,13 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use husk_e2e::harness::containerd::{Containerd, Ctr, Runtime, CTR_TIMEOUT};
-use husk_e2e::harness::{procs, stderr, stdout, text, Env, TestBundle};
+use husk_e2e::harness::{procs, show, stderr, stdout, text, unique, Env, TestBundle};
 use serde_json::json;
 
 /// Where the shim keeps its pods (runtime/shim/src/shim.rs).
 const SHIM_RUN_ROOT: &str = "/run/husk-shim";
-
-/// Every capability up to CAP_CHECKPOINT_RESTORE.
-const ALL_CAPS: [&str; 41] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
 
 /// Host files the guest may read but not change: a directory bound read-only, and a
 /// directory one of whose files is bound read-only (its sibling must stay unseen).
@@ -160,7 +114,7 @@ fn test_hostile_shares_cli_privileged_guest_cannot_write_ro_shares_or_see_siblin
     let rootfs_before = listing(&bundle.path().join("rootfs"));
     bundle.edit(|c| {
         c["root"]["readonly"] = true.into();
-        let caps: Vec<_> = ALL_CAPS.iter().map(|c| json!(c)).collect();
+        let caps: Vec<_> = husk_sandbox::features::CAPABILITIES.iter().map(|c| json!(c)).collect();
         for set in ["bounding", "effective", "permitted"] {
             c["process"]["capabilities"][set] = caps.clone().into();
         }
@@ -217,20 +171,6 @@ fn containerd(test: &str) -> Option<Containerd> {
         return None;
     }
     Some(containerd)
-}
-
-/// A container id no other process on the host mentions.
-fn unique(name: &str) -> String {
-    format!("{name}-{}", std::process::id())
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "{:?} stdout {:?} stderr {:?}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
 }
 
 /// The `--annotation` flags that put a container in pod `pod`.

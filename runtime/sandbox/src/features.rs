@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use crate::bundle::{ANNOTATION_HYPERVISOR, ANNOTATION_MEMORY, ANNOTATION_VCPUS};
 
 /// Every capability name the guest kernel (Linux 6.12) knows.
-const CAPABILITIES: [&str; 41] = [
+pub const CAPABILITIES: [&str; 41] = [
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_DAC_READ_SEARCH",

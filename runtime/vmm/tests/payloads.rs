@@ -319,6 +319,21 @@ fn test_husk_vmm_binary_no_kernel_no_payload_error() {
 /// Compiles the freestanding C payload `tests/payloads/<name>.c` in `dir` into a flat binary
 /// that starts with `_start` at 0x1_0000 (`tests/payloads/payload.ld`). `Err` names a missing
 /// tool; a payload that does not compile fails the test.
+/// The C payload `name` built in `dir` where KVM and the C tools are there; `None` after the
+/// one `SKIPPED:` line for `test` where not.
+fn c_payload_or_skip(test: &str, name: &str, dir: &Path) -> Option<Vec<u8>> {
+    if !kvm_available(test) {
+        return None;
+    }
+    match build_c_payload(name, dir) {
+        Ok(code) => Some(code),
+        Err(why) => {
+            println!("SKIPPED: {test}: {why}");
+            None
+        }
+    }
+}
+
 fn build_c_payload(name: &str, dir: &Path) -> Result<Vec<u8>, String> {
     for tool in ["gcc", "ld"] {
         if Command::new(tool).arg("--version").output().is_err() {
@@ -400,18 +415,13 @@ fn serve_ping_pong(
 
 #[test]
 fn test_payload_vsock_virtqueue_round_trip_with_host_socket_pong() {
-    if !kvm_available("test_payload_vsock_virtqueue_round_trip_with_host_socket_pong") {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let code = match build_c_payload("vsock_roundtrip", dir.path()) {
-        Ok(code) => code,
-        Err(why) => {
-            println!(
-                "SKIPPED: test_payload_vsock_virtqueue_round_trip_with_host_socket_pong: {why}"
-            );
-            return;
-        }
+    let Some(code) = c_payload_or_skip(
+        "test_payload_vsock_virtqueue_round_trip_with_host_socket_pong",
+        "vsock_roundtrip",
+        dir.path(),
+    ) else {
+        return;
     };
     // Hybrid vsock: the guest's connection to host port 1234 goes to `<uds_path>_1234`.
     let devices = vsock_device(&dir);
@@ -450,16 +460,9 @@ fn wait_bounded(
 #[test]
 fn test_husk_vmm_corrupted_vsock_avail_idx_and_driver_ok_twice_power_off_exits() {
     let test = "test_husk_vmm_corrupted_vsock_avail_idx_and_driver_ok_twice_power_off_exits";
-    if !kvm_available(test) {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let code = match build_c_payload("vsock_hostile", dir.path()) {
-        Ok(code) => code,
-        Err(why) => {
-            println!("SKIPPED: {test}: {why}");
-            return;
-        }
+    let Some(code) = c_payload_or_skip(test, "vsock_hostile", dir.path()) else {
+        return;
     };
     let payload = dir.path().join("payload.bin");
     std::fs::write(&payload, &code).unwrap();
@@ -541,16 +544,9 @@ fn capture_logs() -> Arc<Mutex<Vec<String>>> {
 #[test]
 fn test_payload_corrupted_vsock_avail_idx_needs_reset_bounded_log_vm_returns() {
     let test = "test_payload_corrupted_vsock_avail_idx_needs_reset_bounded_log_vm_returns";
-    if !kvm_available(test) {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let code = match build_c_payload("vsock_hostile", dir.path()) {
-        Ok(code) => code,
-        Err(why) => {
-            println!("SKIPPED: {test}: {why}");
-            return;
-        }
+    let Some(code) = c_payload_or_skip(test, "vsock_hostile", dir.path()) else {
+        return;
     };
     let lines = capture_logs();
     let devices = vsock_device(&dir);

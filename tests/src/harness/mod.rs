@@ -101,6 +101,21 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A container id no other process on the host mentions (leftover checks search for it).
+pub fn unique(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+/// Exit code, stdout and stderr of a finished command, for messages.
+pub fn show(out: &std::process::Output) -> String {
+    format!(
+        "{:?} stdout {:?} stderr {:?}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
 /// Whether `program` is a file in one of PATH's directories.
 pub fn on_path(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
