@@ -2,6 +2,18 @@
 //!
 //! A connection is a Unix stream to the VM's vsock socket on which we write `CONNECT <port>\n`
 //! and read `OK <port>\n`; the guest refusing (agent not listening yet) closes the stream.
+//!
+//! The guest is hostile (README, "Security model"): every wait on it has a deadline and every
+//! string it sends is cleaned before the host shows or logs it.
+//! - Deadlines: the `CONNECT` answer ([`CONNECT_TIMEOUT`]) and each request, by kind
+//!   ([`deadline`]): a request that misses its deadline fails with
+//!   [`SandboxError::AgentTimeout`] and leaves the connection unusable (a late answer would
+//!   pair with the next request). Only the waits for a process's exit have none: they may last
+//!   as long as the container, each holds a connection of its own and no lock, and its caller
+//!   also watches the VM's end.
+//! - Strings: [`sanitize`] turns every string of a response (error messages, command lines,
+//!   the agent's name) and every decoding error into one printable, capped line, here, where
+//!   the guest's bytes become host strings.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,10 +30,126 @@ use crate::SandboxError;
 
 /// Longest `OK <port>\n` line accepted from the vsock device.
 const MAX_OK_LINE: usize = 32;
-/// How long one connection attempt may wait for the device's answer.
+/// How long one connection attempt may wait for the device's answer while the guest boots.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between attempts while the guest boots.
 const RETRY_PAUSE: Duration = Duration::from_millis(5);
+
+/// How long the vsock device may take to answer `CONNECT` once the guest is up: the guest
+/// kernel completes the connection for a listening agent without the agent's help, so this
+/// bounds a guest kernel that holds the connection half-open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests the agent answers from memory or with a few syscalls and cgroup files (hello,
+/// signal, delete, stats, processes, pause, resume, update, resize, shutdown, stdio attach).
+/// Milliseconds on an idle guest; generous for a TCG guest on a loaded host.
+pub const SHORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Start and exec: the agent forks, enters the container and executes its program, loaded
+/// over virtio-fs.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Create and the pod network: the guest mounts the rootfs and binds over virtio-fs, makes
+/// namespaces, cgroups and devices, runs the setup up to the process's wait (seconds under
+/// TCG, more with many mounts on a loaded host), or configures links with rtnetlink.
+pub const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest guest string shown or logged, in bytes, before the truncation marker.
+pub const MAX_GUEST_TEXT: usize = 512;
+
+/// The request's name (for [`SandboxError::AgentTimeout`]) and deadline; `None` for the waits
+/// for an exit, which last as long as the process does.
+pub fn deadline(req: &Request) -> (&'static str, Option<Duration>) {
+    match req {
+        Request::Hello { .. } => ("hello", Some(SHORT_TIMEOUT)),
+        Request::CreateContainer { .. } => ("create", Some(CREATE_TIMEOUT)),
+        Request::ConfigureNetwork { .. } => ("configure network", Some(CREATE_TIMEOUT)),
+        Request::StartContainer { .. } => ("start", Some(START_TIMEOUT)),
+        Request::ExecProcess { .. } => ("exec", Some(START_TIMEOUT)),
+        Request::WaitContainer { .. } => ("wait", None),
+        Request::WaitProcess { .. } => ("wait process", None),
+        Request::SignalContainer { .. } => ("signal", Some(SHORT_TIMEOUT)),
+        Request::SignalProcess { .. } => ("signal process", Some(SHORT_TIMEOUT)),
+        Request::AttachStdio { .. } => ("attach stdio", Some(SHORT_TIMEOUT)),
+        Request::PauseContainer { .. } => ("pause", Some(SHORT_TIMEOUT)),
+        Request::ResumeContainer { .. } => ("resume", Some(SHORT_TIMEOUT)),
+        Request::UpdateContainer { .. } => ("update", Some(SHORT_TIMEOUT)),
+        Request::ContainerStats { .. } => ("stats", Some(SHORT_TIMEOUT)),
+        Request::ResizeTerminal { .. } => ("resize", Some(SHORT_TIMEOUT)),
+        Request::ListProcesses { .. } => ("list processes", Some(SHORT_TIMEOUT)),
+        Request::DeleteContainer { .. } => ("delete", Some(SHORT_TIMEOUT)),
+        Request::Shutdown => ("shutdown", Some(SHORT_TIMEOUT)),
+    }
+}
+
+/// Whether `e` says the agent cannot be talked to (it missed a deadline, refused or dropped
+/// the connection, or broke the protocol), as opposed to an answer refusing the request.
+pub fn unresponsive(e: &SandboxError) -> bool {
+    matches!(
+        e,
+        SandboxError::AgentTimeout { .. } | SandboxError::AgentIo(_) | SandboxError::Protocol(_)
+    )
+}
+
+/// A string from the guest as one printable line of at most [`MAX_GUEST_TEXT`] bytes plus a
+/// marker: control characters (ESC, CR, LF, DEL, C1) and the invisible formatting characters
+/// that reorder or hide text (bidi overrides, zero-width) are escaped as `\u{..}` (`\n`,
+/// `\r`, `\t` as such); a longer text is cut at a character boundary and ends with
+/// `...[N more bytes]`.
+pub fn sanitize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_GUEST_TEXT + 32));
+    for (at, c) in text.char_indices() {
+        let piece = match c {
+            '\n' => "\\n".to_owned(),
+            '\r' => "\\r".to_owned(),
+            '\t' => "\\t".to_owned(),
+            c if hides_text(c) => format!("\\u{{{:x}}}", u32::from(c)),
+            c => c.to_string(),
+        };
+        if out.len() + piece.len() > MAX_GUEST_TEXT {
+            out.push_str(&format!("...[{} more bytes]", text.len() - at));
+            return out;
+        }
+        out.push_str(&piece);
+    }
+    out
+}
+
+/// Control characters and the format characters that change how a terminal or a log viewer
+/// lays text out (Trojan Source: bidi embeddings, overrides and isolates; zero-width marks).
+fn hides_text(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// A response with every string in it [`sanitize`]d.
+fn sanitized(resp: Response) -> Response {
+    match resp {
+        Response::Hello { version, agent } => Response::Hello {
+            version,
+            agent: sanitize(&agent),
+        },
+        Response::Error { kind, message } => Response::Error {
+            kind,
+            message: sanitize(&message),
+        },
+        Response::Processes { processes } => Response::Processes {
+            processes: processes
+                .into_iter()
+                .map(|p| ProcessInfo {
+                    cmd: sanitize(&p.cmd),
+                    ..p
+                })
+                .collect(),
+        },
+        other => other,
+    }
+}
+
+/// Reads one response and cleans it: a broken frame's error quotes guest bytes too.
+async fn read_reply(stream: &mut UnixStream) -> Result<Option<Response>, SandboxError> {
+    match read_message::<Response, _>(stream).await {
+        Ok(resp) => Ok(resp.map(sanitized)),
+        Err(e) => Err(SandboxError::Protocol(sanitize(&e.to_string()))),
+    }
+}
 
 /// Opens a hybrid-vsock connection to `port` in the guest.
 ///
@@ -52,6 +180,17 @@ pub async fn connect_vsock(uds: &Path, port: u32) -> std::io::Result<UnixStream>
     Err(std::io::Error::other("vsock device answer too long"))
 }
 
+/// [`connect_vsock`] within [`CONNECT_TIMEOUT`].
+async fn connect_within(uds: &Path, port: u32) -> Result<UnixStream, SandboxError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect_vsock(uds, port)).await {
+        Ok(stream) => Ok(stream?),
+        Err(_) => Err(SandboxError::AgentTimeout {
+            op: "connect",
+            after: CONNECT_TIMEOUT,
+        }),
+    }
+}
+
 /// How a container's process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExitStatus {
@@ -76,14 +215,17 @@ pub struct ProcessStreams {
 #[derive(Debug)]
 pub struct AgentClient {
     uds: PathBuf,
-    stream: UnixStream,
+    /// `None` once a request missed its deadline: its late answer would pair with the next.
+    stream: Option<UnixStream>,
 }
 
 impl AgentClient {
     /// Connects and shakes hands, retrying while the guest boots, until `deadline`.
     ///
     /// # Errors
-    /// [`SandboxError::VersionMismatch`], or the last connection error at the deadline.
+    /// [`SandboxError::VersionMismatch`], [`SandboxError::AgentTimeout`] when the agent
+    /// accepted but did not answer the handshake, or the last connection error at the
+    /// deadline.
     pub async fn connect(uds: &Path, deadline: Instant) -> Result<Self, SandboxError> {
         loop {
             match tokio::time::timeout(ATTEMPT_TIMEOUT, connect_vsock(uds, AGENT_PORT)).await {
@@ -100,16 +242,26 @@ impl AgentClient {
     /// Opens another control connection to the same agent (the agent is known to be up).
     ///
     /// # Errors
-    /// As [`AgentClient::connect`].
+    /// As [`AgentClient::connect`]; [`SandboxError::AgentTimeout`] when the device or the
+    /// agent does not answer in time.
     pub async fn reconnect(&self) -> Result<Self, SandboxError> {
-        let stream = connect_vsock(&self.uds, AGENT_PORT).await?;
-        Self::handshake(&self.uds, stream).await
+        Self::open(&self.uds).await
+    }
+
+    /// A control connection to the agent behind `uds`, which is known to be up: one attempt,
+    /// every step within its deadline.
+    ///
+    /// # Errors
+    /// As [`AgentClient::reconnect`].
+    pub async fn open(uds: &Path) -> Result<Self, SandboxError> {
+        let stream = connect_within(uds, AGENT_PORT).await?;
+        Self::handshake(uds, stream).await
     }
 
     async fn handshake(uds: &Path, stream: UnixStream) -> Result<Self, SandboxError> {
         let mut client = Self {
             uds: uds.to_owned(),
-            stream,
+            stream: Some(stream),
         };
         match client
             .request(&Request::Hello {
@@ -126,9 +278,30 @@ impl AgentClient {
         }
     }
 
+    /// Sends `req` and reads its answer, within the request's [`deadline`].
     async fn request(&mut self, req: &Request) -> Result<Response, SandboxError> {
-        write_message(&mut self.stream, req).await?;
-        match read_message(&mut self.stream).await? {
+        let (op, limit) = deadline(req);
+        let stream = self.stream.as_mut().ok_or_else(|| {
+            SandboxError::Protocol(format!(
+                "connection abandoned after a missed deadline ({op})"
+            ))
+        })?;
+        let exchange = async {
+            write_message(stream, req).await?;
+            read_reply(stream).await
+        };
+        let reply = match limit {
+            None => exchange.await,
+            Some(after) => {
+                let timed = tokio::time::timeout(after, exchange).await;
+                let Ok(reply) = timed else {
+                    self.stream = None;
+                    return Err(SandboxError::AgentTimeout { op, after });
+                };
+                reply
+            }
+        };
+        match reply? {
             Some(Response::Error { kind, message }) => Err(SandboxError::Agent { kind, message }),
             Some(resp) => Ok(resp),
             None => Err(SandboxError::Protocol("agent closed the connection".into())),
@@ -417,29 +590,26 @@ impl AgentClient {
         exec_id: Option<&str>,
         stream: StdioStream,
     ) -> Result<UnixStream, SandboxError> {
-        let mut conn = connect_vsock(&self.uds, AGENT_PORT).await?;
-        write_message(
-            &mut conn,
-            &Request::AttachStdio {
+        let conn = connect_within(&self.uds, AGENT_PORT).await?;
+        let mut client = Self {
+            uds: self.uds.clone(),
+            stream: Some(conn),
+        };
+        client
+            .request_ok(&Request::AttachStdio {
                 id: id.to_owned(),
                 stream,
                 exec_id: exec_id.map(str::to_owned),
-            },
-        )
-        .await?;
-        match read_message(&mut conn).await? {
-            Some(Response::Ok) => Ok(conn),
-            Some(Response::Error { kind, message }) => Err(SandboxError::Agent { kind, message }),
-            Some(other) => Err(unexpected(&other)),
-            None => Err(SandboxError::Protocol(
-                "agent closed the stdio connection".into(),
-            )),
-        }
+            })
+            .await?;
+        client
+            .stream
+            .ok_or_else(|| SandboxError::Protocol("stdio connection lost".into()))
     }
 }
 
 fn unexpected(resp: &Response) -> SandboxError {
-    SandboxError::Protocol(format!("unexpected reply {resp:?}"))
+    SandboxError::Protocol(sanitize(&format!("unexpected reply {resp:?}")))
 }
 
 #[cfg(test)]
@@ -504,5 +674,118 @@ mod tests {
             "{err}"
         );
         dev.await.unwrap();
+    }
+
+    /// A fake agent behind a fake vsock device: answers the handshake, then reads one request
+    /// and answers it with `reply` (`None`: never, keeping the connection open).
+    async fn fake_agent(listener: UnixListener, reply: Option<Response>) {
+        let mut s = fake_device(listener, b"OK 7\n").await;
+        let _: Option<Request> = read_message(&mut s).await.unwrap();
+        let hello = Response::Hello {
+            version: PROTOCOL_VERSION,
+            agent: "fake".into(),
+        };
+        write_message(&mut s, &hello).await.unwrap();
+        let _: Option<Request> = read_message(&mut s).await.unwrap();
+        match reply {
+            Some(reply) => write_message(&mut s, &reply).await.unwrap(),
+            None => std::future::pending().await,
+        }
+    }
+
+    #[test]
+    fn test_sanitize_controls_escaped_and_text_capped() {
+        assert_eq!(sanitize("plain text"), "plain text");
+        assert_eq!(
+            sanitize("a\x1b[2Jb\nc\r\u{202e}d\u{7f}"),
+            "a\\u{1b}[2Jb\\nc\\r\\u{202e}d\\u{7f}"
+        );
+        let long = "\u{e9}".repeat(MAX_GUEST_TEXT);
+        let cut = sanitize(&long);
+        assert!(
+            cut.ends_with(&format!("...[{} more bytes]", MAX_GUEST_TEXT)),
+            "{cut}"
+        );
+        assert!(cut.len() <= MAX_GUEST_TEXT + 32, "{}", cut.len());
+    }
+
+    #[tokio::test]
+    async fn test_request_agent_error_of_1mib_one_sanitized_capped_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let hostile = "\x1b]0;owned\x07\x1b[2J\nhusk: fake line\r\n";
+        let message = format!(
+            "{hostile}{}",
+            "x".repeat(husk_protocol::MAX_FRAME_LEN - 200)
+        );
+        let reply = Response::Error {
+            kind: husk_protocol::ErrorKind::Internal,
+            message,
+        };
+        let dev = tokio::spawn(fake_agent(listener, Some(reply)));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut client = AgentClient::connect(&path, deadline).await.unwrap();
+        let err = client.signal("c1", 15).await.unwrap_err();
+        let line = err.to_string();
+        assert!(
+            line.starts_with("agent: \\u{1b}]0;owned\\u{7}\\u{1b}[2J\\nhusk"),
+            "{line}"
+        );
+        assert!(!line.chars().any(char::is_control), "{line}");
+        assert!(line.len() <= MAX_GUEST_TEXT + 64, "{} bytes", line.len());
+        assert!(line.contains(" more bytes]"), "{line}");
+        dev.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn test_request_silent_agent_times_out_then_connection_unusable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let dev = tokio::spawn(fake_agent(listener, None));
+        let mut client = AgentClient::open(&path).await.unwrap();
+        let err = client.signal("c1", 9).await.unwrap_err();
+        assert!(
+            matches!(err, SandboxError::AgentTimeout { op: "signal", after } if after == SHORT_TIMEOUT),
+            "{err}"
+        );
+        let again = client.signal("c1", 9).await.unwrap_err();
+        assert!(matches!(again, SandboxError::Protocol(_)), "{again}");
+        dev.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn test_open_device_never_answers_connect_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let dev = tokio::spawn(async move {
+            let _s = fake_device(listener, b"").await;
+            std::future::pending::<()>().await;
+        });
+        let err = AgentClient::open(&path).await.unwrap_err();
+        assert!(
+            matches!(err, SandboxError::AgentTimeout { op: "connect", .. }),
+            "{err}"
+        );
+        dev.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn test_open_agent_silent_at_handshake_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let dev = tokio::spawn(async move {
+            let _s = fake_device(listener, b"OK 7\n").await;
+            std::future::pending::<()>().await;
+        });
+        let err = AgentClient::open(&path).await.unwrap_err();
+        assert!(
+            matches!(err, SandboxError::AgentTimeout { op: "hello", .. }),
+            "{err}"
+        );
+        dev.abort();
     }
 }

@@ -112,6 +112,15 @@ pub enum SandboxError {
         /// Its message.
         message: String,
     },
+    /// The agent did not answer a request within its deadline (see
+    /// [`crate::agent::deadline`]): a guest that stalls is never waited for without end.
+    #[error("agent did not answer {op} within {}s", after.as_secs())]
+    AgentTimeout {
+        /// The request (`signal`, `create`, `connect`, ...).
+        op: &'static str,
+        /// Its deadline.
+        after: std::time::Duration,
+    },
     /// The agent broke the protocol (unexpected reply, bad frame, closed connection).
     #[error("agent protocol error: {0}")]
     Protocol(String),

@@ -22,8 +22,11 @@ use crate::{RunOptions, SandboxError};
 const VSOCK_SOCKET: &str = "vsock.sock";
 /// File the monitor writes its one-line error to when it fails before `created`.
 pub const MONITOR_ERROR: &str = "monitor.err";
-/// How long an agent command waits for the agent's answer.
+/// How long a command retries reaching the agent (each request then has its own deadline,
+/// [`crate::agent::deadline`]).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `delete --force` waits for another command's lock before it goes on without it.
+const FORCE_LOCK_PATIENCE: Duration = Duration::from_secs(2);
 /// How long `delete` lets the owner end the VM after SIGTERM before it kills it.
 const OWNER_GRACE: Duration = Duration::from_secs(3);
 
@@ -164,16 +167,25 @@ pub async fn start(root: &Path, id: &str) -> Result<(), SandboxError> {
 }
 
 /// `kill`: sends `signal` to the container's process (`all`: to every process of the
-/// container).
+/// container). The command lock is not held: the record is only read, and a stalled guest must
+/// not keep `delete --force` waiting. SIGKILL cannot be refused: when the agent does not take
+/// it within its deadline, the container's VM is ended instead.
 ///
 /// # Errors
-/// No such container, a container that is not created or running, or the agent's error.
+/// No such container, a container that is not created or running, or the agent's error
+/// ([`SandboxError::AgentTimeout`] for a signal other than SIGKILL it did not take in time).
 pub async fn kill(root: &Path, id: &str, signal: i32, all: bool) -> Result<(), SandboxError> {
     let dir = container_dir(root, id)?;
-    let _lock = CommandLock::take(&dir)?;
     require_live(&dir)?;
-    let mut agent = agent(&dir).await?;
-    agent.signal_all(id, signal, all).await
+    let sent = async { agent(&dir).await?.signal_all(id, signal, all).await }.await;
+    match sent {
+        Err(e) if signal == Signal::SIGKILL as i32 && crate::agent::unresponsive(&e) => {
+            warn!(id, error = %e, "the agent did not take SIGKILL: ending the container's VM");
+            end_owner(&dir, &Record::read(&dir)?).await;
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// `delete`: removes a stopped (or created) container; `force` also ends a running one.
@@ -185,7 +197,12 @@ pub async fn delete(root: &Path, id: &str, force: bool) -> Result<(), SandboxErr
     if !dir.exists() && force {
         return Ok(());
     }
-    let lock = CommandLock::take(&dir)?;
+    // A command stalled on a silent guest holds the lock (within its deadlines): `--force`
+    // waits for it only a moment and goes on, as it ends the VM anyway.
+    let lock = match force {
+        true => CommandLock::take_within(&dir, FORCE_LOCK_PATIENCE)?,
+        false => Some(CommandLock::take(&dir)?),
+    };
     let record = match Record::read(&dir) {
         Ok(record) => record.current(&dir),
         // A directory without a record is debris of a create that died early.

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use husk_hypervisor::{new_door, FsShare, VmConfig};
 use husk_protocol::{BindSource, Rootfs as AgentRootfs};
-use tokio::sync::{oneshot, watch, Mutex, MutexGuard};
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::agent::AgentClient;
@@ -45,7 +45,9 @@ pub struct PodOptions {
 /// A running pod VM.
 #[derive(Debug)]
 pub struct PodVm {
-    agent: Mutex<AgentClient>,
+    /// The VM's vsock socket: each request opens its own connection to the agent, so that
+    /// no lock is held while a guest takes its time (every request has a deadline).
+    vsock: PathBuf,
     /// The pod's network wired to the VM, undone at shutdown.
     network: Option<PodNetwork>,
     vmm_pid: Option<u32>,
@@ -124,7 +126,7 @@ impl PodVm {
             let _ = ended_tx.send(Some(reason));
         });
         Ok(Self {
-            agent: Mutex::new(agent),
+            vsock: agent.uds().to_owned(),
             network,
             vmm_pid,
             run_dir: opts.run_dir.clone(),
@@ -139,18 +141,12 @@ impl PodVm {
         self.vmm_pid
     }
 
-    /// The control connection, for short requests.
-    pub async fn agent(&self) -> MutexGuard<'_, AgentClient> {
-        self.agent.lock().await
-    }
-
-    /// A new connection to the agent, for a request that waits long (an exit).
+    /// A new control connection to the agent, for one request or a wait for an exit.
     ///
     /// # Errors
-    /// The agent cannot be reached.
-    pub async fn connect(&self) -> Result<AgentClient, SandboxError> {
-        let agent = self.agent.lock().await;
-        agent.reconnect().await
+    /// The agent cannot be reached or does not answer the handshake in time.
+    pub async fn agent(&self) -> Result<AgentClient, SandboxError> {
+        AgentClient::open(&self.vsock).await
     }
 
     /// Resolves when the VM has ended, with why.
@@ -178,7 +174,7 @@ impl PodVm {
         let id = bundle.spec.id.clone();
         let placed = self.place(bundle);
         let result = match placed {
-            Ok(()) => self.agent().await.create(&bundle.spec).await,
+            Ok(()) => async { self.agent().await?.create(&bundle.spec).await }.await,
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -224,27 +220,37 @@ impl PodVm {
     /// pod's directory with every bind in it.
     pub async fn shutdown(&self) {
         if !self.has_ended() {
-            let agent = self.agent.lock().await;
-            match agent.reconnect().await {
-                Ok(conn) => {
-                    if conn.shutdown().await.is_ok() {
-                        let _ = tokio::time::timeout(POWEROFF_GRACE, self.ended()).await;
-                    }
-                }
-                Err(e) => debug!(error = %e, "agent gone before shutdown"),
+            let powered_off = async {
+                self.agent().await?.shutdown().await?;
+                let _ = tokio::time::timeout(POWEROFF_GRACE, self.ended()).await;
+                Ok::<_, SandboxError>(())
+            };
+            match tokio::time::timeout(SHUTDOWN_PATIENCE, powered_off).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(error = %e, "agent gone before shutdown"),
+                Err(_) => warn!("the agent did not power the VM off in time; ending it"),
             }
         }
-        if let Some(stop) = self.stop.lock().ok().and_then(|mut s| s.take()) {
-            let _ = stop.send(());
-        }
-        let _ = tokio::time::timeout(STOP_GRACE, self.ended()).await;
+        self.end_vm().await;
         if let Some(n) = &self.network {
             n.unwire();
         }
         cleanup(&self.run_dir);
     }
+
+    /// Ends the VM now, without its agent (one that does not answer), and waits up to
+    /// [`STOP_GRACE`] for the door to have ended it; the pod's containers see it end.
+    pub async fn end_vm(&self) {
+        if let Some(stop) = self.stop.lock().ok().and_then(|mut s| s.take()) {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(STOP_GRACE, self.ended()).await;
+    }
 }
 
+/// How long [`PodVm::shutdown`] lets the agent take to power the guest off before it ends
+/// the VM itself.
+const SHUTDOWN_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a guest may take to power off after the agent's shutdown.
 const POWEROFF_GRACE: Duration = Duration::from_secs(2);
 /// How long the door may take to end the VMM and its helpers.

@@ -406,19 +406,28 @@ async fn run_in_vm(
     }
     let t_started = Instant::now();
     debug!("container started");
-    let exit = supervise(vm, &mut agent, id).await?;
+    let (exit, ended) = match supervise(vm, &mut agent, id).await? {
+        Supervised::Exited(exit) => (exit, false),
+        Supervised::GaveUp(exit) => (exit, true),
+    };
     debug!(
         exit_code = exit.code,
         oom_killed = exit.oom_killed,
         "container exited"
     );
-    outputs.delivered().await;
+    // Given up on: its output may never end, and its agent may not answer; the caller ends
+    // the VM.
+    if !ended {
+        outputs.delivered().await;
+    }
     update_record(dir, |r| {
         r.oci.status = Status::Stopped;
         r.husk.exit_code = Some(exit.code);
     })?;
-    power_off(vm, agent).await;
-    debug!("VM powered off");
+    if !ended {
+        power_off(vm, agent).await;
+        debug!("VM powered off");
+    }
     let mut state = Record::read(dir)?.oci;
     state.pid = 0;
     crate::hooks::run_logged("poststop", &bundle.hooks.poststop, &state);
@@ -489,23 +498,39 @@ async fn explain(vm: &mut dyn Hypervisor, err: SandboxError) -> SandboxError {
 /// Waits for the container's exit code, forwarding husk's termination signals to it (as
 /// runc). A container still running [`SIGNAL_GRACE`] after a forwarded signal gets SIGKILL
 /// (PID 1 of a pid namespace ignores signals it has no handler for); if even that does not
-/// end it in time, husk gives up on the guest and the caller ends the VM.
+/// end it in time, or the agent does not take a signal within its deadline, husk gives up on
+/// the guest and the caller ends the VM.
 async fn supervise(
     vm: &mut dyn Hypervisor,
     agent: &mut AgentClient,
     id: &str,
-) -> Result<ExitStatus, SandboxError> {
+) -> Result<Supervised, SandboxError> {
     match wait_forwarding_signals(vm, agent, id).await {
         Err(e) => Err(explain(vm, e).await),
         ok => ok,
     }
 }
 
+/// How [`supervise`] ended.
+#[derive(Debug, Clone, Copy)]
+enum Supervised {
+    /// The container exited and its agent reported it.
+    Exited(ExitStatus),
+    /// husk gave up on the guest (container killed by the VM's end, as by SIGKILL).
+    GaveUp(ExitStatus),
+}
+
+/// The status of a container husk gave up on: killed, as by SIGKILL.
+const GIVEN_UP: ExitStatus = ExitStatus {
+    code: 128 + NixSignal::SIGKILL as i32,
+    oom_killed: false,
+};
+
 async fn wait_forwarding_signals(
     vm: &mut dyn Hypervisor,
     agent: &mut AgentClient,
     id: &str,
-) -> Result<ExitStatus, SandboxError> {
+) -> Result<Supervised, SandboxError> {
     let mut waiter = agent.reconnect().await?;
     let wait = waiter.wait(id);
     tokio::pin!(wait);
@@ -514,30 +539,36 @@ async fn wait_forwarding_signals(
     let grace = tokio::time::sleep(Duration::MAX / 4);
     tokio::pin!(grace);
     loop {
-        tokio::select! {
-            code = &mut wait => return code,
+        let signo = tokio::select! {
+            code = &mut wait => return code.map(Supervised::Exited),
             exit = vm.wait() => {
                 return Err(SandboxError::VmDied { reason: exit_reason(vm, exit), diagnostics: vm.diagnostics() })
             }
             signo = signals.recv() => {
                 info!(signal = signo, "forwarding signal to the container");
-                agent.signal(id, signo).await?;
                 if escalation == Escalation::None {
                     escalation = Escalation::Forwarded;
                     grace.as_mut().reset((Instant::now() + SIGNAL_GRACE).into());
                 }
+                signo
             }
             () = &mut grace => {
-                let sigkill = NixSignal::SIGKILL as i32;
                 if escalation == Escalation::Killed {
                     warn!("container survived SIGKILL; ending its VM");
-                    return Ok(ExitStatus { code: 128 + sigkill, oom_killed: false });
+                    return Ok(Supervised::GaveUp(GIVEN_UP));
                 }
                 warn!("container outlived a forwarded signal; sending SIGKILL");
-                agent.signal(id, sigkill).await?;
                 escalation = Escalation::Killed;
                 grace.as_mut().reset((Instant::now() + SIGNAL_GRACE).into());
+                NixSignal::SIGKILL as i32
             }
+        };
+        match agent.signal(id, signo).await {
+            Err(e) if crate::agent::unresponsive(&e) => {
+                warn!(error = %e, "the agent did not take a signal; ending the container's VM");
+                return Ok(Supervised::GaveUp(GIVEN_UP));
+            }
+            other => other?,
         }
     }
 }

@@ -24,6 +24,7 @@ use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
 use husk_protocol::ProcessSpec;
+use husk_sandbox::agent::unresponsive;
 use husk_sandbox::bundle::{Bundle, PodRole};
 use husk_sandbox::pod::PodVm;
 use husk_sandbox::SandboxError;
@@ -34,6 +35,8 @@ use crate::io::{Relays, StdioPaths};
 use crate::logger::Owner;
 use crate::shim::{record_vmm_pid, Annotations, ShimConfig};
 
+/// SIGKILL's number: a kill the agent does not take ends the pod's VM instead.
+const SIGKILL: i32 = 9;
 /// Exit status of a process whose VM went away under it (as SIGKILL).
 const EXIT_VM_GONE: u32 = 128 + 9;
 /// How long the outputs of a process whose VM ended may take to drain.
@@ -58,7 +61,11 @@ struct Inner {
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
     config: ShimConfig,
+    /// Held only for a moment, never while the guest is waited for.
     state: Mutex<State>,
+    /// Serializes creates (the first boots the pod); held across the guest's work (within its
+    /// deadlines), by nothing else.
+    creating: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -159,6 +166,7 @@ impl TaskService {
                 exit,
                 config,
                 state: Mutex::new(State::default()),
+                creating: Mutex::new(()),
             }),
         }
     }
@@ -220,12 +228,12 @@ impl Inner {
     /// the first container; with the container's role in it.
     async fn pod_for(
         &self,
-        state: &mut State,
         id: &str,
         bundle: &Path,
         annotations: &Annotations,
     ) -> TtrpcResult<(Arc<PodVm>, Bundle)> {
-        if let Some((pod, sandbox)) = &state.pod {
+        let existing = self.state.lock().await.pod.clone();
+        if let Some((pod, sandbox)) = &existing {
             if pod.has_ended() {
                 return Err(error(
                     Code::FAILED_PRECONDITION,
@@ -245,7 +253,7 @@ impl Inner {
         let opts = self.config.pod(&self.namespace, grouping);
         let pod = Arc::new(PodVm::boot(&opts, &loaded).await.map_err(sandbox_error)?);
         record_vmm_pid(&opts.run_dir, pod.vmm_pid());
-        state.pod = Some((pod.clone(), id.to_owned()));
+        self.state.lock().await.pod = Some((pod.clone(), id.to_owned()));
         Ok((pod, loaded))
     }
 
@@ -269,8 +277,8 @@ impl Inner {
         let rootfs = bundle.join("rootfs");
         let annotations =
             Annotations::read(&bundle).map_err(|e| error(Code::INVALID_ARGUMENT, e))?;
-        let mut state = self.state.lock().await;
-        if state.containers.contains_key(&req.id) {
+        let _creating = self.creating.lock().await;
+        if self.state.lock().await.containers.contains_key(&req.id) {
             return Err(error(
                 Code::ALREADY_EXISTS,
                 format!("container {:?} already exists", req.id),
@@ -286,21 +294,24 @@ impl Inner {
             }
         }
         let created = self
-            .create_in_pod(&mut state, &req.id, &bundle, &annotations, stdio)
+            .create_in_pod(&req.id, &bundle, &annotations, stdio)
             .await;
         match created {
             Ok(container) => {
                 let pid = container.init.pid();
+                let mut state = self.state.lock().await;
                 state.containers.insert(req.id.clone(), container);
                 Ok(pid)
             }
             Err(e) => {
                 husk_sandbox::pod::unmount_under(&rootfs);
-                let first = state.pod.as_ref().is_some_and(|(_, s)| *s == req.id);
-                if first {
-                    if let Some((pod, _)) = state.pod.take() {
-                        pod.shutdown().await;
-                    }
+                let pod = {
+                    let mut state = self.state.lock().await;
+                    let first = state.pod.as_ref().is_some_and(|(_, s)| *s == req.id);
+                    first.then(|| state.pod.take()).flatten()
+                };
+                if let Some((pod, _)) = pod {
+                    pod.shutdown().await;
                 }
                 Err(e)
             }
@@ -309,13 +320,12 @@ impl Inner {
 
     async fn create_in_pod(
         self: &Arc<Self>,
-        state: &mut State,
         id: &str,
         bundle_dir: &Path,
         annotations: &Annotations,
         stdio: StdioPaths,
     ) -> TtrpcResult<Arc<Container>> {
-        let (pod, mut bundle) = self.pod_for(state, id, bundle_dir, annotations).await?;
+        let (pod, mut bundle) = self.pod_for(id, bundle_dir, annotations).await?;
         bundle.spec.terminal = stdio.terminal;
         pod.create(&mut bundle).await.map_err(sandbox_error)?;
         let process = Arc::new(Process::new(None, stdio, None));
@@ -330,6 +340,7 @@ impl Inner {
         let streams = pod
             .agent()
             .await
+            .map_err(sandbox_error)?
             .attach_streams(id, None, process.stdio.terminal)
             .await
             .map_err(sandbox_error)?;
@@ -352,7 +363,13 @@ impl Inner {
             ));
         }
         let Some(exec_id) = p.exec_id.clone() else {
-            c.pod.agent().await.start(id).await.map_err(sandbox_error)?;
+            c.pod
+                .agent()
+                .await
+                .map_err(sandbox_error)?
+                .start(id)
+                .await
+                .map_err(sandbox_error)?;
             p.set_phase(Phase::Running);
             let pid = p.pid();
             let event = ev::TaskStart {
@@ -374,6 +391,7 @@ impl Inner {
             .pod
             .agent()
             .await
+            .map_err(sandbox_error)?
             .exec(id, &exec_id, &spec, false)
             .await
             .map_err(sandbox_error)?;
@@ -383,6 +401,7 @@ impl Inner {
             .pod
             .agent()
             .await
+            .map_err(sandbox_error)?
             .attach_streams(id, Some(&exec_id), spec.terminal)
             .await
             .map_err(sandbox_error)?;
@@ -409,13 +428,20 @@ impl Inner {
         if p.exited().is_some() && !req.all {
             return Err(error(Code::NOT_FOUND, "process already finished"));
         }
-        let mut agent = c.pod.agent().await;
-        let sent = match &p.exec_id {
-            None => agent.signal_all(&req.id, signal, req.all).await,
-            Some(exec_id) => agent.signal_process(&req.id, exec_id, signal).await,
-        };
+        let sent = async {
+            let mut agent = c.pod.agent().await?;
+            match &p.exec_id {
+                None => agent.signal_all(&req.id, signal, req.all).await,
+                Some(exec_id) => agent.signal_process(&req.id, exec_id, signal).await,
+            }
+        }
+        .await;
         match sent {
             Err(_) if p.exited().is_some() || c.pod.has_ended() => Ok(()),
+            Err(e) if signal == SIGKILL && unresponsive(&e) => {
+                end_unresponsive_pod(&c.pod, &req.id, &e).await;
+                Ok(())
+            }
             other => other.map_err(sandbox_error),
         }
     }
@@ -439,7 +465,12 @@ impl Inner {
             (Some(exit), _) => exit,
             (None, Phase::Created) => {
                 // Never started: its process goes, as with runc.
-                let _ = c.pod.agent().await.signal_all(id, 9, true).await;
+                let killed = async { c.pod.agent().await?.signal_all(id, SIGKILL, true).await };
+                if let Err(e) = killed.await {
+                    if unresponsive(&e) && !c.pod.has_ended() {
+                        end_unresponsive_pod(&c.pod, id, &e).await;
+                    }
+                }
                 let mut rx = p.exit.subscribe();
                 let waited =
                     tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
@@ -457,23 +488,28 @@ impl Inner {
             }
         };
         release_stdio(&p).await;
-        let mut state = self.state.lock().await;
-        state.containers.remove(id);
+        // The state lock is not held while the guest is talked to.
+        let ending = {
+            let mut state = self.state.lock().await;
+            state.containers.remove(id);
+            let first = state.pod.as_ref().is_some_and(|(_, s)| s == id);
+            match first || state.containers.is_empty() {
+                true => state.pod.take(),
+                false => None,
+            }
+        };
         c.pod.remove(id);
         husk_sandbox::pod::unmount_under(&c.bundle.join("rootfs"));
-        let first = state.pod.as_ref().is_some_and(|(_, s)| s == id);
-        if first || state.containers.is_empty() {
-            if let Some((pod, _)) = state.pod.take() {
-                info!(id, "last or first container of the pod deleted: VM off");
-                pod.shutdown().await;
-            }
+        if let Some((pod, _)) = ending {
+            info!(id, "last or first container of the pod deleted: VM off");
+            pod.shutdown().await;
         } else if !c.pod.has_ended() {
             // The pod goes on: its agent forgets the container, so that the id is free again.
-            if let Err(e) = c.pod.agent().await.delete(id).await {
+            let deleted = async { c.pod.agent().await?.delete(id).await };
+            if let Err(e) = deleted.await {
                 warn!(id, error = %e, "the agent kept the deleted container");
             }
         }
-        drop(state);
         let event = ev::TaskDelete {
             container_id: id.to_owned(),
             pid: p.pid(),
@@ -563,6 +599,7 @@ impl Inner {
         c.pod
             .agent()
             .await
+            .map_err(sandbox_error)?
             .pause(id, pause)
             .await
             .map_err(sandbox_error)?;
@@ -592,7 +629,8 @@ impl Inner {
 
     async fn stats(&self, id: &str) -> TtrpcResult<Any> {
         let c = self.container(id).await?;
-        let stats = c.pod.agent().await.stats(id).await.map_err(sandbox_error)?;
+        let mut agent = c.pod.agent().await.map_err(sandbox_error)?;
+        let stats = agent.stats(id).await.map_err(sandbox_error)?;
         // cgroup v1's message: what containerd 1.6's clients decode, whatever the host's
         // cgroups; the guest's cgroup v2 counters fill it.
         let metrics = cg::Metrics {
@@ -641,11 +679,14 @@ impl Inner {
     }
 
     async fn shutdown(&self) {
-        let mut state = self.state.lock().await;
-        if !state.containers.is_empty() {
-            return;
-        }
-        if let Some((pod, _)) = state.pod.take() {
+        let pod = {
+            let mut state = self.state.lock().await;
+            if !state.containers.is_empty() {
+                return;
+            }
+            state.pod.take()
+        };
+        if let Some((pod, _)) = pod {
             pod.shutdown().await;
         }
         self.exit.signal();
@@ -667,7 +708,7 @@ async fn watch_exit(inner: Arc<Inner>, c: Arc<Container>, p: Arc<Process>) {
     let id = c.id.as_str();
     let waited =
         async {
-            let mut conn = c.pod.connect().await?;
+            let mut conn = c.pod.agent().await?;
             match &p.exec_id {
                 None => conn.wait(id).await,
                 Some(exec_id) => conn.wait_process(id, exec_id).await.map(|code| {
@@ -732,6 +773,13 @@ async fn watch_exit(inner: Arc<Inner>, c: Arc<Container>, p: Arc<Process>) {
         .await;
 }
 
+/// SIGKILL cannot be refused: when the agent does not take it, the pod's VM ends (every
+/// container of the pod with it, as their processes cannot be reached either).
+async fn end_unresponsive_pod(pod: &PodVm, id: &str, e: &SandboxError) {
+    warn!(id, error = %e, "the agent did not take SIGKILL: ending the pod's VM");
+    pod.end_vm().await;
+}
+
 fn now() -> Timestamp {
     containerd_shim::util::timestamp().unwrap_or_default()
 }
@@ -766,6 +814,7 @@ fn sandbox_error(e: SandboxError) -> ttrpc::Error {
         SandboxError::NotFound { .. } => Code::NOT_FOUND,
         SandboxError::AlreadyExists { .. } => Code::ALREADY_EXISTS,
         SandboxError::InvalidState(_) => Code::FAILED_PRECONDITION,
+        SandboxError::AgentTimeout { .. } => Code::DEADLINE_EXCEEDED,
         _ => Code::INTERNAL,
     };
     error(code, e.to_string())
@@ -888,6 +937,7 @@ impl Task for TaskService {
         c.pod
             .agent()
             .await
+            .map_err(sandbox_error)?
             .resize(&req.id, p.exec_id.as_deref(), rows, cols)
             .await
             .map_err(sandbox_error)?;
@@ -918,6 +968,7 @@ impl Task for TaskService {
             .pod
             .agent()
             .await
+            .map_err(sandbox_error)?
             .processes(&req.id)
             .await
             .map_err(sandbox_error)?;
@@ -963,6 +1014,7 @@ impl Task for TaskService {
         c.pod
             .agent()
             .await
+            .map_err(sandbox_error)?
             .update(&req.id, &resources)
             .await
             .map_err(sandbox_error)?;
