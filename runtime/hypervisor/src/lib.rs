@@ -9,6 +9,7 @@
 
 mod error;
 mod helpers;
+mod jail;
 pub mod kvm;
 pub mod qemu;
 mod share;

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
 
 use crate::VmmError;
 
@@ -36,11 +36,11 @@ const ALLOWED: &[i64] = &[
     libc::SYS_timerfd_settime,
     libc::SYS_poll,
     libc::SYS_ppoll,
-    // Hybrid vsock: the host's connections on the Unix socket, the guest's to `<uds>_<port>`;
-    // vhost-user messages (with file descriptors) to virtiofsd.
+    // Hybrid vsock: the host's connections on the Unix socket; vhost-user messages (with file
+    // descriptors) to virtiofsd, connected before the filter. `socket` of AF_UNIX only (see
+    // `rules`); no `connect`: a guest connecting out to `<uds>_<port>` ends its own VM.
     libc::SYS_accept4,
     libc::SYS_socket,
-    libc::SYS_connect,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_recvmsg,
@@ -81,8 +81,9 @@ const ALLOWED: &[i64] = &[
 /// # Errors
 /// [`VmmError::Confine`] if seccompiler rejects it.
 pub fn filter() -> Result<BpfProgram, VmmError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    rules.extend(argument_rules(i64::from(std::process::id()))?);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -91,6 +92,80 @@ pub fn filter() -> Result<BpfProgram, VmmError> {
     )
     .map_err(|e| VmmError::Confine(e.to_string()))?;
     BpfProgram::try_from(filter).map_err(|e| VmmError::Confine(e.to_string()))
+}
+
+/// Syscalls of [`ALLOWED`] allowed only with some arguments:
+/// - `ioctl`: KVM's requests (type 0xAE) and the descriptor and terminal queries the standard
+///   library makes (FIONBIO, FIOCLEX, FIONCLEX, TCGETS, TIOCGWINSZ);
+/// - `socket`: `AF_UNIX` only;
+/// - `clone`: threads only (`CLONE_THREAD`);
+/// - `tgkill`: the process's own threads (`self_pid`).
+fn argument_rules(self_pid: i64) -> Result<Vec<(i64, Vec<SeccompRule>)>, VmmError> {
+    use seccompiler::{SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond};
+    let e = |e: seccompiler::BackendError| VmmError::Confine(format!("seccomp rule: {e}"));
+    let rule = |arg: u8, len: Len, op: Op, value: u64| -> Result<SeccompRule, VmmError> {
+        SeccompRule::new(vec![Cond::new(arg, len, op, value).map_err(e)?]).map_err(e)
+    };
+    let mut ioctl = vec![rule(1, Len::Dword, Op::MaskedEq(0xff00), 0xAE00)?];
+    for request in [0x5421, 0x5451, 0x5450, 0x5401, 0x5413] {
+        ioctl.push(rule(1, Len::Dword, Op::Eq, request)?);
+    }
+    let thread = libc::CLONE_THREAD as u64;
+    let af_unix = libc::AF_UNIX as u64;
+    let pid = u64::try_from(self_pid).unwrap_or(0);
+    Ok(vec![
+        (libc::SYS_ioctl, ioctl),
+        (
+            libc::SYS_socket,
+            vec![rule(0, Len::Dword, Op::Eq, af_unix)?],
+        ),
+        (
+            libc::SYS_clone,
+            vec![rule(0, Len::Qword, Op::MaskedEq(thread), thread)?],
+        ),
+        (libc::SYS_tgkill, vec![rule(0, Len::Dword, Op::Eq, pid)?]),
+    ])
+}
+
+/// Makes the syscall `name` names as a guest that took a VMM over would, and returns its
+/// result (when a filter lets it through): `connect` (to containerd's socket), `socket-inet`,
+/// `tgkill-other`, `clone-newuser`, or `getpid` (allowed everywhere, the control).
+#[must_use]
+pub fn attempt(name: &str) -> i64 {
+    // SAFETY: raw syscalls with scalar arguments or pointers to locals that outlive them; the
+    // child of a successful clone leaves at once with _exit.
+    unsafe {
+        match name {
+            "connect" => {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let mut addr: libc::sockaddr_un = std::mem::zeroed();
+                addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+                for (d, s) in addr
+                    .sun_path
+                    .iter_mut()
+                    .zip(b"/run/containerd/containerd.sock")
+                {
+                    *d = *s as libc::c_char;
+                }
+                let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                i64::from(libc::connect(fd, std::ptr::addr_of!(addr).cast(), len))
+            }
+            "socket-inet" => i64::from(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0)),
+            "tgkill-other" => {
+                let other = if libc::getpid() == 1 { 2 } else { 1 };
+                libc::syscall(libc::SYS_tgkill, other, other, 0)
+            }
+            "clone-newuser" => {
+                let flags = (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong;
+                let rc = libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0);
+                if rc == 0 {
+                    libc::_exit(0);
+                }
+                rc
+            }
+            _ => i64::from(libc::getpid()),
+        }
+    }
 }
 
 /// Drops every capability (all sets, bounding and ambient included). Capabilities are per

@@ -12,6 +12,7 @@ mod boot;
 pub mod bus;
 pub mod confine;
 mod error;
+pub mod jail;
 pub mod layout;
 pub mod legacy;
 pub mod mptable;

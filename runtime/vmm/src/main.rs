@@ -84,6 +84,13 @@ const PAYLOAD_ADDR: u64 = 0x1_0000;
 
 fn main() -> ExitCode {
     let _ = husk_devices::install_log_bridge(); // virtio-queue's `log` records, rate-limited
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match argv.get(1).and_then(|a| a.to_str()) {
+        Some("jail") => return jail(&argv[2..]),
+        Some("vhost-vsock") => return vhost_vsock(&argv[2..]),
+        Some("probe-syscall") => return probe_syscall(&argv[2..]),
+        _ => {}
+    }
     let args = Args::parse();
     match run(&args) {
         Ok(ExitReason::Reset | ExitReason::DebugExit(b'O')) => ExitCode::SUCCESS,
@@ -188,4 +195,68 @@ fn print_report(report: &RunReport) {
 fn parse_fs(value: &str) -> Result<(String, PathBuf), String> {
     let (name, path) = value.split_once('=').ok_or("expected NAME=PATH")?;
     Ok((name.to_owned(), PathBuf::from(path)))
+}
+
+/// `husk-vmm jail --spec FILE`: runs the program of a [`husk_vmm::jail::JailSpec`] in its jail.
+fn jail(args: &[std::ffi::OsString]) -> ExitCode {
+    let spec = match args {
+        [flag, path] if flag == "--spec" => husk_vmm::jail::read_spec(std::path::Path::new(path)),
+        _ => Err(husk_vmm::VmmError::Confine(
+            "usage: husk-vmm jail --spec FILE".into(),
+        )),
+    };
+    let err = match spec.and_then(|spec| husk_vmm::jail::launch(&spec)) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    eprintln!("husk-vmm: {err}");
+    ExitCode::FAILURE
+}
+
+/// `husk-vmm vhost-vsock --socket VHOST --uds UDS`: the QEMU door's vsock device, served over
+/// vhost-user on VHOST with the hybrid vsock's host side on UDS, until QEMU goes away.
+fn vhost_vsock(args: &[std::ffi::OsString]) -> ExitCode {
+    let (Some(socket), Some(uds)) = (flag(args, "--socket"), flag(args, "--uds")) else {
+        eprintln!("husk-vmm: usage: husk-vmm vhost-vsock --socket VHOST --uds UDS");
+        return ExitCode::FAILURE;
+    };
+    let config = VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: uds,
+    };
+    match husk_devices::spawn_vhost_user_vsock(config, &socket).map(|d| d.wait()) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) | Err(e) => {
+            eprintln!("husk-vmm: vsock: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The value after `name` in `args`.
+fn flag(args: &[std::ffi::OsString], name: &str) -> Option<PathBuf> {
+    let at = args.iter().position(|a| a == name)?;
+    args.get(at + 1).map(PathBuf::from)
+}
+
+/// `husk-vmm probe-syscall vmm|jail NAME`: installs the VMM's (or only the jail's) filter and
+/// makes the syscall NAME as a guest that took the process over would; a filter that holds
+/// kills the process with SIGSYS. For the tests of the confinement, never used by husk.
+fn probe_syscall(args: &[std::ffi::OsString]) -> ExitCode {
+    let (Some(which), Some(name)) = (
+        args.first().and_then(|a| a.to_str()),
+        args.get(1).and_then(|a| a.to_str()),
+    ) else {
+        eprintln!("husk-vmm: usage: husk-vmm probe-syscall vmm|none NAME");
+        return ExitCode::FAILURE;
+    };
+    if which == "vmm" {
+        if let Err(e) = husk_vmm::confine::install_filter() {
+            eprintln!("husk-vmm: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let rc = husk_vmm::confine::attempt(name);
+    println!("{name}: returned {rc}");
+    ExitCode::SUCCESS
 }

@@ -442,6 +442,16 @@ fn session_result(
 }
 
 impl VsockDaemon {
+    /// Blocks until the session ends (the frontend hung up or failed), then cleans up as
+    /// [`Self::shutdown`] does.
+    ///
+    /// # Errors
+    /// As [`Self::shutdown`].
+    pub fn wait(mut self) -> Result<(), VsockError> {
+        let _ = self.session_done.recv();
+        self.stop()
+    }
+
     /// Stops the session and its threads, closes every host stream and removes both socket
     /// files.
     ///

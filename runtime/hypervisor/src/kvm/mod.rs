@@ -4,10 +4,12 @@
 
 use std::path::PathBuf;
 
-use tokio::process::{Child, Command};
+use husk_vmm::jail::JailBind;
+use tokio::process::Child;
 use tracing::{debug, info};
 
 use crate::helpers::{self, Virtiofsd};
+use crate::jail::{self, Jail};
 use crate::qemu::KERNEL_CMDLINE;
 use crate::{Hypervisor, HypervisorError, VmConfig, VmExit};
 
@@ -52,41 +54,64 @@ impl KvmDoor {
 #[async_trait::async_trait]
 impl Hypervisor for KvmDoor {
     async fn start(&mut self) -> Result<(), HypervisorError> {
-        let mut cmd = Command::new(&self.vmm);
-        cmd.arg("--kernel").arg(&self.config.kernel);
-        cmd.arg("--initramfs").arg(&self.config.initramfs);
-        cmd.arg("--console").arg(self.console_path());
-        cmd.arg("--vsock-uds").arg(self.vsock_path());
-        cmd.args([
-            "--memory-mib",
-            &self.config.memory_mib.to_string(),
-            "--vcpus",
-            &self.config.vcpus.to_string(),
-            "--cmdline",
-            KERNEL_CMDLINE,
-        ]);
+        let mut argv = vec![
+            jail::arg(&self.vmm)?,
+            "--kernel".into(),
+            jail::arg(&self.config.kernel)?,
+            "--initramfs".into(),
+            jail::arg(&self.config.initramfs)?,
+            "--console".into(),
+            jail::arg(&self.console_path())?,
+            "--vsock-uds".into(),
+            jail::arg(&self.vsock_path())?,
+            "--memory-mib".into(),
+            self.config.memory_mib.to_string(),
+            "--vcpus".into(),
+            self.config.vcpus.to_string(),
+            "--cmdline".into(),
+            KERNEL_CMDLINE.into(),
+        ];
         if let Some(binary) = self.virtiofsd.clone() {
             for (i, share) in self.config.shares.clone().iter().enumerate() {
                 let socket = self.run_path(&format!("fs{i}.sock"));
                 let log = self.run_path(&format!("virtiofsd{i}.log"));
                 self.fs
                     .push(Virtiofsd::start(&binary, share, &socket, &log).await?);
-                cmd.arg("--fs")
-                    .arg(format!("{}={}", share.tag, socket.display()));
+                argv.push("--fs".into());
+                argv.push(format!("{}={}", share.tag, jail::arg(&socket)?));
             }
         }
+        let mut binds = vec![
+            JailBind::ro(&self.config.kernel),
+            JailBind::ro(&self.config.initramfs),
+            JailBind::rw("/dev/kvm"),
+        ];
         for disk in &self.config.disks {
-            let flag = if disk.read_only {
-                "--disk-ro"
-            } else {
-                "--disk"
-            };
-            let mut value = std::ffi::OsString::from(format!("{}=", disk.serial));
-            value.push(&disk.path);
-            cmd.arg(flag).arg(value);
+            argv.push(
+                if disk.read_only {
+                    "--disk-ro"
+                } else {
+                    "--disk"
+                }
+                .into(),
+            );
+            argv.push(format!("{}={}", disk.serial, jail::arg(&disk.path)?));
+            binds.push(JailBind {
+                path: disk.path.clone(),
+                writable: !disk.read_only,
+            });
         }
         debug!(vmm = %self.vmm.display(), "starting the built-in VMM");
-        let child = helpers::spawn_logged(HUSK_VMM, &mut cmd, &self.run_path("vmm.log"))?;
+        let jail = Jail {
+            binds,
+            cgroup_procs: Vec::new(),
+            // virtiofsd's sockets, while it builds the VM; its own filter forbids it after.
+            allow_connect: true,
+            ..Jail::default()
+        };
+        let log = self.run_path("vmm.log");
+        let run_dir = self.config.run_dir.clone();
+        let child = jail::spawn(&self.vmm, HUSK_VMM, jail, argv, &run_dir, &log)?;
         info!(pid = child.id(), "built-in VMM started");
         self.child = Some(child);
         Ok(())

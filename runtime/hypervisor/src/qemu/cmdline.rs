@@ -1,7 +1,7 @@
 //! The QEMU command line for a husk guest, built as plain data so it can be unit-tested.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::VmConfig;
 
@@ -21,17 +21,22 @@ pub enum Accel {
 pub const KERNEL_CMDLINE: &str =
     "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 quiet loglevel=4 tsc=reliable no_timer_check";
 
-/// Paths of the sockets that QEMU connects to, made by the door before QEMU starts.
-#[derive(Debug, Clone)]
-pub struct Sockets {
-    /// vhost-user socket of our vsock device.
-    pub vsock: PathBuf,
-    /// vhost-user sockets of virtiofsd, one per share, in `VmConfig::shares` order.
-    pub fs: Vec<PathBuf>,
+/// Descriptor of the vsock device's vhost-user socket, connected by the jail (QEMU itself may
+/// not `connect(2)`); virtiofsd's sockets follow in `VmConfig::shares` order, then the tap.
+const VSOCK_FD: i32 = husk_vmm::jail::FIRST_PASSED_FD;
+
+/// Descriptor of share `i`'s virtiofsd socket.
+fn fs_fd(i: usize) -> String {
+    (VSOCK_FD as usize + 1 + i).to_string()
 }
 
-/// Arguments for `qemu-system-x86_64`.
-pub fn args(config: &VmConfig, accel: Accel, sockets: &Sockets, console: &Path) -> Vec<OsString> {
+/// QEMU's own seccomp filter on top of the jail's: no obsolete syscalls, no setuid, no
+/// fork/exec, no scheduler or resource changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// Arguments for `qemu-system-x86_64` run in its jail: sockets and tap as descriptors (see
+/// [`VSOCK_FD`]), files by their host paths.
+pub fn args(config: &VmConfig, accel: Accel, console: &Path) -> Vec<OsString> {
     let mem = format!("{}M", config.memory_mib);
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
@@ -57,6 +62,8 @@ pub fn args(config: &VmConfig, accel: Accel, sockets: &Sockets, console: &Path) 
         "-display",
         "none",
         "-no-reboot",
+        "-sandbox",
+        SANDBOX,
     ]);
     a.push("-kernel".into());
     a.push(config.kernel.clone().into());
@@ -67,12 +74,12 @@ pub fn args(config: &VmConfig, accel: Accel, sockets: &Sockets, console: &Path) 
     a.push("-serial".into());
     a.push(prefixed("file:", console));
     a.push("-chardev".into());
-    a.push(prefixed("socket,id=vsock0,path=", &sockets.vsock));
+    a.push(format!("socket,id=vsock0,fd={VSOCK_FD}").into());
     a.push("-device".into());
     a.push("vhost-user-vsock-device,chardev=vsock0".into());
-    for (i, (share, socket)) in config.shares.iter().zip(&sockets.fs).enumerate() {
+    for (i, share) in config.shares.iter().enumerate() {
         a.push("-chardev".into());
-        a.push(prefixed(&format!("socket,id=fs{i},path="), socket));
+        a.push(format!("socket,id=fs{i},fd={}", fs_fd(i)).into());
         a.push("-device".into());
         a.push(format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag).into());
     }
@@ -88,9 +95,9 @@ pub fn args(config: &VmConfig, accel: Accel, sockets: &Sockets, console: &Path) 
         a.push(format!("virtio-blk-device,drive=disk{i},serial={}", disk.serial).into());
     }
     if let Some(net) = &config.net {
-        // QEMU runs in the pod's network namespace, where the tap is.
+        // The jail opens the pod's tap in the pod's network namespace.
         a.push("-netdev".into());
-        a.push(format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap).into());
+        a.push(format!("tap,id=net0,fd={}", fs_fd(config.shares.len())).into());
         a.push("-device".into());
         a.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac).into());
     }
@@ -131,11 +138,7 @@ mod tests {
     }
 
     fn joined(accel: Accel) -> String {
-        let sockets = Sockets {
-            vsock: "/r/v.sock".into(),
-            fs: vec!["/r/fs0.sock".into()],
-        };
-        let a = args(&config(), accel, &sockets, Path::new("/r/console.log"));
+        let a = args(&config(), accel, Path::new("/r/console.log"));
         a.iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -149,12 +152,11 @@ mod tests {
         assert!(s.contains("memory-backend-memfd,id=mem,size=128M,share=on"));
         assert!(s.contains("-smp 2"));
         assert!(s.contains("-kernel /k/vmlinux -initrd /k/initramfs.cpio"));
-        assert!(s.contains(
-            "socket,id=vsock0,path=/r/v.sock -device vhost-user-vsock-device,chardev=vsock0"
-        ));
-        assert!(s.contains(
-            "socket,id=fs0,path=/r/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=rootfs"
-        ));
+        assert!(s.contains("socket,id=vsock0,fd=3 -device vhost-user-vsock-device,chardev=vsock0"));
+        assert!(
+            s.contains("socket,id=fs0,fd=4 -device vhost-user-fs-device,chardev=fs0,tag=rootfs")
+        );
+        assert!(s.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"));
         assert!(s.contains("-serial file:/r/console.log"));
         assert!(s.contains(
             "-blockdev driver=file,node-name=disk0,filename=/b/a,,b.img,read-only=on \

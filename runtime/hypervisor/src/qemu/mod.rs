@@ -1,40 +1,40 @@
 //! The QEMU door: `qemu-system-x86_64 -M microvm,acpi=off` with direct kernel boot.
 //!
-//! Guest memory is a shared memfd so that device backends in other threads or processes can
-//! map it: our own vsock device (served from this process over vhost-user, see
-//! `husk_devices::vsock`) and one virtiofsd per share. QEMU appends the virtio-mmio devices to
-//! the kernel command line itself when ACPI is off. All helpers die with the thread that
-//! spawned them (PR_SET_PDEATHSIG), so a killed husk leaves no VM behind.
+//! Guest memory is a shared memfd so that device backends in other processes can map it: our
+//! own vsock device (`husk-vmm vhost-vsock`, see `husk_devices::vsock`) and one virtiofsd per
+//! share. QEMU appends the virtio-mmio devices to the kernel command line itself when ACPI is
+//! off. QEMU and the vsock backend run jailed ([`crate::jail`]), QEMU under its own
+//! `-sandbox` too. All helpers die with the thread that spawned them (PR_SET_PDEATHSIG), so a
+//! killed husk leaves no VM behind.
 
 mod cmdline;
 
 use std::path::PathBuf;
 
-use husk_devices::{spawn_vhost_user_vsock, VsockConfig, VsockDaemon};
-use tokio::process::{Child, Command};
+use husk_vmm::jail::JailBind;
+use tokio::process::Child;
 use tracing::{debug, info};
 
 pub use cmdline::{Accel, KERNEL_CMDLINE};
 
 use crate::helpers::{self, Virtiofsd};
+use crate::jail::{self, Jail};
 use crate::{find_program, Hypervisor, HypervisorError, VmConfig, VmExit};
 
 /// QEMU binary the door runs.
 const QEMU: &str = "qemu-system-x86_64";
-/// util-linux's nsenter: QEMU starts in a pod's network namespace through it (it execs QEMU,
-/// same process).
-const NSENTER: &str = "nsenter";
-/// Context id of every guest (each VM has its own vsock device, so they never clash).
-const GUEST_CID: u64 = 3;
+/// husk's VMM binary: the jail launcher and the vsock backend.
+const HUSK_VMM: &str = "husk-vmm";
 
 /// A VM run by QEMU.
 #[derive(Debug)]
 pub struct QemuDoor {
     config: VmConfig,
     qemu: PathBuf,
+    vmm: PathBuf,
     virtiofsd: Option<PathBuf>,
     accel: Accel,
-    vsock: Option<VsockDaemon>,
+    vsock: Option<Child>,
     fs: Vec<Virtiofsd>,
     child: Option<Child>,
 }
@@ -49,10 +49,16 @@ impl QemuDoor {
             program: QEMU,
             hint: "install it with `apt-get install qemu-system-x86`",
         })?;
+        let vmm =
+            helpers::find_beside_or_in_path(HUSK_VMM).ok_or(HypervisorError::ProgramNotFound {
+                program: HUSK_VMM,
+                hint: "it is built and installed with husk (make build)",
+            })?;
         let virtiofsd = helpers::require_inputs(&config)?;
         Ok(Self {
             config,
             qemu,
+            vmm,
             virtiofsd,
             accel: choose_accel(),
             vsock: None,
@@ -63,6 +69,11 @@ impl QemuDoor {
 
     fn run_path(&self, name: &str) -> PathBuf {
         self.config.run_dir.join(name)
+    }
+
+    /// The VM's host cgroup, which every process of the VM joins.
+    fn cgroup_procs(&self) -> Vec<PathBuf> {
+        Vec::new()
     }
 
     async fn start_virtiofsd(&mut self) -> Result<Vec<PathBuf>, HypervisorError> {
@@ -97,32 +108,59 @@ fn choose_accel() -> Accel {
 #[async_trait::async_trait]
 impl Hypervisor for QemuDoor {
     async fn start(&mut self) -> Result<(), HypervisorError> {
-        let vsock_socket = self.run_path("vhost-vsock.sock");
-        let vsock_config = VsockConfig {
-            guest_cid: GUEST_CID,
-            uds_path: self.vsock_path(),
+        let run_dir = self.config.run_dir.clone();
+        let vhost_vsock = self.run_path("vhost-vsock.sock");
+        let argv = vec![
+            jail::arg(&self.vmm)?,
+            "vhost-vsock".into(),
+            "--socket".into(),
+            jail::arg(&vhost_vsock)?,
+            "--uds".into(),
+            jail::arg(&self.vsock_path())?,
+        ];
+        let log = self.run_path("vsock.log");
+        let jail = Jail {
+            cgroup_procs: self.cgroup_procs(),
+            ..Jail::default()
         };
-        self.vsock = Some(spawn_vhost_user_vsock(vsock_config, &vsock_socket)?);
+        let mut vsock = jail::spawn(&self.vmm, "vsock", jail, argv, &run_dir, &log)?;
+        let timeout = std::time::Duration::from_secs(10);
+        for socket in [&vhost_vsock, &self.vsock_path()] {
+            helpers::wait_for_socket("vsock", &mut vsock, socket, &log, timeout).await?;
+        }
+        self.vsock = Some(vsock);
         let fs = self.start_virtiofsd().await?;
-        let sockets = cmdline::Sockets {
-            vsock: vsock_socket,
-            fs,
+        let mut argv = vec![jail::arg(&self.qemu)?];
+        for a in cmdline::args(&self.config, self.accel, &self.console_path()) {
+            argv.push(a.into_string().map_err(|a| HypervisorError::Spawn {
+                program: QEMU,
+                source: std::io::Error::other(format!("{a:?} is not UTF-8")),
+            })?);
+        }
+        debug!(qemu = %self.qemu.display(), ?argv, "starting QEMU");
+        let mut binds = vec![
+            JailBind::ro(&self.config.kernel),
+            JailBind::ro(&self.config.initramfs),
+        ];
+        binds.extend(self.config.disks.iter().map(|d| JailBind {
+            path: d.path.clone(),
+            writable: !d.read_only,
+        }));
+        if self.accel == Accel::Kvm {
+            binds.push(JailBind::rw("/dev/kvm"));
+        }
+        let mut connect = vec![vhost_vsock];
+        connect.extend(fs);
+        let jail = Jail {
+            binds,
+            cgroup_procs: self.cgroup_procs(),
+            netns: self.config.net.as_ref().map(|n| n.netns.clone()),
+            connect,
+            tap: self.config.net.as_ref().map(|n| n.tap.clone()),
+            allow_connect: false,
         };
-        let args = cmdline::args(&self.config, self.accel, &sockets, &self.console_path());
-        debug!(qemu = %self.qemu.display(), ?args, "starting QEMU");
-        let mut cmd = match &self.config.net {
-            // Started in the pod's network namespace, where it opens the pod's tap.
-            Some(net) => {
-                let mut netns = std::ffi::OsString::from("--net=");
-                netns.push(&net.netns);
-                let mut cmd = Command::new(NSENTER);
-                cmd.arg(netns).arg("--").arg(&self.qemu);
-                cmd
-            }
-            None => Command::new(&self.qemu),
-        };
-        cmd.args(&args);
-        let child = helpers::spawn_logged(QEMU, &mut cmd, &self.run_path("qemu.log"))?;
+        let log = self.run_path("qemu.log");
+        let child = jail::spawn(&self.vmm, QEMU, jail, argv, &run_dir, &log)?;
         info!(pid = child.id(), accel = ?self.accel, "QEMU started");
         self.child = Some(child);
         Ok(())
@@ -167,8 +205,12 @@ impl Hypervisor for QemuDoor {
         for mut fs in self.fs.drain(..) {
             fs.stop().await;
         }
-        if let Some(vsock) = self.vsock.take() {
-            vsock.shutdown()?;
+        if let Some(mut vsock) = self.vsock.take() {
+            let _ = vsock.start_kill();
+            let _ = vsock.wait().await;
+            for socket in ["vhost-vsock.sock", "vsock.sock"] {
+                let _ = std::fs::remove_file(self.run_path(socket));
+            }
         }
         Ok(())
     }

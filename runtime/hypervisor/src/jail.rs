@@ -1,0 +1,89 @@
+//! Both doors start every process that serves a guest (QEMU, husk-vmm, the vsock backend)
+//! through `husk-vmm jail` ([`husk_vmm::jail`]): own namespaces, a root holding only what it
+//! needs, no capabilities, `no_new_privs`, seccomp with argument filters, rlimits, the VM's
+//! host cgroup. This module writes the spec and spawns the launcher.
+
+use std::path::{Path, PathBuf};
+
+use husk_vmm::jail::{JailBind, JailSpec};
+use tokio::process::{Child, Command};
+
+use crate::helpers;
+use crate::HypervisorError;
+
+/// What one jailed process gets besides the system's libraries.
+#[derive(Debug, Default)]
+pub(crate) struct Jail {
+    /// Host paths it sees (at the same paths).
+    pub(crate) binds: Vec<JailBind>,
+    /// `cgroup.procs` files of the VM's host cgroup.
+    pub(crate) cgroup_procs: Vec<PathBuf>,
+    /// The pod's network namespace, if it has one.
+    pub(crate) netns: Option<PathBuf>,
+    /// Sockets connected for it (descriptors 3, 4, ...).
+    pub(crate) connect: Vec<PathBuf>,
+    /// A tap opened for it (the descriptor after the sockets).
+    pub(crate) tap: Option<String>,
+    /// Whether it may call `connect(2)` itself.
+    pub(crate) allow_connect: bool,
+}
+
+/// Device nodes every jailed process may open.
+const DEVICES: &[&str] = &["/dev/null", "/dev/urandom"];
+
+/// Starts `argv` (a program by its host path, and its arguments) jailed as `name` in
+/// `run_dir`: the spec goes to `<run_dir>/<name>.jail.json`, the root is the empty directory
+/// `<run_dir>/<name>.root`, stdout and stderr to `log`. `run_dir` is writable in the jail.
+pub(crate) fn spawn(
+    vmm: &Path,
+    name: &'static str,
+    jail: Jail,
+    argv: Vec<String>,
+    run_dir: &Path,
+    log: &Path,
+) -> Result<Child, HypervisorError> {
+    let spawn_err = |source| HypervisorError::Spawn {
+        program: name,
+        source,
+    };
+    let root = run_dir.join(format!("{name}.root"));
+    match std::fs::create_dir(&root) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(spawn_err(e)),
+        _ => {}
+    }
+    let mut binds = husk_vmm::jail::system_binds();
+    binds.extend(DEVICES.iter().map(|d| JailBind::rw(*d)));
+    binds.push(JailBind::rw(run_dir));
+    if let Some(program) = argv.first() {
+        if !Path::new(program).starts_with("/usr") {
+            binds.push(JailBind::ro(program));
+        }
+    }
+    binds.extend(jail.binds);
+    let spec = JailSpec {
+        root,
+        binds,
+        cgroup_procs: jail.cgroup_procs,
+        netns: jail.netns,
+        connect: jail.connect,
+        tap: jail.tap,
+        allow_connect: jail.allow_connect,
+        argv,
+    };
+    let spec_path = run_dir.join(format!("{name}.jail.json"));
+    let text = serde_json::to_vec(&spec).map_err(|e| spawn_err(std::io::Error::other(e)))?;
+    std::fs::write(&spec_path, text).map_err(spawn_err)?;
+    let mut cmd = Command::new(vmm);
+    cmd.arg("jail").arg("--spec").arg(&spec_path);
+    helpers::spawn_logged(name, &mut cmd, log)
+}
+
+/// A host path as a jailed program's argument (the jail sees it at the same path).
+pub(crate) fn arg(path: &Path) -> Result<String, HypervisorError> {
+    path.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| HypervisorError::Spawn {
+            program: "jail",
+            source: std::io::Error::other(format!("{} is not UTF-8", path.display())),
+        })
+}
