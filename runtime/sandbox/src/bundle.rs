@@ -203,6 +203,8 @@ pub struct Bundle {
     /// A pod's sandbox container: the pod's network namespace on the host, whose interface
     /// the VM's network device stands in for.
     pub pod_netns: Option<PathBuf>,
+    /// `linux.cgroupsPath`: the container's host cgroup, which holds its VM's host processes.
+    pub cgroups_path: Option<String>,
 }
 
 impl Bundle {
@@ -296,6 +298,7 @@ impl Bundle {
             spec,
             bind_shares: linux.bind_shares,
             pod_netns: linux.pod_netns,
+            cgroups_path: linux.cgroups_path,
         })
     }
 }
