@@ -12,7 +12,8 @@
 //!   an empty slice is `system.slice`. The directories are made directly, without systemd.
 //!
 //! Refused: an empty path or the root itself, `.` and `..` components, NUL and other control
-//! characters, a component longer than [`NAME_MAX`] bytes, a path longer than [`PATH_MAX`].
+//! characters, a component longer than [`NAME_MAX`] bytes, a path longer than [`PATH_MAX`];
+//! in the systemd form, a character systemd refuses in a unit name, or an invalid slice name.
 
 /// Longest name of one cgroup directory (the kernel's `NAME_MAX`).
 pub(super) const NAME_MAX: usize = 255;
