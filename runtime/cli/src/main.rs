@@ -33,8 +33,8 @@ struct Cli {
     /// Log debug detail.
     #[arg(long, global = true)]
     debug: bool,
-    /// Accepted for runc compatibility: the container's cgroups live in its guest, where
-    /// there is no systemd.
+    /// Accepted for runc compatibility: a `slice:prefix:name` cgroups path is recognized by
+    /// its form; the container's own cgroups live in its guest, where there is no systemd.
     #[arg(long, global = true)]
     systemd_cgroup: bool,
     /// Guest kernel (ELF vmlinux); default: share/husk/vmlinux beside the husk binary.

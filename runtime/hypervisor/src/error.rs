@@ -72,6 +72,9 @@ pub enum HypervisorError {
     /// The vsock device backend failed.
     #[error("vsock device failed")]
     Vsock(#[from] husk_devices::vsock::VsockError),
+    /// The VM's host cgroup could not be made.
+    #[error("failed to set up the VM's host cgroup")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     /// `wait` before `start`.
     #[error("the VM was not started")]
     NotStarted,

@@ -7,6 +7,7 @@
 //! which door runs a VM, and nothing in it knows about OCI.
 #![warn(missing_docs)]
 
+pub mod cgroup;
 mod error;
 mod helpers;
 mod jail;
@@ -104,6 +105,9 @@ pub struct VmConfig {
     pub net: Option<NetDevice>,
     /// Private directory of this VM: sockets and logs go here; the door removes only its own files.
     pub run_dir: PathBuf,
+    /// The container's host cgroup, which the VM's host processes run in ([`cgroup`]); `None`
+    /// without `linux.cgroupsPath`: they stay in the runtime's cgroup.
+    pub cgroup: Option<cgroup::CgroupSpec>,
 }
 
 /// How a VM ended.

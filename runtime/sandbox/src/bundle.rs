@@ -203,6 +203,8 @@ pub struct Bundle {
     /// A pod's sandbox container: the pod's network namespace on the host, whose interface
     /// the VM's network device stands in for.
     pub pod_netns: Option<PathBuf>,
+    /// `linux.cgroupsPath`: the container's host cgroup, which holds its VM's host processes.
+    pub cgroups_path: Option<String>,
 }
 
 impl Bundle {
@@ -296,6 +298,7 @@ impl Bundle {
             spec,
             bind_shares: linux.bind_shares,
             pod_netns: linux.pod_netns,
+            cgroups_path: linux.cgroups_path,
         })
     }
 }
@@ -527,6 +530,34 @@ mod tests {
         b.spec.resources.cpu_quota_us = None;
         b.spec.resources.cpuset_cpus = Some("0-2".into());
         assert_eq!(b.sized_vcpus(), Some(3));
+    }
+
+    #[test]
+    fn test_load_cgroups_path_sizes_host_cgroup() {
+        let mut config: serde_json::Value = serde_json::from_str(&default_config()).unwrap();
+        config["linux"]["cgroupsPath"] = "system.slice:docker:abc".into();
+        config["linux"]["resources"] =
+            serde_json::json!({"cpu": {"quota": 50000, "period": 100000}});
+        let dir = bundle_with(&config.to_string());
+        config["linux"]["cgroupsPath"] = "".into();
+        let unset = bundle_with(&config.to_string());
+
+        let b = Bundle::load(dir.path(), "c1").unwrap();
+        let cgroup = crate::run::host_cgroup(&b, 256).unwrap();
+        let none = Bundle::load(unset.path(), "c1").unwrap();
+
+        assert_eq!(b.cgroups_path.as_deref(), Some("system.slice:docker:abc"));
+        assert_eq!(
+            cgroup,
+            husk_hypervisor::cgroup::CgroupSpec {
+                path: "system.slice:docker:abc".into(),
+                memory_limit_bytes: Some(husk_hypervisor::cgroup::vm_memory_limit_bytes(256)),
+                cpu_quota_us: Some(50_000),
+                cpu_period_us: Some(100_000),
+            }
+        );
+        assert_eq!(none.cgroups_path, None);
+        assert_eq!(crate::run::host_cgroup(&none, 256), None);
     }
 
     #[test]

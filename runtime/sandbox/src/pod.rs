@@ -84,6 +84,8 @@ impl PodVm {
             disks: Vec::new(),
             net: network.as_ref().map(|n| n.device.clone()),
             run_dir: opts.run_dir.clone(),
+            // The sandbox container's cgroup holds the whole pod's VM.
+            cgroup: crate::run::host_cgroup(first, memory_mib),
         };
         let kind = first.vm.hypervisor.unwrap_or(opts.vm.hypervisor);
         let undo = |network: &Option<PodNetwork>| {

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use husk_hypervisor::cgroup::{vm_memory_limit_bytes, CgroupSpec};
 use husk_hypervisor::{
     new_door, Disk, FsShare, Hypervisor, HypervisorError, HypervisorKind, VmConfig, VmExit,
 };
@@ -290,7 +291,22 @@ fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
         },
         net: None,
         run_dir: run_dir.to_owned(),
+        cgroup: host_cgroup(bundle, memory_mib),
     }
+}
+
+/// The host cgroup of `bundle`'s VM of `memory_mib`, when it names one (`linux.cgroupsPath`):
+/// limited to the VM's memory plus the VMM's overhead (the guest cannot use more than its
+/// RAM; the container's own memory limit holds inside the guest) and to the container's CPU
+/// quota and period.
+pub(crate) fn host_cgroup(bundle: &Bundle, memory_mib: u32) -> Option<CgroupSpec> {
+    let resources = &bundle.spec.resources;
+    Some(CgroupSpec {
+        path: bundle.cgroups_path.clone()?,
+        memory_limit_bytes: Some(vm_memory_limit_bytes(memory_mib)),
+        cpu_quota_us: resources.cpu_quota_us.and_then(|q| i64::try_from(q).ok()),
+        cpu_period_us: resources.cpu_period_us,
+    })
 }
 
 /// Guest memory (MiB) and vCPUs for `bundle`: its annotations, else its resources, else the

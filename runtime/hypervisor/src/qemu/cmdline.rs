@@ -134,6 +134,7 @@ mod tests {
             }],
             net: None,
             run_dir: "/run/husk/x".into(),
+            cgroup: None,
         }
     }
 

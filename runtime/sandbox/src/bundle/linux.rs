@@ -1,11 +1,12 @@
 //! config.json `mounts` and `linux` -> the agent's mounts, masked and read-only paths and
 //! sysctls (OCI runtime spec 1.2, config.md and config-linux.md), and the `linux` fields
-//! husk refuses because the guest cannot honour them yet.
+//! husk refuses because the guest cannot honour them yet. `linux.cgroupsPath` names the
+//! container's cgroup on the host, which holds its VM's host processes (husk-hypervisor's
+//! `cgroup`); it is checked there, when the cgroup is made.
 //!
 //! Ignored on purpose (documented in README.md): mount propagation options and
 //! `linux.rootfsPropagation` (every mount in the guest is private; there is no host mount
-//! tree to propagate to), `linux.cgroupsPath` (the agent names the container's cgroup in the
-//! guest), `linux.resources.devices` (the VM is the device boundary: the guest has only the
+//! tree to propagate to), `linux.resources.devices` (the VM is the device boundary: the guest has only the
 //! container's own devices), `annotations`.
 
 use std::collections::BTreeMap;
@@ -34,6 +35,8 @@ pub(super) struct LinuxAttrs {
     pub join_namespaces: Vec<JoinNamespace>,
     /// A pod's sandbox container: the pod's network namespace on the host (CNI's).
     pub pod_netns: Option<PathBuf>,
+    /// `linux.cgroupsPath`, when set and not empty.
+    pub cgroups_path: Option<String>,
 }
 
 /// Converts `mounts` and the supported `linux` fields; an unsupported one that is set is an
@@ -78,7 +81,20 @@ pub(super) fn attrs(spec: &Spec, bundle: &Path, role: PodRole<'_>) -> Result<Lin
         uid_mappings: id_mappings(linux.uid_mappings()),
         gid_mappings: id_mappings(linux.gid_mappings()),
         bind_shares: binds.shares,
+        cgroups_path: cgroups_path(linux)?,
     })
+}
+
+/// `linux.cgroupsPath`, when set and not empty; the host cgroup's path is text.
+fn cgroups_path(linux: &Linux) -> Result<Option<String>, String> {
+    let Some(path) = linux.cgroups_path() else {
+        return Ok(None);
+    };
+    match path.to_str() {
+        Some("") => Ok(None),
+        Some(path) => Ok(Some(path.to_owned())),
+        None => Err(format!("linux.cgroupsPath {path:?} is not UTF-8")),
+    }
 }
 
 fn mount(m: &OciMount, binds: &mut BindShares) -> Result<Mount, String> {
