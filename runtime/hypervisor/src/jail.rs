@@ -87,3 +87,34 @@ pub(crate) fn arg(path: &Path) -> Result<String, HypervisorError> {
             source: std::io::Error::other(format!("{} is not UTF-8", path.display())),
         })
 }
+
+/// The VM's host cgroup, made before any of its processes starts.
+pub(crate) fn host_cgroup(
+    config: &crate::VmConfig,
+) -> Result<Option<crate::cgroup::HostCgroup>, HypervisorError> {
+    Ok(config
+        .cgroup
+        .as_ref()
+        .map(crate::cgroup::HostCgroup::create)
+        .transpose()?)
+}
+
+/// Moves `pid` (a helper the jail did not start, such as virtiofsd) into `cgroup`.
+pub(crate) fn adopt(cgroup: Option<&crate::cgroup::HostCgroup>, pid: Option<u32>) {
+    let (Some(cgroup), Some(pid)) = (cgroup, pid) else {
+        return;
+    };
+    for procs in cgroup.procs_files() {
+        if let Err(e) = std::fs::write(&procs, pid.to_string()) {
+            tracing::warn!(pid, procs = %procs.display(), "cannot move a helper into the VM's cgroup: {e}");
+        }
+    }
+}
+
+/// Removes the VM's host cgroup once its processes are gone (off the async runtime: removal
+/// waits briefly for the kernel to let go of exited processes).
+pub(crate) async fn remove_cgroup(cgroup: Option<crate::cgroup::HostCgroup>) {
+    if let Some(cgroup) = cgroup {
+        let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+    }
+}

@@ -23,6 +23,7 @@ pub struct KvmDoor {
     virtiofsd: Option<PathBuf>,
     fs: Vec<Virtiofsd>,
     child: Option<Child>,
+    cgroup: Option<crate::cgroup::HostCgroup>,
 }
 
 impl KvmDoor {
@@ -43,6 +44,7 @@ impl KvmDoor {
             virtiofsd,
             fs: Vec::new(),
             child: None,
+            cgroup: None,
         })
     }
 
@@ -54,6 +56,7 @@ impl KvmDoor {
 #[async_trait::async_trait]
 impl Hypervisor for KvmDoor {
     async fn start(&mut self) -> Result<(), HypervisorError> {
+        self.cgroup = jail::host_cgroup(&self.config)?;
         let mut argv = vec![
             jail::arg(&self.vmm)?,
             "--kernel".into(),
@@ -75,8 +78,9 @@ impl Hypervisor for KvmDoor {
             for (i, share) in self.config.shares.clone().iter().enumerate() {
                 let socket = self.run_path(&format!("fs{i}.sock"));
                 let log = self.run_path(&format!("virtiofsd{i}.log"));
-                self.fs
-                    .push(Virtiofsd::start(&binary, share, &socket, &log).await?);
+                let fs = Virtiofsd::start(&binary, share, &socket, &log).await?;
+                jail::adopt(self.cgroup.as_ref(), fs.child.id());
+                self.fs.push(fs);
                 argv.push("--fs".into());
                 argv.push(format!("{}={}", share.tag, jail::arg(&socket)?));
             }
@@ -104,7 +108,11 @@ impl Hypervisor for KvmDoor {
         debug!(vmm = %self.vmm.display(), "starting the built-in VMM");
         let jail = Jail {
             binds,
-            cgroup_procs: Vec::new(),
+            cgroup_procs: self
+                .cgroup
+                .as_ref()
+                .map(crate::cgroup::HostCgroup::procs_files)
+                .unwrap_or_default(),
             // virtiofsd's sockets, while it builds the VM; its own filter forbids it after.
             allow_connect: true,
             ..Jail::default()
@@ -156,6 +164,7 @@ impl Hypervisor for KvmDoor {
         for mut fs in self.fs.drain(..) {
             fs.stop().await;
         }
+        jail::remove_cgroup(self.cgroup.take()).await;
         Ok(())
     }
 }

@@ -37,6 +37,7 @@ pub struct QemuDoor {
     vsock: Option<Child>,
     fs: Vec<Virtiofsd>,
     child: Option<Child>,
+    cgroup: Option<crate::cgroup::HostCgroup>,
 }
 
 impl QemuDoor {
@@ -64,6 +65,7 @@ impl QemuDoor {
             vsock: None,
             fs: Vec::new(),
             child: None,
+            cgroup: None,
         })
     }
 
@@ -73,7 +75,10 @@ impl QemuDoor {
 
     /// The VM's host cgroup, which every process of the VM joins.
     fn cgroup_procs(&self) -> Vec<PathBuf> {
-        Vec::new()
+        self.cgroup
+            .as_ref()
+            .map(crate::cgroup::HostCgroup::procs_files)
+            .unwrap_or_default()
     }
 
     async fn start_virtiofsd(&mut self) -> Result<Vec<PathBuf>, HypervisorError> {
@@ -108,6 +113,7 @@ fn choose_accel() -> Accel {
 #[async_trait::async_trait]
 impl Hypervisor for QemuDoor {
     async fn start(&mut self) -> Result<(), HypervisorError> {
+        self.cgroup = jail::host_cgroup(&self.config)?;
         let run_dir = self.config.run_dir.clone();
         let vhost_vsock = self.run_path("vhost-vsock.sock");
         let argv = vec![
@@ -212,6 +218,7 @@ impl Hypervisor for QemuDoor {
                 let _ = std::fs::remove_file(self.run_path(socket));
             }
         }
+        jail::remove_cgroup(self.cgroup.take()).await;
         Ok(())
     }
 }
