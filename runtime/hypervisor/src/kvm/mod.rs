@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use tokio::process::{Child, Command};
 use tracing::{debug, info};
 
+use crate::console::{ConsoleCap, CONSOLE_CAP};
 use crate::helpers::{self, Virtiofsd};
 use crate::qemu::KERNEL_CMDLINE;
 use crate::{Hypervisor, HypervisorError, VmConfig, VmExit};
@@ -21,6 +22,8 @@ pub struct KvmDoor {
     virtiofsd: Option<PathBuf>,
     fs: Vec<Virtiofsd>,
     child: Option<Child>,
+    /// Bounds vmm.log while husk-vmm runs (husk-vmm caps the console file itself).
+    log_cap: Option<ConsoleCap>,
 }
 
 impl KvmDoor {
@@ -41,6 +44,7 @@ impl KvmDoor {
             virtiofsd,
             fs: Vec::new(),
             child: None,
+            log_cap: None,
         })
     }
 
@@ -89,6 +93,7 @@ impl Hypervisor for KvmDoor {
         let child = helpers::spawn_logged(HUSK_VMM, &mut cmd, &self.run_path("vmm.log"))?;
         info!(pid = child.id(), "built-in VMM started");
         self.child = Some(child);
+        self.log_cap = Some(ConsoleCap::start(&[self.run_path("vmm.log")], CONSOLE_CAP));
         Ok(())
     }
 
@@ -131,6 +136,7 @@ impl Hypervisor for KvmDoor {
         for mut fs in self.fs.drain(..) {
             fs.stop().await;
         }
+        self.log_cap = None;
         Ok(())
     }
 }

@@ -16,6 +16,7 @@ use tracing::{debug, info};
 
 pub use cmdline::{Accel, KERNEL_CMDLINE};
 
+use crate::console::{ConsoleCap, CONSOLE_CAP};
 use crate::helpers::{self, Virtiofsd};
 use crate::{find_program, Hypervisor, HypervisorError, VmConfig, VmExit};
 
@@ -37,6 +38,8 @@ pub struct QemuDoor {
     vsock: Option<VsockDaemon>,
     fs: Vec<Virtiofsd>,
     child: Option<Child>,
+    /// Bounds the console and qemu.log while QEMU runs (the guest writes both).
+    console_cap: Option<ConsoleCap>,
 }
 
 impl QemuDoor {
@@ -58,6 +61,7 @@ impl QemuDoor {
             vsock: None,
             fs: Vec::new(),
             child: None,
+            console_cap: None,
         })
     }
 
@@ -125,6 +129,8 @@ impl Hypervisor for QemuDoor {
         let child = helpers::spawn_logged(QEMU, &mut cmd, &self.run_path("qemu.log"))?;
         info!(pid = child.id(), accel = ?self.accel, "QEMU started");
         self.child = Some(child);
+        let capped = [self.console_path(), self.run_path("qemu.log")];
+        self.console_cap = Some(ConsoleCap::start(&capped, CONSOLE_CAP));
         Ok(())
     }
 
@@ -170,6 +176,7 @@ impl Hypervisor for QemuDoor {
         if let Some(vsock) = self.vsock.take() {
             vsock.shutdown()?;
         }
+        self.console_cap = None;
         Ok(())
     }
 }
