@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
+use crate::console::{ConsoleCap, CONSOLE_CAP};
 use crate::error::HelperExited;
 use crate::share::ShareMounts;
 use crate::{sys, FsShare, HypervisorError, VmExit};
@@ -25,14 +26,15 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Spawns `cmd` tied to our lifetime, its stdout and stderr appended to `log`.
+/// Spawns `cmd` tied to our lifetime, its stdout and stderr appended to `log` (created afresh,
+/// in append mode so that a [`ConsoleCap`] can bound it).
 pub(crate) fn spawn_logged(
     program: &'static str,
     cmd: &mut Command,
     log: &Path,
 ) -> Result<Child, HypervisorError> {
     let spawn_err = |source| HypervisorError::Spawn { program, source };
-    let out = std::fs::File::create(log).map_err(spawn_err)?;
+    let out = crate::console::create_log(log).map_err(spawn_err)?;
     let err = out.try_clone().map_err(spawn_err)?;
     cmd.stdin(Stdio::null())
         .stdout(out)
@@ -78,6 +80,8 @@ pub(crate) struct Virtiofsd {
     pub(crate) child: Child,
     pub(crate) socket: PathBuf,
     log: PathBuf,
+    /// Keeps `log` bounded: virtiofsd logs per-request errors, which the guest can cause.
+    _log_cap: ConsoleCap,
     /// A file share's staging directory, removed at stop.
     staging: Option<PathBuf>,
 }
@@ -135,6 +139,7 @@ impl Virtiofsd {
             child,
             socket: socket.to_owned(),
             log: log.to_owned(),
+            _log_cap: ConsoleCap::start(&[log.to_owned()], CONSOLE_CAP),
             staging,
         })
     }

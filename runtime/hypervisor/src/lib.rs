@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod cgroup;
+pub mod console;
 mod error;
 mod helpers;
 mod jail;
@@ -213,10 +214,11 @@ pub fn kernel_panic(path: &Path) -> Option<String> {
 }
 
 /// The last [`TAIL_BYTES`] of a log the guest writes (it may write without bound), lossily
-/// decoded.
+/// decoded. Opened without following a symlink or blocking on a FIFO, and only if it is a
+/// regular file: an error report never reads what is not a log.
 fn read_tail(path: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = std::fs::File::open(path) else {
+    let Ok(mut file) = console::open_regular(path, false) else {
         return String::new();
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -253,6 +255,33 @@ mod tests {
         std::fs::write(&p, "a\n\nb\nc\r\nd\n").unwrap();
         assert_eq!(tail_lines(&p, 2), vec!["c", "d"]);
         assert!(tail_lines(&dir.path().join("missing"), 3).is_empty());
+    }
+
+    #[test]
+    fn test_tail_lines_symlink_and_fifo_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("secret");
+        std::fs::write(&target, "secret\n").unwrap();
+        let link = dir.path().join("console.log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(tail_lines(&link, 3).is_empty());
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(tail_lines(&fifo, 3).is_empty(), "returns at once, empty");
+    }
+
+    #[test]
+    fn test_tail_lines_reads_only_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        let mut text = "x".repeat(usize::try_from(TAIL_BYTES).unwrap() * 2);
+        text.push_str("\nlast\n");
+        std::fs::write(&p, text).unwrap();
+        let lines = tail_lines(&p, 2);
+        assert_eq!(lines.last().map(String::as_str), Some("last"));
+        assert!(
+            lines.iter().map(String::len).sum::<usize>() < usize::try_from(TAIL_BYTES).unwrap()
+        );
     }
 
     #[test]

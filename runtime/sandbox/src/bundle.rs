@@ -23,9 +23,11 @@ use std::path::{Path, PathBuf};
 
 use husk_protocol::{ContainerSpec, ProcessSpec, Rootfs as AgentRootfs, User};
 use oci_spec::runtime::Spec;
+use tracing::debug;
 
 pub use binds::BindShare;
 
+use crate::config::RuntimeConfig;
 use crate::SandboxError;
 
 /// virtio-fs tag of the rootfs share.
@@ -47,32 +49,41 @@ impl Bundle {
     /// Guest memory for the container's memory limit: the limit plus [`GUEST_OVERHEAD_MIB`]
     /// (at least 64 MiB); `None` without a limit.
     pub fn sized_memory_mib(&self) -> Option<u32> {
-        let limit = self.spec.resources.memory_max?;
-        let mib = limit
-            .div_ceil(1 << 20)
-            .saturating_add(GUEST_OVERHEAD_MIB)
-            .max(64);
-        Some(u32::try_from(mib).unwrap_or(u32::MAX).min(65536))
+        memory_for(&self.spec.resources)
     }
 
     /// vCPUs for the container's CPU quota (rounded up) or, without one, its cpuset; `None`
     /// when it has neither.
     pub fn sized_vcpus(&self) -> Option<u32> {
-        let r = &self.spec.resources;
-        let from_quota = r.cpu_quota_us.map(|quota| {
-            let period = r
-                .cpu_period_us
-                .unwrap_or(husk_protocol::DEFAULT_CPU_PERIOD_US)
-                .max(1);
-            quota.div_ceil(period)
-        });
-        let count = from_quota.or_else(|| r.cpuset_cpus.as_deref().and_then(cpu_list_len))?;
-        Some(
-            u32::try_from(count)
-                .unwrap_or(MAX_VCPUS)
-                .clamp(1, MAX_VCPUS),
-        )
+        vcpus_for(&self.spec.resources)
     }
+}
+
+/// [`Bundle::sized_memory_mib`] for limits `r`.
+fn memory_for(r: &husk_protocol::Resources) -> Option<u32> {
+    let limit = r.memory_max?;
+    let mib = limit
+        .div_ceil(1 << 20)
+        .saturating_add(GUEST_OVERHEAD_MIB)
+        .max(64);
+    Some(u32::try_from(mib).unwrap_or(u32::MAX).min(65536))
+}
+
+/// [`Bundle::sized_vcpus`] for limits `r`.
+fn vcpus_for(r: &husk_protocol::Resources) -> Option<u32> {
+    let from_quota = r.cpu_quota_us.map(|quota| {
+        let period = r
+            .cpu_period_us
+            .unwrap_or(husk_protocol::DEFAULT_CPU_PERIOD_US)
+            .max(1);
+        quota.div_ceil(period)
+    });
+    let count = from_quota.or_else(|| r.cpuset_cpus.as_deref().and_then(cpu_list_len))?;
+    Some(
+        u32::try_from(count)
+            .unwrap_or(MAX_VCPUS)
+            .clamp(1, MAX_VCPUS),
+    )
 }
 
 /// How many CPUs a list like `0-3,6` names; `None` when it is not one.
@@ -113,14 +124,16 @@ impl Rootfs {
     }
 }
 
-/// Annotation: guest memory in MiB (64..=65536), over `--memory`.
+/// Annotation: guest memory in MiB (64 up to the runtime config's `max_memory_mib`), over
+/// `--memory`.
 pub const ANNOTATION_MEMORY: &str = "io.husk.vm.memory";
-/// Annotation: guest vCPUs (1..=32), over `--vcpus`.
+/// Annotation: guest vCPUs (1 up to the runtime config's `max_vcpus`), over `--vcpus`.
 pub const ANNOTATION_VCPUS: &str = "io.husk.vm.vcpus";
-/// Annotation: `auto`, `kvm` or `qemu`, over `--hypervisor`.
+/// Annotation: `auto`, `kvm` or `qemu`, over `--hypervisor` (only if the runtime config allows
+/// it).
 pub const ANNOTATION_HYPERVISOR: &str = "io.husk.hypervisor";
 
-/// What the bundle's annotations ask of its VM.
+/// What the bundle's annotations ask of its VM, as the operator's [`RuntimeConfig`] lets them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VmOverrides {
     /// [`ANNOTATION_MEMORY`].
@@ -132,32 +145,82 @@ pub struct VmOverrides {
 }
 
 impl VmOverrides {
-    fn from_annotations(annotations: &BTreeMap<String, String>) -> Result<Self, String> {
-        let number = |key: &str, range: std::ops::RangeInclusive<u32>| {
-            annotations
-                .get(key)
+    /// The VM the annotations ask for under `config` and the container's limits `r`:
+    /// - an annotation `config` does not allow is ignored (a debug line: engines pass
+    ///   annotations along, a container must not fail for them);
+    /// - a size above `config`'s maximum is an error: the operator allowed the annotation, the
+    ///   bundle's author asked for more than the operator allows;
+    /// - a size is never above what the container's own limits size the VM to (memory limit
+    ///   plus the guest's overhead, CPU quota or cpuset): it is capped there, silently (a
+    ///   debug line), as a VM bigger than the container may use is only waste.
+    fn from_annotations(
+        annotations: &BTreeMap<String, String>,
+        config: &RuntimeConfig,
+        r: &husk_protocol::Resources,
+    ) -> Result<Self, String> {
+        let get = |key: &str| {
+            let value = annotations.get(key)?;
+            if !config.allows(key) {
+                debug!(
+                    annotation = key,
+                    value = %value,
+                    "annotation not allowed by the runtime config: ignored"
+                );
+                return None;
+            }
+            Some(value)
+        };
+        let number = |key: &str, max: u32, what: &str| {
+            get(key)
                 .map(|v| match v.parse::<u32>() {
-                    Ok(n) if range.contains(&n) => Ok(n),
+                    Ok(n) if n > max && n >= min_of(key) => Err(format!(
+                        "annotation {key}={v:?} is above the runtime config's {what} ({max})"
+                    )),
+                    Ok(n) if n >= min_of(key) => Ok(n),
                     _ => Err(format!(
-                        "annotation {key}={v:?} is not a number in {}..={}",
-                        range.start(),
-                        range.end()
+                        "annotation {key}={v:?} is not a number in {}..={max}",
+                        min_of(key)
                     )),
                 })
                 .transpose()
         };
-        let hypervisor = annotations
-            .get(ANNOTATION_HYPERVISOR)
+        let hypervisor = get(ANNOTATION_HYPERVISOR)
             .map(|v| {
                 v.parse()
                     .map_err(|e| format!("annotation {ANNOTATION_HYPERVISOR}: {e}"))
             })
             .transpose()?;
+        let memory_mib = number(ANNOTATION_MEMORY, config.max_memory_mib, "max_memory_mib")?;
+        let vcpus = number(ANNOTATION_VCPUS, config.max_vcpus, "max_vcpus")?;
         Ok(Self {
-            memory_mib: number(ANNOTATION_MEMORY, 64..=65536)?,
-            vcpus: number(ANNOTATION_VCPUS, 1..=32)?,
+            memory_mib: capped(ANNOTATION_MEMORY, memory_mib, memory_for(r)),
+            vcpus: capped(ANNOTATION_VCPUS, vcpus, vcpus_for(r)),
             hypervisor,
         })
+    }
+}
+
+/// The smallest value of a size annotation.
+fn min_of(key: &str) -> u32 {
+    match key {
+        ANNOTATION_MEMORY => 64,
+        _ => 1,
+    }
+}
+
+/// `asked`, at most `limit` (what the container's limits size the VM to).
+fn capped(key: &str, asked: Option<u32>, limit: Option<u32>) -> Option<u32> {
+    match (asked, limit) {
+        (Some(n), Some(limit)) if n > limit => {
+            debug!(
+                annotation = key,
+                asked = n,
+                limit,
+                "annotation above the container's limits: capped"
+            );
+            Some(limit)
+        }
+        _ => asked,
     }
 }
 
@@ -211,8 +274,9 @@ impl Bundle {
     /// Reads and checks `<dir>/config.json` for container `id`.
     ///
     /// # Errors
-    /// [`SandboxError::ReadConfig`], [`SandboxError::InvalidConfig`] or
-    /// [`SandboxError::MissingRootfs`].
+    /// [`SandboxError::ReadConfig`], [`SandboxError::InvalidConfig`],
+    /// [`SandboxError::MissingRootfs`], or [`SandboxError::RuntimeConfig`] for the operator's
+    /// file ([`RuntimeConfig::load`]).
     pub fn load(dir: &Path, id: &str) -> Result<Self, SandboxError> {
         Self::load_in_pod(dir, id, PodRole::Alone)
     }
@@ -223,6 +287,20 @@ impl Bundle {
     /// # Errors
     /// As [`Bundle::load`].
     pub fn load_in_pod(dir: &Path, id: &str, role: PodRole<'_>) -> Result<Self, SandboxError> {
+        Self::load_with_config(dir, id, role, &RuntimeConfig::load()?)
+    }
+
+    /// [`Bundle::load_in_pod`] under the runtime configuration `config` (which annotations
+    /// are honoured, up to which VM size).
+    ///
+    /// # Errors
+    /// As [`Bundle::load`].
+    pub fn load_with_config(
+        dir: &Path,
+        id: &str,
+        role: PodRole<'_>,
+        config: &RuntimeConfig,
+    ) -> Result<Self, SandboxError> {
         let dir = &std::path::absolute(dir).map_err(|source| SandboxError::StateDir {
             path: dir.to_owned(),
             source,
@@ -288,7 +366,8 @@ impl Bundle {
             terminal,
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
-        let vm = VmOverrides::from_annotations(&annotations).map_err(|e| invalid(&e))?;
+        let vm = VmOverrides::from_annotations(&annotations, config, &spec.resources)
+            .map_err(|e| invalid(&e))?;
         Ok(Self {
             vm,
             hooks,
@@ -532,6 +611,23 @@ mod tests {
         assert_eq!(b.sized_vcpus(), Some(3));
     }
 
+    /// Every annotation allowed, the defaults' maxima.
+    fn permissive() -> RuntimeConfig {
+        RuntimeConfig {
+            allowed_annotations: vec![
+                ANNOTATION_MEMORY.into(),
+                ANNOTATION_VCPUS.into(),
+                ANNOTATION_HYPERVISOR.into(),
+            ],
+            ..RuntimeConfig::default()
+        }
+    }
+
+    fn load_under(config_json: &str, config: &RuntimeConfig) -> Result<Bundle, SandboxError> {
+        let dir = bundle_with(config_json);
+        Bundle::load_with_config(dir.path(), "c1", PodRole::Alone, config)
+    }
+
     #[test]
     fn test_load_cgroups_path_sizes_host_cgroup() {
         let mut config: serde_json::Value = serde_json::from_str(&default_config()).unwrap();
@@ -562,12 +658,12 @@ mod tests {
 
     #[test]
     fn test_load_vm_annotations_parsed() {
-        let dir = bundle_with(&with_annotations(&[
+        let config = with_annotations(&[
             (ANNOTATION_MEMORY, "128"),
             (ANNOTATION_VCPUS, "2"),
             (ANNOTATION_HYPERVISOR, "qemu"),
-        ]));
-        let b = Bundle::load(dir.path(), "c1").unwrap();
+        ]);
+        let b = load_under(&config, &permissive()).unwrap();
         assert_eq!(
             b.vm,
             VmOverrides {
@@ -579,6 +675,67 @@ mod tests {
     }
 
     #[test]
+    fn test_load_default_policy_hypervisor_annotation_ignored() {
+        let config =
+            with_annotations(&[(ANNOTATION_MEMORY, "128"), (ANNOTATION_HYPERVISOR, "xen")]);
+        let b = load_under(&config, &RuntimeConfig::default()).unwrap();
+        assert_eq!((b.vm.memory_mib, b.vm.hypervisor), (Some(128), None));
+    }
+
+    #[test]
+    fn test_load_disallowed_size_annotations_ignored() {
+        let config = with_annotations(&[(ANNOTATION_MEMORY, "65536"), (ANNOTATION_VCPUS, "x")]);
+        let none = RuntimeConfig {
+            allowed_annotations: Vec::new(),
+            ..RuntimeConfig::default()
+        };
+        assert_eq!(
+            load_under(&config, &none).unwrap().vm,
+            VmOverrides::default()
+        );
+    }
+
+    #[test]
+    fn test_load_annotation_above_operator_max_invalid_config() {
+        for (key, value, what) in [
+            (ANNOTATION_MEMORY, "4096", "max_memory_mib (2048)"),
+            (ANNOTATION_VCPUS, "8", "max_vcpus (4)"),
+        ] {
+            let err = load_under(&with_annotations(&[(key, value)]), &permissive()).unwrap_err();
+            assert!(
+                matches!(&err, SandboxError::InvalidConfig { reason, .. }
+                    if reason.contains(key) && reason.contains(what)),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_load_annotations_capped_at_container_limits() {
+        let mut config: serde_json::Value = serde_json::from_str(&with_annotations(&[
+            (ANNOTATION_MEMORY, "1024"),
+            (ANNOTATION_VCPUS, "4"),
+        ]))
+        .unwrap();
+        config["linux"]["resources"] = serde_json::json!({
+            "memory": {"limit": 256 << 20},
+            "cpu": {"quota": 150_000, "period": 100_000},
+        });
+        let b = load_under(&config.to_string(), &permissive()).unwrap();
+        // 256 MiB + the guest's 64 MiB; 1.5 CPUs rounded up.
+        assert_eq!((b.vm.memory_mib, b.vm.vcpus), (Some(320), Some(2)));
+    }
+
+    #[test]
+    fn test_load_annotations_below_container_limits_kept() {
+        let mut config: serde_json::Value =
+            serde_json::from_str(&with_annotations(&[(ANNOTATION_MEMORY, "128")])).unwrap();
+        config["linux"]["resources"] = serde_json::json!({"memory": {"limit": 1 << 30}});
+        let b = load_under(&config.to_string(), &permissive()).unwrap();
+        assert_eq!(b.vm.memory_mib, Some(128));
+    }
+
+    #[test]
     fn test_load_bad_vm_annotation_invalid_config() {
         for (key, value) in [
             (ANNOTATION_MEMORY, "lots"),
@@ -586,8 +743,7 @@ mod tests {
             (ANNOTATION_VCPUS, "0"),
             (ANNOTATION_HYPERVISOR, "xen"),
         ] {
-            let dir = bundle_with(&with_annotations(&[(key, value)]));
-            let err = Bundle::load(dir.path(), "c1").unwrap_err();
+            let err = load_under(&with_annotations(&[(key, value)]), &permissive()).unwrap_err();
             assert!(
                 matches!(&err, SandboxError::InvalidConfig { reason, .. } if reason.contains(key)),
                 "{key}={value}: {err}"

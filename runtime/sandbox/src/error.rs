@@ -28,6 +28,14 @@ pub enum SandboxError {
         /// What is wrong.
         reason: String,
     },
+    /// The operator's runtime configuration (`/etc/husk/config.toml`) is unreadable or wrong.
+    #[error("runtime config {}: {reason}", path.display())]
+    RuntimeConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The rootfs named by config.json does not exist.
     #[error("rootfs {} does not exist or is neither a directory nor a disk image file", path.display())]
     MissingRootfs {

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod artifacts;
 pub mod bundle;
+pub mod config;
 mod error;
 pub mod features;
 pub mod hooks;

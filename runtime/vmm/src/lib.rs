@@ -6,11 +6,13 @@
 //! - [`x86`]: what a vCPU needs before its first instruction (CPUID, MSRs, FPU, registers,
 //!   GDT and identity page tables for 64-bit entry, LAPIC);
 //! - [`layout`]: where everything lives in guest-physical memory;
-//! - [`confine`]: the seccomp allowlist and capability drop the VMM runs under.
+//! - [`confine`]: the seccomp allowlist and capability drop the VMM runs under;
+//! - [`console`]: the serial console's host file, capped.
 
 mod boot;
 pub mod bus;
 pub mod confine;
+pub mod console;
 mod error;
 pub mod jail;
 pub mod layout;

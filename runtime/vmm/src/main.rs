@@ -110,8 +110,9 @@ fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
     if !args.no_confine {
         husk_vmm::confine::drop_capabilities()?;
     }
-    let console = std::fs::File::create(&args.console)
-        .map_err(|e| format!("console {}: {e}", args.console.display()))?;
+    let console =
+        husk_vmm::console::CappedFile::create(&args.console, husk_vmm::console::CONSOLE_CAP)
+            .map_err(|e| format!("console {}: {e}", args.console.display()))?;
     let mut virtio: Vec<Box<dyn VirtioMmioDevice>> = Vec::new();
     if let Some(uds) = &args.vsock_uds {
         virtio.push(Box::new(VsockMmio::new(&VsockConfig {

@@ -8,6 +8,7 @@ use husk_vmm::jail::JailBind;
 use tokio::process::Child;
 use tracing::{debug, info};
 
+use crate::console::{ConsoleCap, CONSOLE_CAP};
 use crate::helpers::{self, Virtiofsd};
 use crate::jail::{self, Jail};
 use crate::qemu::KERNEL_CMDLINE;
@@ -24,6 +25,8 @@ pub struct KvmDoor {
     fs: Vec<Virtiofsd>,
     child: Option<Child>,
     cgroup: Option<crate::cgroup::HostCgroup>,
+    /// Bounds vmm.log while husk-vmm runs (husk-vmm caps the console file itself).
+    log_cap: Option<ConsoleCap>,
 }
 
 impl KvmDoor {
@@ -45,6 +48,7 @@ impl KvmDoor {
             fs: Vec::new(),
             child: None,
             cgroup: None,
+            log_cap: None,
         })
     }
 
@@ -122,6 +126,7 @@ impl Hypervisor for KvmDoor {
         let child = jail::spawn(&self.vmm, HUSK_VMM, jail, argv, &run_dir, &log)?;
         info!(pid = child.id(), "built-in VMM started");
         self.child = Some(child);
+        self.log_cap = Some(ConsoleCap::start(&[self.run_path("vmm.log")], CONSOLE_CAP));
         Ok(())
     }
 
@@ -164,6 +169,7 @@ impl Hypervisor for KvmDoor {
         for mut fs in self.fs.drain(..) {
             fs.stop().await;
         }
+        self.log_cap = None;
         jail::remove_cgroup(self.cgroup.take()).await;
         Ok(())
     }

@@ -71,8 +71,14 @@ pub fn args(config: &VmConfig, accel: Accel, console: &Path) -> Vec<OsString> {
     a.push(config.initramfs.clone().into());
     a.push("-append".into());
     a.push(KERNEL_CMDLINE.into());
-    a.push("-serial".into());
-    a.push(prefixed("file:", console));
+    // The console file is appended to, so that `ConsoleCap` can cut its old part off while
+    // QEMU writes (QEMU's own offset would leave a hole); no pipe (see `crate::console`).
+    a.push("-chardev".into());
+    a.push(prefixed(
+        "file,id=console0,append=on,path=",
+        &escape_commas(console),
+    ));
+    push_strs(&mut a, &["-serial", "chardev:console0"]);
     a.push("-chardev".into());
     a.push(format!("socket,id=vsock0,fd={VSOCK_FD}").into());
     a.push("-device".into());
@@ -102,6 +108,23 @@ pub fn args(config: &VmConfig, accel: Accel, console: &Path) -> Vec<OsString> {
         a.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac).into());
     }
     a
+}
+
+fn push_strs(a: &mut Vec<OsString>, items: &[&str]) {
+    a.extend(items.iter().map(OsString::from));
+}
+
+/// `path` as a QEMU option value: a `,` is doubled.
+fn escape_commas(path: &Path) -> PathBuf {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::new();
+    for &b in path.as_os_str().as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    PathBuf::from(OsString::from_vec(out))
 }
 
 fn prefixed(prefix: &str, path: &Path) -> OsString {
@@ -158,7 +181,9 @@ mod tests {
             s.contains("socket,id=fs0,fd=4 -device vhost-user-fs-device,chardev=fs0,tag=rootfs")
         );
         assert!(s.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"));
-        assert!(s.contains("-serial file:/r/console.log"));
+        assert!(s.contains(
+            "-chardev file,id=console0,append=on,path=/r/console.log -serial chardev:console0"
+        ));
         assert!(s.contains(
             "-blockdev driver=file,node-name=disk0,filename=/b/a,,b.img,read-only=on \
              -device virtio-blk-device,drive=disk0,serial=husk-rootfs"

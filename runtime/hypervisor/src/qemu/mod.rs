@@ -17,6 +17,7 @@ use tracing::{debug, info};
 
 pub use cmdline::{Accel, KERNEL_CMDLINE};
 
+use crate::console::{ConsoleCap, CONSOLE_CAP};
 use crate::helpers::{self, Virtiofsd};
 use crate::jail::{self, Jail};
 use crate::{find_program, Hypervisor, HypervisorError, VmConfig, VmExit};
@@ -38,6 +39,8 @@ pub struct QemuDoor {
     fs: Vec<Virtiofsd>,
     child: Option<Child>,
     cgroup: Option<crate::cgroup::HostCgroup>,
+    /// Bounds the console and qemu.log while QEMU runs (the guest writes both).
+    console_cap: Option<ConsoleCap>,
 }
 
 impl QemuDoor {
@@ -66,6 +69,7 @@ impl QemuDoor {
             fs: Vec::new(),
             child: None,
             cgroup: None,
+            console_cap: None,
         })
     }
 
@@ -169,6 +173,12 @@ impl Hypervisor for QemuDoor {
         let child = jail::spawn(&self.vmm, QEMU, jail, argv, &run_dir, &log)?;
         info!(pid = child.id(), accel = ?self.accel, "QEMU started");
         self.child = Some(child);
+        let capped = [
+            self.console_path(),
+            self.run_path("qemu.log"),
+            self.run_path("vsock.log"),
+        ];
+        self.console_cap = Some(ConsoleCap::start(&capped, CONSOLE_CAP));
         Ok(())
     }
 
@@ -218,6 +228,7 @@ impl Hypervisor for QemuDoor {
                 let _ = std::fs::remove_file(self.run_path(socket));
             }
         }
+        self.console_cap = None;
         jail::remove_cgroup(self.cgroup.take()).await;
         Ok(())
     }
