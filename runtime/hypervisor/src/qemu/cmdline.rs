@@ -1,7 +1,7 @@
 //! The QEMU command line for a husk guest, built as plain data so it can be unit-tested.
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::VmConfig;
 
