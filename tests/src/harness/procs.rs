@@ -65,14 +65,17 @@ impl Proc {
         self.argv.iter().any(|a| a.contains(needle))
     }
 
-    /// Whether it is a husk VMM (QEMU or husk-vmm).
+    /// Whether it is a husk VMM (QEMU or husk-vmm running a VM; not husk-vmm as a jail's
+    /// launcher or as QEMU's vsock backend).
     pub fn is_vmm(&self) -> bool {
-        VMM_NAMES.contains(&self.name.as_str())
+        let role = self.argv.get(1).map(String::as_str);
+        VMM_NAMES.contains(&self.name.as_str()) && !matches!(role, Some("jail" | "vhost-vsock"))
     }
 
-    /// Whether it is a VMM or one of its helpers (virtiofsd).
+    /// Whether it is a VMM or one of its helpers (virtiofsd, a jail's launcher, the vsock
+    /// backend).
     pub fn is_vmm_or_helper(&self) -> bool {
-        self.is_vmm() || HELPER_NAMES.contains(&self.name.as_str())
+        VMM_NAMES.contains(&self.name.as_str()) || HELPER_NAMES.contains(&self.name.as_str())
     }
 
     /// Sends SIGKILL (an error when it is gone already is ignored).

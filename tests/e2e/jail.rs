@@ -1,0 +1,201 @@
+//! The jailed VMM (issue 12, item 5): the host processes of a running container's VM (QEMU
+//! and its vsock backend here; husk-vmm in the emulated test host, see nested.rs) have no
+//! capabilities, `no_new_privs`, a seccomp filter, their own mount, pid, ipc, uts and net
+//! namespaces, and sit in the container's host cgroup (`linux.cgroupsPath`); a process in the
+//! very jail the door built, and husk-vmm under its own filter, die of SIGSYS when they
+//! `connect(2)` to a host socket, open an `AF_INET` socket, signal another pid or clone a new
+//! user namespace.
+
+// An integration-test file is a crate of its own: its tests need no `cfg(test)` module.
+#![allow(clippy::tests_outside_test_module)]
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use husk_e2e::harness::procs::{self, Proc};
+use husk_e2e::harness::{show, unique, Env, TestBundle};
+
+/// The probes a guest that took a VMM over would try (`husk_vmm::confine::attempt`).
+const FORBIDDEN: [&str; 4] = ["connect", "socket-inet", "tgkill-other", "clone-newuser"];
+/// SIGSYS: what a seccomp filter's KILL_PROCESS delivers.
+const SIGSYS: i32 = 31;
+
+/// `/proc/<pid>/status` field `key`.
+fn status(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+fn namespace(pid: &str, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .map(|l| l.display().to_string())
+        .unwrap_or_default()
+}
+
+/// What the test checks of one jailed process, as one comparable line per property.
+fn confinement(p: &Proc, cgroup: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    for key in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        seen.push(format!("{key} {}", status(p.pid, key)));
+    }
+    seen.push(format!("NoNewPrivs: {}", status(p.pid, "NoNewPrivs:")));
+    seen.push(format!("Seccomp: {}", status(p.pid, "Seccomp:")));
+    for kind in ["mnt", "pid", "ipc", "uts", "net"] {
+        let own = namespace(&p.pid.to_string(), kind) != namespace("self", kind);
+        seen.push(format!("own {kind} namespace: {own}"));
+    }
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).unwrap_or_default();
+    let memory = cgroups
+        .lines()
+        .any(|l| (l.contains(":memory:") || l.starts_with("0::")) && l.ends_with(cgroup));
+    seen.push(format!("in {cgroup}: {memory}"));
+    seen
+}
+
+fn expected(cgroup: &str) -> Vec<String> {
+    let mut want: Vec<String> = ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"]
+        .iter()
+        .map(|k| format!("{k} 0000000000000000"))
+        .collect();
+    want.push("NoNewPrivs: 1".into());
+    want.push("Seccomp: 2".into());
+    for kind in ["mnt", "pid", "ipc", "uts", "net"] {
+        want.push(format!("own {kind} namespace: true"));
+    }
+    want.push(format!("in {cgroup}: true"));
+    want
+}
+
+/// Runs `probe` in a copy of the jail `spec` (the door's own spec file) and returns how it
+/// ended: `exit N` or `signal N`.
+fn probe_in_jail(spec: &Path, vmm: &Path, probe: &str, dir: &Path) -> String {
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(spec).expect("door's jail spec")).expect("json");
+    let root = dir.join(format!("{probe}.root"));
+    std::fs::create_dir_all(&root).expect("probe root");
+    doc["root"] = root.display().to_string().into();
+    doc["connect"] = serde_json::json!([]);
+    doc["tap"] = serde_json::Value::Null;
+    doc["cgroup_procs"] = serde_json::json!([]);
+    doc["argv"] = serde_json::json!([vmm.display().to_string(), "probe-syscall", "none", probe]);
+    if let Some(binds) = doc["binds"].as_array_mut() {
+        binds.push(serde_json::json!({"path": vmm, "writable": false}));
+    }
+    let copy = dir.join(format!("{probe}.json"));
+    std::fs::write(&copy, doc.to_string()).expect("write spec");
+    let out = Command::new(vmm)
+        .args(["jail", "--spec"])
+        .arg(&copy)
+        .output()
+        .expect("husk-vmm jail");
+    match out.status.code() {
+        Some(code) if code > 128 => format!("signal {}", code - 128),
+        Some(code) => format!("exit {code}"),
+        None => format!("signal {}", out.status.signal().unwrap_or(0)),
+    }
+}
+
+/// How `husk-vmm probe-syscall vmm NAME` (husk-vmm's own allowlist) ends.
+fn probe_vmm_filter(vmm: &Path, probe: &str) -> String {
+    let out = Command::new(vmm)
+        .args(["probe-syscall", "vmm", probe])
+        .output()
+        .expect("husk-vmm probe-syscall");
+    match (out.status.code(), out.status.signal()) {
+        (Some(code), _) => format!("exit {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        _ => show(&out),
+    }
+}
+
+/// The process named `name` whose command line mentions `needle`, waited for.
+fn wait_for(name: &str, role: Option<&str>, needle: &str) -> Option<Proc> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let found = procs::all().into_iter().find(|p| {
+            p.name == name
+                && p.mentions(needle)
+                && role.is_none_or(|r| p.argv.get(1).is_some_and(|a| a == r))
+        });
+        if found.is_some() {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys() {
+    let Some(env) = Env::get("test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys")
+    else {
+        return;
+    };
+    let husk = env.husk();
+    let vmm = env.husk.with_file_name("husk-vmm");
+    let id = unique("jail");
+    let cgroup = format!("/husk-e2e/{id}");
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo up; sleep 60"]);
+    bundle.edit(|c| c["linux"]["cgroupsPath"] = cgroup.clone().into());
+    let mut run = husk.spawn_run(&bundle, &id, &[]);
+    drop(run.stdin.take());
+
+    let qemu = wait_for("qemu-system-x86_64", None, &id).expect("QEMU of the container");
+    let vsock = wait_for("husk-vmm", Some("vhost-vsock"), &id).expect("its vsock backend");
+    // The container runs once it printed (a kill before then would find it being created).
+    let mut up = String::new();
+    let stdout = run.stdout.take().expect("stdout");
+    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut up);
+    assert_eq!(up.trim(), "up", "the container never started");
+    let seen_qemu = confinement(&qemu, &cgroup);
+    let seen_vsock = confinement(&vsock, &cgroup);
+    let spec = husk.root().join(&id).join("qemu-system-x86_64.jail.json");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let in_jail: Vec<String> = FORBIDDEN
+        .iter()
+        .chain(&["getpid"])
+        .map(|p| format!("{p}: {}", probe_in_jail(&spec, &vmm, p, dir.path())))
+        .collect();
+    let vmm_filter: Vec<String> = FORBIDDEN
+        .iter()
+        .chain(&["getpid"])
+        .map(|p| format!("{p}: {}", probe_vmm_filter(&vmm, p)))
+        .collect();
+
+    let _ = husk.command(&["kill", &id, "KILL"]).output();
+    let _ = run.wait();
+    let _ = husk.command(&["delete", "--force", &id]).output();
+    let leftover: Vec<PathBuf> = ["memory", "pids", "cpu", "unified"]
+        .iter()
+        .map(|h| {
+            Path::new("/sys/fs/cgroup")
+                .join(h)
+                .join(cgroup.trim_start_matches('/'))
+        })
+        .chain([Path::new("/sys/fs/cgroup").join(cgroup.trim_start_matches('/'))])
+        .filter(|p| p.exists())
+        .collect();
+
+    assert_eq!(seen_qemu, expected(&cgroup), "QEMU's confinement");
+    assert_eq!(
+        seen_vsock,
+        expected(&cgroup),
+        "the vsock backend's confinement"
+    );
+    let sigsys = |probes: Vec<String>| {
+        let mut want: Vec<String> = FORBIDDEN
+            .iter()
+            .map(|p| format!("{p}: signal {SIGSYS}"))
+            .collect();
+        want.push("getpid: exit 0".into());
+        assert_eq!(probes, want);
+    };
+    sigsys(in_jail);
+    sigsys(vmm_filter);
+    assert!(leftover.is_empty(), "host cgroup left behind: {leftover:?}");
+}
