@@ -37,6 +37,9 @@ const EV_STOP: u64 = u64::MAX;
 pub struct VhostUserFs {
     config: [u8; TAG_LEN + 4],
     socket: PathBuf,
+    /// The connection to virtiofsd, made at construction (before the VMM's seccomp filter,
+    /// which forbids `connect`) and used by the first activation; virtiofsd serves one.
+    stream: Option<UnixStream>,
     frontend: Option<Frontend>,
     relay: Option<(EventFd, JoinHandle<()>)>,
 }
@@ -50,10 +53,10 @@ impl std::fmt::Debug for VhostUserFs {
 }
 
 impl VhostUserFs {
-    /// A device with mount tag `tag`, its backend listening at `socket`.
+    /// A device with mount tag `tag`, connected to its backend listening at `socket`.
     ///
     /// # Errors
-    /// A tag longer than 36 bytes or empty.
+    /// A tag longer than 36 bytes or empty; a socket that cannot be connected.
     pub fn new(tag: &str, socket: &Path) -> Result<Self, String> {
         if tag.is_empty() || tag.len() > TAG_LEN {
             return Err(format!(
@@ -63,9 +66,12 @@ impl VhostUserFs {
         let mut config = [0u8; TAG_LEN + 4];
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+        let stream = connect_until(socket, Instant::now() + SETUP_TIMEOUT)
+            .map_err(|e| format!("virtiofsd connect {}: {e}", socket.display()))?;
         Ok(Self {
             config,
             socket: socket.to_owned(),
+            stream: Some(stream),
             frontend: None,
             relay: None,
         })
@@ -88,8 +94,12 @@ impl VhostUserFs {
         kicks: &[EventFd],
     ) -> Result<Vec<EventFd>, String> {
         let deadline = Instant::now() + SETUP_TIMEOUT;
-        let stream = connect_until(&self.socket, deadline)
-            .map_err(|e| format!("virtiofsd connect {}: {e}", self.socket.display()))?;
+        let stream = self.stream.take().ok_or_else(|| {
+            format!(
+                "virtio-fs: the connection to virtiofsd at {} was used already (a reset device stays down)",
+                self.socket.display()
+            )
+        })?;
         let guard = stream.try_clone().map_err(|e| e.to_string())?;
         let kicks = kicks
             .iter()
