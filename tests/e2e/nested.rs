@@ -68,6 +68,11 @@ fn test_husk_run_through_builtin_vmm_in_emulated_test_host() {
         ("two vCPUs from the MP table", "cpus=2"),
         ("exit code", "HUSK-RUN c1 EXIT 3 "),
         ("exit by signal", "HUSK-RUN c2 EXIT 137 "),
+        (
+            "husk-vmm jailed",
+            "JAIL CapEff: 0000000000000000 CapBnd: 0000000000000000 NoNewPrivs: 1 Seccomp: 2 \
+             own-mnt own-pid own-ipc own-uts own-net",
+        ),
         ("disk-image rootfs on virtio-blk", "/dev/vda / ext4 rw"),
         ("written to the disk", "disk-ok"),
         ("disk image exit", "HUSK-RUN c3 EXIT 0 "),

@@ -23,6 +23,20 @@ ln -s busybox "$bundle/rootfs/bin/cat"
 cp "$bundle/config.json" /run/config.json
 "$husk" check
 
+# One `JAIL ...` line: the confinement of the running VM's husk-vmm (its capabilities,
+# no_new_privs, seccomp mode, and which namespaces it does not share with this shell).
+jail_report() {
+    for p in $(pgrep -x husk-vmm); do
+        [ "$(tr '\0' '\n' < /proc/$p/cmdline | sed -n 2p)" = "--kernel" ] || continue
+        line=$(grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/$p/status | tr -s '\t\n' '  ')
+        line=${line% }
+        for n in mnt pid ipc uts net; do
+            [ "$(readlink /proc/$p/ns/$n)" != "$(readlink /proc/self/ns/$n)" ] && line="$line own-$n"
+        done
+        echo "JAIL $line"
+    done
+}
+
 # run ID HYPERVISOR SCRIPT [SIGNAL]: husk run (with $flags) with a watchdog that shows the logs of a hang (console,
 # VMM, virtiofsd) before it ends husk; stdin comes from the caller.
 run() {
@@ -39,6 +53,7 @@ run() {
     if [ -n "$4" ]; then
         # Once the container printed "running", signal husk.
         until grep -q running /run/out 2>/dev/null || ! kill -0 $pid 2>/dev/null; do sleep 0.2; done
+        jail_report
         kill -$4 $pid
     fi
     wait $pid
