@@ -141,7 +141,7 @@ pub fn attempt(name: &str) -> i64 {
             "connect" => {
                 let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
                 let mut addr: libc::sockaddr_un = std::mem::zeroed();
-                addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+                addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or(1);
                 for (d, s) in addr
                     .sun_path
                     .iter_mut()
@@ -149,7 +149,8 @@ pub fn attempt(name: &str) -> i64 {
                 {
                     *d = *s as libc::c_char;
                 }
-                let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
+                    .unwrap_or(0);
                 i64::from(libc::connect(fd, std::ptr::addr_of!(addr).cast(), len))
             }
             "socket-inet" => i64::from(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0)),

@@ -238,7 +238,8 @@ fn open_tap(name: &str) -> Result<OwnedFd, VmmError> {
         return Err(err("bad interface name".into()));
     }
     ifr[..bytes.len()].copy_from_slice(bytes);
-    let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
+    let flags = u16::try_from(libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)
+        .map_err(|e| err(e.to_string()))?;
     ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
     // SAFETY: TUNSETIFF reads and writes a struct ifreq (40 bytes on x86_64), which `ifr` is.
     let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) };
