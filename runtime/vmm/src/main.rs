@@ -87,6 +87,9 @@ fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     match argv.get(1).and_then(|a| a.to_str()) {
         Some("jail") => return jail(&argv[2..]),
+        _ => init_logging(),
+    }
+    match argv.get(1).and_then(|a| a.to_str()) {
         Some("vhost-vsock") => return vhost_vsock(&argv[2..]),
         Some("probe-syscall") => return probe_syscall(&argv[2..]),
         _ => {}
@@ -196,6 +199,19 @@ fn print_report(report: &RunReport) {
 fn parse_fs(value: &str) -> Result<(String, PathBuf), String> {
     let (name, path) = value.split_once('=').ok_or("expected NAME=PATH")?;
     Ok((name.to_owned(), PathBuf::from(path)))
+}
+
+/// Device warnings, metrics and lifecycle events as text lines on stderr, which the door
+/// collects into the run directory's log (`vmm.log`, `vsock.log`, capped); `HUSK_LOG` filters
+/// (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// `husk-vmm jail --spec FILE`: runs the program of a [`husk_vmm::jail::JailSpec`] in its jail.
