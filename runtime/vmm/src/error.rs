@@ -21,6 +21,9 @@ pub enum VmmError {
     /// The guest image does not fit or cannot be loaded.
     #[error("guest image: {0}")]
     Image(String),
+    /// The VMM's configuration document is unreadable or malformed.
+    #[error("{0}")]
+    Config(String),
     /// The VMM could not confine itself (seccomp filter, capabilities).
     #[error("confining the VMM: {0}")]
     Confine(String),

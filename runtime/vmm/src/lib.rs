@@ -13,6 +13,7 @@ mod boot;
 pub mod bus;
 pub mod confine;
 pub mod console;
+pub mod document;
 mod error;
 pub mod jail;
 pub mod layout;

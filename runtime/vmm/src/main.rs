@@ -1,13 +1,18 @@
-//! `husk-vmm`: one built-in-VMM virtual machine as a process of its own (the door spawns it, so
-//! that the VM has its own pid, lifetime and, later, seccomp filter).
+//! `husk-vmm`: one built-in-VMM virtual machine as a process of its own, and the jail every
+//! VM host process starts in.
 //!
-//! `husk-vmm --kernel K --initramfs I --console LOG --vsock-uds SOCK [--fs TAG=SOCK]... [--disk[-ro] SERIAL=IMG]... [--memory-mib N] [--vcpus N] [--cmdline S]`
-//! boots the Linux guest with a serial console to LOG and the vsock device (hybrid vsock on
-//! SOCK). `--payload FILE` runs raw 64-bit code instead (tests and benches); `--report` prints
-//! one JSON line of measurements to stdout at the end. The process drops every capability
-//! first and, once the VM is built, runs under a seccomp allowlist (`husk_vmm::confine`). Exit status: 0 when the guest reset the
-//! machine (its power-off) or wrote 'O' to the debug-exit port, 2 for any other end of the
-//! guest (the reason on stderr), 1 when the VM could not be built.
+//! - `husk-vmm --config DOC` boots the Linux guest a [`husk_vmm::document::VmmDocument`]
+//!   describes (what the door runs); `husk-vmm --kernel K --initramfs I --console LOG
+//!   [--vsock-uds SOCK] [--fs TAG=SOCK]... [--disk[-ro] SERIAL=IMG]... [--memory-mib N]
+//!   [--vcpus N] [--cmdline S]` the same by flags, and `--payload FILE` raw 64-bit code
+//!   instead (tests and benches); `--report` prints one JSON line of measurements at the end.
+//!   The process drops every capability first and, once the VM is built, runs under a seccomp
+//!   allowlist (`husk_vmm::confine`). Exit status: 0 when the guest reset the machine (its
+//!   power-off) or wrote 'O' to the debug-exit port, 2 for any other end of the guest (the
+//!   reason on stderr), 1 when the VM could not be built.
+//! - `husk-vmm jail --spec FILE`: starts a program in its jail (`husk_vmm::jail`).
+//! - `husk-vmm vhost-vsock --socket VHOST --uds UDS`: the QEMU door's vsock device.
+//! - `husk-vmm probe-syscall vmm|none NAME`: for the confinement tests only.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,8 +32,12 @@ const GUEST_CID: u64 = 3;
     about = "husk's built-in VMM: one micro-VM"
 )]
 struct Args {
+    /// The whole Linux guest as one JSON document (`husk_vmm::document::VmmDocument`), as the
+    /// door writes it; replaces the guest's flags below.
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "payload", "console", "vsock_uds", "fs", "disks", "disks_ro"])]
+    config: Option<PathBuf>,
     /// Guest kernel (ELF vmlinux).
-    #[arg(long, required_unless_present = "payload", requires = "initramfs")]
+    #[arg(long, required_unless_present_any = ["payload", "config"], requires = "initramfs")]
     kernel: Option<PathBuf>,
     /// Guest initramfs.
     #[arg(long, requires = "kernel")]
@@ -37,8 +46,8 @@ struct Args {
     #[arg(long, conflicts_with_all = ["kernel", "initramfs"])]
     payload: Option<PathBuf>,
     /// File the serial console is written to.
-    #[arg(long)]
-    console: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    console: Option<PathBuf>,
     /// Host side of the hybrid vsock (no vsock device without it).
     #[arg(long)]
     vsock_uds: Option<PathBuf>,
@@ -79,6 +88,28 @@ struct Args {
     no_confine: bool,
 }
 
+impl Args {
+    /// Takes the guest from a `--config` document.
+    fn apply(&mut self, doc: husk_vmm::document::VmmDocument) {
+        self.kernel = Some(doc.kernel);
+        self.initramfs = Some(doc.initramfs);
+        self.console = Some(doc.console);
+        self.vsock_uds = Some(doc.vsock_uds);
+        self.fs = doc.fs.into_iter().map(|f| (f.tag, f.socket)).collect();
+        for disk in doc.disks {
+            let list = if disk.read_only {
+                &mut self.disks_ro
+            } else {
+                &mut self.disks
+            };
+            list.push((disk.serial, disk.path));
+        }
+        self.memory_mib = doc.memory_mib;
+        self.vcpus = doc.vcpus;
+        self.cmdline = doc.cmdline;
+    }
+}
+
 /// Guest-physical address where `--payload` code is loaded and entered.
 const PAYLOAD_ADDR: u64 = 0x1_0000;
 
@@ -94,7 +125,16 @@ fn main() -> ExitCode {
         Some("probe-syscall") => return probe_syscall(&argv[2..]),
         _ => {}
     }
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(path) = args.config.take() {
+        match husk_vmm::document::VmmDocument::read(&path) {
+            Ok(doc) => args.apply(doc),
+            Err(e) => {
+                eprintln!("husk-vmm: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     match run(&args) {
         Ok(ExitReason::Reset | ExitReason::DebugExit(b'O')) => ExitCode::SUCCESS,
         Ok(reason) => {
@@ -113,9 +153,10 @@ fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
     if !args.no_confine {
         husk_vmm::confine::drop_capabilities()?;
     }
+    let console_path = args.console.as_deref().ok_or("--console is required")?;
     let console =
-        husk_vmm::console::CappedFile::create(&args.console, husk_vmm::console::CONSOLE_CAP)
-            .map_err(|e| format!("console {}: {e}", args.console.display()))?;
+        husk_vmm::console::CappedFile::create(console_path, husk_vmm::console::CONSOLE_CAP)
+            .map_err(|e| format!("console {}: {e}", console_path.display()))?;
     let mut virtio: Vec<Box<dyn VirtioMmioDevice>> = Vec::new();
     if let Some(uds) = &args.vsock_uds {
         virtio.push(Box::new(VsockMmio::new(&VsockConfig {

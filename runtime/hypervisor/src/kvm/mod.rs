@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use husk_vmm::document::{DiskDevice, FsDevice, VmmDocument};
 use husk_vmm::jail::JailBind;
 use tokio::process::Child;
 use tracing::{debug, info};
@@ -61,23 +62,17 @@ impl KvmDoor {
 impl Hypervisor for KvmDoor {
     async fn start(&mut self) -> Result<(), HypervisorError> {
         self.cgroup = jail::host_cgroup(&self.config)?;
-        let mut argv = vec![
-            jail::arg(&self.vmm)?,
-            "--kernel".into(),
-            jail::arg(&self.config.kernel)?,
-            "--initramfs".into(),
-            jail::arg(&self.config.initramfs)?,
-            "--console".into(),
-            jail::arg(&self.console_path())?,
-            "--vsock-uds".into(),
-            jail::arg(&self.vsock_path())?,
-            "--memory-mib".into(),
-            self.config.memory_mib.to_string(),
-            "--vcpus".into(),
-            self.config.vcpus.to_string(),
-            "--cmdline".into(),
-            KERNEL_CMDLINE.into(),
-        ];
+        let mut doc = VmmDocument {
+            kernel: self.config.kernel.clone(),
+            initramfs: self.config.initramfs.clone(),
+            console: self.console_path(),
+            vsock_uds: self.vsock_path(),
+            fs: Vec::new(),
+            disks: Vec::new(),
+            memory_mib: self.config.memory_mib,
+            vcpus: u8::try_from(self.config.vcpus).unwrap_or(u8::MAX),
+            cmdline: KERNEL_CMDLINE.into(),
+        };
         if let Some(binary) = self.virtiofsd.clone() {
             for (i, share) in self.config.shares.clone().iter().enumerate() {
                 let socket = self.run_path(&format!("fs{i}.sock"));
@@ -85,8 +80,10 @@ impl Hypervisor for KvmDoor {
                 let fs = Virtiofsd::start(&binary, share, &socket, &log).await?;
                 jail::adopt(self.cgroup.as_ref(), fs.child.id());
                 self.fs.push(fs);
-                argv.push("--fs".into());
-                argv.push(format!("{}={}", share.tag, jail::arg(&socket)?));
+                doc.fs.push(FsDevice {
+                    tag: share.tag.clone(),
+                    socket,
+                });
             }
         }
         let mut binds = vec![
@@ -95,20 +92,30 @@ impl Hypervisor for KvmDoor {
             JailBind::rw("/dev/kvm"),
         ];
         for disk in &self.config.disks {
-            argv.push(
-                if disk.read_only {
-                    "--disk-ro"
-                } else {
-                    "--disk"
-                }
-                .into(),
-            );
-            argv.push(format!("{}={}", disk.serial, jail::arg(&disk.path)?));
+            doc.disks.push(DiskDevice {
+                serial: disk.serial.clone(),
+                path: disk.path.clone(),
+                read_only: disk.read_only,
+            });
             binds.push(JailBind {
                 path: disk.path.clone(),
                 writable: !disk.read_only,
             });
         }
+        let doc_path = self.run_path("vmm.json");
+        let text = serde_json::to_vec(&doc).map_err(|e| HypervisorError::Spawn {
+            program: HUSK_VMM,
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(&doc_path, text).map_err(|source| HypervisorError::Spawn {
+            program: HUSK_VMM,
+            source,
+        })?;
+        let argv = vec![
+            jail::arg(&self.vmm)?,
+            "--config".into(),
+            jail::arg(&doc_path)?,
+        ];
         debug!(vmm = %self.vmm.display(), "starting the built-in VMM");
         let jail = Jail {
             binds,
