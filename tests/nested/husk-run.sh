@@ -27,7 +27,7 @@ cp "$bundle/config.json" /run/config.json
 # no_new_privs, seccomp mode, and which namespaces it does not share with this shell).
 jail_report() {
     for p in $(pgrep -x husk-vmm); do
-        [ "$(tr '\0' '\n' < /proc/$p/cmdline | sed -n 2p)" = "--kernel" ] || continue
+        case "$(tr '\0' '\n' < /proc/$p/cmdline | sed -n 2p)" in --config|--kernel) ;; *) continue ;; esac
         line=$(grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/$p/status | tr -s '\t\n' '  ')
         line=${line% }
         for n in mnt pid ipc uts net; do
