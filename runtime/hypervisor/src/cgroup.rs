@@ -43,6 +43,7 @@ use nix::sys::stat::{mkdirat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use tracing::{debug, warn};
 
+pub use mounts::unescape_mountinfo;
 use mounts::{Hierarchy, Role};
 
 /// Host memory a VM's processes use beyond the guest's RAM and its page tables: the VMM's or

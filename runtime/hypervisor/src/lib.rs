@@ -20,6 +20,7 @@ mod sys;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
+pub use cgroup::unescape_mountinfo;
 pub use error::HypervisorError;
 pub use helpers::find_program;
 pub use husk_vmm::probe::{probe as probe_kvm, ProbeReport};

@@ -87,14 +87,15 @@ fn parse_line(line: &str) -> Option<CgroupMount> {
     let super_options = after.nth(1).unwrap_or_default();
     matches!(fstype, "cgroup" | "cgroup2").then(|| CgroupMount {
         dev: dev.to_owned(),
-        mount_point: PathBuf::from(unescape(mount_point)),
+        mount_point: PathBuf::from(unescape_mountinfo(mount_point)),
         fstype: fstype.to_owned(),
         super_options: super_options.to_owned(),
     })
 }
 
-/// mountinfo's octal escapes (`\040` for a space) undone; a malformed one is kept as is.
-fn unescape(field: &str) -> String {
+/// mountinfo's octal escapes (`\040` for a space) undone; a malformed one (fewer than three
+/// octal digits, a sign) is kept as is. Fuzzed through `husk_sandbox::fuzzing`.
+pub fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -239,6 +240,6 @@ mod tests {
             mounts.last().map(|m| m.mount_point.clone()),
             Some(PathBuf::from("/mnt/memory again"))
         );
-        assert_eq!(unescape("a\\04"), "a\\04");
+        assert_eq!(unescape_mountinfo("a\\04"), "a\\04");
     }
 }

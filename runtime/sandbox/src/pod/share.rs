@@ -287,31 +287,7 @@ pub fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-pub(crate) fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        // Three octal digits exactly: `from_str_radix` alone would also take a sign (`\+12`).
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
-            .and_then(|d| std::str::from_utf8(d).ok())
-            .and_then(|s| u8::from_str_radix(s, 8).ok());
-        match (b, octal) {
-            (b'\\', Some(o)) => {
-                out.push(o);
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub(crate) use husk_hypervisor::unescape_mountinfo;
 
 /// `RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS` (which implies no magic links).
 fn beneath() -> ResolveFlag {
