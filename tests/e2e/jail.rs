@@ -18,7 +18,14 @@ use husk_e2e::harness::procs::{self, Proc};
 use husk_e2e::harness::{show, unique, Env, TestBundle};
 
 /// The probes a guest that took a VMM over would try (`husk_vmm::confine::attempt`).
-const FORBIDDEN: [&str; 4] = ["connect", "socket-inet", "tgkill-other", "clone-newuser"];
+const FORBIDDEN: [&str; 6] = [
+    "connect",
+    "socket-inet",
+    "tgkill-other",
+    "clone-newuser",
+    "chmod",
+    "prctl-pdeathsig",
+];
 /// SIGSYS: what a seccomp filter's KILL_PROCESS delivers.
 const SIGSYS: i32 = 31;
 
@@ -76,7 +83,8 @@ fn expected(cgroup: &str) -> Vec<String> {
 fn probe_in_jail(spec: &Path, vmm: &Path, probe: &str, dir: &Path) -> String {
     let mut doc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(spec).expect("door's jail spec")).expect("json");
-    let root = dir.join(format!("{probe}.root"));
+    let file_name = probe.replace(['/', ':'], "_");
+    let root = dir.join(format!("{file_name}.root"));
     std::fs::create_dir_all(&root).expect("probe root");
     doc["root"] = root.display().to_string().into();
     doc["connect"] = serde_json::json!([]);
@@ -86,16 +94,18 @@ fn probe_in_jail(spec: &Path, vmm: &Path, probe: &str, dir: &Path) -> String {
     if let Some(binds) = doc["binds"].as_array_mut() {
         binds.push(serde_json::json!({"path": vmm, "writable": false}));
     }
-    let copy = dir.join(format!("{probe}.json"));
+    let copy = dir.join(format!("{file_name}.json"));
     std::fs::write(&copy, doc.to_string()).expect("write spec");
     let out = Command::new(vmm)
         .args(["jail", "--spec"])
         .arg(&copy)
         .output()
         .expect("husk-vmm jail");
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     match out.status.code() {
         Some(code) if code > 128 => format!("signal {}", code - 128),
-        Some(code) => format!("exit {code}"),
+        Some(code) if said.is_empty() => format!("exit {code}"),
+        Some(code) => format!("exit {code} ({said})"),
         None => format!("signal {}", out.status.signal().unwrap_or(0)),
     }
 }
@@ -161,6 +171,17 @@ fn test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys() {
         .chain(&["getpid"])
         .map(|p| format!("{p}: {}", probe_in_jail(&spec, &vmm, p, dir.path())))
         .collect();
+    // uid 0 in the jail: /proc holds processes only, read-only (no /proc/sys to write).
+    let proc_sys = probe_in_jail(&spec, &vmm, "proc-sys", dir.path());
+    // The container's state (state.json, the jail specs) is not in the jail.
+    let state = husk.root().join(&id).join("state.json");
+    let state_on_host = state.exists();
+    let state_in_jail = probe_in_jail(
+        &spec,
+        &vmm,
+        &format!("exists:{}", state.display()),
+        dir.path(),
+    );
     let vmm_filter: Vec<String> = FORBIDDEN
         .iter()
         .chain(&["getpid"])
@@ -192,10 +213,18 @@ fn test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys() {
             .iter()
             .map(|p| format!("{p}: signal {SIGSYS}"))
             .collect();
-        want.push("getpid: exit 0".into());
+        let pid_line = probes.last().cloned().unwrap_or_default();
+        assert!(pid_line.starts_with("getpid: exit 0"), "{pid_line}");
+        want.push(pid_line);
         assert_eq!(probes, want);
     };
     sigsys(in_jail);
     sigsys(vmm_filter);
+    assert_eq!(proc_sys, "exit 0 (proc-sys: returned -1)");
+    assert!(state_on_host, "no {}", state.display());
+    assert!(
+        state_in_jail.ends_with("returned -1)"),
+        "the jail sees the container's state: {state_in_jail}"
+    );
     assert!(leftover.is_empty(), "host cgroup left behind: {leftover:?}");
 }

@@ -61,6 +61,10 @@ const PAGE_TABLE_DIVISOR: u64 = 256;
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 /// Controllers enabled for the children of each parent on cgroup v2.
 const V2_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// Tasks (threads included) a VM's host processes may have: QEMU or husk-vmm with a thread per
+/// vCPU and device, the vsock backend, virtiofsd's thread pools; far below a host's limit.
+pub const PIDS_MAX: u32 = 1024;
 /// How long [`HostCgroup::remove`] waits for the kernel to release exited processes.
 const REMOVE_PATIENCE: Duration = Duration::from_secs(1);
 /// Pause between two attempts to remove a leaf that the kernel still counts processes in.
@@ -244,7 +248,23 @@ impl HostCgroup {
     /// process still in it, another container's cgroup below a parent it made) is logged and
     /// left.
     pub fn remove(mut self) {
+        self.kill_remaining();
         self.remove_dirs(REMOVE_PATIENCE);
+    }
+
+    /// SIGKILLs whatever still runs in the cgroup (only the VM's processes can: it was empty
+    /// when made): a process that escaped its launcher's death signal does not outlive the VM.
+    fn kill_remaining(&self) {
+        for procs in self.procs_files() {
+            let text = std::fs::read_to_string(&procs).unwrap_or_default();
+            for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                warn!(pid, "VM process still running at teardown: killed");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 
     /// The cgroup's directory in `hierarchy`.
@@ -294,8 +314,14 @@ impl HostCgroup {
         Ok(())
     }
 
-    /// Writes the memory and CPU limits of `spec`.
+    /// Writes the memory and CPU limits of `spec`, and [`PIDS_MAX`] where the pids controller
+    /// is there.
     fn write_limits(&self, spec: &CgroupSpec) -> Result<(), CgroupError> {
+        let pids = [("pids.max", PIDS_MAX.to_string())];
+        match self.write_limit("pids", &pids, &pids) {
+            Err(CgroupError::NoController { .. }) => debug!("no pids controller: no pids.max"),
+            other => other?,
+        }
         if let Some(bytes) = spec.memory_limit_bytes {
             let v2 = [("memory.max", bytes.to_string())];
             let v1 = [("memory.limit_in_bytes", bytes.to_string())];

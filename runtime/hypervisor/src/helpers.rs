@@ -89,14 +89,15 @@ pub(crate) struct Virtiofsd {
 impl Virtiofsd {
     /// Starts virtiofsd for `share` with its vhost-user socket at `socket`, ready on return. A
     /// read-only or file share is built in virtiofsd's own mount namespace ([`ShareMounts`]);
-    /// a file share stages beside the socket.
+    /// a file share stages in `staging` (outside what a jail may write).
     pub(crate) async fn start(
         binary: &Path,
         share: &FsShare,
         socket: &Path,
+        staging: &Path,
         log: &Path,
     ) -> Result<Self, HypervisorError> {
-        let staging = socket.with_extension("files");
+        let staging = staging.to_owned();
         let mounts = ShareMounts::prepare(share, &staging)?;
         let staging = share.file.is_some().then_some(staging);
         let mut cmd = Command::new(binary);

@@ -3,6 +3,7 @@
 //! needs, no capabilities, `no_new_privs`, seccomp with argument filters, rlimits, the VM's
 //! host cgroup. This module writes the spec and spawns the launcher.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use husk_vmm::jail::{JailBind, JailSpec};
@@ -33,7 +34,8 @@ const DEVICES: &[&str] = &["/dev/null", "/dev/urandom"];
 
 /// Starts `argv` (a program by its host path, and its arguments) jailed as `name` in
 /// `run_dir`: the spec goes to `<run_dir>/<name>.jail.json`, the root is the empty directory
-/// `<run_dir>/<name>.root`, stdout and stderr to `log`. `run_dir` is writable in the jail.
+/// `<run_dir>/<name>.root`, stdout and stderr to `log`. Only `<run_dir>/vm` ([`crate::VM_DIR`],
+/// made here) is writable in the jail; the rest of `run_dir` is not in it.
 pub(crate) fn spawn(
     vmm: &Path,
     name: &'static str,
@@ -47,13 +49,17 @@ pub(crate) fn spawn(
         source,
     };
     let root = run_dir.join(format!("{name}.root"));
-    match std::fs::create_dir(&root) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(spawn_err(e)),
-        _ => {}
+    let vm_dir = run_dir.join(crate::VM_DIR);
+    for dir in [&root, &vm_dir] {
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(spawn_err(e)),
+            _ => {}
+        }
     }
     let mut binds = husk_vmm::jail::system_binds();
-    binds.extend(DEVICES.iter().map(|d| JailBind::rw(*d)));
-    binds.push(JailBind::rw(run_dir));
+    // Device nodes read-only: writing a device still works, changing its node does not.
+    binds.extend(DEVICES.iter().map(|d| JailBind::ro(*d)));
+    binds.push(JailBind::rw(vm_dir));
     if let Some(program) = argv.first() {
         if !Path::new(program).starts_with("/usr") {
             binds.push(JailBind::ro(program));

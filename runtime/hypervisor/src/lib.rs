@@ -25,6 +25,17 @@ pub use error::HypervisorError;
 pub use helpers::find_program;
 pub use husk_vmm::probe::{probe as probe_kvm, ProbeReport};
 
+/// The part of a VM's run directory its jailed processes may write (sockets, console, VMM
+/// logs): `<run_dir>/vm`. Everything else of the run directory (the container's state, jail
+/// specs, share staging) stays out of the jails' reach.
+pub const VM_DIR: &str = "vm";
+
+/// Host side of the hybrid vsock of the VM whose run directory is `run_dir`.
+#[must_use]
+pub fn vsock_path(run_dir: &Path) -> PathBuf {
+    run_dir.join(VM_DIR).join("vsock.sock")
+}
+
 /// Which door to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HypervisorKind {

@@ -19,7 +19,6 @@ use crate::state_dir::{container_dir, owner_alive, pid_alive, StateDir};
 use crate::{RunOptions, SandboxError};
 
 /// Name of the VM's hybrid vsock socket in a state directory (both doors use it).
-const VSOCK_SOCKET: &str = "vsock.sock";
 /// File the monitor writes its one-line error to when it fails before `created`.
 pub const MONITOR_ERROR: &str = "monitor.err";
 /// How long a command retries reaching the agent (each request then has its own deadline,
@@ -432,7 +431,11 @@ fn remove(dir: &PathBuf) -> Result<(), SandboxError> {
 }
 
 async fn agent(dir: &Path) -> Result<AgentClient, SandboxError> {
-    AgentClient::connect(&dir.join(VSOCK_SOCKET), Instant::now() + AGENT_TIMEOUT).await
+    AgentClient::connect(
+        &husk_hypervisor::vsock_path(dir),
+        Instant::now() + AGENT_TIMEOUT,
+    )
+    .await
 }
 
 /// Fails unless the container in `dir` is created, running or paused (its VM is up).

@@ -210,8 +210,13 @@ fn kill_vmm(run_dir: &Path) {
         return;
     };
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let needle = run_dir.as_os_str().as_encoded_bytes();
-    if cmdline.windows(needle.len()).any(|w| w == needle) {
+    // The directory as a whole path component (`/pod1/`, never a prefix of `/pod10/`).
+    let mut needle = run_dir.as_os_str().as_encoded_bytes().to_vec();
+    needle.push(b'/');
+    if cmdline
+        .windows(needle.len())
+        .any(|w| w == needle.as_slice())
+    {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,

@@ -83,8 +83,19 @@ const ALLOWED: &[i64] = &[
 /// # Errors
 /// [`VmmError::Confine`] if seccompiler rejects it.
 pub fn filter() -> Result<BpfProgram, VmmError> {
-    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    filter_with(&[])
+}
+
+/// [`filter`] plus the syscalls `extra`.
+///
+/// # Errors
+/// [`VmmError::Confine`] if seccompiler rejects it.
+pub fn filter_with(extra: &[i64]) -> Result<BpfProgram, VmmError> {
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = ALLOWED
+        .iter()
+        .chain(extra)
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
     rules.extend(argument_rules(i64::from(std::process::id()))?);
     let filter = SeccompFilter::new(
         rules,
@@ -101,7 +112,8 @@ pub fn filter() -> Result<BpfProgram, VmmError> {
 ///   library makes (FIONBIO, FIOCLEX, FIONCLEX, TCGETS, TIOCGWINSZ);
 /// - `socket`: `AF_UNIX` only;
 /// - `clone`: threads only (`CLONE_THREAD`);
-/// - `tgkill`: the process's own threads (`self_pid`).
+/// - `tgkill`: the process's own threads (`self_pid`);
+/// - `prctl`: anything but `PR_SET_PDEATHSIG` (the VMM dies with its launcher).
 fn argument_rules(self_pid: i64) -> Result<Vec<(i64, Vec<SeccompRule>)>, VmmError> {
     use seccompiler::{SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond};
     let e = |e: seccompiler::BackendError| VmmError::Confine(format!("seccomp rule: {e}"));
@@ -115,6 +127,7 @@ fn argument_rules(self_pid: i64) -> Result<Vec<(i64, Vec<SeccompRule>)>, VmmErro
     let thread = libc::CLONE_THREAD as u64;
     let af_unix = libc::AF_UNIX as u64;
     let pid = u64::try_from(self_pid).unwrap_or(0);
+    let pdeathsig = u64::try_from(libc::PR_SET_PDEATHSIG).unwrap_or(1);
     Ok(vec![
         (libc::SYS_ioctl, ioctl),
         (
@@ -126,12 +139,18 @@ fn argument_rules(self_pid: i64) -> Result<Vec<(i64, Vec<SeccompRule>)>, VmmErro
             vec![rule(0, Len::Qword, Op::MaskedEq(thread), thread)?],
         ),
         (libc::SYS_tgkill, vec![rule(0, Len::Dword, Op::Eq, pid)?]),
+        (
+            libc::SYS_prctl,
+            vec![rule(0, Len::Dword, Op::Ne, pdeathsig)?],
+        ),
     ])
 }
 
 /// Makes the syscall `name` names as a guest that took a VMM over would, and returns its
 /// result (when a filter lets it through): `connect` (to containerd's socket), `socket-inet`,
-/// `tgkill-other`, `clone-newuser`, or `getpid` (allowed everywhere, the control).
+/// `tgkill-other`, `clone-newuser`, `chmod` (of /dev/null), `prctl-pdeathsig` (clearing
+/// it), `proc-sys` (opening `/proc/sys/kernel/hostname` for writing), or `getpid` (allowed
+/// everywhere, the control); `exists:PATH` asks whether PATH can be seen.
 #[must_use]
 pub fn attempt(name: &str) -> i64 {
     // SAFETY: raw syscalls with scalar arguments or pointers to locals that outlive them; the
@@ -152,6 +171,16 @@ pub fn attempt(name: &str) -> i64 {
                 let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
                     .unwrap_or(0);
                 i64::from(libc::connect(fd, std::ptr::addr_of!(addr).cast(), len))
+            }
+            "chmod" => i64::from(libc::chmod(c"/dev/null".as_ptr(), 0o600)),
+            "prctl-pdeathsig" => i64::from(libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0)),
+            "proc-sys" => i64::from(libc::open(
+                c"/proc/sys/kernel/hostname".as_ptr(),
+                libc::O_WRONLY,
+            )),
+            path if path.starts_with("exists:") => {
+                let path = std::ffi::CString::new(&path["exists:".len()..]).unwrap_or_default();
+                i64::from(libc::access(path.as_ptr(), libc::F_OK))
             }
             "socket-inet" => i64::from(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0)),
             "tgkill-other" => {
@@ -200,7 +229,16 @@ pub fn drop_capabilities() -> Result<(), VmmError> {
 /// # Errors
 /// [`VmmError::Confine`] if the kernel refuses the filter.
 pub fn install_filter() -> Result<(), VmmError> {
-    let program = filter()?;
+    install_filter_with(&[])
+}
+
+/// [`install_filter`] with the syscalls `extra` allowed too (the vsock backend removes its
+/// socket files when its session ends).
+///
+/// # Errors
+/// [`VmmError::Confine`] if the kernel refuses the filter.
+pub fn install_filter_with(extra: &[i64]) -> Result<(), VmmError> {
+    let program = filter_with(extra)?;
     seccompiler::apply_filter_all_threads(&program)
         .map_err(|e| VmmError::Confine(format!("seccomp: {e}")))
 }

@@ -286,7 +286,11 @@ fn child_steps(
     crate::confine::drop_capabilities()?;
     nix::sys::prctl::set_no_new_privs().map_err(|e| err("no_new_privs", &e))?;
     let self_pid = i64::from(nix::unistd::getpid().as_raw());
-    for program in [filter(self_pid, spec.allow_connect)?, no_clone3()?] {
+    for program in [
+        no_x32(),
+        filter(self_pid, spec.allow_connect)?,
+        unsupported()?,
+    ] {
         seccompiler::apply_filter(&program).map_err(|e| err("seccomp", &e))?;
     }
     relayed
@@ -332,12 +336,14 @@ fn build_root(spec: &JailSpec) -> Result<(), VmmError> {
     }
     let proc_dir = root.join("proc");
     std::fs::create_dir_all(&proc_dir).map_err(|e| err("mkdir /proc".into(), &e))?;
+    // Processes only (no /proc/sys, sysrq-trigger, ...: uid 0 may write those by file mode),
+    // read-only.
     mount(
         Some("proc"),
         &proc_dir,
         Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        none,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+        Some("subset=pid"),
     )
     .map_err(|e| err("mounting /proc".into(), &e))?;
     nix::unistd::chdir(root).map_err(|e| err("chdir root".into(), &e))?;
@@ -417,14 +423,27 @@ fn place_fds(passed: Vec<OwnedFd>) -> Result<(), VmmError> {
     unsafe {
         libc::syscall(libc::SYS_close_range, 3u32, 999u32, 0u32);
     }
-    for (i, fd) in high.into_iter().enumerate() {
+    let count = high.len();
+    for (i, fd) in high.iter().enumerate() {
         let target = FIRST_PASSED_FD + RawFd::try_from(i).unwrap_or(RawFd::MAX);
         // SAFETY: dup2 onto a number closed above; the new descriptor is not close-on-exec.
         if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
             return Err(err(nix::Error::last()));
         }
     }
-    // The `high` copies are closed on drop and at exec.
+    // Nothing else crosses into the program: every other descriptor from there up closes.
+    let first_free = FIRST_PASSED_FD + RawFd::try_from(count).unwrap_or(RawFd::MAX - 3);
+    // SAFETY: close_range on this process's own descriptors; the Rust objects still holding
+    // some (`high`) are dropped right after without further use.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            u32::try_from(first_free).unwrap_or(3),
+            u32::MAX,
+            0u32,
+        );
+    }
+    std::mem::forget(high);
     Ok(())
 }
 
@@ -501,7 +520,20 @@ const DENIED: &[i64] = &[
     libc::SYS_mknod,
     libc::SYS_mknodat,
     libc::SYS_personality,
+    // uid 0 owns what is bound in: no mode or owner changes (a setuid disk image, a 0666
+    // /dev/kvm).
+    libc::SYS_chmod,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    FCHMODAT2,
+    libc::SYS_chown,
+    libc::SYS_fchown,
+    libc::SYS_lchown,
+    libc::SYS_fchownat,
 ];
+
+/// `fchmodat2` (Linux 6.6), not in every libc crate yet.
+const FCHMODAT2: i64 = 452;
 
 /// Namespace flags no jailed `clone` may carry.
 const NEW_NAMESPACES: u64 = (libc::CLONE_NEWNS
@@ -555,6 +587,12 @@ pub fn filter(self_pid: i64, allow_connect: bool) -> Result<BpfProgram, VmmError
     if !allow_connect {
         rules.insert(libc::SYS_connect, Vec::new());
     }
+    // No way out of the parent-death signal that ties the jail to its launcher.
+    let pdeathsig = u64::try_from(libc::PR_SET_PDEATHSIG).unwrap_or(1);
+    rules.insert(
+        libc::SYS_prctl,
+        vec![SeccompRule::new(vec![dword(0, Op::Eq, pdeathsig).map_err(e)?]).map_err(e)?],
+    );
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -565,10 +603,58 @@ pub fn filter(self_pid: i64, allow_connect: bool) -> Result<BpfProgram, VmmError
     BpfProgram::try_from(filter).map_err(|e| VmmError::Confine(e.to_string()))
 }
 
-/// `clone3` fails with ENOSYS (its flags live in memory a filter cannot read); glibc then
-/// creates threads with `clone`, which [`filter`] checks.
-fn no_clone3() -> Result<BpfProgram, VmmError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_clone3, Vec::new())].into();
+/// Kills any x32 syscall (number with bit 30 set): seccompiler's filters check the
+/// architecture, which x32 shares with x86_64, so a deny-list alone could be walked around
+/// on a kernel with x32 support.
+fn no_x32() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JSET_K: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const KILL_PROCESS: u32 = 0x8000_0000;
+    const ALLOW: u32 = 0x7fff_0000;
+    vec![
+        sock_filter {
+            code: LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }, // seccomp_data.nr
+        sock_filter {
+            code: JSET_K,
+            jt: 0,
+            jf: 1,
+            k: 0x4000_0000,
+        },
+        sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: KILL_PROCESS,
+        },
+        sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: ALLOW,
+        },
+    ]
+}
+
+/// `clone3` fails with ENOSYS (its flags live in memory a filter cannot read; glibc then
+/// creates threads with `clone`, which [`filter`] checks), and so does io_uring (its
+/// operations, sockets and connects included, pass no filter; QEMU probes it and goes on
+/// without).
+fn unsupported() -> Result<BpfProgram, VmmError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = [
+        libc::SYS_clone3,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
+    ]
+    .into_iter()
+    .map(|nr| (nr, Vec::new()))
+    .collect();
     let enosys = u32::try_from(libc::ENOSYS).unwrap_or(38);
     let filter = SeccompFilter::new(
         rules,
@@ -598,7 +684,7 @@ mod tests {
     #[test]
     fn test_filters_compile() {
         assert!(filter(1, false).unwrap().len() > DENIED.len());
-        assert!(!no_clone3().unwrap().is_empty());
+        assert!(!unsupported().unwrap().is_empty());
     }
 
     #[test]

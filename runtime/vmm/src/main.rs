@@ -282,13 +282,23 @@ fn vhost_vsock(args: &[std::ffi::OsString]) -> ExitCode {
         guest_cid: GUEST_CID,
         uds_path: uds,
     };
-    match husk_devices::spawn_vhost_user_vsock(config, &socket).map(|d| d.wait()) {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(e)) | Err(e) => {
+    let daemon = match husk_devices::spawn_vhost_user_vsock(config, &socket) {
+        Ok(daemon) => daemon,
+        Err(e) => {
             eprintln!("husk-vmm: vsock: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    // Both sockets listen: from here the guest can reach this process, which keeps only what
+    // serving the device needs (the VMM's allowlist, all threads). The door removes the
+    // socket files when QEMU is gone.
+    if let Err(e) = husk_vmm::confine::install_filter_with(&[libc::SYS_unlink, libc::SYS_unlinkat])
+    {
+        eprintln!("husk-vmm: vsock: {e}");
+        return ExitCode::FAILURE;
     }
+    daemon.wait_session();
+    ExitCode::SUCCESS
 }
 
 /// The value after `name` in `args`.

@@ -442,14 +442,10 @@ fn session_result(
 }
 
 impl VsockDaemon {
-    /// Blocks until the session ends (the frontend hung up or failed), then cleans up as
-    /// [`Self::shutdown`] does.
-    ///
-    /// # Errors
-    /// As [`Self::shutdown`].
-    pub fn wait(mut self) -> Result<(), VsockError> {
+    /// Blocks until the session ends (the frontend hung up or failed); the caller then exits
+    /// (a process serving one VM) instead of cleaning up.
+    pub fn wait_session(&self) {
         let _ = self.session_done.recv();
-        self.stop()
     }
 
     /// Stops the session and its threads, closes every host stream and removes both socket

@@ -56,6 +56,11 @@ impl KvmDoor {
     fn run_path(&self, name: &str) -> PathBuf {
         self.config.run_dir.join(name)
     }
+
+    /// A file in the directory the VM's jailed processes may write ([`crate::VM_DIR`]).
+    fn vm_path(&self, name: &str) -> PathBuf {
+        self.config.run_dir.join(crate::VM_DIR).join(name)
+    }
 }
 
 #[async_trait::async_trait]
@@ -75,9 +80,10 @@ impl Hypervisor for KvmDoor {
         };
         if let Some(binary) = self.virtiofsd.clone() {
             for (i, share) in self.config.shares.clone().iter().enumerate() {
-                let socket = self.run_path(&format!("fs{i}.sock"));
+                let socket = self.vm_path(&format!("fs{i}.sock"));
+                let staging = self.run_path(&format!("fs{i}.files"));
                 let log = self.run_path(&format!("virtiofsd{i}.log"));
-                let fs = Virtiofsd::start(&binary, share, &socket, &log).await?;
+                let fs = Virtiofsd::start(&binary, share, &socket, &staging, &log).await?;
                 jail::adopt(self.cgroup.as_ref(), fs.child.id());
                 self.fs.push(fs);
                 doc.fs.push(FsDevice {
@@ -89,7 +95,7 @@ impl Hypervisor for KvmDoor {
         let mut binds = vec![
             JailBind::ro(&self.config.kernel),
             JailBind::ro(&self.config.initramfs),
-            JailBind::rw("/dev/kvm"),
+            JailBind::ro("/dev/kvm"),
         ];
         for disk in &self.config.disks {
             doc.disks.push(DiskDevice {
@@ -128,26 +134,26 @@ impl Hypervisor for KvmDoor {
             allow_connect: true,
             ..Jail::default()
         };
-        let log = self.run_path("vmm.log");
+        let log = self.vm_path("vmm.log");
         let run_dir = self.config.run_dir.clone();
         let child = jail::spawn(&self.vmm, HUSK_VMM, jail, argv, &run_dir, &log)?;
         info!(pid = child.id(), "built-in VMM started");
         self.child = Some(child);
-        self.log_cap = Some(ConsoleCap::start(&[self.run_path("vmm.log")], CONSOLE_CAP));
+        self.log_cap = Some(ConsoleCap::start(&[self.vm_path("vmm.log")], CONSOLE_CAP));
         Ok(())
     }
 
     fn vsock_path(&self) -> PathBuf {
-        self.run_path("vsock.sock")
+        crate::vsock_path(&self.config.run_dir)
     }
 
     fn console_path(&self) -> PathBuf {
-        self.run_path("console.log")
+        self.vm_path("console.log")
     }
 
     fn diagnostics(&self) -> String {
         let console = crate::tail_lines(&self.console_path(), 8).join(" | ");
-        let vmm = crate::tail_lines(&self.run_path("vmm.log"), 3).join(" | ");
+        let vmm = crate::tail_lines(&self.vm_path("vmm.log"), 3).join(" | ");
         match vmm.is_empty() {
             true => format!("last console lines: {console}"),
             false => format!("last console lines: {console}; husk-vmm: {vmm}"),

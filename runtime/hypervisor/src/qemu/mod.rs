@@ -77,6 +77,11 @@ impl QemuDoor {
         self.config.run_dir.join(name)
     }
 
+    /// A file in the directory the VM's jailed processes may write ([`crate::VM_DIR`]).
+    fn vm_path(&self, name: &str) -> PathBuf {
+        self.config.run_dir.join(crate::VM_DIR).join(name)
+    }
+
     /// The VM's host cgroup, which every process of the VM joins.
     fn cgroup_procs(&self) -> Vec<PathBuf> {
         self.cgroup
@@ -91,10 +96,11 @@ impl QemuDoor {
         };
         let mut sockets = Vec::new();
         for (i, share) in self.config.shares.clone().iter().enumerate() {
-            let socket = self.run_path(&format!("fs{i}.sock"));
+            let socket = self.vm_path(&format!("fs{i}.sock"));
+            let staging = self.run_path(&format!("fs{i}.files"));
             let log = self.run_path(&format!("virtiofsd{i}.log"));
             self.fs
-                .push(Virtiofsd::start(&binary, share, &socket, &log).await?);
+                .push(Virtiofsd::start(&binary, share, &socket, &staging, &log).await?);
             sockets.push(socket);
         }
         Ok(sockets)
@@ -119,7 +125,7 @@ impl Hypervisor for QemuDoor {
     async fn start(&mut self) -> Result<(), HypervisorError> {
         self.cgroup = jail::host_cgroup(&self.config)?;
         let run_dir = self.config.run_dir.clone();
-        let vhost_vsock = self.run_path("vhost-vsock.sock");
+        let vhost_vsock = self.vm_path("vhost-vsock.sock");
         let argv = vec![
             jail::arg(&self.vmm)?,
             "vhost-vsock".into(),
@@ -128,7 +134,7 @@ impl Hypervisor for QemuDoor {
             "--uds".into(),
             jail::arg(&self.vsock_path())?,
         ];
-        let log = self.run_path("vsock.log");
+        let log = self.vm_path("vsock.log");
         let jail = Jail {
             cgroup_procs: self.cgroup_procs(),
             ..Jail::default()
@@ -157,7 +163,7 @@ impl Hypervisor for QemuDoor {
             writable: !d.read_only,
         }));
         if self.accel == Accel::Kvm {
-            binds.push(JailBind::rw("/dev/kvm"));
+            binds.push(JailBind::ro("/dev/kvm"));
         }
         let mut connect = vec![vhost_vsock];
         connect.extend(fs);
@@ -169,30 +175,30 @@ impl Hypervisor for QemuDoor {
             tap: self.config.net.as_ref().map(|n| n.tap.clone()),
             allow_connect: false,
         };
-        let log = self.run_path("qemu.log");
+        let log = self.vm_path("qemu.log");
         let child = jail::spawn(&self.vmm, QEMU, jail, argv, &run_dir, &log)?;
         info!(pid = child.id(), accel = ?self.accel, "QEMU started");
         self.child = Some(child);
         let capped = [
             self.console_path(),
-            self.run_path("qemu.log"),
-            self.run_path("vsock.log"),
+            self.vm_path("qemu.log"),
+            self.vm_path("vsock.log"),
         ];
         self.console_cap = Some(ConsoleCap::start(&capped, CONSOLE_CAP));
         Ok(())
     }
 
     fn vsock_path(&self) -> PathBuf {
-        self.run_path("vsock.sock")
+        crate::vsock_path(&self.config.run_dir)
     }
 
     fn console_path(&self) -> PathBuf {
-        self.run_path("console.log")
+        self.vm_path("console.log")
     }
 
     fn diagnostics(&self) -> String {
         let console = crate::tail_lines(&self.console_path(), 8).join(" | ");
-        let qemu = crate::tail_lines(&self.run_path("qemu.log"), 3).join(" | ");
+        let qemu = crate::tail_lines(&self.vm_path("qemu.log"), 3).join(" | ");
         match qemu.is_empty() {
             true => format!("last console lines: {console}"),
             false => format!("last console lines: {console}; qemu: {qemu}"),
@@ -225,7 +231,7 @@ impl Hypervisor for QemuDoor {
             let _ = vsock.start_kill();
             let _ = vsock.wait().await;
             for socket in ["vhost-vsock.sock", "vsock.sock"] {
-                let _ = std::fs::remove_file(self.run_path(socket));
+                let _ = std::fs::remove_file(self.vm_path(socket));
             }
         }
         self.console_cap = None;
