@@ -32,6 +32,21 @@ pub(crate) struct Jail {
 /// Device nodes every jailed process may open.
 const DEVICES: &[&str] = &["/dev/null", "/dev/urandom"];
 
+/// Makes `<run_dir>/vm` ([`crate::VM_DIR`]), 0700, for the VM's sockets, console and logs
+/// (before virtiofsd's socket goes there).
+pub(crate) fn make_vm_dir(run_dir: &Path) -> Result<(), HypervisorError> {
+    match std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(run_dir.join(crate::VM_DIR))
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(HypervisorError::Spawn {
+            program: "jail",
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Starts `argv` (a program by its host path, and its arguments) jailed as `name` in
 /// `run_dir`: the spec goes to `<run_dir>/<name>.jail.json`, the root is the empty directory
 /// `<run_dir>/<name>.root`, stdout and stderr to `log`. Only `<run_dir>/vm` ([`crate::VM_DIR`],

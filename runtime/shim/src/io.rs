@@ -394,8 +394,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("log");
         let script = dir.path().join("logger");
+        let draft = dir.path().join("logger.txt");
         std::fs::write(
-            &script,
+            &draft,
             format!(
                 "#!/bin/sh\necho \"$* $CONTAINER_ID $CONTAINER_NAMESPACE\" > {out}.meta\n\
                  exec 5>&-\ncat <&3 > {out}.out & cat <&4 > {out}.err\nwait\n",
@@ -403,8 +404,15 @@ mod tests {
             ),
         )
         .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        // Written by a child process: a descriptor open for writing in this process would be
+        // inherited by another test's fork for a moment, and exec would fail with ETXTBSY.
+        let copied = std::process::Command::new("install")
+            .args(["-m", "0755"])
+            .arg(&draft)
+            .arg(&script)
+            .status()
             .unwrap();
+        assert!(copied.success());
         let uri = format!("binary://{}?k=v&flag", script.display());
         let paths = StdioPaths {
             stdin: String::new(),

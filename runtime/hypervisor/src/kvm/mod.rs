@@ -66,6 +66,7 @@ impl KvmDoor {
 #[async_trait::async_trait]
 impl Hypervisor for KvmDoor {
     async fn start(&mut self) -> Result<(), HypervisorError> {
+        jail::make_vm_dir(&self.config.run_dir)?;
         self.cgroup = jail::host_cgroup(&self.config)?;
         let mut doc = VmmDocument {
             kernel: self.config.kernel.clone(),
@@ -117,6 +118,7 @@ impl Hypervisor for KvmDoor {
             program: HUSK_VMM,
             source,
         })?;
+        binds.push(JailBind::ro(&doc_path));
         let argv = vec![
             jail::arg(&self.vmm)?,
             "--config".into(),

@@ -123,6 +123,7 @@ fn choose_accel() -> Accel {
 #[async_trait::async_trait]
 impl Hypervisor for QemuDoor {
     async fn start(&mut self) -> Result<(), HypervisorError> {
+        jail::make_vm_dir(&self.config.run_dir)?;
         self.cgroup = jail::host_cgroup(&self.config)?;
         let run_dir = self.config.run_dir.clone();
         let vhost_vsock = self.vm_path("vhost-vsock.sock");
