@@ -157,6 +157,26 @@ fn test_config_default_mounts_masked_and_readonly_paths_as_runc() {
         })
         .collect();
     let find = |dest: &str| mounts.iter().find(|m| m.0 == dest).copied();
+    // Each kernel file system shows the source config.json names (`shm`, ...), as under runc
+    // (runtime-tools' mount check compares it).
+    let sources: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 6).then(|| (f[1], f[0]))
+        })
+        .collect();
+    for (dest, source) in [
+        ("/proc", "proc"),
+        ("/dev", "tmpfs"),
+        ("/dev/pts", "devpts"),
+        ("/dev/shm", "shm"),
+        ("/dev/mqueue", "mqueue"),
+        ("/sys", "sysfs"),
+    ] {
+        let seen = sources.iter().find(|m| m.0 == dest).map(|m| m.1);
+        assert_eq!(seen, Some(source), "source of {dest}: {text}");
+    }
     // The default spec's mounts, with their options (as runc mounts them).
     let (_, fs, opts) = find("/dev").expect("/dev mounted");
     assert_eq!(fs, "tmpfs");

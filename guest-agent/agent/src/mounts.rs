@@ -56,7 +56,7 @@ pub fn mount_all(
         let data = m.data.join(",");
         let data = (!data.is_empty()).then_some(data.as_str());
         mount(
-            Some(fstype),
+            Some(m.device.as_deref().unwrap_or(fstype)),
             &target,
             Some(fstype),
             ms_flags(&m.flags),

@@ -161,6 +161,7 @@ mod tests {
                 flags: vec![crate::MountFlag::Nosuid],
                 data: vec!["mode=755".into()],
                 source: None,
+                device: None,
             }],
             masked_paths: vec!["/proc/kcore".into()],
             readonly_paths: vec!["/proc/sys".into()],

@@ -24,6 +24,11 @@ pub struct Mount {
     /// What a [`MountKind::Bind`] mount binds; `None` for every other kind.
     #[serde(default)]
     pub source: Option<BindSource>,
+    /// The device name a kernel file system is mounted with (config.json's `source`: `proc`,
+    /// `shm`, `devpts`, ...), which /proc/self/mountinfo shows; `None`: the type's name.
+    /// Never set on a bind mount.
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 /// The source of a bind mount: a host directory shared with virtio-fs (one share per
@@ -294,6 +299,18 @@ impl Mount {
             }
             (_, None) => {}
         }
+        if let Some(device) = &self.device {
+            if self.kind == MountKind::Bind
+                || device.is_empty()
+                || device.len() > MAX_DATA_LEN
+                || device.contains('\0')
+            {
+                return Err(format!(
+                    "mount {}: bad source {device:?} (1 to {MAX_DATA_LEN} bytes, no NUL, not on a bind mount)",
+                    self.destination
+                ));
+            }
+        }
         let bad = self
             .data
             .iter()
@@ -395,6 +412,7 @@ mod tests {
             flags: vec![MountFlag::Nosuid],
             data: vec!["size=1m".into()],
             source: None,
+            device: None,
         };
         assert!(m.validate().is_ok());
         m.data.push("mode=1,uid=0".into());
@@ -416,6 +434,7 @@ mod tests {
                 path: None,
                 file: Some("greeting".into()),
             }),
+            device: None,
         };
         assert!(m.validate().is_ok());
         for (tag, file) in [

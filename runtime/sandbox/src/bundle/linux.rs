@@ -126,12 +126,21 @@ fn mount(m: &OciMount, binds: &mut BindShares) -> Result<Mount, String> {
         }
     };
     let (flags, data) = mount_options(&options).map_err(|e| format!("mount {destination}: {e}"))?;
+    // The device name (`shm`, `proc`, ...) as the config gives it: /proc/self/mountinfo shows
+    // it, as under runc.
+    let device = m
+        .source()
+        .as_deref()
+        .and_then(Path::to_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
     Ok(Mount {
         destination,
         kind,
         flags,
         data,
         source: None,
+        device,
     })
 }
 
@@ -158,6 +167,7 @@ fn bind_mount(
         flags,
         data,
         source: Some(source),
+        device: None,
     })
 }
 

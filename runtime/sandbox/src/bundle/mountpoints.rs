@@ -100,6 +100,7 @@ mod tests {
                 path: None,
                 file: file.then(|| "f".into()),
             }),
+            device: None,
         }
     }
 
