@@ -23,7 +23,7 @@ use crate::SandboxError;
 /// `_<port>` to the hybrid vsock path).
 const MAX_SOCKET_PATH: usize = 90;
 /// Longest socket file name the doors use in the directory.
-const LONGEST_SOCKET_NAME: &str = "vhost-vsock.sock";
+const LONGEST_SOCKET_NAME: &str = "vm/vhost-vsock.sock";
 /// File name of the owner lock.
 const OWNER_LOCK: &str = "lock";
 
