@@ -61,11 +61,17 @@ fn run(env: &Env) -> Result<ExitCode, Box<dyn std::error::Error>> {
     ];
     let jobs = env_number("CONFORMANCE_JOBS")?.unwrap_or(1);
     let started = Instant::now();
-    let rows = conformance::run_all(&suite, &tests, &runtimes, jobs)?;
-    let summary = Summary::of(&rows);
+    let results = conformance::run_all(&suite, &tests, &runtimes, jobs)?;
+    let summary = Summary::of(&results.rows);
     println!("{}", summary.line());
-    println!("conformance: took {} s", started.elapsed().as_secs());
-    std::fs::write(out.join("conformance.md"), report::markdown(&rows))?;
+    let [runc_time, husk_time] = results.elapsed;
+    println!(
+        "conformance: took {} s (tests under runc {} s, under husk {} s)",
+        started.elapsed().as_secs(),
+        runc_time.as_secs(),
+        husk_time.as_secs()
+    );
+    std::fs::write(out.join("conformance.md"), report::markdown(&results.rows))?;
     match env_number("CONFORMANCE_MIN_HUSK")? {
         Some(min) if summary.husk < min => {
             println!(

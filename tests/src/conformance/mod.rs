@@ -15,6 +15,7 @@ pub mod tap;
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 pub use report::{Row, Summary};
 pub use run::{RunResult, Runtime, Suite};
@@ -37,6 +38,15 @@ struct Job {
 
 type Outcome = (Job, std::io::Result<RunResult>);
 
+/// Every test's row and the time each runtime's runs took in total (runc, husk).
+#[derive(Debug, Clone)]
+pub struct Results {
+    /// One row per test, in test order.
+    pub rows: Vec<Row>,
+    /// Summed wall time of the test programs under runc and under husk.
+    pub elapsed: [Duration; 2],
+}
+
 /// Runs each of `tests` under each runtime of `[runc, husk]` with `jobs` runs at a time,
 /// printing each test's line as soon as it and every test before it are done.
 ///
@@ -47,7 +57,7 @@ pub fn run_all(
     tests: &[String],
     runtimes: &[Runtime; 2],
     jobs: usize,
-) -> std::io::Result<Vec<Row>> {
+) -> std::io::Result<Results> {
     let queue: Vec<Job> = tests
         .iter()
         .enumerate()
@@ -86,15 +96,20 @@ pub fn run_all(
 }
 
 /// Receives every outcome, printing rows in test order as they complete.
-fn collect(tests: &[String], rx: mpsc::Receiver<Outcome>) -> std::io::Result<Vec<Row>> {
+fn collect(tests: &[String], rx: mpsc::Receiver<Outcome>) -> std::io::Result<Results> {
     let mut verdicts: Vec<[Option<Verdict>; 2]> = vec![[None, None]; tests.len()];
     let mut rows = Vec::with_capacity(tests.len());
+    let mut elapsed = [Duration::ZERO; 2];
     for (job, result) in rx {
+        let result = result?;
+        if let Some(total) = elapsed.get_mut(job.runtime) {
+            *total += result.elapsed;
+        }
         let slot = verdicts
             .get_mut(job.index)
             .and_then(|v| v.get_mut(job.runtime));
         if let Some(slot) = slot {
-            *slot = Some(result?.verdict);
+            *slot = Some(result.verdict);
         }
         while let Some([Some(runc), Some(husk)]) = verdicts.get(rows.len()).cloned() {
             let row = Row {
@@ -106,5 +121,5 @@ fn collect(tests: &[String], rx: mpsc::Receiver<Outcome>) -> std::io::Result<Vec
             rows.push(row);
         }
     }
-    Ok(rows)
+    Ok(Results { rows, elapsed })
 }
