@@ -13,7 +13,7 @@ APT_PACKAGES := qemu-system-x86 linux-source-6.12 build-essential flex bison bc 
 	containerd containernetworking-plugins protobuf-compiler iproute2
 export PATH := /usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all deps build husk agent kernel test-host-kernel initramfs demo test test-unit test-e2e fuzz bench fmt lint clean
+.PHONY: all deps build husk agent kernel test-host-kernel initramfs demo test test-unit test-e2e conformance fuzz bench fmt lint clean
 
 all: build
 
@@ -67,6 +67,19 @@ test-unit:
 
 test-e2e: deps build
 	HUSK_OUT=$(OUT) cargo test -p husk-e2e -- --test-threads=2
+
+## conformance: the OCI runtime-tools validation suite (58 tests; CONFORMANCE_TARBALL, default
+## ../shared/conformance/runtime-tools.tar.gz) under runc and then husk, verdicts side by side, table in
+## out/conformance.md; Go 1.23 from bookworm-backports and the suite's build are cached; one SKIPPED
+## line where the tarball is absent; CONFORMANCE_MIN_HUSK=N fails when husk passes fewer than N
+CONFORMANCE_TARBALL ?= $(abspath $(CURDIR)/../shared/conformance/runtime-tools.tar.gz)
+conformance:
+	@if [ ! -f "$(CONFORMANCE_TARBALL)" ]; then \
+		echo "SKIPPED: conformance: no OCI runtime-tools suite at $(CONFORMANCE_TARBALL)"; exit 0; \
+	fi; \
+	$(MAKE) --no-print-directory deps build; \
+	suite=$$(tests/conformance/suite.sh "$(CONFORMANCE_TARBALL)" | tail -n 1); \
+	HUSK_OUT=$(OUT) cargo run --quiet -p husk-e2e --bin conformance -- "$$suite"
 
 ## fuzz: every fuzz target (fuzz/, libFuzzer) for FUZZ_SECS seconds each (default 20) from its
 ## committed corpus; fails on any crash

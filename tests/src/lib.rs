@@ -5,4 +5,5 @@
 // Only the nested test host's TSC reading (`nested::host_tsc_khz`) needs unsafe.
 #![deny(unsafe_code)]
 
+pub mod conformance;
 pub mod harness;
