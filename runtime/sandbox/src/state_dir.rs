@@ -19,10 +19,11 @@ use nix::fcntl::{Flock, FlockArg};
 use crate::state::{Record, Status};
 use crate::SandboxError;
 
-/// Longest path we put a Unix socket at (sun_path is 108 bytes; the vsock device appends
-/// `_<port>` to the hybrid vsock path).
-const MAX_SOCKET_PATH: usize = 90;
-/// Longest socket file name the doors use in the directory.
+/// Longest path we put a Unix socket at (sun_path is 108 bytes with its NUL; the vsock device
+/// appends `_<port>`, up to 11 bytes, to the hybrid vsock path `vm/vsock.sock`, 6 bytes
+/// shorter than the longest name: 93 + 11 - 6 < 108).
+const MAX_SOCKET_PATH: usize = 93;
+/// Longest socket file name the doors use in the directory (in the jails' `vm` part).
 const LONGEST_SOCKET_NAME: &str = "vm/vhost-vsock.sock";
 /// File name of the owner lock.
 const OWNER_LOCK: &str = "lock";
