@@ -60,7 +60,7 @@ const PAGE_TABLE_DIVISOR: u64 = 256;
 /// Where the mount table is read.
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 /// Controllers enabled for the children of each parent on cgroup v2.
-const V2_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+const V2_CONTROLLERS: [&str; 4] = ["memory", "cpu", "pids", "cpuset"];
 
 /// Tasks (threads included) a VM's host processes may have: QEMU or husk-vmm with a thread per
 /// vCPU and device, the vsock backend, virtiofsd's thread pools; far below a host's limit.
@@ -91,6 +91,11 @@ pub struct CgroupSpec {
     pub cpu_quota_us: Option<i64>,
     /// CPU period in microseconds.
     pub cpu_period_us: Option<u64>,
+    /// Host CPUs the VM's processes run on (`linux.resources.cpu.cpus`: the same list the
+    /// guest applies to its vCPUs), as cgroup's `cpuset.cpus` takes it.
+    pub cpuset_cpus: Option<String>,
+    /// Host memory nodes (`linux.resources.cpu.mems`).
+    pub cpuset_mems: Option<String>,
 }
 
 /// What making a host cgroup can fail at.
@@ -255,15 +260,23 @@ impl HostCgroup {
     /// SIGKILLs whatever still runs in the cgroup (only the VM's processes can: it was empty
     /// when made): a process that escaped its launcher's death signal does not outlive the VM.
     fn kill_remaining(&self) {
-        for procs in self.procs_files() {
-            let text = std::fs::read_to_string(&procs).unwrap_or_default();
-            for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                warn!(pid, "VM process still running at teardown: killed");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+        let pids: std::collections::BTreeSet<i32> = self
+            .procs_files()
+            .iter()
+            .flat_map(|procs| {
+                let text = std::fs::read_to_string(procs).unwrap_or_default();
+                text.lines()
+                    .filter_map(|l| l.trim().parse::<i32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for pid in pids {
+            // Usually a jail's pid 1 on its way out (its launcher's death signal is async).
+            debug!(pid, "VM process still in the cgroup at teardown: killed");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 
@@ -317,6 +330,18 @@ impl HostCgroup {
     /// Writes the memory and CPU limits of `spec`, and [`PIDS_MAX`] where the pids controller
     /// is there.
     fn write_limits(&self, spec: &CgroupSpec) -> Result<(), CgroupError> {
+        for (file, list) in [
+            ("cpuset.cpus", &spec.cpuset_cpus),
+            ("cpuset.mems", &spec.cpuset_mems),
+        ] {
+            if let Some(list) = list {
+                let value = [(file, list.clone())];
+                // Placement, not a limit: a host that cannot apply it still runs the VM.
+                if let Err(e) = self.write_limit("cpuset", &value, &value) {
+                    warn!(path = %self.path, "host cpuset not applied: {e}");
+                }
+            }
+        }
         let pids = [("pids.max", PIDS_MAX.to_string())];
         match self.write_limit("pids", &pids, &pids) {
             Err(CgroupError::NoController { .. }) => debug!("no pids controller: no pids.max"),
@@ -607,6 +632,8 @@ mod tests {
             memory_limit_bytes: Some(vm_memory_limit_bytes(128)),
             cpu_quota_us: Some(50_000),
             cpu_period_us: Some(100_000),
+            cpuset_cpus: None,
+            cpuset_mems: None,
         }
     }
 

@@ -78,7 +78,13 @@ fn vcpus_for(r: &husk_protocol::Resources) -> Option<u32> {
             .max(1);
         quota.div_ceil(period)
     });
-    let count = from_quota.or_else(|| r.cpuset_cpus.as_deref().and_then(cpu_list_len))?;
+    // The guest must have every CPU the cpuset names (the agent writes the same list to the
+    // container's cpuset.cpus): CPU n needs n + 1 vCPUs, whatever the quota.
+    let span = r.cpuset_cpus.as_deref().and_then(cpu_list_span);
+    let count = match (from_quota, span) {
+        (Some(q), Some(s)) => q.max(s),
+        (q, s) => q.or(s)?,
+    };
     Some(
         u32::try_from(count)
             .unwrap_or(MAX_VCPUS)
@@ -86,12 +92,12 @@ fn vcpus_for(r: &husk_protocol::Resources) -> Option<u32> {
     )
 }
 
-/// How many CPUs a list like `0-3,6` names; `None` when it is not one.
-fn cpu_list_len(list: &str) -> Option<u64> {
+/// How many vCPUs a list like `0-3,6` needs (its highest CPU plus one); `None` when it is not one.
+fn cpu_list_span(list: &str) -> Option<u64> {
     list.split(',').map(str::trim).try_fold(0u64, |n, part| {
         let (lo, hi) = part.split_once('-').unwrap_or((part, part));
         let (lo, hi) = (lo.parse::<u64>().ok()?, hi.parse::<u64>().ok()?);
-        (hi >= lo).then(|| n + hi - lo + 1)
+        (hi >= lo).then(|| n.max(hi.saturating_add(1)))
     })
 }
 
@@ -587,11 +593,11 @@ mod tests {
     }
 
     #[test]
-    fn test_cpu_list_len_ranges_and_singles() {
-        assert_eq!(cpu_list_len("0-3,6"), Some(5));
-        assert_eq!(cpu_list_len("1"), Some(1));
-        assert_eq!(cpu_list_len("3-1"), None);
-        assert_eq!(cpu_list_len("x"), None);
+    fn test_cpu_list_span_highest_cpu_plus_one() {
+        assert_eq!(cpu_list_span("0-3,6"), Some(7));
+        assert_eq!(cpu_list_span("1"), Some(2));
+        assert_eq!(cpu_list_span("3-1"), None);
+        assert_eq!(cpu_list_span("x"), None);
     }
 
     #[test]
@@ -650,6 +656,8 @@ mod tests {
                 memory_limit_bytes: Some(husk_hypervisor::cgroup::vm_memory_limit_bytes(256)),
                 cpu_quota_us: Some(50_000),
                 cpu_period_us: Some(100_000),
+                cpuset_cpus: None,
+                cpuset_mems: None,
             }
         );
         assert_eq!(none.cgroups_path, None);

@@ -297,8 +297,8 @@ fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
 
 /// The host cgroup of `bundle`'s VM of `memory_mib`, when it names one (`linux.cgroupsPath`):
 /// limited to the VM's memory plus the VMM's overhead (the guest cannot use more than its
-/// RAM; the container's own memory limit holds inside the guest) and to the container's CPU
-/// quota and period.
+/// RAM; the container's own memory limit holds inside the guest), to the container's CPU
+/// quota and period, and to its cpuset on the host's CPUs.
 pub(crate) fn host_cgroup(bundle: &Bundle, memory_mib: u32) -> Option<CgroupSpec> {
     let resources = &bundle.spec.resources;
     Some(CgroupSpec {
@@ -306,6 +306,8 @@ pub(crate) fn host_cgroup(bundle: &Bundle, memory_mib: u32) -> Option<CgroupSpec
         memory_limit_bytes: Some(vm_memory_limit_bytes(memory_mib)),
         cpu_quota_us: resources.cpu_quota_us.and_then(|q| i64::try_from(q).ok()),
         cpu_period_us: resources.cpu_period_us,
+        cpuset_cpus: resources.cpuset_cpus.clone(),
+        cpuset_mems: resources.cpuset_mems.clone(),
     })
 }
 

@@ -151,11 +151,11 @@ fn bind_mount(
     binds: &mut BindShares,
 ) -> Result<Mount, String> {
     let (flags, data) = mount_options(options).map_err(|e| format!("mount {destination}: {e}"))?;
-    if let Some(option) = data.first() {
-        return Err(format!(
-            "bind mount {destination}: option {option:?} is not supported"
-        ));
+    if !data.is_empty() {
+        // mount(2) ignores file-system data for a bind mount (`mode=755`, ...): so does runc.
+        tracing::debug!(%destination, ?data, "bind mount: file-system options ignored");
     }
+    let data = Vec::new();
     let source = source.ok_or_else(|| format!("bind mount {destination}: no source"))?;
     let read_only = flags.contains(&MountFlag::Ro);
     let source = binds
