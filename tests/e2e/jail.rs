@@ -123,6 +123,36 @@ fn probe_vmm_filter(vmm: &Path, probe: &str) -> String {
     }
 }
 
+/// The host cgroup's CPU shares (v1 `cpu.shares`; v2 `cpu.weight` mapped back to 2048 when
+/// it is runc's weight for 2048) and `cpuset.cpus`.
+fn host_cpu_settings(cgroup: &str) -> (String, String) {
+    let read = |path: PathBuf| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    let rel = cgroup.trim_start_matches('/');
+    let v1 = Path::new("/sys/fs/cgroup/cpu");
+    if v1.exists() {
+        let shares = read(v1.join(rel).join("cpu.shares"));
+        let cpus = read(
+            Path::new("/sys/fs/cgroup/cpuset")
+                .join(rel)
+                .join("cpuset.cpus"),
+        );
+        return (shares, cpus);
+    }
+    let dir = Path::new("/sys/fs/cgroup").join(rel);
+    let weight = read(dir.join("cpu.weight"));
+    let shares = if weight == "79" {
+        "2048".to_owned()
+    } else {
+        weight
+    };
+    (shares, read(dir.join("cpuset.cpus")))
+}
+
 /// The process named `name` whose command line mentions `needle`, waited for.
 fn wait_for(name: &str, role: Option<&str>, needle: &str) -> Option<Proc> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -151,7 +181,11 @@ fn test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys() {
     let id = unique("jail");
     let cgroup = format!("/husk-e2e/{id}");
     let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo up; sleep 60"]);
-    bundle.edit(|c| c["linux"]["cgroupsPath"] = cgroup.clone().into());
+    bundle.edit(|c| {
+        c["linux"]["cgroupsPath"] = cgroup.clone().into();
+        // Placement and shares apply to the VM's host processes (runtime-tools reads them there).
+        c["linux"]["resources"]["cpu"] = serde_json::json!({"shares": 2048, "cpus": "0"});
+    });
     let mut run = husk.spawn_run(&bundle, &id, &[]);
     drop(run.stdin.take());
 
@@ -162,6 +196,7 @@ fn test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys() {
     let stdout = run.stdout.take().expect("stdout");
     let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut up);
     assert_eq!(up.trim(), "up", "the container never started");
+    let host_cpu = host_cpu_settings(&cgroup);
     let seen_qemu = confinement(&qemu, &cgroup);
     let seen_vsock = confinement(&vsock, &cgroup);
     let spec = husk.root().join(&id).join("qemu-system-x86_64.jail.json");
@@ -202,6 +237,11 @@ fn test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys() {
         .filter(|p| p.exists())
         .collect();
 
+    assert_eq!(
+        host_cpu,
+        ("2048".to_owned(), "0".to_owned()),
+        "host cgroup cpu.shares (or the weight of 2048 on v2) and cpuset.cpus"
+    );
     assert_eq!(seen_qemu, expected(&cgroup), "QEMU's confinement");
     assert_eq!(
         seen_vsock,

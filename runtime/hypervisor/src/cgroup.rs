@@ -96,6 +96,9 @@ pub struct CgroupSpec {
     pub cpuset_cpus: Option<String>,
     /// Host memory nodes (`linux.resources.cpu.mems`).
     pub cpuset_mems: Option<String>,
+    /// The VM's relative share of host CPU time (`linux.resources.cpu.shares`: v1
+    /// `cpu.shares`, v2 `cpu.weight` by runc's conversion).
+    pub cpu_shares: Option<u64>,
 }
 
 /// What making a host cgroup can fail at.
@@ -341,6 +344,12 @@ impl HostCgroup {
                     warn!(path = %self.path, "host cpuset not applied: {e}");
                 }
             }
+        }
+        if let Some(shares) = spec.cpu_shares {
+            let weight = 1 + (shares.clamp(2, 262_144) - 2) * 9_999 / 262_142;
+            let v2 = [("cpu.weight", weight.to_string())];
+            let v1 = [("cpu.shares", shares.to_string())];
+            self.write_limit("cpu", &v2, &v1)?;
         }
         let pids = [("pids.max", PIDS_MAX.to_string())];
         match self.write_limit("pids", &pids, &pids) {
@@ -634,6 +643,7 @@ mod tests {
             cpu_period_us: Some(100_000),
             cpuset_cpus: None,
             cpuset_mems: None,
+            cpu_shares: None,
         }
     }
 

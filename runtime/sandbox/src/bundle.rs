@@ -274,6 +274,8 @@ pub struct Bundle {
     pub pod_netns: Option<PathBuf>,
     /// `linux.cgroupsPath`: the container's host cgroup, which holds its VM's host processes.
     pub cgroups_path: Option<String>,
+    /// `linux.resources.cpu.shares`: the VM's share of host CPU time in that cgroup.
+    pub cpu_shares: Option<u64>,
 }
 
 impl Bundle {
@@ -384,6 +386,7 @@ impl Bundle {
             bind_shares: linux.bind_shares,
             pod_netns: linux.pod_netns,
             cgroups_path: linux.cgroups_path,
+            cpu_shares: linux.cpu_shares,
         })
     }
 }
@@ -658,6 +661,7 @@ mod tests {
                 cpu_period_us: Some(100_000),
                 cpuset_cpus: None,
                 cpuset_mems: None,
+                cpu_shares: None,
             }
         );
         assert_eq!(none.cgroups_path, None);

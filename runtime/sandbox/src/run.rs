@@ -308,6 +308,7 @@ pub(crate) fn host_cgroup(bundle: &Bundle, memory_mib: u32) -> Option<CgroupSpec
         cpu_period_us: resources.cpu_period_us,
         cpuset_cpus: resources.cpuset_cpus.clone(),
         cpuset_mems: resources.cpuset_mems.clone(),
+        cpu_shares: bundle.cpu_shares,
     })
 }
 

@@ -37,6 +37,8 @@ pub(super) struct LinuxAttrs {
     pub pod_netns: Option<PathBuf>,
     /// `linux.cgroupsPath`, when set and not empty.
     pub cgroups_path: Option<String>,
+    /// `linux.resources.cpu.shares` as given (the host cgroup's `cpu.shares`).
+    pub cpu_shares: Option<u64>,
 }
 
 /// Converts `mounts` and the supported `linux` fields; an unsupported one that is set is an
@@ -82,6 +84,11 @@ pub(super) fn attrs(spec: &Spec, bundle: &Path, role: PodRole<'_>) -> Result<Lin
         gid_mappings: id_mappings(linux.gid_mappings()),
         bind_shares: binds.shares,
         cgroups_path: cgroups_path(linux)?,
+        cpu_shares: linux
+            .resources()
+            .as_ref()
+            .and_then(|r| r.cpu().as_ref()?.shares())
+            .filter(|s| *s > 0),
     })
 }
 
