@@ -684,3 +684,28 @@ fn test_config_unknown_namespace_type_refused() {
     });
     assert_refused(&husk, &bundle, "config.json");
 }
+
+#[test]
+fn test_config_linux_devices_made_with_type_numbers_mode_owner() {
+    let Some(env) = Env::get("test_config_linux_devices_made_with_type_numbers_mode_owner") else {
+        return;
+    };
+    let husk = env.husk();
+    // Writing needs the mode (the default capabilities hold no CAP_DAC_OVERRIDE, as runc).
+    let script =
+        "stat -c '%F %t:%T %a %u:%g' /dev/mynull /dev/sub/fifo; echo x > /dev/open && echo wrote";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        c["linux"]["devices"] = serde_json::json!([
+            {"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 416, "uid": 1, "gid": 2},
+            {"path": "/dev/sub/fifo", "type": "p", "major": 0, "minor": 0, "fileMode": 384},
+            {"path": "/dev/open", "type": "c", "major": 1, "minor": 3}
+        ]);
+    });
+    let out = run_expect(&husk, &bundle, "devices", 0);
+    assert_eq!(
+        stdout(&out),
+        "character special file 1:3 640 1:2\nfifo 0:0 600 0:0\nwrote\n"
+    );
+    husk.assert_clean();
+}

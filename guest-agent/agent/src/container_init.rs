@@ -130,6 +130,7 @@ fn setup(spec: &ContainerSpec) -> io::Result<()> {
         &spec.mounts,
         own_cgroup.as_deref(),
     )?;
+    mounts::make_devices(&root, &spec.devices)?;
     enter_root(&root)?;
     if spec.rootfs_readonly {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;

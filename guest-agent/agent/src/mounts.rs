@@ -6,7 +6,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use husk_protocol::{BindSource, Mount, MountFlag, MountKind};
+use husk_protocol::{BindSource, Device, DeviceKind, Mount, MountFlag, MountKind};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::sys::statvfs::{statvfs, FsFlags};
@@ -154,6 +154,62 @@ fn prepare_target(root: &Path, destination: &str) -> io::Result<PathBuf> {
         }
     }
     Ok(path)
+}
+
+/// Makes `devices` (`linux.devices`) under `root`, after the mounts (so in the container's
+/// /dev): the node with its type and numbers, then its mode (mknod's is cut by the umask) and
+/// owner. An existing node there is replaced. In a user namespace, where mknod is refused, the
+/// guest's own node at the same path is bound instead (as runc binds the host's).
+pub fn make_devices(root: &Path, devices: &[Device]) -> io::Result<()> {
+    for d in devices {
+        let (parent, name) = d
+            .path
+            .rsplit_once('/')
+            .ok_or_else(|| io::Error::other(format!("device path {}", d.path)))?;
+        let node = prepare_target(root, parent)?.join(name);
+        let kind = match d.kind {
+            DeviceKind::Char => SFlag::S_IFCHR,
+            DeviceKind::Block => SFlag::S_IFBLK,
+            DeviceKind::Fifo => SFlag::S_IFIFO,
+        };
+        match std::fs::symlink_metadata(&node) {
+            Ok(meta) if !meta.is_dir() => std::fs::remove_file(&node)?,
+            _ => {}
+        }
+        let mode = Mode::from_bits_truncate(d.mode);
+        match mknod(&node, kind, mode, makedev(d.major, d.minor)) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EPERM) => {
+                std::fs::File::create(&node)?;
+                mount(
+                    Some(Path::new(&d.path)),
+                    &node,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| ctx(e, &format!("bind device {}", d.path)))?;
+                continue;
+            }
+            Err(e) => return Err(ctx(e, &format!("mknod {}", d.path))),
+        }
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            &node,
+            mode,
+            nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| ctx(e, &format!("chmod {}", d.path)))?;
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &node,
+            Some(nix::unistd::Uid::from_raw(d.uid)),
+            Some(nix::unistd::Gid::from_raw(d.gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| ctx(e, &format!("chown {}", d.path)))?;
+    }
+    Ok(())
 }
 
 fn ms_flags(flags: &[MountFlag]) -> MsFlags {

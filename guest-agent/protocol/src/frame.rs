@@ -155,6 +155,7 @@ mod tests {
                 ambient: vec!["CAP_KILL".into()],
                 ..Default::default()
             }),
+            devices: Vec::new(),
             mounts: vec![crate::Mount {
                 destination: "/dev".into(),
                 kind: crate::MountKind::Tmpfs,

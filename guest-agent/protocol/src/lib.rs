@@ -27,8 +27,8 @@ pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRA
 #[cfg(feature = "tokio")]
 pub use frame::{read_message, write_message};
 pub use linux::{
-    sysctl_namespace, BindSource, IdMapping, JoinNamespace, Mount, MountFlag, MountKind, Namespace,
-    SysctlNamespace,
+    sysctl_namespace, BindSource, Device, DeviceKind, IdMapping, JoinNamespace, Mount, MountFlag,
+    MountKind, Namespace, SysctlNamespace,
 };
 pub use messages::{
     valid_serial, validate_id, ContainerSpec, ErrorKind, ExecInit, ProcessInfo, ProcessSpec,

@@ -322,6 +322,57 @@ impl Mount {
     }
 }
 
+/// A device node config.json asks for (`linux.devices`), made in the container's root
+/// before it is entered. Its numbers name the guest kernel's devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// Absolute path inside the container.
+    pub path: String,
+    /// Node type.
+    pub kind: DeviceKind,
+    /// Major number.
+    pub major: u64,
+    /// Minor number.
+    pub minor: u64,
+    /// Permission bits (at most `0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+/// What kind of node a [`Device`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// A character device (`c`, `u`).
+    Char,
+    /// A block device (`b`).
+    Block,
+    /// A FIFO (`p`).
+    Fifo,
+}
+
+impl Device {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        validate_container_path("device path", &self.path)?;
+        if self.mode > 0o7777 {
+            return Err(format!(
+                "device {}: mode {:o} is not a permission mode",
+                self.path, self.mode
+            ));
+        }
+        if self.major > 0xfff || self.minor > 0xf_ffff {
+            return Err(format!(
+                "device {}: numbers {}:{} out of range",
+                self.path, self.major, self.minor
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Namespaces a sysctl can live in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SysctlNamespace {

@@ -266,6 +266,9 @@ pub struct ContainerSpec {
     /// Kernel file systems to mount, in order, before the root is entered (version 3).
     #[serde(default)]
     pub mounts: Vec<Mount>,
+    /// Device nodes made after the mounts, before the root is entered (`linux.devices`).
+    #[serde(default)]
+    pub devices: Vec<crate::Device>,
     /// Paths hidden from the process: `/dev/null` over files, an empty read-only tmpfs over
     /// directories (version 3).
     #[serde(default)]
@@ -460,6 +463,9 @@ impl ContainerSpec {
         for mount in &self.mounts {
             mount.validate()?;
         }
+        for device in &self.devices {
+            device.validate()?;
+        }
         for path in &self.masked_paths {
             validate_container_path("masked path", path)?;
         }
@@ -559,6 +565,7 @@ mod tests {
             oom_score_adj: None,
             capabilities: None,
             mounts: Vec::new(),
+            devices: Vec::new(),
             masked_paths: Vec::new(),
             readonly_paths: Vec::new(),
             sysctl: BTreeMap::new(),

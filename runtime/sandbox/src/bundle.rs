@@ -8,7 +8,7 @@
 //! `bundle::binds`) and `linux.{namespaces, uid/gidMappings, maskedPaths, readonlyPaths,
 //! sysctl}` (`bundle::linux`), `linux.resources` (`bundle::resources`), `linux.seccomp`
 //! (`bundle::seccomp`). A field husk cannot honour yet (`process.terminal = true`,
-//! `process.apparmorProfile`, `linux.devices`, ...) is an error, never silently ignored;
+//! `process.apparmorProfile`, `linux.intelRdt`, ...) is an error, never silently ignored;
 //! README.md lists every field and the few ignored ones.
 
 mod binds;
@@ -362,6 +362,7 @@ impl Bundle {
             oom_score_adj: attrs.oom_score_adj,
             capabilities: attrs.capabilities,
             mounts: linux.mounts,
+            devices: linux.devices,
             masked_paths: linux.masked_paths,
             readonly_paths: linux.readonly_paths,
             sysctl: linux.sysctl,

@@ -39,6 +39,8 @@ pub(super) struct LinuxAttrs {
     pub cgroups_path: Option<String>,
     /// `linux.resources.cpu.shares` as given (the host cgroup's `cpu.shares`).
     pub cpu_shares: Option<u64>,
+    /// `linux.devices`: nodes the agent makes in the container (guest kernel devices).
+    pub devices: Vec<husk_protocol::Device>,
 }
 
 /// Converts `mounts` and the supported `linux` fields; an unsupported one that is set is an
@@ -84,11 +86,40 @@ pub(super) fn attrs(spec: &Spec, bundle: &Path, role: PodRole<'_>) -> Result<Lin
         gid_mappings: id_mappings(linux.gid_mappings()),
         bind_shares: binds.shares,
         cgroups_path: cgroups_path(linux)?,
+        devices: linux
+            .devices()
+            .iter()
+            .flatten()
+            .map(device)
+            .collect::<Result<_, _>>()?,
         cpu_shares: linux
             .resources()
             .as_ref()
             .and_then(|r| r.cpu().as_ref()?.shares())
             .filter(|s| *s > 0),
+    })
+}
+
+/// One of `linux.devices`: its mode defaults to 0666 and its owner to root, as runc's.
+fn device(d: &oci_spec::runtime::LinuxDevice) -> Result<husk_protocol::Device, String> {
+    use oci_spec::runtime::LinuxDeviceType;
+    let path = path_string(d.path());
+    let kind = match d.typ() {
+        LinuxDeviceType::C | LinuxDeviceType::U => husk_protocol::DeviceKind::Char,
+        LinuxDeviceType::B => husk_protocol::DeviceKind::Block,
+        LinuxDeviceType::P => husk_protocol::DeviceKind::Fifo,
+        other => return Err(format!("device {path}: type {other:?} is not supported")),
+    };
+    let number =
+        |n: i64| u64::try_from(n).map_err(|_| format!("device {path}: negative number {n}"));
+    Ok(husk_protocol::Device {
+        kind,
+        major: number(d.major())?,
+        minor: number(d.minor())?,
+        mode: d.file_mode().unwrap_or(0o666) & 0o7777,
+        uid: d.uid().unwrap_or(0),
+        gid: d.gid().unwrap_or(0),
+        path,
     })
 }
 
@@ -233,10 +264,6 @@ fn refuse_unsupported_top(spec: &Spec) -> Result<(), String> {
 fn refuse_unsupported(linux: &Linux) -> Result<(), String> {
     let some_str = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
     let refused = [
-        (
-            "devices",
-            linux.devices().as_ref().is_some_and(|d| !d.is_empty()),
-        ),
         ("mountLabel", some_str(linux.mount_label())),
         ("intelRdt", linux.intel_rdt().is_some()),
         ("memoryPolicy", linux.memory_policy().is_some()),
