@@ -114,44 +114,28 @@ impl Watched {
     }
 }
 
-/// Opens `path` without following a symlink and without blocking (a FIFO there), for reading
-/// (and writing when `write`); anything but a regular file is refused (`InvalidInput`).
+/// Opens `path` for reading (and writing when `write`), never through a symlink, never
+/// blocking, a regular file only ([`husk_vmm::console::open_regular`]).
 ///
 /// # Errors
-/// The open's (`ELOOP` for a symlink) or fstat's error, or `InvalidInput`.
+/// As [`husk_vmm::console::open_regular`].
 pub fn open_regular(path: &Path, write: bool) -> io::Result<File> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    match file.metadata()?.is_file() {
-        true => Ok(file),
-        false => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        )),
-    }
+    husk_vmm::console::open_regular(std::fs::OpenOptions::new().read(true).write(write), path)
 }
 
 /// Creates (or truncates) the log `path` for a helper's stdout and stderr: mode 0600, append
 /// mode (so that [`ConsoleCap`] can cut it), never through a symlink.
 ///
 /// # Errors
-/// As [`open_regular`].
+/// As [`husk_vmm::console::open_regular`].
 pub fn create_log(path: &Path) -> io::Result<File> {
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
+    let file = husk_vmm::console::open_regular(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600),
+        path,
+    )?;
     file.set_len(0)?;
     Ok(file)
 }

@@ -27,6 +27,25 @@ pub struct CappedFile {
     cap: u64,
 }
 
+/// Opens `path` with `options` plus `O_NOFOLLOW | O_NONBLOCK`, and refuses anything but a
+/// regular file: a symlink there fails (`ELOOP`), a FIFO or device neither blocks nor is used
+/// (`InvalidInput`). For files in directories a jailed VM process can write.
+///
+/// # Errors
+/// The open's or fstat's error, or `InvalidInput`.
+pub fn open_regular(options: &mut std::fs::OpenOptions, path: &Path) -> io::Result<std::fs::File> {
+    let file = options
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    match file.metadata()?.is_file() {
+        true => Ok(file),
+        false => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        )),
+    }
+}
+
 impl CappedFile {
     /// Creates (or truncates) `path` with mode 0600, without following a symlink there.
     ///
@@ -34,20 +53,15 @@ impl CappedFile {
     /// The open's error (`ELOOP` for a symlink at `path`), or `InvalidInput` when `path` is
     /// not a regular file (a FIFO or device there would not be truncated).
     pub fn create(path: &Path, cap: u64) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)?;
-        if !file.metadata()?.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{} is not a regular file", path.display()),
-            ));
-        }
+        let file = open_regular(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600),
+            path,
+        )?;
         // Truncated only once known to be a regular file.
         file.set_len(0)?;
         Ok(Self { file, len: 0, cap })
