@@ -97,14 +97,31 @@ pub fn filter_with(extra: &[i64]) -> Result<BpfProgram, VmmError> {
         .map(|&nr| (nr, Vec::new()))
         .collect();
     rules.extend(argument_rules(i64::from(std::process::id()))?);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| VmmError::Confine(e.to_string()))?;
+    compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)
+}
+
+/// `rules` as an x86_64 BPF program: `on_match` where a rule matches, `otherwise` elsewhere.
+/// (The VMM's allowlist and the jail's filters.)
+pub(crate) fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    otherwise: SeccompAction,
+    on_match: SeccompAction,
+) -> Result<BpfProgram, VmmError> {
+    let filter = SeccompFilter::new(rules, otherwise, on_match, TargetArch::x86_64)
+        .map_err(|e| VmmError::Confine(e.to_string()))?;
     BpfProgram::try_from(filter).map_err(|e| VmmError::Confine(e.to_string()))
+}
+
+/// A rule of one condition: argument `arg` (of `len`) compared by `op` with `value`.
+pub(crate) fn rule(
+    arg: u8,
+    len: seccompiler::SeccompCmpArgLen,
+    op: seccompiler::SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompRule, VmmError> {
+    let e = |e: seccompiler::BackendError| VmmError::Confine(format!("seccomp rule: {e}"));
+    let condition = seccompiler::SeccompCondition::new(arg, len, op, value).map_err(e)?;
+    SeccompRule::new(vec![condition]).map_err(e)
 }
 
 /// Syscalls of [`ALLOWED`] allowed only with some arguments:
@@ -115,11 +132,7 @@ pub fn filter_with(extra: &[i64]) -> Result<BpfProgram, VmmError> {
 /// - `tgkill`: the process's own threads (`self_pid`);
 /// - `prctl`: anything but `PR_SET_PDEATHSIG` (the VMM dies with its launcher).
 fn argument_rules(self_pid: i64) -> Result<Vec<(i64, Vec<SeccompRule>)>, VmmError> {
-    use seccompiler::{SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond};
-    let e = |e: seccompiler::BackendError| VmmError::Confine(format!("seccomp rule: {e}"));
-    let rule = |arg: u8, len: Len, op: Op, value: u64| -> Result<SeccompRule, VmmError> {
-        SeccompRule::new(vec![Cond::new(arg, len, op, value).map_err(e)?]).map_err(e)
-    };
+    use seccompiler::{SeccompCmpArgLen as Len, SeccompCmpOp as Op};
     let mut ioctl = vec![rule(1, Len::Dword, Op::MaskedEq(0xff00), 0xAE00)?];
     for request in [0x5421, 0x5451, 0x5450, 0x5401, 0x5413] {
         ioctl.push(rule(1, Len::Dword, Op::Eq, request)?);

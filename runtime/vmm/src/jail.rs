@@ -32,11 +32,11 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, pivot_root, ForkResult, Pid};
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
-    SeccompFilter, SeccompRule, TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompRule,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::confine::{compile, rule};
 use crate::VmmError;
 
 /// First descriptor number the program gets its connected sockets and tap at.
@@ -551,26 +551,22 @@ const NEW_NAMESPACES: u64 = (libc::CLONE_NEWNS
 /// # Errors
 /// [`VmmError::Confine`] if seccompiler rejects it.
 pub fn filter(self_pid: i64, allow_connect: bool) -> Result<BpfProgram, VmmError> {
-    let e = |e: seccompiler::BackendError| VmmError::Confine(format!("seccomp rule: {e}"));
-    let cond = |arg: u8, op: Op, value: u64| SeccompCondition::new(arg, Len::Qword, op, value);
-    let dword = |arg: u8, op: Op, value: u64| SeccompCondition::new(arg, Len::Dword, op, value);
     let pid = u64::try_from(self_pid).unwrap_or(0);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
     let af_unix = u64::try_from(libc::AF_UNIX).unwrap_or(1);
     rules.insert(
         libc::SYS_socket,
-        vec![SeccompRule::new(vec![dword(0, Op::Ne, af_unix).map_err(e)?]).map_err(e)?],
+        vec![rule(0, Len::Dword, Op::Ne, af_unix)?],
     );
     // Not a thread (no CLONE_THREAD), or any namespace bit set: one rule each.
     let thread = libc::CLONE_THREAD as u64;
-    let mut clone =
-        vec![SeccompRule::new(vec![cond(0, Op::MaskedEq(thread), 0).map_err(e)?]).map_err(e)?];
+    let mut clone = vec![rule(0, Len::Qword, Op::MaskedEq(thread), 0)?];
     for bit in (0..64)
         .map(|b| 1u64 << b)
         .filter(|b| NEW_NAMESPACES & b != 0)
     {
-        clone.push(SeccompRule::new(vec![cond(0, Op::MaskedEq(bit), bit).map_err(e)?]).map_err(e)?);
+        clone.push(rule(0, Len::Qword, Op::MaskedEq(bit), bit)?);
     }
     rules.insert(libc::SYS_clone, clone);
     for nr in [
@@ -579,10 +575,7 @@ pub fn filter(self_pid: i64, allow_connect: bool) -> Result<BpfProgram, VmmError
         libc::SYS_rt_sigqueueinfo,
         libc::SYS_rt_tgsigqueueinfo,
     ] {
-        rules.insert(
-            nr,
-            vec![SeccompRule::new(vec![dword(0, Op::Ne, pid).map_err(e)?]).map_err(e)?],
-        );
+        rules.insert(nr, vec![rule(0, Len::Dword, Op::Ne, pid)?]);
     }
     if !allow_connect {
         rules.insert(libc::SYS_connect, Vec::new());
@@ -591,16 +584,9 @@ pub fn filter(self_pid: i64, allow_connect: bool) -> Result<BpfProgram, VmmError
     let pdeathsig = u64::try_from(libc::PR_SET_PDEATHSIG).unwrap_or(1);
     rules.insert(
         libc::SYS_prctl,
-        vec![SeccompRule::new(vec![dword(0, Op::Eq, pdeathsig).map_err(e)?]).map_err(e)?],
+        vec![rule(0, Len::Dword, Op::Eq, pdeathsig)?],
     );
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::KillProcess,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| VmmError::Confine(e.to_string()))?;
-    BpfProgram::try_from(filter).map_err(|e| VmmError::Confine(e.to_string()))
+    compile(rules, SeccompAction::Allow, SeccompAction::KillProcess)
 }
 
 /// Kills any x32 syscall (number with bit 30 set): seccompiler's filters check the
@@ -656,14 +642,7 @@ fn unsupported() -> Result<BpfProgram, VmmError> {
     .map(|nr| (nr, Vec::new()))
     .collect();
     let enosys = u32::try_from(libc::ENOSYS).unwrap_or(38);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(enosys),
-        TargetArch::x86_64,
-    )
-    .map_err(|e| VmmError::Confine(e.to_string()))?;
-    BpfProgram::try_from(filter).map_err(|e| VmmError::Confine(e.to_string()))
+    compile(rules, SeccompAction::Allow, SeccompAction::Errno(enosys))
 }
 
 /// Reads a spec written by the door.
