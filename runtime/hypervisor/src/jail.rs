@@ -35,14 +35,16 @@ const DEVICES: &[&str] = &["/dev/null", "/dev/urandom"];
 /// Makes `<run_dir>/vm` ([`crate::VM_DIR`]), 0700, for the VM's sockets, console and logs
 /// (before virtiofsd's socket goes there).
 pub(crate) fn make_vm_dir(run_dir: &Path) -> Result<(), HypervisorError> {
-    match std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(run_dir.join(crate::VM_DIR))
-    {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(HypervisorError::Spawn {
-            program: "jail",
-            source: e,
-        }),
+    private_dir(&run_dir.join(crate::VM_DIR)).map_err(|source| HypervisorError::Spawn {
+        program: "jail",
+        source,
+    })
+}
+
+/// Makes `dir` with mode 0700 unless it exists.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
         _ => Ok(()),
     }
 }
@@ -50,7 +52,7 @@ pub(crate) fn make_vm_dir(run_dir: &Path) -> Result<(), HypervisorError> {
 /// Starts `argv` (a program by its host path, and its arguments) jailed as `name` in
 /// `run_dir`: the spec goes to `<run_dir>/<name>.jail.json`, the root is the empty directory
 /// `<run_dir>/<name>.root`, stdout and stderr to `log`. Only `<run_dir>/vm` ([`crate::VM_DIR`],
-/// made here) is writable in the jail; the rest of `run_dir` is not in it.
+/// made by [`make_vm_dir`] first) is writable in the jail; the rest of `run_dir` is not in it.
 pub(crate) fn spawn(
     vmm: &Path,
     name: &'static str,
@@ -64,13 +66,8 @@ pub(crate) fn spawn(
         source,
     };
     let root = run_dir.join(format!("{name}.root"));
+    private_dir(&root).map_err(spawn_err)?;
     let vm_dir = run_dir.join(crate::VM_DIR);
-    for dir in [&root, &vm_dir] {
-        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(spawn_err(e)),
-            _ => {}
-        }
-    }
     let mut binds = husk_vmm::jail::system_binds();
     // Device nodes read-only: writing a device still works, changing its node does not.
     binds.extend(DEVICES.iter().map(|d| JailBind::ro(*d)));
