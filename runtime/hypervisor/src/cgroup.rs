@@ -96,9 +96,11 @@ pub struct CgroupSpec {
     pub cpuset_cpus: Option<String>,
     /// Host memory nodes (`linux.resources.cpu.mems`).
     pub cpuset_mems: Option<String>,
-    /// The VM's relative share of host CPU time (`linux.resources.cpu.shares`: v1
-    /// `cpu.shares`, v2 `cpu.weight` by runc's conversion).
+    /// The VM's relative share of host CPU time on v1: `cpu.shares`
+    /// (`linux.resources.cpu.shares`).
     pub cpu_shares: Option<u64>,
+    /// The same share on v2: `cpu.weight` (runc's conversion of the shares).
+    pub cpu_weight: Option<u64>,
 }
 
 /// What making a host cgroup can fail at.
@@ -345,8 +347,7 @@ impl HostCgroup {
                 }
             }
         }
-        if let Some(shares) = spec.cpu_shares {
-            let weight = 1 + (shares.clamp(2, 262_144) - 2) * 9_999 / 262_142;
+        if let (Some(shares), Some(weight)) = (spec.cpu_shares, spec.cpu_weight) {
             let v2 = [("cpu.weight", weight.to_string())];
             let v1 = [("cpu.shares", shares.to_string())];
             self.write_limit("cpu", &v2, &v1)?;
@@ -644,6 +645,7 @@ mod tests {
             cpuset_cpus: None,
             cpuset_mems: None,
             cpu_shares: None,
+            cpu_weight: None,
         }
     }
 

@@ -663,6 +663,7 @@ mod tests {
                 cpuset_cpus: None,
                 cpuset_mems: None,
                 cpu_shares: None,
+                cpu_weight: None,
             }
         );
         assert_eq!(none.cgroups_path, None);

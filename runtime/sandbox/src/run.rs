@@ -309,6 +309,7 @@ pub(crate) fn host_cgroup(bundle: &Bundle, memory_mib: u32) -> Option<CgroupSpec
         cpuset_cpus: resources.cpuset_cpus.clone(),
         cpuset_mems: resources.cpuset_mems.clone(),
         cpu_shares: bundle.cpu_shares,
+        cpu_weight: resources.cpu_weight,
     })
 }
 
