@@ -442,8 +442,8 @@ fn session_result(
 }
 
 impl VsockDaemon {
-    /// Blocks until the session ends (the frontend hung up or failed); the caller then exits
-    /// (a process serving one VM) instead of cleaning up.
+    /// Blocks until the session ends (the frontend hung up or failed); dropping the daemon
+    /// then removes the socket files (`husk-vmm vhost-vsock`, a process serving one VM).
     pub fn wait_session(&self) {
         let _ = self.session_done.recv();
     }
