@@ -290,8 +290,8 @@ fn vhost_vsock(args: &[std::ffi::OsString]) -> ExitCode {
         }
     };
     // Both sockets listen: from here the guest can reach this process, which keeps only what
-    // serving the device needs (the VMM's allowlist, all threads). The door removes the
-    // socket files when QEMU is gone.
+    // serving the device needs (the VMM's allowlist, all threads), and `unlink`: when QEMU is
+    // gone the daemon's drop removes its socket files (the door too, if it kills this first).
     if let Err(e) = husk_vmm::confine::install_filter_with(&[libc::SYS_unlink, libc::SYS_unlinkat])
     {
         eprintln!("husk-vmm: vsock: {e}");
@@ -307,9 +307,10 @@ fn flag(args: &[std::ffi::OsString], name: &str) -> Option<PathBuf> {
     args.get(at + 1).map(PathBuf::from)
 }
 
-/// `husk-vmm probe-syscall vmm|jail NAME`: installs the VMM's (or only the jail's) filter and
-/// makes the syscall NAME as a guest that took the process over would; a filter that holds
-/// kills the process with SIGSYS. For the tests of the confinement, never used by husk.
+/// `husk-vmm probe-syscall vmm|none NAME`: installs the VMM's filter (`none`: no filter of its
+/// own, for a probe run inside a jail) and makes the syscall NAME as a guest that took the
+/// process over would; a filter that holds kills the process with SIGSYS. For the tests of
+/// the confinement, never used by husk.
 fn probe_syscall(args: &[std::ffi::OsString]) -> ExitCode {
     let (Some(which), Some(name)) = (
         args.first().and_then(|a| a.to_str()),
