@@ -108,10 +108,16 @@ pub fn run(phase: &str, hooks: &[Hook], state: &OciState) -> Result<(), SandboxE
     Ok(())
 }
 
-/// [`run`], logging a failure instead (hooks after the fact: poststart, poststop).
+/// Runs every hook of `hooks` in order with `state` on stdin, logging a failure as a warning
+/// and going on with the next (hooks after the fact: poststart, poststop; runtime spec,
+/// runtime.md "Lifecycle": "the remaining hooks and lifecycle continue as if the hook had
+/// succeeded").
 pub fn run_logged(phase: &str, hooks: &[Hook], state: &OciState) {
-    if let Err(e) = run(phase, hooks, state) {
-        warn!(error = %e, "hook failed");
+    let json = serde_json::to_vec(state).unwrap_or_default();
+    for hook in hooks {
+        if let Err(reason) = run_one(hook, &json) {
+            warn!(phase, path = %hook.path.display(), %reason, "hook failed");
+        }
     }
 }
 
@@ -210,6 +216,18 @@ mod tests {
         let err = run("prestart", &[sh("echo nope >&2; exit 3", None)], &state()).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("prestart") && text.contains("nope"), "{text}");
+    }
+
+    #[test]
+    fn test_run_logged_goes_on_after_a_failing_hook() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let hooks = [
+            sh("exit 1", None),
+            sh(&format!("echo second >> {}", out.display()), None),
+        ];
+        run_logged("poststart", &hooks, &state());
+        assert_eq!(std::fs::read_to_string(out).unwrap(), "second\n");
     }
 
     #[test]

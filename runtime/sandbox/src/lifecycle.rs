@@ -157,11 +157,8 @@ pub async fn start(root: &Path, id: &str) -> Result<(), SandboxError> {
     let mut record = Record::read(&dir)?;
     record.oci.status = Status::Running;
     record.write(&dir)?;
-    crate::hooks::run_logged(
-        "poststart",
-        &record.husk.hooks.poststart,
-        &poststart_state(&record.oci),
-    );
+    // The process runs: poststart hooks get `running` (runc 1.1 still says `created`).
+    crate::hooks::run_logged("poststart", &record.husk.hooks.poststart, &record.oci);
     Ok(())
 }
 
@@ -187,10 +184,10 @@ pub async fn kill(root: &Path, id: &str, signal: i32, all: bool) -> Result<(), S
     }
 }
 
-/// `delete`: removes a stopped (or created) container; `force` also ends a running one.
+/// `delete`: removes a stopped container; `force` also ends a created, running or paused one.
 ///
 /// # Errors
-/// No such container (not an error with `force`), or a running one without `force`.
+/// No such container (not an error with `force`), or one that is not stopped without `force`.
 pub async fn delete(root: &Path, id: &str, force: bool) -> Result<(), SandboxError> {
     let dir = container_dir(root, id)?;
     if !dir.exists() && force {
@@ -211,8 +208,10 @@ pub async fn delete(root: &Path, id: &str, force: bool) -> Result<(), SandboxErr
         }
         Err(e) => return Err(e),
     };
+    // A created container is not stopped either: the runtime spec's `delete` fails for it
+    // without `--force` (runc 1.1 deletes it).
     match record.oci.status {
-        Status::Stopped | Status::Created => {}
+        Status::Stopped => {}
         status if force => debug!(%status, "deleting by force"),
         status => {
             return invalid(&format!(
@@ -386,13 +385,6 @@ pub async fn processes(root: &Path, id: &str) -> Result<Vec<ProcessInfo>, Sandbo
         return invalid("container is not running");
     }
     agent(&dir).await?.processes(id).await
-}
-
-/// The state poststart hooks get: runc's, which still says `created`.
-pub(crate) fn poststart_state(state: &OciState) -> OciState {
-    let mut state = state.clone();
-    state.status = Status::Created;
-    state
 }
 
 /// Ends the process owning the container's VM (its monitor, or a `husk run`): SIGTERM, then

@@ -210,8 +210,10 @@ fn create_runtime_hooks(dir: &Path, bundle: &Bundle, pid: i32) -> Result<(), San
     if bundle.hooks.create_runtime.is_empty() {
         return Ok(());
     }
+    // The runtime environment exists and the process waits: `created` (runtime spec,
+    // runtime.md "State"; runc 1.1 says `creating`).
     let mut state = Record::read(dir)?.oci;
-    state.pid = pid;
+    (state.pid, state.status) = (pid, Status::Created);
     crate::hooks::run("createRuntime", &bundle.hooks.create_runtime, &state)
 }
 
@@ -270,6 +272,7 @@ fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
                 host_dir: dir.clone(),
                 file: None,
                 read_only: bundle.spec.rootfs_readonly,
+                keep_cache: true,
             }],
             Rootfs::Image(_) => Vec::new(),
         }
@@ -279,6 +282,7 @@ fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
             host_dir: b.dir.clone(),
             file: b.file.clone(),
             read_only: b.read_only,
+            keep_cache: false,
         }))
         .collect(),
         disks: match &bundle.rootfs {
@@ -416,8 +420,11 @@ async fn run_in_vm(
         r.oci.status = Status::Running;
         r.oci.pid = pid;
     })?;
-    let state = crate::lifecycle::poststart_state(&Record::read(dir)?.oci);
-    crate::hooks::run_logged("poststart", &bundle.hooks.poststart, &state);
+    crate::hooks::run_logged(
+        "poststart",
+        &bundle.hooks.poststart,
+        &Record::read(dir)?.oci,
+    );
     if let Some(path) = pid_file {
         std::fs::write(path, pid.to_string()).map_err(|source| SandboxError::StateDir {
             path: path.to_owned(),
