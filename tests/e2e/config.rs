@@ -709,3 +709,48 @@ fn test_config_linux_devices_made_with_type_numbers_mode_owner() {
     );
     husk.assert_clean();
 }
+
+/// `linux.rootfsPropagation` is set on the container's root: mountinfo shows it, a `shared`
+/// root's copy sees a mount made later under the root, an `unbindable` root cannot be bound.
+#[test]
+fn test_config_rootfs_propagation_shared_and_unbindable() {
+    let Some(env) = Env::get("test_config_rootfs_propagation_shared_and_unbindable") else {
+        return;
+    };
+    let husk = env.husk();
+    // As the suite's runtimetest: bind the root recursively, then bind a directory under the
+    // root; through a shared root's peer the copy sees it.
+    let script = "grep -E '^[0-9]+ [0-9]+ [^ ]+ / / ' /proc/self/mountinfo; \
+         mkdir -p /dev/copy /psrc /pdst && touch /psrc/file; \
+         mount --rbind / /dev/copy && echo bound; \
+         mount --bind /psrc /pdst; ls /dev/copy/pdst; true";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        for set in ["bounding", "effective", "permitted"] {
+            c["process"]["capabilities"][set] = json!(["CAP_SYS_ADMIN"]);
+        }
+    });
+    bundle.edit(|c| c["linux"]["rootfsPropagation"] = "shared".into());
+    let text = stdout(&run_expect(&husk, &bundle, "propshared", 0));
+    let root = text.lines().next().unwrap_or_default();
+    assert!(root.contains(" shared:"), "{text}");
+    assert!(
+        text.contains("bound\nfile\n"),
+        "the bind did not propagate: {text}"
+    );
+    bundle.edit(|c| c["linux"]["rootfsPropagation"] = "unbindable".into());
+    let text = stdout(&run_expect(&husk, &bundle, "propunbind", 0));
+    assert!(
+        text.lines()
+            .next()
+            .unwrap_or_default()
+            .contains(" unbindable"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("bound\n"),
+        "an unbindable root was bound: {text}"
+    );
+    bundle.edit(|c| c["linux"]["rootfsPropagation"] = "sideways".into());
+    assert_refused(&husk, &bundle, "linux.rootfsPropagation \"sideways\"");
+}

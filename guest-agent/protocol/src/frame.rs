@@ -134,6 +134,7 @@ mod tests {
                 path: Some("pod/c/rootfs".into()),
             },
             rootfs_readonly: true,
+            rootfs_propagation: None,
             hostname: None,
             args: vec!["sh".into(), "-c".into(), "echo \u{1F600}".into()],
             env: vec![],

@@ -148,6 +148,49 @@ pub enum MountFlag {
     Strictatime,
 }
 
+/// Propagation type of a mount (mount_namespaces(7)), `linux.rootfsPropagation`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Propagation {
+    /// `MS_SHARED`.
+    Shared,
+    /// `MS_SLAVE`.
+    Slave,
+    /// `MS_PRIVATE`.
+    Private,
+    /// `MS_UNBINDABLE`.
+    Unbindable,
+}
+
+/// The propagation the container's root mount gets once entered (`linux.rootfsPropagation`:
+/// `shared`, `rshared`, ...), set as runc does, after `pivot_root`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RootPropagation {
+    /// The type.
+    pub kind: Propagation,
+    /// Also every mount below the root (the `r` forms).
+    pub recursive: bool,
+}
+
+impl RootPropagation {
+    /// Parses a `linux.rootfsPropagation` value; `None` for an unknown one.
+    #[must_use]
+    pub fn parse(value: &str) -> Option<Self> {
+        let (recursive, name) = match value.strip_prefix('r') {
+            Some(rest) if rest != "ivate" => (true, rest),
+            _ => (false, value),
+        };
+        let kind = match name {
+            "shared" => Propagation::Shared,
+            "slave" => Propagation::Slave,
+            "private" => Propagation::Private,
+            "unbindable" => Propagation::Unbindable,
+            _ => return None,
+        };
+        Some(Self { kind, recursive })
+    }
+}
+
 /// A namespace the container gets its own of (namespaces(7)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -445,6 +488,22 @@ pub(crate) fn validate_sysctls(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn test_root_propagation_parses_the_eight_forms() {
+        use super::{Propagation, RootPropagation};
+        let p = |v| RootPropagation::parse(v).map(|r| (r.kind, r.recursive));
+        assert_eq!(p("shared"), Some((Propagation::Shared, false)));
+        assert_eq!(p("rshared"), Some((Propagation::Shared, true)));
+        assert_eq!(p("private"), Some((Propagation::Private, false)));
+        assert_eq!(p("rprivate"), Some((Propagation::Private, true)));
+        assert_eq!(p("rslave"), Some((Propagation::Slave, true)));
+        assert_eq!(p("runbindable"), Some((Propagation::Unbindable, true)));
+        assert_eq!(p("unbindable"), Some((Propagation::Unbindable, false)));
+        for bad in ["", "r", "rr", "Shared", "rivate", "rrshared"] {
+            assert_eq!(p(bad), None, "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -240,6 +240,9 @@ pub struct ContainerSpec {
     pub rootfs: Rootfs,
     /// Mount the rootfs read-only.
     pub rootfs_readonly: bool,
+    /// Propagation of the root mount once entered; `None` leaves it private.
+    #[serde(default)]
+    pub rootfs_propagation: Option<crate::RootPropagation>,
     /// Hostname of the container's UTS namespace; needs its own or a joined one (a joined one
     /// keeps its hostname: the agent does not set it again).
     pub hostname: Option<String>,
@@ -555,6 +558,7 @@ mod tests {
                 path: None,
             },
             rootfs_readonly: false,
+            rootfs_propagation: None,
             hostname: Some("h".into()),
             args: vec!["/bin/sh".into()],
             env: vec!["PATH=/bin".into()],

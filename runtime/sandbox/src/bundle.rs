@@ -347,6 +347,7 @@ impl Bundle {
             id: id.to_owned(),
             rootfs: agent_rootfs,
             rootfs_readonly: root.readonly().unwrap_or(false),
+            rootfs_propagation: linux.rootfs_propagation,
             hostname: spec.hostname().clone(),
             args: attrs.args,
             env: process.env().clone().unwrap_or_default(),

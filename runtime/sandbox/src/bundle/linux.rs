@@ -4,9 +4,9 @@
 //! container's cgroup on the host, which holds its VM's host processes (husk-hypervisor's
 //! `cgroup`); it is checked there, when the cgroup is made.
 //!
-//! Ignored on purpose (documented in README.md): mount propagation options and
-//! `linux.rootfsPropagation` (every mount in the guest is private; there is no host mount
-//! tree to propagate to), `linux.resources.devices` (the VM is the device boundary: the guest has only the
+//! Ignored on purpose (documented in README.md): mount propagation options (every mount in
+//! the guest is private; there is no host mount tree to propagate to; the container's root
+//! alone takes `linux.rootfsPropagation`, for the mounts made inside it), `linux.resources.devices` (the VM is the device boundary: the guest has only the
 //! container's own devices), `annotations`.
 
 use std::collections::BTreeMap;
@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use super::binds::{BindShare, BindShares};
 use super::PodRole;
 use husk_protocol::{
-    IdMapping, JoinNamespace, Mount, MountFlag, MountKind, Namespace, Resources, Seccomp,
+    IdMapping, JoinNamespace, Mount, MountFlag, MountKind, Namespace, Resources, RootPropagation,
+    Seccomp,
 };
 use oci_spec::runtime::{Linux, LinuxIdMapping, Mount as OciMount, Spec};
 
@@ -41,6 +42,8 @@ pub(super) struct LinuxAttrs {
     pub cpu_shares: Option<u64>,
     /// `linux.devices`: nodes the agent makes in the container (guest kernel devices).
     pub devices: Vec<husk_protocol::Device>,
+    /// `linux.rootfsPropagation`.
+    pub rootfs_propagation: Option<RootPropagation>,
 }
 
 /// Converts `mounts` and the supported `linux` fields; an unsupported one that is set is an
@@ -97,6 +100,12 @@ pub(super) fn attrs(spec: &Spec, bundle: &Path, role: PodRole<'_>) -> Result<Lin
             .as_ref()
             .and_then(|r| r.cpu().as_ref()?.shares())
             .filter(|s| *s > 0),
+        rootfs_propagation: match linux.rootfs_propagation().as_deref() {
+            None | Some("") => None,
+            Some(value) => Some(RootPropagation::parse(value).ok_or_else(|| {
+                format!("linux.rootfsPropagation {value:?} is not a propagation type")
+            })?),
+        },
     })
 }
 
