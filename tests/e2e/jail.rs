@@ -38,6 +38,10 @@ fn status(pid: u32, key: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Every namespace a jailed process has of its own (runtime-tools' linux_ns_nopath checks
+/// these of `state.pid`).
+const NAMESPACES: [&str; 7] = ["mnt", "pid", "ipc", "uts", "net", "cgroup", "user"];
+
 fn namespace(pid: &str, kind: &str) -> String {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
         .map(|l| l.display().to_string())
@@ -52,7 +56,7 @@ fn confinement(p: &Proc, cgroup: &str) -> Vec<String> {
     }
     seen.push(format!("NoNewPrivs: {}", status(p.pid, "NoNewPrivs:")));
     seen.push(format!("Seccomp: {}", status(p.pid, "Seccomp:")));
-    for kind in ["mnt", "pid", "ipc", "uts", "net"] {
+    for kind in NAMESPACES {
         let own = namespace(&p.pid.to_string(), kind) != namespace("self", kind);
         seen.push(format!("own {kind} namespace: {own}"));
     }
@@ -71,7 +75,7 @@ fn expected(cgroup: &str) -> Vec<String> {
         .collect();
     want.push("NoNewPrivs: 1".into());
     want.push("Seccomp: 2".into());
-    for kind in ["mnt", "pid", "ipc", "uts", "net"] {
+    for kind in NAMESPACES {
         want.push(format!("own {kind} namespace: true"));
     }
     want.push(format!("in {cgroup}: true"));
@@ -196,6 +200,13 @@ fn test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys() {
     let stdout = run.stdout.take().expect("stdout");
     let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut up);
     assert_eq!(up.trim(), "up", "the container never started");
+    // The container's pid as the host sees it is QEMU, the jail's pid 1.
+    let state = husk.command(&["state", &id]).output().expect("husk state");
+    let state: serde_json::Value = serde_json::from_slice(&state.stdout).unwrap_or_default();
+    assert_eq!(
+        state["pid"], qemu.pid,
+        "state.pid is not the jailed VMM: {state}"
+    );
     let host_cpu = host_cpu_settings(&cgroup);
     let seen_qemu = confinement(&qemu, &cgroup);
     let seen_vsock = confinement(&vsock, &cgroup);

@@ -96,6 +96,18 @@ pub(crate) fn spawn(
     helpers::spawn_logged(name, &mut cmd, log)
 }
 
+/// The host pid of the jail's pid 1 (the jailed program itself, in namespaces all its own)
+/// under the launcher `launcher`; the launcher's own pid before pid 1 exists. The kernel's
+/// list of the launcher's children is read: nothing the jailed program writes is believed.
+pub(crate) fn jailed_pid(launcher: Option<u32>) -> Option<u32> {
+    let launcher = launcher?;
+    let children = std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"));
+    let first = children
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok());
+    Some(first.unwrap_or(launcher))
+}
+
 /// A host path as a jailed program's argument (the jail sees it at the same path).
 pub(crate) fn arg(path: &Path) -> Result<String, HypervisorError> {
     path.to_str()

@@ -10,9 +10,14 @@
 //!    jail's pid 1, which mounts a tmpfs as its root holding only the spec's binds (at their
 //!    host paths, read-only unless writable, always `nosuid`, `nodev` but for device nodes),
 //!    a fresh `/proc`, and pivots into it;
-//! 4. sets rlimits, locks the root-has-no-privilege securebits, drops every capability, sets
-//!    `no_new_privs`, installs [`filter`] and execs the program.
+//! 4. sets rlimits, enters a user namespace of its own in which only root is mapped (to the
+//!    host's root, written by the launcher: files stay as accessible as before, while any
+//!    capability pid 1 could ever hold is one of that namespace, none over the host), locks
+//!    the root-has-no-privilege securebits, drops every capability, sets `no_new_privs`,
+//!    installs [`filter`] and execs the program.
 //!
+//! The jail's pid 1 is the VM's process as the host sees it: every namespace it is in (user,
+//! mount, pid, ipc, uts, cgroup, net) is a new one (the net namespace is the pod's when given).
 //! The launcher waits for pid 1, relays SIGTERM/SIGINT/SIGHUP/SIGQUIT as SIGKILL (pid 1 of a
 //! namespace ignores signals it has no handler for) and exits with its status (128+N for
 //! signal N). Pid 1 dies with the launcher (PR_SET_PDEATHSIG), and the whole jail with pid 1.
@@ -156,11 +161,13 @@ pub fn launch(spec: &JailSpec) -> Result<std::convert::Infallible, VmmError> {
         .map_err(|e| err(format!("jail: sigprocmask: {e}")))?;
     // Pid 1 watches this pipe: its end means the launcher is gone.
     let (alive_r, alive_w) = nix::unistd::pipe().map_err(|e| err(format!("jail: pipe: {e}")))?;
+    let (userns, userns_mapped) = UsernsSync::new()?;
     // SAFETY: the process has one thread (documented precondition), so the child may allocate.
     match unsafe { fork() }.map_err(|e| err(format!("jail: fork: {e}")))? {
         ForkResult::Child => {
             drop(alive_w);
-            let e = child(spec, passed, &alive_r, &relayed);
+            drop(userns_mapped);
+            let e = child(spec, passed, &alive_r, &relayed, userns);
             let _ = writeln!(std::io::stderr(), "husk-vmm jail: {e}");
             // SAFETY: _exit ends the child without running the parent's atexit handlers.
             unsafe { libc::_exit(126) }
@@ -168,6 +175,12 @@ pub fn launch(spec: &JailSpec) -> Result<std::convert::Infallible, VmmError> {
         ForkResult::Parent { child } => {
             drop(passed);
             drop(alive_r);
+            drop(userns);
+            // Pid 1 waits for its maps (or ends when this fails): it is never left unmapped.
+            if let Err(e) = userns_mapped.map_root(child) {
+                let _ = writeln!(std::io::stderr(), "husk-vmm jail: {e}");
+                let _ = kill(child, Signal::SIGKILL);
+            }
             let _ = crate::confine::drop_capabilities();
             let _ = nix::sys::prctl::set_no_new_privs();
             let code = supervise(child, &relayed);
@@ -249,9 +262,102 @@ fn open_tap(name: &str) -> Result<OwnedFd, VmmError> {
     Ok(OwnedFd::from(tun))
 }
 
+/// The handshake that gives pid 1 its user namespace: pid 1 unshares it and says so, the
+/// launcher (outside it, still privileged) writes its uid and gid maps and says so.
+struct UsernsSync {
+    /// Pid 1 writes a byte once it is in its namespace.
+    entered: OwnedFd,
+    /// The launcher's byte: the maps are written.
+    mapped: OwnedFd,
+}
+
+/// The launcher's ends of [`UsernsSync`], and the host's `/proc`, opened before pid 1's
+/// `pivot_root` moves the launcher's root (they share the mount namespace) into the jail.
+struct UsernsMapper {
+    entered: OwnedFd,
+    mapped: OwnedFd,
+    proc: OwnedFd,
+}
+
+impl UsernsSync {
+    fn new() -> Result<(Self, UsernsMapper), VmmError> {
+        let err = |e: nix::Error| VmmError::Confine(format!("jail: pipe: {e}"));
+        let (entered_r, entered_w) = nix::unistd::pipe().map_err(err)?;
+        let (mapped_r, mapped_w) = nix::unistd::pipe().map_err(err)?;
+        let proc = nix::fcntl::open(
+            "/proc",
+            nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| VmmError::Confine(format!("jail: /proc: {e}")))?;
+        Ok((
+            Self {
+                entered: entered_w,
+                mapped: mapped_r,
+            },
+            UsernsMapper {
+                entered: entered_r,
+                mapped: mapped_w,
+                proc,
+            },
+        ))
+    }
+
+    /// In pid 1: unshares the user namespace and waits until the launcher mapped it.
+    fn enter(self) -> Result<(), VmmError> {
+        let err = |what: &str, e: &dyn std::fmt::Display| {
+            VmmError::Confine(format!("user namespace: {what}: {e}"))
+        };
+        unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| err("unshare", &e))?;
+        nix::unistd::write(&self.entered, b"u").map_err(|e| err("signal the launcher", &e))?;
+        drop(self.entered);
+        let mut byte = [0u8; 1];
+        match nix::unistd::read(&self.mapped, &mut byte) {
+            Ok(1) => Ok(()),
+            _ => Err(VmmError::Confine(
+                "user namespace: the launcher did not map it".into(),
+            )),
+        }
+    }
+}
+
+impl UsernsMapper {
+    /// In the launcher: once `child` is in its user namespace, maps root (only) to the host's
+    /// root in it and lets it go on.
+    fn map_root(self, child: Pid) -> Result<(), VmmError> {
+        let mut byte = [0u8; 1];
+        let entered = nix::unistd::read(&self.entered, &mut byte);
+        if !matches!(entered, Ok(1)) {
+            // Pid 1 failed before (its error is on stderr) and the launcher reaps it.
+            return Ok(());
+        }
+        for (file, map) in [("uid_map", "0 0 1\n"), ("gid_map", "0 0 1\n")] {
+            let path = format!("{child}/{file}");
+            let err = |e: nix::Error| VmmError::Confine(format!("jail: writing /proc/{path}: {e}"));
+            let fd = nix::fcntl::openat(
+                &self.proc,
+                path.as_str(),
+                nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(err)?;
+            nix::unistd::write(&fd, map.as_bytes()).map_err(err)?;
+        }
+        nix::unistd::write(&self.mapped, b"m")
+            .map_err(|e| VmmError::Confine(format!("jail: user namespace mapped: {e}")))?;
+        Ok(())
+    }
+}
+
 /// The jail's pid 1: builds the root, confines itself and execs the program.
-fn child(spec: &JailSpec, passed: Vec<OwnedFd>, alive: &OwnedFd, relayed: &SigSet) -> VmmError {
-    match child_steps(spec, passed, alive, relayed) {
+fn child(
+    spec: &JailSpec,
+    passed: Vec<OwnedFd>,
+    alive: &OwnedFd,
+    relayed: &SigSet,
+    userns: UsernsSync,
+) -> VmmError {
+    match child_steps(spec, passed, alive, relayed, userns) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -262,6 +368,7 @@ fn child_steps(
     passed: Vec<OwnedFd>,
     alive: &OwnedFd,
     relayed: &SigSet,
+    userns: UsernsSync,
 ) -> Result<std::convert::Infallible, VmmError> {
     let err = |what: &str, e: &dyn std::fmt::Display| VmmError::Confine(format!("{what}: {e}"));
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| err("pdeathsig", &e))?;
@@ -275,13 +382,15 @@ fn child_steps(
     }
     build_root(spec)?;
     nix::unistd::sethostname("husk-vm").map_err(|e| err("hostname", &e))?;
-    place_fds(passed)?;
     for (resource, limit) in [
         (nix::sys::resource::Resource::RLIMIT_NOFILE, NOFILE),
         (nix::sys::resource::Resource::RLIMIT_CORE, 0),
     ] {
         nix::sys::resource::setrlimit(resource, limit, limit).map_err(|e| err("rlimit", &e))?;
     }
+    // Last of what needs the host's privileges (mounts, hostname, limits) is done.
+    userns.enter()?;
+    place_fds(passed)?;
     lock_securebits()?;
     crate::confine::drop_capabilities()?;
     nix::sys::prctl::set_no_new_privs().map_err(|e| err("no_new_privs", &e))?;
