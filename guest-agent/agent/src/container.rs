@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use husk_protocol::{
     read_message, write_message, ContainerSpec, ErrorKind, Namespace, ProcessInfo, Response,
@@ -245,7 +246,10 @@ impl Containers {
             .await
             .map_err(|e| internal(format!("start: {e}")))?;
         match read_message::<Response, _>(&mut sync).await {
-            Ok(None) => u32::try_from(pid.as_raw()).map_err(|e| internal(e.to_string())),
+            Ok(None) => {
+                settle(pid).await;
+                u32::try_from(pid.as_raw()).map_err(|e| internal(e.to_string()))
+            }
             Ok(Some(Response::Error { kind, message })) => Err((kind, message)),
             Ok(Some(other)) => Err(internal(format!("unexpected start reply {other:?}"))),
             Err(e) => Err(internal(format!("start: {e}"))),
@@ -898,6 +902,31 @@ pub(crate) fn not_found(id: &str) -> Failure {
 
 pub(crate) fn internal(e: impl ToString) -> Failure {
     (ErrorKind::Internal, e.to_string())
+}
+
+/// How long `start` waits for the process to settle after its exec.
+const SETTLE_LIMIT: Duration = Duration::from_millis(100);
+
+/// Waits until the just-exec'd `pid` first sleeps interruptibly (waiting for a child, a read,
+/// a timer) or ends, for at most [`SETTLE_LIMIT`]: by then it has run its start-up (such as a
+/// shell installing its signal traps), as it would have long before runc's `start` returned
+/// on a host CPU; an emulated guest is slower. A busy process costs `start` the limit.
+async fn settle(pid: Pid) {
+    let stat = format!("/proc/{pid}/stat");
+    let deadline = tokio::time::Instant::now() + SETTLE_LIMIT;
+    while tokio::time::Instant::now() < deadline {
+        let Ok(text) = std::fs::read_to_string(&stat) else {
+            return;
+        };
+        // `pid (comm) S ...`: the state follows the last `)` (comm may hold anything).
+        let state = text
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if matches!(state, Some('S' | 'Z' | 'X' | 'x' | 't' | 'T') | None) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 #[cfg(test)]

@@ -111,7 +111,7 @@ impl Virtiofsd {
                 "--sandbox",
                 "chroot",
                 "--cache",
-                "auto",
+                if share.keep_cache { "always" } else { "auto" },
                 // A pod's share has a host mount per container under it (its rootfs). Announced
                 // as submounts, each becomes a superblock of its own in the guest, and the
                 // guest kernel reuses the newest one when the tag is mounted again (for the

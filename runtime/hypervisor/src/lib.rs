@@ -73,6 +73,11 @@ pub struct FsShare {
     pub file: Option<String>,
     /// Exported read-only (and `nosuid,nodev`) by the host kernel.
     pub read_only: bool,
+    /// The guest keeps what it read (virtiofsd `--cache always`: data across opens, names and
+    /// attributes without expiry): for a container's own rootfs, which only the container
+    /// changes while it runs. Otherwise (`--cache auto`) every open drops the file's cached
+    /// data and attributes expire after a second, so host changes show.
+    pub keep_cache: bool,
 }
 
 /// A raw disk image given to the guest as a virtio-blk disk.
@@ -148,7 +153,8 @@ pub trait Hypervisor: Send + std::fmt::Debug {
     /// What the VMM and the guest said last: console and VMM log tails, for error messages.
     fn diagnostics(&self) -> String;
 
-    /// Pid of the VMM process, once started.
+    /// Host pid of the VMM process, once started: the jail's pid 1, whose every namespace is
+    /// its own (the launcher's before it exists).
     fn pid(&self) -> Option<u32>;
 
     /// Waits until the VM ends (guest power-off, reboot, panic or a killed VMM).

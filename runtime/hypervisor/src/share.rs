@@ -281,6 +281,7 @@ mod tests {
             host_dir: dir.path().to_owned(),
             file: None,
             read_only: false,
+            keep_cache: false,
         };
         let plan = ShareMounts::prepare(&share, &dir.path().join("stage")).unwrap();
         assert!(plan.steps.is_empty());
@@ -296,6 +297,7 @@ mod tests {
             host_dir: dir.path().to_owned(),
             file: Some("f".into()),
             read_only: true,
+            keep_cache: false,
         };
         let staging = dir.path().join("stage");
         let plan = ShareMounts::prepare(&share, &staging).unwrap();
@@ -339,6 +341,7 @@ mod tests {
             host_dir: dir.path().to_owned(),
             file: None,
             read_only: true,
+            keep_cache: false,
         };
         let seen = run_in_export(&share, &dir.path().join("stage"), ATTACK).await;
         assert_eq!(seen.trim(), "LS f", "{seen}");
@@ -363,6 +366,7 @@ mod tests {
             host_dir: dir.path().to_owned(),
             file: Some("f".into()),
             read_only: false,
+            keep_cache: false,
         };
         let staging = dir.path().join("stage");
         let seen = run_in_export(&share, &staging, ATTACK).await;

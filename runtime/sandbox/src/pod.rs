@@ -80,6 +80,7 @@ impl PodVm {
                 host_dir: share.path().to_owned(),
                 file: None,
                 read_only: false,
+                keep_cache: false,
             }],
             disks: Vec::new(),
             net: network.as_ref().map(|n| n.device.clone()),

@@ -149,6 +149,7 @@ mod tests {
                 host_dir: "/b/rootfs".into(),
                 file: None,
                 read_only: false,
+                keep_cache: false,
             }],
             disks: vec![crate::Disk {
                 serial: "husk-rootfs".into(),
