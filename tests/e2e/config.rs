@@ -313,6 +313,79 @@ fn test_config_bind_mounts_host_dir_written_and_file_read_only() {
     husk.assert_clean();
 }
 
+/// A directory bind's root in the container's mountinfo is the source's name (as under runc,
+/// which the OCI runtime-tools `mounts` test checks), and its share holds that directory only:
+/// a privileged container mounting the share's tag itself sees neither the source's siblings
+/// nor a way to write a read-only bind.
+#[test]
+fn test_config_bind_mount_dir_root_is_source_name_and_siblings_unreachable() {
+    let test = "test_config_bind_mount_dir_root_is_source_name_and_siblings_unreachable";
+    let Some(env) = Env::get(test) else {
+        return;
+    };
+    let husk = env.husk();
+    let host = tempfile::tempdir().expect("host dir");
+    for dir in ["ro-src", "rw-src"] {
+        std::fs::create_dir(host.path().join(dir)).expect("mkdir");
+        std::fs::write(host.path().join(dir).join("inside"), "in\n").expect("write");
+    }
+    std::fs::write(host.path().join("sibling"), "secret\n").expect("write");
+    let script =
+        "awk '$5 == \"/ro\" || $5 == \"/rw\" {print \"ROOT\", $5, $4}' /proc/self/mountinfo; \
+         mount -t tmpfs t /tmp; \
+         for t in bind0 bind1; do mkdir /tmp/$t; mount -t virtiofs $t /tmp/$t || continue; \
+           echo LS $t: $(ls -A /tmp/$t); cat /tmp/$t/*/../sibling 2>/dev/null && echo SIBLING; \
+           mount -o remount,rw /tmp/$t 2>/dev/null; \
+           echo x > /tmp/$t/planted 2>/dev/null && echo WROTE $t; \
+           echo x > /tmp/$t/ro-src/planted 2>/dev/null && echo WROTE $t/ro-src; \
+         done; \
+         echo x > /ro/new 2>/dev/null && echo WROTE /ro; echo x > /rw/new && echo WROTE /rw; true";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        let caps: Vec<_> = husk_sandbox::features::CAPABILITIES
+            .iter()
+            .map(|c| json!(c))
+            .collect();
+        for set in ["bounding", "effective", "permitted"] {
+            c["process"]["capabilities"][set] = caps.clone().into();
+        }
+        let mounts = c["mounts"].as_array_mut().expect("mounts");
+        mounts.push(json!({
+            "destination": "/ro", "type": "bind", "source": host.path().join("ro-src"),
+            "options": ["rbind", "ro"]
+        }));
+        mounts.push(json!({
+            "destination": "/rw", "type": "bind", "source": host.path().join("rw-src"),
+            "options": ["bind", "rw"]
+        }));
+    });
+    let out = run_expect(&husk, &bundle, "dirbinds", 0);
+    let text = stdout(&out);
+    let root = |dest: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("ROOT {dest} ")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(root("/ro"), "/ro-src", "{text}");
+    assert_eq!(root("/rw"), "/rw-src", "{text}");
+    let listed: Vec<&str> = text.lines().filter(|l| l.starts_with("LS ")).collect();
+    assert_eq!(listed, ["LS bind0: ro-src", "LS bind1: rw-src"], "{text}");
+    assert!(!text.contains("SIBLING"), "{text}");
+    let wrote: Vec<&str> = text.lines().filter(|l| l.starts_with("WROTE ")).collect();
+    assert_eq!(wrote, ["WROTE /rw"], "{text}");
+    let mut left: Vec<_> = std::fs::read_dir(host.path())
+        .expect("read_dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["ro-src", "rw-src", "sibling"]);
+    assert!(!host.path().join("ro-src/new").exists());
+    assert!(host.path().join("rw-src/new").exists());
+    husk.assert_clean();
+}
+
 #[test]
 fn test_config_bind_mount_missing_source_refused() {
     let Some(env) = Env::get("test_config_bind_mount_missing_source_refused") else {

@@ -31,8 +31,9 @@ pub struct Mount {
     pub device: Option<String>,
 }
 
-/// The source of a bind mount: a host directory shared with virtio-fs (one share per
-/// directory), a directory inside the share, or one file in either.
+/// The source of a bind mount: a directory inside a virtio-fs share (a host directory's share
+/// holds it alone, under its name, so that the bind's root in mountinfo is that name), the
+/// share's root, or one file in either.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BindSource {
     /// virtio-fs tag of the share: 1 to 36 bytes of `[A-Za-z0-9_-]`.

@@ -41,8 +41,8 @@ pub enum HypervisorError {
         #[source]
         source: std::io::Error,
     },
-    /// A file share's staging directory could not be made.
-    #[error("failed to stage file share at {}", path.display())]
+    /// A share's staging directory (for one file or directory) could not be made.
+    #[error("failed to stage share at {}", path.display())]
     ShareStaging {
         /// The staging directory.
         path: PathBuf,

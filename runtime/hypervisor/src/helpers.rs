@@ -82,14 +82,14 @@ pub(crate) struct Virtiofsd {
     log: PathBuf,
     /// Keeps `log` bounded: virtiofsd logs per-request errors, which the guest can cause.
     _log_cap: ConsoleCap,
-    /// A file share's staging directory, removed at stop.
+    /// An entry share's staging directory, removed at stop.
     staging: Option<PathBuf>,
 }
 
 impl Virtiofsd {
     /// Starts virtiofsd for `share` with its vhost-user socket at `socket`, ready on return. A
-    /// read-only or file share is built in virtiofsd's own mount namespace ([`ShareMounts`]);
-    /// a file share stages in `staging` (outside what a jail may write).
+    /// read-only or entry share is built in virtiofsd's own mount namespace ([`ShareMounts`]);
+    /// an entry share stages in `staging` (outside what a jail may write).
     pub(crate) async fn start(
         binary: &Path,
         share: &FsShare,
@@ -99,7 +99,7 @@ impl Virtiofsd {
     ) -> Result<Self, HypervisorError> {
         let staging = staging.to_owned();
         let mounts = ShareMounts::prepare(share, &staging)?;
-        let staging = share.file.is_some().then_some(staging);
+        let staging = share.entry.is_some().then_some(staging);
         let mut cmd = Command::new(binary);
         cmd.arg("--socket-path")
             .arg(socket)

@@ -60,17 +60,18 @@ impl std::str::FromStr for HypervisorKind {
     }
 }
 
-/// A host directory, or one file of it, shared into the guest with virtio-fs. What the guest
-/// may not write, the host does not let it write, whatever the guest mounts (`share`).
+/// A host directory, or one file or directory in it, shared into the guest with virtio-fs.
+/// What the guest may not write, the host does not let it write, whatever the guest mounts
+/// (`share`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsShare {
     /// virtio-fs tag the guest mounts.
     pub tag: String,
-    /// Host directory.
+    /// Host directory: exported as it is, or the directory holding [`FsShare::entry`].
     pub host_dir: PathBuf,
-    /// A file name in `host_dir`: the share is a directory holding only that file, under that
+    /// An entry of `host_dir`: the share is a directory holding only that entry, under its
     /// name; the rest of `host_dir` stays out of the guest's reach.
-    pub file: Option<String>,
+    pub entry: Option<ShareEntry>,
     /// Exported read-only (and `nosuid,nodev`) by the host kernel.
     pub read_only: bool,
     /// The guest keeps what it read (virtiofsd `--cache always`: data across opens, names and
@@ -78,6 +79,28 @@ pub struct FsShare {
     /// changes while it runs. Otherwise (`--cache auto`) every open drops the file's cached
     /// data and attributes expire after a second, so host changes show.
     pub keep_cache: bool,
+}
+
+/// A file or directory shared alone: the guest sees it under its own name in the share (a bind
+/// of it then shows that name as its root in the guest's `/proc/self/mountinfo`, as under runc).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShareEntry {
+    /// Its name in the host directory and in the share: one path component.
+    pub name: String,
+    /// What it is.
+    pub kind: EntryKind,
+}
+
+/// The kind of a [`ShareEntry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory, with the mounts below it on the host (`rbind`) or without them (`bind`).
+    Dir {
+        /// With the mounts below it.
+        recursive: bool,
+    },
 }
 
 /// A raw disk image given to the guest as a virtio-blk disk.

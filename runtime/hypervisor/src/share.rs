@@ -5,12 +5,16 @@
 //! a mount namespace of its own (made between fork and exec, gone with virtiofsd) in which
 //! - a read-only share is a recursive bind of itself sealed `ro,nosuid,nodev`
 //!   (`mount_setattr(2)` with `AT_RECURSIVE`, a top-only remount on kernels before 5.12);
-//! - a file share is a staging directory in the VM's run directory holding one empty
-//!   placeholder, on which the file is bound: the directory is sealed read-only, the file is
-//!   read-only when the bind is, and nothing else of the file's host directory is reachable.
+//! - a share of one entry (a bind mount's source file or directory) is a staging directory in
+//!   the VM's run directory holding one empty placeholder of the entry's kind and name, on
+//!   which the entry is bound (a directory with its submounts for `rbind`, without for
+//!   `bind`): the staging directory is sealed read-only, the entry `nosuid,nodev` (recursively
+//!   for a directory) and read-only when the bind is; nothing else of the entry's host
+//!   directory is reachable. The guest binds `<share>/<name>`, so its mountinfo shows the
+//!   source's name as the bind's root, as under runc.
 //!
-//! A read-write directory share needs no mount and runs virtiofsd as before (a pod's share
-//! then sees the binds its owner adds later).
+//! A read-write share of a whole directory needs no mount and runs virtiofsd as before (a
+//! pod's share then sees the binds its owner adds later).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -18,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
-use crate::{FsShare, HypervisorError};
+use crate::{EntryKind, FsShare, HypervisorError};
 
 /// `MOUNT_ATTR_*` and `AT_RECURSIVE` (include/uapi/linux/mount.h, fcntl.h).
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
@@ -61,13 +65,13 @@ pub(crate) struct ShareMounts {
 }
 
 impl ShareMounts {
-    /// Plans `share`'s export; a file share's staging directory is made at `staging`.
+    /// Plans `share`'s export; an entry's staging directory is made at `staging`.
     ///
     /// # Errors
     /// [`HypervisorError::ShareStaging`] when the staging directory cannot be made.
     pub(crate) fn prepare(share: &FsShare, staging: &Path) -> Result<Self, HypervisorError> {
         let ro = share.read_only;
-        let Some(name) = &share.file else {
+        let Some(entry) = &share.entry else {
             let steps = match ro {
                 false => Vec::new(),
                 true => vec![
@@ -84,14 +88,15 @@ impl ShareMounts {
             path: staging.to_owned(),
             source,
         };
-        let placeholder = staging.join(name);
-        make_staging(staging, &placeholder).map_err(err)?;
-        let file_attrs = if ro { MOUNT_ATTR_RDONLY } else { 0 };
+        let placeholder = staging.join(&entry.name);
+        make_staging(staging, &placeholder, entry.kind).map_err(err)?;
+        let recursive = entry.kind == EntryKind::Dir { recursive: true };
+        let entry_attrs = if ro { MOUNT_ATTR_RDONLY } else { 0 };
         let steps = vec![
             bind(staging, staging, false)?,
-            bind(&share.host_dir.join(name), &placeholder, false)?,
+            bind(&share.host_dir.join(&entry.name), &placeholder, recursive)?,
             seal(staging, MOUNT_ATTR_RDONLY, false)?,
-            seal(&placeholder, file_attrs, false)?,
+            seal(&placeholder, entry_attrs, recursive)?,
         ];
         Ok(Self {
             exported: staging.to_owned(),
@@ -119,30 +124,42 @@ impl ShareMounts {
         }
     }
 
-    /// Removes a file share's staging directory (after virtiofsd ended: its mounts went with
-    /// its namespace).
+    /// Removes an entry's staging directory (after virtiofsd ended: its mounts went with its
+    /// namespace). Never recursive: a placeholder directory still holding something (a mount
+    /// left by mistake) stays, and the host's files with it.
     pub(crate) fn remove_staging(staging: &Path) {
-        let _ = std::fs::remove_file(staging_placeholder(staging).unwrap_or_default());
+        if let Some((path, is_dir)) = staging_placeholder(staging) {
+            let _ = match is_dir {
+                true => std::fs::remove_dir(path),
+                false => std::fs::remove_file(path),
+            };
+        }
         let _ = std::fs::remove_dir(staging);
     }
 }
 
-/// The one placeholder in `staging`, if any.
-fn staging_placeholder(staging: &Path) -> Option<PathBuf> {
+/// The one placeholder in `staging`, if any, and whether it is a directory (not following a
+/// symlink).
+fn staging_placeholder(staging: &Path) -> Option<(PathBuf, bool)> {
     let entry = std::fs::read_dir(staging).ok()?.next()?.ok()?;
-    Some(entry.path())
+    let is_dir = entry.file_type().ok()?.is_dir();
+    Some((entry.path(), is_dir))
 }
 
-/// Makes the staging directory (0700: host users never reach it) and its empty placeholder.
-fn make_staging(staging: &Path, placeholder: &Path) -> std::io::Result<()> {
+/// Makes the staging directory (0700: host users never reach it) and its empty placeholder of
+/// `kind`.
+fn make_staging(staging: &Path, placeholder: &Path, kind: EntryKind) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     std::fs::DirBuilder::new().mode(0o700).create(staging)?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(placeholder)
-        .map(drop)
+    match kind {
+        EntryKind::Dir { .. } => std::fs::DirBuilder::new().mode(0o700).create(placeholder),
+        EntryKind::File => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(placeholder)
+            .map(drop),
+    }
 }
 
 fn c_path(path: &Path) -> Result<CString, HypervisorError> {
@@ -272,6 +289,34 @@ fn check(r: libc::c_int) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ShareEntry;
+
+    fn file_entry(name: &str) -> ShareEntry {
+        ShareEntry {
+            name: name.into(),
+            kind: EntryKind::File,
+        }
+    }
+
+    fn dir_entry(name: &str, recursive: bool) -> ShareEntry {
+        ShareEntry {
+            name: name.into(),
+            kind: EntryKind::Dir { recursive },
+        }
+    }
+
+    /// The binds of `plan`: (to, recursive).
+    fn binds(plan: &ShareMounts) -> Vec<(String, bool)> {
+        plan.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Bind { to, recursive, .. } => {
+                    Some((to.to_string_lossy().into_owned(), *recursive))
+                }
+                Step::Seal { .. } => None,
+            })
+            .collect()
+    }
 
     #[test]
     fn test_prepare_rw_dir_no_mounts() {
@@ -279,7 +324,7 @@ mod tests {
         let share = FsShare {
             tag: "rootfs".into(),
             host_dir: dir.path().to_owned(),
-            file: None,
+            entry: None,
             read_only: false,
             keep_cache: false,
         };
@@ -295,7 +340,7 @@ mod tests {
         let share = FsShare {
             tag: "bind0".into(),
             host_dir: dir.path().to_owned(),
-            file: Some("f".into()),
+            entry: Some(file_entry("f")),
             read_only: true,
             keep_cache: false,
         };
@@ -308,6 +353,52 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["f"]);
         assert_eq!(std::fs::metadata(staging.join("f")).unwrap().len(), 0);
+        ShareMounts::remove_staging(&staging);
+        assert!(!staging.exists());
+    }
+
+    #[test]
+    fn test_prepare_dir_stages_an_empty_directory_bound_without_submounts() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/keep"), "x").unwrap();
+        let share = FsShare {
+            tag: "bind0".into(),
+            host_dir: dir.path().to_owned(),
+            entry: Some(dir_entry("d", false)),
+            read_only: false,
+        };
+        let staging = dir.path().join("stage");
+        let plan = ShareMounts::prepare(&share, &staging).unwrap();
+        assert_eq!(plan.exported(), staging);
+        let names: Vec<_> = std::fs::read_dir(&staging)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["d"]);
+        assert_eq!(std::fs::read_dir(staging.join("d")).unwrap().count(), 0);
+        let placeholder = staging.join("d").to_string_lossy().into_owned();
+        assert!(binds(&plan).contains(&(placeholder, false)));
+        ShareMounts::remove_staging(&staging);
+        assert!(!staging.exists());
+        assert!(dir.path().join("d/keep").exists());
+    }
+
+    #[test]
+    fn test_prepare_rbind_dir_binds_with_submounts() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let share = FsShare {
+            tag: "bind0".into(),
+            host_dir: dir.path().to_owned(),
+            entry: Some(dir_entry("d", true)),
+            read_only: true,
+        };
+        let staging = dir.path().join("stage");
+        let plan = ShareMounts::prepare(&share, &staging).unwrap();
+        let placeholder = staging.join("d").to_string_lossy().into_owned();
+        let staged = staging.to_string_lossy().into_owned();
+        assert_eq!(binds(&plan), vec![(staged, false), (placeholder, true)]);
         ShareMounts::remove_staging(&staging);
         assert!(!staging.exists());
     }
@@ -339,7 +430,7 @@ mod tests {
         let share = FsShare {
             tag: "rootfs".into(),
             host_dir: dir.path().to_owned(),
-            file: None,
+            entry: None,
             read_only: true,
             keep_cache: false,
         };
@@ -364,7 +455,7 @@ mod tests {
         let share = FsShare {
             tag: "bind0".into(),
             host_dir: dir.path().to_owned(),
-            file: Some("f".into()),
+            entry: Some(file_entry("f")),
             read_only: false,
             keep_cache: false,
         };
@@ -378,5 +469,43 @@ mod tests {
         );
         ShareMounts::remove_staging(&staging);
         assert!(!staging.exists());
+    }
+
+    #[tokio::test]
+    async fn test_apply_dir_share_exposes_only_the_dir() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIPPED: share export tests need root (mounts)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/keep"), "host").unwrap();
+        std::fs::write(dir.path().join("secret"), "sibling").unwrap();
+        let staging = dir.path().join("stage");
+        let script = "echo x > $D/new && echo WROTE-NEW; echo x > $D/d/new && echo WROTE-D; \
+                      echo LS $(ls -A $D) / $(ls -A $D/d); \
+                      cat $D/d/../secret 2>/dev/null && echo READ-SECRET; true";
+        for ro in [true, false] {
+            let share = FsShare {
+                tag: "bind0".into(),
+                host_dir: dir.path().to_owned(),
+                entry: Some(dir_entry("d", true)),
+                read_only: ro,
+            };
+            let seen = run_in_export(&share, &staging, script).await;
+            // The staging directory is read-only either way; the directory as the bind is.
+            let expected = match ro {
+                true => "LS d / keep",
+                false => "WROTE-D\nLS d / keep new",
+            };
+            assert_eq!(seen.trim(), expected, "ro={ro}: {seen}");
+            ShareMounts::remove_staging(&staging);
+            assert!(!staging.exists());
+        }
+        assert!(!dir.path().join("new").exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("d/keep")).unwrap(),
+            "host"
+        );
     }
 }

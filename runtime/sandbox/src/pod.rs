@@ -78,7 +78,7 @@ impl PodVm {
             shares: vec![FsShare {
                 tag: POD_TAG.to_owned(),
                 host_dir: share.path().to_owned(),
-                file: None,
+                entry: None,
                 read_only: false,
                 keep_cache: false,
             }],
@@ -204,8 +204,15 @@ impl PodVm {
         };
         for m in &mut bundle.spec.mounts {
             if let Some(source) = &mut m.source {
+                // The bind's share is now `binds/<tag>` in the pod's; a directory source's
+                // name (its path in its own share) stays below it.
+                let binds = format!("{id}/binds/{}", source.tag);
+                let path = match source.path.take() {
+                    Some(name) => format!("{binds}/{name}"),
+                    None => binds,
+                };
                 *source = BindSource {
-                    path: Some(format!("{id}/binds/{}", source.tag)),
+                    path: Some(path),
                     tag: POD_TAG.to_owned(),
                     file: source.file.take(),
                 };

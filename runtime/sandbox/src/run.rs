@@ -270,7 +270,7 @@ fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
             Rootfs::Dir(dir) => vec![FsShare {
                 tag: ROOTFS_TAG.to_owned(),
                 host_dir: dir.clone(),
-                file: None,
+                entry: None,
                 read_only: bundle.spec.rootfs_readonly,
                 keep_cache: true,
             }],
@@ -280,7 +280,7 @@ fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
         .chain(bundle.bind_shares.iter().map(|b| FsShare {
             tag: b.tag.clone(),
             host_dir: b.dir.clone(),
-            file: b.file.clone(),
+            entry: b.entry.clone(),
             read_only: b.read_only,
             keep_cache: false,
         }))

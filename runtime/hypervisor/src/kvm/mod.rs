@@ -82,7 +82,7 @@ impl Hypervisor for KvmDoor {
         if let Some(binary) = self.virtiofsd.clone() {
             for (i, share) in self.config.shares.clone().iter().enumerate() {
                 let socket = self.vm_path(&format!("fs{i}.sock"));
-                let staging = self.run_path(&format!("fs{i}.files"));
+                let staging = self.run_path(&format!("fs{i}.stage"));
                 let log = self.run_path(&format!("virtiofsd{i}.log"));
                 let fs = Virtiofsd::start(&binary, share, &socket, &staging, &log).await?;
                 jail::adopt(self.cgroup.as_ref(), fs.child.id());

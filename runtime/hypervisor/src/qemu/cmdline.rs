@@ -147,7 +147,7 @@ mod tests {
             shares: vec![FsShare {
                 tag: "rootfs".into(),
                 host_dir: "/b/rootfs".into(),
-                file: None,
+                entry: None,
                 read_only: false,
                 keep_cache: false,
             }],

@@ -97,7 +97,7 @@ impl QemuDoor {
         let mut sockets = Vec::new();
         for (i, share) in self.config.shares.clone().iter().enumerate() {
             let socket = self.vm_path(&format!("fs{i}.sock"));
-            let staging = self.run_path(&format!("fs{i}.files"));
+            let staging = self.run_path(&format!("fs{i}.stage"));
             let log = self.run_path(&format!("virtiofsd{i}.log"));
             self.fs
                 .push(Virtiofsd::start(&binary, share, &socket, &staging, &log).await?);

@@ -155,9 +155,11 @@ fn mount(m: &OciMount, binds: &mut BindShares) -> Result<Mount, String> {
     let is_bind =
         m.typ().as_deref() == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind");
     if is_bind {
-        // A share has no submounts: bind and rbind are the same here.
+        // With the source's submounts on the host (shared with it) or without.
+        let recursive = options.iter().any(|o| o == "rbind");
         options.retain(|o| o != "bind" && o != "rbind");
-        return bind_mount(destination, m.source().as_deref(), &options, binds);
+        let source = m.source().as_deref();
+        return bind_mount(destination, source, &options, recursive, binds);
     }
     let kind = match m.typ().as_deref() {
         Some("proc") => MountKind::Proc,
@@ -195,6 +197,7 @@ fn bind_mount(
     destination: String,
     source: Option<&Path>,
     options: &[String],
+    recursive: bool,
     binds: &mut BindShares,
 ) -> Result<Mount, String> {
     let (flags, data) = mount_options(options).map_err(|e| format!("mount {destination}: {e}"))?;
@@ -206,7 +209,7 @@ fn bind_mount(
     let source = source.ok_or_else(|| format!("bind mount {destination}: no source"))?;
     let read_only = flags.contains(&MountFlag::Ro);
     let source = binds
-        .source(source, read_only)
+        .source(source, read_only, recursive)
         .map_err(|e| format!("bind mount {destination}: {e}"))?;
     Ok(Mount {
         destination,

@@ -4,9 +4,10 @@
 //! The guest writes the share (`<run_dir>/share`) at will and can plant a symlink wherever it
 //! expects the host to look. So a container's part is built elsewhere, in `<run_dir>/stage/<id>`
 //! (the run directory is 0700 and outside the share): a small tmpfs with the mount points
-//! `rootfs` and `binds/<tag>` (a directory holding one placeholder for a file bind), the binds of
-//! the container's sources on them (`nosuid,nodev`, read-only where the container's are), the
-//! tmpfs then sealed read-only. Only then is it bound, whole, onto `share/<id>`: a directory
+//! `rootfs` and `binds/<tag>/<name>` (an empty file or directory named like the bind's
+//! source), the binds of the container's sources on them (`nosuid,nodev`, read-only where the
+//! container's are; a directory with its submounts for `rbind`), the tmpfs then sealed
+//! read-only. Only then is it bound, whole, onto `share/<id>`: a directory
 //! made with `mkdirat` on the share's descriptor and opened with
 //! `openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS)`, the mount made through `/proc/self/fd`.
 //! Removal detaches that one mount through a descriptor opened the same way; a directory is
@@ -23,6 +24,8 @@ use nix::sys::stat::{mkdirat, Mode};
 use nix::sys::statvfs::{fstatvfs, FsFlags};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use tracing::warn;
+
+use husk_hypervisor::EntryKind;
 
 use crate::bundle::BindShare;
 use crate::SandboxError;
@@ -175,23 +178,20 @@ fn build_stage(
     .map_err(|e| fail(stage, e.into()))?;
     let root = stage.join("rootfs");
     std::fs::create_dir(&root).map_err(|e| fail(&root, e))?;
-    bind_sealed(rootfs, &root, read_only)?;
+    bind_sealed(rootfs, &root, read_only, true)?;
     for share in binds {
         let at = stage.join("binds").join(&share.tag);
         std::fs::create_dir_all(&at).map_err(|e| fail(&at, e))?;
-        match &share.file {
-            None => bind_sealed(&share.dir, &at, share.read_only)?,
-            Some(name) => {
-                let placeholder = at.join(name);
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&placeholder)
-                    .map_err(|e| fail(&placeholder, e))?;
-                bind_sealed(&share.dir.join(name), &placeholder, share.read_only)?;
-            }
-        }
+        let Some(entry) = &share.entry else {
+            // `/`, shared whole.
+            bind_sealed(&share.dir, &at, share.read_only, true)?;
+            continue;
+        };
+        let placeholder = at.join(&entry.name);
+        make_placeholder(&placeholder, entry.kind).map_err(|e| fail(&placeholder, e))?;
+        let recursive = entry.kind == EntryKind::Dir { recursive: true };
+        let source = share.dir.join(&entry.name);
+        bind_sealed(&source, &placeholder, share.read_only, recursive)?;
     }
     // The skeleton itself: the guest plants nothing in `share/<id>` or `binds`.
     let sealed = base | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
@@ -201,9 +201,30 @@ fn build_stage(
 
 /// Binds `from` (recursively) on `to`, then seals every mount of the bind `nosuid,nodev`, and
 /// read-only when `read_only`, keeping the flags it already had.
-fn bind_sealed(from: &Path, to: &Path, read_only: bool) -> Result<(), SandboxError> {
+/// An empty file or directory, named like the bind source it stands for.
+fn make_placeholder(path: &Path, kind: EntryKind) -> std::io::Result<()> {
+    match kind {
+        EntryKind::Dir { .. } => std::fs::create_dir(path),
+        EntryKind::File => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map(drop),
+    }
+}
+
+fn bind_sealed(
+    from: &Path,
+    to: &Path,
+    read_only: bool,
+    recursive: bool,
+) -> Result<(), SandboxError> {
     let err = |e: Errno| io_err(to, e.into());
-    let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
+    let flags = match recursive {
+        true => MsFlags::MS_BIND | MsFlags::MS_REC,
+        false => MsFlags::MS_BIND,
+    };
     mount(Some(from), to, None::<&str>, flags, None::<&str>).map_err(err)?;
     for point in mount_points_under(to) {
         let how = OpenHow::new()
@@ -324,6 +345,8 @@ fn io_err(path: &Path, source: std::io::Error) -> SandboxError {
 
 #[cfg(test)]
 mod tests {
+    use husk_hypervisor::ShareEntry;
+
     use super::*;
 
     /// A run directory, a rootfs with one file, a bind directory, a directory with a bound
@@ -356,14 +379,20 @@ mod tests {
             vec![
                 BindShare {
                     tag: "bind0".into(),
-                    dir: self.path("data"),
-                    file: None,
+                    dir: self.tmp.path().to_owned(),
+                    entry: Some(ShareEntry {
+                        name: "data".into(),
+                        kind: EntryKind::Dir { recursive: true },
+                    }),
                     read_only: false,
                 },
                 BindShare {
                     tag: "bind1".into(),
                     dir: self.path("files"),
-                    file: Some("bound".into()),
+                    entry: Some(ShareEntry {
+                        name: "bound".into(),
+                        kind: EntryKind::File,
+                    }),
                     read_only: true,
                 },
             ]
@@ -396,11 +425,12 @@ mod tests {
             names(&c1),
             names(&c1.join("binds/bind1")),
             std::fs::read_to_string(c1.join("rootfs/a")).unwrap(),
+            names(&c1.join("binds/bind0")),
         );
         let rootfs_write = std::fs::write(c1.join("rootfs/x"), "x");
         let skeleton_write = std::fs::create_dir(c1.join("planted"));
         let file_write = std::fs::write(c1.join("binds/bind1/bound"), "w");
-        std::fs::write(c1.join("binds/bind0/new"), "n").unwrap();
+        std::fs::write(c1.join("binds/bind0/data/new"), "n").unwrap();
         let mounts: Vec<_> = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
             .lines()
@@ -415,6 +445,11 @@ mod tests {
         assert_eq!(placed.1, ["binds", "rootfs"]);
         assert_eq!(placed.2, ["bound"], "the bound file's siblings are seen");
         assert_eq!(placed.3, "a");
+        assert_eq!(
+            placed.4,
+            ["data"],
+            "the bound directory's siblings are seen"
+        );
         assert!(rootfs_write.is_err() && skeleton_write.is_err() && file_write.is_err());
         assert_eq!(mounts.len(), 4, "{mounts:?}");
         assert!(
