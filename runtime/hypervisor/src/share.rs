@@ -367,6 +367,7 @@ mod tests {
             host_dir: dir.path().to_owned(),
             entry: Some(dir_entry("d", false)),
             read_only: false,
+            keep_cache: false,
         };
         let staging = dir.path().join("stage");
         let plan = ShareMounts::prepare(&share, &staging).unwrap();
@@ -393,6 +394,7 @@ mod tests {
             host_dir: dir.path().to_owned(),
             entry: Some(dir_entry("d", true)),
             read_only: true,
+            keep_cache: false,
         };
         let staging = dir.path().join("stage");
         let plan = ShareMounts::prepare(&share, &staging).unwrap();
@@ -491,6 +493,7 @@ mod tests {
                 host_dir: dir.path().to_owned(),
                 entry: Some(dir_entry("d", true)),
                 read_only: ro,
+                keep_cache: false,
             };
             let seen = run_in_export(&share, &staging, script).await;
             // The staging directory is read-only either way; the directory as the bind is.
