@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 /// `husk --version`, as runc's: the runtime, then the OCI runtime spec it implements.
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\nspec: 1.2.0");
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\nspec: 1.3.0");
 
 /// Run OCI containers, each in its own micro-VM.
 #[derive(Debug, Parser)]

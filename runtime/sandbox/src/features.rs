@@ -115,7 +115,7 @@ mod tests {
     #[test]
     fn test_features_parses_as_oci_features() {
         let doc: oci_spec::runtime::Features = serde_json::from_value(features()).unwrap();
-        assert_eq!(doc.oci_version_max(), "1.2.0");
+        assert_eq!(doc.oci_version_max(), "1.3.0");
         let linux = doc.linux().as_ref().unwrap();
         assert!(linux.namespaces().as_ref().unwrap().len() >= 6);
     }

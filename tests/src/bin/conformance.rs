@@ -16,8 +16,10 @@ use husk_e2e::harness::{husk_out, Env};
 
 /// Per-test deadline under runc (its slowest tests poll for 10 s).
 const RUNC_TIMEOUT: Duration = Duration::from_secs(60);
-/// Per-test deadline under husk: a VM boots per container (about 1.5 s under TCG here).
-const HUSK_TIMEOUT: Duration = Duration::from_secs(120);
+/// Per-test deadline under husk: a VM boots per container (about 1.5 s under TCG here, 6 s
+/// for a whole create-validate-delete cycle), and linux_cgroups_cpus makes 17 containers
+/// (about 110 s).
+const HUSK_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn main() -> ExitCode {
     let Some(env) = Env::get("conformance") else {
