@@ -799,9 +799,10 @@ fn test_config_rootfs_propagation_shared_and_unbindable() {
          mount --bind /psrc /pdst; ls /dev/copy/pdst; true";
     let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
     bundle.edit(|c| {
-        for set in ["bounding", "effective", "permitted"] {
-            c["process"]["capabilities"][set] = json!(["CAP_SYS_ADMIN"]);
-        }
+        c["process"]["capabilities"] = json!({
+            "bounding": ["CAP_SYS_ADMIN"], "effective": ["CAP_SYS_ADMIN"],
+            "permitted": ["CAP_SYS_ADMIN"], "inheritable": [], "ambient": []
+        });
     });
     bundle.edit(|c| c["linux"]["rootfsPropagation"] = "shared".into());
     let text = stdout(&run_expect(&husk, &bundle, "propshared", 0));

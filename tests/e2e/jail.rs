@@ -201,8 +201,17 @@ fn test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys() {
     let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut up);
     assert_eq!(up.trim(), "up", "the container never started");
     // The container's pid as the host sees it is QEMU, the jail's pid 1.
-    let state = husk.command(&["state", &id]).output().expect("husk state");
-    let state: serde_json::Value = serde_json::from_slice(&state.stdout).unwrap_or_default();
+    // `run` records the pid once `start` returned, a moment after the first output.
+    let state_of = || -> serde_json::Value {
+        let out = husk.command(&["state", &id]).output().expect("husk state");
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut state = state_of();
+    while state["status"] != "running" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        state = state_of();
+    }
     assert_eq!(
         state["pid"], qemu.pid,
         "state.pid is not the jailed VMM: {state}"

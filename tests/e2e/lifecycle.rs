@@ -205,6 +205,58 @@ fn test_lifecycle_create_start_kill_delete_same_as_runc() {
     husk.assert_clean();
 }
 
+/// A signal sent right after `start` finds the handlers the process installs first thing (a
+/// shell's `trap`), as on runc: `start` returns once the process has run its start-up
+/// (runtime-tools' killsig sends USR1, TERM and USR2 this way).
+#[test]
+fn test_signal_right_after_start_reaches_the_trap_as_runc() {
+    let Some(env) = Env::get("test_signal_right_after_start_reaches_the_trap_as_runc") else {
+        return;
+    };
+    let husk = env.husk();
+    let script = "trap 'echo got USR1; exit 3' USR1; sleep 10 & wait $!";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| c["process"]["terminal"] = false.into());
+    let runc_root = tempfile::tempdir().expect("runc root");
+    let outs = tempfile::tempdir().expect("outputs");
+    for rt in [Runtime::Runc(runc_root.path()), Runtime::Husk(&husk)] {
+        let out = outs.path().join(rt.name());
+        let created = rt.create(bundle.path(), "sig", &out);
+        assert!(
+            created.status.success(),
+            "{}: {}",
+            rt.name(),
+            stderr(&created)
+        );
+        assert!(
+            rt.run(&["start", "sig"]).status.success(),
+            "{} start",
+            rt.name()
+        );
+        let kill = rt.run(&["kill", "sig", "USR1"]);
+        assert!(
+            kill.status.success(),
+            "{} kill: {}",
+            rt.name(),
+            stderr(&kill)
+        );
+        // Caught, the shell exits at once; missed (PID 1 ignores it), it waits out the sleep.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rt.status("sig") != "stopped" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let said = std::fs::read_to_string(&out).unwrap_or_default();
+        assert_eq!(
+            said,
+            "got USR1\n",
+            "{}: the trap missed the signal",
+            rt.name()
+        );
+        assert!(rt.run(&["delete", "--force", "sig"]).status.success());
+    }
+    husk.assert_clean();
+}
+
 #[test]
 fn test_state_json_fields_match_runc() {
     let Some(env) = Env::get("test_state_json_fields_match_runc") else {

@@ -402,6 +402,9 @@ async fn run_in_vm(
     dir: &Path,
     pid_file: Option<&Path>,
 ) -> Result<RunOutcome, SandboxError> {
+    // From here on a termination signal is caught, not fatal: one that arrives while the VM
+    // boots or the container starts is forwarded once the container runs (as runc's run).
+    let mut signals = ForwardedSignals::new()?;
     let t_boot = Instant::now();
     vm.start().await?;
     let mut agent = boot(vm, boot_timeout).await?;
@@ -433,7 +436,7 @@ async fn run_in_vm(
     }
     let t_started = Instant::now();
     debug!("container started");
-    let (exit, ended) = match supervise(vm, &mut agent, id).await? {
+    let (exit, ended) = match supervise(vm, &mut agent, id, &mut signals).await? {
         Supervised::Exited(exit) => (exit, false),
         Supervised::GaveUp(exit) => (exit, true),
     };
@@ -531,8 +534,9 @@ async fn supervise(
     vm: &mut dyn Hypervisor,
     agent: &mut AgentClient,
     id: &str,
+    signals: &mut ForwardedSignals,
 ) -> Result<Supervised, SandboxError> {
-    match wait_forwarding_signals(vm, agent, id).await {
+    match wait_forwarding_signals(vm, agent, id, signals).await {
         Err(e) => Err(explain(vm, e).await),
         ok => ok,
     }
@@ -557,11 +561,11 @@ async fn wait_forwarding_signals(
     vm: &mut dyn Hypervisor,
     agent: &mut AgentClient,
     id: &str,
+    signals: &mut ForwardedSignals,
 ) -> Result<Supervised, SandboxError> {
     let mut waiter = agent.reconnect().await?;
     let wait = waiter.wait(id);
     tokio::pin!(wait);
-    let mut signals = ForwardedSignals::new()?;
     let mut escalation = Escalation::None;
     let grace = tokio::time::sleep(Duration::MAX / 4);
     tokio::pin!(grace);

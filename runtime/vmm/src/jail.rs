@@ -131,6 +131,13 @@ pub fn system_binds() -> Vec<JailBind> {
 /// The step that failed (joining the cgroup, a namespace, a socket, the tap, fork).
 pub fn launch(spec: &JailSpec) -> Result<std::convert::Infallible, VmmError> {
     let err = |what: String| VmmError::Confine(what);
+    // Nothing the spawner left open lives on in the launcher (say, a server's listening socket
+    // that would answer for it after its death): all it needs it opens itself.
+    // SAFETY: close_range on this process's own descriptors above stdio; no Rust object here
+    // holds one yet.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    }
     if spec.argv.is_empty() {
         return Err(err("jail: empty argv".into()));
     }
@@ -262,6 +269,11 @@ fn open_tap(name: &str) -> Result<OwnedFd, VmmError> {
     Ok(OwnedFd::from(tun))
 }
 
+/// Pid 1's byte to the launcher: in a user namespace of its own, to be mapped.
+const ENTERED: u8 = b'u';
+/// Pid 1's byte to the launcher: the kernel gave it no user namespace.
+const NOT_ENTERED: u8 = b'n';
+
 /// The handshake that gives pid 1 its user namespace: pid 1 unshares it and says so, the
 /// launcher (outside it, still privileged) writes its uid and gid maps and says so.
 struct UsernsSync {
@@ -303,14 +315,30 @@ impl UsernsSync {
         ))
     }
 
-    /// In pid 1: unshares the user namespace and waits until the launcher mapped it.
+    /// In pid 1: unshares the user namespace and waits until the launcher mapped it. A host
+    /// kernel without user namespaces (or with them switched off) gets one warning line and
+    /// the rest of the jail.
     fn enter(self) -> Result<(), VmmError> {
         let err = |what: &str, e: &dyn std::fmt::Display| {
             VmmError::Confine(format!("user namespace: {what}: {e}"))
         };
-        unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| err("unshare", &e))?;
-        nix::unistd::write(&self.entered, b"u").map_err(|e| err("signal the launcher", &e))?;
+        let entered = match unshare(CloneFlags::CLONE_NEWUSER) {
+            Ok(()) => ENTERED,
+            Err(e @ (nix::Error::EINVAL | nix::Error::ENOSPC | nix::Error::EPERM)) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "husk-vmm jail: warning: no user namespace of its own ({e}): the host kernel has none to give"
+                );
+                NOT_ENTERED
+            }
+            Err(e) => return Err(err("unshare", &e)),
+        };
+        nix::unistd::write(&self.entered, &[entered])
+            .map_err(|e| err("signal the launcher", &e))?;
         drop(self.entered);
+        if entered == NOT_ENTERED {
+            return Ok(());
+        }
         let mut byte = [0u8; 1];
         match nix::unistd::read(&self.mapped, &mut byte) {
             Ok(1) => Ok(()),
@@ -327,8 +355,9 @@ impl UsernsMapper {
     fn map_root(self, child: Pid) -> Result<(), VmmError> {
         let mut byte = [0u8; 1];
         let entered = nix::unistd::read(&self.entered, &mut byte);
-        if !matches!(entered, Ok(1)) {
-            // Pid 1 failed before (its error is on stderr) and the launcher reaps it.
+        if !matches!(entered, Ok(1)) || byte[0] != ENTERED {
+            // Pid 1 failed before (its error is on stderr; the launcher reaps it), or has no
+            // user namespace to map.
             return Ok(());
         }
         for (file, map) in [("uid_map", "0 0 1\n"), ("gid_map", "0 0 1\n")] {
