@@ -7,7 +7,9 @@ use husk_sandbox::bundle::{process_from_json, resources_from_json, Bundle, PodRo
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = process_from_json(data);
+    // As `exec -p` (LSM labels refused) and as the shim's Exec (dropped).
+    let _ = process_from_json(data, false);
+    let _ = process_from_json(data, true);
     let _ = resources_from_json(data);
     let Ok(dir) = tempfile::tempdir() else {
         return;

@@ -557,6 +557,116 @@ fn test_exec_same_output_and_exit_codes_as_runc_and_ps_lists_it() {
     husk.assert_clean();
 }
 
+/// What an exec'd process reports of its privileges: capability sets, no_new_privs, the
+/// NOFILE limits, its ids and its oom_score_adj.
+const SHOW_PRIVILEGES: &str = "grep -E '^(Cap|NoNewPrivs)' /proc/self/status; ulimit -n; \
+    ulimit -Hn; id; cat /proc/self/oom_score_adj";
+
+/// An OCI process running [`SHOW_PRIVILEGES`] with `extra` fields (every one sets an rlimit:
+/// without one runc's exec keeps the caller's, husk's the guest's).
+fn privileges_process(dir: &Path, name: &str, extra: &Value) -> String {
+    let mut process = serde_json::json!({
+        "args": ["sh", "-c", SHOW_PRIVILEGES],
+        "cwd": "/",
+        "env": ["PATH=/bin"],
+        "user": {"uid": 0, "gid": 0},
+        "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 512, "hard": 512}],
+    });
+    for (key, value) in extra.as_object().expect("object") {
+        process[key] = value.clone();
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, process.to_string()).expect("process.json");
+    path.to_str().expect("utf-8").to_owned()
+}
+
+#[test]
+fn test_exec_privileges_same_as_runc() {
+    let Some(env) = Env::get("test_exec_privileges_same_as_runc") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = busybox_sleeper(&husk);
+    bundle.edit(|c| {
+        c["process"]["noNewPrivileges"] = false.into();
+        c["process"]["oomScoreAdj"] = 100.into();
+    });
+    let runc_root = tempfile::tempdir().expect("runc root");
+    let dir = tempfile::tempdir().expect("process files");
+    let two_caps = serde_json::json!(["CAP_NET_BIND_SERVICE", "CAP_KILL"]);
+    let only_two = privileges_process(
+        dir.path(),
+        "two-caps.json",
+        &serde_json::json!({
+            "capabilities": {"bounding": two_caps, "effective": two_caps, "permitted": two_caps},
+            "noNewPrivileges": true,
+        }),
+    );
+    let user = privileges_process(
+        dir.path(),
+        "user.json",
+        &serde_json::json!({
+            "user": {"uid": 1000, "gid": 1000, "additionalGids": [10, 20]},
+            // soft == hard: runc 1.1's exec races its Go runtime, which raises the soft
+            // NOFILE limit to the hard one, against its parent's prlimit (77/88 or 88/88).
+            "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 77, "hard": 77}],
+        }),
+    );
+    let no_caps = privileges_process(
+        dir.path(),
+        "no-caps.json",
+        &serde_json::json!({"capabilities": {}}),
+    );
+    let show = ["sh", "-c", SHOW_PRIVILEGES];
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["--process", only_two.as_str()], vec![]),
+        (vec!["--process", user.as_str()], vec![]),
+        (vec!["--process", no_caps.as_str()], vec![]),
+        (vec!["--cap", "CAP_SYS_ADMIN"], show.to_vec()),
+        (
+            vec!["--no-new-privs", "--user", "1000", "-g", "5"],
+            show.to_vec(),
+        ),
+        (vec![], show.to_vec()),
+    ];
+    let mut results: Vec<Vec<(String, Option<i32>, String)>> = Vec::new();
+    for rt in [Runtime::Runc(runc_root.path()), Runtime::Husk(&husk)] {
+        let out = rt.create(bundle.path(), "priv", &dir.path().join(rt.name()));
+        assert!(out.status.success(), "{}: {}", rt.name(), stderr(&out));
+        assert!(rt.run(&["start", "priv"]).status.success());
+        let mut outputs = Vec::new();
+        for (flags, cmd) in &cases {
+            let mut args = vec!["exec"];
+            args.extend(flags);
+            args.push("priv");
+            args.extend(cmd);
+            let out = rt.run(&args);
+            let what = format!("{} exec {}", rt.name(), flags.join(" "));
+            assert!(out.status.success(), "{what}: {}", stderr(&out));
+            outputs.push((what, out.status.code(), stdout(&out)));
+        }
+        assert!(rt.run(&["delete", "--force", "priv"]).status.success());
+        results.push(outputs);
+    }
+    for (runc, husk_out) in results[0].iter().zip(&results[1]) {
+        assert_eq!(
+            (husk_out.1, &husk_out.2),
+            (runc.1, &runc.2),
+            "{} vs {}",
+            husk_out.0,
+            runc.0
+        );
+    }
+    // Not vacuous: the two-capability exec has exactly those, and no_new_privs.
+    assert!(
+        results[1][0].2.contains("CapEff:\t0000000000000420")
+            && results[1][0].2.contains("NoNewPrivs:\t1"),
+        "{}",
+        results[1][0].2
+    );
+    husk.assert_clean();
+}
+
 /// A hook that writes its stdin (the state) to `<dir>/<phase>-<runtime>.json`.
 fn recording_hook(dir: &Path, phase: &str, runtime: &str) -> Value {
     let file = dir.join(format!("{phase}-{runtime}.json"));

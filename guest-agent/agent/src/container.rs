@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use husk_protocol::{
-    read_message, write_message, ContainerSpec, ErrorKind, Namespace, ProcessInfo, Response,
-    Rootfs, StdioStream,
+    read_message, write_message, Capabilities, ContainerSpec, ErrorKind, Namespace, ProcessInfo,
+    Response, Rootfs, StdioStream,
 };
 use nix::errno::Errno;
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
@@ -97,6 +97,29 @@ struct Container {
     sync: Option<UnixStream>,
     io: ProcessIo,
     exit: watch::Receiver<Option<i32>>,
+    /// What an exec process takes from the first process's spec.
+    exec_defaults: ExecDefaults,
+}
+
+/// What an exec process gets from its container's first process unless it asks otherwise (as
+/// runc): its capability sets, and always its `oom_score_adj`.
+#[derive(Debug, Clone, Default)]
+pub struct ExecDefaults {
+    /// Given to an exec process without sets of its own.
+    pub capabilities: Option<Capabilities>,
+    /// Given to every exec process.
+    pub oom_score_adj: Option<i32>,
+}
+
+/// A running container, as an exec needs it.
+#[derive(Debug)]
+pub struct Running {
+    /// Its first process (whose namespaces the exec joins).
+    pub pid: Pid,
+    /// Its cgroup (where the exec goes).
+    pub cgroup: Cgroup,
+    /// What the exec takes from the first process.
+    pub exec_defaults: ExecDefaults,
 }
 
 /// All containers of the VM.
@@ -195,6 +218,10 @@ impl Containers {
                 sync: None,
                 io,
                 exit,
+                exec_defaults: ExecDefaults {
+                    capabilities: spec.capabilities.clone(),
+                    oom_score_adj: spec.oom_score_adj,
+                },
             },
         );
         placed.and(opened).map_err(internal)?;
@@ -361,13 +388,16 @@ impl Containers {
         Ok(cgroup.stats())
     }
 
-    /// A running container's first process (whose namespaces an exec joins) and its cgroup
-    /// (where the exec goes).
-    pub fn running(&self, id: &str) -> Result<(Pid, Cgroup), Failure> {
+    /// What an exec in the running container `id` needs of it.
+    pub fn running(&self, id: &str) -> Result<Running, Failure> {
         let map = self.lock();
         let c = map.get(id).ok_or_else(|| not_found(id))?;
         match c.state {
-            State::Running => Ok((c.pid, c.cgroup.clone())),
+            State::Running => Ok(Running {
+                pid: c.pid,
+                cgroup: c.cgroup.clone(),
+                exec_defaults: c.exec_defaults.clone(),
+            }),
             _ => Err((
                 ErrorKind::InvalidState,
                 format!("container {id:?} is not running"),

@@ -16,13 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use husk_protocol::{
-    decode_body, decode_len, encode, ContainerSpec, ErrorKind, Namespace, Response, User,
+    decode_body, decode_len, encode, ContainerSpec, ErrorKind, Namespace, Response,
 };
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::{umask, Mode};
-use nix::unistd::{chdir, execve, pivot_root, setgid, setgroups, sethostname, setuid, Gid, Uid};
+use nix::unistd::{chdir, execve, pivot_root, sethostname};
 use seccompiler::BpfProgram;
 
 use crate::cgroup::Cgroup;
@@ -223,13 +223,7 @@ fn exec(spec: &ContainerSpec, filters: &[BpfProgram]) -> String {
             return e;
         }
     }
-    if let Err(e) = privileges::before_user(spec) {
-        return e;
-    }
-    if let Err(e) = set_user(&spec.user) {
-        return format!("set user {}:{}: {e}", spec.user.uid, spec.user.gid);
-    }
-    if let Err(e) = privileges::after_user(spec) {
+    if let Err(e) = privileges::apply(&spec.into()) {
         return e;
     }
     umask(Mode::from_bits_truncate(
@@ -264,18 +258,6 @@ fn install(filters: &[BpfProgram]) -> Result<(), String> {
         sys::install_seccomp(program).map_err(|e| format!("install seccomp filter: {e}"))?;
     }
     Ok(())
-}
-
-pub(crate) fn set_user(user: &User) -> nix::Result<()> {
-    let groups: Vec<Gid> = user
-        .additional_gids
-        .iter()
-        .copied()
-        .map(Gid::from_raw)
-        .collect();
-    setgroups(&groups)?;
-    setgid(Gid::from_raw(user.gid))?;
-    setuid(Uid::from_raw(user.uid))
 }
 
 /// The file `program` names: itself if it has a `/`, else the first executable in `$PATH` (the

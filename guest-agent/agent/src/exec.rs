@@ -3,6 +3,8 @@
 //!
 //! The helper stays the process's parent and exits with its exit code (128+N for signal N):
 //! the reaper reports the helper's exit, and signals go straight to the process.
+//! An exec process without capability sets of its own gets the first process's, and every one
+//! gets its `oom_score_adj` (as runc's: the container's are the defaults of its execs).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -49,14 +51,15 @@ impl Execs {
         containers: &Containers,
         id: &str,
         exec_id: &str,
-        process: ProcessSpec,
+        mut process: ProcessSpec,
         detach: bool,
     ) -> Result<u32, Failure> {
         validate_id(exec_id).map_err(|e| (ErrorKind::InvalidRequest, format!("exec id: {e}")))?;
         process
             .validate()
             .map_err(|e| (ErrorKind::InvalidRequest, e))?;
-        let (init_pid, cgroup) = containers.running(id)?;
+        let running = containers.running(id)?;
+        let (init_pid, cgroup) = (running.pid, running.cgroup);
         let key = (id.to_owned(), exec_id.to_owned());
         if self.lock().contains_key(&key) {
             return Err((
@@ -79,9 +82,14 @@ impl Execs {
         let std_sync = std::os::unix::net::UnixStream::from(sync_parent);
         std_sync.set_nonblocking(true).map_err(internal)?;
         let mut sync = UnixStream::from_std(std_sync).map_err(internal)?;
+        let defaults = running.exec_defaults;
+        if process.capabilities.is_none() {
+            process.capabilities = defaults.capabilities;
+        }
         let init = ExecInit {
             init_pid: init_pid.as_raw(),
             process,
+            oom_score_adj: defaults.oom_score_adj,
         };
         write_message(&mut sync, &init)
             .await

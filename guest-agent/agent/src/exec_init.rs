@@ -3,7 +3,8 @@
 //! Started by [`crate::exec`] with the process's stdin/stdout/stderr and a sync socket on fd 3.
 //! It reads an [`ExecInit`], joins the namespaces of the container's first process (ipc, uts,
 //! net, pid, mount: the mount namespace's root is the container's root), takes the process's
-//! credentials, umask and cwd, and spawns it (a child, so that it is inside the pid
+//! limits, credentials and privileges ([`crate::privileges`], as the container's first
+//! process), umask and cwd, and spawns it (a child, so that it is inside the pid
 //! namespace). It answers `Started {pid}` (the pid in the agent's namespace) or an error, then
 //! waits for the process and exits with its exit code, 128+N when signal N ended it.
 
@@ -19,8 +20,9 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{chdir, Pid};
 
-use crate::container_init::{find_program, set_user, DEFAULT_UMASK};
+use crate::container_init::{find_program, DEFAULT_UMASK};
 use crate::init::ctx;
+use crate::privileges::{self, Privileges};
 use crate::{namespaces, sys};
 
 /// The argument that selects this mode.
@@ -79,12 +81,21 @@ pub fn main() -> ExitCode {
 /// Joins the container and spawns the process (with a terminal from the container's devpts
 /// if it asks for one: its master is returned); the reason when it could not.
 fn spawn(init: &ExecInit) -> Result<(std::process::Child, Option<OwnedFd>), String> {
+    // Before the mount namespace: its /proc is the container's pid namespace's, where this
+    // helper has no /proc/self.
+    privileges::set_oom_score_adj(init.oom_score_adj)?;
     // Every namespace (one the container shares with the agent is skipped); the process is
     // spawned below, a child, so that it is inside the pid namespace too.
     namespaces::join(Pid::from_raw(init.init_pid), &namespaces::ALL)
         .map_err(|e| format!("enter the container: {e}"))?;
     let p = &init.process;
-    set_user(&p.user).map_err(|e| format!("set user {}:{}: {e}", p.user.uid, p.user.gid))?;
+    // Here, not in the child: the child inherits them across fork, and what follows (the
+    // terminal, the program's lookup) happens with the process's credentials, as in runc.
+    let privileges = Privileges {
+        oom_score_adj: None,
+        ..Privileges::from(init)
+    };
+    privileges::apply(&privileges)?;
     umask(Mode::from_bits_truncate(
         p.user.umask.unwrap_or(DEFAULT_UMASK),
     ));
@@ -118,6 +129,6 @@ fn read_init(stream: &mut UnixStream) -> io::Result<ExecInit> {
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body)?;
     let init: ExecInit = decode_body(&body).map_err(io::Error::other)?;
-    init.process.validate().map_err(io::Error::other)?;
+    init.validate().map_err(io::Error::other)?;
     Ok(init)
 }

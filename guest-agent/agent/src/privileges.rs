@@ -1,28 +1,72 @@
-//! The process's limits and privileges, applied by container-init right before exec, in
-//! runc's order: rlimits and `oom_score_adj` (lowering them needs privileges that are dropped
-//! later), the capability bounding set (needs CAP_SETPCAP), then the user switch with
-//! keep-caps so that a non-root user keeps the configured permitted set, then the effective,
-//! permitted, inheritable and ambient sets, and `no_new_privs` last.
+//! The process's limits and privileges, applied right before it runs, by container-init for a
+//! container's first process and by exec-init for an exec process, in runc's order: rlimits
+//! and `oom_score_adj` (lowering them needs privileges that are dropped later), the capability
+//! bounding set (needs CAP_SETPCAP), then the user switch with keep-caps so that a non-root
+//! user keeps the configured permitted set, then the effective, permitted, inheritable and
+//! ambient sets, and `no_new_privs` last.
 
 use std::collections::HashSet;
 use std::io;
 use std::str::FromStr;
 
 use caps::{CapSet, Capability, CapsHashSet};
-use husk_protocol::{Capabilities, ContainerSpec, Rlimit};
+use husk_protocol::{Capabilities, ContainerSpec, ExecInit, Rlimit, User};
 use nix::sys::prctl;
 use nix::sys::resource::{setrlimit, Resource};
+use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
 
-/// Everything before the user switch. Returns why it failed.
-pub fn before_user(spec: &ContainerSpec) -> Result<(), String> {
-    for rlimit in &spec.rlimits {
+/// What [`apply`] sets: the same fields of a container's first process and of an exec one.
+#[derive(Debug, Clone, Copy)]
+pub struct Privileges<'a> {
+    pub rlimits: &'a [Rlimit],
+    pub oom_score_adj: Option<i32>,
+    /// `None` keeps the full set of root.
+    pub capabilities: Option<&'a Capabilities>,
+    pub no_new_privileges: bool,
+    pub user: &'a User,
+}
+
+impl<'a> From<&'a ContainerSpec> for Privileges<'a> {
+    fn from(spec: &'a ContainerSpec) -> Self {
+        Self {
+            rlimits: &spec.rlimits,
+            oom_score_adj: spec.oom_score_adj,
+            capabilities: spec.capabilities.as_ref(),
+            no_new_privileges: spec.no_new_privileges,
+            user: &spec.user,
+        }
+    }
+}
+
+impl<'a> From<&'a ExecInit> for Privileges<'a> {
+    fn from(init: &'a ExecInit) -> Self {
+        let p = &init.process;
+        Self {
+            rlimits: &p.rlimits,
+            oom_score_adj: init.oom_score_adj,
+            capabilities: p.capabilities.as_ref(),
+            no_new_privileges: p.no_new_privileges,
+            user: &p.user,
+        }
+    }
+}
+
+/// Limits, bounding set, user, capability sets and `no_new_privs`, in that order, on the
+/// calling process. Returns why it failed.
+pub fn apply(privileges: &Privileges<'_>) -> Result<(), String> {
+    before_user(privileges)?;
+    let user = privileges.user;
+    set_user(user).map_err(|e| format!("set user {}:{}: {e}", user.uid, user.gid))?;
+    after_user(privileges)
+}
+
+/// Everything before the user switch.
+fn before_user(p: &Privileges<'_>) -> Result<(), String> {
+    for rlimit in p.rlimits {
         set_rlimit(rlimit).map_err(|e| format!("setrlimit {}: {e}", rlimit.kind))?;
     }
-    if let Some(adj) = spec.oom_score_adj {
-        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
-            .map_err(|e| format!("write oom_score_adj {adj}: {e}"))?;
-    }
-    if let Some(caps) = &spec.capabilities {
+    set_oom_score_adj(p.oom_score_adj)?;
+    if let Some(caps) = p.capabilities {
         let bounding = cap_set(&caps.bounding)?;
         for cap in caps::all().difference(&bounding) {
             // A capability the guest kernel does not know is not in its bounding set either.
@@ -36,35 +80,62 @@ pub fn before_user(spec: &ContainerSpec) -> Result<(), String> {
     Ok(())
 }
 
-/// Everything after the user switch. Returns why it failed.
-pub fn after_user(spec: &ContainerSpec) -> Result<(), String> {
-    if let Some(caps) = &spec.capabilities {
+/// Writes the calling process's `oom_score_adj`, if any. Returns why it failed.
+pub fn set_oom_score_adj(adj: Option<i32>) -> Result<(), String> {
+    match adj {
+        Some(adj) => std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .map_err(|e| format!("write oom_score_adj {adj}: {e}")),
+        None => Ok(()),
+    }
+}
+
+/// Supplementary groups, group, then user (setuid last: it drops the right to the others).
+fn set_user(user: &User) -> nix::Result<()> {
+    let groups: Vec<Gid> = user
+        .additional_gids
+        .iter()
+        .copied()
+        .map(Gid::from_raw)
+        .collect();
+    setgroups(&groups)?;
+    setgid(Gid::from_raw(user.gid))?;
+    setuid(Uid::from_raw(user.uid))
+}
+
+/// Everything after the user switch.
+fn after_user(p: &Privileges<'_>) -> Result<(), String> {
+    if let Some(caps) = p.capabilities {
         prctl::set_keepcaps(false).map_err(|e| format!("PR_CLEAR_KEEPCAPS: {e}"))?;
         apply_sets(caps)?;
     }
-    if spec.no_new_privileges {
+    if p.no_new_privileges {
         prctl::set_no_new_privs().map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
     }
     Ok(())
 }
 
 /// Sets the inheritable set first (widening it needs CAP_SETPCAP, still effective), then the
-/// effective one (a subset of the still full permitted set), then permitted, then ambient
-/// (each ambient capability must be permitted and inheritable).
+/// effective one (a subset of the still full permitted set), then permitted, then ambient.
+/// An ambient capability must be permitted and inheritable; one that is not is left out, not
+/// an error, as runc (its `exec --cap` asks for such ones).
 fn apply_sets(caps: &Capabilities) -> Result<(), String> {
+    let inheritable = cap_set(&caps.inheritable)?;
+    let permitted = cap_set(&caps.permitted)?;
     let sets = [
-        (CapSet::Inheritable, &caps.inheritable),
-        (CapSet::Effective, &caps.effective),
-        (CapSet::Permitted, &caps.permitted),
+        (CapSet::Inheritable, &inheritable),
+        (CapSet::Effective, &cap_set(&caps.effective)?),
+        (CapSet::Permitted, &permitted),
     ];
-    for (set, names) in sets {
-        let value = cap_set(names)?;
-        caps::set(None, set, &value).map_err(|e| format!("set {set:?} capabilities: {e}"))?;
+    for (set, value) in sets {
+        caps::set(None, set, value).map_err(|e| format!("set {set:?} capabilities: {e}"))?;
     }
     let ambient = cap_set(&caps.ambient)?;
     caps::clear(None, CapSet::Ambient).map_err(|e| format!("clear ambient capabilities: {e}"))?;
-    for cap in ambient {
-        caps::raise(None, CapSet::Ambient, cap)
+    let raisable = ambient
+        .intersection(&inheritable)
+        .filter(|c| permitted.contains(c));
+    for cap in raisable {
+        caps::raise(None, CapSet::Ambient, *cap)
             .map_err(|e| format!("raise ambient capability {cap}: {e}"))?;
     }
     Ok(())

@@ -232,6 +232,16 @@ mod tests {
                     cwd: "/".into(),
                     user: crate::User::default(),
                     terminal: false,
+                    rlimits: vec![crate::Rlimit {
+                        kind: "RLIMIT_NOFILE".into(),
+                        soft: 1,
+                        hard: 2,
+                    }],
+                    no_new_privileges: true,
+                    capabilities: Some(crate::Capabilities {
+                        bounding: vec!["CAP_KILL".into()],
+                        ..crate::Capabilities::default()
+                    }),
                 },
                 detach: false,
             },

@@ -32,9 +32,10 @@ pub use linux::{
 };
 pub use messages::{
     valid_serial, validate_id, ContainerSpec, ErrorKind, ExecInit, ProcessInfo, ProcessSpec,
-    Request, Response, Rootfs, Stats, StdioStream, User, AGENT_PORT, PROTOCOL_VERSION,
+    Request, Response, Rootfs, Stats, StdioStream, User, AGENT_PORT, MAX_ADDITIONAL_GIDS,
+    PROTOCOL_VERSION,
 };
 pub use network::{IpPrefix, Network, Route};
-pub use process::{Capabilities, Rlimit, OOM_SCORE_ADJ_RANGE, RLIMIT_NAMES};
+pub use process::{Capabilities, Rlimit, MAX_SET_NAMES, OOM_SCORE_ADJ_RANGE, RLIMIT_NAMES};
 pub use resources::{cpu_shares_to_weight, Resources, DEFAULT_CPU_PERIOD_US};
 pub use seccomp::{ArgOp, Seccomp, SeccompAction, SyscallArg, SyscallRule, DEFAULT_SECCOMP_ERRNO};

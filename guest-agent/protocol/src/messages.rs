@@ -16,7 +16,7 @@ use crate::resources::Resources;
 use crate::seccomp::Seccomp;
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
@@ -356,7 +356,9 @@ pub fn valid_serial(serial: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }
 
-/// A process to run in an existing container (exec).
+/// A process to run in an existing container (exec). Its limits and privileges are applied
+/// as the container's first process's ([`ContainerSpec`]); its `oom_score_adj` is the
+/// container's (runc ignores an exec process's own).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessSpec {
     /// argv; never empty.
@@ -370,6 +372,16 @@ pub struct ProcessSpec {
     /// A pseudo-terminal, as [`ContainerSpec::terminal`].
     #[serde(default)]
     pub terminal: bool,
+    /// Resource limits set before exec; none keeps the agent's (version 6).
+    #[serde(default)]
+    pub rlimits: Vec<Rlimit>,
+    /// Set `no_new_privs` before exec (version 6).
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    /// The process's capability sets; `None` gives it the container's first process's sets,
+    /// as runc (version 6).
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
 }
 
 impl ProcessSpec {
@@ -378,7 +390,9 @@ impl ProcessSpec {
     /// # Errors
     /// A one-line description of the first invalid field.
     pub fn validate(&self) -> Result<(), String> {
-        validate_process(&self.args, &self.env, &self.cwd)
+        validate_process(&self.args, &self.env, &self.cwd)?;
+        self.user.validate()?;
+        validate_privileges(&self.rlimits, None, self.capabilities.as_ref())
     }
 }
 
@@ -422,8 +436,22 @@ pub struct ProcessInfo {
 pub struct ExecInit {
     /// Pid of the container's first process, in the agent's pid namespace.
     pub init_pid: i32,
-    /// What to run.
+    /// What to run (its `capabilities` already defaulted to the container's).
     pub process: ProcessSpec,
+    /// The container's `oom_score_adj`, which an exec process gets too (as runc).
+    #[serde(default)]
+    pub oom_score_adj: Option<i32>,
+}
+
+impl ExecInit {
+    /// Checks the process and the `oom_score_adj`.
+    ///
+    /// # Errors
+    /// A one-line description of the first invalid field.
+    pub fn validate(&self) -> Result<(), String> {
+        self.process.validate()?;
+        validate_privileges(&[], self.oom_score_adj, None)
+    }
 }
 
 /// Credentials of a container's process.
@@ -440,6 +468,26 @@ pub struct User {
     #[serde(default)]
     pub umask: Option<u32>,
 }
+
+impl User {
+    /// Checks the supplementary groups: at most [`MAX_ADDITIONAL_GIDS`] (the kernel's
+    /// `NGROUPS_MAX`; setgroups(2) refuses more).
+    ///
+    /// # Errors
+    /// A one-line description of what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.additional_gids.len() > MAX_ADDITIONAL_GIDS {
+            return Err(format!(
+                "user.additionalGids has {} entries, more than {MAX_ADDITIONAL_GIDS}",
+                self.additional_gids.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Most supplementary groups of a process (`NGROUPS_MAX`, linux/limits.h).
+pub const MAX_ADDITIONAL_GIDS: usize = 65536;
 
 /// Longest container id accepted.
 const MAX_ID_LEN: usize = 128;
@@ -502,16 +550,30 @@ impl ContainerSpec {
     }
 
     fn validate_process(&self) -> Result<(), String> {
-        validate_rlimits(&self.rlimits)?;
-        if let Some(adj) = self.oom_score_adj {
-            if !OOM_SCORE_ADJ_RANGE.contains(&adj) {
-                return Err(format!("oomScoreAdj {adj} is outside -1000..=1000"));
-            }
+        self.user.validate()?;
+        validate_privileges(
+            &self.rlimits,
+            self.oom_score_adj,
+            self.capabilities.as_ref(),
+        )
+    }
+}
+
+/// Checks the limits and privileges of any process: rlimits, `oom_score_adj`, capabilities.
+fn validate_privileges(
+    rlimits: &[Rlimit],
+    oom_score_adj: Option<i32>,
+    capabilities: Option<&Capabilities>,
+) -> Result<(), String> {
+    validate_rlimits(rlimits)?;
+    if let Some(adj) = oom_score_adj {
+        if !OOM_SCORE_ADJ_RANGE.contains(&adj) {
+            return Err(format!("oomScoreAdj {adj} is outside -1000..=1000"));
         }
-        match &self.capabilities {
-            Some(caps) => caps.validate(),
-            None => Ok(()),
-        }
+    }
+    match capabilities {
+        Some(caps) => caps.validate(),
+        None => Ok(()),
     }
 }
 
@@ -777,6 +839,67 @@ mod tests {
         json.as_object_mut().unwrap().remove("join_namespaces");
         let s: ContainerSpec = serde_json::from_value(json).unwrap();
         assert!(s.join_namespaces.is_empty());
+    }
+
+    fn process() -> ProcessSpec {
+        ProcessSpec {
+            args: vec!["id".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            user: User::default(),
+            terminal: false,
+            rlimits: Vec::new(),
+            no_new_privileges: false,
+            capabilities: None,
+        }
+    }
+
+    #[test]
+    fn test_process_json_without_privileges_decodes_to_defaults() {
+        let json = r#"{"args":["id"],"env":[],"cwd":"/","user":{"uid":0,"gid":0}}"#;
+        let p: ProcessSpec = serde_json::from_str(json).unwrap();
+        assert!(p.rlimits.is_empty());
+        assert!(!p.no_new_privileges);
+        assert_eq!(p.capabilities, None);
+    }
+
+    #[test]
+    fn test_process_validate_privileges_checked() {
+        let mut p = process();
+        p.capabilities = Some(Capabilities {
+            bounding: vec!["CAP_KILL".into()],
+            ..Capabilities::default()
+        });
+        p.rlimits = vec![Rlimit {
+            kind: "RLIMIT_NOFILE".into(),
+            soft: 10,
+            hard: 20,
+        }];
+        assert!(p.validate().is_ok());
+        let mut bad = p.clone();
+        bad.capabilities = Some(Capabilities {
+            effective: vec!["CAP_../x".into()],
+            ..Capabilities::default()
+        });
+        assert!(bad.validate().is_err(), "capability name");
+        let mut bad = p.clone();
+        bad.rlimits[0].soft = 30;
+        assert!(bad.validate().is_err(), "soft above hard");
+        let mut bad = p;
+        bad.user.additional_gids = vec![1; MAX_ADDITIONAL_GIDS + 1];
+        assert!(bad.validate().is_err(), "too many groups");
+    }
+
+    #[test]
+    fn test_exec_init_validate_oom_score_adj_out_of_range_rejected() {
+        let mut init = ExecInit {
+            init_pid: 1,
+            process: process(),
+            oom_score_adj: Some(1000),
+        };
+        assert!(init.validate().is_ok());
+        init.oom_score_adj = Some(-1001);
+        assert!(init.validate().is_err());
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct Capabilities {
     pub ambient: Vec<String>,
 }
 
+/// Most names in one capability set: the kernel knows 41 capabilities; a list may repeat one.
+pub const MAX_SET_NAMES: usize = 64;
+
 /// Lowest and highest `oom_score_adj` (proc(5)).
 pub const OOM_SCORE_ADJ_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
 
@@ -89,10 +92,17 @@ impl Capabilities {
         ]
     }
 
-    /// Checks that every entry looks like a capability name (`CAP_` and upper-case letters or
-    /// `_`); whether the kernel knows it is the agent's check.
+    /// Checks that every set has at most [`MAX_SET_NAMES`] entries and that every entry looks
+    /// like a capability name (`CAP_` and upper-case letters or `_`); whether the kernel knows
+    /// it is the agent's check.
     pub(crate) fn validate(&self) -> Result<(), String> {
         for (set, names) in self.sets() {
+            if names.len() > MAX_SET_NAMES {
+                return Err(format!(
+                    "capabilities.{set} has {} entries, more than {MAX_SET_NAMES}",
+                    names.len()
+                ));
+            }
             for name in names {
                 let well_formed = name.len() <= 32
                     && name.strip_prefix("CAP_").is_some_and(|rest| {
@@ -132,6 +142,17 @@ mod tests {
         bad.kind = "RLIMIT_BOGUS".into();
         assert!(validate_rlimits(&[bad]).is_err());
         assert!(validate_rlimits(&[nofile(1, 1), nofile(2, 2)]).is_err());
+    }
+
+    #[test]
+    fn test_capabilities_validate_too_many_names_rejected() {
+        let mut caps = Capabilities {
+            permitted: vec!["CAP_KILL".into(); MAX_SET_NAMES],
+            ..Capabilities::default()
+        };
+        assert!(caps.validate().is_ok());
+        caps.permitted.push("CAP_KILL".into());
+        assert!(caps.validate().is_err());
     }
 
     #[test]

@@ -87,9 +87,29 @@ pub struct ExecArgs {
     /// Working directory in the container.
     #[arg(long)]
     cwd: Option<String>,
-    /// `uid[:gid]` to run as.
+    /// `uid[:gid]` to run as (without gid: the container's).
     #[arg(short, long)]
     user: Option<String>,
+    /// A supplementary group added to the container's user's (repeatable).
+    #[arg(short = 'g', long = "additional-gids")]
+    additional_gids: Vec<u32>,
+    /// A capability added to the container's bounding, effective, permitted and ambient sets
+    /// (repeatable), as runc.
+    #[arg(short, long)]
+    cap: Vec<String>,
+    /// Set no_new_privs for the process.
+    #[arg(long)]
+    no_new_privs: bool,
+    /// AppArmor profile: refused when set (the guest kernel has no LSM), as
+    /// `process.apparmorProfile`.
+    #[arg(long)]
+    apparmor: Option<String>,
+    /// SELinux process label: refused when set, as `process.selinuxLabel`.
+    #[arg(long)]
+    process_label: Option<String>,
+    /// Accept a paused container (husk still cannot exec into one; the error says so).
+    #[arg(long)]
+    ignore_paused: bool,
     /// Return once the process started.
     #[arg(short, long)]
     detach: bool,
@@ -298,12 +318,24 @@ pub fn exec(cli: &Cli, args: &ExecArgs) -> anyhow::Result<i32> {
     if args.process.is_none() && args.args.is_empty() {
         anyhow::bail!("exec needs a process: -p process.json or a command");
     }
+    // An empty value sets nothing, as runc.
+    let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.is_empty());
+    if set(&args.apparmor) {
+        anyhow::bail!("--apparmor is not supported by husk (the guest has no LSM); remove it");
+    }
+    if set(&args.process_label) {
+        anyhow::bail!("--process-label is not supported by husk (the guest has no LSM); remove it");
+    }
     let request = lifecycle::ExecRequest {
         process_file: args.process.clone(),
         args: args.args.clone(),
         env: args.env.clone(),
         cwd: args.cwd.clone(),
         user: args.user.clone(),
+        additional_gids: args.additional_gids.clone(),
+        caps: args.cap.clone(),
+        no_new_privileges: args.no_new_privs,
+        ignore_paused: args.ignore_paused,
         detach: args.detach,
         terminal: args.tty,
         console_socket: args.console_socket.clone(),

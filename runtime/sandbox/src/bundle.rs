@@ -21,7 +21,7 @@ mod seccomp;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use husk_protocol::{ContainerSpec, ProcessSpec, Rootfs as AgentRootfs, User};
+use husk_protocol::{ContainerSpec, ProcessSpec, Rootfs as AgentRootfs};
 use oci_spec::runtime::Spec;
 use tracing::debug;
 
@@ -340,7 +340,6 @@ impl Bundle {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        let user = process.user();
         let attrs = process::attrs(process).map_err(|reason| invalid(&reason))?;
         let linux = linux::attrs(&spec, dir, role).map_err(|reason| invalid(&reason))?;
         let spec = ContainerSpec {
@@ -352,12 +351,7 @@ impl Bundle {
             args: attrs.args,
             env: process.env().clone().unwrap_or_default(),
             cwd: process.cwd().to_string_lossy().into_owned(),
-            user: User {
-                uid: user.uid(),
-                gid: user.gid(),
-                additional_gids: user.additional_gids().clone().unwrap_or_default(),
-                umask: user.umask(),
-            },
+            user: attrs.user,
             rlimits: attrs.rlimits,
             no_new_privileges: attrs.no_new_privileges,
             oom_score_adj: attrs.oom_score_adj,
@@ -398,14 +392,18 @@ impl Bundle {
 /// guest kernel has no LSM; the VM is the container's confinement.
 fn drop_host_lsm_labels(spec: &mut Spec) {
     if let Some(mut process) = spec.process().clone() {
-        process.set_apparmor_profile(None);
-        process.set_selinux_label(None);
+        drop_process_lsm_labels(&mut process);
         spec.set_process(Some(process));
     }
     if let Some(mut linux) = spec.linux().clone() {
         linux.set_mount_label(None);
         spec.set_linux(Some(linux));
     }
+}
+
+fn drop_process_lsm_labels(process: &mut oci_spec::runtime::Process) {
+    process.set_apparmor_profile(None);
+    process.set_selinux_label(None);
 }
 
 /// The rootfs at `path` (relative to the bundle `dir`): a directory or a disk image file.
@@ -439,28 +437,34 @@ pub fn process_from_file(path: &Path) -> Result<ProcessSpec, SandboxError> {
         reason,
     };
     let bytes = std::fs::read(path).map_err(|e| invalid(format!("cannot read: {e}")))?;
-    process_from_json(&bytes).map_err(invalid)
+    process_from_json(&bytes, false).map_err(invalid)
 }
 
-/// The process an OCI `process` JSON object describes (`exec -p`, the shim's Exec).
+/// The process an OCI `process` JSON object describes (`exec -p`, the shim's Exec), converted
+/// as a container's first process is ([`process::attrs`]). As runc, exactly its fields: no
+/// `capabilities` gives it the container's (the agent's default), no `rlimits` keeps the
+/// guest's; its `oomScoreAdj` is ignored (an exec process gets the container's).
+/// `drop_host_lsm_labels`: clear the AppArmor profile and SELinux label first, as for a pod's
+/// containers ([`PodRole`]); otherwise they are refused as in config.json.
 ///
 /// # Errors
-/// Not an OCI process, or invalid fields.
-pub fn process_from_json(bytes: &[u8]) -> Result<ProcessSpec, String> {
-    let process: oci_spec::runtime::Process =
+/// Not an OCI process, or invalid or unsupported fields.
+pub fn process_from_json(bytes: &[u8], drop_host_lsm_labels: bool) -> Result<ProcessSpec, String> {
+    let mut process: oci_spec::runtime::Process =
         serde_json::from_slice(bytes).map_err(|e| format!("not an OCI process: {e}"))?;
-    let user = process.user();
+    if drop_host_lsm_labels {
+        drop_process_lsm_labels(&mut process);
+    }
+    let attrs = process::attrs(&process)?;
     let spec = ProcessSpec {
-        args: process.args().clone().unwrap_or_default(),
+        args: attrs.args,
         env: process.env().clone().unwrap_or_default(),
         cwd: process.cwd().to_string_lossy().into_owned(),
-        user: User {
-            uid: user.uid(),
-            gid: user.gid(),
-            additional_gids: user.additional_gids().clone().unwrap_or_default(),
-            umask: user.umask(),
-        },
+        user: attrs.user,
         terminal: process.terminal().unwrap_or(false),
+        rlimits: attrs.rlimits,
+        no_new_privileges: attrs.no_new_privileges,
+        capabilities: attrs.capabilities,
     };
     spec.validate()?;
     Ok(spec)
@@ -476,8 +480,12 @@ pub fn resources_from_json(bytes: &[u8]) -> Result<husk_protocol::Resources, Str
     resources::resources(&r)
 }
 
-/// The process `husk exec ID ARGS...` asks for: the container's own env, cwd and user from its
-/// config.json, with the request's overrides.
+/// The process `husk exec ID ARGS...` asks for: the container's own env, cwd, user, rlimits,
+/// `noNewPrivileges` and capabilities from its config.json (converted as for the container),
+/// with the request's overrides, as runc's: `--cap` adds to the bounding, effective, permitted
+/// and ambient sets (an ambient one that is not inheritable is left out by the agent, as runc
+/// does), `--no-new-privs` sets it, `--user uid` keeps the container's gid, `--additional-gids`
+/// adds groups.
 ///
 /// # Errors
 /// The bundle's config cannot be read, or an override is invalid (`--user` not `uid[:gid]`).
@@ -493,13 +501,33 @@ pub fn exec_process(
     };
     let mut user = base.user;
     if let Some(value) = &request.user {
-        let (uid, gid) = value.split_once(':').unwrap_or((value, "0"));
-        user.uid = uid
-            .parse()
-            .map_err(|_| invalid(format!("--user {value:?} is not uid[:gid]")))?;
-        user.gid = gid
-            .parse()
-            .map_err(|_| invalid(format!("--user {value:?} is not uid[:gid]")))?;
+        let number = |s: &str| {
+            s.parse()
+                .map_err(|_| invalid(format!("--user {value:?} is not uid[:gid]")))
+        };
+        let (uid, gid) = match value.split_once(':') {
+            Some((uid, gid)) => (uid, Some(gid)),
+            None => (value.as_str(), None),
+        };
+        user.uid = number(uid)?;
+        if let Some(gid) = gid {
+            user.gid = number(gid)?;
+        }
+    }
+    user.additional_gids
+        .extend(request.additional_gids.iter().copied());
+    let mut capabilities = base.capabilities;
+    if let Some(caps) = &mut capabilities {
+        for cap in &request.caps {
+            for set in [
+                &mut caps.bounding,
+                &mut caps.effective,
+                &mut caps.permitted,
+                &mut caps.ambient,
+            ] {
+                set.push(cap.clone());
+            }
+        }
     }
     let mut env = base.env;
     env.extend(request.env.iter().cloned());
@@ -509,6 +537,9 @@ pub fn exec_process(
         cwd: request.cwd.clone().unwrap_or(base.cwd),
         user,
         terminal: request.terminal,
+        rlimits: base.rlimits,
+        no_new_privileges: base.no_new_privileges || request.no_new_privileges,
+        capabilities,
     };
     spec.validate().map_err(|e| SandboxError::InvalidConfig {
         path: PathBuf::from("exec"),
@@ -519,6 +550,8 @@ pub fn exec_process(
 
 #[cfg(test)]
 mod tests {
+    use husk_protocol::User;
+
     use super::*;
 
     fn bundle_with(config: &str) -> tempfile::TempDir {
@@ -808,5 +841,93 @@ mod tests {
         assert!(config.contains("\"terminal\":true"));
         let dir = bundle_with(&config);
         assert!(Bundle::load(dir.path(), "c").unwrap().spec.terminal);
+    }
+
+    const EXEC_PROCESS: &str = r#"{"args":["id"],"cwd":"/","user":{"uid":1000,"gid":1000,
+        "additionalGids":[10,20],"umask":63},"noNewPrivileges":true,
+        "rlimits":[{"type":"RLIMIT_NOFILE","soft":77,"hard":88}],
+        "capabilities":{"bounding":["CAP_KILL","CAP_NET_BIND_SERVICE"],"effective":["CAP_KILL"]}}"#;
+
+    #[test]
+    fn test_process_from_json_maps_privileges_as_config() {
+        let p = process_from_json(EXEC_PROCESS.as_bytes(), false).unwrap();
+        assert_eq!(
+            p.user,
+            User {
+                uid: 1000,
+                gid: 1000,
+                additional_gids: vec![10, 20],
+                umask: Some(63)
+            }
+        );
+        assert!(p.no_new_privileges);
+        assert_eq!(p.rlimits.len(), 1);
+        assert_eq!((p.rlimits[0].soft, p.rlimits[0].hard), (77, 88));
+        let caps = p.capabilities.unwrap();
+        assert_eq!(caps.bounding, ["CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+        assert_eq!(caps.effective, ["CAP_KILL"]);
+        assert!(caps.permitted.is_empty() && caps.ambient.is_empty());
+    }
+
+    #[test]
+    fn test_process_from_json_without_privileges_leaves_them_unset() {
+        let json = r#"{"args":["id"],"cwd":"/","user":{"uid":0,"gid":0}}"#;
+        let p = process_from_json(json.as_bytes(), false).unwrap();
+        assert_eq!(p.capabilities, None, "the agent gives the container's");
+        assert!(p.rlimits.is_empty());
+        assert!(!p.no_new_privileges);
+    }
+
+    #[test]
+    fn test_process_from_json_apparmor_refused_unless_dropped() {
+        let json = r#"{"args":["id"],"cwd":"/","user":{"uid":0,"gid":0},
+            "apparmorProfile":"cri-containerd.apparmor.d"}"#;
+        let err = process_from_json(json.as_bytes(), false).unwrap_err();
+        assert!(err.contains("apparmorProfile"), "{err}");
+        assert!(process_from_json(json.as_bytes(), true).is_ok());
+    }
+
+    #[test]
+    fn test_exec_process_config_privileges_with_overrides() {
+        let config =
+            default_config().replace("\"noNewPrivileges\":true", "\"noNewPrivileges\":false");
+        assert!(config.contains("\"noNewPrivileges\":false"));
+        let dir = bundle_with(&config);
+        let request = crate::lifecycle::ExecRequest {
+            args: vec!["id".into()],
+            user: Some("1000".into()),
+            additional_gids: vec![5],
+            caps: vec!["CAP_SYS_ADMIN".into()],
+            no_new_privileges: true,
+            ..Default::default()
+        };
+        let p = exec_process(dir.path(), "c", &request).unwrap();
+        assert_eq!((p.user.uid, p.user.gid), (1000, 0), "the config's gid");
+        assert_eq!(p.user.additional_gids, [5]);
+        assert!(p.no_new_privileges);
+        assert_eq!(p.rlimits[0].kind, "RLIMIT_NOFILE");
+        let caps = p.capabilities.unwrap();
+        let added = |set: &[String]| set.iter().any(|c| c == "CAP_SYS_ADMIN");
+        assert!(added(&caps.bounding) && added(&caps.effective) && added(&caps.permitted));
+        assert!(added(&caps.ambient) && !added(&caps.inheritable), "as runc");
+        assert!(
+            caps.bounding.iter().any(|c| c == "CAP_KILL"),
+            "the config's kept"
+        );
+    }
+
+    #[test]
+    fn test_exec_process_without_overrides_is_the_config_process() {
+        let dir = bundle_with(&default_config());
+        let request = crate::lifecycle::ExecRequest {
+            args: vec!["id".into()],
+            ..Default::default()
+        };
+        let p = exec_process(dir.path(), "c", &request).unwrap();
+        let base = Bundle::load(dir.path(), "c").unwrap().spec;
+        assert_eq!(p.capabilities, base.capabilities);
+        assert_eq!(p.rlimits, base.rlimits);
+        assert_eq!(p.no_new_privileges, base.no_new_privileges);
+        assert_eq!(p.user, base.user);
     }
 }

@@ -239,8 +239,16 @@ pub struct ExecRequest {
     pub env: Vec<String>,
     /// Working directory instead of the container's.
     pub cwd: Option<String>,
-    /// `uid[:gid]` instead of the container's user.
+    /// `uid[:gid]` instead of the container's user (a missing gid keeps the container's).
     pub user: Option<String>,
+    /// Supplementary groups added to the container's user's.
+    pub additional_gids: Vec<u32>,
+    /// `CAP_*` names added to the container's bounding, effective, permitted and ambient sets.
+    pub caps: Vec<String>,
+    /// Set `no_new_privs` even if the container's process does not.
+    pub no_new_privileges: bool,
+    /// Accept a paused container (runc's `--ignore-paused`; husk still refuses it, saying so).
+    pub ignore_paused: bool,
     /// Return once started; stdin closed, output discarded.
     pub detach: bool,
     /// A terminal for the process (`--tty`).
@@ -266,6 +274,14 @@ pub async fn exec(
     match record.oci.status {
         Status::Running => {}
         Status::Stopped => return invalid("cannot exec in a stopped container"),
+        Status::Paused if !request.ignore_paused => {
+            return invalid("cannot exec in a paused container (use --ignore-paused to override)")
+        }
+        // The agent's exec helper would be frozen in the container's cgroup before it could
+        // report the process started (runc's exec waits for the thaw).
+        Status::Paused => {
+            return invalid("husk cannot exec in a paused container, even with --ignore-paused")
+        }
         _ => return invalid("cannot exec in a container that is not running"),
     }
     let process = match &request.process_file {

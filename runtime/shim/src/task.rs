@@ -536,7 +536,9 @@ impl Inner {
             .as_ref()
             .map(|a| a.value.as_slice())
             .unwrap_or_default();
-        let mut spec = husk_sandbox::bundle::process_from_json(value).map_err(|e| {
+        // containerd derives an exec's process from the container's, whose host LSM labels
+        // (CRI's AppArmor profile on such hosts) were dropped for a pod's container.
+        let mut spec = husk_sandbox::bundle::process_from_json(value, true).map_err(|e| {
             error(
                 Code::INVALID_ARGUMENT,
                 format!("exec {:?}: {e}", req.exec_id),

@@ -1,14 +1,17 @@
-//! config.json `process` beyond env, cwd and credentials: `args` (never empty), `rlimits`,
+//! config.json `process` beyond env and cwd: `args` (never empty), `user`, `rlimits`,
 //! `noNewPrivileges`, `oomScoreAdj` and `capabilities` (OCI runtime spec 1.2, config.md), and
-//! the process fields husk refuses because the guest cannot honour them.
+//! the process fields husk refuses because the guest cannot honour them. One conversion for a
+//! container's first process (config.json) and for an exec process (`exec -p`, the shim's
+//! Exec).
 
-use husk_protocol::{Capabilities, Rlimit};
+use husk_protocol::{Capabilities, Rlimit, User};
 use oci_spec::runtime::{Capabilities as OciCapabilities, LinuxCapabilities, Process};
 
 /// The agent's view of the process attributes this module converts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct ProcessAttrs {
     pub args: Vec<String>,
+    pub user: User,
     pub rlimits: Vec<Rlimit>,
     pub no_new_privileges: bool,
     pub oom_score_adj: Option<i32>,
@@ -32,8 +35,15 @@ pub(super) fn attrs(process: &Process) -> Result<ProcessAttrs, String> {
             hard: r.hard(),
         })
         .collect();
+    let user = process.user();
     Ok(ProcessAttrs {
         args,
+        user: User {
+            uid: user.uid(),
+            gid: user.gid(),
+            additional_gids: user.additional_gids().clone().unwrap_or_default(),
+            umask: user.umask(),
+        },
         rlimits,
         no_new_privileges: process.no_new_privileges().unwrap_or(false),
         oom_score_adj: process.oom_score_adj(),
