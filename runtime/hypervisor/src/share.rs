@@ -305,6 +305,25 @@ mod tests {
         }
     }
 
+    /// A share of `host_dir` (or its `entry`), the guest's cache not kept.
+    fn share(host_dir: PathBuf, entry: Option<ShareEntry>, read_only: bool) -> FsShare {
+        FsShare {
+            tag: "bind0".into(),
+            host_dir,
+            entry,
+            read_only,
+            keep_cache: false,
+        }
+    }
+
+    /// The names in a staging directory.
+    fn staged_names(staging: &Path) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(staging)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect()
+    }
+
     /// The binds of `plan`: (to, recursive).
     fn binds(plan: &ShareMounts) -> Vec<(String, bool)> {
         plan.steps
@@ -321,13 +340,7 @@ mod tests {
     #[test]
     fn test_prepare_rw_dir_no_mounts() {
         let dir = tempfile::tempdir().unwrap();
-        let share = FsShare {
-            tag: "rootfs".into(),
-            host_dir: dir.path().to_owned(),
-            entry: None,
-            read_only: false,
-            keep_cache: false,
-        };
+        let share = share(dir.path().to_owned(), None, false);
         let plan = ShareMounts::prepare(&share, &dir.path().join("stage")).unwrap();
         assert!(plan.steps.is_empty());
         assert_eq!(plan.exported(), dir.path());
@@ -337,20 +350,11 @@ mod tests {
     fn test_prepare_file_stages_only_a_placeholder() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), "secret sibling?").unwrap();
-        let share = FsShare {
-            tag: "bind0".into(),
-            host_dir: dir.path().to_owned(),
-            entry: Some(file_entry("f")),
-            read_only: true,
-            keep_cache: false,
-        };
+        let share = share(dir.path().to_owned(), Some(file_entry("f")), true);
         let staging = dir.path().join("stage");
         let plan = ShareMounts::prepare(&share, &staging).unwrap();
         assert_eq!(plan.exported(), staging);
-        let names: Vec<_> = std::fs::read_dir(&staging)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names = staged_names(&staging);
         assert_eq!(names, vec!["f"]);
         assert_eq!(std::fs::metadata(staging.join("f")).unwrap().len(), 0);
         ShareMounts::remove_staging(&staging);
@@ -362,20 +366,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("d")).unwrap();
         std::fs::write(dir.path().join("d/keep"), "x").unwrap();
-        let share = FsShare {
-            tag: "bind0".into(),
-            host_dir: dir.path().to_owned(),
-            entry: Some(dir_entry("d", false)),
-            read_only: false,
-            keep_cache: false,
-        };
+        let share = share(dir.path().to_owned(), Some(dir_entry("d", false)), false);
         let staging = dir.path().join("stage");
         let plan = ShareMounts::prepare(&share, &staging).unwrap();
         assert_eq!(plan.exported(), staging);
-        let names: Vec<_> = std::fs::read_dir(&staging)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names = staged_names(&staging);
         assert_eq!(names, vec!["d"]);
         assert_eq!(std::fs::read_dir(staging.join("d")).unwrap().count(), 0);
         let placeholder = staging.join("d").to_string_lossy().into_owned();
@@ -389,13 +384,7 @@ mod tests {
     fn test_prepare_rbind_dir_binds_with_submounts() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("d")).unwrap();
-        let share = FsShare {
-            tag: "bind0".into(),
-            host_dir: dir.path().to_owned(),
-            entry: Some(dir_entry("d", true)),
-            read_only: true,
-            keep_cache: false,
-        };
+        let share = share(dir.path().to_owned(), Some(dir_entry("d", true)), true);
         let staging = dir.path().join("stage");
         let plan = ShareMounts::prepare(&share, &staging).unwrap();
         let placeholder = staging.join("d").to_string_lossy().into_owned();
@@ -429,13 +418,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), "host").unwrap();
-        let share = FsShare {
-            tag: "rootfs".into(),
-            host_dir: dir.path().to_owned(),
-            entry: None,
-            read_only: true,
-            keep_cache: false,
-        };
+        let share = share(dir.path().to_owned(), None, true);
         let seen = run_in_export(&share, &dir.path().join("stage"), ATTACK).await;
         assert_eq!(seen.trim(), "LS f", "{seen}");
         assert_eq!(
@@ -454,13 +437,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), "host").unwrap();
         std::fs::write(dir.path().join("secret"), "sibling").unwrap();
-        let share = FsShare {
-            tag: "bind0".into(),
-            host_dir: dir.path().to_owned(),
-            entry: Some(file_entry("f")),
-            read_only: false,
-            keep_cache: false,
-        };
+        let share = share(dir.path().to_owned(), Some(file_entry("f")), false);
         let staging = dir.path().join("stage");
         let seen = run_in_export(&share, &staging, ATTACK).await;
         // A read-write file bind: the file is written, nothing else is reachable.
@@ -488,13 +465,7 @@ mod tests {
                       echo LS $(ls -A $D) / $(ls -A $D/d); \
                       cat $D/d/../secret 2>/dev/null && echo READ-SECRET; true";
         for ro in [true, false] {
-            let share = FsShare {
-                tag: "bind0".into(),
-                host_dir: dir.path().to_owned(),
-                entry: Some(dir_entry("d", true)),
-                read_only: ro,
-                keep_cache: false,
-            };
+            let share = share(dir.path().to_owned(), Some(dir_entry("d", true)), ro);
             let seen = run_in_export(&share, &staging, script).await;
             // The staging directory is read-only either way; the directory as the bind is.
             let expected = match ro {
