@@ -590,6 +590,12 @@ fn test_exec_privileges_same_as_runc() {
     bundle.edit(|c| {
         c["process"]["noNewPrivileges"] = false.into();
         c["process"]["oomScoreAdj"] = 100.into();
+        // The container's profile holds for its execs too.
+        c["linux"]["seccomp"] = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}],
+        });
     });
     let runc_root = tempfile::tempdir().expect("runc root");
     let dir = tempfile::tempdir().expect("process files");
@@ -618,6 +624,11 @@ fn test_exec_privileges_same_as_runc() {
         &serde_json::json!({"capabilities": {}}),
     );
     let show = ["sh", "-c", SHOW_PRIVILEGES];
+    let mkdir = [
+        "sh",
+        "-c",
+        "mkdir /tmp/x 2>/dev/null && echo made || echo refused",
+    ];
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
         (vec!["--process", only_two.as_str()], vec![]),
         (vec!["--process", user.as_str()], vec![]),
@@ -628,6 +639,8 @@ fn test_exec_privileges_same_as_runc() {
             show.to_vec(),
         ),
         (vec![], show.to_vec()),
+        (vec![], mkdir.to_vec()),
+        (vec!["--no-new-privs"], mkdir.to_vec()),
     ];
     let mut results: Vec<Vec<(String, Option<i32>, String)>> = Vec::new();
     for rt in [Runtime::Runc(runc_root.path()), Runtime::Husk(&husk)] {
@@ -657,6 +670,9 @@ fn test_exec_privileges_same_as_runc() {
             runc.0
         );
     }
+    // Not vacuous: the seccomp profile refused the execs' mkdir.
+    assert_eq!(results[1][6].2, "refused\n", "{}", results[1][6].0);
+    assert_eq!(results[1][7].2, "refused\n", "{}", results[1][7].0);
     // Not vacuous: the two-capability exec has exactly those, and no_new_privs.
     assert!(
         results[1][0].2.contains("CapEff:\t0000000000000420")

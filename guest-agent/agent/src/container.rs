@@ -102,11 +102,15 @@ struct Container {
 }
 
 /// What an exec process gets from its container's first process unless it asks otherwise (as
-/// runc): its capability sets, and always its `oom_score_adj`.
+/// runc): its capability sets and rlimits, and always its `oom_score_adj` and seccomp profile.
 #[derive(Debug, Clone, Default)]
 pub struct ExecDefaults {
     /// Given to an exec process without sets of its own.
     pub capabilities: Option<Capabilities>,
+    /// Given to an exec process without rlimits of its own (not the agent's limits).
+    pub rlimits: Vec<husk_protocol::Rlimit>,
+    /// Given to every exec process.
+    pub seccomp: Option<husk_protocol::Seccomp>,
     /// Given to every exec process.
     pub oom_score_adj: Option<i32>,
 }
@@ -220,6 +224,8 @@ impl Containers {
                 exit,
                 exec_defaults: ExecDefaults {
                     capabilities: spec.capabilities.clone(),
+                    rlimits: spec.rlimits.clone(),
+                    seccomp: spec.seccomp.clone(),
                     oom_score_adj: spec.oom_score_adj,
                 },
             },

@@ -10,7 +10,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -253,7 +253,7 @@ fn exec(spec: &ContainerSpec, filters: &[BpfProgram]) -> String {
     }
 }
 
-fn install(filters: &[BpfProgram]) -> Result<(), String> {
+pub(crate) fn install(filters: &[BpfProgram]) -> Result<(), String> {
     for program in filters {
         sys::install_seccomp(program).map_err(|e| format!("install seccomp filter: {e}"))?;
     }
@@ -295,8 +295,16 @@ fn warm_program(spec: &ContainerSpec) {
     if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
         return;
     }
-    if let Ok(file) = std::fs::File::open(&path) {
-        let _ = io::copy(&mut io::Read::take(file, WARM_LIMIT), &mut io::sink());
+    // Non-blocking open (a FIFO swapped in since does not hold `start` up), and only what is
+    // still a regular file is read.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path);
+    if let Ok(file) = opened {
+        if file.metadata().is_ok_and(|m| m.is_file()) {
+            let _ = io::copy(&mut io::Read::take(file, WARM_LIMIT), &mut io::sink());
+        }
     }
 }
 

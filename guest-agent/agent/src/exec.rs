@@ -86,10 +86,14 @@ impl Execs {
         if process.capabilities.is_none() {
             process.capabilities = defaults.capabilities;
         }
+        if process.rlimits.is_empty() {
+            process.rlimits = defaults.rlimits;
+        }
         let init = ExecInit {
             init_pid: init_pid.as_raw(),
             process,
             oom_score_adj: defaults.oom_score_adj,
+            seccomp: defaults.seccomp,
         };
         write_message(&mut sync, &init)
             .await

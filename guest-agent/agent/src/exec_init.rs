@@ -20,7 +20,7 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{chdir, Pid};
 
-use crate::container_init::{find_program, DEFAULT_UMASK};
+use crate::container_init::{find_program, install, DEFAULT_UMASK};
 use crate::init::ctx;
 use crate::privileges::{self, Privileges};
 use crate::{namespaces, sys};
@@ -89,6 +89,15 @@ fn spawn(init: &ExecInit) -> Result<(std::process::Child, Option<OwnedFd>), Stri
     namespaces::join(Pid::from_raw(init.init_pid), &namespaces::ALL)
         .map_err(|e| format!("enter the container: {e}"))?;
     let p = &init.process;
+    let filters = match &init.seccomp {
+        Some(profile) => crate::seccomp::compile(profile)?,
+        None => Vec::new(),
+    };
+    // The container's seccomp profile, as container-init installs it: without `no_new_privs`
+    // first, while CAP_SYS_ADMIN is still held; with it, in the child right before exec.
+    if !p.no_new_privileges {
+        install(&filters)?;
+    }
     // Here, not in the child: the child inherits them across fork, and what follows (the
     // terminal, the program's lookup) happens with the process's credentials, as in runc.
     let privileges = Privileges {
@@ -103,6 +112,13 @@ fn spawn(init: &ExecInit) -> Result<(std::process::Child, Option<OwnedFd>), Stri
     let program = find_program(&p.args[0], &p.env)?;
     let mut cmd = Command::new(program);
     cmd.arg0(&p.args[0]).args(&p.args[1..]).env_clear();
+    if p.no_new_privileges && !filters.is_empty() {
+        // SAFETY: exec-init is single-threaded, so the child may allocate; install only makes
+        // the seccomp syscall on the programs moved in.
+        unsafe {
+            cmd.pre_exec(move || install(&filters).map_err(io::Error::other));
+        }
+    }
     let mut master = None;
     if p.terminal {
         let (m, slave) = sys::open_terminal().map_err(|e| format!("open /dev/ptmx: {e}"))?;

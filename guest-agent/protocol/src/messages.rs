@@ -441,6 +441,9 @@ pub struct ExecInit {
     /// The container's `oom_score_adj`, which an exec process gets too (as runc).
     #[serde(default)]
     pub oom_score_adj: Option<i32>,
+    /// The container's seccomp profile, which an exec process gets too (as runc).
+    #[serde(default)]
+    pub seccomp: Option<Seccomp>,
 }
 
 impl ExecInit {
@@ -450,6 +453,9 @@ impl ExecInit {
     /// A one-line description of the first invalid field.
     pub fn validate(&self) -> Result<(), String> {
         self.process.validate()?;
+        if let Some(seccomp) = &self.seccomp {
+            seccomp.validate()?;
+        }
         validate_privileges(&[], self.oom_score_adj, None)
     }
 }
@@ -896,6 +902,7 @@ mod tests {
             init_pid: 1,
             process: process(),
             oom_score_adj: Some(1000),
+            seccomp: None,
         };
         assert!(init.validate().is_ok());
         init.oom_score_adj = Some(-1001);

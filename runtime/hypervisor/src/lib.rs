@@ -180,6 +180,11 @@ pub trait Hypervisor: Send + std::fmt::Debug {
     /// its own (the launcher's before it exists).
     fn pid(&self) -> Option<u32>;
 
+    /// Host pid of the VMM's jail launcher: the door's own child, which the host reaps, and
+    /// the process to signal to end the VM (its jail dies with it). [`Hypervisor::pid`] is
+    /// guest-controlled once the guest owns the VMM: for reporting only.
+    fn launcher_pid(&self) -> Option<u32>;
+
     /// Waits until the VM ends (guest power-off, reboot, panic or a killed VMM).
     ///
     /// # Errors

@@ -418,11 +418,11 @@ async fn end_owner(dir: &Path, record: &Record) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     if owner_alive(dir) {
-        warn!(owner, "owner of the VM did not end; killing it and its VMM");
-        for pid in [owner, record.oci.pid] {
-            if pid > 0 {
-                let _ = send_signal(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+        // Its VM's jails die with it (their launchers' parent-death signal); `state.pid`, a
+        // guest-controlled process the host does not reap, is never signalled by number.
+        warn!(owner, "owner of the VM did not end; killing it");
+        if owner > 0 {
+            let _ = send_signal(Pid::from_raw(owner), Signal::SIGKILL);
         }
         let deadline = Instant::now() + OWNER_GRACE;
         while owner_alive(dir) && Instant::now() < deadline {

@@ -51,6 +51,7 @@ pub struct PodVm {
     /// The pod's network wired to the VM, undone at shutdown.
     network: Option<PodNetwork>,
     vmm_pid: Option<u32>,
+    launcher_pid: Option<u32>,
     run_dir: PathBuf,
     share: PodShare,
     stop: std::sync::Mutex<Option<oneshot::Sender<()>>>,
@@ -115,7 +116,7 @@ impl PodVm {
                 return Err(e);
             }
         };
-        let vmm_pid = vm.pid();
+        let (vmm_pid, launcher_pid) = (vm.pid(), vm.launcher_pid());
         info!(memory_mib, vcpus, ?vmm_pid, "pod VM up");
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (ended_tx, ended) = watch::channel(None);
@@ -132,6 +133,7 @@ impl PodVm {
             vsock: agent.uds().to_owned(),
             network,
             vmm_pid,
+            launcher_pid,
             run_dir: opts.run_dir.clone(),
             share,
             stop: std::sync::Mutex::new(Some(stop_tx)),
@@ -142,6 +144,11 @@ impl PodVm {
     /// The VMM's host pid.
     pub fn vmm_pid(&self) -> Option<u32> {
         self.vmm_pid
+    }
+
+    /// The host pid of the VMM's jail launcher (the door's child): the one to signal.
+    pub fn launcher_pid(&self) -> Option<u32> {
+        self.launcher_pid
     }
 
     /// A new control connection to the agent, for one request or a wait for an exit.

@@ -23,7 +23,7 @@ pub const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 /// Where the shim keeps each pod's directory (VM sockets, console log, the virtio-fs share).
 const RUN_ROOT: &str = "/run/husk-shim";
 /// The file in a pod's directory that names its VMM's pid.
-const VMM_PID_FILE: &str = "vmm.pid";
+const VMM_PID_FILE: &str = "launcher.pid";
 
 /// The shim (the `containerd-shim` crate drives it).
 pub struct HuskShim {
@@ -191,8 +191,9 @@ pub fn pod_dir(namespace: &str, grouping: &str) -> PathBuf {
     Path::new(RUN_ROOT).join(namespace).join(grouping)
 }
 
-/// Records the VMM's pid in the pod's directory, for [`kill_vmm`].
-pub fn record_vmm_pid(run_dir: &Path, pid: Option<u32>) {
+/// Records the pid of the VMM's jail launcher in the pod's directory, for [`kill_vmm`] (not
+/// the VMM's own: that process is the guest's once it owns the VMM, its command line too).
+pub fn record_launcher_pid(run_dir: &Path, pid: Option<u32>) {
     if let Some(pid) = pid {
         if let Err(e) = std::fs::write(run_dir.join(VMM_PID_FILE), pid.to_string()) {
             warn!(error = %e, "VMM pid not recorded");
@@ -200,8 +201,9 @@ pub fn record_vmm_pid(run_dir: &Path, pid: Option<u32>) {
     }
 }
 
-/// Kills the pod's VMM if it still runs (a shim killed before the VMM noticed); the pid is
-/// only trusted while that process still names the pod's directory on its command line.
+/// Kills the pod's VMM if it still runs (a shim killed before the VMM noticed) by killing its
+/// jail's launcher (the jail dies with it); the pid is only trusted while that process still
+/// names the pod's directory on its command line (`husk-vmm jail --spec <run_dir>/...`).
 fn kill_vmm(run_dir: &Path) {
     let Some(pid) = std::fs::read_to_string(run_dir.join(VMM_PID_FILE))
         .ok()

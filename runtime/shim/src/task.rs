@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::io::{Relays, StdioPaths};
 use crate::logger::Owner;
-use crate::shim::{record_vmm_pid, Annotations, ShimConfig};
+use crate::shim::{record_launcher_pid, Annotations, ShimConfig};
 
 /// SIGKILL's number: a kill the agent does not take ends the pod's VM instead.
 const SIGKILL: i32 = 9;
@@ -252,7 +252,7 @@ impl Inner {
         let grouping = annotations.sandbox_id.as_deref().unwrap_or(id);
         let opts = self.config.pod(&self.namespace, grouping);
         let pod = Arc::new(PodVm::boot(&opts, &loaded).await.map_err(sandbox_error)?);
-        record_vmm_pid(&opts.run_dir, pod.vmm_pid());
+        record_launcher_pid(&opts.run_dir, pod.launcher_pid());
         self.state.lock().await.pod = Some((pod.clone(), id.to_owned()));
         Ok((pod, loaded))
     }

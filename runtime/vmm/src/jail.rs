@@ -316,18 +316,18 @@ impl UsernsSync {
     }
 
     /// In pid 1: unshares the user namespace and waits until the launcher mapped it. A host
-    /// kernel without user namespaces (or with them switched off) gets one warning line and
-    /// the rest of the jail.
+    /// kernel built without user namespaces gets one warning line and the rest of the jail;
+    /// any other failure (namespaces switched off or used up) fails the launch.
     fn enter(self) -> Result<(), VmmError> {
         let err = |what: &str, e: &dyn std::fmt::Display| {
             VmmError::Confine(format!("user namespace: {what}: {e}"))
         };
         let entered = match unshare(CloneFlags::CLONE_NEWUSER) {
             Ok(()) => ENTERED,
-            Err(e @ (nix::Error::EINVAL | nix::Error::ENOSPC | nix::Error::EPERM)) => {
+            Err(e @ nix::Error::EINVAL) => {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "husk-vmm jail: warning: no user namespace of its own ({e}): the host kernel has none to give"
+                    "husk-vmm jail: warning: no user namespace of its own ({e}): the host kernel has none"
                 );
                 NOT_ENTERED
             }

@@ -163,7 +163,11 @@ impl Hypervisor for KvmDoor {
     }
 
     fn pid(&self) -> Option<u32> {
-        crate::jail::jailed_pid(self.child.as_ref().and_then(Child::id))
+        crate::jail::jailed_pid(self.launcher_pid())
+    }
+
+    fn launcher_pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     async fn wait(&mut self) -> Result<VmExit, HypervisorError> {
