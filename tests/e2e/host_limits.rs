@@ -62,7 +62,7 @@ fn test_console_flood_host_file_capped_newest_kept() {
         }
     });
     let id = unique("flood");
-    let console = husk.root().join(&id).join("vm").join("console.log");
+    let console = husk_sandbox::vm_dir(&husk.root().join(&id)).join("console.log");
     let mut child = husk.spawn_run(&bundle, &id, &[]);
     drop(child.stdin.take());
 

@@ -92,8 +92,7 @@ impl Runtime<'_> {
 }
 
 /// The lifecycle as a list of (step, succeeded, status afterwards).
-fn lifecycle(rt: &Runtime<'_>, bundle: &Path, out: &Path) -> Vec<(String, bool, String)> {
-    let id = "lc";
+fn lifecycle(rt: &Runtime<'_>, bundle: &Path, out: &Path, id: &str) -> Vec<(String, bool, String)> {
     let mut steps = Vec::new();
     let mut step = |name: &str, ok: bool, status: String| {
         steps.push((name.to_owned(), ok, status));
@@ -190,11 +189,13 @@ fn test_lifecycle_create_start_kill_delete_same_as_runc() {
         &Runtime::Runc(runc_root.path()),
         bundle.path(),
         &outs.path().join("runc"),
+        "lc",
     );
     let got = lifecycle(
         &Runtime::Husk(&husk),
         bundle.path(),
         &outs.path().join("husk"),
+        "lc",
     );
     assert_eq!(got, expected, "husk's lifecycle differs from runc's");
     let output = std::fs::read_to_string(outs.path().join("husk")).expect("output");
@@ -203,6 +204,45 @@ fn test_lifecycle_create_start_kill_delete_same_as_runc() {
         "the container's output reaches create's stdout"
     );
     husk.assert_clean();
+}
+
+/// Engines' ids (64 hex characters) under long state roots (Docker's
+/// `/run/docker/runtime-runc/moby`, Podman's): the lifecycle goes as with runc, whatever the
+/// length of the socket paths under the state directory would be.
+#[test]
+fn test_engine_ids_under_long_roots_same_as_runc() {
+    let Some(env) = Env::get("test_engine_ids_under_long_roots_same_as_runc") else {
+        return;
+    };
+    let husk = env.husk_long_root();
+    assert!(
+        husk.root().as_os_str().len() > 130,
+        "{}",
+        husk.root().display()
+    );
+    let id = "0123456789abcdef".repeat(4);
+    let bundle = busybox_sleeper(&husk);
+    let runc_root = tempfile::Builder::new()
+        .prefix(&"runc".repeat(30))
+        .tempdir()
+        .expect("runc root");
+    let outs = tempfile::tempdir().expect("outputs");
+    let expected = lifecycle(
+        &Runtime::Runc(runc_root.path()),
+        bundle.path(),
+        &outs.path().join("runc"),
+        &id,
+    );
+    let got = lifecycle(
+        &Runtime::Husk(&husk),
+        bundle.path(),
+        &outs.path().join("husk"),
+        &id,
+    );
+    assert_eq!(got, expected, "husk's lifecycle differs from runc's");
+    husk.assert_clean();
+    let vm_dir = husk_sandbox::vm_dir(&husk.root().join(&id));
+    assert!(!vm_dir.exists(), "{} left behind", vm_dir.display());
 }
 
 /// A signal sent right after `start` finds the handlers the process installs first thing (a
@@ -429,9 +469,18 @@ fn test_vmm_killed_state_stopped_delete_clean() {
         .status
         .success());
     assert!(rt.run(&["start", "vk"]).status.success());
-    let pid = rt.state("vk").expect("state")["pid"].as_i64().expect("pid");
+    let vm_dir = husk_sandbox::vm_dir(&husk.root().join("vk"));
+    let qemu = processes_mentioning(&vm_dir)
+        .into_iter()
+        .find(|p| p.contains("qemu-system"))
+        .expect("the container's QEMU");
+    let pid: i32 = qemu
+        .split(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .expect("pid");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill VMM");

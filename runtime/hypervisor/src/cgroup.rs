@@ -188,6 +188,12 @@ pub struct HostCgroup {
     leaves: Vec<Leaf>,
 }
 
+/// The `cgroup.procs` files of `cgroup` (none without one), which each host process of the VM
+/// joins.
+pub(crate) fn procs_files(cgroup: Option<&HostCgroup>) -> Vec<PathBuf> {
+    cgroup.map(HostCgroup::procs_files).unwrap_or_default()
+}
+
 impl HostCgroup {
     /// Makes the cgroup `spec.path` in every mounted hierarchy and writes its limits.
     ///

@@ -3,8 +3,13 @@
 //! needs, no capabilities, `no_new_privs`, seccomp with argument filters, rlimits, the VM's
 //! host cgroup. This module writes the spec and spawns the launcher.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use command_fds::{CommandFdExt, FdMapping};
 
 use husk_vmm::jail::{JailBind, JailSpec};
 use tokio::process::{Child, Command};
@@ -32,10 +37,17 @@ pub(crate) struct Jail {
 /// Device nodes every jailed process may open.
 const DEVICES: &[&str] = &["/dev/null", "/dev/urandom"];
 
-/// Makes `<run_dir>/vm` ([`crate::VM_DIR`]), 0700, for the VM's sockets, console and logs
+/// Makes the VM's directory ([`crate::vm_dir`]), 0700 and empty (what a VM of the same run
+/// directory left, if its owner died, is removed first), for its sockets, console and logs
 /// (before virtiofsd's socket goes there).
 pub(crate) fn make_vm_dir(run_dir: &Path) -> Result<(), HypervisorError> {
-    private_dir(&run_dir.join(crate::VM_DIR)).map_err(|source| HypervisorError::Spawn {
+    let dir = crate::vm_dir(run_dir);
+    crate::remove_vm_dir(run_dir);
+    let made = dir
+        .parent()
+        .map_or(Ok(()), private_dir)
+        .and_then(|()| private_dir(&dir));
+    made.map_err(|source| HypervisorError::Spawn {
         program: "jail",
         source,
     })
@@ -51,8 +63,9 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Starts `argv` (a program by its host path, and its arguments) jailed as `name` in
 /// `run_dir`: the spec goes to `<run_dir>/<name>.jail.json`, the root is the empty directory
-/// `<run_dir>/<name>.root`, stdout and stderr to `log`. Only `<run_dir>/vm` ([`crate::VM_DIR`],
-/// made by [`make_vm_dir`] first) is writable in the jail; the rest of `run_dir` is not in it.
+/// `<run_dir>/<name>.root`, stdout and stderr to `log`. Only the VM's directory
+/// ([`crate::vm_dir`], made by [`make_vm_dir`] first) is writable in the jail; `run_dir` is not
+/// in it.
 pub(crate) fn spawn(
     vmm: &Path,
     name: &'static str,
@@ -67,7 +80,7 @@ pub(crate) fn spawn(
     };
     let root = run_dir.join(format!("{name}.root"));
     private_dir(&root).map_err(spawn_err)?;
-    let vm_dir = run_dir.join(crate::VM_DIR);
+    let vm_dir = crate::vm_dir(run_dir);
     let mut binds = husk_vmm::jail::system_binds();
     // Device nodes read-only: writing a device still works, changing its node does not.
     binds.extend(DEVICES.iter().map(|d| JailBind::ro(*d)));
@@ -147,4 +160,136 @@ pub(crate) async fn remove_cgroup(cgroup: Option<crate::cgroup::HostCgroup>) {
     if let Some(cgroup) = cgroup {
         let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
     }
+}
+
+/// The container's process as engines see it (`husk-vmm sentinel`, [`husk_vmm::sentinel`]): a
+/// process in every namespace and the host cgroup of the VM's jail, adopted by the engine's
+/// subreaper (not the door's child), which exits with the container's exit status. Its pid is
+/// the container's `state.pid`. Dropped without [`Sentinel::exit`], it exits 137 (killed).
+#[derive(Debug)]
+pub struct Sentinel {
+    pid: u32,
+    status: OwnedFd,
+    /// Readable once it has exited (`None` if the kernel gave no pidfd).
+    pidfd: Option<tokio::io::unix::AsyncFd<OwnedFd>>,
+}
+
+/// How long `husk-vmm sentinel` may take to start the sentinel.
+const SENTINEL_START: Duration = Duration::from_secs(10);
+/// How long [`Sentinel::exit`] waits for the sentinel to have exited.
+const SENTINEL_EXIT: Duration = Duration::from_secs(1);
+
+impl Sentinel {
+    /// Its host pid.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Returns once the sentinel has ended: told to, or killed on the host (never, if the
+    /// kernel gave no pidfd for it).
+    pub async fn ended(&self) {
+        match &self.pidfd {
+            Some(fd) => drop(fd.readable().await),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Ends the sentinel with `code` (0..=255; anything else is 255) and waits, briefly, until
+    /// it has exited: before the VM (whose pid namespace it is in) goes, which would kill it.
+    pub async fn exit(self, code: i32) {
+        let byte = u8::try_from(code).unwrap_or(u8::MAX);
+        if exited(self.pid) {
+            return;
+        }
+        if let Err(e) = nix::unistd::write(&self.status, &[byte]) {
+            tracing::warn!(
+                pid = self.pid,
+                "cannot give the sentinel its exit status: {e}"
+            );
+            return;
+        }
+        let deadline = Instant::now() + SENTINEL_EXIT;
+        while !exited(self.pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// Whether `pid` has exited (a zombie its reaper has yet to reap, or gone).
+#[must_use]
+pub fn exited(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // `pid (comm) S ...`: the state follows the last `)`.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state == "Z" || state == "X")
+}
+
+/// Starts the VM's [`Sentinel`] in the namespaces of its jail's pid 1 (`jail_pid`, which must
+/// not be the launcher `launcher_pid` itself: pid 1 exists once the VMM runs).
+pub(crate) async fn sentinel(
+    vmm: &Path,
+    jail_pid: Option<u32>,
+    launcher_pid: Option<u32>,
+    cgroup_procs: &[PathBuf],
+) -> Result<Sentinel, HypervisorError> {
+    let err = |source| HypervisorError::Spawn {
+        program: "sentinel",
+        source,
+    };
+    let jail_pid = jail_pid
+        .filter(|pid| Some(*pid) != launcher_pid)
+        .ok_or(HypervisorError::NotStarted)?;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| err(std::io::Error::from(e)))?;
+    let mut cmd = Command::new(vmm);
+    cmd.arg("sentinel").arg("--pid").arg(jail_pid.to_string());
+    for procs in cgroup_procs {
+        cmd.arg("--cgroup-procs").arg(procs);
+    }
+    cmd.fd_mappings(vec![FdMapping {
+        parent_fd: read,
+        child_fd: husk_vmm::sentinel::STATUS_FD,
+    }])
+    .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    // Its own process group: a terminal's Ctrl-C for husk's group does not end it.
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(SENTINEL_START, cmd.output())
+        .await
+        .map_err(|_| err(std::io::Error::other("did not start in time")))?
+        .map_err(err)?;
+    let pid = String::from_utf8_lossy(&out.stdout).trim().parse::<u32>();
+    match (out.status.success(), pid) {
+        (true, Ok(pid)) if pid > 0 => Ok(Sentinel {
+            pid,
+            status: write,
+            pidfd: pidfd_open(pid).and_then(|fd| {
+                // SAFETY: the OwnedFd is moved in, valid and open for the AsyncFd's lifetime.
+                unsafe { tokio::io::unix::AsyncFd::register(fd) }.ok()
+            }),
+        }),
+        _ => Err(err(std::io::Error::other(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))),
+    }
+}
+
+/// `pidfd_open(2)` of `pid`, non-blocking (`None` where the kernel has none).
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid = i32::try_from(pid).ok()?;
+    // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::O_NONBLOCK) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: the kernel just returned this descriptor to us.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -24,16 +24,42 @@ pub use cgroup::unescape_mountinfo;
 pub use error::HypervisorError;
 pub use helpers::find_program;
 pub use husk_vmm::probe::{probe as probe_kvm, ProbeReport};
+pub use jail::{exited as process_exited, Sentinel};
 
-/// The part of a VM's run directory its jailed processes may write (sockets, console, VMM
-/// logs): `<run_dir>/vm`. Everything else of the run directory (the container's state, jail
-/// specs, share staging) stays out of the jails' reach.
-pub const VM_DIR: &str = "vm";
+/// Where the VMs' directories live: a short path, so that no socket path depends on the length
+/// of a state root or a container id (engines use 64-hex ids under long roots; `sun_path` holds
+/// 107 bytes).
+const VM_DIRS: &str = "/run/husk-vm";
+
+/// The directory the jailed processes of the VM whose run directory is `run_dir` may write
+/// (sockets, console, VMM logs): `/run/husk-vm/<32 hex of the run directory's SHA-256>`, the
+/// same for every command that names `run_dir`. Everything of the run directory itself (the
+/// container's state, jail specs, share staging) stays out of the jails' reach. Made by the
+/// door at boot; removed with the run directory ([`remove_vm_dir`]).
+#[must_use]
+pub fn vm_dir(run_dir: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let absolute = std::path::absolute(run_dir).unwrap_or_else(|_| run_dir.to_owned());
+    let digest = Sha256::digest(absolute.as_os_str().as_encoded_bytes());
+    let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    Path::new(VM_DIRS).join(name)
+}
+
+/// Removes the VM directory of `run_dir` ([`vm_dir`]) with what is in it; call it wherever the
+/// run directory is removed.
+pub fn remove_vm_dir(run_dir: &Path) {
+    let dir = vm_dir(run_dir);
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "VM directory not removed");
+        }
+    }
+}
 
 /// Host side of the hybrid vsock of the VM whose run directory is `run_dir`.
 #[must_use]
 pub fn vsock_path(run_dir: &Path) -> PathBuf {
-    run_dir.join(VM_DIR).join("vsock.sock")
+    vm_dir(run_dir).join("vsock.sock")
 }
 
 /// Which door to use.
@@ -184,6 +210,13 @@ pub trait Hypervisor: Send + std::fmt::Debug {
     /// the process to signal to end the VM (its jail dies with it). [`Hypervisor::pid`] is
     /// guest-controlled once the guest owns the VMM: for reporting only.
     fn launcher_pid(&self) -> Option<u32>;
+
+    /// Starts the VM's [`Sentinel`], the container's process as engines see it, once the VM
+    /// runs.
+    ///
+    /// # Errors
+    /// [`HypervisorError::NotStarted`], or `husk-vmm sentinel` failed.
+    async fn sentinel(&self) -> Result<Sentinel, HypervisorError>;
 
     /// Waits until the VM ends (guest power-off, reboot, panic or a killed VMM).
     ///

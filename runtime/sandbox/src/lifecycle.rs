@@ -15,7 +15,7 @@ use husk_protocol::ProcessInfo;
 
 use crate::bundle::Bundle;
 use crate::state::{CommandLock, OciState, Record, Status};
-use crate::state_dir::{container_dir, owner_alive, pid_alive, StateDir};
+use crate::state_dir::{container_dir, owner_alive, pid_alive, remove_run_dir, StateDir};
 use crate::{RunOptions, SandboxError};
 
 /// Name of the VM's hybrid vsock socket in a state directory (both doors use it).
@@ -61,7 +61,7 @@ pub async fn hand_over(
     drop(state);
     let deadline = Instant::now() + timeout;
     let failed = |reason: String| {
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = remove_run_dir(&dir);
         Err(SandboxError::CreateFailed(reason))
     };
     loop {
@@ -431,9 +431,9 @@ async fn end_owner(dir: &Path, record: &Record) {
     }
 }
 
-fn remove(dir: &PathBuf) -> Result<(), SandboxError> {
-    std::fs::remove_dir_all(dir).map_err(|source| SandboxError::StateDir {
-        path: dir.clone(),
+fn remove(dir: &Path) -> Result<(), SandboxError> {
+    remove_run_dir(dir).map_err(|source| SandboxError::StateDir {
+        path: dir.to_owned(),
         source,
     })
 }

@@ -281,7 +281,7 @@ pub fn cleanup(run_dir: &Path) {
         warn!(dir = %run_dir.display(), "pod directory still has mounts: not removed");
         return;
     }
-    if let Err(e) = std::fs::remove_dir_all(run_dir) {
+    if let Err(e) = crate::state_dir::remove_run_dir(run_dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             warn!(dir = %run_dir.display(), error = %e, "pod directory not removed");
         }

@@ -175,7 +175,9 @@ async fn monitor_vm(
     let id = bundle.spec.id.as_str();
     let console = console_socket(opts, bundle)?;
     let outputs = guard(vm, create_container(&mut agent, bundle, console)).await?;
-    let pid = vm.pid().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    // The container's process as engines see it: `state.pid`, exiting with the container.
+    let sentinel = vm.sentinel().await?;
+    let pid = i32::try_from(sentinel.pid()).unwrap_or(0);
     create_runtime_hooks(dir, bundle, pid)?;
     update_record(dir, |r| {
         r.oci.status = Status::Created;
@@ -184,7 +186,21 @@ async fn monitor_vm(
     debug!("container created");
     let exit_code = {
         let mut waiter = guard(vm, agent.reconnect()).await?;
-        match guard(vm, waiter.wait(id)).await {
+        let wait = guard(vm, waiter.wait(id));
+        tokio::pin!(wait);
+        let waited = tokio::select! {
+            r = &mut wait => r,
+            () = sentinel.ended() => {
+                // Killed on the host (`kill -9 <state.pid>`), as runc's container process can
+                // be: so is the container.
+                warn!("the container's host process was killed: killing the container");
+                if let Err(e) = agent.signal_all(id, nix::sys::signal::Signal::SIGKILL as i32, true).await {
+                    warn!(error = %e, "cannot kill the container");
+                }
+                wait.await
+            }
+        };
+        match waited {
             Ok(exit) => Some(exit.code),
             Err(e) => {
                 warn!(error = %e, "container's VM ended");
@@ -198,6 +214,8 @@ async fn monitor_vm(
         r.oci.status = Status::Stopped;
         r.husk.exit_code = exit_code;
     })?;
+    // Recorded first: the engine that reaps the sentinel finds the container stopped.
+    sentinel.exit(exit_code.unwrap_or(1)).await;
     if exit_code.is_some() {
         power_off(vm, agent).await;
     }

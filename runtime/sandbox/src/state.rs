@@ -137,13 +137,17 @@ impl Record {
         std::fs::rename(&tmp, &path).map_err(io_err)
     }
 
-    /// The state as a reader should believe it: a container whose owner is gone is stopped.
+    /// The state as a reader should believe it: a container whose owner is gone is stopped, and
+    /// so is one whose process as the host sees it (`pid`) has exited (killed on the host; its
+    /// owner is ending the VM), as runc's state follows its container's process.
     pub fn current(mut self, dir: &Path) -> Self {
         let handing_over =
             self.oci.status == Status::Creating && crate::state_dir::pid_alive(self.husk.owner_pid);
+        let pid_exited = u32::try_from(self.oci.pid)
+            .is_ok_and(|pid| pid > 0 && husk_hypervisor::process_exited(pid));
         if self.oci.status != Status::Stopped
             && !handing_over
-            && !crate::state_dir::owner_alive(dir)
+            && (pid_exited || !crate::state_dir::owner_alive(dir))
         {
             self.oci.status = Status::Stopped;
         }

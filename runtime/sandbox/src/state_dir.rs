@@ -19,12 +19,6 @@ use nix::fcntl::{Flock, FlockArg};
 use crate::state::{Record, Status};
 use crate::SandboxError;
 
-/// Longest path we put a Unix socket at (sun_path is 108 bytes with its NUL; the vsock device
-/// appends `_<port>`, up to 11 bytes, to the hybrid vsock path `vm/vsock.sock`, 6 bytes
-/// shorter than the longest name: 93 + 11 - 6 < 108).
-const MAX_SOCKET_PATH: usize = 93;
-/// Longest socket file name the doors use in the directory (in the jails' `vm` part).
-const LONGEST_SOCKET_NAME: &str = "vm/vhost-vsock.sock";
 /// File name of the owner lock.
 const OWNER_LOCK: &str = "lock";
 
@@ -49,13 +43,6 @@ impl StateDir {
             path: path.clone(),
             source,
         };
-        if path.join(LONGEST_SOCKET_NAME).as_os_str().len() > MAX_SOCKET_PATH {
-            let msg = format!(
-                "state path {} is too long for Unix sockets; use a shorter --root or id",
-                path.display()
-            );
-            return Err(SandboxError::InvalidId(msg));
-        }
         private_dirs()
             .recursive(true)
             .create(root)
@@ -129,10 +116,20 @@ impl Drop for StateDir {
         if !self.remove_on_drop {
             return;
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+        if let Err(e) = remove_run_dir(&self.path) {
             tracing::warn!(path = %self.path.display(), error = %e, "failed to remove state directory");
         }
     }
+}
+
+/// Removes a VM's run directory (a container's state directory, a pod's directory) and its
+/// VM directory ([`husk_hypervisor::vm_dir`]).
+///
+/// # Errors
+/// The run directory cannot be removed.
+pub fn remove_run_dir(path: &Path) -> std::io::Result<()> {
+    husk_hypervisor::remove_vm_dir(path);
+    std::fs::remove_dir_all(path)
 }
 
 /// `<root>/<id>` for a valid id.
@@ -170,7 +167,7 @@ fn clear_stale(path: &Path, id: &str) -> Result<(), SandboxError> {
         return Err(taken());
     }
     tracing::warn!(path = %path.display(), "removing stale state directory of a dead husk");
-    std::fs::remove_dir_all(path).map_err(|source| SandboxError::StateDir {
+    remove_run_dir(path).map_err(|source| SandboxError::StateDir {
         path: path.to_owned(),
         source,
     })?;

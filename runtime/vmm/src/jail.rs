@@ -420,17 +420,7 @@ fn child_steps(
     // Last of what needs the host's privileges (mounts, hostname, limits) is done.
     userns.enter()?;
     place_fds(passed)?;
-    lock_securebits()?;
-    crate::confine::drop_capabilities()?;
-    nix::sys::prctl::set_no_new_privs().map_err(|e| err("no_new_privs", &e))?;
-    let self_pid = i64::from(nix::unistd::getpid().as_raw());
-    for program in [
-        no_x32(),
-        filter(self_pid, spec.allow_connect)?,
-        unsupported()?,
-    ] {
-        seccompiler::apply_filter(&program).map_err(|e| err("seccomp", &e))?;
-    }
+    confine_self(spec.allow_connect)?;
     relayed
         .thread_unblock()
         .map_err(|e| err("sigprocmask", &e))?;
@@ -450,6 +440,20 @@ fn child_steps(
         .collect();
     let e = nix::unistd::execve(&argv[0], &argv, &env);
     Err(err(&format!("exec {}", spec.argv[0]), &e.unwrap_err()))
+}
+
+/// A jailed process's own confinement, last before it execs or goes on: root-has-no-privilege
+/// securebits locked, no capability, `no_new_privs`, and the jail's seccomp filters.
+pub(crate) fn confine_self(allow_connect: bool) -> Result<(), VmmError> {
+    let err = |what: &str, e: &dyn std::fmt::Display| VmmError::Confine(format!("{what}: {e}"));
+    lock_securebits()?;
+    crate::confine::drop_capabilities()?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| err("no_new_privs", &e))?;
+    let self_pid = i64::from(nix::unistd::getpid().as_raw());
+    for program in [no_x32(), filter(self_pid, allow_connect)?, unsupported()?] {
+        seccompiler::apply_filter(&program).map_err(|e| err("seccomp", &e))?;
+    }
+    Ok(())
 }
 
 /// The jail's root: a tmpfs with the binds and `/proc`, pivoted into, read-only.

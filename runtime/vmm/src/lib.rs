@@ -21,6 +21,7 @@ pub mod legacy;
 pub mod mptable;
 pub mod probe;
 mod report;
+pub mod sentinel;
 mod vm;
 pub mod x86;
 

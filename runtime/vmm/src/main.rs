@@ -11,6 +11,8 @@
 //!   power-off) or wrote 'O' to the debug-exit port, 2 for any other end of the guest (the
 //!   reason on stderr), 1 when the VM could not be built.
 //! - `husk-vmm jail --spec FILE`: starts a program in its jail (`husk_vmm::jail`).
+//! - `husk-vmm sentinel --pid PID [--cgroup-procs FILE]...`: the container's process as
+//!   engines see it, in the namespaces of the jail's pid 1 (`husk_vmm::sentinel`).
 //! - `husk-vmm vhost-vsock --socket VHOST --uds UDS`: the QEMU door's vsock device.
 //! - `husk-vmm probe-syscall vmm|none NAME`: for the confinement tests only.
 
@@ -118,6 +120,7 @@ fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     match argv.get(1).and_then(|a| a.to_str()) {
         Some("jail") => return jail(&argv[2..]),
+        Some("sentinel") => return sentinel(&argv[2..]),
         _ => init_logging(),
     }
     match argv.get(1).and_then(|a| a.to_str()) {
@@ -264,6 +267,35 @@ fn jail(args: &[std::ffi::OsString]) -> ExitCode {
         )),
     };
     let err = match spec.and_then(|spec| husk_vmm::jail::launch(&spec)) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    eprintln!("husk-vmm: {err}");
+    ExitCode::FAILURE
+}
+
+/// `husk-vmm sentinel --pid PID [--cgroup-procs FILE]...` (`husk_vmm::sentinel`).
+fn sentinel(args: &[std::ffi::OsString]) -> ExitCode {
+    let usage = || {
+        husk_vmm::VmmError::Confine(
+            "usage: husk-vmm sentinel --pid PID [--cgroup-procs FILE]...".into(),
+        )
+    };
+    let mut pid = None;
+    let mut procs = Vec::new();
+    let mut rest = args.iter();
+    let parsed = loop {
+        match (rest.next().and_then(|a| a.to_str()), rest.next()) {
+            (None, _) => break pid.ok_or_else(usage),
+            (Some("--pid"), Some(v)) => match v.to_str().and_then(|v| v.parse::<i32>().ok()) {
+                Some(p) if p > 0 => pid = Some(p),
+                _ => break Err(usage()),
+            },
+            (Some("--cgroup-procs"), Some(v)) => procs.push(PathBuf::from(v)),
+            _ => break Err(usage()),
+        }
+    };
+    let err = match parsed.and_then(|pid| husk_vmm::sentinel::launch(pid, &procs)) {
         Ok(never) => match never {},
         Err(e) => e,
     };

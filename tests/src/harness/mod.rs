@@ -68,8 +68,17 @@ impl Env {
 
     /// A fresh husk with its own state root.
     pub fn husk(&self) -> Husk {
+        self.husk_with_prefix("husk-e2e-")
+    }
+
+    /// A husk whose state root is a long path (over 130 bytes), as engines' roots are.
+    pub fn husk_long_root(&self) -> Husk {
+        self.husk_with_prefix(&format!("husk-e2e-{}-", "long".repeat(30)))
+    }
+
+    fn husk_with_prefix(&self, prefix: &str) -> Husk {
         let root = tempfile::Builder::new()
-            .prefix("husk-e2e-")
+            .prefix(prefix)
             .tempdir()
             .expect("state root");
         Husk {

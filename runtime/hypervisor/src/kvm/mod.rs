@@ -57,9 +57,9 @@ impl KvmDoor {
         self.config.run_dir.join(name)
     }
 
-    /// A file in the directory the VM's jailed processes may write ([`crate::VM_DIR`]).
+    /// A file in the directory the VM's jailed processes may write ([`crate::vm_dir`]).
     fn vm_path(&self, name: &str) -> PathBuf {
-        self.config.run_dir.join(crate::VM_DIR).join(name)
+        crate::vm_dir(&self.config.run_dir).join(name)
     }
 }
 
@@ -127,11 +127,7 @@ impl Hypervisor for KvmDoor {
         debug!(vmm = %self.vmm.display(), "starting the built-in VMM");
         let jail = Jail {
             binds,
-            cgroup_procs: self
-                .cgroup
-                .as_ref()
-                .map(crate::cgroup::HostCgroup::procs_files)
-                .unwrap_or_default(),
+            cgroup_procs: crate::cgroup::procs_files(self.cgroup.as_ref()),
             // virtiofsd's sockets, while it builds the VM; its own filter forbids it after.
             allow_connect: true,
             ..Jail::default()
@@ -168,6 +164,11 @@ impl Hypervisor for KvmDoor {
 
     fn launcher_pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)
+    }
+
+    async fn sentinel(&self) -> Result<crate::Sentinel, HypervisorError> {
+        let procs = crate::cgroup::procs_files(self.cgroup.as_ref());
+        jail::sentinel(&self.vmm, self.pid(), self.launcher_pid(), &procs).await
     }
 
     async fn wait(&mut self) -> Result<VmExit, HypervisorError> {

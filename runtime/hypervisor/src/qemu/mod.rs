@@ -77,17 +77,9 @@ impl QemuDoor {
         self.config.run_dir.join(name)
     }
 
-    /// A file in the directory the VM's jailed processes may write ([`crate::VM_DIR`]).
+    /// A file in the directory the VM's jailed processes may write ([`crate::vm_dir`]).
     fn vm_path(&self, name: &str) -> PathBuf {
-        self.config.run_dir.join(crate::VM_DIR).join(name)
-    }
-
-    /// The VM's host cgroup, which every process of the VM joins.
-    fn cgroup_procs(&self) -> Vec<PathBuf> {
-        self.cgroup
-            .as_ref()
-            .map(crate::cgroup::HostCgroup::procs_files)
-            .unwrap_or_default()
+        crate::vm_dir(&self.config.run_dir).join(name)
     }
 
     async fn start_virtiofsd(&mut self) -> Result<Vec<PathBuf>, HypervisorError> {
@@ -137,7 +129,7 @@ impl Hypervisor for QemuDoor {
         ];
         let log = self.vm_path("vsock.log");
         let jail = Jail {
-            cgroup_procs: self.cgroup_procs(),
+            cgroup_procs: crate::cgroup::procs_files(self.cgroup.as_ref()),
             ..Jail::default()
         };
         let mut vsock = jail::spawn(&self.vmm, "vsock", jail, argv, &run_dir, &log)?;
@@ -170,7 +162,7 @@ impl Hypervisor for QemuDoor {
         connect.extend(fs);
         let jail = Jail {
             binds,
-            cgroup_procs: self.cgroup_procs(),
+            cgroup_procs: crate::cgroup::procs_files(self.cgroup.as_ref()),
             netns: self.config.net.as_ref().map(|n| n.netns.clone()),
             connect,
             tap: self.config.net.as_ref().map(|n| n.tap.clone()),
@@ -212,6 +204,11 @@ impl Hypervisor for QemuDoor {
 
     fn launcher_pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)
+    }
+
+    async fn sentinel(&self) -> Result<crate::Sentinel, HypervisorError> {
+        let procs = crate::cgroup::procs_files(self.cgroup.as_ref());
+        jail::sentinel(&self.vmm, self.pid(), self.launcher_pid(), &procs).await
     }
 
     async fn wait(&mut self) -> Result<VmExit, HypervisorError> {

@@ -1,0 +1,167 @@
+//! What engines rely on beyond the OCI commands, with runc as the oracle. conmon (Podman) and
+//! containerd's runc shim (Docker) are subreapers: they take the pid `create` writes to
+//! `--pid-file`, adopt that process once `create` has exited, wait for it and report its exit
+//! status as the container's (128+N for a signal).
+//!
+//! This test binary makes itself a subreaper, as those engines are, so it holds only tests that
+//! want that (orphans of other tests would otherwise be adopted here).
+
+// An integration-test file is a crate of its own: its tests need no `cfg(test)` module.
+#![allow(clippy::tests_outside_test_module)]
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_e2e::harness::{stderr, unique, Env, Husk, TestBundle};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// One runtime: husk, or runc with a root of its own.
+fn runtime(husk: &Husk, runc_root: &Path, runc: bool, args: &[&str]) -> Command {
+    if !runc {
+        return husk.command(args);
+    }
+    let mut cmd = Command::new("runc");
+    cmd.arg("--root").arg(runc_root).args(args);
+    cmd
+}
+
+/// The process's exit as an engine reports it: its code, or 128+N for signal N.
+fn reap(pid: i32, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return Some(code),
+            Ok(WaitStatus::Signaled(_, signal, _)) => return Some(128 + signal as i32),
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// `create --pid-file`, `start`, then `kill` when given (a signal by `kill`, or `pid`: SIGKILL
+/// to the pid-file process itself); the exit status of the pid-file
+/// process as this subreaper reaps it, and what `/proc` showed of that process while it ran.
+fn exit_via_pid_file(
+    husk: &Husk,
+    runc_root: &Path,
+    runc: bool,
+    script: &str,
+    kill: Option<&str>,
+) -> (Option<i32>, Vec<String>) {
+    let bundle = TestBundle::busybox(husk, &["sh", "-c", script]);
+    bundle.edit(|c| c["process"]["terminal"] = false.into());
+    let id = unique("pidfile");
+    let pid_file = bundle.path().join("pid");
+    // Stderr to a file: the container's process keeps `create`'s stdio open while it runs.
+    let err_file = bundle.path().join("stderr");
+    let run = |args: &[&str]| {
+        let err = std::fs::File::create(&err_file).expect("stderr file");
+        let status = runtime(husk, runc_root, runc, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .status()
+            .expect("runtime command");
+        Output {
+            status,
+            stdout: Vec::new(),
+            stderr: std::fs::read(&err_file).unwrap_or_default(),
+        }
+    };
+    let bundle_dir = bundle.path().to_str().expect("utf-8");
+    let pid_path = pid_file.to_str().expect("utf-8");
+    let created = run(&[
+        "create",
+        "--bundle",
+        bundle_dir,
+        "--pid-file",
+        pid_path,
+        &id,
+    ]);
+    assert!(created.status.success(), "create: {}", stderr(&created));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let mut seen = Vec::new();
+    let own = |kind: &str| {
+        let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/{kind}")).ok();
+        ns(&pid.to_string()) != ns("self")
+    };
+    for kind in ["mnt", "pid", "ipc", "uts", "net"] {
+        seen.push(format!("own {kind} namespace: {}", own(kind)));
+    }
+    let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.to_owned()))
+        .and_then(|r| r.split_whitespace().nth(1).map(str::to_owned));
+    seen.push(format!(
+        "adopted by the subreaper: {}",
+        parent == Some(std::process::id().to_string())
+    ));
+    let started = run(&["start", &id]);
+    assert!(started.status.success(), "start: {}", stderr(&started));
+    match kill {
+        // SIGKILL straight to the pid, as a user (or an engine's timeout) may send it.
+        Some("pid") => {
+            std::thread::sleep(Duration::from_millis(300));
+            nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
+                .expect("kill the pid");
+        }
+        Some(signal) => {
+            std::thread::sleep(Duration::from_millis(300));
+            let killed = run(&["kill", &id, signal]);
+            assert!(killed.status.success(), "kill: {}", stderr(&killed));
+        }
+        None => {}
+    }
+    let code = reap(pid, Duration::from_secs(60));
+    // The engine deletes the container once it has reaped its process: it is stopped then.
+    let state = run(&["state", &id]);
+    seen.push(format!(
+        "state after reaping succeeds: {}",
+        state.status.success()
+    ));
+    let deleted = run(&["delete", &id]);
+    seen.push(format!(
+        "delete after reaping succeeds: {}",
+        deleted.status.success()
+    ));
+    (code, seen)
+}
+
+/// The process whose pid `create` writes to `--pid-file` is adopted by the caller's subreaper
+/// once `create` exits, lives in namespaces of its own, and exits with the container's exit
+/// status (128+N when a signal ended the container), as runc's container process does; killing
+/// it kills the container.
+#[test]
+fn test_pid_file_process_exits_with_the_container_status_as_runc() {
+    let Some(env) = Env::get("test_pid_file_process_exits_with_the_container_status_as_runc")
+    else {
+        return;
+    };
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe { nix::libc::prctl(nix::libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
+    let husk = env.husk();
+    let runc_root = tempfile::tempdir().expect("runc root");
+    let cases: [(&str, Option<&str>); 4] = [
+        ("exit 0", None),
+        ("sleep 0.2; exit 3", None),
+        ("exec sleep 60", Some("KILL")),
+        ("exec sleep 60", Some("pid")),
+    ];
+    for (script, kill) in cases {
+        let expected = exit_via_pid_file(&husk, runc_root.path(), true, script, kill);
+        let got = exit_via_pid_file(&husk, runc_root.path(), false, script, kill);
+        assert_eq!(
+            got, expected,
+            "{script:?} kill {kill:?}: husk differs from runc"
+        );
+    }
+    husk.assert_clean();
+}
