@@ -447,6 +447,83 @@ fn test_config_resources_cgroup_limits_visible_and_pids_max_stops_forks() {
     husk.assert_clean();
 }
 
+/// `linux.resources` as Docker and Podman send it (swap at twice the memory limit, kernel
+/// memory, swappiness, block I/O weight and per-device throttles, realtime zeros) plus the
+/// v2-only fields (idle, burst, unified): accepted; what the guest honours is in the
+/// container's cgroup, what it cannot is named in husk's debug log.
+#[test]
+fn test_config_resources_engine_fields_accepted_tuning_applied() {
+    let Some(env) = Env::get("test_config_resources_engine_fields_accepted_tuning_applied") else {
+        return;
+    };
+    let husk = env.husk();
+    // `read` is a builtin: pids.max 7 leaves room for nothing but this shell.
+    let script = "cd /sys/fs/cgroup; \
+         for f in memory.max memory.high cpu.max cpu.max.burst cpu.idle cpu.weight pids.max; \
+         do read v < $f; echo $f=$v; done; \
+         if [ -e io.weight ]; then read v w < io.weight; echo io.weight=$w; \
+         else echo io.weight=absent; fi";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        c["linux"]["resources"] = json!({
+            "memory": {"limit": 64 << 20, "swap": 128 << 20, "kernel": 32 << 20,
+                       "kernelTCP": 16 << 20, "swappiness": 10, "disableOOMKiller": false},
+            "cpu": {"shares": 1024, "quota": 50000, "period": 100000, "burst": 20000,
+                    "idle": 0, "realtimeRuntime": 0, "realtimePeriod": 0},
+            "blockIO": {"weight": 500,
+                        "weightDevice": [{"major": 8, "minor": 0, "weight": 200}],
+                        "throttleReadBpsDevice": [{"major": 8, "minor": 0, "rate": 1 << 20}]},
+            "hugepageLimits": [{"pageSize": "2MB", "limit": 0}],
+            "network": {"classID": 1_048_577},
+            "pids": {"limit": 100},
+            "unified": {"pids.max": "7", "memory.high": "50331648"},
+        })
+    });
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let log_path = log.path().to_str().expect("utf-8 path");
+    let child = husk.spawn_run(&bundle, "engine", &["--debug", "--log", log_path]);
+    let out = child.wait_with_output().expect("husk run");
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", stderr(&out));
+    for line in [
+        "memory.max=67108864",
+        "memory.high=50331648",
+        "cpu.max=50000 100000",
+        "cpu.max.burst=20000",
+        "cpu.idle=0",
+        "cpu.weight=39",
+        "pids.max=7",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} missing: {text}");
+    }
+    // The guest kernel has no block cgroup (kernel-config/fragments/cgroups.config): the
+    // weight is skipped there; a kernel with one gets runc's conversion of 500.
+    assert!(
+        text.lines()
+            .any(|l| l == "io.weight=absent" || l == "io.weight=4950"),
+        "{text}"
+    );
+    let log = std::fs::read_to_string(log.path()).expect("husk log");
+    for field in [
+        "memory.swap",
+        "memory.kernel",
+        "memory.kernelTCP",
+        "memory.swappiness",
+        "blockIO.weightDevice",
+        "blockIO.throttleReadBpsDevice",
+        "hugepageLimits",
+        "network",
+    ] {
+        let needle = format!("linux.resources.{field} ");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("resource field ignored") && l.contains(&needle)),
+            "{field} not logged as ignored: {log}"
+        );
+    }
+    husk.assert_clean();
+}
+
 #[test]
 fn test_config_memory_limit_exceeded_oom_killed_137_and_reported() {
     let Some(env) = Env::get("test_config_memory_limit_exceeded_oom_killed_137_and_reported")

@@ -37,5 +37,7 @@ pub use messages::{
 };
 pub use network::{IpPrefix, Network, Route};
 pub use process::{Capabilities, Rlimit, MAX_SET_NAMES, OOM_SCORE_ADJ_RANGE, RLIMIT_NAMES};
-pub use resources::{cpu_shares_to_weight, Resources, DEFAULT_CPU_PERIOD_US};
+pub use resources::{
+    blkio_weight_to_io_weight, cpu_shares_to_weight, Resources, DEFAULT_CPU_PERIOD_US, MAX_UNIFIED,
+};
 pub use seccomp::{ArgOp, Seccomp, SeccompAction, SyscallArg, SyscallRule, DEFAULT_SECCOMP_ERRNO};

@@ -16,7 +16,7 @@ use crate::resources::Resources;
 use crate::seccomp::Seccomp;
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;

@@ -389,6 +389,7 @@ pub fn update(cli: &Cli, args: &UpdateArgs) -> anyhow::Result<i32> {
         cpu_period_us: args.cpu_period,
         cpuset_cpus: args.cpuset_cpus.clone(),
         cpuset_mems: args.cpuset_mems.clone(),
+        ..husk_sandbox::Resources::default()
     };
     runtime()?.block_on(lifecycle::update(&cli.root, &args.id, &resources))?;
     Ok(0)
