@@ -39,6 +39,8 @@ use crate::shim::{record_launcher_pid, Annotations, ShimConfig};
 const SIGKILL: i32 = 9;
 /// Exit status of a process whose VM went away under it (as SIGKILL).
 const EXIT_VM_GONE: u32 = 128 + 9;
+/// How long a process that was killed, or could not be started, may take to be seen exited.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
 /// How long the outputs of a process whose VM ended may take to drain.
 const DRAIN_AFTER_VM_END: Duration = Duration::from_secs(2);
 
@@ -363,13 +365,14 @@ impl Inner {
             ));
         }
         let Some(exec_id) = p.exec_id.clone() else {
-            c.pod
-                .agent()
-                .await
-                .map_err(sandbox_error)?
-                .start(id)
-                .await
-                .map_err(sandbox_error)?;
+            let started = async { c.pod.agent().await?.start(id).await }.await;
+            if let Err(e) = started {
+                // A process that could not be started exits: its task is STOPPED by the time
+                // the error returns, as containerd's clients refuse to delete a CREATED one.
+                let mut exit = p.exit.subscribe();
+                let _ = tokio::time::timeout(EXIT_WAIT, exit.wait_for(Option::is_some)).await;
+                return Err(sandbox_error(e));
+            }
             p.set_phase(Phase::Running);
             let pid = p.pid();
             let event = ev::TaskStart {
@@ -472,9 +475,7 @@ impl Inner {
                     }
                 }
                 let mut rx = p.exit.subscribe();
-                let waited =
-                    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
-                        .await;
+                let waited = tokio::time::timeout(EXIT_WAIT, rx.wait_for(Option::is_some)).await;
                 match waited {
                     Ok(Ok(exit)) => exit.clone().unwrap_or_else(vm_gone),
                     _ => vm_gone(),
