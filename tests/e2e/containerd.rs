@@ -6,7 +6,7 @@
 //!
 //! Scenarios: output and exit code of `ctr run --rm` (small and large outputs); `binary://`
 //! and `file://` log URIs; a detached
-//! task with exec, ps, kill and delete; piped stdin; a terminal; pause and resume; `task
+//! task with exec, ps, kill and delete; `ps` naming a running exec by its exec id; piped stdin; a terminal; pause and resume; `task
 //! update` of memory and CPU limits; metrics;
 //! an OOM kill and its `/tasks/oom` event; a pod of two containers sharing a network
 //! namespace (one VM for husk); a container whose process (runc) or VMM (husk) is killed from
@@ -328,6 +328,45 @@ fn test_containerd_detached_exec_ps_kill_delete_same_as_runc() {
     .map(String::from)
     .to_vec();
     both_see(test, "lifecycle", detached_lifecycle, &expected);
+}
+
+/// `ctr task ps` of a task with a detached exec running: each process's INFO column, sorted
+/// (the pids differ: runc's shim reports host pids, husk's the guest's).
+fn ps_exec_ids(ctr: &Ctr<'_>) -> Vec<String> {
+    let id = &unique("psexec");
+    let label = ctr.runtime().label();
+    ctr.run_detached(&[], id, &["sleep", "1000"]);
+    let exec = ctr.ctr(&[
+        "task",
+        "exec",
+        "--detach",
+        "--exec-id",
+        "sleeper",
+        id,
+        "sleep",
+        "1000",
+    ]);
+    assert!(exec.status.success(), "{label}: exec -d: {}", show(&exec));
+    let ps = ctr.ctr(&["task", "ps", id]);
+    assert!(ps.status.success(), "{label}: task ps: {}", show(&ps));
+    remove(ctr, id);
+    let mut infos: Vec<String> = text(&ps.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.trim().split_once(char::is_whitespace))
+        .map(|(_, info)| info.trim().to_owned())
+        .collect();
+    infos.sort();
+    infos
+}
+
+#[test]
+fn test_containerd_ps_shows_exec_id_same_as_runc() {
+    let test = "test_containerd_ps_shows_exec_id_same_as_runc";
+    let expected = ["&ProcessDetails{ExecID:sleeper,XXX_unrecognized:[],}", "-"]
+        .map(String::from)
+        .to_vec();
+    both_see(test, "ps-exec", ps_exec_ids, &expected);
 }
 
 /// `hello\n` into `ctr run --rm ... cat`; stdin closes only once the echo came back.
