@@ -6,11 +6,12 @@
 //!
 //! Scenarios: output and exit code of `ctr run --rm` (small and large outputs); `binary://`
 //! and `file://` log URIs; a detached
-//! task with exec, ps, kill and delete; piped stdin; a terminal; pause and resume; `task
+//! task with exec, ps, kill and delete; `ps` naming a running exec by its exec id; piped stdin; a terminal; pause and resume; `task
 //! update` of memory and CPU limits; metrics;
 //! an OOM kill and its `/tasks/oom` event; a pod of two containers sharing a network
 //! namespace (one VM for husk); a container whose process (runc) or VMM (husk) is killed from
-//! the host; a shim killed with SIGKILL. The last two check that nothing is left behind.
+//! the host; a shim killed with SIGKILL; a task whose create fails (a missing command, a
+//! missing rootfs). The last three check that nothing is left behind.
 
 // An integration-test file is a crate of its own: its tests need no `cfg(test)` module.
 #![allow(clippy::tests_outside_test_module)]
@@ -22,7 +23,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use husk_e2e::harness::containerd::{Containerd, Ctr, Runtime, CTR_TIMEOUT};
+use husk_e2e::harness::containerd::{Containerd, Ctr, Runtime, Task, CTR_TIMEOUT};
+use husk_e2e::harness::oci_image::IMAGE;
 use husk_e2e::harness::procs::{self, Proc};
 use husk_e2e::harness::{show, text, unique};
 
@@ -326,6 +328,45 @@ fn test_containerd_detached_exec_ps_kill_delete_same_as_runc() {
     .map(String::from)
     .to_vec();
     both_see(test, "lifecycle", detached_lifecycle, &expected);
+}
+
+/// `ctr task ps` of a task with a detached exec running: each process's INFO column, sorted
+/// (the pids differ: runc's shim reports host pids, husk's the guest's).
+fn ps_exec_ids(ctr: &Ctr<'_>) -> Vec<String> {
+    let id = &unique("psexec");
+    let label = ctr.runtime().label();
+    ctr.run_detached(&[], id, &["sleep", "1000"]);
+    let exec = ctr.ctr(&[
+        "task",
+        "exec",
+        "--detach",
+        "--exec-id",
+        "sleeper",
+        id,
+        "sleep",
+        "1000",
+    ]);
+    assert!(exec.status.success(), "{label}: exec -d: {}", show(&exec));
+    let ps = ctr.ctr(&["task", "ps", id]);
+    assert!(ps.status.success(), "{label}: task ps: {}", show(&ps));
+    remove(ctr, id);
+    let mut infos: Vec<String> = text(&ps.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.trim().split_once(char::is_whitespace))
+        .map(|(_, info)| info.trim().to_owned())
+        .collect();
+    infos.sort();
+    infos
+}
+
+#[test]
+fn test_containerd_ps_shows_exec_id_same_as_runc() {
+    let test = "test_containerd_ps_shows_exec_id_same_as_runc";
+    let expected = ["&ProcessDetails{ExecID:sleeper,XXX_unrecognized:[],}", "-"]
+        .map(String::from)
+        .to_vec();
+    both_see(test, "ps-exec", ps_exec_ids, &expected);
 }
 
 /// `hello\n` into `ctr run --rm ... cat`; stdin closes only once the echo came back.
@@ -782,6 +823,104 @@ fn test_containerd_killed_container_or_vmm_exits_137_leaves_nothing() {
         left: Vec::new(),
     };
     both_see(test, "crash", crash, &expected);
+}
+
+/// What a `ctr run --rm` whose task could not be created (or started) leaves behind.
+#[derive(Debug, PartialEq)]
+struct FailedCreate {
+    /// ctr's exit status was not 0.
+    failed: bool,
+    /// `ctr containers ls -q`.
+    containers: String,
+    /// `ctr task ls`.
+    tasks: Vec<Task>,
+    /// A snapshot keyed by the container's id in `ctr snapshots ls`.
+    snapshot: bool,
+    /// Shims, VMMs and helpers, mounts and directories of the container still there.
+    left: Vec<String>,
+}
+
+/// `ctr run --rm` with `args` (those after `--rm`, the container id and the command included)
+/// for container `id`, which fails to create or start its task.
+fn failed_create(ctr: &Ctr<'_>, id: &str, args: &[&str]) -> FailedCreate {
+    let mut all = vec!["run", "--runtime", ctr.runtime().type_name(), "--rm"];
+    all.extend_from_slice(args);
+    let out = ctr.ctr(&all);
+    println!("{}: {}", ctr.runtime().label(), show(&out));
+    // The namespace's shims still alive once ctr returned must go too.
+    let mut left = leftovers(id, &ctr.shims());
+    let pod_dir = Path::new("/run/husk-shim").join(ctr.namespace()).join(id);
+    for dir in [ctr.bundle(id), pod_dir] {
+        if dir.exists() {
+            left.push(format!("directory {}", dir.display()));
+        }
+    }
+    let snapshots = ctr.ctr(&["snapshots", "ls"]);
+    FailedCreate {
+        failed: !out.status.success(),
+        containers: text(&ctr.ctr(&["containers", "ls", "-q"]).stdout),
+        tasks: ctr.tasks(),
+        snapshot: text(&snapshots.stdout)
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(id)),
+        left,
+    }
+}
+
+/// What both runtimes must leave after a failed create or start: nothing; ctr fails.
+fn nothing_left() -> FailedCreate {
+    FailedCreate {
+        failed: true,
+        containers: String::new(),
+        tasks: Vec::new(),
+        snapshot: false,
+        left: Vec::new(),
+    }
+}
+
+/// A command that does not exist in the image: runc fails the create (the program is looked
+/// up before the container waits for start); husk must too, and leave no VM behind.
+#[test]
+fn test_containerd_missing_command_fails_create_leaves_nothing() {
+    let test = "test_containerd_missing_command_fails_create_leaves_nothing";
+    let scenario = |ctr: &Ctr<'_>| {
+        let id = unique("nocmd");
+        failed_create(ctr, &id, &[IMAGE, &id, "/no/such/cmd"])
+    };
+    both_see(test, "nocmd", scenario, &nothing_left());
+}
+
+/// A program found but not executable by the kernel (a script whose interpreter is missing,
+/// bound in): the create passes the lookup and the exec fails at start; both runtimes fail
+/// the run and leave nothing.
+#[test]
+fn test_containerd_unexecutable_program_fails_run_leaves_nothing() {
+    let test = "test_containerd_unexecutable_program_fails_run_leaves_nothing";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = dir.path().join("script");
+    std::fs::write(&script, "#!/no/such/interpreter\n").expect("write the script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mount = format!(
+        "type=bind,src={},dst=/x,options=rbind:ro",
+        dir.path().display()
+    );
+    let scenario = |ctr: &Ctr<'_>| {
+        let id = unique("noexec");
+        failed_create(ctr, &id, &["--mount", &mount, IMAGE, &id, "/x/script"])
+    };
+    both_see(test, "noexec", scenario, &nothing_left());
+}
+
+/// A rootfs that does not exist (`ctr run --rootfs`): the create fails before any VM.
+#[test]
+fn test_containerd_missing_rootfs_fails_create_leaves_nothing() {
+    let test = "test_containerd_missing_rootfs_fails_create_leaves_nothing";
+    let scenario = |ctr: &Ctr<'_>| {
+        let id = unique("norootfs");
+        let rootfs = format!("/no/such/rootfs-{id}");
+        failed_create(ctr, &id, &["--rootfs", &rootfs, &id, "/bin/sh"])
+    };
+    both_see(test, "norootfs", scenario, &nothing_left());
 }
 
 #[derive(Debug, PartialEq)]

@@ -58,7 +58,10 @@ pub fn main() -> ExitCode {
         None => Ok(Vec::new()),
     };
     let (reply, filters) = match (setup, filters) {
-        (Ok(()), Ok(filters)) => (Response::Ok, filters),
+        (Ok(()), Ok(filters)) => match check_program(&spec) {
+            Ok(()) => (Response::Ok, filters),
+            Err(e) => (error(ErrorKind::ExecFailed, e), Vec::new()),
+        },
         (Err(e), _) => (
             error(ErrorKind::Internal, format!("container setup: {e}")),
             Vec::new(),
@@ -278,6 +281,25 @@ pub(crate) fn find_program(program: &str, env: &[String]) -> Result<PathBuf, Str
         .ok_or_else(|| format!("exec {program:?}: executable file not found in $PATH"))
 }
 
+/// Fails `create` (not `start`) for a program that is not there to be executed, as runc
+/// does: found in `$PATH` or, with a `/`, existing (relative to the cwd), executable, not a
+/// directory.
+fn check_program(spec: &ContainerSpec) -> Result<(), String> {
+    let Some(program) = spec.args.first() else {
+        return Err("the process has no args".to_owned());
+    };
+    let path = Path::new(&spec.cwd).join(find_program(program, &spec.env)?);
+    match nix::sys::stat::stat(&path) {
+        Err(e) => Err(format!(
+            "exec {program:?}: stat {}: {}",
+            path.display(),
+            e.desc()
+        )),
+        Ok(_) if !is_executable(&path) => Err(format!("exec {program:?}: permission denied")),
+        Ok(_) => Ok(()),
+    }
+}
+
 /// The most of the program's file [`warm_program`] reads.
 const WARM_LIMIT: u64 = 64 << 20;
 
@@ -334,4 +356,49 @@ fn read_spec(stream: &mut UnixStream) -> io::Result<ContainerSpec> {
 
 fn write_frame(stream: &mut UnixStream, msg: &Response) -> io::Result<()> {
     stream.write_all(&encode(msg).map_err(io::Error::other)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(args: &[&str], cwd: &str) -> ContainerSpec {
+        serde_json::from_value(serde_json::json!({
+            "id": "c", "rootfs": {"kind": "virtio_fs", "tag": "c", "path": null},
+            "rootfs_readonly": false, "hostname": null, "args": args,
+            "env": ["PATH=/usr/bin:/bin"], "cwd": cwd, "user": {"uid": 0, "gid": 0},
+            "namespaces": ["mount"],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn test_check_program_missing_fails_with_stat_error() {
+        let err = check_program(&running(&["/no/such/cmd"], "/")).unwrap_err();
+
+        assert_eq!(
+            err,
+            "exec \"/no/such/cmd\": stat /no/such/cmd: No such file or directory"
+        );
+    }
+
+    #[test]
+    fn test_check_program_not_in_path_fails() {
+        let err = check_program(&running(&["no-such-cmd"], "/")).unwrap_err();
+
+        assert!(err.contains("executable file not found in $PATH"), "{err}");
+    }
+
+    #[test]
+    fn test_check_program_not_executable_fails() {
+        let err = check_program(&running(&["/etc/passwd"], "/")).unwrap_err();
+
+        assert!(err.contains("permission denied"), "{err}");
+    }
+
+    #[test]
+    fn test_check_program_in_path_or_relative_to_cwd_passes() {
+        check_program(&running(&["sh", "-c", "true"], "/")).unwrap();
+        check_program(&running(&["./sh"], "/bin")).unwrap();
+    }
 }

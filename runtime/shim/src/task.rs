@@ -17,7 +17,8 @@ use containerd_shim::protos::cgroups::metrics as cg;
 use containerd_shim::protos::events::task as ev;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::protobuf::{Message, MessageDyn};
+use containerd_shim::protos::protobuf::{Message, MessageDyn, MessageFull};
+use containerd_shim::protos::shim::oci::ProcessDetails;
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
@@ -39,6 +40,8 @@ use crate::shim::{record_launcher_pid, Annotations, ShimConfig};
 const SIGKILL: i32 = 9;
 /// Exit status of a process whose VM went away under it (as SIGKILL).
 const EXIT_VM_GONE: u32 = 128 + 9;
+/// How long a process that was killed, or could not be started, may take to be seen exited.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
 /// How long the outputs of a process whose VM ended may take to drain.
 const DRAIN_AFTER_VM_END: Duration = Duration::from_secs(2);
 
@@ -81,6 +84,20 @@ struct Container {
     pod: Arc<PodVm>,
     init: Arc<Process>,
     execs: SyncMutex<HashMap<String, Arc<Process>>>,
+}
+
+impl Container {
+    /// The started execs that have not exited, by pid.
+    fn running_execs(&self) -> HashMap<u32, String> {
+        let Ok(execs) = self.execs.lock() else {
+            return HashMap::new();
+        };
+        execs
+            .iter()
+            .filter(|(_, p)| p.phase() == Phase::Running)
+            .map(|(exec_id, p)| (p.pid(), exec_id.clone()))
+            .collect()
+    }
 }
 
 /// How a process ended.
@@ -363,13 +380,14 @@ impl Inner {
             ));
         }
         let Some(exec_id) = p.exec_id.clone() else {
-            c.pod
-                .agent()
-                .await
-                .map_err(sandbox_error)?
-                .start(id)
-                .await
-                .map_err(sandbox_error)?;
+            let started = async { c.pod.agent().await?.start(id).await }.await;
+            if let Err(e) = started {
+                // A process that could not be started exits: its task is STOPPED by the time
+                // the error returns, as containerd's clients refuse to delete a CREATED one.
+                let mut exit = p.exit.subscribe();
+                let _ = tokio::time::timeout(EXIT_WAIT, exit.wait_for(Option::is_some)).await;
+                return Err(sandbox_error(e));
+            }
             p.set_phase(Phase::Running);
             let pid = p.pid();
             let event = ev::TaskStart {
@@ -472,9 +490,7 @@ impl Inner {
                     }
                 }
                 let mut rx = p.exit.subscribe();
-                let waited =
-                    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
-                        .await;
+                let waited = tokio::time::timeout(EXIT_WAIT, rx.wait_for(Option::is_some)).await;
                 match waited {
                     Ok(Ok(exit)) => exit.clone().unwrap_or_else(vm_gone),
                     _ => vm_gone(),
@@ -782,6 +798,23 @@ async fn end_unresponsive_pod(pod: &PodVm, id: &str, e: &SandboxError) {
     pod.end_vm().await;
 }
 
+/// A `Pids` entry's `info` for exec `exec_id`: runc's shim's `ProcessDetails`, under the type
+/// URL containerd's clients decode (the message's full name, without a prefix).
+fn process_details(exec_id: &str) -> TtrpcResult<Any> {
+    let details = ProcessDetails {
+        exec_id: exec_id.to_owned(),
+        ..Default::default()
+    };
+    let value = details
+        .write_to_bytes()
+        .map_err(|e| error(Code::INTERNAL, e.to_string()))?;
+    Ok(Any {
+        type_url: ProcessDetails::descriptor().full_name().to_owned(),
+        value,
+        ..Default::default()
+    })
+}
+
 fn now() -> Timestamp {
     containerd_shim::util::timestamp().unwrap_or_default()
 }
@@ -974,14 +1007,21 @@ impl Task for TaskService {
             .processes(&req.id)
             .await
             .map_err(sandbox_error)?;
-        Ok(api::PidsResponse {
-            processes: processes
-                .into_iter()
-                .map(|p| ProcessInfo {
+        // An exec's pid (from the agent) and the listed ones are both the agent's.
+        let execs = c.running_execs();
+        let processes = processes
+            .into_iter()
+            .map(|p| {
+                let info = execs.get(&p.pid).map(|e| process_details(e)).transpose()?;
+                Ok(ProcessInfo {
                     pid: p.pid,
+                    info: info.into(),
                     ..Default::default()
                 })
-                .collect(),
+            })
+            .collect::<TtrpcResult<_>>()?;
+        Ok(api::PidsResponse {
+            processes,
             ..Default::default()
         })
     }
@@ -1059,5 +1099,19 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::Empty> {
         self.inner.shutdown().await;
         Ok(api::Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_process_details_exec_id_as_runc_shim() {
+        let any = process_details("e1").unwrap();
+
+        assert_eq!(any.type_url, "containerd.runc.v1.ProcessDetails");
+        let details = ProcessDetails::parse_from_bytes(&any.value).unwrap();
+        assert_eq!(details.exec_id, "e1");
     }
 }
