@@ -13,7 +13,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_e2e::harness::{stderr, unique, Env, Husk, TestBundle};
+use husk_e2e::harness::engines::{Docker, Engine, EngineRuntime, Podman, IMAGE, ULIMITS};
+use husk_e2e::harness::{stderr, text, unique, Env, Husk, TestBundle};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
@@ -164,4 +165,198 @@ fn test_pid_file_process_exits_with_the_container_status_as_runc() {
         );
     }
     husk.assert_clean();
+}
+
+/// One step of an engine scenario as compared: its name, exit code and output.
+type Step = (String, Option<i32>, String);
+
+/// An engine's daily commands (part of issue 14's list), each step's exit code and output.
+fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
+    let flags = engine.run_flags();
+    let mut steps = Vec::new();
+    let mut step = |name: &str, args: &[&str], stdin: &[u8], keep_stderr: bool| {
+        let out = engine.run(args, stdin);
+        let mut seen = text(&out.stdout);
+        if keep_stderr {
+            seen.push_str(&format!(" | stderr: {}", text(&out.stderr).trim()));
+        }
+        steps.push((name.to_owned(), out.status.code(), seen.trim().to_owned()));
+        out
+    };
+    let run = |extra: &[&'static str], cmd: &[&'static str]| -> Vec<&str> {
+        let mut args = vec!["run", "--network", "none"];
+        args.extend(flags.iter().map(String::as_str));
+        args.extend(ULIMITS);
+        args.extend(extra);
+        args.push(IMAGE);
+        args.extend(cmd);
+        args
+    };
+    step(
+        "run --rm: output and exit code",
+        &run(&["--rm"], &["sh", "-c", "echo out; echo err >&2; exit 3"]),
+        b"",
+        true,
+    );
+    step(
+        "run --rm -i: stdin",
+        &run(&["--rm", "-i"], &["sh", "-c", "cat; exit 5"]),
+        b"hello\n",
+        false,
+    );
+    step(
+        "run --memory --pids-limit: limits in the container",
+        &run(
+            &["--rm", "--memory", "64m", "--pids-limit", "50"],
+            &[
+                "cat",
+                "/sys/fs/cgroup/memory.max",
+                "/sys/fs/cgroup/pids.max",
+            ],
+        ),
+        b"",
+        false,
+    );
+    step(
+        "run --user --workdir --env --hostname",
+        &run(
+            &[
+                "--rm",
+                "--user",
+                "1000:1000",
+                "--workdir",
+                "/tmp",
+                "-e",
+                "A=b",
+                "--hostname",
+                "hh",
+            ],
+            &["sh", "-c", "id -u; id -g; pwd; echo $A; hostname"],
+        ),
+        b"",
+        false,
+    );
+    step(
+        "run --read-only",
+        &run(
+            &["--rm", "--read-only"],
+            &["sh", "-c", "touch /x 2>/dev/null; echo $?"],
+        ),
+        b"",
+        false,
+    );
+    let started = engine.run(
+        &run(
+            &["-d", "--name", "d1"],
+            &["sh", "-c", "echo logged; exec sleep 60"],
+        ),
+        b"",
+    );
+    steps.push(("run -d".into(), started.status.code(), String::new()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !text(&engine.run(&["logs", "d1"], b"").stdout).contains("logged")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut step = |name: &str, args: &[&str], stdin: &[u8]| {
+        let out = engine.run(args, stdin);
+        steps.push((
+            name.to_owned(),
+            out.status.code(),
+            text(&out.stdout).trim().to_owned(),
+        ));
+    };
+    step("logs", &["logs", "d1"], b"");
+    step(
+        "exec: exit code",
+        &["exec", "d1", "sh", "-c", "echo e; exit 4"],
+        b"",
+    );
+    step("exec -i", &["exec", "-i", "d1", "cat"], b"x\n");
+    step(
+        "exec -u -w -e",
+        &[
+            "exec",
+            "-u",
+            "1000",
+            "-w",
+            "/tmp",
+            "-e",
+            "B=c",
+            "d1",
+            "sh",
+            "-c",
+            "id -u; pwd; echo $B",
+        ],
+        b"",
+    );
+    step("pause", &["pause", "d1"], b"");
+    step("paused", &["inspect", "-f", "{{.State.Status}}", "d1"], b"");
+    step("unpause", &["unpause", "d1"], b"");
+    step("stop -t 1", &["stop", "-t", "1", "d1"], b"");
+    step(
+        "stopped: exit code",
+        &["inspect", "-f", "{{.State.ExitCode}}", "d1"],
+        b"",
+    );
+    step("rm", &["rm", "d1"], b"");
+    let started = engine.run(&run(&["-d", "--name", "d2"], &["sleep", "60"]), b"");
+    steps.push(("run -d (2)".into(), started.status.code(), String::new()));
+    let mut step = |name: &str, args: &[&str]| {
+        let out = engine.run(args, b"");
+        steps.push((
+            name.to_owned(),
+            out.status.code(),
+            text(&out.stdout).trim().to_owned(),
+        ));
+    };
+    step("kill -s KILL", &["kill", "-s", "KILL", "d2"]);
+    step("wait: exit code", &["wait", "d2"]);
+    step("rm", &["rm", "d2"]);
+    step("ps -a: nothing left", &["ps", "-a", "-q"]);
+    steps
+}
+
+/// Podman with husk as its runtime (`podman --runtime`) behaves as with runc for the daily
+/// commands: output, stdin, exit codes (the pid conmon waits for exits with the container's
+/// status), limits, user, read-only, detached containers with logs, exec, pause, stop, kill and
+/// wait; nothing of husk is left after `rm`. Podman's ids are 64 hex characters.
+#[test]
+fn test_podman_daily_commands_same_as_runc() {
+    const NAME: &str = "test_podman_daily_commands_same_as_runc";
+    let Some(runc) = Podman::get(NAME, EngineRuntime::Runc) else {
+        return;
+    };
+    let Some(husk) = Podman::get(NAME, EngineRuntime::Husk) else {
+        return;
+    };
+    same_as_runc(&runc, &husk);
+}
+
+/// Runs the daily commands on `runc`'s engine, then on `husk`'s, and compares them step by
+/// step; nothing of husk's containers may be left.
+fn same_as_runc(runc: &dyn Engine, husk: &dyn Engine) {
+    let expected = daily_commands(runc);
+    let got = daily_commands(husk);
+    for (want, have) in expected.iter().zip(&got) {
+        assert_eq!(have, want, "husk differs from runc");
+    }
+    assert_eq!(got.len(), expected.len());
+    let left = husk.leftovers();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Docker with husk among its `runtimes` (`docker run --runtime husk`, through containerd's
+/// runc shim calling husk's CLI) behaves as with runc for the same daily commands.
+#[test]
+fn test_docker_daily_commands_same_as_runc() {
+    const NAME: &str = "test_docker_daily_commands_same_as_runc";
+    let Some(runc) = Docker::get(NAME, EngineRuntime::Runc) else {
+        return;
+    };
+    let Some(husk) = Docker::get(NAME, EngineRuntime::Husk) else {
+        return;
+    };
+    same_as_runc(&runc, &husk);
 }

@@ -6,6 +6,7 @@
 mod bundle;
 pub mod containerd;
 pub mod cri;
+pub mod engines;
 pub mod nested;
 pub mod oci_image;
 pub mod procs;

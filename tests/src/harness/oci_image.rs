@@ -40,6 +40,12 @@ pub fn busybox_image_tar() -> &'static Path {
     })
 }
 
+/// The image's one layer, a plain tar of its root filesystem (for `podman import`, `docker
+/// import`), built with [`busybox_image_tar`].
+pub fn busybox_rootfs_tar() -> PathBuf {
+    busybox_image_tar().with_file_name("layer.tar")
+}
+
 const DIR_PREFIX: &str = "husk-oci-image-";
 
 /// Removes `husk-oci-image-<pid>` directories whose process no longer exists.
@@ -72,7 +78,6 @@ fn build(dir: &Path) -> PathBuf {
         LAYER_MEDIA_TYPE,
     );
     std::fs::remove_dir_all(&rootfs).expect("remove rootfs");
-    std::fs::remove_file(&layer_tar).expect("remove layer.tar");
     let manifests: Vec<Value> = [
         (IMAGE, json!(["sh"])),
         (PAUSE_IMAGE, json!(["sleep", "2147483647"])),
