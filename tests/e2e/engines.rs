@@ -204,15 +204,22 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
         b"hello\n",
         false,
     );
+    // Accepted as runc accepts them (swap twice the memory, CPU quota, pids); what the guest
+    // makes of them is checked by `husk_applies_engine_limits` (this host's cgroup v1 shows
+    // runc's containers another layout).
     step(
-        "run --memory --pids-limit: limits in the container",
+        "run --memory --cpus --pids-limit",
         &run(
-            &["--rm", "--memory", "64m", "--pids-limit", "50"],
             &[
-                "cat",
-                "/sys/fs/cgroup/memory.max",
-                "/sys/fs/cgroup/pids.max",
+                "--rm",
+                "--memory",
+                "64m",
+                "--cpus",
+                "1",
+                "--pids-limit",
+                "50",
             ],
+            &["echo", "ok"],
         ),
         b"",
         false,
@@ -332,6 +339,36 @@ fn test_podman_daily_commands_same_as_runc() {
         return;
     };
     same_as_runc(&runc, &husk);
+    husk_applies_engine_limits(&husk);
+}
+
+/// `--memory`, `--cpus` and `--pids-limit` are the container's cgroup limits in the guest.
+fn husk_applies_engine_limits(husk: &dyn Engine) {
+    let mut args = vec!["run", "--rm", "--network", "none"];
+    let flags = husk.run_flags();
+    args.extend(flags.iter().map(String::as_str));
+    args.extend(ULIMITS);
+    args.extend([
+        "--memory",
+        "64m",
+        "--cpus",
+        "1",
+        "--pids-limit",
+        "50",
+        IMAGE,
+    ]);
+    args.extend([
+        "sh",
+        "-c",
+        "cd /sys/fs/cgroup; cat memory.max cpu.max pids.max",
+    ]);
+    let out = husk.run(&args, b"");
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "67108864\n100000 100000\n50\n".to_owned()),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// Runs the daily commands on `runc`'s engine, then on `husk`'s, and compares them step by
@@ -359,4 +396,5 @@ fn test_docker_daily_commands_same_as_runc() {
         return;
     };
     same_as_runc(&runc, &husk);
+    husk_applies_engine_limits(&husk);
 }

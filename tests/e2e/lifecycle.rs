@@ -583,10 +583,15 @@ fn test_exec_same_output_and_exit_codes_as_runc_and_ps_lists_it() {
             let ps = rt.run(&["ps", "--format", "json", "ex"]);
             let pids: Vec<u32> = serde_json::from_slice(&ps.stdout).expect("ps JSON");
             assert_eq!(pids.len(), 1, "one process: {pids:?}");
-            assert!(rt
-                .run(&["exec", "-d", "ex", "sleep", "100"])
-                .status
-                .success());
+            // Not piped: the detached process keeps exec's stdio, as under runc.
+            let detached = rt
+                .command(&["exec", "-d", "ex", "sleep", "100"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("exec -d");
+            assert!(detached.success());
             let table = stdout(&rt.run(&["ps", "ex"]));
             assert!(table.contains("sleep 100"), "ps lists the exec: {table}");
         }

@@ -4,6 +4,7 @@
 //! `pivot_root`, as runc: sysctls, then read-only paths, then masked paths).
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use husk_protocol::{BindSource, Device, DeviceKind, Mount, MountFlag, MountKind};
@@ -55,6 +56,13 @@ pub fn mount_all(
         let fstype = m.kind.fstype();
         let data = m.data.join(",");
         let data = (!data.is_empty()).then_some(data.as_str());
+        // What the mount point holds, still reachable through this descriptor once covered.
+        let copy_up = (m.kind == MountKind::Tmpfs && m.flags.contains(&MountFlag::TmpCopyUp))
+            .then(|| std::fs::File::open(&target))
+            .transpose()
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("tmpcopyup of {}: {e}", m.destination))
+            })?;
         mount(
             Some(m.device.as_deref().unwrap_or(fstype)),
             &target,
@@ -63,8 +71,47 @@ pub fn mount_all(
             data,
         )
         .map_err(|e| ctx(e, &format!("mount {fstype} on {}", m.destination)))?;
+        if let Some(below) = copy_up {
+            let below = Path::new("/proc/self/fd").join(below.as_raw_fd().to_string());
+            copy_tree(&below, &target, 0).map_err(|e| {
+                io::Error::new(e.kind(), format!("tmpcopyup of {}: {e}", m.destination))
+            })?;
+        }
         if m.destination.trim_end_matches('/') == "/dev" {
             populate_dev(&target)?;
+        }
+    }
+    Ok(())
+}
+
+/// How deep [`copy_tree`] goes.
+const COPY_UP_DEPTH: usize = 32;
+
+/// Copies the directory tree `from` into the directory `to` (directories, regular files and
+/// symlinks with their modes and owners; nothing else), as runc's `tmpcopyup`.
+fn copy_tree(from: &Path, to: &Path, depth: usize) -> io::Result<()> {
+    use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
+    if depth > COPY_UP_DEPTH {
+        return Err(io::Error::other("too deep"));
+    }
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        let dest = to.join(entry.file_name());
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            std::fs::create_dir(&dest)?;
+            copy_tree(&entry.path(), &dest, depth + 1)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &dest)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &dest)?;
+        } else {
+            continue;
+        }
+        lchown(&dest, Some(meta.uid()), Some(meta.gid()))?;
+        if !kind.is_symlink() {
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(meta.mode()))?;
         }
     }
     Ok(())
@@ -225,6 +272,7 @@ fn ms_flags(flags: &[MountFlag]) -> MsFlags {
             MountFlag::Nodiratime => MsFlags::MS_NODIRATIME,
             MountFlag::Relatime => MsFlags::MS_RELATIME,
             MountFlag::Strictatime => MsFlags::MS_STRICTATIME,
+            MountFlag::TmpCopyUp => MsFlags::empty(),
         }
     })
 }

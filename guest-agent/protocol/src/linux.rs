@@ -147,6 +147,9 @@ pub enum MountFlag {
     Relatime,
     /// `MS_STRICTATIME`.
     Strictatime,
+    /// runc's `tmpcopyup` (no mount(2) flag): a tmpfs starts with a copy of what its mount
+    /// point held (Podman sets it on the tmpfs mounts of `--read-only` and `--tmpfs`).
+    TmpCopyUp,
 }
 
 /// Propagation type of a mount (mount_namespaces(7)), `linux.rootfsPropagation`'s values.

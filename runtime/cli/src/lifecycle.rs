@@ -340,12 +340,66 @@ pub fn exec(cli: &Cli, args: &ExecArgs) -> anyhow::Result<i32> {
         terminal: args.tty,
         console_socket: args.console_socket.clone(),
     };
+    let relay = std::env::var_os(EXEC_RELAY).map(PathBuf::from);
+    if args.detach && relay.is_none() {
+        return exec_detached(args);
+    }
+    let mut request = request;
+    // A detached exec's relay runs attached: its output and exit status are the process's.
+    request.detach &= relay.is_none();
     let mut pid = None;
-    let result = runtime()?.block_on(lifecycle::exec(&cli.root, &args.id, &request, &mut pid));
-    if let (Some(path), Some(pid)) = (&args.pid_file, pid) {
+    let mut on_started = |p: u32| {
+        pid = Some(p);
+        if let Some(started) = &relay {
+            let _ = std::fs::write(started, b"started\n");
+        }
+    };
+    let result = runtime()?.block_on(lifecycle::exec(
+        &cli.root,
+        &args.id,
+        &request,
+        &mut on_started,
+    ));
+    if let (Some(path), Some(pid), None) = (&args.pid_file, pid, &relay) {
         write_pid_file(path, i32::try_from(pid).unwrap_or(0))?;
     }
     Ok(result?)
+}
+
+/// Environment variable naming the file a detached exec's relay writes once the process
+/// started.
+const EXEC_RELAY: &str = "HUSK_EXEC_RELAY";
+
+/// `exec --detach`: as runc's, returns once the process started, its pid in `--pid-file`; the
+/// process then still writes to the stdio `exec` was given and its exit status is that of the
+/// pid-file process (engines wait for it as their subreaper: conmon, containerd's runc shim).
+/// With the process in the guest, that is a relay: this same `exec`, run attached as a child
+/// that outlives us (our caller's subreaper adopts it), holding our stdio and exiting with the
+/// process's status. Its start (or its failure, with its error on our stderr) is awaited here.
+fn exec_detached(args: &ExecArgs) -> anyhow::Result<i32> {
+    let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("husk-exec-XXXXXX"))?;
+    let started = dir.join("started");
+    let result = (|| {
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .env(EXEC_RELAY, &started)
+            .spawn()?;
+        loop {
+            if started.exists() {
+                if let Some(path) = &args.pid_file {
+                    write_pid_file(path, i32::try_from(child.id()).unwrap_or(0))?;
+                }
+                return Ok(0);
+            }
+            // It failed before the process started; its error is on the shared stderr.
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code().unwrap_or(1));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// `ps`: the container's processes, a table (`UID PID PPID CMD`, pids as the guest sees them)

@@ -267,7 +267,7 @@ pub async fn exec(
     root: &Path,
     id: &str,
     request: &ExecRequest,
-    pid_out: &mut Option<u32>,
+    on_started: &mut dyn FnMut(u32),
 ) -> Result<i32, SandboxError> {
     let dir = container_dir(root, id)?;
     let record = Record::read(&dir)?.current(&dir);
@@ -297,7 +297,7 @@ pub async fn exec(
     );
     let mut agent = agent(&dir).await?;
     let pid = agent.exec(id, &exec_id, &process, request.detach).await?;
-    *pid_out = Some(pid);
+    on_started(pid);
     if request.detach {
         return Ok(0);
     }

@@ -250,6 +250,7 @@ fn mount_options(options: &[String]) -> Result<(Vec<MountFlag>, Vec<String>), St
             "norelatime" => (None, Some(Relatime)),
             "strictatime" => (Some(Strictatime), None),
             "nostrictatime" => (None, Some(Strictatime)),
+            "tmpcopyup" => (Some(TmpCopyUp), None),
             "remount" | "mand" | "nomand" | "idmap" | "ridmap" | "rro" | "rrw" | "recursive" => {
                 return Err(format!("option {option:?} is not supported"))
             }
