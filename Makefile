@@ -10,7 +10,7 @@ DEMO      := $(CURDIR)/build/demo-bundle
 
 APT_PACKAGES := qemu-system-x86 linux-source-6.12 build-essential flex bison bc libelf-dev \
 	libssl-dev cpio xz-utils busybox-static runc libseccomp-dev libcap-ng-dev pkg-config e2fsprogs \
-	containerd containernetworking-plugins protobuf-compiler iproute2
+	containerd containernetworking-plugins protobuf-compiler iproute2 docker.io podman
 export PATH := /usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all deps build husk agent kernel test-host-kernel initramfs demo test test-unit test-e2e conformance fuzz bench fmt lint clean
