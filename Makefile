@@ -87,9 +87,9 @@ FUZZ_SECS ?= 20
 fuzz: deps
 	FUZZ_SECS=$(FUZZ_SECS) fuzz/run.sh
 
-## bench: hello-world latency and peak host memory, husk vs runc; lifecycle (create+start, exec, state/list with 50) vs runc; built-in VMM vs QEMU; containerd shim (ctr run latency, memory per container) husk.v2 vs runc.v2; same run
+## bench: hello-world latency and peak host memory, husk vs runc; lifecycle (create+start, exec, state/list with 50) vs runc; built-in VMM vs QEMU; containerd shim (ctr run latency, memory per container) husk.v2 vs runc.v2; Docker and Podman (run --rm true latency, memory per container) husk vs runc; same run
 bench: deps build
-	HUSK_OUT=$(OUT) cargo bench -p husk-e2e --bench run --bench lifecycle --bench vmm --bench containerd
+	HUSK_OUT=$(OUT) cargo bench -p husk-e2e --bench run --bench lifecycle --bench vmm --bench containerd --bench engines
 
 fmt:
 	cargo fmt --all

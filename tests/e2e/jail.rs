@@ -193,8 +193,11 @@ fn test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys() {
     let mut run = husk.spawn_run(&bundle, &id, &[]);
     drop(run.stdin.take());
 
-    let qemu = wait_for("qemu-system-x86_64", None, &id).expect("QEMU of the container");
-    let vsock = wait_for("husk-vmm", Some("vhost-vsock"), &id).expect("its vsock backend");
+    // Their command lines name the VM's directory (its sockets), not the container.
+    let vm_dir = husk_sandbox::vm_dir(&husk.root().join(&id));
+    let vm_dir = vm_dir.to_str().expect("utf-8");
+    let qemu = wait_for("qemu-system-x86_64", None, vm_dir).expect("QEMU of the container");
+    let vsock = wait_for("husk-vmm", Some("vhost-vsock"), vm_dir).expect("its vsock backend");
     // The container runs once it printed (a kill before then would find it being created).
     let mut up = String::new();
     let stdout = run.stdout.take().expect("stdout");

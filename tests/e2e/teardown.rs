@@ -21,11 +21,18 @@ fn wait_ready(child: &mut Child) -> BufReader<std::process::ChildStdout> {
     out
 }
 
-fn pid_of(needle: &str, husk: &Husk) -> Pid {
-    let procs = processes_mentioning(husk.root());
+/// The pid of the process of container `id` whose program's name contains `needle`.
+fn pid_of(needle: &str, husk: &Husk, id: &str) -> Pid {
+    let procs = husk.processes_of(id);
     let line = procs
         .iter()
-        .find(|p| p.contains(needle))
+        .find(|p| {
+            let program = p.split_once(": ").map_or("", |(_, cmd)| cmd);
+            program
+                .split_whitespace()
+                .next()
+                .is_some_and(|prog| prog.contains(needle))
+        })
         .unwrap_or_else(|| panic!("no {needle} in {procs:?}"));
     let pid = line
         .split(':')
@@ -36,14 +43,15 @@ fn pid_of(needle: &str, husk: &Husk) -> Pid {
     Pid::from_raw(pid)
 }
 
-/// Waits until no process names the state root (helpers die by PDEATHSIG, asynchronously).
-fn wait_no_processes(husk: &Husk) {
+/// Waits until no process of container `id` is left (helpers die by PDEATHSIG,
+/// asynchronously).
+fn wait_no_processes(husk: &Husk, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !processes_mentioning(husk.root()).is_empty() {
+    while !husk.processes_of(id).is_empty() {
         assert!(
             Instant::now() < deadline,
             "left behind: {:?}",
-            processes_mentioning(husk.root())
+            husk.processes_of(id)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -58,12 +66,13 @@ fn test_run_vmm_killed_error_and_clean() {
     let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo ready; sleep 60"]);
     let mut child = husk.spawn_run(&bundle, "vmmkill", &[]);
     let _out = wait_ready(&mut child);
-    kill(pid_of("qemu-system", &husk), Signal::SIGKILL).expect("kill qemu");
+    kill(pid_of("qemu-system", &husk, "vmmkill"), Signal::SIGKILL).expect("kill qemu");
     let out = child.wait_with_output().expect("wait");
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.starts_with("husk: VM ended unexpectedly (VMM exited with signal: 9"),
+        // The jail's launcher mirrors its pid 1's end: 128 + SIGKILL.
+        err.starts_with("husk: VM ended unexpectedly (VMM exited with exit status: 137"),
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -81,7 +90,7 @@ fn test_run_virtiofsd_killed_error_and_clean() {
     let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo ready; sleep 60"]);
     let mut child = husk.spawn_run(&bundle, "fskill", &[]);
     let _out = wait_ready(&mut child);
-    kill(pid_of("virtiofsd", &husk), Signal::SIGKILL).expect("kill virtiofsd");
+    kill(pid_of("virtiofsd", &husk, "fskill"), Signal::SIGKILL).expect("kill virtiofsd");
     let out = child.wait_with_output().expect("wait");
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -90,7 +99,7 @@ fn test_run_virtiofsd_killed_error_and_clean() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
-    wait_no_processes(&husk);
+    wait_no_processes(&husk, "fskill");
     husk.assert_clean();
 }
 
@@ -131,7 +140,7 @@ fn test_run_husk_sigkilled_no_process_left_and_id_reusable() {
     child.kill().expect("SIGKILL husk");
     child.wait().expect("wait");
     // QEMU and virtiofsd die with husk; the next run of the same id clears the stale state.
-    wait_no_processes(&husk);
+    wait_no_processes(&husk, "sigkill");
     bundle.edit(|config| config["process"]["args"] = serde_json::json!(["true"]));
     let again = husk.run(&bundle, "sigkill", b"");
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));

@@ -181,6 +181,18 @@ impl Husk {
             .expect("spawn husk")
     }
 
+    /// `pid: cmdline` of every process naming this husk's state root or the VM directory of
+    /// its container `id` (the VM's sockets: QEMU, virtiofsd and the vsock backend name it).
+    pub fn processes_of(&self, id: &str) -> Vec<String> {
+        let mut found = processes_mentioning(self.root.path());
+        for p in processes_mentioning(&husk_sandbox::vm_dir(&self.root.path().join(id))) {
+            if !found.contains(&p) {
+                found.push(p);
+            }
+        }
+        found
+    }
+
     /// Panics if anything of this husk is left: its state directories (sockets, logs) or a
     /// process (QEMU, virtiofsd, husk) whose command line names the state root.
     pub fn assert_clean(&self) {
