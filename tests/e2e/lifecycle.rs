@@ -819,6 +819,34 @@ fn test_hooks_run_with_the_spec_state_and_failing_prestart_fails_create() {
     husk.assert_clean();
 }
 
+/// A prestart hook that connects `state.pid`'s network namespace to a host network (as Docker's
+/// libnetwork does for its bridge) fails create with one line naming the way out (`--network
+/// none`) instead of leaving a container without its network; nothing is left.
+#[test]
+fn test_prestart_hook_network_refused_with_the_way_out() {
+    let Some(env) = Env::get("test_prestart_hook_network_refused_with_the_way_out") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = busybox_sleeper(&husk);
+    let hook = r#"pid=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p'); nsenter --net=/proc/$pid/ns/net ip link add v0 type veth peer name v1"#;
+    bundle.edit(|c| {
+        c["hooks"] =
+            serde_json::json!({"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", hook]}]});
+    });
+    let out_file = bundle.path().join("out");
+    let out = Runtime::Husk(&husk).create(bundle.path(), "net", &out_file);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "create succeeded");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("v0") && err.contains("use --network none"),
+        "{err}"
+    );
+    husk.assert_clean();
+    assert!(!husk_sandbox::vm_dir(&husk.root().join("net")).exists());
+}
+
 #[test]
 fn test_pause_resume_update_events_as_runc() {
     let Some(env) = Env::get("test_pause_resume_update_events_as_runc") else {

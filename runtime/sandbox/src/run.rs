@@ -179,6 +179,7 @@ async fn monitor_vm(
     let sentinel = vm.sentinel().await?;
     let pid = i32::try_from(sentinel.pid()).unwrap_or(0);
     create_runtime_hooks(dir, bundle, pid)?;
+    refuse_hooked_network(sentinel.pid())?;
     update_record(dir, |r| {
         r.oci.status = Status::Created;
         r.oci.pid = pid;
@@ -220,6 +221,27 @@ async fn monitor_vm(
         power_off(vm, agent).await;
     }
     Ok(())
+}
+
+/// Fails when the hooks put network interfaces into the network namespace of the container's
+/// `state.pid` (`pid`): Docker's libnetwork connects its networks so, from its prestart hook.
+/// husk does not carry them into the guest yet; a container that would silently have no network
+/// fails instead, with the way out.
+fn refuse_hooked_network(pid: u32) -> Result<(), SandboxError> {
+    let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap_or_default();
+    let interfaces: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next().map(str::trim))
+        .filter(|name| *name != "lo")
+        .collect();
+    match interfaces.is_empty() {
+        true => Ok(()),
+        false => Err(SandboxError::CreateFailed(format!(
+            "the hooks connected the container to a host network ({}): husk does not carry an engine's network into the VM yet; use --network none",
+            interfaces.join(", ")
+        ))),
+    }
 }
 
 /// Runs the createRuntime (and prestart) hooks with the container's state, its VM up and its
