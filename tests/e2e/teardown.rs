@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use husk_e2e::harness::{processes_mentioning, stderr, Env, Husk, TestBundle};
+use husk_e2e::harness::{stderr, Env, Husk, TestBundle};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
