@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use husk_e2e::harness::engines::{Docker, Engine, EngineRuntime, Podman, IMAGE, ULIMITS};
+use husk_e2e::harness::engines::{run_args, Docker, Engine, EngineRuntime, Podman};
 use husk_e2e::harness::median;
 use husk_e2e::harness::procs::{self, Proc};
 
@@ -15,10 +15,7 @@ const RUNS: usize = 5;
 /// Median latency of `run --rm ... true`.
 fn latency(engine: &dyn Engine) -> Duration {
     let flags = engine.run_flags();
-    let mut args = vec!["run", "--rm", "--network", "none"];
-    args.extend(flags.iter().map(String::as_str));
-    args.extend(ULIMITS);
-    args.extend([IMAGE, "true"]);
+    let args = run_args(&flags, &["--rm"], &["true"]);
     let mut times = Vec::new();
     for i in 0..=RUNS {
         let start = Instant::now();
@@ -35,10 +32,7 @@ fn latency(engine: &dyn Engine) -> Duration {
 /// the container id on its command line) and its descendants.
 fn memory(engine: &dyn Engine, monitor: &str) -> u64 {
     let flags = engine.run_flags();
-    let mut args = vec!["run", "-d", "--network", "none"];
-    args.extend(flags.iter().map(String::as_str));
-    args.extend(ULIMITS);
-    args.extend([IMAGE, "sleep", "1000"]);
+    let args = run_args(&flags, &["-d"], &["sleep", "1000"]);
     let out = engine.run(&args, b"");
     assert!(out.status.success(), "run -d: {out:?}");
     let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();

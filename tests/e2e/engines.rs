@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_e2e::harness::engines::{Docker, Engine, EngineRuntime, Podman, IMAGE, ULIMITS};
+use husk_e2e::harness::engines::{run_args, Docker, Engine, EngineRuntime, Podman};
 use husk_e2e::harness::{stderr, text, unique, Env, Husk, TestBundle};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -183,15 +183,7 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
         steps.push((name.to_owned(), out.status.code(), seen.trim().to_owned()));
         out
     };
-    let run = |extra: &[&'static str], cmd: &[&'static str]| -> Vec<&str> {
-        let mut args = vec!["run", "--network", "none"];
-        args.extend(flags.iter().map(String::as_str));
-        args.extend(ULIMITS);
-        args.extend(extra);
-        args.push(IMAGE);
-        args.extend(cmd);
-        args
-    };
+    let run = |extra: &[&'static str], cmd: &[&'static str]| run_args(&flags, extra, cmd);
     step(
         "run --rm: output and exit code",
         &run(&["--rm"], &["sh", "-c", "echo out; echo err >&2; exit 3"]),
@@ -344,24 +336,22 @@ fn test_podman_daily_commands_same_as_runc() {
 
 /// `--memory`, `--cpus` and `--pids-limit` are the container's cgroup limits in the guest.
 fn husk_applies_engine_limits(husk: &dyn Engine) {
-    let mut args = vec!["run", "--rm", "--network", "none"];
     let flags = husk.run_flags();
-    args.extend(flags.iter().map(String::as_str));
-    args.extend(ULIMITS);
-    args.extend([
+    let limits = [
+        "--rm",
         "--memory",
         "64m",
         "--cpus",
         "1",
         "--pids-limit",
         "50",
-        IMAGE,
-    ]);
-    args.extend([
+    ];
+    let cmd = [
         "sh",
         "-c",
         "cd /sys/fs/cgroup; cat memory.max cpu.max pids.max",
-    ]);
+    ];
+    let args = run_args(&flags, &limits, &cmd);
     let out = husk.run(&args, b"");
     assert_eq!(
         (out.status.code(), text(&out.stdout)),

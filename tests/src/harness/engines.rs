@@ -84,21 +84,7 @@ impl Podman {
             .tempdir()
             .expect("podman dir");
         let podman = Self { dir, runtime };
-        let imported = podman.run(
-            &[
-                "import",
-                "--change",
-                "CMD [\"sh\"]",
-                busybox_rootfs_tar().to_str().expect("utf-8"),
-                IMAGE,
-            ],
-            b"",
-        );
-        assert!(
-            imported.status.success(),
-            "podman import: {}",
-            super::show(&imported)
-        );
+        import_image(&podman);
         Some(podman)
     }
 
@@ -212,21 +198,7 @@ impl Docker {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        let imported = docker.run(
-            &[
-                "import",
-                "--change",
-                "CMD [\"sh\"]",
-                busybox_rootfs_tar().to_str().expect("utf-8"),
-                IMAGE,
-            ],
-            b"",
-        );
-        assert!(
-            imported.status.success(),
-            "docker import: {}",
-            super::show(&imported)
-        );
+        import_image(&docker);
         Some(docker)
     }
 }
@@ -284,6 +256,30 @@ impl Drop for Docker {
             let _ = nix::mount::umount2(mount.as_str(), nix::mount::MntFlags::MNT_DETACH);
         }
     }
+}
+
+/// Imports the busybox rootfs as [`IMAGE`], `sh` its command.
+fn import_image(engine: &dyn Engine) {
+    let tar = busybox_rootfs_tar();
+    let tar = tar.to_str().expect("utf-8");
+    let imported = engine.run(&["import", "--change", "CMD [\"sh\"]", tar, IMAGE], b"");
+    assert!(
+        imported.status.success(),
+        "import: {}",
+        super::show(&imported)
+    );
+}
+
+/// `run` of [`IMAGE`] running `cmd` with no network, [`ULIMITS`], the engine's `flags`
+/// ([`Engine::run_flags`]) and `extra`.
+pub fn run_args<'a>(flags: &'a [String], extra: &[&'a str], cmd: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "--network", "none"];
+    args.extend(flags.iter().map(String::as_str));
+    args.extend(ULIMITS);
+    args.extend(extra);
+    args.push(IMAGE);
+    args.extend(cmd);
+    args
 }
 
 /// Runs `cmd` with `stdin`, its output in files beside `base`, killed after `timeout`.
