@@ -58,16 +58,28 @@ pub fn mount_all(
         let data = (!data.is_empty()).then_some(data.as_str());
         // What the mount point holds, still reachable through this descriptor once covered.
         let copy_up = (m.kind == MountKind::Tmpfs && m.flags.contains(&MountFlag::TmpCopyUp))
-            .then(|| std::fs::File::open(&target))
+            .then(|| {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::File::options()
+                    .read(true)
+                    .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+                    .open(&target)
+            })
             .transpose()
             .map_err(|e| {
                 io::Error::new(e.kind(), format!("tmpcopyup of {}: {e}", m.destination))
             })?;
+        // A read-only tmpfs to copy into is made read-only once filled.
+        let flags = ms_flags(&m.flags);
+        let first = match copy_up {
+            Some(_) => flags - MsFlags::MS_RDONLY,
+            None => flags,
+        };
         mount(
             Some(m.device.as_deref().unwrap_or(fstype)),
             &target,
             Some(fstype),
-            ms_flags(&m.flags),
+            first,
             data,
         )
         .map_err(|e| ctx(e, &format!("mount {fstype} on {}", m.destination)))?;
@@ -76,6 +88,11 @@ pub fn mount_all(
             copy_tree(&below, &target, 0).map_err(|e| {
                 io::Error::new(e.kind(), format!("tmpcopyup of {}: {e}", m.destination))
             })?;
+            if flags != first {
+                let remount = flags | MsFlags::MS_REMOUNT;
+                mount(None::<&str>, &target, None::<&str>, remount, data)
+                    .map_err(|e| ctx(e, &format!("read-only remount of {}", m.destination)))?;
+            }
         }
         if m.destination.trim_end_matches('/') == "/dev" {
             populate_dev(&target)?;

@@ -219,8 +219,10 @@ impl Sentinel {
 /// Whether `pid` has exited (a zombie its reaper has yet to reap, or gone).
 #[must_use]
 pub fn exited(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return true;
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        // Only its absence says it is gone (not a /proc we cannot read just now).
+        Err(e) => return e.kind() == std::io::ErrorKind::NotFound,
     };
     // `pid (comm) S ...`: the state follows the last `)`.
     stat.rsplit_once(')')

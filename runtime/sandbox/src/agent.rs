@@ -151,12 +151,35 @@ async fn read_reply(stream: &mut UnixStream) -> Result<Option<Response>, Sandbox
     }
 }
 
+/// Connects to the Unix socket at `path` itself, never through a symlink: the VM's directory
+/// is writable by its jailed VMM, which could put a link to another VM's socket (or any host
+/// socket) there. The socket file is opened `O_PATH|O_NOFOLLOW`, checked to be a socket, and
+/// connected to through its descriptor.
+async fn connect_socket_no_follow(path: &Path) -> std::io::Result<UnixStream> {
+    use nix::fcntl::OFlag;
+    use std::os::fd::AsRawFd;
+    let fd = nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let st = nix::sys::stat::fstat(&fd)?;
+    let kind = st.st_mode & nix::sys::stat::SFlag::S_IFMT.bits();
+    if kind != nix::sys::stat::SFlag::S_IFSOCK.bits() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a socket",
+            path.display()
+        )));
+    }
+    UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd())).await
+}
+
 /// Opens a hybrid-vsock connection to `port` in the guest.
 ///
 /// # Errors
 /// I/O errors; [`std::io::ErrorKind::ConnectionRefused`] when the guest refused the port.
 pub async fn connect_vsock(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
-    let mut stream = UnixStream::connect(uds).await?;
+    let mut stream = connect_socket_no_follow(uds).await?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .await?;
@@ -636,6 +659,23 @@ mod tests {
         let mut s = connect_vsock(&path, AGENT_PORT).await.unwrap();
         assert_eq!(s.read_u8().await.unwrap(), b'X');
         dev.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn test_connect_vsock_symlink_or_file_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("other-vm.sock");
+        let _listener = UnixListener::bind(&real).unwrap();
+        let link = dir.path().join("v.sock");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(
+            connect_vsock(&link, AGENT_PORT).await.is_err(),
+            "a symlink is followed"
+        );
+        let file = dir.path().join("f.sock");
+        std::fs::write(&file, "").unwrap();
+        let err = connect_vsock(&file, AGENT_PORT).await.unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
     }
 
     #[tokio::test]

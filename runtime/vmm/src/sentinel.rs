@@ -140,8 +140,14 @@ fn read_status(fd: BorrowedFd<'_>) -> i32 {
 fn same_namespace(pid: i32, kind: &str) -> bool {
     use std::os::unix::fs::MetadataExt;
     let id = |path: String| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
-    let theirs = id(format!("/proc/{pid}/ns/{kind}"));
-    theirs.is_some() && theirs == id(format!("/proc/self/ns/{kind}"))
+    // Without the namespace files (a kernel without user namespaces) there is none to join.
+    match (
+        id(format!("/proc/{pid}/ns/{kind}")),
+        id(format!("/proc/self/ns/{kind}")),
+    ) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => true,
+    }
 }
 
 /// `pidfd_open(2)`.
