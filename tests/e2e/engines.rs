@@ -323,11 +323,16 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
 /// wait; nothing of husk is left after `rm`. Podman's ids are 64 hex characters.
 #[test]
 fn test_podman_daily_commands_same_as_runc() {
-    const NAME: &str = "test_podman_daily_commands_same_as_runc";
-    let Some(runc) = Podman::get(NAME, EngineRuntime::Runc) else {
+    daily_commands_same_as_runc("test_podman_daily_commands_same_as_runc", Podman::get);
+}
+
+/// The daily commands on the engine `get` makes, with runc and then with husk: the same step
+/// by step, nothing of husk's left, and husk's limits applied in the guest.
+fn daily_commands_same_as_runc<E: Engine>(name: &str, get: fn(&str, EngineRuntime) -> Option<E>) {
+    let Some(runc) = get(name, EngineRuntime::Runc) else {
         return;
     };
-    let Some(husk) = Podman::get(NAME, EngineRuntime::Husk) else {
+    let Some(husk) = get(name, EngineRuntime::Husk) else {
         return;
     };
     same_as_runc(&runc, &husk);
@@ -378,13 +383,5 @@ fn same_as_runc(runc: &dyn Engine, husk: &dyn Engine) {
 /// runc shim calling husk's CLI) behaves as with runc for the same daily commands.
 #[test]
 fn test_docker_daily_commands_same_as_runc() {
-    const NAME: &str = "test_docker_daily_commands_same_as_runc";
-    let Some(runc) = Docker::get(NAME, EngineRuntime::Runc) else {
-        return;
-    };
-    let Some(husk) = Docker::get(NAME, EngineRuntime::Husk) else {
-        return;
-    };
-    same_as_runc(&runc, &husk);
-    husk_applies_engine_limits(&husk);
+    daily_commands_same_as_runc("test_docker_daily_commands_same_as_runc", Docker::get);
 }

@@ -272,10 +272,13 @@ pub(crate) async fn sentinel(
         (true, Ok(pid)) if pid > 0 => Ok(Sentinel {
             pid,
             status: write,
-            pidfd: pidfd_open(pid).and_then(|fd| {
-                // SAFETY: the OwnedFd is moved in, valid and open for the AsyncFd's lifetime.
-                unsafe { tokio::io::unix::AsyncFd::register(fd) }.ok()
-            }),
+            pidfd: i32::try_from(pid)
+                .ok()
+                .and_then(|pid| husk_vmm::sentinel::pidfd_open(pid, libc::O_NONBLOCK).ok())
+                .and_then(|fd| {
+                    // SAFETY: the OwnedFd is moved in, valid and open for the AsyncFd's lifetime.
+                    unsafe { tokio::io::unix::AsyncFd::register(fd) }.ok()
+                }),
         }),
         _ => Err(err(std::io::Error::other(format!(
             "{}: {}",
@@ -283,15 +286,4 @@ pub(crate) async fn sentinel(
             String::from_utf8_lossy(&out.stderr).trim()
         )))),
     }
-}
-
-/// `pidfd_open(2)` of `pid`, non-blocking (`None` where the kernel has none).
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    let pid = i32::try_from(pid).ok()?;
-    // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::O_NONBLOCK) };
-    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-    // SAFETY: the kernel just returned this descriptor to us.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }

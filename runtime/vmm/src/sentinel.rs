@@ -64,8 +64,7 @@ pub fn launch(
         std::fs::write(procs, std::process::id().to_string())
             .map_err(|e| err(format!("joining {}: {e}", procs.display())))?;
     }
-    let pid = nix::unistd::Pid::from_raw(jail_pid);
-    let pidfd = pidfd_open(pid).map_err(|e| err(format!("pidfd of {jail_pid}: {e}")))?;
+    let pidfd = pidfd_open(jail_pid, 0).map_err(|e| err(format!("pidfd of {jail_pid}: {e}")))?;
     let mut all = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWIPC
@@ -150,10 +149,13 @@ fn same_namespace(pid: i32, kind: &str) -> bool {
     }
 }
 
-/// `pidfd_open(2)`.
-fn pidfd_open(pid: nix::unistd::Pid) -> std::io::Result<OwnedFd> {
+/// `pidfd_open(2)` of `pid` with `flags` (0, or `O_NONBLOCK`).
+///
+/// # Errors
+/// The kernel's (no such process; ENOSYS before Linux 5.3).
+pub fn pidfd_open(pid: i32, flags: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0u32) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
     let fd = i32::try_from(fd).map_err(|_| std::io::Error::last_os_error())?;
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
