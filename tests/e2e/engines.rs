@@ -13,8 +13,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_e2e::harness::engines::{run_args, Docker, Engine, EngineRuntime, Podman};
-use husk_e2e::harness::{stderr, text, unique, Env, Husk, TestBundle};
+use husk_e2e::harness::engines::{run_args, run_args_on, Docker, Engine, EngineRuntime, Podman};
+use husk_e2e::harness::{http_get, stderr, text, unique, Env, Husk, TestBundle};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
@@ -384,4 +384,149 @@ fn same_as_runc(runc: &dyn Engine, husk: &dyn Engine) {
 #[test]
 fn test_docker_daily_commands_same_as_runc() {
     daily_commands_same_as_runc("test_docker_daily_commands_same_as_runc", Docker::get);
+}
+
+/// A network the engine makes on `subnet` (a /24 of which `.1` is the engine's bridge on this
+/// host), a server container on it, and who reaches it: the engine's own network scenario.
+fn network_scenario(engine: &dyn Engine, subnet: &str) -> Vec<Step> {
+    let flags = engine.run_flags();
+    let net = format!("husk-net-{}", std::process::id());
+    let mut steps = Vec::new();
+    let mut record = |name: &str, code: Option<i32>, seen: String| {
+        steps.push((name.to_owned(), code, seen));
+    };
+    let made = engine.run(
+        &[
+            "network",
+            "create",
+            "--subnet",
+            &format!("{subnet}.0/24"),
+            &net,
+        ],
+        b"",
+    );
+    assert!(made.status.success(), "network create: {}", stderr(&made));
+    let server = "mkdir -p /tmp/w && echo hello >/tmp/w/x && exec httpd -f -p 7777 -h /tmp/w";
+    let started = engine.run(
+        &run_args_on(
+            &net,
+            &flags,
+            &["-d", "--name", "srv"],
+            &["sh", "-c", server],
+        ),
+        b"",
+    );
+    if !started.status.success() {
+        eprintln!("run -d on the network: {}", stderr(&started));
+    }
+    record(
+        "run -d on the network",
+        started.status.code(),
+        String::new(),
+    );
+    let template = format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}");
+    let inspected = engine.run(&["inspect", "-f", &template, "srv"], b"");
+    let address = text(&inspected.stdout).trim().to_owned();
+    record(
+        "inspect: an address on the subnet",
+        inspected.status.code(),
+        address.starts_with(&format!("{subnet}.")).to_string(),
+    );
+    let inside = engine.run(
+        &["exec", "srv", "ip", "-4", "addr", "show", "dev", "eth0"],
+        b"",
+    );
+    record(
+        "the address inspect reports is the container's",
+        inside.status.code(),
+        text(&inside.stdout)
+            .contains(&format!("inet {address}/24"))
+            .to_string(),
+    );
+    let mtu = engine.run(&["exec", "srv", "cat", "/sys/class/net/eth0/mtu"], b"");
+    record(
+        "MTU",
+        mtu.status.code(),
+        text(&mtu.stdout).trim().to_owned(),
+    );
+    let route = engine.run(&["exec", "srv", "ip", "route", "show", "default"], b"");
+    record(
+        "default route via the bridge",
+        route.status.code(),
+        text(&route.stdout)
+            .contains(&format!("via {subnet}.1"))
+            .to_string(),
+    );
+    let url = format!("http://{address}:7777/x");
+    // The server may still be starting: a few tries.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let out = engine.run(
+            &run_args_on(
+                &net,
+                &flags,
+                &["--rm"],
+                &["wget", "-q", "-T", "5", "-O", "-", &url],
+            ),
+            b"",
+        );
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let seen = text(&out.stdout).trim().to_owned();
+    record(
+        "another container on the network reaches the server",
+        out.status.code(),
+        seen,
+    );
+    let body = http_get(
+        None,
+        &format!("{address}:7777"),
+        "x",
+        Duration::from_secs(10),
+    );
+    record(
+        "the host reaches the server at its address",
+        None,
+        format!("{body:?}"),
+    );
+    let removed = engine.run(&["rm", "-f", "srv"], b"");
+    record("rm -f", removed.status.code(), String::new());
+    let gone = engine.run(&["network", "rm", &net], b"");
+    record("network rm", gone.status.code(), String::new());
+    steps
+}
+
+/// The engine's own bridge network with husk as with runc: the address the engine reports is
+/// the one inside the VM, with its MTU and default route; a server in one container answers
+/// another container on the network and the host at that address; nothing is left after `rm`.
+fn network_same_as_runc<E: Engine>(name: &str, get: fn(&str, EngineRuntime) -> Option<E>) {
+    let Some(runc) = get(name, EngineRuntime::Runc) else {
+        return;
+    };
+    let Some(husk) = get(name, EngineRuntime::Husk) else {
+        return;
+    };
+    let expected = network_scenario(&runc, "10.216.0");
+    let got = network_scenario(&husk, "10.217.0");
+    for (want, have) in expected.iter().zip(&got) {
+        assert_eq!(have, want, "husk differs from runc");
+    }
+    assert_eq!(got.len(), expected.len());
+    let left = husk.leftovers();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Podman's network (a namespace it made and names by path in `linux.namespaces`).
+#[test]
+fn test_podman_network_same_as_runc() {
+    network_same_as_runc("test_podman_network_same_as_runc", Podman::get);
+}
+
+/// Docker's network (libnetwork connects the namespace of `state.pid` from its prestart hook).
+#[test]
+fn test_docker_network_same_as_runc() {
+    network_same_as_runc("test_docker_network_same_as_runc", Docker::get);
 }

@@ -98,29 +98,47 @@ async fn apply(handle: &Handle, network: &Network, mac: [u8; 6]) -> Result<(), F
     Ok(())
 }
 
-/// The index of the link whose hardware address is `mac`.
+/// The index of the VM's device for `mac`: the link with that hardware address (the VMM gave
+/// the engine interface's to the device), else the VM's only Ethernet device, which takes it
+/// (the device was made before the engine's hooks connected the interface).
 async fn device_with(handle: &Handle, mac: [u8; 6]) -> Result<u32, Failure> {
     let mut links = handle.link().get().execute();
+    let mut ethernet = Vec::new();
     while let Some(link) = links
         .try_next()
         .await
         .map_err(|e| failed("list links", &e))?
     {
-        let matches = link
-            .attributes
-            .iter()
-            .any(|a| matches!(a, LinkAttribute::Address(m) if m.as_slice() == mac));
-        if matches {
-            return Ok(link.header.index);
+        let address = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(m) => Some(m.as_slice()),
+            _ => None,
+        });
+        match address {
+            Some(m) if m == mac => return Ok(link.header.index),
+            Some(m) if m.len() == 6 && m.iter().any(|b| *b != 0) => {
+                ethernet.push(link.header.index);
+            }
+            _ => {}
         }
     }
-    Err((
-        ErrorKind::InvalidRequest,
-        format!(
-            "network: no device with hardware address {}",
-            mac.map(|b| format!("{b:02x}")).join(":")
-        ),
-    ))
+    let [index] = ethernet[..] else {
+        return Err((
+            ErrorKind::InvalidRequest,
+            format!(
+                "network: no device with hardware address {} among {} devices",
+                mac.map(|b| format!("{b:02x}")).join(":"),
+                ethernet.len()
+            ),
+        ));
+    };
+    handle
+        .link()
+        .set(index)
+        .address(mac.to_vec())
+        .execute()
+        .await
+        .map_err(|e| failed("set the hardware address", &e))?;
+    Ok(index)
 }
 
 fn failed(what: &str, e: &dyn std::fmt::Display) -> Failure {

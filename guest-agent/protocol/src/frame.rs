@@ -173,6 +173,7 @@ mod tests {
                 kind: crate::Namespace::Net,
                 container: "sandbox".into(),
             }],
+            vm_network: false,
             uid_mappings: vec![crate::IdMapping {
                 container_id: 0,
                 host_id: 1000,

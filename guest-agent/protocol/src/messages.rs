@@ -290,6 +290,11 @@ pub struct ContainerSpec {
     /// [`ContainerSpec::namespaces`] (version 4).
     #[serde(default)]
     pub join_namespaces: Vec<JoinNamespace>,
+    /// The VM's network is the container's own: it joined the network namespace an engine made
+    /// for it on the host, which the VM's device carries, so it stays in the guest's and its
+    /// `net.*` sysctls apply there.
+    #[serde(default)]
+    pub vm_network: bool,
     /// uid_map of the user namespace (only with [`Namespace::User`]; version 3).
     #[serde(default)]
     pub uid_mappings: Vec<IdMapping>,
@@ -539,11 +544,14 @@ impl ContainerSpec {
             seccomp.validate()?;
         }
         validate_sysctls(&self.sysctl, |ns| {
-            self.namespaces.contains(&match ns {
+            let kind = match ns {
                 SysctlNamespace::Net => Namespace::Net,
                 SysctlNamespace::Ipc => Namespace::Ipc,
                 SysctlNamespace::Uts => Namespace::Uts,
-            })
+            };
+            (kind == Namespace::Net && self.vm_network)
+                || self.namespaces.contains(&kind)
+                || self.join_namespaces.iter().any(|j| j.kind == kind)
         })?;
         let joins_uts = self
             .join_namespaces
@@ -643,12 +651,34 @@ mod tests {
             sysctl: BTreeMap::new(),
             namespaces: vec![Namespace::Mount, Namespace::Uts],
             join_namespaces: Vec::new(),
+            vm_network: false,
             uid_mappings: Vec::new(),
             gid_mappings: Vec::new(),
             resources: Resources::default(),
             terminal: false,
             seccomp: None,
         }
+    }
+
+    #[test]
+    fn test_spec_net_sysctl_needs_a_network_of_the_containers_own() {
+        let mut s = spec();
+        s.sysctl = [("net.ipv4.ping_group_range".to_owned(), "0 0".to_owned())].into();
+        assert!(
+            s.validate().is_err(),
+            "the guest's network is not the container's"
+        );
+        s.vm_network = true;
+        assert!(s.validate().is_ok(), "an engine's network the VM carries");
+        s.vm_network = false;
+        s.join_namespaces = vec![JoinNamespace {
+            kind: Namespace::Net,
+            container: "pod".into(),
+        }];
+        assert!(s.validate().is_ok(), "a joined network namespace");
+        s.join_namespaces.clear();
+        s.namespaces.push(Namespace::Net);
+        assert!(s.validate().is_ok(), "its own network namespace");
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod seccomp;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use husk_protocol::{ContainerSpec, ProcessSpec, Rootfs as AgentRootfs};
+use husk_protocol::{ContainerSpec, Namespace, ProcessSpec, Rootfs as AgentRootfs};
 use oci_spec::runtime::Spec;
 use tracing::debug;
 
@@ -269,9 +269,14 @@ pub struct Bundle {
     pub spec: ContainerSpec,
     /// Host directories bind mounts need, each shared with virtio-fs.
     pub bind_shares: Vec<BindShare>,
-    /// A pod's sandbox container: the pod's network namespace on the host, whose interface
-    /// the VM's network device stands in for.
+    /// The network namespace on the host an engine made for the container (a pod's sandbox
+    /// container, Podman's), whose interface the VM's network device stands in for.
     pub pod_netns: Option<PathBuf>,
+    /// A lone container that asks for a new network namespace and has createRuntime (or
+    /// prestart) hooks: they may connect the namespace of its `state.pid` (Docker's
+    /// libnetwork does), so its VM gets a network device for what they put there and the
+    /// container has the VM's network instead of a namespace of its own in the guest.
+    pub hooked_network: bool,
     /// `linux.cgroupsPath`: the container's host cgroup, which holds its VM's host processes.
     pub cgroups_path: Option<String>,
     /// `linux.resources.cpu.shares`: the VM's share of host CPU time in that cgroup.
@@ -341,7 +346,13 @@ impl Bundle {
             .into_iter()
             .collect();
         let attrs = process::attrs(process).map_err(|reason| invalid(&reason))?;
-        let linux = linux::attrs(&spec, dir, role).map_err(|reason| invalid(&reason))?;
+        let mut linux = linux::attrs(&spec, dir, role).map_err(|reason| invalid(&reason))?;
+        let hooked_network = role == PodRole::Alone
+            && !hooks.create_runtime.is_empty()
+            && linux.namespaces.contains(&Namespace::Net);
+        if hooked_network {
+            linux.namespaces.retain(|n| *n != Namespace::Net);
+        }
         let spec = ContainerSpec {
             id: id.to_owned(),
             rootfs: agent_rootfs,
@@ -363,6 +374,7 @@ impl Bundle {
             sysctl: linux.sysctl,
             namespaces: linux.namespaces,
             join_namespaces: linux.join_namespaces,
+            vm_network: hooked_network || linux.pod_netns.is_some(),
             resources: linux.resources,
             seccomp: linux.seccomp,
             uid_mappings: linux.uid_mappings,
@@ -381,6 +393,7 @@ impl Bundle {
             spec,
             bind_shares: linux.bind_shares,
             pod_netns: linux.pod_netns,
+            hooked_network,
             cgroups_path: linux.cgroups_path,
             cpu_shares: linux.cpu_shares,
         })

@@ -1,11 +1,12 @@
-//! A pod's network for its VM. containerd's CRI gives the sandbox container a network
-//! namespace that CNI set up; its interface (the one the default route leaves by, else the
-//! first with an address) is read there with iproute2's JSON output, a tap is made beside it
-//! and tc mirrors every frame between the two (each one's ingress redirected to the other's
-//! egress), as Kata Containers' "tcfilter" model does. The VMM runs in that namespace and opens
-//! the tap; the VM's device takes the interface's hardware address, and the agent gives it the
-//! interface's MTU, addresses and routes. The namespace itself (and with it the tap) is CRI's:
-//! it goes with the pod.
+//! An engine's network for a VM. The engine gives the container a network namespace it set
+//! up: containerd's CRI and Podman name it by path (CNI, netavark), Docker's libnetwork
+//! connects the namespace of the container's `state.pid` from its prestart hook. Its interface
+//! (the one the default route leaves by, else the first with an address) is read there with
+//! iproute2's JSON output, a tap is made beside it and tc mirrors every frame between the two
+//! (each one's ingress redirected to the other's egress), as Kata Containers' "tcfilter" model
+//! does. The VMM runs in that namespace and opens the tap; the VM's device takes the
+//! interface's hardware address, and the agent gives it the interface's MTU, addresses and
+//! routes.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -18,22 +19,22 @@ use tracing::{debug, warn};
 
 use crate::SandboxError;
 
-/// The tap's name in the pod's network namespace.
+/// The tap's name in the network namespace.
 const TAP: &str = "husk0";
 
-/// A pod interface wired to a tap.
+/// An engine's interface wired to a tap.
 #[derive(Debug, Clone)]
 pub struct PodNetwork {
     /// What the VMM opens.
     pub device: NetDevice,
     /// What the agent configures.
     pub network: Network,
-    /// The pod's interface in the namespace.
+    /// The engine's interface in the namespace.
     interface: String,
 }
 
 impl PodNetwork {
-    /// Reads the pod's interface in `netns` and wires a tap to it; `None` when the namespace
+    /// Reads the interface in `netns` and wires a new tap to it; `None` when the namespace
     /// has no interface with an address (nothing to carry).
     ///
     /// # Errors
@@ -41,14 +42,18 @@ impl PodNetwork {
     pub fn wire(netns: &Path) -> Result<Option<Self>, SandboxError> {
         if same_file(netns, Path::new("/proc/self/ns/net")) {
             // The host's own network (`--with-ns network:/proc/1/ns/net`): never mirrored.
-            warn!(netns = %netns.display(), "the pod's network namespace is the host's: not wired to the VM");
+            warn!(netns = %netns.display(), "the network namespace is the host's: not wired to the VM");
             return Ok(None);
         }
-        let links = ip_json(netns, &["-j", "address", "show"])?;
-        let routes = ip_json(netns, &["-j", "route", "show"])?;
-        let Some((interface, network)) = interface(&links, &routes)? else {
+        let Some((interface, network)) = read(netns)? else {
             return Ok(None);
         };
+        make_tap(netns)?;
+        Self::mirror(netns, interface, network).map(Some)
+    }
+
+    /// Mirrors `interface` (carrying `network`) in `netns` to the tap made there.
+    fn mirror(netns: &Path, interface: String, network: Network) -> Result<Self, SandboxError> {
         let pod = Self {
             device: NetDevice {
                 netns: netns.to_owned(),
@@ -66,8 +71,7 @@ impl PodNetwork {
             ];
             run(netns, "tc", &filter)
         };
-        let wired = run(netns, "ip", &["tuntap", "add", "dev", TAP, "mode", "tap"])
-            .and_then(|()| run(netns, "ip", &["link", "set", TAP, "mtu", &mtu, "up"]))
+        let wired = run(netns, "ip", &["link", "set", TAP, "mtu", &mtu, "up"])
             .and_then(|()| {
                 run(
                     netns,
@@ -82,24 +86,194 @@ impl PodNetwork {
             pod.unwire();
             return Err(e);
         }
-        debug!(netns = %netns.display(), interface = %pod.interface, network = ?pod.network, "pod network wired");
-        Ok(Some(pod))
+        debug!(netns = %netns.display(), interface = %pod.interface, network = ?pod.network, "network wired");
+        Ok(pod)
     }
 
     /// Removes the tap and the interface's mirroring (best effort: the namespace may be gone).
     pub fn unwire(&self) {
-        let netns = &self.device.netns;
-        let interface = self.interface.as_str();
-        let undo: [(&str, &[&str]); 2] = [
-            ("tc", &["qdisc", "del", "dev", interface, "ingress"]),
-            ("ip", &["link", "del", "dev", TAP]),
-        ];
-        for (tool, args) in undo {
-            if let Err(e) = run(netns, tool, args) {
-                debug!(error = %e, "pod network unwire");
+        unwire(&self.device.netns, Some(&self.interface));
+    }
+}
+
+/// The network of a container's own VM, from its engine.
+#[derive(Debug)]
+pub enum VmNetwork {
+    /// The engine made and connected the namespace before `create` and named it (Podman):
+    /// wired at once.
+    Given(PodNetwork),
+    /// The engine's hooks connect the namespace of the container's `state.pid` (Docker's
+    /// libnetwork): husk makes that namespace (in the VM's directory) and the tap the VMM
+    /// opens, and wires what the hooks put there after they ran.
+    Hooked {
+        /// The tap the VMM opens, in husk's namespace.
+        device: NetDevice,
+        /// What the hooks connected, once wired.
+        wired: Option<PodNetwork>,
+    },
+}
+
+impl VmNetwork {
+    /// The network of `bundle`'s VM, whose run directory is `run_dir`: `None` when the
+    /// container has none from an engine.
+    ///
+    /// # Errors
+    /// [`SandboxError::PodNetwork`]: the namespace or the tap cannot be made; nothing is left.
+    pub fn prepare(
+        bundle: &crate::bundle::Bundle,
+        run_dir: &Path,
+    ) -> Result<Option<Self>, SandboxError> {
+        if let Some(netns) = &bundle.pod_netns {
+            return Ok(PodNetwork::wire(netns)?.map(Self::Given));
+        }
+        if !bundle.hooked_network {
+            return Ok(None);
+        }
+        let netns = crate::state_dir::netns_path(run_dir);
+        make_netns(&netns)?;
+        if let Err(e) = make_tap(&netns) {
+            remove_netns(&netns);
+            return Err(e);
+        }
+        Ok(Some(Self::Hooked {
+            device: NetDevice {
+                netns,
+                tap: TAP.to_owned(),
+                mac: local_mac(),
+            },
+            wired: None,
+        }))
+    }
+
+    /// The device the VMM opens.
+    #[must_use]
+    pub fn device(&self) -> NetDevice {
+        match self {
+            Self::Given(pod) => pod.device.clone(),
+            Self::Hooked { device, .. } => device.clone(),
+        }
+    }
+
+    /// After the hooks ran: the network the agent gives the VM's device, `None` when the
+    /// engine connected nothing (Docker's `--network none`).
+    ///
+    /// # Errors
+    /// [`SandboxError::PodNetwork`]: what the hooks made cannot be read or wired.
+    pub fn connect(&mut self) -> Result<Option<Network>, SandboxError> {
+        match self {
+            Self::Given(pod) => Ok(Some(pod.network.clone())),
+            Self::Hooked { device, wired } => {
+                if wired.is_none() {
+                    let Some((interface, network)) = read(&device.netns)? else {
+                        return Ok(None);
+                    };
+                    *wired = Some(PodNetwork::mirror(&device.netns, interface, network)?);
+                }
+                Ok(wired.as_ref().map(|w| w.network.clone()))
             }
         }
     }
+
+    /// Undoes what [`VmNetwork::prepare`] and [`VmNetwork::connect`] made (best effort).
+    fn remove(&self) {
+        match self {
+            Self::Given(pod) => pod.unwire(),
+            Self::Hooked { device, wired } => {
+                match wired {
+                    Some(pod) => pod.unwire(),
+                    None => unwire(&device.netns, None),
+                }
+                remove_netns(&device.netns);
+            }
+        }
+    }
+}
+
+impl Drop for VmNetwork {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Removes the tap in `netns` and the ingress mirroring of `interface`.
+fn unwire(netns: &Path, interface: Option<&str>) {
+    let qdisc = interface.map(|i| ["qdisc", "del", "dev", i, "ingress"]);
+    let undo = qdisc
+        .iter()
+        .map(|args| ("tc", &args[..]))
+        .chain(std::iter::once(("ip", &["link", "del", "dev", TAP][..])));
+    for (tool, args) in undo {
+        if let Err(e) = run(netns, tool, args) {
+            debug!(error = %e, "network unwire");
+        }
+    }
+}
+
+/// The interface of `netns` worth carrying and its network.
+fn read(netns: &Path) -> Result<Option<(String, Network)>, SandboxError> {
+    let links = ip_json(netns, &["-j", "address", "show"])?;
+    let routes = ip_json(netns, &["-j", "route", "show"])?;
+    interface(&links, &routes)
+}
+
+/// Makes the tap the VMM opens in `netns`.
+fn make_tap(netns: &Path) -> Result<(), SandboxError> {
+    run(netns, "ip", &["tuntap", "add", "dev", TAP, "mode", "tap"])
+}
+
+/// Makes a new network namespace and keeps it at `path` (a bind mount of its nsfs file).
+fn make_netns(path: &Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |what: &str, e: &dyn std::fmt::Display| {
+        SandboxError::PodNetwork(format!("{what} {}: {e}", path.display()))
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| err("create", &e))?;
+    let target = path.to_owned();
+    // unshare(2) moves only the calling thread: a thread of its own, gone once it is kept.
+    let made = std::thread::spawn(move || -> nix::Result<()> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    })
+    .join()
+    .map_err(|_| err("make namespace", &"thread panicked"))
+    .and_then(|r| r.map_err(|e| err("make namespace", &e)));
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made
+}
+
+/// Removes a namespace [`make_netns`] kept (it ends with its last user).
+fn remove_netns(path: &Path) {
+    let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_file(path);
+}
+
+/// A random locally administered unicast hardware address (the VM's device until the agent
+/// gives it the engine's interface's).
+fn local_mac() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 6];
+    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        warn!(error = %e, "no random hardware address: a fixed one");
+        b = [0, 0x16, 0x3e, 0, 0, 1];
+    }
+    b[0] = (b[0] & 0xfc) | 0x02;
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Whether `a` and `b` are the same file (namespace files: the same namespace).

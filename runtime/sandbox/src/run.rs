@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::agent::{AgentClient, ExitStatus};
 use crate::bundle::{Bundle, Rootfs, ROOTFS_SERIAL, ROOTFS_TAG};
+use crate::pod_net::VmNetwork;
 use crate::state::{now_rfc3339, CommandLock, OciState, Private, Record, Status, OCI_VERSION};
 use crate::state_dir::StateDir;
 use crate::stdio::{relay_output, relay_stdin, HostOutput};
@@ -105,16 +106,20 @@ pub async fn run(opts: &RunOptions, pid_file: Option<&Path>) -> Result<RunOutcom
     let mut record = new_record(&bundle, Status::Creating);
     record.husk.ephemeral = true;
     record.write(state.path())?;
-    let mut vm = new_door(door(opts, &bundle), vm_config(opts, &bundle, state.path()))?;
+    let mut network = VmNetwork::prepare(&bundle, state.path())?;
+    let config = vm_config(opts, &bundle, state.path(), network.as_ref());
+    let mut vm = new_door(door(opts, &bundle), config)?;
     let result = run_in_vm(
         vm.as_mut(),
         &bundle,
+        network.as_mut(),
         opts.vm.boot_timeout,
         state.path(),
         pid_file,
     )
     .await;
     let stopped = vm.stop().await;
+    drop(network);
     drop(state);
     let mut outcome = result?;
     stopped?;
@@ -143,15 +148,18 @@ async fn own_vm(opts: &RunOptions, dir: &Path) -> Result<(), SandboxError> {
     let bundle = Bundle::load(&opts.bundle, &opts.id)?;
     bundle.prepare_mountpoints()?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let mut vm = new_door(door(opts, &bundle), vm_config(opts, &bundle, &dir))?;
+    let mut network = VmNetwork::prepare(&bundle, &dir)?;
+    let config = vm_config(opts, &bundle, &dir, network.as_ref());
+    let mut vm = new_door(door(opts, &bundle), config)?;
     let result = tokio::select! {
-        r = monitor_vm(vm.as_mut(), &bundle, opts, &dir) => r,
+        r = monitor_vm(vm.as_mut(), &bundle, network.as_mut(), opts, &dir) => r,
         _ = terminate.recv() => {
             info!("terminated: ending the VM");
             Ok(())
         }
     };
     let stopped = vm.stop().await;
+    drop(network);
     if result.is_err() || stopped.is_err() {
         // The container never came to be (or its record is past saving): stopped for sure.
         let _ = update_record(&dir, |r| {
@@ -166,6 +174,7 @@ async fn own_vm(opts: &RunOptions, dir: &Path) -> Result<(), SandboxError> {
 async fn monitor_vm(
     vm: &mut dyn Hypervisor,
     bundle: &Bundle,
+    network: Option<&mut VmNetwork>,
     opts: &RunOptions,
     dir: &Path,
 ) -> Result<(), SandboxError> {
@@ -179,7 +188,7 @@ async fn monitor_vm(
     let sentinel = vm.sentinel().await?;
     let pid = i32::try_from(sentinel.pid()).unwrap_or(0);
     create_runtime_hooks(dir, bundle, pid)?;
-    refuse_hooked_network(sentinel.pid())?;
+    guard(vm, configure_network(&mut agent, network)).await?;
     update_record(dir, |r| {
         r.oci.status = Status::Created;
         r.oci.pid = pid;
@@ -223,24 +232,17 @@ async fn monitor_vm(
     Ok(())
 }
 
-/// Fails when the hooks put network interfaces into the network namespace of the container's
-/// `state.pid` (`pid`): Docker's libnetwork connects its networks so, from its prestart hook.
-/// husk does not carry them into the guest yet; a container that would silently have no network
-/// fails instead, with the way out.
-fn refuse_hooked_network(pid: u32) -> Result<(), SandboxError> {
-    let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap_or_default();
-    let interfaces: Vec<&str> = dev
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split(':').next().map(str::trim))
-        .filter(|name| *name != "lo")
-        .collect();
-    match interfaces.is_empty() {
-        true => Ok(()),
-        false => Err(SandboxError::CreateFailed(format!(
-            "the hooks connected the container to a host network ({}): husk does not carry an engine's network into the VM yet; use --network none",
-            interfaces.join(", ")
-        ))),
+/// After the hooks: gives the VM's device the network the engine connected, if any.
+async fn configure_network(
+    agent: &mut AgentClient,
+    network: Option<&mut VmNetwork>,
+) -> Result<(), SandboxError> {
+    let Some(network) = network else {
+        return Ok(());
+    };
+    match network.connect()? {
+        Some(n) => agent.configure_network(&n).await,
+        None => Ok(()),
     }
 }
 
@@ -299,7 +301,12 @@ fn door(opts: &RunOptions, bundle: &Bundle) -> HypervisorKind {
 
 /// The VM for `bundle`: its annotations size it, else its resources (memory limit plus the
 /// guest's own overhead, vCPUs from the CPU quota or cpuset), else the command line.
-fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
+fn vm_config(
+    opts: &RunOptions,
+    bundle: &Bundle,
+    run_dir: &Path,
+    network: Option<&VmNetwork>,
+) -> VmConfig {
     let (memory_mib, vcpus) = vm_size(bundle, &opts.vm);
     VmConfig {
         kernel: opts.vm.kernel.clone(),
@@ -333,7 +340,7 @@ fn vm_config(opts: &RunOptions, bundle: &Bundle, run_dir: &Path) -> VmConfig {
             }],
             Rootfs::Dir(_) => Vec::new(),
         },
-        net: None,
+        net: network.map(VmNetwork::device),
         run_dir: run_dir.to_owned(),
         cgroup: host_cgroup(bundle, memory_mib),
     }
@@ -438,6 +445,7 @@ pub(crate) async fn attach_stdio(
 async fn run_in_vm(
     vm: &mut dyn Hypervisor,
     bundle: &Bundle,
+    network: Option<&mut VmNetwork>,
     boot_timeout: Duration,
     dir: &Path,
     pid_file: Option<&Path>,
@@ -455,6 +463,7 @@ async fn run_in_vm(
     let outputs = guard(vm, async {
         let outputs = create_container(&mut agent, bundle, None).await?;
         create_runtime_hooks(dir, bundle, pid)?;
+        configure_network(&mut agent, network).await?;
         agent.start(id).await?;
         Ok(outputs)
     })

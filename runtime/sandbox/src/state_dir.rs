@@ -129,7 +129,16 @@ impl Drop for StateDir {
 /// The run directory cannot be removed.
 pub fn remove_run_dir(path: &Path) -> std::io::Result<()> {
     husk_hypervisor::remove_vm_dir(path);
+    // The network namespace husk may keep there is a mount: detached first.
+    let _ = nix::mount::umount2(&netns_path(path), nix::mount::MntFlags::MNT_DETACH);
     std::fs::remove_dir_all(path)
+}
+
+/// Where husk keeps the network namespace it makes for the VM whose run directory is
+/// `run_dir`, for an engine's hooks to connect (a bind mount, detached by [`remove_run_dir`]).
+#[must_use]
+pub(crate) fn netns_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("netns")
 }
 
 /// `<root>/<id>` for a valid id.

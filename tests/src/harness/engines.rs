@@ -273,7 +273,17 @@ fn import_image(engine: &dyn Engine) {
 /// `run` of [`IMAGE`] running `cmd` with no network, [`ULIMITS`], the engine's `flags`
 /// ([`Engine::run_flags`]) and `extra`.
 pub fn run_args<'a>(flags: &'a [String], extra: &[&'a str], cmd: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["run", "--network", "none"];
+    run_args_on("none", flags, extra, cmd)
+}
+
+/// [`run_args`] on the engine's network `network`.
+pub fn run_args_on<'a>(
+    network: &'a str,
+    flags: &'a [String],
+    extra: &[&'a str],
+    cmd: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec!["run", "--network", network];
     args.extend(flags.iter().map(String::as_str));
     args.extend(ULIMITS);
     args.extend(extra);

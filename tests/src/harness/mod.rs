@@ -235,3 +235,45 @@ pub fn stdout(out: &Output) -> String {
 pub fn stderr(out: &Output) -> String {
     text(&out.stderr)
 }
+
+/// The body `GET http://<addr>/<path>` answers, from the network namespace at `netns` (the
+/// test's own without one), tried until `within` is over; `None` if it never answered.
+pub fn http_get(
+    netns: Option<&Path>,
+    addr: &str,
+    path: &str,
+    within: std::time::Duration,
+) -> Option<String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let netns = netns.map(Path::to_owned);
+        let (addr_, path_) = (addr.to_owned(), path.to_owned());
+        // setns(2) moves only the calling thread: a thread of its own.
+        let got = std::thread::spawn(move || -> std::io::Result<String> {
+            use std::io::Read;
+            if let Some(ns) = netns {
+                let file = std::fs::File::open(&ns)?;
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            }
+            let target: std::net::SocketAddr = addr_.parse().map_err(std::io::Error::other)?;
+            let step = std::time::Duration::from_secs(2);
+            let mut conn = std::net::TcpStream::connect_timeout(&target, step)?;
+            conn.set_read_timeout(Some(step))?;
+            write!(conn, "GET /{path_} HTTP/1.0\r\nHost: {addr_}\r\n\r\n")?;
+            let mut answer = String::new();
+            conn.read_to_string(&mut answer)?;
+            match answer.split_once("\r\n\r\n") {
+                Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
+                    Ok(body.to_owned())
+                }
+                _ => Err(std::io::Error::other(format!("answer: {answer:?}"))),
+            }
+        })
+        .join();
+        match got {
+            Ok(Ok(body)) => return Some(body),
+            _ if std::time::Instant::now() > deadline => return None,
+            _ => std::thread::sleep(std::time::Duration::from_millis(200)),
+        }
+    }
+}

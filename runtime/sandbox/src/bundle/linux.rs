@@ -316,7 +316,9 @@ fn namespaces(
             T::Time => return Err("linux.namespaces: time namespaces are not supported".into()),
         };
         match (ns.path(), role) {
-            (Some(path), PodRole::Sandbox) if kind == Namespace::Net => {
+            // The engine's network namespace (a pod's, or Podman's for a lone container):
+            // the VMM runs there and the container has the VM's network.
+            (Some(path), PodRole::Sandbox | PodRole::Alone) if kind == Namespace::Net => {
                 *pod_netns = Some(path.clone());
             }
             (None, _) | (Some(_), PodRole::Sandbox) => out.push(kind),
