@@ -64,6 +64,24 @@ impl Runtime<'_> {
         }
     }
 
+    /// [`Runtime::create`] then `start ID`, each asserted to succeed.
+    fn create_and_start(&self, bundle: &Path, id: &str, out: &Path) {
+        let created = self.create(bundle, id, out);
+        assert!(
+            created.status.success(),
+            "{}: {}",
+            self.name(),
+            stderr(&created)
+        );
+        let started = self.run(&["start", id]);
+        assert!(
+            started.status.success(),
+            "{} start: {}",
+            self.name(),
+            stderr(&started)
+        );
+    }
+
     fn state(&self, id: &str) -> Option<Value> {
         let out = self.run(&["state", id]);
         out.status
@@ -261,18 +279,7 @@ fn test_signal_right_after_start_reaches_the_trap_as_runc() {
     let outs = tempfile::tempdir().expect("outputs");
     let attempt = |rt: &Runtime, n: u32| -> String {
         let out = outs.path().join(format!("{}-{n}", rt.name()));
-        let created = rt.create(bundle.path(), "sig", &out);
-        assert!(
-            created.status.success(),
-            "{}: {}",
-            rt.name(),
-            stderr(&created)
-        );
-        assert!(
-            rt.run(&["start", "sig"]).status.success(),
-            "{} start",
-            rt.name()
-        );
+        rt.create_and_start(bundle.path(), "sig", &out);
         let kill = rt.run(&["kill", "sig", "USR1"]);
         assert!(
             kill.status.success(),
@@ -904,18 +911,7 @@ fn test_prestart_hook_network_reaches_the_container_as_runc() {
                 serde_json::json!({"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", hook]}]});
         });
         let out_file = dir.path().join(format!("out-{}", rt.name()));
-        let created = rt.create(bundle.path(), "net", &out_file);
-        assert!(
-            created.status.success(),
-            "{}: {}",
-            rt.name(),
-            stderr(&created)
-        );
-        assert!(
-            rt.run(&["start", "net"]).status.success(),
-            "{} start",
-            rt.name()
-        );
+        rt.create_and_start(bundle.path(), "net", &out_file);
         let answer = peer.fetch("10.215.0.2:7777", "x", Duration::from_secs(30));
         let said = std::fs::read_to_string(&out_file).unwrap_or_default();
         let mac = std::fs::read_to_string(&mac_file).unwrap_or_default();
