@@ -103,7 +103,7 @@ pub enum VmNetwork {
     /// wired at once.
     Given(PodNetwork),
     /// The engine's hooks connect the namespace of the container's `state.pid` (Docker's
-    /// libnetwork): husk makes that namespace (in the VM's directory) and the tap the VMM
+    /// libnetwork): husk makes that namespace (in the run directory) and the tap the VMM
     /// opens, and wires what the hooks put there after they ran.
     Hooked {
         /// The tap the VMM opens, in husk's namespace.
@@ -255,7 +255,7 @@ fn make_netns(path: &Path) -> Result<(), SandboxError> {
 }
 
 /// Removes a namespace [`make_netns`] kept (it ends with its last user).
-fn remove_netns(path: &Path) {
+pub(crate) fn remove_netns(path: &Path) {
     let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
     let _ = std::fs::remove_file(path);
 }

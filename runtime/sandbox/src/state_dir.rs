@@ -130,7 +130,7 @@ impl Drop for StateDir {
 pub fn remove_run_dir(path: &Path) -> std::io::Result<()> {
     husk_hypervisor::remove_vm_dir(path);
     // The network namespace husk may keep there is a mount: detached first.
-    let _ = nix::mount::umount2(&netns_path(path), nix::mount::MntFlags::MNT_DETACH);
+    crate::pod_net::remove_netns(&netns_path(path));
     std::fs::remove_dir_all(path)
 }
 
