@@ -109,7 +109,7 @@ fn test_hostile_shares_cli_privileged_guest_cannot_write_ro_shares_or_see_siblin
     let husk = env.husk();
     let host = HostFiles::new();
     let before = host.snapshot();
-    let script = attack_script("rootfs bind0 bind1 bind2 bind3 pod");
+    let script = attack_script("rootfs binds pod");
     let bundle = TestBundle::busybox(&husk, &["sh", "-c", &script]);
     let rootfs_before = listing(&bundle.path().join("rootfs"));
     bundle.edit(|c| {
@@ -135,13 +135,13 @@ fn test_hostile_shares_cli_privileged_guest_cannot_write_ro_shares_or_see_siblin
         "{seen}\nstderr: {}",
         stderr(&out)
     );
-    for tag in ["rootfs", "bind0", "bind1"] {
+    for tag in ["rootfs", "binds"] {
         assert!(
             seen.contains(&format!("MOUNTED {tag}\n")),
             "{tag} not mounted: {seen}"
         );
     }
-    assert!(seen.contains("LS /tmp/bind1: bound\n"), "{seen}");
+    assert!(seen.contains("LS /tmp/binds/1: bound\n"), "{seen}");
     assert_eq!(breaches(&seen, &[]), Vec::<String>::new(), "{seen}");
     assert_eq!(host.snapshot(), before, "the host's files changed");
     // The bind destinations are made on the host, as runc makes them; nothing else.
@@ -245,7 +245,7 @@ fn test_hostile_shares_pod_privileged_guest_cannot_write_ro_shares_or_see_siblin
     ];
     flags.extend(extra.iter().map(|s| (*s).to_owned()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let script = attack_script("pod rootfs bind0 bind1");
+    let script = attack_script("pod rootfs binds");
     let out = ctr.run(&flags, &app, &["sh", "-c", &script]);
     let seen = text(&out.stdout);
     let sandbox_rootfs = ctr.bundle(&pod).join("rootfs");
@@ -255,7 +255,7 @@ fn test_hostile_shares_pod_privileged_guest_cannot_write_ro_shares_or_see_siblin
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert!(seen.contains("MOUNTED pod\n"), "{seen}");
     assert!(
-        seen.contains(&format!("LS /tmp/pod/{app}/binds/bind1: bound\n")),
+        seen.contains(&format!("LS /tmp/pod/{app}/binds/1: bound\n")),
         "{seen}"
     );
     // The share's own directory is the guest's to write (it lives in the pod's 0700 tree).
@@ -370,7 +370,7 @@ fn test_hostile_shares_pod_planted_symlinks_redirect_nothing() {
         "mkdir -p /tmp/p && mount -t virtiofs pod /tmp/p; S=/tmp/p; \
          ln -s {t} $S/{next}; \
          mv $S/{app}/binds $S/{app}/binds.old 2>/dev/null; ln -s {t} $S/{app}/binds 2>/dev/null; \
-         ln -sfn {t} $S/{app}/binds/bind0 2>/dev/null; \
+         ln -sfn {t} $S/{app}/binds/0 2>/dev/null; \
          mv $S/{app} $S/{app}.old 2>/dev/null; ln -s {t} $S/{app} 2>/dev/null; \
          ls -la $S; true"
     );

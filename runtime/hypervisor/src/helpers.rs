@@ -11,7 +11,7 @@ use tokio::process::{Child, Command};
 use crate::console::{ConsoleCap, CONSOLE_CAP};
 use crate::error::HelperExited;
 use crate::share::ShareMounts;
-use crate::{sys, FsShare, HypervisorError, VmExit};
+use crate::{sys, Export, FsShare, HypervisorError, VmExit};
 
 /// Finds an executable by name in `PATH` (only there: what runs is what the user's PATH says).
 pub fn find_program(name: &str) -> Option<PathBuf> {
@@ -82,14 +82,14 @@ pub(crate) struct Virtiofsd {
     log: PathBuf,
     /// Keeps `log` bounded: virtiofsd logs per-request errors, which the guest can cause.
     _log_cap: ConsoleCap,
-    /// An entry share's staging directory, removed at stop.
+    /// An entries share's staging directory, removed at stop.
     staging: Option<PathBuf>,
 }
 
 impl Virtiofsd {
     /// Starts virtiofsd for `share` with its vhost-user socket at `socket`, ready on return. A
-    /// read-only or entry share is built in virtiofsd's own mount namespace ([`ShareMounts`]);
-    /// an entry share stages in `staging` (outside what a jail may write).
+    /// read-only or entries share is built in virtiofsd's own mount namespace
+    /// ([`ShareMounts`]); an entries share stages in `staging` (outside what a jail may write).
     pub(crate) async fn start(
         binary: &Path,
         share: &FsShare,
@@ -99,7 +99,7 @@ impl Virtiofsd {
     ) -> Result<Self, HypervisorError> {
         let staging = staging.to_owned();
         let mounts = ShareMounts::prepare(share, &staging)?;
-        let staging = share.entry.is_some().then_some(staging);
+        let staging = matches!(share.export, Export::Entries(_)).then_some(staging);
         let mut cmd = Command::new(binary);
         cmd.arg("--socket-path")
             .arg(socket)
@@ -120,7 +120,7 @@ impl Virtiofsd {
                 "--log-level",
                 "error",
             ]);
-        if share.read_only {
+        if share.export.read_only() {
             // Besides the kernel's read-only mount: virtiofsd refuses writes itself.
             cmd.arg("--readonly");
         }

@@ -86,20 +86,14 @@ impl std::str::FromStr for HypervisorKind {
     }
 }
 
-/// A host directory, or one file or directory in it, shared into the guest with virtio-fs.
-/// What the guest may not write, the host does not let it write, whatever the guest mounts
-/// (`share`).
+/// Host files and directories shared into the guest with virtio-fs. What the guest may not
+/// write, the host does not let it write, whatever the guest mounts (`share`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsShare {
     /// virtio-fs tag the guest mounts.
     pub tag: String,
-    /// Host directory: exported as it is, or the directory holding [`FsShare::entry`].
-    pub host_dir: PathBuf,
-    /// An entry of `host_dir`: the share is a directory holding only that entry, under its
-    /// name; the rest of `host_dir` stays out of the guest's reach.
-    pub entry: Option<ShareEntry>,
-    /// Exported read-only (and `nosuid,nodev`) by the host kernel.
-    pub read_only: bool,
+    /// What the share holds.
+    pub export: Export,
     /// The guest keeps what it read (virtiofsd `--cache always`: data across opens, names and
     /// attributes without expiry): for a container's own rootfs, which only the container
     /// changes while it runs. Otherwise (`--cache auto`) every open drops the file's cached
@@ -107,14 +101,58 @@ pub struct FsShare {
     pub keep_cache: bool,
 }
 
-/// A file or directory shared alone: the guest sees it under its own name in the share (a bind
-/// of it then shows that name as its root in the guest's `/proc/self/mountinfo`, as under runc).
+/// What an [`FsShare`] holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Export {
+    /// A host directory, whole.
+    Dir {
+        /// The host directory.
+        path: PathBuf,
+        /// Exported read-only (and `nosuid,nodev`) by the host kernel.
+        read_only: bool,
+    },
+    /// Chosen host files and directories (bind mounts' sources), each alone in a directory of
+    /// its own, `<slot>/<name>`: nothing else of the host is reachable. One share serves any
+    /// number of them (a VM has few device slots).
+    Entries(Vec<ShareEntry>),
+}
+
+impl Export {
+    /// The host refuses every write to the share.
+    pub fn read_only(&self) -> bool {
+        match self {
+            Self::Dir { read_only, .. } => *read_only,
+            Self::Entries(entries) => entries.iter().all(|e| e.read_only),
+        }
+    }
+}
+
+/// A file or directory shared alone at `<slot>/<name>` of its share: a bind of it then shows
+/// that name as its root in the guest's `/proc/self/mountinfo`, as under runc.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ShareEntry {
-    /// Its name in the host directory and in the share: one path component.
-    pub name: String,
+    /// Its directory in the share: one path component, unique in the share.
+    pub slot: String,
+    /// The host file or directory (absolute, canonical).
+    pub source: PathBuf,
+    /// Its name in the slot: one path component; `None` for `/`, which has no name: the slot
+    /// is then the directory itself.
+    pub name: Option<String>,
     /// What it is.
     pub kind: EntryKind,
+    /// Exported read-only (and `nosuid,nodev`) by the host kernel.
+    pub read_only: bool,
+}
+
+impl ShareEntry {
+    /// Its path in the share: `<slot>/<name>`, or `<slot>`.
+    pub fn path_in_share(&self) -> PathBuf {
+        let slot = PathBuf::from(&self.slot);
+        match &self.name {
+            Some(name) => slot.join(name),
+            None => slot,
+        }
+    }
 }
 
 /// The kind of a [`ShareEntry`].

@@ -5,13 +5,14 @@
 //! a mount namespace of its own (made between fork and exec, gone with virtiofsd) in which
 //! - a read-only share is a recursive bind of itself sealed `ro,nosuid,nodev`
 //!   (`mount_setattr(2)` with `AT_RECURSIVE`, a top-only remount on kernels before 5.12);
-//! - a share of one entry (a bind mount's source file or directory) is a staging directory in
-//!   the VM's run directory holding one empty placeholder of the entry's kind and name, on
-//!   which the entry is bound (a directory with its submounts for `rbind`, without for
-//!   `bind`): the staging directory is sealed read-only, the entry `nosuid,nodev` (recursively
-//!   for a directory) and read-only when the bind is; nothing else of the entry's host
-//!   directory is reachable. The guest binds `<share>/<name>`, so its mountinfo shows the
-//!   source's name as the bind's root, as under runc.
+//! - a share of entries (bind mounts' sources, files or directories) is a staging directory
+//!   in the VM's run directory holding, for each entry, a slot directory with one empty
+//!   placeholder of the entry's kind and name, on which the entry is bound (a directory with
+//!   its submounts for `rbind`, without for `bind`): the staging directory and its slots are
+//!   sealed read-only, each entry `nosuid,nodev` (recursively for a directory) and read-only
+//!   when its binds are; nothing else of an entry's host directory is reachable. The guest
+//!   binds `<share>/<slot>/<name>`, so its mountinfo shows the source's name as the bind's
+//!   root, as under runc.
 //!
 //! A read-write share of a whole directory needs no mount and runs virtiofsd as before (a
 //! pod's share then sees the binds its owner adds later).
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
-use crate::{EntryKind, FsShare, HypervisorError};
+use crate::{EntryKind, Export, FsShare, HypervisorError, ShareEntry};
 
 /// `MOUNT_ATTR_*` and `AT_RECURSIVE` (include/uapi/linux/mount.h, fcntl.h).
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
@@ -65,39 +66,47 @@ pub(crate) struct ShareMounts {
 }
 
 impl ShareMounts {
-    /// Plans `share`'s export; an entry's staging directory is made at `staging`.
+    /// Plans `share`'s export; an entries share's staging directory is made at `staging`.
     ///
     /// # Errors
     /// [`HypervisorError::ShareStaging`] when the staging directory cannot be made.
     pub(crate) fn prepare(share: &FsShare, staging: &Path) -> Result<Self, HypervisorError> {
-        let ro = share.read_only;
-        let Some(entry) = &share.entry else {
-            let steps = match ro {
-                false => Vec::new(),
-                true => vec![
-                    bind(&share.host_dir, &share.host_dir, true)?,
-                    seal(&share.host_dir, MOUNT_ATTR_RDONLY, true)?,
-                ],
-            };
-            return Ok(Self {
-                exported: share.host_dir.clone(),
-                steps,
-            });
+        let entries = match &share.export {
+            Export::Dir { path, read_only } => {
+                let steps = match read_only {
+                    false => Vec::new(),
+                    true => vec![
+                        bind(path, path, true)?,
+                        seal(path, MOUNT_ATTR_RDONLY, true)?,
+                    ],
+                };
+                return Ok(Self {
+                    exported: path.clone(),
+                    steps,
+                });
+            }
+            Export::Entries(entries) => entries,
         };
         let err = |source| HypervisorError::ShareStaging {
             path: staging.to_owned(),
             source,
         };
-        let placeholder = staging.join(&entry.name);
-        make_staging(staging, &placeholder, entry.kind).map_err(err)?;
-        let recursive = entry.kind == EntryKind::Dir { recursive: true };
-        let entry_attrs = if ro { MOUNT_ATTR_RDONLY } else { 0 };
-        let steps = vec![
-            bind(staging, staging, false)?,
-            bind(&share.host_dir.join(&entry.name), &placeholder, recursive)?,
-            seal(staging, MOUNT_ATTR_RDONLY, false)?,
-            seal(&placeholder, entry_attrs, recursive)?,
-        ];
+        make_private_dir(staging).map_err(err)?;
+        let mut steps = vec![bind(staging, staging, false)?];
+        let mut seals = vec![seal(staging, MOUNT_ATTR_RDONLY, false)?];
+        for entry in entries {
+            let placeholder = staging.join(entry.path_in_share());
+            make_placeholder(staging, entry).map_err(err)?;
+            let recursive = entry.kind == EntryKind::Dir { recursive: true };
+            let attrs = if entry.read_only {
+                MOUNT_ATTR_RDONLY
+            } else {
+                0
+            };
+            steps.push(bind(&entry.source, &placeholder, recursive)?);
+            seals.push(seal(&placeholder, attrs, recursive)?);
+        }
+        steps.extend(seals);
         Ok(Self {
             exported: staging.to_owned(),
             steps,
@@ -124,40 +133,46 @@ impl ShareMounts {
         }
     }
 
-    /// Removes an entry's staging directory (after virtiofsd ended: its mounts went with its
-    /// namespace). Never recursive: a placeholder directory still holding something (a mount
-    /// left by mistake) stays, and the host's files with it.
+    /// Removes an entries share's staging directory (after virtiofsd ended: its mounts went
+    /// with its namespace). Never recursive: a placeholder directory still holding something
+    /// (a mount left by mistake) stays, and the host's files with it.
     pub(crate) fn remove_staging(staging: &Path) {
-        if let Some((path, is_dir)) = staging_placeholder(staging) {
-            let _ = match is_dir {
-                true => std::fs::remove_dir(path),
-                false => std::fs::remove_file(path),
-            };
+        for slot in std::fs::read_dir(staging).into_iter().flatten().flatten() {
+            let slot = slot.path();
+            for placeholder in std::fs::read_dir(&slot).into_iter().flatten().flatten() {
+                let _ = match placeholder.file_type().is_ok_and(|t| t.is_dir()) {
+                    true => std::fs::remove_dir(placeholder.path()),
+                    false => std::fs::remove_file(placeholder.path()),
+                };
+            }
+            let _ = std::fs::remove_dir(&slot);
         }
         let _ = std::fs::remove_dir(staging);
     }
 }
 
-/// The one placeholder in `staging`, if any, and whether it is a directory (not following a
-/// symlink).
-fn staging_placeholder(staging: &Path) -> Option<(PathBuf, bool)> {
-    let entry = std::fs::read_dir(staging).ok()?.next()?.ok()?;
-    let is_dir = entry.file_type().ok()?.is_dir();
-    Some((entry.path(), is_dir))
+/// A directory only root reaches (0700).
+fn make_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(path)
 }
 
-/// Makes the staging directory (0700: host users never reach it) and its empty placeholder of
-/// `kind`.
-fn make_staging(staging: &Path, placeholder: &Path, kind: EntryKind) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    std::fs::DirBuilder::new().mode(0o700).create(staging)?;
-    match kind {
-        EntryKind::Dir { .. } => std::fs::DirBuilder::new().mode(0o700).create(placeholder),
+/// Makes `entry`'s slot in `staging` and in it an empty placeholder of the entry's kind and
+/// name (the slot itself for a nameless entry).
+fn make_placeholder(staging: &Path, entry: &ShareEntry) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let slot = staging.join(&entry.slot);
+    make_private_dir(&slot)?;
+    let Some(name) = &entry.name else {
+        return Ok(());
+    };
+    match entry.kind {
+        EntryKind::Dir { .. } => make_private_dir(&slot.join(name)),
         EntryKind::File => std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(placeholder)
+            .open(slot.join(name))
             .map(drop),
     }
 }
@@ -289,39 +304,47 @@ fn check(r: libc::c_int) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ShareEntry;
 
-    fn file_entry(name: &str) -> ShareEntry {
+    /// `dir/name` as the entry in slot `slot`.
+    fn entry(dir: &Path, slot: &str, name: &str, kind: EntryKind, read_only: bool) -> ShareEntry {
         ShareEntry {
-            name: name.into(),
-            kind: EntryKind::File,
-        }
-    }
-
-    fn dir_entry(name: &str, recursive: bool) -> ShareEntry {
-        ShareEntry {
-            name: name.into(),
-            kind: EntryKind::Dir { recursive },
-        }
-    }
-
-    /// A share of `host_dir` (or its `entry`), the guest's cache not kept.
-    fn share(host_dir: PathBuf, entry: Option<ShareEntry>, read_only: bool) -> FsShare {
-        FsShare {
-            tag: "bind0".into(),
-            host_dir,
-            entry,
+            slot: slot.into(),
+            source: dir.join(name),
+            name: Some(name.into()),
+            kind,
             read_only,
+        }
+    }
+
+    /// A share of `entries`, the guest's cache not kept.
+    fn entries(entries: Vec<ShareEntry>) -> FsShare {
+        FsShare {
+            tag: "binds".into(),
+            export: Export::Entries(entries),
             keep_cache: false,
         }
     }
 
-    /// The names in a staging directory.
-    fn staged_names(staging: &Path) -> Vec<std::ffi::OsString> {
-        std::fs::read_dir(staging)
+    /// A share of the whole `path`.
+    fn whole(path: &Path, read_only: bool) -> FsShare {
+        FsShare {
+            tag: "rootfs".into(),
+            export: Export::Dir {
+                path: path.to_owned(),
+                read_only,
+            },
+            keep_cache: false,
+        }
+    }
+
+    /// The names in a directory.
+    fn names(dir: &Path) -> Vec<std::ffi::OsString> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())
-            .collect()
+            .collect();
+        names.sort();
+        names
     }
 
     /// The binds of `plan`: (to, recursive).
@@ -340,58 +363,59 @@ mod tests {
     #[test]
     fn test_prepare_rw_dir_no_mounts() {
         let dir = tempfile::tempdir().unwrap();
-        let share = share(dir.path().to_owned(), None, false);
+        let share = whole(dir.path(), false);
         let plan = ShareMounts::prepare(&share, &dir.path().join("stage")).unwrap();
         assert!(plan.steps.is_empty());
         assert_eq!(plan.exported(), dir.path());
     }
 
     #[test]
-    fn test_prepare_file_stages_only_a_placeholder() {
+    fn test_prepare_each_entry_a_placeholder_in_its_slot() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), "secret sibling?").unwrap();
-        let share = share(dir.path().to_owned(), Some(file_entry("f")), true);
-        let staging = dir.path().join("stage");
-        let plan = ShareMounts::prepare(&share, &staging).unwrap();
-        assert_eq!(plan.exported(), staging);
-        let names = staged_names(&staging);
-        assert_eq!(names, vec!["f"]);
-        assert_eq!(std::fs::metadata(staging.join("f")).unwrap().len(), 0);
-        ShareMounts::remove_staging(&staging);
-        assert!(!staging.exists());
-    }
-
-    #[test]
-    fn test_prepare_dir_stages_an_empty_directory_bound_without_submounts() {
-        let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("d")).unwrap();
         std::fs::write(dir.path().join("d/keep"), "x").unwrap();
-        let share = share(dir.path().to_owned(), Some(dir_entry("d", false)), false);
+        let share = entries(vec![
+            entry(dir.path(), "0", "f", EntryKind::File, true),
+            entry(
+                dir.path(),
+                "1",
+                "d",
+                EntryKind::Dir { recursive: false },
+                false,
+            ),
+            entry(
+                dir.path(),
+                "2",
+                "d",
+                EntryKind::Dir { recursive: true },
+                false,
+            ),
+        ]);
         let staging = dir.path().join("stage");
         let plan = ShareMounts::prepare(&share, &staging).unwrap();
         assert_eq!(plan.exported(), staging);
-        let names = staged_names(&staging);
-        assert_eq!(names, vec!["d"]);
-        assert_eq!(std::fs::read_dir(staging.join("d")).unwrap().count(), 0);
-        let placeholder = staging.join("d").to_string_lossy().into_owned();
-        assert!(binds(&plan).contains(&(placeholder, false)));
+        assert_eq!(names(&staging), vec!["0", "1", "2"]);
+        assert_eq!(names(&staging.join("0")), vec!["f"]);
+        assert_eq!(std::fs::metadata(staging.join("0/f")).unwrap().len(), 0);
+        assert_eq!(std::fs::read_dir(staging.join("1/d")).unwrap().count(), 0);
+        let at = |p: &str| staging.join(p).to_string_lossy().into_owned();
+        assert_eq!(
+            binds(&plan),
+            vec![
+                (at(""), false),
+                (at("0/f"), false),
+                (at("1/d"), false),
+                (at("2/d"), true)
+            ]
+            .into_iter()
+            .map(|(p, r)| (p.trim_end_matches('/').to_owned(), r))
+            .collect::<Vec<_>>()
+        );
         ShareMounts::remove_staging(&staging);
         assert!(!staging.exists());
         assert!(dir.path().join("d/keep").exists());
-    }
-
-    #[test]
-    fn test_prepare_rbind_dir_binds_with_submounts() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("d")).unwrap();
-        let share = share(dir.path().to_owned(), Some(dir_entry("d", true)), true);
-        let staging = dir.path().join("stage");
-        let plan = ShareMounts::prepare(&share, &staging).unwrap();
-        let placeholder = staging.join("d").to_string_lossy().into_owned();
-        let staged = staging.to_string_lossy().into_owned();
-        assert_eq!(binds(&plan), vec![(staged, false), (placeholder, true)]);
-        ShareMounts::remove_staging(&staging);
-        assert!(!staging.exists());
+        assert!(dir.path().join("f").exists());
     }
 
     /// Runs `script` under `sh` with `share`'s export built (as virtiofsd would be); its
@@ -406,20 +430,27 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// What a guest can ask of virtiofsd: create, write, list (not a remount: it speaks FUSE).
-    const ATTACK: &str = "echo x > $D/new && echo WROTE-NEW; echo x >> $D/f && echo WROTE-F; \
-                          echo LS $(ls -A $D); true";
+    fn is_root() -> bool {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIPPED: share export tests need root (mounts)");
+            return false;
+        }
+        true
+    }
 
     #[tokio::test]
     async fn test_apply_read_only_dir_kernel_refuses_writes() {
-        if !nix::unistd::geteuid().is_root() {
-            println!("SKIPPED: share export tests need root (mounts)");
+        if !is_root() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), "host").unwrap();
-        let share = share(dir.path().to_owned(), None, true);
-        let seen = run_in_export(&share, &dir.path().join("stage"), ATTACK).await;
+        let share = whole(dir.path(), true);
+        // What a guest can ask of virtiofsd: create, write, list (not a remount: it speaks
+        // FUSE).
+        let script = "echo x > $D/new && echo WROTE-NEW; echo x >> $D/f && echo WROTE-F; \
+                      echo LS $(ls -A $D); true";
+        let seen = run_in_export(&share, &dir.path().join("stage"), script).await;
         assert_eq!(seen.trim(), "LS f", "{seen}");
         assert_eq!(
             std::fs::read_to_string(dir.path().join("f")).unwrap(),
@@ -428,55 +459,56 @@ mod tests {
         assert!(!dir.path().join("new").exists());
     }
 
+    /// Entries of one share keep their own flags; nothing else of their host directories is
+    /// reachable, and the staging directory takes no new file.
     #[tokio::test]
-    async fn test_apply_file_share_exposes_only_the_file() {
-        if !nix::unistd::geteuid().is_root() {
-            println!("SKIPPED: share export tests need root (mounts)");
+    async fn test_apply_entries_expose_only_themselves_each_with_its_flags() {
+        if !is_root() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("f"), "host").unwrap();
-        std::fs::write(dir.path().join("secret"), "sibling").unwrap();
-        let share = share(dir.path().to_owned(), Some(file_entry("f")), false);
-        let staging = dir.path().join("stage");
-        let seen = run_in_export(&share, &staging, ATTACK).await;
-        // A read-write file bind: the file is written, nothing else is reachable.
-        assert_eq!(seen.trim(), "WROTE-F\nLS f", "{seen}");
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("f")).unwrap(),
-            "hostx\n"
-        );
-        ShareMounts::remove_staging(&staging);
-        assert!(!staging.exists());
-    }
-
-    #[tokio::test]
-    async fn test_apply_dir_share_exposes_only_the_dir() {
-        if !nix::unistd::geteuid().is_root() {
-            println!("SKIPPED: share export tests need root (mounts)");
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ro"), "host").unwrap();
+        std::fs::write(dir.path().join("rw"), "host").unwrap();
         std::fs::create_dir(dir.path().join("d")).unwrap();
         std::fs::write(dir.path().join("d/keep"), "host").unwrap();
         std::fs::write(dir.path().join("secret"), "sibling").unwrap();
         let staging = dir.path().join("stage");
-        let script = "echo x > $D/new && echo WROTE-NEW; echo x > $D/d/new && echo WROTE-D; \
-                      echo LS $(ls -A $D) / $(ls -A $D/d); \
-                      cat $D/d/../secret 2>/dev/null && echo READ-SECRET; true";
-        for ro in [true, false] {
-            let share = share(dir.path().to_owned(), Some(dir_entry("d", true)), ro);
+        let script = "echo x > $D/new && echo WROTE-NEW; echo x > $D/0/new && echo WROTE-SLOT; \
+                      echo x >> $D/0/ro && echo WROTE-RO; echo x >> $D/1/rw && echo WROTE-RW; \
+                      echo x > $D/2/d/new && echo WROTE-D; \
+                      echo LS $(ls -A $D) / $(ls -A $D/0) / $(ls -A $D/2/d); \
+                      cat $D/2/d/../secret 2>/dev/null && echo READ-SECRET; true";
+        for dir_ro in [true, false] {
+            let share = entries(vec![
+                entry(dir.path(), "0", "ro", EntryKind::File, true),
+                entry(dir.path(), "1", "rw", EntryKind::File, false),
+                entry(
+                    dir.path(),
+                    "2",
+                    "d",
+                    EntryKind::Dir { recursive: true },
+                    dir_ro,
+                ),
+            ]);
             let seen = run_in_export(&share, &staging, script).await;
-            // The staging directory is read-only either way; the directory as the bind is.
-            let expected = match ro {
-                true => "LS d / keep",
-                false => "WROTE-D\nLS d / keep new",
+            let expected = match dir_ro {
+                true => "WROTE-RW\nLS 0 1 2 / ro / keep",
+                false => "WROTE-RW\nWROTE-D\nLS 0 1 2 / ro / keep new",
             };
-            assert_eq!(seen.trim(), expected, "ro={ro}: {seen}");
+            assert_eq!(seen.trim(), expected, "dir_ro={dir_ro}: {seen}");
             ShareMounts::remove_staging(&staging);
             assert!(!staging.exists());
+            let _ = std::fs::remove_file(dir.path().join("d/new"));
         }
         assert!(!dir.path().join("new").exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("ro")).unwrap(),
+            "host"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("rw")).unwrap(),
+            "hostx\nx\n"
+        );
         assert_eq!(
             std::fs::read_to_string(dir.path().join("d/keep")).unwrap(),
             "host"

@@ -25,7 +25,7 @@ use husk_protocol::{ContainerSpec, Namespace, ProcessSpec, Rootfs as AgentRootfs
 use oci_spec::runtime::Spec;
 use tracing::debug;
 
-pub use binds::BindShare;
+pub use binds::BINDS_TAG;
 
 use crate::config::RuntimeConfig;
 use crate::SandboxError;
@@ -267,8 +267,9 @@ pub struct Bundle {
     pub annotations: BTreeMap<String, String>,
     /// What the agent builds.
     pub spec: ContainerSpec,
-    /// Host directories bind mounts need, each shared with virtio-fs.
-    pub bind_shares: Vec<BindShare>,
+    /// The host files and directories bind mounts need: the entries of the [`BINDS_TAG`]
+    /// share.
+    pub bind_entries: Vec<husk_hypervisor::ShareEntry>,
     /// The network namespace on the host an engine made for the container (a pod's sandbox
     /// container, Podman's), whose interface the VM's network device stands in for.
     pub pod_netns: Option<PathBuf>,
@@ -391,7 +392,7 @@ impl Bundle {
             rootfs,
             annotations,
             spec,
-            bind_shares: linux.bind_shares,
+            bind_entries: linux.bind_entries,
             pod_netns: linux.pod_netns,
             hooked_network,
             cgroups_path: linux.cgroups_path,

@@ -15,7 +15,7 @@ pub(crate) use share::unescape_mountinfo;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use husk_hypervisor::{new_door, FsShare, VmConfig};
+use husk_hypervisor::{new_door, Export, FsShare, VmConfig};
 use husk_protocol::{BindSource, Rootfs as AgentRootfs};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
@@ -78,9 +78,10 @@ impl PodVm {
             vcpus,
             shares: vec![FsShare {
                 tag: POD_TAG.to_owned(),
-                host_dir: share.path().to_owned(),
-                entry: None,
-                read_only: false,
+                export: Export::Dir {
+                    path: share.path().to_owned(),
+                    read_only: false,
+                },
                 keep_cache: false,
             }],
             disks: Vec::new(),
@@ -204,18 +205,17 @@ impl PodVm {
         bundle.prepare_mountpoints()?;
         let read_only = bundle.spec.rootfs_readonly;
         self.share
-            .place(&id, rootfs, read_only, &bundle.bind_shares)?;
+            .place(&id, rootfs, read_only, &bundle.bind_entries)?;
         bundle.spec.rootfs = AgentRootfs::VirtioFs {
             tag: POD_TAG.to_owned(),
             path: Some(format!("{id}/rootfs")),
         };
         for m in &mut bundle.spec.mounts {
             if let Some(source) = &mut m.source {
-                // The bind's share is now `binds/<tag>` in the pod's; a directory source's
-                // name (its path in its own share) stays below it.
-                let binds = format!("{id}/binds/{}", source.tag);
+                // The binds share is now `<id>/binds` in the pod's.
+                let binds = format!("{id}/{}", source.tag);
                 let path = match source.path.take() {
-                    Some(name) => format!("{binds}/{name}"),
+                    Some(path) => format!("{binds}/{path}"),
                     None => binds,
                 };
                 *source = BindSource {

@@ -5,14 +5,14 @@ use std::time::{Duration, Instant};
 
 use husk_hypervisor::cgroup::{vm_memory_limit_bytes, CgroupSpec};
 use husk_hypervisor::{
-    new_door, Disk, FsShare, Hypervisor, HypervisorError, HypervisorKind, VmConfig, VmExit,
+    new_door, Disk, Export, FsShare, Hypervisor, HypervisorError, HypervisorKind, VmConfig, VmExit,
 };
 use nix::sys::signal::Signal as NixSignal;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{debug, info, warn};
 
 use crate::agent::{AgentClient, ExitStatus};
-use crate::bundle::{Bundle, Rootfs, ROOTFS_SERIAL, ROOTFS_TAG};
+use crate::bundle::{Bundle, Rootfs, BINDS_TAG, ROOTFS_SERIAL, ROOTFS_TAG};
 use crate::pod_net::VmNetwork;
 use crate::state::{now_rfc3339, CommandLock, OciState, Private, Record, Status, OCI_VERSION};
 use crate::state_dir::StateDir;
@@ -316,19 +316,18 @@ fn vm_config(
         shares: match &bundle.rootfs {
             Rootfs::Dir(dir) => vec![FsShare {
                 tag: ROOTFS_TAG.to_owned(),
-                host_dir: dir.clone(),
-                entry: None,
-                read_only: bundle.spec.rootfs_readonly,
+                export: Export::Dir {
+                    path: dir.clone(),
+                    read_only: bundle.spec.rootfs_readonly,
+                },
                 keep_cache: true,
             }],
             Rootfs::Image(_) => Vec::new(),
         }
         .into_iter()
-        .chain(bundle.bind_shares.iter().map(|b| FsShare {
-            tag: b.tag.clone(),
-            host_dir: b.dir.clone(),
-            entry: b.entry.clone(),
-            read_only: b.read_only,
+        .chain((!bundle.bind_entries.is_empty()).then(|| FsShare {
+            tag: BINDS_TAG.to_owned(),
+            export: Export::Entries(bundle.bind_entries.clone()),
             keep_cache: false,
         }))
         .collect(),

@@ -146,9 +146,10 @@ mod tests {
             vcpus: 2,
             shares: vec![FsShare {
                 tag: "rootfs".into(),
-                host_dir: "/b/rootfs".into(),
-                entry: None,
-                read_only: false,
+                export: crate::Export::Dir {
+                    path: "/b/rootfs".into(),
+                    read_only: false,
+                },
                 keep_cache: false,
             }],
             disks: vec![crate::Disk {

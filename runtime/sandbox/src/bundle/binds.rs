@@ -1,94 +1,81 @@
-//! Bind mounts of host paths: each source, file or directory, becomes a virtio-fs share of its
-//! own, `bind0`, `bind1`, ..., holding only that entry under its name (the door stages it), which
-//! the agent mounts and binds into the container from `<share>/<name>`: the bind's root in the
-//! guest's mountinfo is then the source's name, as under runc. A share whose every bind is
-//! read-only is exported read-only by the host. A directory bound with `rbind` and with `bind`
-//! makes two shares: one with the mounts below it on the host, one without.
+//! Bind mounts of host paths: each source, file or directory, is an entry of the one `binds`
+//! virtio-fs share, alone in a slot of its own (`<slot>/<name>`, the door stages it), which the
+//! agent binds into the container: the bind's root in the guest's mountinfo is then the
+//! source's name, as under runc. An entry whose every bind is read-only is exported read-only
+//! by the host. A directory bound with `rbind` and with `bind` makes two entries: one with the
+//! mounts below it on the host, one without. One share for all: a VM has few device slots.
 
 use std::path::{Path, PathBuf};
 
 use husk_hypervisor::{EntryKind, ShareEntry};
 use husk_protocol::BindSource;
 
-/// A host file or directory shared for bind mounts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BindShare {
-    /// virtio-fs tag.
-    pub tag: String,
-    /// Host directory (absolute, canonical): the source's directory, or the source itself when
-    /// it is `/` (which has no name: the share is then `/`, whole).
-    pub dir: PathBuf,
-    /// The source in `dir`: only that entry is shared.
-    pub entry: Option<ShareEntry>,
-    /// Every bind of the share is read-only.
-    pub read_only: bool,
-}
+/// The virtio-fs tag of the share holding every bind source.
+pub const BINDS_TAG: &str = "binds";
 
-/// The shares the bind mounts of one bundle need.
+/// The entries the bind mounts of one bundle need.
 #[derive(Debug)]
 pub(super) struct BindShares {
     bundle: PathBuf,
-    pub shares: Vec<BindShare>,
+    pub entries: Vec<ShareEntry>,
 }
 
 impl BindShares {
     pub fn new(bundle: &Path) -> Self {
         Self {
             bundle: bundle.to_owned(),
-            shares: Vec::new(),
+            entries: Vec::new(),
         }
     }
 
     /// The agent's source for host path `source` (absolute, or relative to the bundle
     /// directory), bound `read_only` or not and, a directory, `recursive` (`rbind`) or not,
-    /// adding its share if it is a new one.
+    /// adding its entry if it is a new one.
     pub fn source(
         &mut self,
         source: &Path,
         read_only: bool,
         recursive: bool,
     ) -> Result<BindSource, String> {
-        let (dir, entry) = self.locate(source, recursive)?;
-        let found = self
-            .shares
-            .iter_mut()
-            .find(|s| s.dir == dir && s.entry == entry);
-        let tag = match found {
-            Some(share) => {
-                share.read_only &= read_only;
-                share.tag.clone()
+        let (path, name, kind) = self.locate(source, recursive)?;
+        let index = match self
+            .entries
+            .iter()
+            .position(|e| e.source == path && e.kind == kind)
+        {
+            Some(index) => {
+                self.entries[index].read_only &= read_only;
+                index
             }
             None => {
-                let tag = format!("bind{}", self.shares.len());
-                self.shares.push(BindShare {
-                    tag: tag.clone(),
-                    dir,
-                    entry: entry.clone(),
+                self.entries.push(ShareEntry {
+                    slot: self.entries.len().to_string(),
+                    source: path,
+                    name,
+                    kind,
                     read_only,
                 });
-                tag
+                self.entries.len() - 1
             }
         };
-        let (path, file) = match entry {
-            Some(ShareEntry {
-                name,
-                kind: EntryKind::Dir { .. },
-            }) => (Some(name), None),
-            Some(ShareEntry {
-                name,
-                kind: EntryKind::File,
-            }) => (None, Some(name)),
-            None => (None, None),
+        let entry = &self.entries[index];
+        let (path, file) = match (&entry.name, entry.kind) {
+            (Some(name), EntryKind::File) => (entry.slot.clone(), Some(name.clone())),
+            _ => (entry.path_in_share().to_string_lossy().into_owned(), None),
         };
-        Ok(BindSource { tag, path, file })
+        Ok(BindSource {
+            tag: BINDS_TAG.to_owned(),
+            path: Some(path),
+            file,
+        })
     }
 
-    /// The canonical directory of `source` and `source` as an entry of it.
+    /// The canonical path of `source`, its name (none for `/`) and kind.
     fn locate(
         &self,
         source: &Path,
         recursive: bool,
-    ) -> Result<(PathBuf, Option<ShareEntry>), String> {
+    ) -> Result<(PathBuf, Option<String>, EntryKind), String> {
         let path = match source.is_absolute() {
             true => source.to_owned(),
             false => self.bundle.join(source),
@@ -106,18 +93,18 @@ impl BindShares {
                 path.display()
             ));
         };
-        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-            // `/`: shared whole.
-            return Ok((path, None));
+        let name = match path.file_name() {
+            Some(name) => Some(
+                name.to_str()
+                    .ok_or_else(|| {
+                        format!("bind source {}: its name is not UTF-8", path.display())
+                    })?
+                    .to_owned(),
+            ),
+            // `/`: its slot is the directory itself.
+            None => None,
         };
-        let name = name
-            .to_str()
-            .ok_or_else(|| format!("bind source {}: its name is not UTF-8", path.display()))?;
-        let entry = ShareEntry {
-            name: name.to_owned(),
-            kind,
-        };
-        Ok((parent.to_owned(), Some(entry)))
+        Ok((path, name, kind))
     }
 }
 
@@ -125,8 +112,13 @@ impl BindShares {
 mod tests {
     use super::*;
 
+    /// (path, file) of a source.
+    fn at(s: &BindSource) -> (Option<&str>, Option<&str>) {
+        (s.path.as_deref(), s.file.as_deref())
+    }
+
     #[test]
-    fn test_source_each_source_shared_once_as_an_entry_of_its_directory() {
+    fn test_source_each_source_one_entry_in_a_slot_of_its_own() {
         let bundle = tempfile::tempdir().unwrap();
         let top = std::fs::canonicalize(bundle.path()).unwrap();
         std::fs::create_dir(bundle.path().join("data")).unwrap();
@@ -139,35 +131,34 @@ mod tests {
         let a2 = binds
             .source(Path::new("data/../data"), false, true)
             .unwrap();
-        assert_eq!((a.tag.as_str(), a2.tag.as_str()), ("bind0", "bind0"));
-        assert_eq!((a.path.as_deref(), a.file.as_deref()), (Some("data"), None));
+        assert_eq!((a.tag.as_str(), b.tag.as_str()), (BINDS_TAG, BINDS_TAG));
         assert_eq!(
-            (b.tag.as_str(), b.path, b.file.as_deref()),
-            ("bind1", None, Some("f"))
+            (at(&a), at(&a2)),
+            ((Some("0/data"), None), (Some("0/data"), None))
         );
-        assert_eq!(binds.shares.len(), 2);
-        assert_eq!(binds.shares[0].dir, top);
-        assert_eq!(binds.shares[1].dir, top.join("data"));
-        // One read-write bind makes its share read-write; the file stays read-only.
-        assert!(!binds.shares[0].read_only);
-        assert!(binds.shares[1].read_only);
+        assert_eq!(at(&b), (Some("1"), Some("f")));
+        assert_eq!(binds.entries.len(), 2);
+        assert_eq!(binds.entries[0].source, top.join("data"));
+        assert_eq!(binds.entries[1].source, top.join("data/f"));
+        // One read-write bind makes its entry read-write; the file stays read-only.
+        assert!(!binds.entries[0].read_only);
+        assert!(binds.entries[1].read_only);
         assert!(binds.source(Path::new("missing"), false, false).is_err());
         assert!(binds.source(Path::new("/dev/null"), false, false).is_err());
     }
 
     #[test]
-    fn test_source_bind_and_rbind_of_a_dir_two_shares() {
+    fn test_source_bind_and_rbind_of_a_dir_two_entries() {
         let bundle = tempfile::tempdir().unwrap();
         std::fs::create_dir(bundle.path().join("data")).unwrap();
         let mut binds = BindShares::new(bundle.path());
         let rbind = binds.source(Path::new("data"), false, true).unwrap();
         let bind = binds.source(Path::new("data"), false, false).unwrap();
-        assert_eq!((rbind.tag.as_str(), bind.tag.as_str()), ("bind0", "bind1"));
-        let kinds: Vec<_> = binds
-            .shares
-            .iter()
-            .map(|s| s.entry.clone().unwrap().kind)
-            .collect();
+        assert_eq!(
+            (at(&rbind), at(&bind)),
+            ((Some("0/data"), None), (Some("1/data"), None))
+        );
+        let kinds: Vec<_> = binds.entries.iter().map(|e| e.kind).collect();
         assert_eq!(
             kinds,
             [
@@ -178,12 +169,12 @@ mod tests {
     }
 
     #[test]
-    fn test_source_root_shared_whole() {
+    fn test_source_root_is_its_slot() {
         let mut binds = BindShares::new(Path::new("/"));
         let s = binds.source(Path::new("/"), true, true).unwrap();
-        assert_eq!((s.path, s.file), (None, None));
-        assert_eq!(binds.shares[0].dir, Path::new("/"));
-        assert_eq!(binds.shares[0].entry, None);
+        assert_eq!(at(&s), (Some("0"), None));
+        assert_eq!(binds.entries[0].source, Path::new("/"));
+        assert_eq!(binds.entries[0].name, None);
     }
 
     #[test]

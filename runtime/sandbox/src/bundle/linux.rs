@@ -12,8 +12,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::binds::{BindShare, BindShares};
+use super::binds::BindShares;
 use super::PodRole;
+use husk_hypervisor::ShareEntry;
 use husk_protocol::{
     IdMapping, JoinNamespace, Mount, MountFlag, MountKind, Namespace, Resources, RootPropagation,
     Seccomp,
@@ -32,7 +33,7 @@ pub(super) struct LinuxAttrs {
     pub seccomp: Option<Seccomp>,
     pub uid_mappings: Vec<IdMapping>,
     pub gid_mappings: Vec<IdMapping>,
-    pub bind_shares: Vec<BindShare>,
+    pub bind_entries: Vec<ShareEntry>,
     pub join_namespaces: Vec<JoinNamespace>,
     /// A pod's sandbox container: the pod's network namespace on the host (CNI's).
     pub pod_netns: Option<PathBuf>,
@@ -87,7 +88,7 @@ pub(super) fn attrs(spec: &Spec, bundle: &Path, role: PodRole<'_>) -> Result<Lin
             .transpose()?,
         uid_mappings: id_mappings(linux.uid_mappings()),
         gid_mappings: id_mappings(linux.gid_mappings()),
-        bind_shares: binds.shares,
+        bind_entries: binds.entries,
         cgroups_path: cgroups_path(linux)?,
         devices: linux
             .devices()

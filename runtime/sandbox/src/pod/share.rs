@@ -4,7 +4,7 @@
 //! The guest writes the share (`<run_dir>/share`) at will and can plant a symlink wherever it
 //! expects the host to look. So a container's part is built elsewhere, in `<run_dir>/stage/<id>`
 //! (the run directory is 0700 and outside the share): a small tmpfs with the mount points
-//! `rootfs` and `binds/<tag>/<name>` (an empty file or directory named like the bind's
+//! `rootfs` and `binds/<slot>/<name>` (an empty file or directory named like the bind's
 //! source), the binds of the container's sources on them (`nosuid,nodev`, read-only where the
 //! container's are; a directory with its submounts for `rbind`), the tmpfs then sealed
 //! read-only. Only then is it bound, whole, onto `share/<id>`: a directory
@@ -25,9 +25,9 @@ use nix::sys::statvfs::{fstatvfs, FsFlags};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use tracing::warn;
 
-use husk_hypervisor::EntryKind;
+use husk_hypervisor::{EntryKind, ShareEntry};
 
-use crate::bundle::BindShare;
+use crate::bundle::BINDS_TAG;
 use crate::SandboxError;
 
 /// A pod's share: its directory, a descriptor of it, and the staging directory beside it.
@@ -59,7 +59,7 @@ impl PodShare {
     }
 
     /// Exposes container `id`'s rootfs (`read_only` or not) and bind sources as
-    /// `share/<id>/rootfs` and `share/<id>/binds/<tag>`.
+    /// `share/<id>/rootfs` and `share/<id>/binds/<slot>`.
     ///
     /// # Errors
     /// [`SandboxError::InvalidId`], or a mount that fails ([`SandboxError::StateDir`]);
@@ -69,7 +69,7 @@ impl PodShare {
         id: &str,
         rootfs: &Path,
         read_only: bool,
-        binds: &[BindShare],
+        binds: &[ShareEntry],
     ) -> Result<(), SandboxError> {
         husk_protocol::validate_id(id).map_err(SandboxError::InvalidId)?;
         let stage = self.stage.join(id);
@@ -161,7 +161,7 @@ fn build_stage(
     stage: &Path,
     rootfs: &Path,
     read_only: bool,
-    binds: &[BindShare],
+    binds: &[ShareEntry],
 ) -> Result<(), SandboxError> {
     let fail = |path: &Path, e: std::io::Error| io_err(path, e);
     private_dir(stage).map_err(|e| fail(stage, e))?;
@@ -179,19 +179,13 @@ fn build_stage(
     let root = stage.join("rootfs");
     std::fs::create_dir(&root).map_err(|e| fail(&root, e))?;
     bind_sealed(rootfs, &root, read_only, true)?;
-    for share in binds {
-        let at = stage.join("binds").join(&share.tag);
-        std::fs::create_dir_all(&at).map_err(|e| fail(&at, e))?;
-        let Some(entry) = &share.entry else {
-            // `/`, shared whole.
-            bind_sealed(&share.dir, &at, share.read_only, true)?;
-            continue;
-        };
-        let placeholder = at.join(&entry.name);
-        make_placeholder(&placeholder, entry.kind).map_err(|e| fail(&placeholder, e))?;
+    for entry in binds {
+        let at = stage.join(BINDS_TAG).join(entry.path_in_share());
+        let parent = at.parent().unwrap_or(stage);
+        std::fs::create_dir_all(parent).map_err(|e| fail(parent, e))?;
+        make_placeholder(&at, entry.kind).map_err(|e| fail(&at, e))?;
         let recursive = entry.kind == EntryKind::Dir { recursive: true };
-        let source = share.dir.join(&entry.name);
-        bind_sealed(&source, &placeholder, share.read_only, recursive)?;
+        bind_sealed(&entry.source, &at, entry.read_only, recursive)?;
     }
     // The skeleton itself: the guest plants nothing in `share/<id>` or `binds`.
     let sealed = base | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
@@ -375,24 +369,20 @@ mod tests {
             self.tmp.path().join(sub)
         }
 
-        fn binds(&self) -> Vec<BindShare> {
+        fn binds(&self) -> Vec<ShareEntry> {
             vec![
-                BindShare {
-                    tag: "bind0".into(),
-                    dir: self.tmp.path().to_owned(),
-                    entry: Some(ShareEntry {
-                        name: "data".into(),
-                        kind: EntryKind::Dir { recursive: true },
-                    }),
+                ShareEntry {
+                    slot: "0".into(),
+                    source: self.path("data"),
+                    name: Some("data".into()),
+                    kind: EntryKind::Dir { recursive: true },
                     read_only: false,
                 },
-                BindShare {
-                    tag: "bind1".into(),
-                    dir: self.path("files"),
-                    entry: Some(ShareEntry {
-                        name: "bound".into(),
-                        kind: EntryKind::File,
-                    }),
+                ShareEntry {
+                    slot: "1".into(),
+                    source: self.path("files/bound"),
+                    name: Some("bound".into()),
+                    kind: EntryKind::File,
                     read_only: true,
                 },
             ]
@@ -423,14 +413,14 @@ mod tests {
         let placed = (
             names(&fx.path("sentinel")),
             names(&c1),
-            names(&c1.join("binds/bind1")),
+            names(&c1.join("binds/1")),
             std::fs::read_to_string(c1.join("rootfs/a")).unwrap(),
-            names(&c1.join("binds/bind0")),
+            names(&c1.join("binds/0")),
         );
         let rootfs_write = std::fs::write(c1.join("rootfs/x"), "x");
         let skeleton_write = std::fs::create_dir(c1.join("planted"));
-        let file_write = std::fs::write(c1.join("binds/bind1/bound"), "w");
-        std::fs::write(c1.join("binds/bind0/data/new"), "n").unwrap();
+        let file_write = std::fs::write(c1.join("binds/1/bound"), "w");
+        std::fs::write(c1.join("binds/0/data/new"), "n").unwrap();
         let mounts: Vec<_> = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
             .lines()
