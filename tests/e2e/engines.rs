@@ -277,6 +277,20 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
         b"",
         false,
     );
+    let tty = engine.on_terminal(
+        // Docker's client sets the size once the process started: the process waits a moment.
+        &run(
+            &["--rm", "-t"],
+            &["sh", "-c", "tty; sleep 1; stty size; exit 4"],
+        ),
+        33,
+        101,
+    );
+    steps.push((
+        "run -t: a terminal of the user's size".into(),
+        tty.status.code(),
+        text(&tty.stdout).replace('\r', "").trim().to_owned(),
+    ));
     let started = engine.run(
         &run(
             &["-d", "--name", "d1"],

@@ -246,9 +246,14 @@ pub async fn create_with(
         "--",
         &opts.id,
     ]);
-    cmd.stdin(Stdio::inherit())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
+    // The container's stdio is this process's, unless it has a terminal (then the console
+    // socket's): the monitor keeps no copy of the caller's pipes, whose end a caller may wait
+    // for (containerd's runc shim reads `create`'s output to its end).
+    let stdio = || match opts.console_socket {
+        Some(_) => Stdio::null(),
+        None => Stdio::inherit(),
+    };
+    cmd.stdin(stdio()).stdout(stdio()).stderr(stdio());
     let mut monitor = cmd.spawn().context("cannot start husk's monitor")?;
     let oci = lifecycle::hand_over(state, &mut monitor, opts.vm.boot_timeout * 2).await?;
     if let Some(path) = pid_file {

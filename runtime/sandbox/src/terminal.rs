@@ -23,8 +23,13 @@ use tracing::debug;
 use crate::agent::AgentClient;
 use crate::SandboxError;
 
-/// How often the host end's window size is looked at.
+/// How often the host end's window size is looked at: often at first, when an engine sets
+/// the size it read from its user's terminal and the process about to start reads it, then
+/// seldom.
+const RESIZE_POLL_FIRST: Duration = Duration::from_millis(10);
 const RESIZE_POLL: Duration = Duration::from_millis(200);
+/// How long the first, frequent polls last.
+const RESIZE_FIRST: Duration = Duration::from_secs(5);
 
 /// Where the host end of a terminal is.
 #[derive(Debug, Clone)]
@@ -157,6 +162,7 @@ async fn forward_resizes(uds: PathBuf, id: String, exec_id: Option<String>, tty:
         return;
     };
     let mut last = None;
+    let first_until = std::time::Instant::now() + RESIZE_FIRST;
     loop {
         if let Ok(size) = rustix::termios::tcgetwinsize(&tty) {
             let now = (size.ws_row, size.ws_col);
@@ -168,7 +174,11 @@ async fn forward_resizes(uds: PathBuf, id: String, exec_id: Option<String>, tty:
                 last = Some(now);
             }
         }
-        tokio::time::sleep(RESIZE_POLL).await;
+        let poll = match std::time::Instant::now() < first_until {
+            true => RESIZE_POLL_FIRST,
+            false => RESIZE_POLL,
+        };
+        tokio::time::sleep(poll).await;
     }
 }
 

@@ -56,6 +56,23 @@ pub trait Engine {
     fn run_flags(&self) -> Vec<String>;
     /// Processes left that name the engine's directory (conmon, shims, the runtime's helpers).
     fn leftovers(&self) -> Vec<String>;
+    /// `<engine> <args>` on a terminal of `rows` x `cols` (as a user types it; `script`
+    /// makes the terminal), its output.
+    fn on_terminal(&self, args: &[&str], rows: u16, cols: u16) -> Output;
+}
+
+/// Runs `cmd` on a new terminal of `rows` x `cols` (`script`), its output in files beside
+/// `base`.
+fn on_terminal(cmd: &Command, rows: u16, cols: u16, base: &Path) -> Output {
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', "'\\''"));
+    let line: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(quote)
+        .collect();
+    let script = format!("stty rows {rows} cols {cols}; exec {}", line.join(" "));
+    let mut outer = Command::new("script");
+    outer.args(["-qec", &script, "/dev/null"]);
+    run_limited(outer, b"", base, ENGINE_TIMEOUT)
 }
 
 /// A private Podman with one runtime.
@@ -122,6 +139,11 @@ impl Engine for Podman {
 
     fn leftovers(&self) -> Vec<String> {
         super::processes_mentioning(self.dir.path())
+    }
+
+    fn on_terminal(&self, args: &[&str], rows: u16, cols: u16) -> Output {
+        let base = self.dir.path().join("tty");
+        on_terminal(&self.command(args), rows, cols, &base)
     }
 }
 
@@ -206,8 +228,9 @@ impl Docker {
 /// Debian's docker CLI (another `docker` may come first on PATH).
 const DOCKER: &str = "/usr/bin/docker";
 
-impl Engine for Docker {
-    fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
+impl Docker {
+    /// `docker <args>` against this dockerd.
+    fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(DOCKER);
         cmd.arg("-H")
             .arg(format!(
@@ -215,7 +238,19 @@ impl Engine for Docker {
                 self.dir.path().join("docker.sock").display()
             ))
             .args(args);
-        run_limited(cmd, stdin, &self.dir.path().join("out"), ENGINE_TIMEOUT)
+        cmd
+    }
+}
+
+impl Engine for Docker {
+    fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let base = self.dir.path().join("out");
+        run_limited(self.command(args), stdin, &base, ENGINE_TIMEOUT)
+    }
+
+    fn on_terminal(&self, args: &[&str], rows: u16, cols: u16) -> Output {
+        let base = self.dir.path().join("tty");
+        on_terminal(&self.command(args), rows, cols, &base)
     }
 
     fn run_flags(&self) -> Vec<String> {
