@@ -305,6 +305,23 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
     {
         std::thread::sleep(Duration::from_millis(100));
     }
+    let tty = engine.on_terminal(
+        &[
+            "exec",
+            "-t",
+            "d1",
+            "sh",
+            "-c",
+            "tty; sleep 1; stty size; exit 5",
+        ],
+        20,
+        70,
+    );
+    steps.push((
+        "exec -t: a terminal of the user's size".into(),
+        tty.status.code(),
+        text(&tty.stdout).replace('\r', "").trim().to_owned(),
+    ));
     let mut step = |name: &str, args: &[&str], stdin: &[u8]| {
         let out = engine.run(args, stdin);
         steps.push((

@@ -122,6 +122,9 @@ fn spawn(init: &ExecInit) -> Result<(std::process::Child, Option<OwnedFd>), Stri
     let mut master = None;
     if p.terminal {
         let (m, slave) = sys::open_terminal().map_err(|e| format!("open /dev/ptmx: {e}"))?;
+        if let Some((rows, cols)) = p.console_size {
+            crate::container::set_winsize(&m, rows, cols).map_err(|e| e.1)?;
+        }
         let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("terminal: {e}"));
         cmd.stdin(dup(&slave)?).stdout(dup(&slave)?).stderr(slave);
         sys::with_controlling_terminal(&mut cmd);

@@ -228,6 +228,7 @@ mod tests {
                 id: "c".into(),
                 exec_id: "e".into(),
                 process: crate::ProcessSpec {
+                    console_size: None,
                     args: vec!["ls".into()],
                     env: vec![],
                     cwd: "/".into(),

@@ -387,6 +387,10 @@ pub struct ProcessSpec {
     /// as runc (version 6).
     #[serde(default)]
     pub capabilities: Option<Capabilities>,
+    /// The terminal's window size (rows, columns) before the process runs (OCI
+    /// `process.consoleSize`); `None` leaves it to the first resize.
+    #[serde(default)]
+    pub console_size: Option<(u16, u16)>,
 }
 
 impl ProcessSpec {
@@ -879,6 +883,7 @@ mod tests {
 
     fn process() -> ProcessSpec {
         ProcessSpec {
+            console_size: None,
             args: vec!["id".into()],
             env: vec!["PATH=/bin".into()],
             cwd: "/".into(),

@@ -384,11 +384,20 @@ const EXEC_RELAY: &str = "HUSK_EXEC_RELAY";
 fn exec_detached(args: &ExecArgs) -> anyhow::Result<i32> {
     let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("husk-exec-XXXXXX"))?;
     let started = dir.join("started");
+    let errors = dir.join("stderr");
     let result = (|| {
-        let mut child = std::process::Command::new(std::env::current_exe()?)
-            .args(std::env::args_os().skip(1))
-            .env(EXEC_RELAY, &started)
-            .spawn()?;
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.args(std::env::args_os().skip(1))
+            .env(EXEC_RELAY, &started);
+        if args.console_socket.is_some() {
+            // The process's stdio is the console socket's terminal: the relay keeps none of
+            // our caller's pipes, whose end a caller may wait for (containerd's runc shim reads
+            // our output to its end before it takes the terminal); its error goes to a file.
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&errors)?);
+        }
+        let mut child = cmd.spawn()?;
         loop {
             if started.exists() {
                 if let Some(path) = &args.pid_file {
@@ -396,8 +405,12 @@ fn exec_detached(args: &ExecArgs) -> anyhow::Result<i32> {
                 }
                 return Ok(0);
             }
-            // It failed before the process started; its error is on the shared stderr.
+            // It failed before the process started; its error is on the shared stderr (or in
+            // the file).
             if let Some(status) = child.try_wait()? {
+                if let Ok(error) = std::fs::read(&errors) {
+                    let _ = std::io::stderr().write_all(&error);
+                }
                 return Ok(status.code().unwrap_or(1));
             }
             std::thread::sleep(std::time::Duration::from_millis(5));

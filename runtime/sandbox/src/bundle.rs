@@ -479,9 +479,18 @@ pub fn process_from_json(bytes: &[u8], drop_host_lsm_labels: bool) -> Result<Pro
         rlimits: attrs.rlimits,
         no_new_privileges: attrs.no_new_privileges,
         capabilities: attrs.capabilities,
+        console_size: process
+            .console_size()
+            .as_ref()
+            .map(|b| (clamp_u16(b.height()), clamp_u16(b.width()))),
     };
     spec.validate()?;
     Ok(spec)
+}
+
+/// A console dimension as a window size field (larger ones are the largest).
+fn clamp_u16(n: u64) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
 }
 
 /// The limits an OCI `linux.resources` JSON object sets (the shim's Update).
@@ -554,6 +563,7 @@ pub fn exec_process(
         rlimits: base.rlimits,
         no_new_privileges: base.no_new_privileges || request.no_new_privileges,
         capabilities,
+        console_size: None,
     };
     spec.validate().map_err(|e| SandboxError::InvalidConfig {
         path: PathBuf::from("exec"),

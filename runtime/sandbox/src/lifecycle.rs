@@ -297,8 +297,8 @@ pub async fn exec(
     );
     let mut agent = agent(&dir).await?;
     let pid = agent.exec(id, &exec_id, &process, request.detach).await?;
-    on_started(pid);
     if request.detach {
+        on_started(pid);
         return Ok(0);
     }
     let outputs = crate::run::attach_stdio(
@@ -309,6 +309,9 @@ pub async fn exec(
         request.console_socket.as_deref(),
     )
     .await?;
+    // Started once its stdio is wired: a terminal's master is then with the console socket,
+    // where engines look for it as soon as `exec --detach` returned (conmon).
+    on_started(pid);
     let mut waiter = agent.reconnect().await?;
     let wait = waiter.wait_process(id, &exec_id);
     tokio::pin!(wait);
