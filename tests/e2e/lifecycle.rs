@@ -224,6 +224,55 @@ fn test_lifecycle_create_start_kill_delete_same_as_runc() {
     husk.assert_clean();
 }
 
+/// A `start` sent while `create` still boots the VM (as tools that start a fixed moment after
+/// launching `create` do) waits for it and starts the container, as runc's (whose create is
+/// quick) does.
+#[test]
+fn test_start_during_create_waits_for_it_as_runc() {
+    let Some(env) = Env::get("test_start_during_create_waits_for_it_as_runc") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", "echo started"]);
+    bundle.edit(|c| c["process"]["terminal"] = false.into());
+    let runc_root = tempfile::tempdir().expect("runc root");
+    let outs = tempfile::tempdir().expect("outputs");
+    let early_start = |rt: &Runtime<'_>, id: &str| {
+        let out = outs.path().join(rt.name());
+        let file = std::fs::File::create(&out).expect("output file");
+        let bundle = bundle.path().to_str().expect("utf-8");
+        let mut create = rt
+            .command(&["create", "--bundle", bundle, id])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .spawn()
+            .expect("create");
+        // Once `create` has taken the id (runc's state directory appears at once too).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rt.state(id).is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let started = rt.run(&["start", id]);
+        let created = create.wait().expect("wait create");
+        let stopped = rt.await_status(id, "stopped");
+        let deleted = rt.run(&["delete", id]);
+        (
+            created.success(),
+            started.status.success(),
+            stderr(&started),
+            stopped,
+            deleted.status.success(),
+            std::fs::read_to_string(&out).unwrap_or_default(),
+        )
+    };
+    let expected = early_start(&Runtime::Runc(runc_root.path()), "early");
+    let got = early_start(&Runtime::Husk(&husk), "early");
+    assert_eq!(got, expected);
+    assert_eq!(got.5, "started\n");
+    husk.assert_clean();
+}
+
 /// Engines' ids (64 hex characters) under long state roots (Docker's
 /// `/run/docker/runtime-runc/moby`, Podman's): the lifecycle goes as with runc, whatever the
 /// length of the socket paths under the state directory would be.

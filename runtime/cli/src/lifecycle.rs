@@ -255,7 +255,8 @@ pub async fn create_with(
     };
     cmd.stdin(stdio()).stdout(stdio()).stderr(stdio());
     let mut monitor = cmd.spawn().context("cannot start husk's monitor")?;
-    let oci = lifecycle::hand_over(state, &mut monitor, opts.vm.boot_timeout * 2).await?;
+    let timeout = lifecycle::create_timeout(opts);
+    let oci = lifecycle::hand_over(state, &mut monitor, timeout).await?;
     if let Some(path) = pid_file {
         write_pid_file(path, oci.pid)?;
     }

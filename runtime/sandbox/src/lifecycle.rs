@@ -4,7 +4,7 @@
 //! over the VM's vsock socket, and update its record under the command lock.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{kill as send_signal, Signal};
 use nix::unistd::Pid;
@@ -37,8 +37,21 @@ const OWNER_GRACE: Duration = Duration::from_secs(3);
 pub fn prepare_create(opts: &RunOptions) -> Result<StateDir, SandboxError> {
     let bundle = Bundle::load(&opts.bundle, &opts.id)?;
     let state = StateDir::create(&opts.root, &opts.id)?;
-    crate::run::new_record(&bundle, Status::Creating).write(state.path())?;
+    let mut record = crate::run::new_record(&bundle, Status::Creating);
+    record.husk.create_deadline_ms = unix_ms(SystemTime::now() + create_timeout(opts));
+    record.write(state.path())?;
     Ok(state)
+}
+
+/// How long `create` may take: booting the VM and building the container.
+pub fn create_timeout(opts: &RunOptions) -> Duration {
+    opts.vm.boot_timeout * 2
+}
+
+/// `time` in milliseconds since the Unix epoch.
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// `create`, second half: the monitor (pid `monitor`) takes the directory over; waits until it
@@ -143,8 +156,19 @@ pub fn list(root: &Path) -> Result<Vec<OciState>, SandboxError> {
 /// No such container, a status other than `created` (runc's messages), or the agent's error.
 pub async fn start(root: &Path, id: &str) -> Result<(), SandboxError> {
     let dir = container_dir(root, id)?;
-    let _lock = CommandLock::take(&dir)?;
-    let record = Record::read(&dir)?.current(&dir);
+    // A VM takes longer to create than runc's container: a `start` sent while `create` still
+    // runs waits for it, until the create's own deadline.
+    let (_lock, record) = loop {
+        let lock = CommandLock::take(&dir)?;
+        let record = Record::read(&dir)?.current(&dir);
+        let creating = record.oci.status == Status::Creating
+            && unix_ms(SystemTime::now()) < record.husk.create_deadline_ms;
+        if !creating {
+            break (lock, record);
+        }
+        drop(lock);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     match record.oci.status {
         Status::Created => {}
         Status::Running => return invalid("cannot start an already running container"),

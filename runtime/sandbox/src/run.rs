@@ -278,6 +278,7 @@ pub(crate) fn new_record(bundle: &Bundle, status: Status) -> Record {
             exit_code: None,
             ephemeral: false,
             hooks: bundle.hooks.clone(),
+            create_deadline_ms: 0,
         },
     }
 }

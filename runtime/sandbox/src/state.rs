@@ -100,6 +100,10 @@ pub struct Private {
     /// The bundle's host hooks still to run (poststart, poststop), as they were at create.
     #[serde(default)]
     pub hooks: crate::hooks::Hooks,
+    /// While `creating`: when `create` gives up (milliseconds since the Unix epoch); a `start`
+    /// that arrives before waits for it until then.
+    #[serde(default)]
+    pub create_deadline_ms: u64,
 }
 
 impl Record {
