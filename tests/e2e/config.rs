@@ -907,3 +907,21 @@ fn test_config_rootfs_propagation_shared_and_unbindable() {
     bundle.edit(|c| c["linux"]["rootfsPropagation"] = "sideways".into());
     assert_refused(&husk, &bundle, "linux.rootfsPropagation \"sideways\"");
 }
+
+/// `linux.personality`: `LINUX32` makes the container's `uname -m` the 32-bit machine, as
+/// personality(2) does for a runc container on runc versions that apply it (1.1 ignores it);
+/// `LINUX` leaves it as it is.
+#[test]
+fn test_config_personality_linux32_uname_i686() {
+    let Some(env) = Env::get("test_config_personality_linux32_uname_i686") else {
+        return;
+    };
+    let husk = env.husk();
+    for (domain, machine) in [("LINUX32", "i686"), ("LINUX", "x86_64")] {
+        let bundle = TestBundle::busybox(&husk, &["uname", "-m"]);
+        bundle.edit(|c| c["linux"]["personality"] = json!({ "domain": domain }));
+        let out = run_expect(&husk, &bundle, &format!("pers-{}", domain.len()), 0);
+        assert_eq!(stdout(&out).trim(), machine, "{domain}");
+    }
+    husk.assert_clean();
+}

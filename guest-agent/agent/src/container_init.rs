@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use husk_protocol::{
-    decode_body, decode_len, encode, ContainerSpec, ErrorKind, Namespace, Response,
+    decode_body, decode_len, encode, ContainerSpec, ErrorKind, Namespace, Personality, Response,
 };
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -219,6 +219,15 @@ fn exec(spec: &ContainerSpec, filters: &[BpfProgram]) -> String {
             })
         {
             return format!("controlling terminal: {e}");
+        }
+    }
+    if let Some(personality) = spec.personality {
+        let persona = match personality {
+            Personality::Linux => 0x0000,
+            Personality::Linux32 => 0x0008,
+        };
+        if let Err(e) = sys::set_personality(persona) {
+            return format!("personality {personality:?}: {e}");
         }
     }
     if !spec.no_new_privileges {

@@ -226,3 +226,12 @@ pub fn install_seccomp(program: &[seccompiler::sock_filter]) -> io::Result<()> {
         _ => Err(io::Error::last_os_error()),
     }
 }
+
+/// personality(2): this process's execution domain (`PER_LINUX` 0, `PER_LINUX32` 8).
+pub fn set_personality(persona: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: personality(2) takes a plain integer and touches no memory of ours.
+    match unsafe { libc::personality(persona) } {
+        -1 => Err(io::Error::last_os_error()),
+        _ => Ok(()),
+    }
+}

@@ -128,6 +128,7 @@ mod tests {
 
     fn all_requests() -> Vec<Request> {
         let spec = ContainerSpec {
+            personality: None,
             id: "c".into(),
             rootfs: crate::Rootfs::VirtioFs {
                 tag: "rootfs".into(),

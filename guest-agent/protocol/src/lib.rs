@@ -31,9 +31,9 @@ pub use linux::{
     MountKind, Namespace, Propagation, RootPropagation, SysctlNamespace,
 };
 pub use messages::{
-    valid_serial, validate_id, ContainerSpec, ErrorKind, ExecInit, ProcessInfo, ProcessSpec,
-    Request, Response, Rootfs, Stats, StdioStream, User, AGENT_PORT, MAX_ADDITIONAL_GIDS,
-    PROTOCOL_VERSION,
+    valid_serial, validate_id, ContainerSpec, ErrorKind, ExecInit, Personality, ProcessInfo,
+    ProcessSpec, Request, Response, Rootfs, Stats, StdioStream, User, AGENT_PORT,
+    MAX_ADDITIONAL_GIDS, PROTOCOL_VERSION,
 };
 pub use network::{IpPrefix, Network, Route};
 pub use process::{Capabilities, Rlimit, MAX_SET_NAMES, OOM_SCORE_ADJ_RANGE, RLIMIT_NAMES};

@@ -295,6 +295,10 @@ pub struct ContainerSpec {
     /// `net.*` sysctls apply there.
     #[serde(default)]
     pub vm_network: bool,
+    /// The execution domain the process runs in (`linux.personality`; version 7); `None`
+    /// keeps the agent's (Linux).
+    #[serde(default)]
+    pub personality: Option<Personality>,
     /// uid_map of the user namespace (only with [`Namespace::User`]; version 3).
     #[serde(default)]
     pub uid_mappings: Vec<IdMapping>,
@@ -359,6 +363,16 @@ pub fn valid_serial(serial: &str) -> bool {
         && serial
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
+/// An execution domain (personality(2)), as runc takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Personality {
+    /// `PER_LINUX`.
+    Linux,
+    /// `PER_LINUX32`: `uname -m` says i686 on x86_64.
+    Linux32,
 }
 
 /// A process to run in an existing container (exec). Its limits and privileges are applied
@@ -632,6 +646,7 @@ mod tests {
 
     fn spec() -> ContainerSpec {
         ContainerSpec {
+            personality: None,
             id: "c1".into(),
             rootfs: Rootfs::VirtioFs {
                 tag: "rootfs".into(),

@@ -378,6 +378,7 @@ impl Bundle {
             vm_network: hooked_network || linux.pod_netns.is_some(),
             resources: linux.resources,
             seccomp: linux.seccomp,
+            personality: linux.personality,
             uid_mappings: linux.uid_mappings,
             gid_mappings: linux.gid_mappings,
             terminal,

@@ -19,7 +19,7 @@ use husk_protocol::{
     IdMapping, JoinNamespace, Mount, MountFlag, MountKind, Namespace, Resources, RootPropagation,
     Seccomp,
 };
-use oci_spec::runtime::{Linux, LinuxIdMapping, Mount as OciMount, Spec};
+use oci_spec::runtime::{Linux, LinuxIdMapping, LinuxPersonalityDomain, Mount as OciMount, Spec};
 
 /// The agent's view of what this module converts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,6 +31,7 @@ pub(super) struct LinuxAttrs {
     pub namespaces: Vec<Namespace>,
     pub resources: Resources,
     pub seccomp: Option<Seccomp>,
+    pub personality: Option<husk_protocol::Personality>,
     pub uid_mappings: Vec<IdMapping>,
     pub gid_mappings: Vec<IdMapping>,
     pub bind_entries: Vec<ShareEntry>,
@@ -81,6 +82,7 @@ pub(super) fn attrs(spec: &Spec, bundle: &Path, role: PodRole<'_>) -> Result<Lin
             Some(r) => super::resources::resources(r)?,
             None => Resources::default(),
         },
+        personality: linux.personality().as_ref().map(personality),
         seccomp: linux
             .seccomp()
             .as_ref()
@@ -274,6 +276,14 @@ fn refuse_unsupported_top(spec: &Spec) -> Result<(), String> {
     Ok(())
 }
 
+/// `linux.personality`: its domain, as runc (which ignores its flags too).
+fn personality(p: &oci_spec::runtime::LinuxPersonality) -> husk_protocol::Personality {
+    match p.domain() {
+        LinuxPersonalityDomain::PerLinux => husk_protocol::Personality::Linux,
+        LinuxPersonalityDomain::PerLinux32 => husk_protocol::Personality::Linux32,
+    }
+}
+
 /// `linux` fields the guest cannot honour yet: present and non-empty is an error.
 fn refuse_unsupported(linux: &Linux) -> Result<(), String> {
     let some_str = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
@@ -281,7 +291,6 @@ fn refuse_unsupported(linux: &Linux) -> Result<(), String> {
         ("mountLabel", some_str(linux.mount_label())),
         ("intelRdt", linux.intel_rdt().is_some()),
         ("memoryPolicy", linux.memory_policy().is_some()),
-        ("personality", linux.personality().is_some()),
         ("timeOffsets", linux.time_offsets().is_some()),
         ("netDevices", linux.net_devices().is_some()),
     ];
