@@ -7,7 +7,7 @@
 // An integration-test file is a crate of its own: its tests need no `cfg(test)` module.
 #![allow(clippy::tests_outside_test_module)]
 
-use std::process::Output;
+use std::process::{Command, Output};
 
 use husk_e2e::harness::{stderr, stdout, Env, Husk, TestBundle};
 use serde_json::json;
@@ -923,5 +923,53 @@ fn test_config_personality_linux32_uname_i686() {
         let out = run_expect(&husk, &bundle, &format!("pers-{}", domain.len()), 0);
         assert_eq!(stdout(&out).trim(), machine, "{domain}");
     }
+    husk.assert_clean();
+}
+
+/// The recursive mount options (`rro`, `rnosuid`, `rnodev`, `rnoexec`, `rnoatime`; then `rrw`
+/// after `rro`, which stays read-only under runc, and `rrw` alone): the bind's flags in the
+/// container's mountinfo and whether it can be written are runc's.
+#[test]
+fn test_config_recursive_mount_options_as_runc() {
+    let Some(env) = Env::get("test_config_recursive_mount_options_as_runc") else {
+        return;
+    };
+    let husk = env.husk();
+    let host = tempfile::tempdir().expect("host dir");
+    let script = "for d in /ro /ro-rw /rw; do echo $d $(awk -v d=$d '$5 == d {print $6}' \
+                  /proc/self/mountinfo); touch $d/x 2>/dev/null && echo WROTE $d; done; true";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    bundle.edit(|c| {
+        c["process"]["terminal"] = false.into();
+        let mounts = c["mounts"].as_array_mut().expect("mounts");
+        let all = ["rbind", "rro", "rnosuid", "rnodev", "rnoexec", "rnoatime"];
+        for (dest, options) in [
+            ("/ro", all.to_vec()),
+            ("/ro-rw", [&all[..], &["rrw"]].concat()),
+            ("/rw", vec!["rbind", "rrw", "rnoexec"]),
+        ] {
+            mounts.push(json!({
+                "destination": dest, "type": "bind", "source": host.path(), "options": options
+            }));
+        }
+    });
+    let got = stdout(&run_expect(&husk, &bundle, "recursive", 0));
+    let root = tempfile::tempdir().expect("runc root");
+    let runc = Command::new("runc")
+        .arg("--root")
+        .arg(root.path())
+        .args(["run", "--bundle"])
+        .arg(bundle.path())
+        .arg("recursive")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("runc");
+    assert_eq!(got, stdout(&runc), "runc: {}", stderr(&runc));
+    assert!(
+        got.contains("/ro ro,nosuid,nodev,noexec,noatime\n"),
+        "{got}"
+    );
+    assert!(got.contains("/rw rw,noexec"), "{got}");
+    assert!(got.contains("WROTE /rw"), "{got}");
     husk.assert_clean();
 }

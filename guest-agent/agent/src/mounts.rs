@@ -43,60 +43,86 @@ pub fn mount_all(
     cgroup: Option<&Path>,
 ) -> io::Result<()> {
     for m in mounts {
-        if let (MountKind::Bind, Some(source)) = (m.kind, &m.source) {
-            bind(root, shares, m, source)?;
-            continue;
+        mount_one(root, shares, m, cgroup)?;
+        if !m.recursive.is_empty() {
+            set_recursive(root, m)?;
         }
-        if let (MountKind::Cgroup2, Some(cgroup)) = (m.kind, cgroup) {
-            let target = prepare_target(root, &m.destination)?;
-            bind_at(cgroup, &target, m)?;
-            continue;
-        }
+    }
+    Ok(())
+}
+
+/// Applies `m.recursive` to the mount at its destination and every mount below it.
+fn set_recursive(root: &Path, m: &Mount) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let target = root.join(m.destination.trim_start_matches('/'));
+    // The mount just made there (the container has not run: nothing of its own moved it).
+    let at = std::fs::File::options()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH | nix::libc::O_NOFOLLOW)
+        .open(&target)
+        .map_err(|e| io::Error::new(e.kind(), format!("mount {}: {e}", m.destination)))?;
+    crate::sys::mount_setattr_recursive(at.as_fd(), m.recursive.set, m.recursive.clear).map_err(
+        |e| {
+            io::Error::new(
+                e.kind(),
+                format!("recursive mount options of {}: {e}", m.destination),
+            )
+        },
+    )
+}
+
+/// Mounts `m` under `root`.
+fn mount_one(root: &Path, shares: &Path, m: &Mount, cgroup: Option<&Path>) -> io::Result<()> {
+    if let (MountKind::Bind, Some(source)) = (m.kind, &m.source) {
+        return bind(root, shares, m, source);
+    }
+    if let (MountKind::Cgroup2, Some(cgroup)) = (m.kind, cgroup) {
         let target = prepare_target(root, &m.destination)?;
-        let fstype = m.kind.fstype();
-        let data = m.data.join(",");
-        let data = (!data.is_empty()).then_some(data.as_str());
-        // What the mount point holds, still reachable through this descriptor once covered.
-        let copy_up = (m.kind == MountKind::Tmpfs && m.flags.contains(&MountFlag::TmpCopyUp))
-            .then(|| {
-                use std::os::unix::fs::OpenOptionsExt;
-                std::fs::File::options()
-                    .read(true)
-                    .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
-                    .open(&target)
-            })
-            .transpose()
-            .map_err(|e| {
-                io::Error::new(e.kind(), format!("tmpcopyup of {}: {e}", m.destination))
-            })?;
-        // A read-only tmpfs to copy into is made read-only once filled.
-        let flags = ms_flags(&m.flags);
-        let first = match copy_up {
-            Some(_) => flags - MsFlags::MS_RDONLY,
-            None => flags,
-        };
-        mount(
-            Some(m.device.as_deref().unwrap_or(fstype)),
-            &target,
-            Some(fstype),
-            first,
-            data,
-        )
-        .map_err(|e| ctx(e, &format!("mount {fstype} on {}", m.destination)))?;
-        if let Some(below) = copy_up {
-            let below = Path::new("/proc/self/fd").join(below.as_raw_fd().to_string());
-            copy_tree(&below, &target, 0).map_err(|e| {
-                io::Error::new(e.kind(), format!("tmpcopyup of {}: {e}", m.destination))
-            })?;
-            if flags != first {
-                let remount = flags | MsFlags::MS_REMOUNT;
-                mount(None::<&str>, &target, None::<&str>, remount, data)
-                    .map_err(|e| ctx(e, &format!("read-only remount of {}", m.destination)))?;
-            }
+        return bind_at(cgroup, &target, m);
+    }
+    let target = prepare_target(root, &m.destination)?;
+    let fstype = m.kind.fstype();
+    let data = m.data.join(",");
+    let data = (!data.is_empty()).then_some(data.as_str());
+    // What the mount point holds, still reachable through this descriptor once covered.
+    let copy_up = (m.kind == MountKind::Tmpfs && m.flags.contains(&MountFlag::TmpCopyUp))
+        .then(|| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::File::options()
+                .read(true)
+                .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+                .open(&target)
+        })
+        .transpose()
+        .map_err(|e| io::Error::new(e.kind(), format!("tmpcopyup of {}: {e}", m.destination)))?;
+    // A read-only tmpfs to copy into is made read-only once filled.
+    let flags = ms_flags(&m.flags);
+    let first = match copy_up {
+        Some(_) => flags - MsFlags::MS_RDONLY,
+        None => flags,
+    };
+    mount(
+        Some(m.device.as_deref().unwrap_or(fstype)),
+        &target,
+        Some(fstype),
+        first,
+        data,
+    )
+    .map_err(|e| ctx(e, &format!("mount {fstype} on {}", m.destination)))?;
+    if let Some(below) = copy_up {
+        let below = Path::new("/proc/self/fd").join(below.as_raw_fd().to_string());
+        copy_tree(&below, &target, 0).map_err(|e| {
+            io::Error::new(e.kind(), format!("tmpcopyup of {}: {e}", m.destination))
+        })?;
+        if flags != first {
+            let remount = flags | MsFlags::MS_REMOUNT;
+            mount(None::<&str>, &target, None::<&str>, remount, data)
+                .map_err(|e| ctx(e, &format!("read-only remount of {}", m.destination)))?;
         }
-        if m.destination.trim_end_matches('/') == "/dev" {
-            populate_dev(&target)?;
-        }
+    }
+    if m.destination.trim_end_matches('/') == "/dev" {
+        populate_dev(&target)?;
     }
     Ok(())
 }

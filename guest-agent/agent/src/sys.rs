@@ -235,3 +235,40 @@ pub fn set_personality(persona: libc::c_ulong) -> io::Result<()> {
         _ => Ok(()),
     }
 }
+
+/// mount_setattr(2) on the mount at `at` and every mount below it (`AT_RECURSIVE`):
+/// `MOUNT_ATTR_*` bits to set and to clear.
+pub fn mount_setattr_recursive(at: BorrowedFd<'_>, set: u64, clear: u64) -> io::Result<()> {
+    /// `struct mount_attr` (include/uapi/linux/mount.h, MOUNT_ATTR_SIZE_VER0).
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: clear,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    let flags = AT_RECURSIVE | libc::AT_EMPTY_PATH as libc::c_uint;
+    // SAFETY: `at` is an open descriptor, the path an empty NUL-terminated literal and `attr` a
+    // live `struct mount_attr` whose size is passed with it; the kernel keeps no pointer.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            at.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    match r {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}

@@ -165,6 +165,7 @@ mod tests {
                 data: vec!["mode=755".into()],
                 source: None,
                 device: None,
+                recursive: Default::default(),
             }],
             masked_paths: vec!["/proc/kcore".into()],
             readonly_paths: vec!["/proc/sys".into()],

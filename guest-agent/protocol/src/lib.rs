@@ -28,7 +28,7 @@ pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRA
 pub use frame::{read_message, write_message};
 pub use linux::{
     sysctl_namespace, BindSource, Device, DeviceKind, IdMapping, JoinNamespace, Mount, MountFlag,
-    MountKind, Namespace, Propagation, RootPropagation, SysctlNamespace,
+    MountKind, Namespace, Propagation, RecursiveAttrs, RootPropagation, SysctlNamespace,
 };
 pub use messages::{
     valid_serial, validate_id, ContainerSpec, ErrorKind, ExecInit, Personality, ProcessInfo,

@@ -29,6 +29,64 @@ pub struct Mount {
     /// Never set on a bind mount.
     #[serde(default)]
     pub device: Option<String>,
+    /// Attributes set or cleared on the mount and every mount below it (version 7).
+    #[serde(default)]
+    pub recursive: RecursiveAttrs,
+}
+
+/// Mount attributes set or cleared on a mount and every mount below it, as mount_setattr(2)
+/// with `AT_RECURSIVE` takes them (`MOUNT_ATTR_*` bits): the OCI options `rro`, `rnosuid`,
+/// `rnoatime`, ... Setting an access-time mode clears the others (`MOUNT_ATTR__ATIME`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecursiveAttrs {
+    /// Attributes to set.
+    #[serde(default)]
+    pub set: u64,
+    /// Attributes to clear.
+    #[serde(default)]
+    pub clear: u64,
+}
+
+impl RecursiveAttrs {
+    /// `MOUNT_ATTR_RDONLY`.
+    pub const RDONLY: u64 = 0x1;
+    /// `MOUNT_ATTR_NOSUID`.
+    pub const NOSUID: u64 = 0x2;
+    /// `MOUNT_ATTR_NODEV`.
+    pub const NODEV: u64 = 0x4;
+    /// `MOUNT_ATTR_NOEXEC`.
+    pub const NOEXEC: u64 = 0x8;
+    /// `MOUNT_ATTR__ATIME`: the access-time mode's bits.
+    pub const ATIME: u64 = 0x70;
+    /// `MOUNT_ATTR_RELATIME` (the mode 0).
+    pub const RELATIME: u64 = 0x0;
+    /// `MOUNT_ATTR_NOATIME`.
+    pub const NOATIME: u64 = 0x10;
+    /// `MOUNT_ATTR_STRICTATIME`.
+    pub const STRICTATIME: u64 = 0x20;
+    /// `MOUNT_ATTR_NODIRATIME`.
+    pub const NODIRATIME: u64 = 0x80;
+    /// `MOUNT_ATTR_NOSYMFOLLOW`.
+    pub const NOSYMFOLLOW: u64 = 0x0020_0000;
+    const KNOWN: u64 = Self::RDONLY
+        | Self::NOSUID
+        | Self::NODEV
+        | Self::NOEXEC
+        | Self::ATIME
+        | Self::NODIRATIME
+        | Self::NOSYMFOLLOW;
+
+    /// Nothing to set or clear.
+    pub fn is_empty(&self) -> bool {
+        self.set == 0 && self.clear == 0
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match (self.set | self.clear) & !Self::KNOWN {
+            0 => Ok(()),
+            unknown => Err(format!("unknown recursive mount attributes {unknown:#x}")),
+        }
+    }
 }
 
 /// The source of a bind mount: a directory inside a virtio-fs share (a host directory's share
@@ -327,6 +385,7 @@ pub(crate) fn validate_container_path(what: &str, path: &str) -> Result<(), Stri
 impl Mount {
     pub(crate) fn validate(&self) -> Result<(), String> {
         validate_container_path("mount destination", &self.destination)?;
+        self.recursive.validate()?;
         if self.destination.trim_end_matches('/').is_empty() {
             return Err("a mount cannot replace the root directory".into());
         }
@@ -527,6 +586,7 @@ mod tests {
             data: vec!["size=1m".into()],
             source: None,
             device: None,
+            recursive: Default::default(),
         };
         assert!(m.validate().is_ok());
         m.data.push("mode=1,uid=0".into());
@@ -549,6 +609,7 @@ mod tests {
                 file: Some("greeting".into()),
             }),
             device: None,
+            recursive: Default::default(),
         };
         assert!(m.validate().is_ok());
         for (tag, file) in [

@@ -16,8 +16,8 @@ use super::binds::BindShares;
 use super::PodRole;
 use husk_hypervisor::ShareEntry;
 use husk_protocol::{
-    IdMapping, JoinNamespace, Mount, MountFlag, MountKind, Namespace, Resources, RootPropagation,
-    Seccomp,
+    IdMapping, JoinNamespace, Mount, MountFlag, MountKind, Namespace, RecursiveAttrs, Resources,
+    RootPropagation, Seccomp,
 };
 use oci_spec::runtime::{Linux, LinuxIdMapping, LinuxPersonalityDomain, Mount as OciMount, Spec};
 
@@ -177,7 +177,8 @@ fn mount(m: &OciMount, binds: &mut BindShares) -> Result<Mount, String> {
             ))
         }
     };
-    let (flags, data) = mount_options(&options).map_err(|e| format!("mount {destination}: {e}"))?;
+    let (flags, data, recursive) =
+        mount_options(&options).map_err(|e| format!("mount {destination}: {e}"))?;
     // The device name (`shm`, `proc`, ...) as the config gives it: /proc/self/mountinfo shows
     // it, as under runc.
     let device = m
@@ -193,6 +194,7 @@ fn mount(m: &OciMount, binds: &mut BindShares) -> Result<Mount, String> {
         data,
         source: None,
         device,
+        recursive,
     })
 }
 
@@ -203,14 +205,16 @@ fn bind_mount(
     recursive: bool,
     binds: &mut BindShares,
 ) -> Result<Mount, String> {
-    let (flags, data) = mount_options(options).map_err(|e| format!("mount {destination}: {e}"))?;
+    let (flags, data, attrs) =
+        mount_options(options).map_err(|e| format!("mount {destination}: {e}"))?;
     if !data.is_empty() {
         // mount(2) ignores file-system data for a bind mount (`mode=755`, ...): so does runc.
         tracing::debug!(%destination, ?data, "bind mount: file-system options ignored");
     }
     let data = Vec::new();
     let source = source.ok_or_else(|| format!("bind mount {destination}: no source"))?;
-    let read_only = flags.contains(&MountFlag::Ro);
+    // A recursively read-only bind is read-only on the host too.
+    let read_only = flags.contains(&MountFlag::Ro) || attrs.set & RecursiveAttrs::RDONLY != 0;
     let source = binds
         .source(source, read_only, recursive)
         .map_err(|e| format!("bind mount {destination}: {e}"))?;
@@ -221,16 +225,34 @@ fn bind_mount(
         data,
         source: Some(source),
         device: None,
+        recursive: attrs,
     })
 }
 
 /// Splits OCI mount options into generic flags (later options win: `ro` then `rw` is rw)
 /// and file-system-specific data.
-fn mount_options(options: &[String]) -> Result<(Vec<MountFlag>, Vec<String>), String> {
+fn mount_options(
+    options: &[String],
+) -> Result<(Vec<MountFlag>, Vec<String>, RecursiveAttrs), String> {
     use MountFlag::*;
     let mut flags: Vec<MountFlag> = Vec::new();
     let mut data = Vec::new();
+    let mut recursive = RecursiveAttrs::default();
     for option in options {
+        if let Some((attr, set)) = recursive_option(option) {
+            // As runc: what one option sets, another does not clear (`rro,rrw` is read-only:
+            // the kernel sets after it clears); setting an access-time mode replaces the mode.
+            match set {
+                true => {
+                    recursive.set |= attr;
+                    if attr & RecursiveAttrs::ATIME == attr {
+                        recursive.clear |= RecursiveAttrs::ATIME;
+                    }
+                }
+                false => recursive.clear |= attr,
+            }
+            continue;
+        }
         let (set, clear) = match option.as_str() {
             "defaults" | "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave"
             | "unbindable" | "runbindable" => (None, None),
@@ -254,7 +276,7 @@ fn mount_options(options: &[String]) -> Result<(Vec<MountFlag>, Vec<String>), St
             "strictatime" => (Some(Strictatime), None),
             "nostrictatime" => (None, Some(Strictatime)),
             "tmpcopyup" => (Some(TmpCopyUp), None),
-            "remount" | "mand" | "nomand" | "idmap" | "ridmap" | "rro" | "rrw" | "recursive" => {
+            "remount" | "mand" | "nomand" | "idmap" | "ridmap" | "recursive" => {
                 return Err(format!("option {option:?} is not supported"))
             }
             _ => {
@@ -265,7 +287,33 @@ fn mount_options(options: &[String]) -> Result<(Vec<MountFlag>, Vec<String>), St
         flags.retain(|f| Some(*f) != clear && Some(*f) != set);
         flags.extend(set);
     }
-    Ok((flags, data))
+    Ok((flags, data, recursive))
+}
+
+/// A recursive mount option (`rro`, `rnosuid`, ...): the attribute it sets (`true`) or clears.
+fn recursive_option(option: &str) -> Option<(u64, bool)> {
+    type A = RecursiveAttrs;
+    Some(match option {
+        "rro" => (A::RDONLY, true),
+        "rrw" => (A::RDONLY, false),
+        "rnosuid" => (A::NOSUID, true),
+        "rsuid" => (A::NOSUID, false),
+        "rnodev" => (A::NODEV, true),
+        "rdev" => (A::NODEV, false),
+        "rnoexec" => (A::NOEXEC, true),
+        "rexec" => (A::NOEXEC, false),
+        "rnodiratime" => (A::NODIRATIME, true),
+        "rdiratime" => (A::NODIRATIME, false),
+        "rrelatime" => (A::RELATIME, true),
+        "rnorelatime" => (A::RELATIME, false),
+        "rnoatime" => (A::NOATIME, true),
+        "ratime" => (A::NOATIME, false),
+        "rstrictatime" => (A::STRICTATIME, true),
+        "rnostrictatime" => (A::STRICTATIME, false),
+        "rnosymfollow" => (A::NOSYMFOLLOW, true),
+        "rsymfollow" => (A::NOSYMFOLLOW, false),
+        _ => return None,
+    })
 }
 
 /// Top-level fields the guest cannot honour yet.
@@ -395,10 +443,22 @@ mod tests {
 
     #[test]
     fn test_mount_options_later_wins_and_data_kept() {
-        let (flags, data) = mount_options(&opts(&["ro", "nosuid", "rw", "size=1m"])).unwrap();
+        let (flags, data, _) = mount_options(&opts(&["ro", "nosuid", "rw", "size=1m"])).unwrap();
         assert_eq!(flags, [MountFlag::Nosuid]);
         assert_eq!(data, ["size=1m"]);
         assert!(mount_options(&opts(&["remount"])).is_err());
+    }
+
+    #[test]
+    fn test_mount_options_recursive_as_runc() {
+        type A = RecursiveAttrs;
+        let (flags, _, r) = mount_options(&opts(&["rro", "nosuid", "rrw", "rnoatime"])).unwrap();
+        assert_eq!(flags, [MountFlag::Nosuid]);
+        // `rrw` after `rro` clears and sets: the kernel sets last, read-only stays (runc).
+        assert_eq!(r.set, A::RDONLY | A::NOATIME);
+        assert_eq!(r.clear, A::RDONLY | A::ATIME);
+        let (_, _, r) = mount_options(&opts(&["rrelatime", "rsymfollow"])).unwrap();
+        assert_eq!((r.set, r.clear), (0, A::ATIME | A::NOSYMFOLLOW));
     }
 
     #[test]

@@ -96,11 +96,12 @@ mod tests {
             flags: Vec::new(),
             data: Vec::new(),
             source: Some(BindSource {
-                tag: "bind0".into(),
+                tag: "binds".into(),
                 path: None,
                 file: file.then(|| "f".into()),
             }),
             device: None,
+            recursive: Default::default(),
         }
     }
 
