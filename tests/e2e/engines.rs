@@ -357,6 +357,21 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
     step("pause", &["pause", "d1"], b"");
     step("paused", &["inspect", "-f", "{{.State.Status}}", "d1"], b"");
     step("unpause", &["unpause", "d1"], b"");
+    step("restart -t 1", &["restart", "-t", "1", "d1"], b"");
+    // The restarted container ran its command again (in a new VM, for husk).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while text(&engine.run(&["logs", "d1"], b"").stdout).matches("logged").count() < 2
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    step("logs after restart", &["logs", "d1"], b"");
+    // The numbers differ (a VM's memory is its own); that it answers is compared.
+    step(
+        "stats --no-stream",
+        &["stats", "--no-stream", "--format", "{{.Name}}", "d1"],
+        b"",
+    );
     step("stop -t 1", &["stop", "-t", "1", "d1"], b"");
     step(
         "stopped: exit code",
@@ -377,7 +392,49 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
     step("kill -s KILL", &["kill", "-s", "KILL", "d2"]);
     step("wait: exit code", &["wait", "d2"]);
     step("rm", &["rm", "d2"]);
-    step("ps -a: nothing left", &["ps", "-a", "-q"]);
+    step(
+        "run --init",
+        &run(
+            &["--rm", "--init"],
+            &["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '"],
+        ),
+    );
+    // Several at once: each in its own VM, each with its own output and status.
+    let args: Vec<Vec<String>> = (1..=3)
+        .map(|n| {
+            run(&["--rm"], &["sh", "-c", "echo $0; exit $0"])
+                .into_iter()
+                .map(str::to_owned)
+                .chain([n.to_string()])
+                .collect()
+        })
+        .collect();
+    let outs: Vec<Output> = std::thread::scope(|scope| {
+        let handles: Vec<_> = args
+            .iter()
+            .map(|a| {
+                let a: Vec<&str> = a.iter().map(String::as_str).collect();
+                scope.spawn(move || engine.run(&a, b""))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("engine thread"))
+            .collect()
+    });
+    for (n, out) in outs.iter().enumerate() {
+        steps.push((
+            format!("three at once: #{}", n + 1),
+            out.status.code(),
+            text(&out.stdout).trim().to_owned(),
+        ));
+    }
+    let left = engine.run(&["ps", "-a", "-q"], b"");
+    steps.push((
+        "ps -a: nothing left".into(),
+        left.status.code(),
+        text(&left.stdout).trim().to_owned(),
+    ));
     steps
 }
 

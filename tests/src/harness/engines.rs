@@ -49,7 +49,7 @@ impl EngineRuntime {
 
 /// An engine under test: runs its CLI with `stdin`, within [`ENGINE_TIMEOUT`]; `run_flags`
 /// are what `run` needs to use the runtime under test.
-pub trait Engine {
+pub trait Engine: Sync {
     /// `<engine> <args>`.
     fn run(&self, args: &[&str], stdin: &[u8]) -> Output;
     /// Flags `run` takes before the image to use the runtime under test.
@@ -329,9 +329,12 @@ pub fn run_args_on<'a>(
 
 /// Runs `cmd` with `stdin`, its output in files beside `base`, killed after `timeout`.
 fn run_limited(mut cmd: Command, stdin: &[u8], base: &Path, timeout: Duration) -> Output {
-    let out_path = base.with_extension("stdout");
-    let err_path = base.with_extension("stderr");
-    let in_path = base.with_extension("stdin");
+    // Commands may run side by side: each has files of its own.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out_path = base.with_extension(format!("{call}.stdout"));
+    let err_path = base.with_extension(format!("{call}.stderr"));
+    let in_path = base.with_extension(format!("{call}.stdin"));
     std::fs::write(&in_path, stdin).expect("stdin file");
     let mut child = cmd
         .stdin(std::fs::File::open(&in_path).expect("stdin"))
@@ -350,9 +353,13 @@ fn run_limited(mut cmd: Command, stdin: &[u8], base: &Path, timeout: Duration) -
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Output {
+    let out = Output {
         status,
         stdout: std::fs::read(&out_path).unwrap_or_default(),
         stderr: std::fs::read(&err_path).unwrap_or_default(),
+    };
+    for path in [out_path, err_path, in_path] {
+        let _ = std::fs::remove_file(path);
     }
+    out
 }
