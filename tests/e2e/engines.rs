@@ -360,7 +360,10 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
     step("restart -t 1", &["restart", "-t", "1", "d1"], b"");
     // The restarted container ran its command again (in a new VM, for husk).
     let deadline = Instant::now() + Duration::from_secs(20);
-    while text(&engine.run(&["logs", "d1"], b"").stdout).matches("logged").count() < 2
+    while text(&engine.run(&["logs", "d1"], b"").stdout)
+        .matches("logged")
+        .count()
+        < 2
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(100));
