@@ -170,6 +170,14 @@ fn test_pid_file_process_exits_with_the_container_status_as_runc() {
 /// One step of an engine scenario as compared: its name, exit code and output.
 type Step = (String, Option<i32>, String);
 
+/// `<engine> <args>` typed on a terminal of `size` (rows, columns), as a step: its exit code
+/// and what the terminal showed.
+fn terminal_step(engine: &dyn Engine, name: &str, args: &[&str], size: (u16, u16)) -> Step {
+    let out = engine.on_terminal(args, size.0, size.1);
+    let seen = text(&out.stdout).replace('\r', "").trim().to_owned();
+    (name.to_owned(), out.status.code(), seen)
+}
+
 /// An engine's daily commands (part of issue 14's list), each step's exit code and output.
 fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
     let flags = engine.run_flags();
@@ -277,19 +285,15 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
         b"",
         false,
     );
-    let tty = engine.on_terminal(
-        // Docker's client sets the size once the process started: the process waits a moment.
+    // Docker's client sets the size once the process started: the process waits a moment.
+    steps.push(terminal_step(
+        engine,
+        "run -t: a terminal of the user's size",
         &run(
             &["--rm", "-t"],
             &["sh", "-c", "tty; sleep 1; stty size; exit 4"],
         ),
-        33,
-        101,
-    );
-    steps.push((
-        "run -t: a terminal of the user's size".into(),
-        tty.status.code(),
-        text(&tty.stdout).replace('\r', "").trim().to_owned(),
+        (33, 101),
     ));
     let started = engine.run(
         &run(
@@ -305,7 +309,9 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
     {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let tty = engine.on_terminal(
+    steps.push(terminal_step(
+        engine,
+        "exec -t: a terminal of the user's size",
         &[
             "exec",
             "-t",
@@ -314,13 +320,7 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
             "-c",
             "tty; sleep 1; stty size; exit 5",
         ],
-        20,
-        70,
-    );
-    steps.push((
-        "exec -t: a terminal of the user's size".into(),
-        tty.status.code(),
-        text(&tty.stdout).replace('\r', "").trim().to_owned(),
+        (20, 70),
     ));
     let mut step = |name: &str, args: &[&str], stdin: &[u8]| {
         let out = engine.run(args, stdin);
