@@ -167,6 +167,31 @@ pub enum EntryKind {
     },
 }
 
+impl EntryKind {
+    /// A directory bound with the mounts below it.
+    pub fn is_recursive(self) -> bool {
+        self == Self::Dir { recursive: true }
+    }
+
+    /// Makes an empty stand-in of this kind at `path` for the entry to be bound on: a
+    /// directory (0700) or a new regular file (0600).
+    ///
+    /// # Errors
+    /// `path` exists, or cannot be made.
+    pub fn make_placeholder(self, path: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        match self {
+            Self::Dir { .. } => std::fs::DirBuilder::new().mode(0o700).create(path),
+            Self::File => std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map(drop),
+        }
+    }
+}
+
 /// A raw disk image given to the guest as a virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
-use crate::{EntryKind, Export, FsShare, HypervisorError, ShareEntry};
+use crate::{Export, FsShare, HypervisorError, ShareEntry};
 
 /// `MOUNT_ATTR_*` and `AT_RECURSIVE` (include/uapi/linux/mount.h, fcntl.h).
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
@@ -97,7 +97,7 @@ impl ShareMounts {
         for entry in entries {
             let placeholder = staging.join(entry.path_in_share());
             make_placeholder(staging, entry).map_err(err)?;
-            let recursive = entry.kind == EntryKind::Dir { recursive: true };
+            let recursive = entry.kind.is_recursive();
             let attrs = if entry.read_only {
                 MOUNT_ATTR_RDONLY
             } else {
@@ -160,20 +160,11 @@ fn make_private_dir(path: &Path) -> std::io::Result<()> {
 /// Makes `entry`'s slot in `staging` and in it an empty placeholder of the entry's kind and
 /// name (the slot itself for a nameless entry).
 fn make_placeholder(staging: &Path, entry: &ShareEntry) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let slot = staging.join(&entry.slot);
     make_private_dir(&slot)?;
-    let Some(name) = &entry.name else {
-        return Ok(());
-    };
-    match entry.kind {
-        EntryKind::Dir { .. } => make_private_dir(&slot.join(name)),
-        EntryKind::File => std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(slot.join(name))
-            .map(drop),
+    match &entry.name {
+        Some(name) => entry.kind.make_placeholder(&slot.join(name)),
+        None => Ok(()),
     }
 }
 
@@ -304,6 +295,7 @@ fn check(r: libc::c_int) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::EntryKind;
 
     /// `dir/name` as the entry in slot `slot`.
     fn entry(dir: &Path, slot: &str, name: &str, kind: EntryKind, read_only: bool) -> ShareEntry {

@@ -14,7 +14,7 @@
 //! deleted only once nothing is mounted below it, and never through a symlink.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -25,7 +25,7 @@ use nix::sys::statvfs::{fstatvfs, FsFlags};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use tracing::warn;
 
-use husk_hypervisor::{EntryKind, ShareEntry};
+use husk_hypervisor::ShareEntry;
 
 use crate::bundle::BINDS_TAG;
 use crate::SandboxError;
@@ -183,9 +183,13 @@ fn build_stage(
         let at = stage.join(BINDS_TAG).join(entry.path_in_share());
         let parent = at.parent().unwrap_or(stage);
         std::fs::create_dir_all(parent).map_err(|e| fail(parent, e))?;
-        make_placeholder(&at, entry.kind).map_err(|e| fail(&at, e))?;
-        let recursive = entry.kind == EntryKind::Dir { recursive: true };
-        bind_sealed(&entry.source, &at, entry.read_only, recursive)?;
+        entry.kind.make_placeholder(&at).map_err(|e| fail(&at, e))?;
+        bind_sealed(
+            &entry.source,
+            &at,
+            entry.read_only,
+            entry.kind.is_recursive(),
+        )?;
     }
     // The skeleton itself: the guest plants nothing in `share/<id>` or `binds`.
     let sealed = base | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
@@ -195,19 +199,6 @@ fn build_stage(
 
 /// Binds `from` (recursively) on `to`, then seals every mount of the bind `nosuid,nodev`, and
 /// read-only when `read_only`, keeping the flags it already had.
-/// An empty file or directory, named like the bind source it stands for.
-fn make_placeholder(path: &Path, kind: EntryKind) -> std::io::Result<()> {
-    match kind {
-        EntryKind::Dir { .. } => std::fs::create_dir(path),
-        EntryKind::File => std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map(drop),
-    }
-}
-
 fn bind_sealed(
     from: &Path,
     to: &Path,
@@ -342,6 +333,7 @@ mod tests {
     use husk_hypervisor::ShareEntry;
 
     use super::*;
+    use husk_hypervisor::EntryKind;
 
     /// A run directory, a rootfs with one file, a bind directory, a directory with a bound
     /// file and its sibling, and a sentinel directory outside everything.
