@@ -1,5 +1,5 @@
-//! virtio-mmio register sequences: reads and writes of any offset, width and value on a block
-//! or a vsock device behind the in-process transport, activation and reset included. Guest
+//! virtio-mmio register sequences: reads and writes of any offset, width and value on a block,
+//! a vsock or a network device behind the in-process transport, activation and reset included. Guest
 //! memory stays zeroed (rings included), so that an activated device's worker thread finds
 //! nothing to do; the queues themselves are the other targets' business.
 #![no_main]
@@ -26,7 +26,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
-    let device: Box<dyn VirtioMmioDevice> = match input.u8() & 1 {
+    let mut _wire = None;
+    let device: Box<dyn VirtioMmioDevice> = match input.u8() % 3 {
         0 => {
             let path = dir.path().join("disk");
             let _ = std::fs::write(&path, [0u8; 4096]);
@@ -35,6 +36,13 @@ fuzz_target!(|data: &[u8]| {
                 Err(_) => return,
             }
         }
+        1 => match husk_devices::fuzzing::net_mmio() {
+            Ok((dev, wire)) => {
+                _wire = Some(wire);
+                Box::new(dev)
+            }
+            Err(_) => return,
+        },
         _ => {
             let config = VsockConfig {
                 guest_cid: 3,

@@ -58,6 +58,11 @@ fn test_husk_run_through_builtin_vmm_in_emulated_test_host() {
         lines("husk: timings:"),
         start.elapsed().as_millis()
     );
+    assert_eq!(
+        text.matches("built-in VMM started").count(),
+        4,
+        "every run, c4's network included, on the built-in VMM:\n{text}"
+    );
     for (what, expected) in [
         (
             "auto picks the built-in VMM",
@@ -77,6 +82,15 @@ fn test_husk_run_through_builtin_vmm_in_emulated_test_host() {
         ("written to the disk", "disk-ok"),
         ("disk image exit", "HUSK-RUN c3 EXIT 0 "),
         ("disk image clean after the run", "FSCK 0"),
+        ("network run exit", "HUSK-RUN c4 EXIT 0 "),
+        (
+            "the engine's address on the VM's virtio-net device",
+            "inet 10.77.0.2/24",
+        ),
+        ("the engine's MTU", "NET-MTU 1500"),
+        ("a file fetched from the host", "NET-GOT net-ok"),
+        ("fetched again over a raw TCP stream", "NET-NC 1"),
+        ("the tap removed", "NET-TAP-LEFT 0"),
         ("nothing left behind", "LEFT-BEHIND []"),
         ("the whole job", "NESTED-EXIT 0"),
     ] {

@@ -1,12 +1,19 @@
 #!/bin/sh
 # Inside the emulated test host: `husk run` of a busybox bundle through the built-in VMM, the
-# whole path (boot, vsock, virtio-fs rootfs, stdin, exit codes, teardown) in two runs:
+# whole path (boot, vsock, virtio-fs rootfs, virtio-blk, virtio-net, stdin, exit codes,
+# teardown) in four runs:
 #   c1: --hypervisor kvm --vcpus 2, reads a line from stdin, prints it, the kernel release and
 #       the number of CPUs the container sees (the MP table's), exits 3;
 #   c2: --hypervisor auto (must pick the built-in VMM here), SIGTERM to husk once the container
 #       runs: forwarded, ignored by the container's PID 1, SIGKILL after the grace: 137;
 #   c3: the rootfs as an ext4 disk image (virtio-blk): the container writes to it, and the image
-#       is clean afterwards (`FSCK <status>`).
+#       is clean afterwards (`FSCK <status>`);
+#   c4: --hypervisor auto with a network namespace by path, as Podman gives one (a veth pair:
+#       the test host at 10.77.0.1 serves a file with busybox httpd, the namespace's end is
+#       10.77.0.2/24): the built-in VMM's virtio-net device carries it; the container prints
+#       its address and MTU (`NET-ADDR`, `NET-MTU`) and fetches the file with wget (`NET-GOT`)
+#       and nc (`NET-NC`, the count of lines with the file's text);
+#       `NET-TAP-LEFT` counts the taps left in the namespace afterwards.
 # Prints one `HUSK-RUN <id> EXIT <code> WALL-MS <ms>` line per run and `LEFT-BEHIND [...]`.
 # Usage: husk-run.sh HUSK
 husk=$1
@@ -19,6 +26,10 @@ ln -s busybox "$bundle/rootfs/bin/sleep"
 ln -s busybox "$bundle/rootfs/bin/nproc"
 ln -s busybox "$bundle/rootfs/bin/grep"
 ln -s busybox "$bundle/rootfs/bin/cat"
+ln -s busybox "$bundle/rootfs/bin/ip"
+ln -s busybox "$bundle/rootfs/bin/wget"
+ln -s busybox "$bundle/rootfs/bin/nc"
+ln -s busybox "$bundle/rootfs/bin/printf"
 "$husk" spec --bundle "$bundle" || exit 11
 cp "$bundle/config.json" /run/config.json
 "$husk" check
@@ -68,6 +79,27 @@ echo "from-host-stdin" | run c1 kvm 'read line; echo built-in VMM: kernel $(unam
 flags=
 run c2 auto 'echo running; sleep 600' TERM < /dev/null > /run/out
 cat /run/out
+
+# The test host's own loopback: busybox httpd answers on 10.77.0.1 from here too.
+ip link set lo up
+ip netns add n1 || exit 13
+ip link add h0 type veth peer name c0 netns n1 || exit 14
+ip addr add 10.77.0.1/24 dev h0 && ip link set h0 up || exit 15
+ip -n n1 addr add 10.77.0.2/24 dev c0 && ip -n n1 link set c0 up && ip -n n1 link set lo up || exit 16
+mkdir -p /run/www && echo net-ok > /run/www/f
+busybox httpd -p 10.77.0.1:8080 -h /run/www || exit 17
+sed 's|"type": "network"|"type": "network", "path": "/run/netns/n1"|' /run/config.json > /run/config-net.json
+cp /run/config.json /run/config-dir.json
+cp /run/config-net.json /run/config.json
+cat > "$bundle/rootfs/netcheck" <<'EOS'
+echo NET-ADDR $(ip -4 -o addr show dev eth0)
+echo NET-MTU $(cat /sys/class/net/eth0/mtu)
+echo NET-GOT $(wget -O - http://10.77.0.1:8080/f)
+echo NET-NC $(printf 'GET /f HTTP/1.0\r\n\r\n' | nc 10.77.0.1 8080 | grep -c net-ok)
+EOS
+run c4 auto 'sh /netcheck' < /dev/null
+cp /run/config-dir.json /run/config.json
+echo "NET-TAP-LEFT $(ip -n n1 -o link show type tun | wc -l)"
 
 mkfs.ext4 -q -F -d "$bundle/rootfs" /run/rootfs.img 16M || exit 12
 sed 's|"path": "rootfs"|"path": "/run/rootfs.img"|; s|"readonly": true|"readonly": false|' /run/config.json > /run/config-disk.json

@@ -13,6 +13,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::block::device::Block;
 use crate::block::BlockError;
+use crate::net::device::Net;
 use crate::vsock::device::Vsock;
 use crate::vsock::unix::VsockUnixBackend;
 use crate::vsock::VsockError;
@@ -73,6 +74,74 @@ impl BlockFuzz {
         let served = self.0.process_queue(mem, queue);
         (served.used, served.broke)
     }
+}
+
+/// The network device on a datagram socket pair standing in for the tap: what the device
+/// sends is readable on the other end, what is written there arrives as from the tap.
+#[derive(Debug)]
+pub struct NetFuzz {
+    net: Net,
+    wire: std::os::unix::net::UnixDatagram,
+}
+
+impl NetFuzz {
+    /// A device with MTU 1500 (offered) and its wire.
+    ///
+    /// # Errors
+    /// The socket pair cannot be made.
+    pub fn new() -> std::io::Result<Self> {
+        let (tap, wire) = std::os::unix::net::UnixDatagram::pair()?;
+        let tap = std::fs::File::from(std::os::fd::OwnedFd::from(tap));
+        crate::net::tap::set_nonblocking(&tap)?;
+        wire.set_nonblocking(true)?;
+        Ok(Self {
+            net: Net::new(tap, [2, 0, 0, 0, 0, 1], Some(1500)),
+            wire,
+        })
+    }
+
+    /// A frame (its 12-byte header first) arriving from the host network; dropped when the
+    /// socket is full.
+    pub fn host_sends(&self, bytes: &[u8]) {
+        let _ = self.wire.send(bytes);
+    }
+
+    /// Takes what the device sent to the host network; returns the number of frames.
+    pub fn host_drains(&self) -> usize {
+        let mut buf = vec![0u8; 70_000];
+        std::iter::from_fn(|| self.wire.recv(&mut buf).ok()).count()
+    }
+
+    /// One pass over both queues, as the transport runs on a wakeup; returns whether a used
+    /// ring changed and whether a queue was found corrupted in this call.
+    pub fn process<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        rxq: &mut Queue,
+        txq: &mut Queue,
+    ) -> (bool, bool) {
+        let activity = self.net.process(mem, rxq, txq);
+        (activity.used, activity.broke)
+    }
+
+    /// Device reset.
+    pub fn reset(&mut self) {
+        self.net.reset();
+    }
+}
+
+/// A [`crate::NetMmio`] on a datagram socket pair standing in for the tap, and the pair's
+/// other end (for the register target: a device behind the transport without a real tap).
+///
+/// # Errors
+/// The socket pair cannot be made.
+pub fn net_mmio() -> std::io::Result<(crate::NetMmio, std::os::unix::net::UnixDatagram)> {
+    let (tap, wire) = std::os::unix::net::UnixDatagram::pair()?;
+    let tap = std::fs::File::from(std::os::fd::OwnedFd::from(tap));
+    crate::net::tap::set_nonblocking(&tap)?;
+    let device =
+        crate::NetMmio::on(tap, "02:00:00:00:00:01", Some(1500)).map_err(std::io::Error::other)?;
+    Ok((device, wire))
 }
 
 /// The muxer's parser of a host client's `CONNECT <port>` line (without its `\n`).

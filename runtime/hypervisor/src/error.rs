@@ -11,11 +11,6 @@ pub enum HypervisorError {
     /// `--hypervisor kvm` on a host whose KVM fails the capability probe.
     #[error("the built-in VMM cannot run a guest on this host: KVM probe: {0}; use --hypervisor qemu (or auto)")]
     KvmUnusable(String),
-
-    /// The built-in VMM was asked for a pod's network device.
-    #[error("the built-in VMM has no network device yet; a pod with a network needs the QEMU door (--hypervisor qemu or auto)")]
-    NoNetDevice,
-
     /// A program the door runs is not installed.
     #[error("{program} not found in PATH; {hint}")]
     ProgramNotFound {

@@ -214,6 +214,9 @@ pub struct NetDevice {
     pub tap: String,
     /// The guest device's hardware address (the pod interface's).
     pub mac: String,
+    /// The pod interface's MTU, where known when the VM starts (not for a network an
+    /// engine's hook wires later).
+    pub mtu: Option<u16>,
 }
 
 /// Everything a door needs to boot one VM.
@@ -231,7 +234,7 @@ pub struct VmConfig {
     pub shares: Vec<FsShare>,
     /// virtio-blk disks.
     pub disks: Vec<Disk>,
-    /// A virtio-net device on the pod's network (the QEMU door only).
+    /// A virtio-net device on the pod's network.
     pub net: Option<NetDevice>,
     /// Private directory of this VM: sockets and logs go here; the door removes only its own files.
     pub run_dir: PathBuf,
@@ -304,9 +307,6 @@ pub fn new_door(
 ) -> Result<Box<dyn Hypervisor>, HypervisorError> {
     match kind {
         HypervisorKind::Qemu => Ok(Box::new(qemu::QemuDoor::new(config)?)),
-        HypervisorKind::Kvm if config.net.is_some() => Err(HypervisorError::NoNetDevice),
-        // A pod's network needs a virtio-net device: QEMU has one.
-        HypervisorKind::Auto if config.net.is_some() => Ok(Box::new(qemu::QemuDoor::new(config)?)),
         HypervisorKind::Kvm => {
             let probe = probe_logged();
             if !probe.passed {

@@ -59,6 +59,7 @@ impl PodNetwork {
                 netns: netns.to_owned(),
                 tap: TAP.to_owned(),
                 mac: network.mac.clone(),
+                mtu: u16::try_from(network.mtu).ok(),
             },
             network,
             interface,
@@ -140,6 +141,7 @@ impl VmNetwork {
                 netns,
                 tap: TAP.to_owned(),
                 mac: local_mac(),
+                mtu: None,
             },
             wired: None,
         }))

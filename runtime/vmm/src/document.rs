@@ -24,6 +24,9 @@ pub struct VmmDocument {
     pub fs: Vec<FsDevice>,
     /// virtio-blk disks on raw images.
     pub disks: Vec<DiskDevice>,
+    /// A virtio-net device on a tap the jail opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetDevice>,
     /// Guest RAM in MiB.
     pub memory_mib: u32,
     /// vCPUs.
@@ -52,6 +55,19 @@ pub struct DiskDevice {
     pub path: PathBuf,
     /// The guest cannot write it.
     pub read_only: bool,
+}
+
+/// A virtio-net device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetDevice {
+    /// The tap's descriptor in husk-vmm (passed by the jail, [`crate::jail::FIRST_PASSED_FD`]
+    /// onwards).
+    pub tap_fd: i32,
+    /// The guest's hardware address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// The network's MTU, offered to the driver, where known.
+    pub mtu: Option<u16>,
 }
 
 impl VmmDocument {
@@ -88,6 +104,11 @@ mod tests {
                 path: "/d.img".into(),
                 read_only: true,
             }],
+            net: Some(NetDevice {
+                tap_fd: 3,
+                mac: "02:00:00:00:00:01".into(),
+                mtu: Some(1500),
+            }),
             memory_mib: 256,
             vcpus: 2,
             cmdline: "console=ttyS0".into(),

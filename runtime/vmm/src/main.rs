@@ -4,7 +4,7 @@
 //! - `husk-vmm --config DOC` boots the Linux guest a [`husk_vmm::document::VmmDocument`]
 //!   describes (what the door runs); `husk-vmm --kernel K --initramfs I --console LOG
 //!   [--vsock-uds SOCK] [--fs TAG=SOCK]... [--disk[-ro] SERIAL=IMG]... [--memory-mib N]
-//!   [--vcpus N] [--cmdline S]` the same by flags, and `--payload FILE` raw 64-bit code
+//!   [--vcpus N] [--cmdline S]` the same by flags (a network device only by document), and `--payload FILE` raw 64-bit code
 //!   instead (tests and benches); `--report` prints one JSON line of measurements at the end.
 //!   The process drops every capability first and, once the VM is built, runs under a seccomp
 //!   allowlist (`husk_vmm::confine`). Exit status: 0 when the guest reset the machine (its
@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use husk_devices::{BlockMmio, VhostUserFs, VirtioMmioDevice, VsockConfig, VsockMmio};
+use husk_devices::{BlockMmio, NetMmio, VhostUserFs, VirtioMmioDevice, VsockConfig, VsockMmio};
 use husk_vmm::{CpuMode, Entry, ExitReason, RunReport, Vm, VmConfig};
 
 /// Guest CID of every husk VM (each VM has its own vsock device).
@@ -88,6 +88,9 @@ struct Args {
     /// debugging the VMM; never what husk starts).
     #[arg(long)]
     no_confine: bool,
+    /// The network device, from a `--config` document only (its tap is a passed descriptor).
+    #[arg(skip)]
+    net: Option<husk_vmm::document::NetDevice>,
 }
 
 impl Args {
@@ -106,6 +109,7 @@ impl Args {
             };
             list.push((disk.serial, disk.path));
         }
+        self.net = doc.net;
         self.memory_mib = doc.memory_mib;
         self.vcpus = doc.vcpus;
         self.cmdline = doc.cmdline;
@@ -173,6 +177,9 @@ fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
     let disks = args.disks.iter().map(|d| (d, false));
     for ((serial, path), read_only) in disks.chain(args.disks_ro.iter().map(|d| (d, true))) {
         virtio.push(Box::new(BlockMmio::new(path, read_only, serial)?));
+    }
+    if let Some(net) = &args.net {
+        virtio.push(Box::new(NetMmio::new(net.tap_fd, &net.mac, net.mtu)?));
     }
     let (entry, irqchip) = match (&args.payload, &args.kernel, &args.initramfs) {
         (Some(payload), _, _) => {

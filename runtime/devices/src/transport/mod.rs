@@ -7,5 +7,6 @@
 
 pub mod mmio;
 pub mod mmio_block;
+pub mod mmio_net;
 pub mod mmio_vsock;
 pub mod vhost_user;

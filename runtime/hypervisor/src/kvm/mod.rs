@@ -1,10 +1,11 @@
 //! The built-in VMM door: the VM is a `husk-vmm` process (runtime/vmm) booting the same kernel
-//! and initramfs on KVM, with the vsock device in process and virtio-fs from virtiofsd over
-//! vhost-user, exactly as the QEMU door shares the rootfs.
+//! and initramfs on KVM, with the vsock, block and network devices in process and virtio-fs
+//! from virtiofsd over vhost-user, exactly as the QEMU door shares the rootfs. A network
+//! device's tap is opened by the jail in the engine's network namespace, as for QEMU.
 
 use std::path::PathBuf;
 
-use husk_vmm::document::{DiskDevice, FsDevice, VmmDocument};
+use husk_vmm::document::{DiskDevice, FsDevice, NetDevice, VmmDocument};
 use husk_vmm::jail::JailBind;
 use tokio::process::Child;
 use tracing::{debug, info};
@@ -75,6 +76,12 @@ impl Hypervisor for KvmDoor {
             vsock_uds: self.vsock_path(),
             fs: Vec::new(),
             disks: Vec::new(),
+            // No sockets are passed: the tap is the first passed descriptor.
+            net: self.config.net.as_ref().map(|net| NetDevice {
+                tap_fd: husk_vmm::jail::FIRST_PASSED_FD,
+                mac: net.mac.clone(),
+                mtu: net.mtu,
+            }),
             memory_mib: self.config.memory_mib,
             vcpus: u8::try_from(self.config.vcpus).unwrap_or(u8::MAX),
             cmdline: KERNEL_CMDLINE.into(),
@@ -130,6 +137,8 @@ impl Hypervisor for KvmDoor {
             cgroup_procs: crate::cgroup::procs_files(self.cgroup.as_ref()),
             // virtiofsd's sockets, while it builds the VM; its own filter forbids it after.
             allow_connect: true,
+            netns: self.config.net.as_ref().map(|n| n.netns.clone()),
+            tap: self.config.net.as_ref().map(|n| n.tap.clone()),
             ..Jail::default()
         };
         let log = self.vm_path("vmm.log");

@@ -1,0 +1,465 @@
+//! The network device: moves frames between the guest's queues and a tap (see the module
+//! documentation of `crate::net` for what the guest sees and what a hostile one can do).
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::GuestMemory;
+
+use super::defs::{
+    BUDGET, CONFIG_LEN, ETH_HEADER_LEN, FEATURES, F_MTU, HEADER_LEN, MAX_CHAIN_LEN, NUM_BUFFERS_AT,
+};
+use super::metrics::METRICS;
+use crate::queue::{log_broken, pop, QueueFault};
+use crate::rate_limited::warn_rate_limited;
+
+/// What one [`Net::process`] call did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Activity {
+    /// A used ring changed: interrupt the driver.
+    pub(crate) used: bool,
+    /// A queue was found corrupted in this call: the transport reports `DEVICE_NEEDS_RESET`.
+    pub(crate) broke: bool,
+    /// The transmit queue stopped at its budget with chains left.
+    pub(crate) more_tx: bool,
+    /// The receive side stopped at its budget with frames left on the tap.
+    pub(crate) more_rx: bool,
+}
+
+/// A virtio-net device on an open tap (or, in tests, any datagram descriptor).
+#[derive(Debug)]
+pub(crate) struct Net {
+    tap: File,
+    features: u64,
+    config: [u8; CONFIG_LEN],
+    /// A frame read from the tap (its virtio header first) and its length, when no receive
+    /// buffer took it yet.
+    frame: Vec<u8>,
+    pending: Option<usize>,
+    /// Transmit bounce buffer: header and frame, written to the tap in one call.
+    tx: Vec<u8>,
+    /// The guest corrupted a queue: nothing is served until the driver resets the device.
+    broken: bool,
+}
+
+impl Net {
+    /// A device on `tap` (non-blocking, one frame per read and write, each behind a 12-byte
+    /// virtio header) with hardware address `mac`, and `mtu` offered when known.
+    pub(crate) fn new(tap: File, mac: [u8; 6], mtu: Option<u16>) -> Self {
+        let mut config = [0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&mac);
+        // status (not offered) and max_virtqueue_pairs (no MQ) stay 0.
+        config[10..12].copy_from_slice(&mtu.unwrap_or(0).to_le_bytes());
+        Self {
+            tap,
+            features: mtu.map_or(FEATURES, |_| FEATURES | F_MTU),
+            config,
+            frame: vec![0; MAX_CHAIN_LEN],
+            pending: None,
+            tx: vec![0; MAX_CHAIN_LEN],
+            broken: false,
+        }
+    }
+
+    /// Offered feature bits.
+    pub(crate) fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// `struct virtio_net_config` up to `mtu`, little-endian.
+    pub(crate) fn config(&self) -> [u8; CONFIG_LEN] {
+        self.config
+    }
+
+    /// The tap, for the transport's epoll.
+    pub(crate) fn tap(&self) -> &File {
+        &self.tap
+    }
+
+    /// Sends what the guest queued on `txq`, then gives the guest what waits on the tap, as
+    /// far as `rxq` has buffers; at most [`BUDGET`] chains each. Nothing once a queue was
+    /// found corrupted (until [`Net::reset`]).
+    pub(crate) fn process<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        rxq: &mut Queue,
+        txq: &mut Queue,
+    ) -> Activity {
+        let mut activity = Activity::default();
+        if self.broken {
+            return activity;
+        }
+        let served = self
+            .transmit(mem, txq, &mut activity)
+            .map_err(|fault| ("transmit", fault))
+            .and_then(|()| {
+                self.receive(mem, rxq, &mut activity)
+                    .map_err(|fault| ("receive", fault))
+            });
+        if let Err((queue, fault)) = served {
+            self.broken = true;
+            METRICS.queues_broken.inc();
+            log_broken("net", queue, &fault);
+            activity.broke = true;
+            activity.more_rx = false;
+            activity.more_tx = false;
+        }
+        activity
+    }
+
+    /// Device reset: a broken device is served again; a frame held for the guest is dropped.
+    pub(crate) fn reset(&mut self) {
+        self.broken = false;
+        if self.pending.take().is_some() {
+            METRICS.rx_dropped.inc();
+        }
+    }
+
+    fn transmit<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        txq: &mut Queue,
+        activity: &mut Activity,
+    ) -> Result<(), QueueFault> {
+        for _ in 0..BUDGET {
+            let Some(chain) = pop(txq, mem)? else {
+                return Ok(());
+            };
+            let head = chain.head_index();
+            self.send(mem, chain);
+            txq.add_used(mem, head, 0).map_err(QueueFault::Ring)?;
+            activity.used = true;
+        }
+        activity.more_tx = pending(txq, mem)?;
+        Ok(())
+    }
+
+    /// One transmit chain to the tap, behind a zeroed header.
+    fn send<'a, M: GuestMemory>(&mut self, mem: &'a M, chain: DescriptorChain<&'a M>) {
+        let mut reader = match Reader::new(mem, chain) {
+            Ok(reader) => reader,
+            Err(e) => {
+                METRICS.tx_bad_chain.inc();
+                warn_rate_limited!(error = %e, "net: transmit chain refused");
+                return;
+            }
+        };
+        let len = reader.available_bytes();
+        if !(HEADER_LEN + ETH_HEADER_LEN..=MAX_CHAIN_LEN).contains(&len) {
+            METRICS.tx_bad_chain.inc();
+            warn_rate_limited!(len, "net: transmit chain shorter than a frame or too long");
+            return;
+        }
+        let Some(buf) = self.tx.get_mut(..len) else {
+            return;
+        };
+        if let Err(e) = reader.read_exact(buf) {
+            METRICS.tx_bad_chain.inc();
+            warn_rate_limited!(error = %e, "net: reading a transmit chain failed");
+            return;
+        }
+        // The host kernel parses no header the guest wrote.
+        buf[..HEADER_LEN].fill(0);
+        // A tap takes a frame whole or not at all.
+        match self.tap.write(buf) {
+            Ok(written) if written == len => {
+                METRICS.tx_frames.inc();
+                METRICS.tx_bytes.add((len - HEADER_LEN) as u64);
+            }
+            Ok(_) => METRICS.tx_dropped.inc(),
+            Err(e) => {
+                // A full or down tap drops the frame, as a wire would.
+                METRICS.tx_dropped.inc();
+                if e.kind() != ErrorKind::WouldBlock {
+                    warn_rate_limited!(error = %e, "net: writing to the tap failed");
+                }
+            }
+        }
+    }
+
+    fn receive<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        rxq: &mut Queue,
+        activity: &mut Activity,
+    ) -> Result<(), QueueFault> {
+        for _ in 0..BUDGET {
+            let len = match self.pending {
+                Some(len) => len,
+                None => match self.read_frame() {
+                    Some(len) => len,
+                    None => return Ok(()),
+                },
+            };
+            let Some(chain) = pop(rxq, mem)? else {
+                // The guest has no buffer: keep the frame, wait for its kick.
+                self.pending = Some(len);
+                return Ok(());
+            };
+            self.pending = None;
+            let head = chain.head_index();
+            match self.deliver(mem, chain, len) {
+                Some(written) => {
+                    rxq.add_used(mem, head, written).map_err(QueueFault::Ring)?;
+                    activity.used = true;
+                }
+                None => {
+                    // Leave the buffer for a frame that fits.
+                    rxq.go_to_previous_position();
+                }
+            }
+        }
+        activity.more_rx = true;
+        Ok(())
+    }
+
+    /// The next frame from the tap into `self.frame`; `None` when the tap has none now.
+    fn read_frame(&mut self) -> Option<usize> {
+        loop {
+            match self.tap.read(&mut self.frame) {
+                Ok(len) if len >= HEADER_LEN + ETH_HEADER_LEN => return Some(len),
+                Ok(0) => return None,
+                Ok(_) => METRICS.rx_dropped.inc(),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if e.kind() != ErrorKind::WouldBlock {
+                        METRICS.rx_dropped.inc();
+                        warn_rate_limited!(error = %e, "net: reading the tap failed");
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The frame of `len` bytes (header included) into a receive chain, behind a header of
+    /// our own; `None` (the frame dropped) when the chain cannot take it.
+    fn deliver<'a, M: GuestMemory>(
+        &mut self,
+        mem: &'a M,
+        chain: DescriptorChain<&'a M>,
+        len: usize,
+    ) -> Option<u32> {
+        let mut writer = match Writer::new(mem, chain) {
+            Ok(writer) => writer,
+            Err(e) => {
+                METRICS.rx_dropped.inc();
+                warn_rate_limited!(error = %e, "net: receive chain refused");
+                return None;
+            }
+        };
+        if writer.available_bytes() < len {
+            METRICS.rx_dropped.inc();
+            warn_rate_limited!(
+                len,
+                room = writer.available_bytes(),
+                "net: frame larger than the guest's receive buffer dropped"
+            );
+            return None;
+        }
+        let frame = self.frame.get_mut(..len)?;
+        // Nothing offloaded: no flags, no GSO, one buffer.
+        frame[..HEADER_LEN].fill(0);
+        frame[NUM_BUFFERS_AT..HEADER_LEN].copy_from_slice(&1u16.to_le_bytes());
+        if let Err(e) = writer.write_all(frame) {
+            METRICS.rx_dropped.inc();
+            warn_rate_limited!(error = %e, "net: writing a frame into guest memory failed");
+            return None;
+        }
+        METRICS.rx_frames.inc();
+        METRICS.rx_bytes.add((len - HEADER_LEN) as u64);
+        u32::try_from(len).ok()
+    }
+}
+
+/// Whether `queue` has chains the device has not taken yet.
+fn pending<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<bool, QueueFault> {
+    let avail = queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_err(QueueFault::Ring)?;
+    Ok(avail.0 != queue.next_avail())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixDatagram;
+
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::net::tap::set_nonblocking;
+
+    const MEM_SIZE: usize = 0x40_0000;
+    const RXQ_AT: u64 = 0x1_0000;
+    const TXQ_AT: u64 = 0x2_0000;
+    const BUF: u64 = 0x10_0000;
+    const WRITE: u16 = 2;
+    const NEXT: u16 = 1;
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        net: Net,
+        /// The other end of the "tap": what the host network sees.
+        wire: UnixDatagram,
+    }
+
+    fn rig() -> Rig {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let (tap, wire) = UnixDatagram::pair().unwrap();
+        let tap = File::from(std::os::fd::OwnedFd::from(tap));
+        set_nonblocking(&tap).unwrap();
+        Rig {
+            mem,
+            net: Net::new(tap, MAC, Some(1500)),
+            wire,
+        }
+    }
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&MAC);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn test_config_has_mac_and_mtu() {
+        let r = rig();
+        assert_eq!(r.net.config(), [2, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0xdc, 0x05]);
+        assert_eq!(r.net.features(), 1 << 32 | 1 << 5 | 1 << 3);
+    }
+
+    #[test]
+    fn test_transmit_writes_frame_behind_zeroed_header() {
+        let mut r = rig();
+        let rx = MockSplitQueue::create(&r.mem, GuestAddress(RXQ_AT), 16);
+        let tx = MockSplitQueue::create(&r.mem, GuestAddress(TXQ_AT), 16);
+        let (mut rxq, mut txq): (Queue, Queue) =
+            (rx.create_queue().unwrap(), tx.create_queue().unwrap());
+        let f = frame(b"hello");
+        // The guest's header claims checksum offload and GSO: never reaches the tap.
+        r.mem
+            .write_slice(&[1, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], GuestAddress(BUF))
+            .unwrap();
+        r.mem.write_slice(&f, GuestAddress(BUF + 0x100)).unwrap();
+        let descs = [
+            SplitDescriptor::new(BUF, 12, NEXT, 1),
+            SplitDescriptor::new(BUF + 0x100, u32::try_from(f.len()).unwrap(), 0, 0),
+        ];
+        tx.add_desc_chains(&descs.map(RawDescriptor::from), 0)
+            .unwrap();
+
+        let activity = r.net.process(&r.mem, &mut rxq, &mut txq);
+
+        assert!(activity.used && !activity.broke);
+        let mut got = [0u8; 100];
+        let n = r.wire.recv(&mut got).unwrap();
+        assert_eq!(&got[..12], &[0; 12]);
+        assert_eq!(&got[12..n], &f[..]);
+        assert_eq!(tx.used().idx().load(), 1);
+    }
+
+    #[test]
+    fn test_transmit_runt_chain_returned_unsent() {
+        let mut r = rig();
+        let rx = MockSplitQueue::create(&r.mem, GuestAddress(RXQ_AT), 16);
+        let tx = MockSplitQueue::create(&r.mem, GuestAddress(TXQ_AT), 16);
+        let (mut rxq, mut txq): (Queue, Queue) =
+            (rx.create_queue().unwrap(), tx.create_queue().unwrap());
+        let descs = [SplitDescriptor::new(BUF, 20, 0, 0)];
+        tx.add_desc_chains(&descs.map(RawDescriptor::from), 0)
+            .unwrap();
+
+        let activity = r.net.process(&r.mem, &mut rxq, &mut txq);
+
+        assert!(activity.used && !activity.broke);
+        assert_eq!(tx.used().idx().load(), 1);
+        r.wire.set_nonblocking(true).unwrap();
+        assert!(r.wire.recv(&mut [0u8; 64]).is_err(), "nothing sent");
+    }
+
+    #[test]
+    fn test_receive_waits_for_buffer_then_delivers_with_own_header() {
+        let mut r = rig();
+        let rx = MockSplitQueue::create(&r.mem, GuestAddress(RXQ_AT), 16);
+        let tx = MockSplitQueue::create(&r.mem, GuestAddress(TXQ_AT), 16);
+        let (mut rxq, mut txq): (Queue, Queue) =
+            (rx.create_queue().unwrap(), tx.create_queue().unwrap());
+        let f = frame(b"from the host");
+        let mut sent = vec![0x5a; 12]; // whatever the tap's header says
+        sent.extend_from_slice(&f);
+        r.wire.send(&sent).unwrap();
+
+        let idle = r.net.process(&r.mem, &mut rxq, &mut txq);
+        assert!(!idle.used, "no receive buffer yet: the frame is held");
+
+        let descs = [SplitDescriptor::new(BUF, 1526, WRITE, 0)];
+        rx.add_desc_chains(&descs.map(RawDescriptor::from), 0)
+            .unwrap();
+        let activity = r.net.process(&r.mem, &mut rxq, &mut txq);
+
+        assert!(activity.used);
+        assert_eq!(rx.used().idx().load(), 1);
+        let mut got = vec![0u8; 12 + f.len()];
+        r.mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+        assert_eq!(&got[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(&got[12..], &f[..]);
+    }
+
+    #[test]
+    fn test_receive_buffer_too_small_frame_dropped_buffer_kept() {
+        let mut r = rig();
+        let rx = MockSplitQueue::create(&r.mem, GuestAddress(RXQ_AT), 16);
+        let tx = MockSplitQueue::create(&r.mem, GuestAddress(TXQ_AT), 16);
+        let (mut rxq, mut txq): (Queue, Queue) =
+            (rx.create_queue().unwrap(), tx.create_queue().unwrap());
+        let mut big = vec![0u8; 12];
+        big.extend_from_slice(&frame(&[7; 200]));
+        r.wire.send(&big).unwrap();
+        let mut small = vec![0u8; 12];
+        small.extend_from_slice(&frame(b"fits"));
+        r.wire.send(&small).unwrap();
+        let descs = [SplitDescriptor::new(BUF, 64, WRITE, 0)];
+        rx.add_desc_chains(&descs.map(RawDescriptor::from), 0)
+            .unwrap();
+
+        let activity = r.net.process(&r.mem, &mut rxq, &mut txq);
+
+        assert!(activity.used && !activity.broke);
+        assert_eq!(
+            rx.used().idx().load(),
+            1,
+            "the one buffer took the small frame"
+        );
+        let mut got = [0u8; 22];
+        r.mem.read_slice(&mut got, GuestAddress(BUF + 12)).unwrap();
+        assert_eq!(&got[14..18], b"fits");
+    }
+
+    #[test]
+    fn test_corrupted_ring_breaks_until_reset() {
+        let mut r = rig();
+        let rx = MockSplitQueue::create(&r.mem, GuestAddress(RXQ_AT), 16);
+        let tx = MockSplitQueue::create(&r.mem, GuestAddress(TXQ_AT), 16);
+        let (mut rxq, mut txq): (Queue, Queue) =
+            (rx.create_queue().unwrap(), tx.create_queue().unwrap());
+        tx.avail().idx().store(17);
+
+        let activity = r.net.process(&r.mem, &mut rxq, &mut txq);
+        assert!(activity.broke);
+        tx.avail().idx().store(0);
+        assert_eq!(
+            r.net.process(&r.mem, &mut rxq, &mut txq),
+            Activity::default()
+        );
+
+        r.net.reset();
+        assert!(!r.net.process(&r.mem, &mut rxq, &mut txq).broke);
+    }
+}
