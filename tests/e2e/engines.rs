@@ -402,6 +402,41 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
             &["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '"],
         ),
     );
+    // Healthchecks are execs the engine runs: Docker on its interval, Podman on its systemd
+    // timer (none here) or on `podman healthcheck run`, which Docker's client does not know.
+    let health = [
+        "-d",
+        "--name",
+        "d3",
+        "--health-cmd",
+        "test -f /tmp/ok",
+        "--health-interval",
+        "1s",
+        "--health-retries",
+        "1",
+    ];
+    let started = engine.run(
+        &run(&health, &["sh", "-c", "touch /tmp/ok; exec sleep 60"]),
+        b"",
+    );
+    steps.push((
+        "run -d --health-cmd".into(),
+        started.status.code(),
+        String::new(),
+    ));
+    for (name, status, cmd) in [
+        ("healthcheck: healthy", "healthy", ["true", ""]),
+        ("healthcheck: unhealthy", "unhealthy", ["rm", "/tmp/ok"]),
+    ] {
+        let cmd: Vec<&str> = ["exec", "d3"]
+            .into_iter()
+            .chain(cmd.into_iter().filter(|a| !a.is_empty()))
+            .collect();
+        engine.run(&cmd, b"");
+        steps.push((name.into(), None, health_status(engine, "d3", status)));
+    }
+    let removed = engine.run(&["rm", "-f", "d3"], b"");
+    steps.push(("rm -f".into(), removed.status.code(), String::new()));
     // Several at once: each in its own VM, each with its own output and status.
     let args: Vec<Vec<String>> = (1..=3)
         .map(|n| {
@@ -439,6 +474,24 @@ fn daily_commands(engine: &dyn Engine) -> Vec<Step> {
         text(&left.stdout).trim().to_owned(),
     ));
     steps
+}
+
+/// The health status of `container` once it is `want`, or the last one seen within 40 s;
+/// the engine is asked to run the check (Podman's `healthcheck run`) on every look.
+fn health_status(engine: &dyn Engine, container: &str, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        engine.run(&["healthcheck", "run", container], b"");
+        let out = engine.run(
+            &["inspect", "-f", "{{.State.Health.Status}}", container],
+            b"",
+        );
+        let seen = text(&out.stdout).trim().to_owned();
+        if seen == want || Instant::now() > deadline {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Podman with husk as its runtime (`podman --runtime`) behaves as with runc for the daily
@@ -507,6 +560,13 @@ fn same_as_runc(runc: &dyn Engine, husk: &dyn Engine) {
             (Some(0), "kept\nw")
         ]
     );
+    // Healthchecks ran under the oracle, so their comparison means something.
+    let health: Vec<_> = expected
+        .iter()
+        .filter(|(name, ..)| name.starts_with("healthcheck:"))
+        .map(|(.., seen)| seen.as_str())
+        .collect();
+    assert_eq!(health, ["healthy", "unhealthy"]);
     same_steps(&expected, &daily_commands(husk), husk);
 }
 
