@@ -1,7 +1,7 @@
 //! The network device's queues, driven by a hostile driver: raw descriptors (any address,
 //! length, flags, next), avail entries, transmit chains of any length with any header (in one
 //! or two descriptors), receive buffers of any size and direction, frames from the host of
-//! any length, and device resets.
+//! any length, and device resets; with and without mergeable receive buffers.
 #![no_main]
 
 use husk_devices::fuzzing::NetFuzz;
@@ -13,11 +13,11 @@ const RXQ: usize = 0;
 const TXQ: usize = 1;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(mut dev) = NetFuzz::new() else {
+    let mut input = Input::new(data);
+    let Ok(mut dev) = NetFuzz::new(input.u8() & 1 == 1) else {
         return;
     };
     let mut guest = Guest::new(2);
-    let mut input = Input::new(data);
     for _ in 0..64 {
         if input.is_empty() {
             break;

@@ -63,6 +63,19 @@ fn test_husk_run_through_builtin_vmm_in_emulated_test_host() {
         4,
         "every run, c4's network included, on the built-in VMM:\n{text}"
     );
+    let md5 = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    let host = md5("NET-BIG-HOST ");
+    assert!(host.is_some(), "no NET-BIG-HOST line:\n{text}");
+    assert_eq!(
+        md5("NET-BIG "),
+        host,
+        "3 MB in jumbo frames through the built-in VMM's virtio-net:\n{text}"
+    );
     for (what, expected) in [
         (
             "auto picks the built-in VMM",
@@ -87,7 +100,7 @@ fn test_husk_run_through_builtin_vmm_in_emulated_test_host() {
             "the engine's address on the VM's virtio-net device",
             "inet 10.77.0.2/24",
         ),
-        ("the engine's MTU", "NET-MTU 1500"),
+        ("the engine's MTU", "NET-MTU 9000"),
         ("a file fetched from the host", "NET-GOT net-ok"),
         ("fetched again over a raw TCP stream", "NET-NC 1"),
         ("the tap removed", "NET-TAP-LEFT 0"),

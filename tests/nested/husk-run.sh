@@ -9,10 +9,11 @@
 #   c3: the rootfs as an ext4 disk image (virtio-blk): the container writes to it, and the image
 #       is clean afterwards (`FSCK <status>`);
 #   c4: --hypervisor auto with a network namespace by path, as Podman gives one (a veth pair:
-#       the test host at 10.77.0.1 serves a file with busybox httpd, the namespace's end is
-#       10.77.0.2/24): the built-in VMM's virtio-net device carries it; the container prints
-#       its address and MTU (`NET-ADDR`, `NET-MTU`) and fetches the file with wget (`NET-GOT`)
-#       and nc (`NET-NC`, the count of lines with the file's text);
+#       the test host at 10.77.0.1 serves files with busybox httpd, the namespace's end is
+#       10.77.0.2/24, MTU 9000): the built-in VMM's virtio-net device carries it; the container
+#       prints its address and MTU (`NET-ADDR`, `NET-MTU`), fetches a small file with wget
+#       (`NET-GOT`) and nc (`NET-NC`, the count of lines with its text), and the MD5 of a 3 MB
+#       one in jumbo frames (`NET-BIG`, the host's own being `NET-BIG-HOST`);
 #       `NET-TAP-LEFT` counts the taps left in the namespace afterwards.
 # Prints one `HUSK-RUN <id> EXIT <code> WALL-MS <ms>` line per run and `LEFT-BEHIND [...]`.
 # Usage: husk-run.sh HUSK
@@ -30,6 +31,7 @@ ln -s busybox "$bundle/rootfs/bin/ip"
 ln -s busybox "$bundle/rootfs/bin/wget"
 ln -s busybox "$bundle/rootfs/bin/nc"
 ln -s busybox "$bundle/rootfs/bin/printf"
+ln -s busybox "$bundle/rootfs/bin/md5sum"
 "$husk" spec --bundle "$bundle" || exit 11
 cp "$bundle/config.json" /run/config.json
 "$husk" check
@@ -84,9 +86,12 @@ cat /run/out
 ip link set lo up
 ip netns add n1 || exit 13
 ip link add h0 type veth peer name c0 netns n1 || exit 14
-ip addr add 10.77.0.1/24 dev h0 && ip link set h0 up || exit 15
-ip -n n1 addr add 10.77.0.2/24 dev c0 && ip -n n1 link set c0 up && ip -n n1 link set lo up || exit 16
+ip addr add 10.77.0.1/24 dev h0 && ip link set h0 mtu 9000 up || exit 15
+ip -n n1 addr add 10.77.0.2/24 dev c0 && ip -n n1 link set c0 mtu 9000 up && ip -n n1 link set lo up || exit 16
 mkdir -p /run/www && echo net-ok > /run/www/f
+head -c 3000000 /dev/urandom > /run/www/big
+echo "NET-BIG-HOST $(md5sum < /run/www/big)"
+
 busybox httpd -p 10.77.0.1:8080 -h /run/www || exit 17
 sed 's|"type": "network"|"type": "network", "path": "/run/netns/n1"|' /run/config.json > /run/config-net.json
 cp /run/config.json /run/config-dir.json
@@ -96,6 +101,7 @@ echo NET-ADDR $(ip -4 -o addr show dev eth0)
 echo NET-MTU $(cat /sys/class/net/eth0/mtu)
 echo NET-GOT $(wget -O - http://10.77.0.1:8080/f)
 echo NET-NC $(printf 'GET /f HTTP/1.0\r\n\r\n' | nc 10.77.0.1 8080 | grep -c net-ok)
+echo NET-BIG $(wget -q -O - http://10.77.0.1:8080/big | md5sum)
 EOS
 run c4 auto 'sh /netcheck' < /dev/null
 cp /run/config-dir.json /run/config.json

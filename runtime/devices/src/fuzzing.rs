@@ -85,19 +85,21 @@ pub struct NetFuzz {
 }
 
 impl NetFuzz {
-    /// A device with MTU 1500 (offered) and its wire.
+    /// A device with MTU 1500 (offered) and its wire; `mergeable`: the driver accepted
+    /// mergeable receive buffers.
     ///
     /// # Errors
     /// The socket pair cannot be made.
-    pub fn new() -> std::io::Result<Self> {
+    pub fn new(mergeable: bool) -> std::io::Result<Self> {
         let (tap, wire) = std::os::unix::net::UnixDatagram::pair()?;
         let tap = std::fs::File::from(std::os::fd::OwnedFd::from(tap));
         crate::net::tap::set_nonblocking(&tap)?;
         wire.set_nonblocking(true)?;
-        Ok(Self {
-            net: Net::new(tap, [2, 0, 0, 0, 0, 1], Some(1500)),
-            wire,
-        })
+        let mut net = Net::new(tap, [2, 0, 0, 0, 0, 1], Some(1500));
+        if mergeable {
+            net.ack_features(net.features());
+        }
+        Ok(Self { net, wire })
     }
 
     /// A frame (its 12-byte header first) arriving from the host network; dropped when the

@@ -22,8 +22,10 @@
 //! per-request errors of the device.
 //!
 //! The chain is validated when popped; a guest that rewrites descriptors it already made
-//! available (which the spec forbids) races only itself: what virtio-queue then walks is still
-//! bounded by the queue size and checked against guest memory.
+//! available (which the spec forbids) races only itself: what virtio-queue then walks is
+//! still checked against guest memory and bounded, by the queue size, or, for a descriptor
+//! rewritten as indirect, by its table (which virtio-queue caps at 65535 entries) and by the
+//! 4 GiB a `Reader`/`Writer` chain may total.
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;

@@ -5,10 +5,12 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::bitmap::BitmapSlice;
 use vm_memory::GuestMemory;
 
 use super::defs::{
-    BUDGET, CONFIG_LEN, ETH_HEADER_LEN, FEATURES, F_MTU, HEADER_LEN, MAX_CHAIN_LEN, NUM_BUFFERS_AT,
+    BUDGET, CONFIG_LEN, ETH_HEADER_LEN, FEATURES, F_MRG_RXBUF, F_MTU, HEADER_LEN, MAX_CHAIN_LEN,
+    NUM_BUFFERS_AT,
 };
 use super::metrics::METRICS;
 use crate::queue::{log_broken, pop, QueueFault};
@@ -39,6 +41,8 @@ pub(crate) struct Net {
     pending: Option<usize>,
     /// Transmit bounce buffer: header and frame, written to the tap in one call.
     tx: Vec<u8>,
+    /// The driver accepted `VIRTIO_NET_F_MRG_RXBUF`: a frame may span receive chains.
+    mergeable: bool,
     /// The guest corrupted a queue: nothing is served until the driver resets the device.
     broken: bool,
 }
@@ -58,6 +62,7 @@ impl Net {
             frame: vec![0; MAX_CHAIN_LEN],
             pending: None,
             tx: vec![0; MAX_CHAIN_LEN],
+            mergeable: false,
             broken: false,
         }
     }
@@ -70,6 +75,11 @@ impl Net {
     /// `struct virtio_net_config` up to `mtu`, little-endian.
     pub(crate) fn config(&self) -> [u8; CONFIG_LEN] {
         self.config
+    }
+
+    /// The features the driver accepted, before the queues are served.
+    pub(crate) fn ack_features(&mut self, acked: u64) {
+        self.mergeable = acked & F_MRG_RXBUF != 0;
     }
 
     /// The tap, for the transport's epoll.
@@ -111,6 +121,7 @@ impl Net {
     /// Device reset: a broken device is served again; a frame held for the guest is dropped.
     pub(crate) fn reset(&mut self) {
         self.broken = false;
+        self.mergeable = false;
         if self.pending.take().is_some() {
             METRICS.rx_dropped.inc();
         }
@@ -184,31 +195,61 @@ impl Net {
         rxq: &mut Queue,
         activity: &mut Activity,
     ) -> Result<(), QueueFault> {
+        // Chains one frame may take: any number with mergeable buffers, else one.
+        let most = match self.mergeable {
+            true => usize::from(rxq.size()),
+            false => 1,
+        };
         for _ in 0..BUDGET {
-            let len = match self.pending {
+            let len = match self.pending.take() {
                 Some(len) => len,
                 None => match self.read_frame() {
                     Some(len) => len,
                     None => return Ok(()),
                 },
             };
-            let Some(chain) = pop(rxq, mem)? else {
-                // The guest has no buffer: keep the frame, wait for its kick.
-                self.pending = Some(len);
-                return Ok(());
-            };
-            self.pending = None;
-            let head = chain.head_index();
-            match self.deliver(mem, chain, len) {
-                Some(written) => {
-                    rxq.add_used(mem, head, written).map_err(QueueFault::Ring)?;
-                    activity.used = true;
-                }
-                None => {
-                    // Leave the buffer for a frame that fits.
-                    rxq.go_to_previous_position();
+            let mut buffers = Vec::new();
+            let mut room = 0usize;
+            while room < len && buffers.len() < most {
+                let Some(chain) = pop(rxq, mem)? else {
+                    break;
+                };
+                let head = chain.head_index();
+                match Writer::new(mem, chain) {
+                    Ok(writer) => {
+                        room = room.saturating_add(writer.available_bytes());
+                        buffers.push((head, writer));
+                    }
+                    Err(e) => {
+                        // `pop` checked the chain: the guest rewrote it since. Returned empty.
+                        warn_rate_limited!(error = %e, "net: receive chain refused");
+                        rxq.add_used(mem, head, 0).map_err(QueueFault::Ring)?;
+                        activity.used = true;
+                    }
                 }
             }
+            if room < len {
+                // Leave the buffers for later.
+                for _ in 0..buffers.len() {
+                    rxq.go_to_previous_position();
+                }
+                if buffers.len() < most {
+                    // The guest has no more buffers: keep the frame, wait for its kick.
+                    self.pending = Some(len);
+                    return Ok(());
+                }
+                METRICS.rx_dropped.inc();
+                warn_rate_limited!(
+                    len,
+                    room,
+                    "net: frame larger than the guest's receive buffers dropped"
+                );
+                continue;
+            }
+            for (head, written) in self.deliver(buffers, len) {
+                rxq.add_used(mem, head, written).map_err(QueueFault::Ring)?;
+            }
+            activity.used = true;
         }
         activity.more_rx = true;
         Ok(())
@@ -233,43 +274,40 @@ impl Net {
         }
     }
 
-    /// The frame of `len` bytes (header included) into a receive chain, behind a header of
-    /// our own; `None` (the frame dropped) when the chain cannot take it.
-    fn deliver<'a, M: GuestMemory>(
+    /// The frame of `len` bytes (header included, which `buffers` have room for) into
+    /// `buffers`, behind a header of our own; the used length of each buffer.
+    fn deliver<B: BitmapSlice>(
         &mut self,
-        mem: &'a M,
-        chain: DescriptorChain<&'a M>,
+        buffers: Vec<(u16, Writer<'_, B>)>,
         len: usize,
-    ) -> Option<u32> {
-        let mut writer = match Writer::new(mem, chain) {
-            Ok(writer) => writer,
-            Err(e) => {
-                METRICS.rx_dropped.inc();
-                warn_rate_limited!(error = %e, "net: receive chain refused");
-                return None;
-            }
+    ) -> Vec<(u16, u32)> {
+        let count = u16::try_from(buffers.len()).unwrap_or(u16::MAX);
+        let Some(frame) = self.frame.get_mut(..len) else {
+            return buffers.into_iter().map(|(head, _)| (head, 0)).collect();
         };
-        if writer.available_bytes() < len {
-            METRICS.rx_dropped.inc();
-            warn_rate_limited!(
-                len,
-                room = writer.available_bytes(),
-                "net: frame larger than the guest's receive buffer dropped"
-            );
-            return None;
-        }
-        let frame = self.frame.get_mut(..len)?;
-        // Nothing offloaded: no flags, no GSO, one buffer.
+        // Nothing offloaded: no flags, no GSO; the number of buffers the frame took.
         frame[..HEADER_LEN].fill(0);
-        frame[NUM_BUFFERS_AT..HEADER_LEN].copy_from_slice(&1u16.to_le_bytes());
-        if let Err(e) = writer.write_all(frame) {
-            METRICS.rx_dropped.inc();
-            warn_rate_limited!(error = %e, "net: writing a frame into guest memory failed");
-            return None;
+        frame[NUM_BUFFERS_AT..HEADER_LEN].copy_from_slice(&count.to_le_bytes());
+        let mut rest: &[u8] = frame;
+        let mut used = Vec::with_capacity(buffers.len());
+        let mut failed = false;
+        for (head, mut writer) in buffers {
+            let (part, tail) = rest.split_at(rest.len().min(writer.available_bytes()));
+            rest = tail;
+            if let Err(e) = writer.write_all(part) {
+                failed = true;
+                warn_rate_limited!(error = %e, "net: writing a frame into guest memory failed");
+            }
+            used.push((head, u32::try_from(writer.bytes_written()).unwrap_or(0)));
         }
-        METRICS.rx_frames.inc();
-        METRICS.rx_bytes.add((len - HEADER_LEN) as u64);
-        u32::try_from(len).ok()
+        match failed {
+            true => METRICS.rx_dropped.inc(),
+            false => {
+                METRICS.rx_frames.inc();
+                METRICS.rx_bytes.add((len - HEADER_LEN) as u64);
+            }
+        }
+        used
     }
 }
 
@@ -332,7 +370,7 @@ mod tests {
     fn test_config_has_mac_and_mtu() {
         let r = rig();
         assert_eq!(r.net.config(), [2, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0xdc, 0x05]);
-        assert_eq!(r.net.features(), 1 << 32 | 1 << 5 | 1 << 3);
+        assert_eq!(r.net.features(), 1 << 32 | 1 << 15 | 1 << 5 | 1 << 3);
     }
 
     #[test]
@@ -440,6 +478,50 @@ mod tests {
         let mut got = [0u8; 22];
         r.mem.read_slice(&mut got, GuestAddress(BUF + 12)).unwrap();
         assert_eq!(&got[14..18], b"fits");
+    }
+
+    #[test]
+    fn test_receive_mergeable_frame_spans_buffers_with_their_count() {
+        let mut r = rig();
+        r.net.ack_features(r.net.features());
+        let rx = MockSplitQueue::create(&r.mem, GuestAddress(RXQ_AT), 16);
+        let tx = MockSplitQueue::create(&r.mem, GuestAddress(TXQ_AT), 16);
+        let (mut rxq, mut txq): (Queue, Queue) =
+            (rx.create_queue().unwrap(), tx.create_queue().unwrap());
+        let payload: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+        let mut sent = vec![0u8; 12];
+        sent.extend_from_slice(&frame(&payload));
+        r.wire.send(&sent).unwrap();
+        // Two 1024-byte buffers are not enough: the frame waits for a third.
+        let descs: Vec<RawDescriptor> = (0..2)
+            .map(|i| SplitDescriptor::new(BUF + i * 0x1000, 1024, WRITE, 0).into())
+            .collect();
+        rx.add_desc_chains(&descs, 0).unwrap();
+        assert!(!r.net.process(&r.mem, &mut rxq, &mut txq).used);
+
+        let descs: Vec<RawDescriptor> = (2..4)
+            .map(|i| SplitDescriptor::new(BUF + i * 0x1000, 1024, WRITE, 0).into())
+            .collect();
+        rx.add_desc_chains(&descs, 2).unwrap();
+        let activity = r.net.process(&r.mem, &mut rxq, &mut txq);
+
+        assert!(activity.used && !activity.broke);
+        let total = sent.len(); // 3026: three buffers, the last partly
+        assert_eq!(rx.used().idx().load(), 3);
+        let lens: Vec<u32> = (0..3)
+            .map(|i| rx.used().ring().ref_at(i).unwrap().load().len())
+            .collect();
+        assert_eq!(lens, [1024, 1024, u32::try_from(total - 2048).unwrap()]);
+        let mut got = vec![0u8; total];
+        for i in 0..3u64 {
+            let at = usize::try_from(i).unwrap() * 1024;
+            let end = (at + 1024).min(total);
+            r.mem
+                .read_slice(&mut got[at..end], GuestAddress(BUF + i * 0x1000))
+                .unwrap();
+        }
+        assert_eq!(&got[10..12], &3u16.to_le_bytes(), "num_buffers");
+        assert_eq!(&got[12..], &sent[12..]);
     }
 
     #[test]

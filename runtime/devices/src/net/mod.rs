@@ -15,11 +15,11 @@
 //! # What the guest sees
 //! - One queue pair (receive 0, transmit 1), no control queue.
 //! - Features: `VIRTIO_F_VERSION_1` (12-byte header), `VIRTIO_NET_F_MAC` (the engine's
-//!   interface's address) and, where the door knows the engine's MTU when the VM starts (not
-//!   for Docker, whose hook wires the network later), `VIRTIO_NET_F_MTU`, so the driver posts
-//!   receive buffers large enough for it (without it they hold a 1500-byte MTU's frames). No
-//!   checksum or segmentation offload, no mergeable receive buffers: every frame travels
-//!   whole and checksummed, at most MTU plus the Ethernet header.
+//!   interface's address), `VIRTIO_NET_F_MRG_RXBUF` (a frame may span several receive
+//!   buffers, so the driver's buffers fit any MTU) and, where the door knows the engine's MTU
+//!   when the VM starts (not for Docker, whose hook wires the network later),
+//!   `VIRTIO_NET_F_MTU`. No checksum or segmentation offload: every frame travels whole and
+//!   checksummed, at most MTU plus the Ethernet header.
 //! - No `VIRTIO_NET_F_STATUS`: the link is always up.
 //!
 //! # Hostile guest
@@ -27,8 +27,9 @@
 //!   `virtio_net_hdr_v1` (no offload was negotiated, so a correct driver's header is zero
 //!   anyway) and the frame bytes, in one `write(2)`.
 //! - A transmit chain shorter than the header plus an Ethernet header, or longer than
-//!   [`defs::MAX_CHAIN_LEN`], is returned unsent (counted); a receive chain too short for the
-//!   frame at hand is left for later and the frame dropped (counted).
+//!   [`defs::MAX_CHAIN_LEN`], is returned unsent (counted); receive buffers too short for the
+//!   frame at hand (all of the queue's, when merging) are left for later and the frame dropped
+//!   (counted).
 //! - A corrupted ring (see `crate::queue`) breaks the device: `DEVICE_NEEDS_RESET`, one
 //!   rate-limited line, nothing served on either queue until the driver resets it.
 //! - Work per wakeup is bounded ([`defs::BUDGET`] chains per queue); the rest is served after
@@ -45,12 +46,14 @@ use std::io;
 /// Guest-visible values, from include/uapi/linux/virtio_net.h (virtio 1.2 §5.1).
 pub(crate) mod defs {
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-    use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU};
+    use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU};
 
     /// Virtio device id of a network card.
     pub(crate) const DEVICE_ID: u32 = 1;
     /// Features offered always.
-    pub(crate) const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC;
+    pub(crate) const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | F_MRG_RXBUF;
+    /// Mergeable receive buffers: a frame may span several receive chains.
+    pub(crate) const F_MRG_RXBUF: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
     /// Offered with an MTU.
     pub(crate) const F_MTU: u64 = 1 << VIRTIO_NET_F_MTU;
     /// `struct virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size, csum_start,

@@ -25,6 +25,9 @@ const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_NEEDS_RESET: u32 = 64;
 const STATUS_FAILED: u32 = 128;
 
+/// The only interface version the devices speak (virtio 1.2 §6.1).
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
 /// Interrupt status bit: a queue has used buffers.
 const INT_VRING: u32 = 1;
 /// Interrupt status bit: the configuration (here: the device status) changed.
@@ -40,6 +43,9 @@ pub trait VirtioMmioDevice: Send {
     fn features(&self) -> u64;
     /// Reads the device configuration space (`data` left as is past its end).
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The features the driver accepted (offered ones only, `VIRTIO_F_VERSION_1` among them),
+    /// told right before [`VirtioMmioDevice::activate`].
+    fn ack_features(&mut self, _acked: u64) {}
     /// Starts serving: the driver set DRIVER_OK with these valid queues. `kicks[i]` becomes
     /// readable when the driver notifies queue `i`.
     ///
@@ -307,8 +313,12 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
         }
         let newly = value & !self.status;
         self.status = value;
-        if newly & STATUS_FEATURES_OK != 0 && self.driver_features & !self.device.features() != 0 {
-            // The driver accepted features we never offered: refuse FEATURES_OK.
+        let legacy = self.driver_features & VIRTIO_F_VERSION_1 == 0;
+        if newly & STATUS_FEATURES_OK != 0
+            && (self.driver_features & !self.device.features() != 0 || legacy)
+        {
+            // The driver accepted features we never offered, or wants the legacy interface
+            // (the devices speak virtio 1 only): refuse FEATURES_OK.
             self.status &= !(STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         }
         let wanted = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
@@ -347,6 +357,7 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
             Ok(kicks) => kicks,
             Err(_) => return self.needs_reset("kick fds"),
         };
+        self.device.ack_features(self.driver_features);
         match self
             .device
             .activate(self.mem.clone(), queues, kicks, self.interrupt.clone())
@@ -404,6 +415,9 @@ impl VirtioMmioDevice for Box<dyn VirtioMmioDevice> {
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         (**self).read_config(offset, data);
+    }
+    fn ack_features(&mut self, acked: u64) {
+        (**self).ack_features(acked);
     }
     fn activate(
         &mut self,
@@ -541,6 +555,17 @@ mod tests {
         write(&mut t, 0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         write(&mut t, 0x024, 0);
         write(&mut t, 0x020, 1 << 28); // VIRTIO_RING_F_INDIRECT_DESC, never offered
+
+        write(&mut t, 0x070, ALL);
+
+        assert_eq!(t.device().activations, 0);
+        assert_eq!(read(&mut t, 0x070) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn test_mmio_legacy_driver_without_version_1_features_ok_refused() {
+        let (mut t, _irq) = transport();
+        write(&mut t, 0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
 
         write(&mut t, 0x070, ALL);
 

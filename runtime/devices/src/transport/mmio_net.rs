@@ -118,6 +118,12 @@ impl VirtioMmioDevice for NetMmio {
         }
     }
 
+    fn ack_features(&mut self, acked: u64) {
+        if let Some(net) = self.idle.as_mut() {
+            net.ack_features(acked);
+        }
+    }
+
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
@@ -131,8 +137,9 @@ impl VirtioMmioDevice for NetMmio {
         ) else {
             return Err("net device activated without its two queues".into());
         };
-        let net = self.idle.take().ok_or("net device already active")?;
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let worker_stop = stop.try_clone().map_err(|e| e.to_string())?;
+        let net = self.idle.take().ok_or("net device already active")?;
         let worker = Worker {
             net,
             mem,
@@ -141,7 +148,7 @@ impl VirtioMmioDevice for NetMmio {
             rx_kick,
             tx_kick,
             interrupt,
-            stop: stop.try_clone().map_err(|e| e.to_string())?,
+            stop: worker_stop,
         };
         let handle = std::thread::Builder::new()
             .name("net-mmio".into())
