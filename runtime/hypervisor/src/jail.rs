@@ -38,14 +38,17 @@ pub(crate) struct Jail {
 const DEVICES: &[&str] = &["/dev/null", "/dev/urandom"];
 
 /// Makes the VM's directory ([`crate::vm_dir`]), 0700 and empty (what a VM of the same run
-/// directory left, if its owner died, is removed first), for its sockets, console and logs
-/// (before virtiofsd's socket goes there).
+/// directory left, if its owner died, is removed first, and so is every VM directory whose
+/// run directory is gone), for its sockets, console and logs (before virtiofsd's socket goes
+/// there).
 pub(crate) fn make_vm_dir(run_dir: &Path) -> Result<(), HypervisorError> {
     let dir = crate::vm_dir(run_dir);
     crate::remove_vm_dir(run_dir);
+    crate::sweep_orphaned_vm_dirs();
     let made = dir
         .parent()
         .map_or(Ok(()), private_dir)
+        .and_then(|()| crate::claim_vm_dir(run_dir))
         .and_then(|()| private_dir(&dir));
     made.map_err(|source| HypervisorError::Spawn {
         program: "jail",

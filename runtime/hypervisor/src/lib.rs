@@ -17,6 +17,7 @@ pub mod qemu;
 mod share;
 mod sys;
 
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
@@ -48,11 +49,91 @@ pub fn vm_dir(run_dir: &Path) -> PathBuf {
 /// Removes the VM directory of `run_dir` ([`vm_dir`]) with what is in it; call it wherever the
 /// run directory is removed.
 pub fn remove_vm_dir(run_dir: &Path) {
-    let dir = vm_dir(run_dir);
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(dir = %dir.display(), error = %e, "VM directory not removed");
+    remove_vm_dir_at(&vm_dir(run_dir));
+}
+
+/// Removes the VM directory `dir` and its owner file ([`owner_file`]).
+fn remove_vm_dir_at(dir: &Path) {
+    for removed in [
+        std::fs::remove_dir_all(dir),
+        std::fs::remove_file(owner_file(dir)),
+    ] {
+        if let Err(e) = removed {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), error = %e, "VM directory not removed");
+            }
         }
+    }
+}
+
+/// Beside each VM directory (out of its jails' reach: they see only the directory itself),
+/// `<dir>.owner` names the run directory it belongs to, so that a VM directory whose run
+/// directory was removed without the runtime (a state root deleted after its monitor was
+/// killed) is found and removed by [`sweep_orphaned_vm_dirs`].
+fn owner_file(dir: &Path) -> PathBuf {
+    dir.with_extension("owner")
+}
+
+/// Records `run_dir` as the owner of its VM directory ([`owner_file`]), before the directory
+/// is made.
+pub(crate) fn claim_vm_dir(run_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let absolute = std::path::absolute(run_dir)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(owner_file(&vm_dir(run_dir)))?;
+    std::io::Write::write_all(&mut file, absolute.as_os_str().as_encoded_bytes())
+}
+
+/// Removes every VM directory whose owner's run directory no longer exists and whose VM is
+/// gone (nothing listens on its vsock socket: a run directory in a mount namespace of its own
+/// is invisible here while its VM runs); best effort, and a directory without an owner file
+/// is left alone.
+pub(crate) fn sweep_orphaned_vm_dirs() {
+    let Ok(entries) = std::fs::read_dir(VM_DIRS) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "owner") {
+            continue;
+        }
+        let Ok(owner) = std::fs::read(&path) else {
+            continue;
+        };
+        let owner = PathBuf::from(std::ffi::OsString::from_vec(owner));
+        let dir = path.with_extension("");
+        if owner.is_absolute() && owner.symlink_metadata().is_err() && !listening(&dir) {
+            tracing::debug!(dir = %dir.display(), owner = %owner.display(), "removing an orphaned VM directory");
+            remove_vm_dir_at(&dir);
+        }
+    }
+}
+
+/// Whether something listens on the vsock socket in the VM directory `dir`. The connection
+/// is never waited for (a full backlog counts as listening) and closed at once.
+fn listening(dir: &Path) -> bool {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let Ok(addr) = UnixAddr::new(&dir.join("vsock.sock")) else {
+        return false;
+    };
+    let Ok(fd) = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return true;
+    };
+    match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+        Ok(()) => true,
+        Err(e) => !matches!(
+            e,
+            nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT
+        ),
     }
 }
 
@@ -388,6 +469,46 @@ mod tests {
             HypervisorKind::Auto
         );
         assert!("xen".parse::<HypervisorKind>().is_err());
+    }
+
+    #[test]
+    fn test_vm_dir_of_removed_run_dir_swept_at_next_boot() {
+        let runs = tempfile::tempdir().unwrap();
+        let (gone, live) = (runs.path().join("gone"), runs.path().join("live"));
+        for run_dir in [&gone, &live] {
+            std::fs::create_dir(run_dir).unwrap();
+            jail::make_vm_dir(run_dir).unwrap();
+            std::fs::write(vm_dir(run_dir).join("vsock.sock"), "").unwrap();
+        }
+        let hidden = runs.path().join("hidden");
+        std::fs::create_dir(&hidden).unwrap();
+        jail::make_vm_dir(&hidden).unwrap();
+        let _vsock =
+            std::os::unix::net::UnixListener::bind(vm_dir(&hidden).join("vsock.sock")).unwrap();
+        // The state root removed without the runtime: the VM directory stays behind.
+        std::fs::remove_dir_all(&gone).unwrap();
+        std::fs::remove_dir_all(&hidden).unwrap();
+        assert!(vm_dir(&gone).is_dir());
+
+        let next = runs.path().join("next");
+        std::fs::create_dir(&next).unwrap();
+        jail::make_vm_dir(&next).unwrap();
+
+        assert!(!vm_dir(&gone).exists(), "orphaned VM directory left");
+        // A VM still listening, whose run directory this process cannot see: kept.
+        assert!(
+            vm_dir(&hidden).join("vsock.sock").exists(),
+            "a running VM's directory swept"
+        );
+        assert!(!owner_file(&vm_dir(&gone)).exists());
+        assert!(
+            vm_dir(&live).join("vsock.sock").exists(),
+            "a live VM's directory swept"
+        );
+        for run_dir in [&live, &next, &hidden] {
+            remove_vm_dir(run_dir);
+            assert!(!vm_dir(run_dir).exists() && !owner_file(&vm_dir(run_dir)).exists());
+        }
     }
 
     #[test]
