@@ -8,18 +8,34 @@ HOST_TRIPLE := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(HOST_TRIPLE)/release/husk-agent
 DEMO      := $(CURDIR)/build/demo-bundle
 
-APT_PACKAGES := qemu-system-x86 linux-source-6.12 build-essential flex bison bc libelf-dev \
-	libssl-dev cpio xz-utils busybox-static runc libseccomp-dev libcap-ng-dev pkg-config e2fsprogs \
-	containerd containernetworking-plugins protobuf-compiler iproute2 docker.io podman
+# What `make demo` needs: the guest kernel's source and build tools, QEMU, busybox for the demo's
+# bundle, libseccomp and libcap-ng for virtiofsd's build, iproute2 for engines' networks.
+DEMO_PACKAGES := qemu-system-x86 linux-source-6.12 build-essential flex bison bc libelf-dev \
+	libssl-dev cpio xz-utils busybox-static libseccomp-dev libcap-ng-dev pkg-config iproute2
+# What the tests add: runc (the oracle), e2fsprogs (disk images), containerd and CNI plugins,
+# protobuf-compiler (the CRI tests' client), Docker and Podman.
+TEST_PACKAGES := runc e2fsprogs containerd containernetworking-plugins protobuf-compiler \
+	docker.io podman
 export PATH := /usr/local/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all deps build husk agent kernel test-host-kernel initramfs demo test test-unit test-e2e conformance fuzz bench fmt lint clean
+.PHONY: all deps test-deps apt build husk agent kernel test-host-kernel initramfs demo test test-unit test-e2e conformance fuzz bench fmt lint clean
 
 all: build
 
-## deps: Debian packages, virtiofsd and cargo-fuzz (idempotent; quick when all is there)
+## deps: what building and the demo need: Debian packages and virtiofsd (idempotent; quick when
+## all is there); test-deps: and what the tests need: more packages and cargo-fuzz
 deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
+	@$(MAKE) --no-print-directory apt PACKAGES="$(DEMO_PACKAGES)"
+	@command -v virtiofsd >/dev/null || { echo "cargo: installing virtiofsd"; \
+		cargo install --quiet --locked --root /usr/local virtiofsd; }
+
+test-deps: deps
+	@$(MAKE) --no-print-directory apt PACKAGES="$(TEST_PACKAGES)"
+	@command -v cargo-fuzz >/dev/null || { echo "cargo: installing cargo-fuzz"; \
+		cargo install --quiet --locked cargo-fuzz; }
+
+apt:
+	@missing=""; for p in $(PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -27,14 +43,11 @@ deps:
 		apt-get update -qq; \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
-	@command -v virtiofsd >/dev/null || { echo "cargo: installing virtiofsd"; \
-		cargo install --quiet --locked --root /usr/local virtiofsd; }
-	@command -v cargo-fuzz >/dev/null || { echo "cargo: installing cargo-fuzz"; \
-		cargo install --quiet --locked cargo-fuzz; }
 
-## build: husk, husk-vmm, the static agent, the guest kernel, the initramfs and the emulated
-## test host's kernel (for the built-in VMM's end-to-end tests), into out/
-build: husk initramfs test-host-kernel
+## build: husk, husk-vmm, the shim, the static agent, the guest kernel and the initramfs, into
+## out/ (the emulated test host's kernel, for the built-in VMM's end-to-end tests, is
+## test-host-kernel: the tests and benches build it)
+build: husk initramfs
 
 husk:
 	cargo build --release -p husk-cli -p husk-vmm -p husk-shim
@@ -59,13 +72,13 @@ demo: deps build
 	tests/demo.sh $(OUT)/bin/husk $(DEMO)
 
 ## test: every test (unit and end-to-end through real guests)
-test: deps build
+test: test-deps build test-host-kernel
 	HUSK_OUT=$(OUT) cargo test --workspace --no-fail-fast -- --test-threads=2
 
 test-unit:
 	cargo test --workspace --lib --bins
 
-test-e2e: deps build
+test-e2e: test-deps build test-host-kernel
 	HUSK_OUT=$(OUT) cargo test -p husk-e2e -- --test-threads=2
 
 ## conformance: the OCI runtime-tools validation suite (58 tests; CONFORMANCE_TARBALL, default
@@ -77,18 +90,18 @@ conformance:
 	@if [ ! -f "$(CONFORMANCE_TARBALL)" ]; then \
 		echo "SKIPPED: conformance: no OCI runtime-tools suite at $(CONFORMANCE_TARBALL)"; exit 0; \
 	fi; \
-	$(MAKE) --no-print-directory deps build; \
+	$(MAKE) --no-print-directory test-deps build; \
 	suite=$$(tests/conformance/suite.sh "$(CONFORMANCE_TARBALL)" | tail -n 1); \
 	HUSK_OUT=$(OUT) cargo run --quiet -p husk-e2e --bin conformance -- "$$suite"
 
 ## fuzz: every fuzz target (fuzz/, libFuzzer) for FUZZ_SECS seconds each (default 20) from its
 ## committed corpus; fails on any crash
 FUZZ_SECS ?= 20
-fuzz: deps
+fuzz: test-deps
 	FUZZ_SECS=$(FUZZ_SECS) fuzz/run.sh
 
 ## bench: hello-world latency and peak host memory, husk vs runc; lifecycle (create+start, exec, state/list with 50) vs runc; built-in VMM vs QEMU; containerd shim (ctr run latency, memory per container) husk.v2 vs runc.v2; Docker and Podman (run --rm true latency, memory per container) husk vs runc; same run
-bench: deps build
+bench: test-deps build test-host-kernel
 	HUSK_OUT=$(OUT) cargo bench -p husk-e2e --bench run --bench lifecycle --bench vmm --bench containerd --bench engines
 
 fmt:

@@ -32,7 +32,7 @@ fn boot_nest(env: &Env, script: &str, args: &[String]) -> String {
     let test_host_kernel = env.share.join("test-host-vmlinux");
     assert!(
         test_host_kernel.is_file(),
-        "{} is missing: run `make build`",
+        "{} is missing: run `make test-host-kernel`",
         test_host_kernel.display()
     );
     let dir = env!("CARGO_MANIFEST_DIR");
