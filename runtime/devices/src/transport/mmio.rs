@@ -384,6 +384,19 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
     }
 }
 
+/// A read of `data.len()` bytes at `offset` of a device configuration space whose filled
+/// fields are `config`; bytes past them read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = start
+            .checked_add(i)
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Whether every status bit set in `value` has its predecessor set too.
 fn in_order(value: u32) -> bool {
     [

@@ -4,7 +4,6 @@
 
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueT};
@@ -12,7 +11,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::mmio::{Interrupt, VirtioMmioDevice};
+use super::mmio::{read_config_bytes, Interrupt, VirtioMmioDevice};
+use super::worker::WorkerSlot;
 use crate::block::defs::{F_RO, QUEUE_SIZE};
 use crate::block::device::{Block, CONFIG_LEN};
 use crate::block::metrics::METRICS;
@@ -28,9 +28,7 @@ pub struct BlockMmio {
     path: PathBuf,
     config: [u8; CONFIG_LEN],
     features: u64,
-    /// The device until activation, then owned by the worker.
-    idle: Option<Block>,
-    worker: Option<(EventFd, JoinHandle<Block>)>,
+    worker: WorkerSlot<Block>,
 }
 
 impl std::fmt::Debug for BlockMmio {
@@ -38,7 +36,7 @@ impl std::fmt::Debug for BlockMmio {
         f.debug_struct("BlockMmio")
             .field("path", &self.path)
             .field("features", &self.features)
-            .field("active", &self.worker.is_some())
+            .field("active", &self.worker.is_running())
             .finish()
     }
 }
@@ -58,8 +56,7 @@ impl BlockMmio {
             path: path.to_owned(),
             config: block.config(),
             features: block.features(),
-            idle: Some(block),
-            worker: None,
+            worker: WorkerSlot::new("block", block),
         })
     }
 
@@ -76,15 +73,8 @@ impl BlockMmio {
     }
 
     fn stop_worker(&mut self) {
-        if let Some((stop, handle)) = self.worker.take() {
-            let _ = stop.write(1);
-            match handle.join() {
-                Ok(mut block) => {
-                    block.reset();
-                    self.idle = Some(block);
-                }
-                Err(_) => warn_rate_limited!("block: worker thread panicked; device gone"),
-            }
+        if let Some(block) = self.worker.stop() {
+            block.reset();
         }
     }
 }
@@ -109,16 +99,8 @@ impl VirtioMmioDevice for BlockMmio {
         self.features
     }
 
-    /// Bytes past the fields we fill read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = start
-                .checked_add(i)
-                .and_then(|at| self.config.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn activate(
@@ -132,23 +114,17 @@ impl VirtioMmioDevice for BlockMmio {
         else {
             return Err("block device activated without its queue".into());
         };
-        let block = self.idle.take().ok_or("block device already active")?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let worker_stop = stop.try_clone().map_err(|e| e.to_string())?;
-        let worker = Worker {
-            block,
-            mem,
-            queue,
-            kick,
-            interrupt,
-            stop: worker_stop,
-        };
-        let handle = std::thread::Builder::new()
-            .name("block-mmio".into())
-            .spawn(move || worker.run())
-            .map_err(|e| e.to_string())?;
-        self.worker = Some((stop, handle));
-        Ok(())
+        self.worker.start(move |block, stop| {
+            Worker {
+                block,
+                mem,
+                queue,
+                kick,
+                interrupt,
+                stop,
+            }
+            .run()
+        })
     }
 
     fn reset(&mut self) {
@@ -332,8 +308,7 @@ mod tests {
         mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
         assert_eq!(data, [0x5a; 512]);
         write_reg(&mut transport, 0x070, 0);
-        assert!(transport.device().worker.is_none());
-        assert!(transport.device().idle.is_some());
+        assert!(!transport.device().worker.is_running());
     }
 
     #[test]
@@ -364,6 +339,6 @@ mod tests {
             reset.elapsed()
         );
         assert_eq!(read_reg(&mut transport, 0x070), 0);
-        assert!(transport.device().idle.is_some());
+        assert!(!transport.device().worker.is_running());
     }
 }

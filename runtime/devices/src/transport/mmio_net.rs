@@ -4,14 +4,14 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::mmio::{Interrupt, VirtioMmioDevice};
+use super::mmio::{read_config_bytes, Interrupt, VirtioMmioDevice};
+use super::worker::WorkerSlot;
 use crate::net::defs::{CONFIG_LEN, DEVICE_ID, MIN_MTU, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::net::device::Net;
 use crate::net::metrics::METRICS;
@@ -30,16 +30,14 @@ const EV_STOP: u64 = 3;
 pub struct NetMmio {
     config: [u8; CONFIG_LEN],
     features: u64,
-    /// The device until activation, then owned by the worker.
-    idle: Option<Net>,
-    worker: Option<(EventFd, JoinHandle<Net>)>,
+    worker: WorkerSlot<Net>,
 }
 
 impl std::fmt::Debug for NetMmio {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetMmio")
             .field("config", &self.config)
-            .field("active", &self.worker.is_some())
+            .field("active", &self.worker.is_running())
             .finish()
     }
 }
@@ -67,21 +65,13 @@ impl NetMmio {
         Ok(Self {
             config: net.config(),
             features: net.features(),
-            idle: Some(net),
-            worker: None,
+            worker: WorkerSlot::new("net", net),
         })
     }
 
     fn stop_worker(&mut self) {
-        if let Some((stop, handle)) = self.worker.take() {
-            let _ = stop.write(1);
-            match handle.join() {
-                Ok(mut net) => {
-                    net.reset();
-                    self.idle = Some(net);
-                }
-                Err(_) => warn_rate_limited!("net: worker thread panicked; device gone"),
-            }
+        if let Some(net) = self.worker.stop() {
+            net.reset();
         }
     }
 }
@@ -106,20 +96,12 @@ impl VirtioMmioDevice for NetMmio {
         self.features
     }
 
-    /// Bytes past the fields we fill read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = start
-                .checked_add(i)
-                .and_then(|at| self.config.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn ack_features(&mut self, acked: u64) {
-        if let Some(net) = self.idle.as_mut() {
+        if let Some(net) = self.worker.idle_mut() {
             net.ack_features(acked);
         }
     }
@@ -137,25 +119,19 @@ impl VirtioMmioDevice for NetMmio {
         ) else {
             return Err("net device activated without its two queues".into());
         };
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let worker_stop = stop.try_clone().map_err(|e| e.to_string())?;
-        let net = self.idle.take().ok_or("net device already active")?;
-        let worker = Worker {
-            net,
-            mem,
-            rx,
-            tx,
-            rx_kick,
-            tx_kick,
-            interrupt,
-            stop: worker_stop,
-        };
-        let handle = std::thread::Builder::new()
-            .name("net-mmio".into())
-            .spawn(move || worker.run())
-            .map_err(|e| e.to_string())?;
-        self.worker = Some((stop, handle));
-        Ok(())
+        self.worker.start(move |net, stop| {
+            Worker {
+                net,
+                mem,
+                rx,
+                tx,
+                rx_kick,
+                tx_kick,
+                interrupt,
+                stop,
+            }
+            .run()
+        })
     }
 
     fn reset(&mut self) {
@@ -357,7 +333,6 @@ mod tests {
         assert_eq!(&delivered[12..], &[0xcd; 60]);
 
         write_reg(&mut t, 0x070, 0);
-        assert!(t.device().worker.is_none());
-        assert!(t.device().idle.is_some());
+        assert!(!t.device().worker.is_running());
     }
 }

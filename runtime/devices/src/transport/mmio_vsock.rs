@@ -3,7 +3,6 @@
 //! thread that waits on the queue kicks and the backend's epoll fd.
 
 use std::os::unix::io::AsRawFd;
-use std::thread::JoinHandle;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -11,6 +10,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{Interrupt, VirtioMmioDevice};
+use super::worker::WorkerSlot;
 use crate::rate_limited::warn_rate_limited;
 use crate::vsock::defs::{MAX_QUEUE_SIZE, NUM_QUEUES, RXQ_INDEX, TXQ_INDEX};
 use crate::vsock::device::Vsock;
@@ -31,16 +31,14 @@ const EV_BACKEND: u64 = 101;
 /// A vsock device for the built-in VMM.
 pub struct VsockMmio {
     guest_cid: u64,
-    /// The device until activation, then owned by the worker.
-    idle: Option<Vsock<VsockUnixBackend>>,
-    worker: Option<(EventFd, JoinHandle<Vsock<VsockUnixBackend>>)>,
+    worker: WorkerSlot<Vsock<VsockUnixBackend>>,
 }
 
 impl std::fmt::Debug for VsockMmio {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VsockMmio")
             .field("guest_cid", &self.guest_cid)
-            .field("active", &self.worker.is_some())
+            .field("active", &self.worker.is_running())
             .finish()
     }
 }
@@ -56,21 +54,13 @@ impl VsockMmio {
         let backend = VsockUnixBackend::new(config.guest_cid, &config.uds_path)?;
         Ok(Self {
             guest_cid: config.guest_cid,
-            idle: Some(Vsock::new(config.guest_cid, backend)),
-            worker: None,
+            worker: WorkerSlot::new("vsock", Vsock::new(config.guest_cid, backend)),
         })
     }
 
     fn stop_worker(&mut self) {
-        if let Some((stop, handle)) = self.worker.take() {
-            let _ = stop.write(1);
-            match handle.join() {
-                Ok(mut device) => {
-                    device.reset();
-                    self.idle = Some(device);
-                }
-                Err(_) => warn_rate_limited!("vsock: worker thread panicked; device gone"),
-            }
+        if let Some(device) = self.worker.stop() {
+            device.reset();
         }
     }
 }
@@ -112,15 +102,8 @@ impl VirtioMmioDevice for VsockMmio {
         kicks: Vec<EventFd>,
         interrupt: Interrupt,
     ) -> Result<(), String> {
-        let device = self.idle.take().ok_or("vsock device already active")?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let worker_stop = stop.try_clone().map_err(|e| e.to_string())?;
-        let handle = std::thread::Builder::new()
-            .name("vsock-mmio".into())
-            .spawn(move || worker(device, mem, queues, kicks, interrupt, worker_stop))
-            .map_err(|e| e.to_string())?;
-        self.worker = Some((stop, handle));
-        Ok(())
+        self.worker
+            .start(move |device, stop| worker(device, mem, queues, kicks, interrupt, stop))
     }
 
     fn reset(&mut self) {

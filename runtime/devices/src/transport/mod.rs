@@ -10,3 +10,4 @@ pub mod mmio_block;
 pub mod mmio_net;
 pub mod mmio_vsock;
 pub mod vhost_user;
+mod worker;
