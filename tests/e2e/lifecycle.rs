@@ -883,6 +883,103 @@ fn test_hooks_run_with_the_spec_state_and_failing_prestart_fails_create() {
     husk.assert_clean();
 }
 
+/// `createContainer` and `startContainer` hooks run in the guest, in the container's
+/// namespaces, their paths resolved in the container's rootfs (runc resolves them on the
+/// host, where a VM's container has none of its files): the first at `create`, in the rootfs
+/// before it is the root, the second at `start`, with the container's mounts; each with its
+/// argv, its environment and the state on stdin. A failing one fails `create` or `start` as
+/// under runc, and a failed `create` leaves nothing.
+#[test]
+fn test_container_hooks_run_in_the_guest_and_failing_ones_fail_as_runc() {
+    let Some(env) = Env::get("test_container_hooks_run_in_the_guest_and_failing_ones_fail_as_runc")
+    else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = busybox_sleeper(&husk);
+    let rootfs = bundle.path().join("rootfs");
+    let hook = |script: &str| serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", script], "env": ["PHASE_ENV=set"]});
+    bundle.edit(|c| {
+        c["root"]["readonly"] = false.into();
+        c["hooks"] = serde_json::json!({
+            "createContainer": [hook("cat > /create.json; echo $PHASE_ENV > /create.env")],
+            "startContainer": [hook("cat > /start.json; grep -c ' /proc proc ' /proc/mounts > /start.proc")],
+        });
+    });
+    let outs = tempfile::tempdir().expect("outputs");
+    let rt = Runtime::Husk(&husk);
+    let out = rt.create(bundle.path(), "gh", &outs.path().join("out"));
+    assert!(out.status.success(), "create: {}", stderr(&out));
+    let read = |name: &str| std::fs::read_to_string(rootfs.join(name)).unwrap_or_default();
+    assert_eq!(read("create.env"), "set\n", "createContainer's env");
+    assert!(
+        read("start.json").is_empty(),
+        "startContainer ran at create"
+    );
+    let state: Value = serde_json::from_str(&read("create.json")).expect("createContainer's state");
+    assert_eq!(state["id"], "gh");
+    assert_eq!(state["status"], "created");
+    assert!(state["pid"].as_u64().is_some(), "{state}");
+    let absolute = std::path::absolute(bundle.path()).expect("bundle path");
+    assert_eq!(state["bundle"], absolute.to_string_lossy().as_ref());
+    assert!(rt.run(&["start", "gh"]).status.success());
+    let state: Value = serde_json::from_str(&read("start.json")).expect("startContainer's state");
+    assert_eq!(state["id"], "gh");
+    assert_eq!(
+        read("start.proc"),
+        "1\n",
+        "startContainer sees the container's /proc"
+    );
+    assert!(rt.run(&["kill", "gh", "KILL"]).status.success());
+    assert_eq!(rt.await_status("gh", "stopped"), "stopped");
+    assert!(rt.run(&["delete", "gh"]).status.success());
+
+    // A failing createContainer hook fails `create` as under runc (the same program exists on
+    // the host and in the rootfs) and leaves nothing.
+    let runc_root = tempfile::tempdir().expect("runc root");
+    let failing = hook("echo no >&2; exit 3");
+    bundle.edit(|c| c["hooks"] = serde_json::json!({ "createContainer": [failing] }));
+    for rt in [Runtime::Runc(runc_root.path()), Runtime::Husk(&husk)] {
+        let out = rt.create(bundle.path(), "bad", &outs.path().join("bad-out"));
+        assert!(!out.status.success(), "{}: create succeeded", rt.name());
+        if rt.name() == "husk" {
+            let message = stderr(&out);
+            assert!(
+                message.contains("createContainer hook /bin/sh"),
+                "{message}"
+            );
+        }
+        let _ = rt.run(&["delete", "--force", "bad"]);
+    }
+    // A failing startContainer hook: the process never runs and the container is stopped, as
+    // under runc; husk's `start` also fails, as the runtime spec asks (runc 1.1's succeeds).
+    bundle.edit(|c| c["hooks"] = serde_json::json!({ "startContainer": [failing] }));
+    for rt in [Runtime::Runc(runc_root.path()), Runtime::Husk(&husk)] {
+        let out = rt.create(bundle.path(), "bad", &outs.path().join("bad-out"));
+        assert!(out.status.success(), "{}: {}", rt.name(), stderr(&out));
+        let start = rt.run(&["start", "bad"]);
+        if rt.name() == "husk" {
+            assert!(!start.status.success(), "husk: start succeeded");
+            let message = stderr(&start);
+            assert!(message.contains("startContainer hook /bin/sh"), "{message}");
+        }
+        assert_eq!(
+            rt.await_status("bad", "stopped"),
+            "stopped",
+            "{}",
+            rt.name()
+        );
+        let started = std::fs::read_to_string(outs.path().join("bad-out")).unwrap_or_default();
+        assert!(
+            !started.contains("started"),
+            "{}: the process ran",
+            rt.name()
+        );
+        let _ = rt.run(&["delete", "--force", "bad"]);
+    }
+    husk.assert_clean();
+}
+
 /// A network namespace the test makes, the far end of a container's link; removed on drop.
 struct PeerNetns(String);
 

@@ -6,7 +6,10 @@
 //! 2. init -> agent: `Ok` once mounts, root, hostname and network are set up, or `Error`;
 //! 3. agent -> init: one byte, "start";
 //! 4. init -> agent: nothing if `execve` succeeds (the socket is close-on-exec, the agent sees
-//!    EOF), or an `ExecFailed` error.
+//!    EOF), or an error: `ExecFailed`, or a failed `startContainer` hook.
+//!
+//! `createContainer` hooks run during 2, after the mounts and before the root is entered;
+//! `startContainer` hooks after 3, before the process ([`crate::hooks`]).
 
 use std::ffi::{CStr, CString};
 use std::io::{self, Read, Write};
@@ -28,7 +31,7 @@ use seccompiler::BpfProgram;
 use crate::cgroup::Cgroup;
 use crate::container::{rootfs_path, shares_path};
 use crate::init::ctx;
-use crate::{mounts, privileges, seccomp, sys};
+use crate::{hooks, mounts, privileges, seccomp, sys};
 
 /// The argument that selects this mode.
 pub const ARG: &str = "container-init";
@@ -83,6 +86,11 @@ pub fn main() -> ExitCode {
     if !matches!(sync.read(&mut start), Ok(1)) {
         return ExitCode::FAILURE;
     }
+    let start_container = &spec.hooks.start_container;
+    if let Err(e) = hooks::run("startContainer", start_container, None, &spec.hooks.state) {
+        let _ = write_frame(&mut sync, &error(ErrorKind::Internal, e));
+        return ExitCode::FAILURE;
+    }
     let e = exec(&spec, &filters);
     let _ = write_frame(&mut sync, &error(ErrorKind::ExecFailed, e));
     ExitCode::from(EXIT_EXEC_FAILED)
@@ -135,6 +143,15 @@ fn setup(spec: &ContainerSpec) -> io::Result<()> {
         own_cgroup.as_deref(),
     )?;
     mounts::make_devices(&root, &spec.devices)?;
+    // In the container's namespaces, before its root is entered: paths resolve in the rootfs.
+    let create_container = &spec.hooks.create_container;
+    hooks::run(
+        "createContainer",
+        create_container,
+        Some(&root),
+        &spec.hooks.state,
+    )
+    .map_err(io::Error::other)?;
     enter_root(&root)?;
     if let Some(propagation) = spec.rootfs_propagation {
         // After pivot_root, as runc: on the container's own root, never on a mount it came from.

@@ -12,6 +12,7 @@ mod container;
 mod container_init;
 mod exec;
 mod exec_init;
+mod hooks;
 mod init;
 mod mounts;
 mod namespaces;

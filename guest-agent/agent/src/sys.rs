@@ -182,6 +182,26 @@ pub fn with_controlling_terminal(cmd: &mut std::process::Command) {
     }
 }
 
+/// Makes `cmd`'s child enter `root` (chroot, then `/` as its working directory) before it
+/// execs, so that the program's path and libraries resolve there.
+pub fn with_root(cmd: &mut std::process::Command, root: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let root = std::ffi::CString::new(root.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("root path has a NUL byte"))?;
+    // SAFETY: the closure runs in the child between fork and exec and calls only chroot and
+    // chdir, both async-signal-safe, on a C string allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::chroot(root.as_ptr()) < 0 || libc::chdir(c"/".as_ptr()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// The sync socket the agent put on fd 3 of `container-init`.
 pub fn inherited_sync_fd() -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;

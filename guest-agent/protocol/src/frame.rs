@@ -208,6 +208,16 @@ mod tests {
                     }],
                 }],
             }),
+            hooks: crate::GuestHooks {
+                create_container: vec![crate::GuestHook {
+                    path: "/bin/hook".into(),
+                    args: vec!["hook".into(), "create".into()],
+                    env: vec!["A=b".into()],
+                    timeout_secs: Some(3),
+                }],
+                start_container: Vec::new(),
+                state: r#"{"id":"c"}"#.into(),
+            },
         };
         vec![
             Request::Hello { version: 1 },

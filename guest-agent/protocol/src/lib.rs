@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 mod frame;
+mod hooks;
 mod linux;
 mod messages;
 mod network;
@@ -26,6 +27,7 @@ mod seccomp;
 pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRAME_LEN};
 #[cfg(feature = "tokio")]
 pub use frame::{read_message, write_message};
+pub use hooks::{GuestHook, GuestHooks, MAX_HOOKS, MAX_HOOK_STATE};
 pub use linux::{
     sysctl_namespace, BindSource, Device, DeviceKind, IdMapping, JoinNamespace, Mount, MountFlag,
     MountKind, Namespace, Propagation, RecursiveAttrs, RootPropagation, SysctlNamespace,

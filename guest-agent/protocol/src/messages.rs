@@ -16,7 +16,7 @@ use crate::resources::Resources;
 use crate::seccomp::Seccomp;
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
@@ -315,6 +315,10 @@ pub struct ContainerSpec {
     /// seccomp profile installed right before exec (version 3).
     #[serde(default)]
     pub seccomp: Option<Seccomp>,
+    /// `createContainer` and `startContainer` hooks, run by the agent in the container's
+    /// namespaces (version 8).
+    #[serde(default)]
+    pub hooks: crate::GuestHooks,
 }
 
 /// Where a container's root filesystem comes from.
@@ -536,6 +540,7 @@ impl ContainerSpec {
             }
         }
         self.validate_process()?;
+        self.hooks.validate()?;
         self.validate_linux()
     }
 
@@ -676,6 +681,7 @@ mod tests {
             resources: Resources::default(),
             terminal: false,
             seccomp: None,
+            hooks: crate::GuestHooks::default(),
         }
     }
 

@@ -346,6 +346,8 @@ impl Bundle {
             .unwrap_or_default()
             .into_iter()
             .collect();
+        let guest_hooks = crate::hooks::guest_hooks(spec.hooks().as_ref(), id, dir, &annotations)
+            .map_err(|e| invalid(&e))?;
         let attrs = process::attrs(process).map_err(|reason| invalid(&reason))?;
         let mut linux = linux::attrs(&spec, dir, role).map_err(|reason| invalid(&reason))?;
         let hooked_network = role == PodRole::Alone
@@ -382,6 +384,7 @@ impl Bundle {
             uid_mappings: linux.uid_mappings,
             gid_mappings: linux.gid_mappings,
             terminal,
+            hooks: guest_hooks,
         };
         spec.validate().map_err(|reason| invalid(&reason))?;
         let vm = VmOverrides::from_annotations(&annotations, config, &spec.resources)

@@ -2,9 +2,10 @@
 //! container's state JSON on stdin: `createRuntime` and `prestart` once the container is
 //! created (its process waiting), `poststart` after `start`, `poststop` when the container is
 //! deleted (or a `husk run` ends). A failing `createRuntime`/`prestart` hook fails the create;
-//! a failing `poststart`/`poststop` hook is logged. `createContainer` and `startContainer`
-//! would run inside the container's namespaces, which are in the guest, where host binaries
-//! do not exist: a bundle with them is refused.
+//! a failing `poststart`/`poststop` hook is logged. `createContainer` and `startContainer` run
+//! in the container's namespaces, which are in the guest: the agent runs them there
+//! ([`guest_hooks`]), their paths resolved in the container's rootfs (host binaries do not
+//! exist in the VM).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -44,22 +45,11 @@ impl Hooks {
     /// The hooks of a config.json.
     ///
     /// # Errors
-    /// A one-line reason: a hook that would run in the guest, or an invalid hook.
+    /// A one-line reason: an invalid hook.
     pub fn from_spec(hooks: Option<&oci_spec::runtime::Hooks>) -> Result<Self, String> {
         let Some(hooks) = hooks else {
             return Ok(Self::default());
         };
-        let guest_side = [
-            ("createContainer", hooks.create_container()),
-            ("startContainer", hooks.start_container()),
-        ];
-        for (name, list) in guest_side {
-            if list.as_ref().is_some_and(|l| !l.is_empty()) {
-                return Err(format!(
-                    "hooks.{name} would run in the container's namespaces, inside the VM: not supported"
-                ));
-            }
-        }
         let convert = |list: &Option<Vec<oci_spec::runtime::Hook>>| -> Result<Vec<Hook>, String> {
             list.iter()
                 .flatten()
@@ -90,6 +80,62 @@ impl Hooks {
             poststop: convert(hooks.poststop())?,
         })
     }
+}
+
+/// The `createContainer` and `startContainer` hooks of a config.json, for the agent, with the
+/// state they get on stdin (the agent adds `status` and `pid`): `ociVersion`, `id`, the host
+/// path of the bundle, `annotations`.
+///
+/// # Errors
+/// A one-line reason: a relative path or a timeout that is not positive.
+pub fn guest_hooks(
+    hooks: Option<&oci_spec::runtime::Hooks>,
+    id: &str,
+    bundle: &std::path::Path,
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Result<husk_protocol::GuestHooks, String> {
+    let Some(hooks) = hooks else {
+        return Ok(husk_protocol::GuestHooks::default());
+    };
+    let convert = |list: &Option<Vec<oci_spec::runtime::Hook>>| {
+        list.iter()
+            .flatten()
+            .map(|h| {
+                let path = h.path().to_string_lossy().into_owned();
+                let timeout_secs = match h.timeout() {
+                    None => None,
+                    Some(t) if t > 0 => Some(u32::try_from(t).unwrap_or(u32::MAX)),
+                    Some(t) => return Err(format!("hook timeout {t} is not positive")),
+                };
+                if !path.starts_with('/') {
+                    return Err(format!("hook path {path} is not absolute"));
+                }
+                Ok(husk_protocol::GuestHook {
+                    path,
+                    args: h.args().clone().unwrap_or_default(),
+                    env: h.env().clone().unwrap_or_default(),
+                    timeout_secs,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()
+    };
+    let create_container = convert(hooks.create_container())?;
+    let start_container = convert(hooks.start_container())?;
+    let state = match create_container.is_empty() && start_container.is_empty() {
+        true => String::new(),
+        false => serde_json::json!({
+            "ociVersion": crate::state::OCI_VERSION,
+            "id": id,
+            "bundle": bundle,
+            "annotations": annotations,
+        })
+        .to_string(),
+    };
+    Ok(husk_protocol::GuestHooks {
+        create_container,
+        start_container,
+        state,
+    })
 }
 
 /// Runs `hooks` in order with `state` on stdin; the first failure is the error.
