@@ -338,14 +338,42 @@ fn refuse_unsupported(linux: &Linux) -> Result<(), String> {
     let refused = [
         ("mountLabel", some_str(linux.mount_label())),
         ("intelRdt", linux.intel_rdt().is_some()),
-        ("memoryPolicy", linux.memory_policy().is_some()),
         ("timeOffsets", linux.time_offsets().is_some()),
         ("netDevices", linux.net_devices().is_some()),
     ];
-    match refused.into_iter().find(|(_, set)| *set) {
-        Some((field, _)) => Err(format!("linux.{field} is not supported yet; remove it")),
-        None => Ok(()),
+    if let Some((field, _)) = refused.into_iter().find(|(_, set)| *set) {
+        return Err(format!("linux.{field} is not supported yet; remove it"));
     }
+    if let Some(policy) = linux.memory_policy() {
+        memory_policy_nodes(policy.nodes().as_deref().unwrap_or(""))?;
+        // Mode and flags were checked by name when config.json was read.
+        tracing::debug!(
+            mode = %policy.mode(),
+            "linux.memoryPolicy accepted, not applied: the VM has one memory node"
+        );
+    }
+    Ok(())
+}
+
+/// `linux.memoryPolicy.nodes`: comma-separated node numbers and ranges (`0-3,7`), as
+/// set_mempolicy's nodemask; empty for none. A VM has one memory node, so the policy is
+/// accepted (it only tunes placement) but there is nothing to apply.
+fn memory_policy_nodes(nodes: &str) -> Result<(), String> {
+    let bad =
+        || format!("linux.memoryPolicy.nodes {nodes:?} is not a list of node numbers and ranges");
+    const MAX_NODE: u32 = 1023;
+    for part in nodes
+        .split(',')
+        .filter(|p| !nodes.is_empty() || !p.is_empty())
+    {
+        let (low, high) = part.split_once('-').unwrap_or((part, part));
+        let parse = |n: &str| n.parse::<u32>().ok().filter(|n| *n <= MAX_NODE);
+        match (parse(low), parse(high)) {
+            (Some(low), Some(high)) if low <= high => {}
+            _ => return Err(bad()),
+        }
+    }
+    Ok(())
 }
 
 /// `linux.namespaces`: the new ones; `time` is refused. A `path` to join is refused for a
@@ -417,6 +445,28 @@ mod tests {
 
     fn opts(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn test_memory_policy_accepted_with_valid_nodes_only() {
+        for ok in ["", "0", "0-3,7", "1,2"] {
+            assert!(memory_policy_nodes(ok).is_ok(), "{ok}");
+        }
+        for bad in ["x", "3-1", "0,", "-1", "0-", "1024", "0,,1"] {
+            assert!(memory_policy_nodes(bad).is_err(), "{bad}");
+        }
+        let linux: Linux = serde_json::from_value(serde_json::json!({
+            "memoryPolicy": {"mode": "MPOL_BIND", "nodes": "0", "flags": ["MPOL_F_STATIC_NODES"]}
+        }))
+        .unwrap();
+        assert!(refuse_unsupported(&linux).is_ok());
+        let bad: Result<Linux, _> = serde_json::from_value(serde_json::json!({
+            "memoryPolicy": {"mode": "MPOL_NOPE"}
+        }));
+        assert!(
+            bad.is_err(),
+            "an unknown mode is refused when config.json is read"
+        );
     }
 
     #[test]
