@@ -75,7 +75,10 @@ fn tx_frame(input: &mut Input<'_>, guest: &mut Guest) {
     let len = u32::try_from(bytes.len()).unwrap_or(0) + u32::from(shape >> 2);
     let descs = match shape & 3 {
         0 => vec![(addr, len, 0)],
-        1 => vec![(addr, 12.min(len), 0), (addr + 12, len.saturating_sub(12), 0)],
+        1 => vec![
+            (addr, 12.min(len), 0),
+            (addr + 12, len.saturating_sub(12), 0),
+        ],
         // A write-only descriptor in a transmit chain.
         2 => vec![(addr, len, DESC_F_WRITE)],
         _ => vec![(addr, 12, 0), (addr + 0x100, len, DESC_F_WRITE)],
