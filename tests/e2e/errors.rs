@@ -42,6 +42,34 @@ fn run_with(
         .expect("husk")
 }
 
+/// `--preserve-fds N` is accepted as runc accepts it; a VM's process cannot inherit host
+/// descriptors, so only 0 runs and any other N is one clear line.
+#[test]
+fn test_run_preserve_fds_zero_runs_other_refused() {
+    let Some(env) = Env::get("test_run_preserve_fds_zero_runs_other_refused") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    let bundle_path = bundle.path().to_str().expect("utf-8");
+    let zero = husk
+        .command(&["run", "--preserve-fds", "0", "--bundle", bundle_path, "pf0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("husk");
+    assert!(zero.status.success(), "{}", stderr(&zero));
+    let two = husk
+        .command(&["run", "--preserve-fds", "2", "--bundle", bundle_path, "pf2"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("husk");
+    assert_one_line_error(
+        &husk,
+        &two,
+        "--preserve-fds 2: host descriptors cannot be passed",
+    );
+}
+
 #[test]
 fn test_run_missing_config_json_error() {
     let Some(env) = Env::get("test_run_missing_config_json_error") else {

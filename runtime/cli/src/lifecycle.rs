@@ -28,6 +28,10 @@ pub struct CreateArgs {
     /// Accepted for runc compatibility: the guest always pivots into the rootfs.
     #[arg(long)]
     no_pivot: bool,
+    /// Descriptors 3..3+N of the caller the container's process would inherit, as runc: only
+    /// 0 (a host descriptor cannot cross into the VM).
+    #[arg(long, default_value_t = 0)]
+    preserve_fds: u32,
     /// Container id.
     id: String,
 }
@@ -122,6 +126,10 @@ pub struct ExecArgs {
     /// With `--tty`: where the master of the process's terminal goes.
     #[arg(long)]
     console_socket: Option<PathBuf>,
+    /// Descriptors 3..3+N of the caller the container's process would inherit, as runc: only
+    /// 0 (a host descriptor cannot cross into the VM).
+    #[arg(long, default_value_t = 0)]
+    preserve_fds: u32,
     /// Container id.
     id: String,
     /// The command and its arguments.
@@ -203,10 +211,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// `create`: boots the VM, builds the container, returns with its process waiting.
 pub fn create(cli: &Cli, args: &CreateArgs) -> anyhow::Result<i32> {
+    no_preserved_fds(args.preserve_fds)?;
     let mut opts = args.vm.options(cli, &args.id)?;
     opts.console_socket = args.console_socket.clone();
     runtime()?.block_on(create_with(cli, &args.vm, &opts, args.pid_file.as_deref()))?;
     Ok(0)
+}
+
+/// `--preserve-fds N`: the caller's descriptors 3..3+N would be the container process's. That
+/// process runs in the VM, where no host descriptor can be handed: any N but 0 is refused.
+///
+/// # Errors
+/// N is not 0.
+pub fn no_preserved_fds(n: u32) -> anyhow::Result<()> {
+    if n > 0 {
+        anyhow::bail!(
+            "--preserve-fds {n}: host descriptors cannot be passed into the VM (only 0 is supported)"
+        );
+    }
+    Ok(())
 }
 
 /// Starts `husk monitor` with this process's stdio (the container's), waits until it created
@@ -324,6 +347,7 @@ pub fn exec(cli: &Cli, args: &ExecArgs) -> anyhow::Result<i32> {
     if args.process.is_none() && args.args.is_empty() {
         anyhow::bail!("exec needs a process: -p process.json or a command");
     }
+    no_preserved_fds(args.preserve_fds)?;
     // An empty value sets nothing, as runc.
     let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.is_empty());
     if set(&args.apparmor) {

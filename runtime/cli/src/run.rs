@@ -75,12 +75,17 @@ pub struct RunArgs {
     /// Print boot, start and total times to stderr when the container exits.
     #[arg(long)]
     timings: bool,
+    /// Descriptors 3..3+N of the caller the container's process would inherit, as runc: only
+    /// 0 (a host descriptor cannot cross into the VM).
+    #[arg(long, default_value_t = 0)]
+    preserve_fds: u32,
     /// Container id.
     id: String,
 }
 
 /// Runs the container; returns its exit code.
 pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<i32> {
+    crate::lifecycle::no_preserved_fds(args.preserve_fds)?;
     let mut opts = args.vm.options(cli, &args.id)?;
     opts.console_socket = args.console_socket.clone();
     // One thread: the VMM and its helpers die with the thread that spawned them.
