@@ -215,18 +215,10 @@ impl Net {
                     break;
                 };
                 let head = chain.head_index();
-                match Writer::new(mem, chain) {
-                    Ok(writer) => {
-                        room = room.saturating_add(writer.available_bytes());
-                        buffers.push((head, writer));
-                    }
-                    Err(e) => {
-                        // `pop` checked the chain: the guest rewrote it since. Returned empty.
-                        warn_rate_limited!(error = %e, "net: receive chain refused");
-                        rxq.add_used(mem, head, 0).map_err(QueueFault::Ring)?;
-                        activity.used = true;
-                    }
-                }
+                // `pop` checked the chain: a failure here is the guest rewriting it since.
+                let writer = Writer::new(mem, chain).map_err(QueueFault::Ring)?;
+                room = room.saturating_add(writer.available_bytes());
+                buffers.push((head, writer));
             }
             if room < len {
                 // Leave the buffers for later.
