@@ -91,9 +91,7 @@ impl NetFuzz {
     /// # Errors
     /// The socket pair cannot be made.
     pub fn new(mergeable: bool) -> std::io::Result<Self> {
-        let (tap, wire) = std::os::unix::net::UnixDatagram::pair()?;
-        let tap = std::fs::File::from(std::os::fd::OwnedFd::from(tap));
-        crate::net::tap::set_nonblocking(&tap)?;
+        let (tap, wire) = crate::net::tap::socket_tap()?;
         wire.set_nonblocking(true)?;
         let mut net = Net::new(tap, [2, 0, 0, 0, 0, 1], Some(1500));
         if mergeable {
@@ -138,9 +136,7 @@ impl NetFuzz {
 /// # Errors
 /// The socket pair cannot be made.
 pub fn net_mmio() -> std::io::Result<(crate::NetMmio, std::os::unix::net::UnixDatagram)> {
-    let (tap, wire) = std::os::unix::net::UnixDatagram::pair()?;
-    let tap = std::fs::File::from(std::os::fd::OwnedFd::from(tap));
-    crate::net::tap::set_nonblocking(&tap)?;
+    let (tap, wire) = crate::net::tap::socket_tap()?;
     let device =
         crate::NetMmio::on(tap, "02:00:00:00:00:01", Some(1500)).map_err(std::io::Error::other)?;
     Ok((device, wire))

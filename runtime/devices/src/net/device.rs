@@ -321,7 +321,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
-    use crate::net::tap::set_nonblocking;
+    use crate::net::tap::socket_tap;
 
     const MEM_SIZE: usize = 0x40_0000;
     const RXQ_AT: u64 = 0x1_0000;
@@ -340,9 +340,7 @@ mod tests {
 
     fn rig() -> Rig {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let (tap, wire) = UnixDatagram::pair().unwrap();
-        let tap = File::from(std::os::fd::OwnedFd::from(tap));
-        set_nonblocking(&tap).unwrap();
+        let (tap, wire) = socket_tap().unwrap();
         Rig {
             mem,
             net: Net::new(tap, MAC, Some(1500)),

@@ -61,8 +61,20 @@ pub(crate) fn adopt(fd: RawFd) -> Result<File, NetError> {
     Ok(tap)
 }
 
+/// A datagram socket pair standing in for a tap (tests and fuzzing; one frame per datagram,
+/// as a tap reads and writes them): the device's end, non-blocking, and the host network's.
+///
+/// # Errors
+/// The pair cannot be made.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn socket_tap() -> std::io::Result<(File, std::os::unix::net::UnixDatagram)> {
+    let (tap, wire) = std::os::unix::net::UnixDatagram::pair()?;
+    tap.set_nonblocking(true)?;
+    Ok((File::from(OwnedFd::from(tap)), wire))
+}
+
 /// Sets `O_NONBLOCK` on `file`.
-pub(crate) fn set_nonblocking(file: &File) -> std::io::Result<()> {
+fn set_nonblocking(file: &File) -> std::io::Result<()> {
     let fd = file.as_raw_fd();
     // SAFETY: F_GETFL on an open descriptor `file` owns.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };

@@ -223,7 +223,6 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::net::UnixDatagram;
     use std::time::{Duration, Instant};
 
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
@@ -232,7 +231,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::net::tap::set_nonblocking;
+    use crate::net::tap::socket_tap;
     use crate::transport::mmio::MmioTransport;
 
     const MEM_SIZE: usize = 0x40_0000;
@@ -276,8 +275,7 @@ mod tests {
 
     #[test]
     fn test_net_mmio_refuses_bad_mac_and_mtu() {
-        let (tap, _wire) = UnixDatagram::pair().unwrap();
-        let tap = File::from(std::os::fd::OwnedFd::from(tap));
+        let (tap, _wire) = socket_tap().unwrap();
         let err =
             NetMmio::on(tap.try_clone().unwrap(), "01:00:5e:00:00:01", Some(1500)).unwrap_err();
         assert!(err.to_string().contains("bad MAC"), "{err}");
@@ -290,9 +288,7 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let rx = MockSplitQueue::create(&mem, GuestAddress(RXQ_AT), 16);
         let tx = MockSplitQueue::create(&mem, GuestAddress(TXQ_AT), 16);
-        let (tap, wire) = UnixDatagram::pair().unwrap();
-        let tap = File::from(std::os::fd::OwnedFd::from(tap));
-        set_nonblocking(&tap).unwrap();
+        let (tap, wire) = socket_tap().unwrap();
         let dev = NetMmio::on(tap, "02:00:00:00:00:07", None).unwrap();
         let mut config = [0u8; 6];
         dev.read_config(0, &mut config);
