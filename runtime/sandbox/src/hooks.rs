@@ -50,27 +50,6 @@ impl Hooks {
         let Some(hooks) = hooks else {
             return Ok(Self::default());
         };
-        let convert = |list: &Option<Vec<oci_spec::runtime::Hook>>| -> Result<Vec<Hook>, String> {
-            list.iter()
-                .flatten()
-                .map(|h| {
-                    if !h.path().is_absolute() {
-                        return Err(format!("hook path {} is not absolute", h.path().display()));
-                    }
-                    let timeout = match h.timeout() {
-                        None => None,
-                        Some(t) if t > 0 => u64::try_from(t).ok(),
-                        Some(t) => return Err(format!("hook timeout {t} is not positive")),
-                    };
-                    Ok(Hook {
-                        path: h.path().clone(),
-                        args: h.args().clone().unwrap_or_default(),
-                        env: h.env().clone().unwrap_or_default(),
-                        timeout,
-                    })
-                })
-                .collect()
-        };
         let mut create_runtime = convert(hooks.create_runtime())?;
         #[allow(deprecated)]
         create_runtime.extend(convert(hooks.prestart())?);
@@ -80,6 +59,29 @@ impl Hooks {
             poststop: convert(hooks.poststop())?,
         })
     }
+}
+
+/// The hooks of one phase of a config.json, checked: absolute paths, positive timeouts.
+fn convert(list: &Option<Vec<oci_spec::runtime::Hook>>) -> Result<Vec<Hook>, String> {
+    list.iter()
+        .flatten()
+        .map(|h| {
+            if !h.path().is_absolute() {
+                return Err(format!("hook path {} is not absolute", h.path().display()));
+            }
+            let timeout = match h.timeout() {
+                None => None,
+                Some(t) if t > 0 => u64::try_from(t).ok(),
+                Some(t) => return Err(format!("hook timeout {t} is not positive")),
+            };
+            Ok(Hook {
+                path: h.path().clone(),
+                args: h.args().clone().unwrap_or_default(),
+                env: h.env().clone().unwrap_or_default(),
+                timeout,
+            })
+        })
+        .collect()
 }
 
 /// The `createContainer` and `startContainer` hooks of a config.json, for the agent, with the
@@ -97,30 +99,20 @@ pub fn guest_hooks(
     let Some(hooks) = hooks else {
         return Ok(husk_protocol::GuestHooks::default());
     };
-    let convert = |list: &Option<Vec<oci_spec::runtime::Hook>>| {
-        list.iter()
-            .flatten()
-            .map(|h| {
-                let path = h.path().to_string_lossy().into_owned();
-                let timeout_secs = match h.timeout() {
-                    None => None,
-                    Some(t) if t > 0 => Some(u32::try_from(t).unwrap_or(u32::MAX)),
-                    Some(t) => return Err(format!("hook timeout {t} is not positive")),
-                };
-                if !path.starts_with('/') {
-                    return Err(format!("hook path {path} is not absolute"));
-                }
-                Ok(husk_protocol::GuestHook {
-                    path,
-                    args: h.args().clone().unwrap_or_default(),
-                    env: h.env().clone().unwrap_or_default(),
-                    timeout_secs,
-                })
+    // Checked as the host's hooks are; the path is the rootfs's, the same string.
+    let for_guest = |list: &Option<Vec<oci_spec::runtime::Hook>>| -> Result<Vec<_>, String> {
+        Ok(convert(list)?
+            .into_iter()
+            .map(|h| husk_protocol::GuestHook {
+                path: h.path.to_string_lossy().into_owned(),
+                args: h.args,
+                env: h.env,
+                timeout_secs: h.timeout.map(|t| u32::try_from(t).unwrap_or(u32::MAX)),
             })
-            .collect::<Result<Vec<_>, String>>()
+            .collect())
     };
-    let create_container = convert(hooks.create_container())?;
-    let start_container = convert(hooks.start_container())?;
+    let create_container = for_guest(hooks.create_container())?;
+    let start_container = for_guest(hooks.start_container())?;
     let state = match create_container.is_empty() && start_container.is_empty() {
         true => String::new(),
         false => serde_json::json!({
