@@ -113,11 +113,42 @@ pub(crate) fn sweep_orphaned_vm_dirs() {
     }
 }
 
-/// Whether something listens on the vsock socket in the VM directory `dir`. The connection
-/// is never waited for (a full backlog counts as listening) and closed at once.
+/// Opens the Unix socket file at `path` itself, never through a symlink (`O_PATH|O_NOFOLLOW`,
+/// checked to be a socket), for a connection to `/proc/self/fd/<fd>` of the result: a VM's
+/// directory is writable by its jailed VMM, which could put a link to another VM's socket (or
+/// any host socket) where its own was.
+///
+/// # Errors
+/// `path` cannot be opened, or is not a socket.
+pub fn open_socket_no_follow(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::SFlag;
+    let fd = nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let st = nix::sys::stat::fstat(&fd)?;
+    if st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFSOCK.bits() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a socket",
+            path.display()
+        )));
+    }
+    Ok(fd)
+}
+
+/// Whether something listens on the vsock socket in the VM directory `dir` (connected to
+/// without following a link, [`open_socket_no_follow`]; anything there but a socket is not
+/// listening). The connection is never waited for (a full backlog counts as listening) and
+/// closed at once.
 fn listening(dir: &Path) -> bool {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    let Ok(addr) = UnixAddr::new(&dir.join("vsock.sock")) else {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = open_socket_no_follow(&dir.join("vsock.sock")) else {
+        return false;
+    };
+    let Ok(addr) = UnixAddr::new(format!("/proc/self/fd/{}", file.as_raw_fd()).as_str()) else {
         return false;
     };
     let Ok(fd) = socket(
@@ -128,7 +159,7 @@ fn listening(dir: &Path) -> bool {
     ) else {
         return true;
     };
-    match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+    match connect(fd.as_raw_fd(), &addr) {
         Ok(()) => true,
         Err(e) => !matches!(
             e,
@@ -485,6 +516,16 @@ mod tests {
         jail::make_vm_dir(&hidden).unwrap();
         let _vsock =
             std::os::unix::net::UnixListener::bind(vm_dir(&hidden).join("vsock.sock")).unwrap();
+        // A dead VM whose VMM left a link to a live socket where its own was: not followed.
+        let linked = runs.path().join("linked");
+        std::fs::create_dir(&linked).unwrap();
+        jail::make_vm_dir(&linked).unwrap();
+        std::os::unix::fs::symlink(
+            vm_dir(&hidden).join("vsock.sock"),
+            vm_dir(&linked).join("vsock.sock"),
+        )
+        .unwrap();
+        std::fs::remove_dir_all(&linked).unwrap();
         // The state root removed without the runtime: the VM directory stays behind.
         std::fs::remove_dir_all(&gone).unwrap();
         std::fs::remove_dir_all(&hidden).unwrap();
@@ -505,7 +546,11 @@ mod tests {
             vm_dir(&live).join("vsock.sock").exists(),
             "a live VM's directory swept"
         );
-        for run_dir in [&live, &next, &hidden] {
+        assert!(
+            !vm_dir(&linked).exists(),
+            "a link kept a dead VM's directory"
+        );
+        for run_dir in [&live, &next, &hidden, &linked] {
             remove_vm_dir(run_dir);
             assert!(!vm_dir(run_dir).exists() && !owner_file(&vm_dir(run_dir)).exists());
         }

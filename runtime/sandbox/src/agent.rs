@@ -151,26 +151,11 @@ async fn read_reply(stream: &mut UnixStream) -> Result<Option<Response>, Sandbox
     }
 }
 
-/// Connects to the Unix socket at `path` itself, never through a symlink: the VM's directory
-/// is writable by its jailed VMM, which could put a link to another VM's socket (or any host
-/// socket) there. The socket file is opened `O_PATH|O_NOFOLLOW`, checked to be a socket, and
-/// connected to through its descriptor.
+/// Connects to the Unix socket at `path` itself, never through a symlink
+/// ([`husk_hypervisor::open_socket_no_follow`]).
 async fn connect_socket_no_follow(path: &Path) -> std::io::Result<UnixStream> {
-    use nix::fcntl::OFlag;
     use std::os::fd::AsRawFd;
-    let fd = nix::fcntl::open(
-        path,
-        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )?;
-    let st = nix::sys::stat::fstat(&fd)?;
-    let kind = st.st_mode & nix::sys::stat::SFlag::S_IFMT.bits();
-    if kind != nix::sys::stat::SFlag::S_IFSOCK.bits() {
-        return Err(std::io::Error::other(format!(
-            "{} is not a socket",
-            path.display()
-        )));
-    }
+    let fd = husk_hypervisor::open_socket_no_follow(path)?;
     UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd())).await
 }
 
