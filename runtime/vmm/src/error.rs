@@ -21,6 +21,9 @@ pub enum VmmError {
     /// The guest image does not fit or cannot be loaded.
     #[error("guest image: {0}")]
     Image(String),
+    /// A snapshot cannot be saved or loaded; the reason.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// The VMM's configuration document is unreadable or malformed.
     #[error("{0}")]
     Config(String),

@@ -5,6 +5,7 @@
 //!   the legacy devices ([`legacy`]: 8250 serial, i8042 for reset, a debug-exit port);
 //! - [`x86`]: what a vCPU needs before its first instruction (CPUID, MSRs, FPU, registers,
 //!   GDT and identity page tables for 64-bit entry, LAPIC);
+//! - [`snapshot`]: a paused VM's state saved to a directory and loaded back;
 //! - [`layout`]: where everything lives in guest-physical memory;
 //! - [`confine`]: the seccomp allowlist and capability drop the VMM runs under;
 //! - [`console`]: the serial console's host file, capped.
@@ -22,9 +23,10 @@ pub mod mptable;
 pub mod probe;
 mod report;
 pub mod sentinel;
+pub mod snapshot;
 mod vm;
 pub mod x86;
 
 pub use error::VmmError;
 pub use report::{monotonic_now, MemoryUsage, RunReport};
-pub use vm::{CpuMode, Entry, ExitReason, Vm, VmConfig};
+pub use vm::{CpuMode, Entry, ExitReason, Pauser, RestoreConfig, Vm, VmConfig};

@@ -2,6 +2,7 @@
 //! guest ends it (reset, debug exit, halt without interrupts, a KVM error) or the host stops it.
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use crate::layout::{
 };
 use crate::legacy::{DebugExit, ExitSignal, SerialDevice, I8042};
 use crate::report::{monotonic_now, MemoryUsage, RunReport};
+use crate::snapshot::{self, VcpuState, VmState};
 use crate::{boot, mptable, x86, VmmError};
 
 /// How the vCPU starts.
@@ -102,12 +104,16 @@ pub enum ExitReason {
     Unhandled(String),
     /// The host stopped the VM ([`Vm::run`]'s timeout).
     TimedOut,
+    /// The host paused the VM ([`Pauser`]) to snapshot it.
+    Paused,
 }
 
 /// A built VM, ready to run.
 pub struct Vm {
-    _kvm: Kvm,
-    _fd: VmFd,
+    kvm: Kvm,
+    fd: VmFd,
+    /// Whether the VM has the in-kernel irqchip (and so LAPICs to save).
+    irqchip: bool,
     mem: GuestMemoryMmap,
     io_bus: Bus,
     mmio_bus: Bus,
@@ -117,6 +123,22 @@ pub struct Vm {
     _irqs: Vec<EventFd>,
     /// /proc/self/status, opened while files may still be opened, for [`RunReport::memory`].
     status: Option<std::fs::File>,
+}
+
+/// How to rebuild a VM from a snapshot ([`Vm::restore`]).
+pub struct RestoreConfig {
+    /// The snapshot directory ([`snapshot::save`]).
+    pub snapshot: std::path::PathBuf,
+    /// Where the serial console's output goes.
+    pub console: Box<dyn Write + Send>,
+}
+
+impl std::fmt::Debug for RestoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreConfig")
+            .field("snapshot", &self.snapshot)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for Vm {
@@ -132,74 +154,13 @@ impl Vm {
     /// Creates the VM, its memory, devices and vCPU, and loads the entry.
     pub fn new(config: VmConfig) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::Kvm)?;
-        let fd = kvm.create_vm().map_err(VmmError::ioctl("create vm"))?;
-        let mem = guest_memory(config.memory_mib)?;
-        register_memory(&fd, &mem)?;
-        fd.set_tss_address(usize::try_from(KVM_TSS_ADDR).unwrap_or(usize::MAX))
-            .map_err(VmmError::ioctl("set tss"))?;
-        if config.irqchip {
-            fd.create_irq_chip()
-                .map_err(VmmError::ioctl("create irqchip"))?;
-            let pit = kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            };
-            fd.create_pit2(pit).map_err(VmmError::ioctl("create pit"))?;
-        }
+        let mem = guest_memory(memfd(memory_bytes(config.memory_mib)?)?)?;
+        let fd = create_vm(&kvm, &mem, config.irqchip)?;
         let exit = ExitSignal::new()?;
-        let serial_irq = EventFd::new(EFD_NONBLOCK)?;
-        if config.irqchip {
-            fd.register_irqfd(&serial_irq, SERIAL_IRQ)
-                .map_err(VmmError::ioctl("register serial irqfd"))?;
-        }
-        let mut io_bus = Bus::default();
-        let devices: [(u16, u16, crate::bus::SharedDevice); 3] = [
-            (
-                SERIAL_PORT.0,
-                SERIAL_PORT.1,
-                Arc::new(Mutex::new(SerialDevice::new(
-                    serial_irq.try_clone()?,
-                    config.console,
-                ))),
-            ),
-            (
-                I8042_PORT.0,
-                I8042_PORT.1,
-                Arc::new(Mutex::new(I8042::new(exit.clone()))),
-            ),
-            (
-                DEBUG_EXIT_PORT,
-                1,
-                Arc::new(Mutex::new(DebugExit(exit.clone()))),
-            ),
-        ];
-        for (base, len, device) in devices {
-            io_bus
-                .insert(u64::from(base), u64::from(len), device)
-                .map_err(VmmError::Image)?;
-        }
+        let (io_bus, serial_irq) = legacy_bus(&fd, config.irqchip, config.console, &exit)?;
         let virtio_count =
             u32::try_from(config.virtio.len()).map_err(|e| VmmError::Image(e.to_string()))?;
-        let mut mmio_bus = Bus::default();
-        let mut irqs = Vec::new();
-        for (i, device) in (0u32..).zip(config.virtio) {
-            let base = MMIO_START + u64::from(i) * MMIO_DEVICE_SIZE;
-            let irq = EventFd::new(EFD_NONBLOCK)?;
-            if config.irqchip {
-                fd.register_irqfd(&irq, VIRTIO_IRQ_BASE + i)
-                    .map_err(VmmError::ioctl("register virtio irqfd"))?;
-            }
-            let transport = MmioTransport::new(device, mem.clone(), irq.try_clone()?)?;
-            for (queue, kick) in (0u32..).zip(transport.kick_events()) {
-                let notify = IoEventAddress::Mmio(base + MMIO_QUEUE_NOTIFY);
-                fd.register_ioevent(kick, &notify, queue)
-                    .map_err(VmmError::ioctl("register ioeventfd"))?;
-            }
-            mmio_bus
-                .insert(base, MMIO_DEVICE_SIZE, Arc::new(Mutex::new(transport)))
-                .map_err(VmmError::Image)?;
-            irqs.push(irq);
-        }
+        let (mmio_bus, mut irqs) = virtio_bus(&fd, &mem, config.irqchip, config.virtio)?;
         let count = match &config.entry {
             Entry::Payload { .. } => 1,
             Entry::Linux { vcpus, .. } if !config.irqchip && *vcpus > 1 => {
@@ -211,10 +172,7 @@ impl Vm {
         };
         let mut vcpus = Vec::new();
         for id in 0..count {
-            let vcpu = fd
-                .create_vcpu(u64::from(id))
-                .map_err(VmmError::ioctl("create vcpu"))?;
-            x86::setup_cpuid(&kvm, &vcpu, id)?;
+            let vcpu = create_vcpu(&kvm, &fd, id)?;
             x86::setup_msrs(&vcpu)?;
             x86::setup_fpu(&vcpu)?;
             if config.irqchip {
@@ -225,46 +183,12 @@ impl Vm {
         let vcpu = vcpus
             .first()
             .ok_or_else(|| VmmError::Image("no vCPU".into()))?;
-        match &config.entry {
-            Entry::Payload { code, addr, mode } => {
-                load(&mem, code, *addr)?;
-                match mode {
-                    CpuMode::Real if *addr > 0xffff => {
-                        return Err(VmmError::Image(format!(
-                            "real-mode entry {addr:#x} is above 64 KiB"
-                        )));
-                    }
-                    CpuMode::Real => x86::setup_real_mode(vcpu, *addr)?,
-                    CpuMode::Long => {
-                        x86::setup_sregs_long(&mem, vcpu)?;
-                        x86::setup_regs_long(vcpu, *addr, 0)?;
-                    }
-                }
-            }
-            Entry::Linux {
-                kernel,
-                initramfs,
-                cmdline,
-                vcpus: _,
-            } => {
-                mptable::write(&mem, count)?;
-                let mut line = cmdline.clone();
-                for i in 0..virtio_count {
-                    let base = MMIO_START + u64::from(i) * MMIO_DEVICE_SIZE;
-                    line.push_str(&format!(
-                        " virtio_mmio.device=4K@{base:#x}:{}",
-                        VIRTIO_IRQ_BASE + i
-                    ));
-                }
-                let entry = boot::load_linux(&mem, kernel, initramfs, &line)?;
-                x86::setup_sregs_long(&mem, vcpu)?;
-                x86::setup_regs_long(vcpu, entry.entry, entry.zero_page)?;
-            }
-        }
+        load_entry(&mem, vcpu, &config.entry, count, virtio_count)?;
         irqs.push(serial_irq);
         Ok(Self {
-            _kvm: kvm,
-            _fd: fd,
+            kvm,
+            fd,
+            irqchip: config.irqchip,
             mem,
             io_bus,
             mmio_bus,
@@ -273,6 +197,51 @@ impl Vm {
             _irqs: irqs,
             status: std::fs::File::open("/proc/self/status").ok(),
         })
+    }
+
+    /// Rebuilds the VM saved in a snapshot directory ([`snapshot`]): its memory (copied, so
+    /// that the snapshot is never written), interrupt controllers, PIT, clock and vCPUs, ready
+    /// to run from where it was paused. The legacy devices start afresh (the console has no
+    /// state a guest relies on across a pause).
+    ///
+    /// # Errors
+    /// [`VmmError::Snapshot`] when the snapshot cannot be loaded; a KVM error when its state
+    /// is refused. Nothing is left behind either way.
+    pub fn restore(config: RestoreConfig) -> Result<Self, VmmError> {
+        let (state, memory) = snapshot::load(&config.snapshot)?;
+        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        let mem = guest_memory(memory)?;
+        let irqchip = state.irqchip.is_some();
+        let fd = create_vm(&kvm, &mem, irqchip)?;
+        if let Some(chips) = &state.irqchip {
+            snapshot::restore_irqchip(&fd, chips)?;
+        }
+        snapshot::restore_clock(&fd, &state.clock)?;
+        let exit = ExitSignal::new()?;
+        let (io_bus, serial_irq) = legacy_bus(&fd, irqchip, config.console, &exit)?;
+        let mut vcpus = Vec::new();
+        for (id, saved) in (0u8..).zip(&state.vcpus) {
+            let vcpu = create_vcpu(&kvm, &fd, id)?;
+            snapshot::restore_vcpu(&vcpu, saved)?;
+            vcpus.push(vcpu);
+        }
+        Ok(Self {
+            kvm,
+            fd,
+            irqchip,
+            mem,
+            io_bus,
+            mmio_bus: Bus::default(),
+            exit,
+            vcpus,
+            _irqs: vec![serial_irq],
+            status: std::fs::File::open("/proc/self/status").ok(),
+        })
+    }
+
+    /// A handle that pauses this VM once it runs ([`Pauser::pause`]).
+    pub fn pauser(&self) -> Pauser {
+        Pauser(self.exit.clone())
     }
 
     /// Guest memory.
@@ -287,8 +256,30 @@ impl Vm {
 
     /// [`Vm::run`], also reporting when the guest first ran and the process's memory use.
     pub fn run_report(self, timeout: Duration) -> Result<RunReport, VmmError> {
+        self.run_inner(timeout, None)
+    }
+
+    /// [`Vm::run_report`]; if the run ends because the VM was paused ([`Pauser`]), saves the
+    /// paused VM into the new directory `dir` ([`snapshot::save`]).
+    ///
+    /// # Errors
+    /// As [`Vm::run_report`], and [`VmmError::Snapshot`] or an I/O error when the state
+    /// cannot be read or written.
+    pub fn run_to_snapshot(self, timeout: Duration, dir: &Path) -> Result<RunReport, VmmError> {
+        self.run_inner(timeout, Some(dir))
+    }
+
+    fn run_inner(
+        self,
+        timeout: Duration,
+        snapshot_dir: Option<&Path>,
+    ) -> Result<RunReport, VmmError> {
         install_kick_handler()?;
         let Self {
+            kvm,
+            fd,
+            irqchip,
+            mem,
             vcpus,
             io_bus,
             mmio_bus,
@@ -297,15 +288,17 @@ impl Vm {
             ..
         } = self;
         let (io_bus, mmio_bus) = (Arc::new(io_bus), Arc::new(mmio_bus));
+        let kvm = Arc::new(kvm);
         let first_exit = Arc::new(OnceLock::new());
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut threads: Vec<JoinHandle<Option<Result<VcpuState, VmmError>>>> = Vec::new();
         for (id, mut vcpu) in vcpus.into_iter().enumerate() {
-            let (io_bus, mmio_bus) = (io_bus.clone(), mmio_bus.clone());
+            let (io_bus, mmio_bus, kvm) = (io_bus.clone(), mmio_bus.clone(), kvm.clone());
             let (thread_exit, first_exit) = (exit.clone(), first_exit.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     run_vcpu(&mut vcpu, &io_bus, &mmio_bus, &thread_exit, &first_exit);
+                    paused_state(&kvm, &mut vcpu, &thread_exit, irqchip)
                 });
             match spawned {
                 Ok(thread) => threads.push(thread),
@@ -319,19 +312,93 @@ impl Vm {
             exit.exit(ExitReason::TimedOut);
         }
         // Kick every vCPU out of KVM_RUN until its thread sees the exit.
+        let mut saved = Vec::new();
         for thread in threads {
             while !thread.is_finished() {
                 let _ = thread.kill(SIGRTMIN());
                 std::thread::sleep(Duration::from_millis(1));
             }
-            let _ = thread.join();
+            saved.push(thread.join().ok().flatten());
+        }
+        let reason = exit.reason().unwrap_or(ExitReason::TimedOut);
+        if let (ExitReason::Paused, Some(dir)) = (&reason, snapshot_dir) {
+            let vcpus = saved
+                .into_iter()
+                .map(|s| s.unwrap_or_else(|| Err(VmmError::Snapshot("a vCPU thread died".into()))))
+                .collect::<Result<Vec<_>, _>>()?;
+            save_snapshot(&fd, &mem, vcpus, dir)?;
         }
         Ok(RunReport {
-            reason: exit.reason().unwrap_or(ExitReason::TimedOut),
+            reason,
             first_exit: first_exit.get().copied(),
             memory: status.as_mut().map(MemoryUsage::read).unwrap_or_default(),
         })
     }
+}
+
+/// Pauses a running VM: its vCPUs leave the guest at the next instruction boundary and the run
+/// ends with [`ExitReason::Paused`] (and, with [`Vm::run_to_snapshot`], a snapshot).
+#[derive(Debug, Clone)]
+pub struct Pauser(ExitSignal);
+
+impl Pauser {
+    /// Pauses the VM (once: a VM that already ended keeps its reason).
+    pub fn pause(&self) {
+        self.0.exit(ExitReason::Paused);
+    }
+}
+
+/// A vCPU's state once its loop ended because of a pause: one more `KVM_RUN` with
+/// `immediate_exit` completes an instruction whose port or MMIO access was being emulated,
+/// without running the guest further. `None` when the VM was not paused.
+fn paused_state(
+    kvm: &Kvm,
+    vcpu: &mut VcpuFd,
+    exit: &ExitSignal,
+    irqchip: bool,
+) -> Option<Result<VcpuState, VmmError>> {
+    if exit.reason() != Some(ExitReason::Paused) {
+        return None;
+    }
+    vcpu.set_kvm_immediate_exit(1);
+    let completed = match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(e) => Err(VmmError::ioctl("complete pending I/O")(e)),
+        Ok(other) => Err(VmmError::Snapshot(format!(
+            "vCPU exited with {other:?} while pausing"
+        ))),
+    };
+    vcpu.set_kvm_immediate_exit(0);
+    Some(completed.and_then(|()| snapshot::save_vcpu(kvm, vcpu, irqchip)))
+}
+
+/// Writes a paused VM (its vCPUs already read) into `dir`.
+fn save_snapshot(
+    fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    vcpus: Vec<VcpuState>,
+    dir: &Path,
+) -> Result<(), VmmError> {
+    let irqchip = match vcpus.first().is_some_and(|v| v.lapic.is_some()) {
+        true => Some(snapshot::save_irqchip(fd)?),
+        false => None,
+    };
+    let clock = fd.get_clock().map_err(VmmError::ioctl("get clock"))?;
+    let memory_mib = u32::try_from(mem.last_addr().0.saturating_add(1) >> 20)
+        .map_err(|e| VmmError::Memory(e.to_string()))?;
+    let state = VmState {
+        version: snapshot::SNAPSHOT_VERSION,
+        memory_mib,
+        vcpus,
+        irqchip,
+        clock,
+    };
+    let file = mem
+        .iter()
+        .next()
+        .and_then(|region| region.file_offset())
+        .ok_or_else(|| VmmError::Snapshot("guest memory has no file".into()))?;
+    snapshot::save(dir, &state, file.file())
 }
 
 /// Offset of the QueueNotify register in a virtio-mmio window.
@@ -346,8 +413,8 @@ impl<D: VirtioMmioDevice> BusDevice for MmioTransport<D> {
     }
 }
 
-/// Guest RAM as one shared memfd mapping: shareable with vhost-user backends (virtiofsd).
-fn guest_memory(memory_mib: u32) -> Result<GuestMemoryMmap, VmmError> {
+/// Guest RAM size in bytes, checked: from 2 MiB up to the MMIO hole.
+fn memory_bytes(memory_mib: u32) -> Result<u64, VmmError> {
     let size = u64::from(memory_mib) << 20;
     if !(2 << 20..=MAX_RAM).contains(&size) {
         return Err(VmmError::Memory(format!(
@@ -355,10 +422,22 @@ fn guest_memory(memory_mib: u32) -> Result<GuestMemoryMmap, VmmError> {
             MAX_RAM >> 20
         )));
     }
+    Ok(size)
+}
+
+/// A fresh memfd of `size` bytes (unallocated until touched) for guest RAM.
+pub(crate) fn memfd(size: u64) -> Result<std::fs::File, VmmError> {
     let fd = memfd_create(c"husk-guest-ram", MFdFlags::MFD_CLOEXEC)
         .map_err(|e| VmmError::Memory(format!("memfd_create: {e}")))?;
     let file = std::fs::File::from(fd);
     file.set_len(size)?;
+    Ok(file)
+}
+
+/// Guest RAM as one shared mapping of the memfd `file`: shareable with vhost-user backends
+/// (virtiofsd).
+fn guest_memory(file: std::fs::File) -> Result<GuestMemoryMmap, VmmError> {
+    let size = memory_bytes(u32::try_from(file.metadata()?.len() >> 20).unwrap_or(u32::MAX))?;
     let size = usize::try_from(size).map_err(|e| VmmError::Memory(e.to_string()))?;
     GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
@@ -366,6 +445,151 @@ fn guest_memory(memory_mib: u32) -> Result<GuestMemoryMmap, VmmError> {
         Some(FileOffset::new(file, 0)),
     )])
     .map_err(|e| VmmError::Memory(e.to_string()))
+}
+
+/// The KVM VM with `mem` registered, the TSS placed, and, with `irqchip`, the in-kernel PIC,
+/// IOAPIC and PIT.
+fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, irqchip: bool) -> Result<VmFd, VmmError> {
+    let fd = kvm.create_vm().map_err(VmmError::ioctl("create vm"))?;
+    register_memory(&fd, mem)?;
+    fd.set_tss_address(usize::try_from(KVM_TSS_ADDR).unwrap_or(usize::MAX))
+        .map_err(VmmError::ioctl("set tss"))?;
+    if irqchip {
+        fd.create_irq_chip()
+            .map_err(VmmError::ioctl("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(VmmError::ioctl("create pit"))?;
+    }
+    Ok(fd)
+}
+
+/// The port-IO bus with the serial console, i8042 and debug-exit port; and the serial
+/// interrupt's event fd (wired to its line with `irqchip`).
+fn legacy_bus(
+    fd: &VmFd,
+    irqchip: bool,
+    console: Box<dyn Write + Send>,
+    exit: &ExitSignal,
+) -> Result<(Bus, EventFd), VmmError> {
+    let serial_irq = EventFd::new(EFD_NONBLOCK)?;
+    if irqchip {
+        fd.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(VmmError::ioctl("register serial irqfd"))?;
+    }
+    let mut io_bus = Bus::default();
+    let devices: [(u16, u16, crate::bus::SharedDevice); 3] = [
+        (
+            SERIAL_PORT.0,
+            SERIAL_PORT.1,
+            Arc::new(Mutex::new(SerialDevice::new(
+                serial_irq.try_clone()?,
+                console,
+            ))),
+        ),
+        (
+            I8042_PORT.0,
+            I8042_PORT.1,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        ),
+        (
+            DEBUG_EXIT_PORT,
+            1,
+            Arc::new(Mutex::new(DebugExit(exit.clone()))),
+        ),
+    ];
+    for (base, len, device) in devices {
+        io_bus
+            .insert(u64::from(base), u64::from(len), device)
+            .map_err(VmmError::Image)?;
+    }
+    Ok((io_bus, serial_irq))
+}
+
+/// The MMIO bus with one virtio-mmio window per device from [`MMIO_START`] on, each with its
+/// interrupt line and queue-notify ioeventfds; and the interrupts' event fds.
+fn virtio_bus(
+    fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    irqchip: bool,
+    virtio: Vec<Box<dyn VirtioMmioDevice>>,
+) -> Result<(Bus, Vec<EventFd>), VmmError> {
+    let mut mmio_bus = Bus::default();
+    let mut irqs = Vec::new();
+    for (i, device) in (0u32..).zip(virtio) {
+        let base = MMIO_START + u64::from(i) * MMIO_DEVICE_SIZE;
+        let irq = EventFd::new(EFD_NONBLOCK)?;
+        if irqchip {
+            fd.register_irqfd(&irq, VIRTIO_IRQ_BASE + i)
+                .map_err(VmmError::ioctl("register virtio irqfd"))?;
+        }
+        let transport = MmioTransport::new(device, mem.clone(), irq.try_clone()?)?;
+        for (queue, kick) in (0u32..).zip(transport.kick_events()) {
+            let notify = IoEventAddress::Mmio(base + MMIO_QUEUE_NOTIFY);
+            fd.register_ioevent(kick, &notify, queue)
+                .map_err(VmmError::ioctl("register ioeventfd"))?;
+        }
+        mmio_bus
+            .insert(base, MMIO_DEVICE_SIZE, Arc::new(Mutex::new(transport)))
+            .map_err(VmmError::Image)?;
+        irqs.push(irq);
+    }
+    Ok((mmio_bus, irqs))
+}
+
+/// vCPU `id` with KVM's supported CPUID (and `id` as its APIC id).
+fn create_vcpu(kvm: &Kvm, fd: &VmFd, id: u8) -> Result<VcpuFd, VmmError> {
+    let vcpu = fd
+        .create_vcpu(u64::from(id))
+        .map_err(VmmError::ioctl("create vcpu"))?;
+    x86::setup_cpuid(kvm, &vcpu, id)?;
+    Ok(vcpu)
+}
+
+/// Loads what the VM runs and points vCPU 0 at it.
+fn load_entry(
+    mem: &GuestMemoryMmap,
+    vcpu: &VcpuFd,
+    entry: &Entry,
+    vcpus: u8,
+    virtio_count: u32,
+) -> Result<(), VmmError> {
+    match entry {
+        Entry::Payload { code, addr, mode } => {
+            load(mem, code, *addr)?;
+            match mode {
+                CpuMode::Real if *addr > 0xffff => Err(VmmError::Image(format!(
+                    "real-mode entry {addr:#x} is above 64 KiB"
+                ))),
+                CpuMode::Real => x86::setup_real_mode(vcpu, *addr),
+                CpuMode::Long => {
+                    x86::setup_sregs_long(mem, vcpu)?;
+                    x86::setup_regs_long(vcpu, *addr, 0)
+                }
+            }
+        }
+        Entry::Linux {
+            kernel,
+            initramfs,
+            cmdline,
+            vcpus: _,
+        } => {
+            mptable::write(mem, vcpus)?;
+            let mut line = cmdline.clone();
+            for i in 0..virtio_count {
+                let base = MMIO_START + u64::from(i) * MMIO_DEVICE_SIZE;
+                line.push_str(&format!(
+                    " virtio_mmio.device=4K@{base:#x}:{}",
+                    VIRTIO_IRQ_BASE + i
+                ));
+            }
+            let entry = boot::load_linux(mem, kernel, initramfs, &line)?;
+            x86::setup_sregs_long(mem, vcpu)?;
+            x86::setup_regs_long(vcpu, entry.entry, entry.zero_page)
+        }
+    }
 }
 
 fn register_memory(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {

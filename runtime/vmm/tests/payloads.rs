@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use husk_devices::{VirtioMmioDevice, VsockConfig, VsockMmio};
-use husk_vmm::{CpuMode, Entry, ExitReason, Vm, VmConfig};
+use husk_vmm::{CpuMode, Entry, ExitReason, RestoreConfig, Vm, VmConfig};
 
 /// A console that keeps what the guest printed.
 #[derive(Clone, Default)]
@@ -580,4 +580,101 @@ fn test_payload_corrupted_vsock_avail_idx_needs_reset_bounded_log_vm_returns() {
     println!("{} log lines: {lines:?}", lines.len());
     // Other tests of this binary log too; each call site is rate-limited.
     assert!(lines.len() <= 40, "{} log lines: {lines:#?}", lines.len());
+}
+
+/// Prints `a`, spins until the byte at [`FLAG`] is set, then prints `bl` (set to `R` before
+/// the spin: a register that must survive a snapshot) and `b`, and exits with 9.
+fn spin_until_flag_payload() -> Vec<u8> {
+    let mut code = vec![0xb3, b'R']; // mov bl, 'R'
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xb0, b'a', 0xee]); // 'a' to COM1
+    code.push(0xa0); // spin: movabs al, [FLAG]
+    code.extend_from_slice(&FLAG.to_le_bytes());
+    code.extend_from_slice(&[0x84, 0xc0, 0x74, 0xf3]); // test al, al; jz spin
+    code.extend_from_slice(&[0x88, 0xd8, 0xee, 0xb0, b'b', 0xee]); // bl, then 'b'
+    out_byte(&mut code, true, 0x501, 9);
+    code
+}
+
+/// Guest-physical address of the flag [`spin_until_flag_payload`] waits for.
+const FLAG: u64 = 0x2_0000;
+
+fn wait_for_output(console: &Console, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&console.0.lock().unwrap()).contains(text) {
+        assert!(Instant::now() < deadline, "no {text:?} from the guest");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn test_payload_paused_snapshot_restores_registers_and_memory_in_new_vm() {
+    if !kvm_available("test_payload_paused_snapshot_restores_registers_and_memory_in_new_vm") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    let console = Console::default();
+    let vm = Vm::new(VmConfig {
+        memory_mib: 16,
+        irqchip: true,
+        console: Box::new(console.clone()),
+        virtio: Vec::new(),
+        entry: Entry::Payload {
+            code: spin_until_flag_payload(),
+            addr: 0x1_0000,
+            mode: CpuMode::Long,
+        },
+    })
+    .unwrap();
+    let pauser = vm.pauser();
+    let watcher = console.clone();
+    let pausing = std::thread::spawn(move || {
+        wait_for_output(&watcher, "a");
+        pauser.pause();
+    });
+    let report = vm.run_to_snapshot(Duration::from_secs(10), &snap).unwrap();
+    pausing.join().unwrap();
+    assert_eq!(report.reason, ExitReason::Paused);
+
+    let restored_console = Console::default();
+    let restored = Vm::restore(RestoreConfig {
+        snapshot: snap.clone(),
+        console: Box::new(restored_console.clone()),
+    })
+    .unwrap();
+    vm_memory::Bytes::write_obj(restored.memory(), 1u8, vm_memory::GuestAddress(FLAG)).unwrap();
+    let reason = restored.run(Duration::from_secs(10)).unwrap();
+
+    assert_eq!(reason, ExitReason::DebugExit(9));
+    assert_eq!(
+        String::from_utf8_lossy(&restored_console.0.lock().unwrap()),
+        "Rb",
+        "the restored guest goes on from the spin with its registers"
+    );
+    let mut flag = [0u8];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(snap.join(husk_vmm::snapshot::MEMORY_FILE)).unwrap(),
+        &mut flag,
+        FLAG,
+    )
+    .unwrap();
+    assert_eq!(
+        flag,
+        [0],
+        "the restored VM writes its own copy, never the snapshot"
+    );
+}
+
+#[test]
+fn test_payload_restore_of_damaged_snapshot_fails_with_reason() {
+    if !kvm_available("test_payload_restore_of_damaged_snapshot_fails_with_reason") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let err = Vm::restore(RestoreConfig {
+        snapshot: dir.path().join("missing"),
+        console: Box::new(Console::default()),
+    })
+    .unwrap_err();
+    assert!(err.to_string().starts_with("snapshot: "), "{err}");
 }
