@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// What the agent's handlers validate (guest-agent/agent/src/{container,exec,network}.rs).
+/// What the agent's handlers validate (guest-agent/agent/src/{container,exec,network,init}.rs).
 fn check(request: &Request) {
     match request {
         Request::CreateContainer { spec } => {
@@ -50,6 +50,9 @@ fn check(request: &Request) {
         Request::ConfigureNetwork { network } => {
             let _ = network.validate();
             let _ = network.mac_bytes();
+        }
+        Request::SetIdentity { identity } => {
+            let _ = identity.validate();
         }
         _ => {}
     }

@@ -160,6 +160,55 @@ fn test_run_guest_kernel_differs_from_host() {
     husk.assert_clean();
 }
 
+/// Each guest gets its identity from the host before the container runs: its wall clock is
+/// within the host's, to the nanosecond, while the container ran (a guest restored from a
+/// snapshot would be at the snapshot's time without it), and its random state and boot id are
+/// its own.
+#[test]
+fn test_run_guest_clock_set_from_host_and_random_state_own() {
+    let Some(env) = Env::get("test_run_guest_clock_set_from_host_and_random_state_own") else {
+        return;
+    };
+    let husk = env.husk();
+    // busybox's date has no %N: a new file's modification time has the clock's nanoseconds.
+    let script = "touch /dev/now; stat -c '%Y %y' /dev/now; cat /proc/sys/kernel/random/boot_id; \
+                  head -c 16 /dev/urandom | od -An -tx1";
+    let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]);
+    let mut seen = Vec::new();
+    for id in ["ident1", "ident2"] {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let out = husk.run(&bundle, id, b"");
+        let after = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+        let text = stdout(&out);
+        let mut lines = text.lines();
+        let first = lines.next().unwrap_or_default();
+        assert!(!first.is_empty(), "stderr: {}", stderr(&out));
+        let guest = guest_ns(first);
+        assert!(
+            (before..=after).contains(&guest),
+            "guest clock {guest} outside the host's {before}..={after}"
+        );
+        seen.push(lines.collect::<Vec<_>>().join("\n"));
+    }
+    assert_ne!(seen[0], seen[1], "boot id and random bytes of two guests");
+    husk.assert_clean();
+}
+
+/// `stat -c '%Y %y'` (`1796617000 2026-12-07 04:30:00.123456789 +0000`) in nanoseconds.
+fn guest_ns(line: &str) -> u128 {
+    let mut parts = line.split_whitespace();
+    let secs: u128 = parts.next().and_then(|s| s.parse().ok()).expect(line);
+    let frac = parts.nth(1).and_then(|t| t.split_once('.')).expect(line).1;
+    secs * 1_000_000_000 + frac.parse::<u128>().expect(line)
+}
+
 #[test]
 fn test_run_10mib_output_arrives_intact() {
     let Some(env) = Env::get("test_run_10mib_output_arrives_intact") else {

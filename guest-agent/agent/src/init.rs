@@ -1,10 +1,15 @@
-//! What PID 1 does before serving: the guest's own mounts, and power-off at the end.
+//! What PID 1 does before serving: the guest's own mounts; its identity from the host; and
+//! power-off at the end.
 
 use std::io;
 use std::path::Path;
 
+use std::os::fd::AsFd;
+
+use husk_protocol::GuestIdentity;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::time::TimeSpec;
 use nix::unistd::{chdir, chroot};
 
 /// Where the agent keeps per-container state (rootfs mount points).
@@ -99,6 +104,16 @@ pub fn ctx(errno: nix::errno::Errno, what: &str) -> io::Error {
         io::Error::from(errno).kind(),
         format!("{what}: {}", errno.desc()),
     )
+}
+
+/// Applies the host's part of the guest's identity ([`GuestIdentity`]): its seed into the
+/// random pool with a reseed, and its time as `CLOCK_REALTIME`.
+pub fn set_identity(identity: &GuestIdentity) -> io::Result<()> {
+    let random = std::fs::File::options().write(true).open("/dev/urandom")?;
+    crate::sys::add_entropy_and_reseed(random.as_fd(), &identity.seed)?;
+    let now = TimeSpec::from_duration(std::time::Duration::from_nanos(identity.realtime_ns));
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now)
+        .map_err(|e| ctx(e, "clock_settime"))
 }
 
 /// Flushes the page cache and resets the VM; the VMM treats the reset as the end of the VM.

@@ -147,6 +147,14 @@ async fn handle(agent: &Agent, request: Request) -> Response {
             Some(exec_id) => agent.execs.resize(&id, &exec_id, rows, cols),
         }
         .map(|()| Response::Ok),
+        Request::SetIdentity { identity } => identity
+            .validate()
+            .map_err(|e| (ErrorKind::InvalidRequest, e))
+            .and_then(|()| {
+                crate::init::set_identity(&identity)
+                    .map_err(|e| (ErrorKind::Internal, format!("identity: {e}")))
+            })
+            .map(|()| Response::Ok),
         Request::ConfigureNetwork { network } => crate::network::configure(&network)
             .await
             .map(|()| Response::Ok),

@@ -1,5 +1,5 @@
 //! The agent's only unsafe code: the kernel calls nix has no safe form for (clone with a
-//! callback, the loopback ioctls, seccomp(2) with a filter).
+//! callback, the loopback and random-pool ioctls, seccomp(2) with a filter).
 
 use std::ffi::{c_char, c_short, CStr};
 use std::io;
@@ -242,6 +242,39 @@ pub fn install_seccomp(program: &[seccompiler::sock_filter]) -> io::Result<()> {
         )
     };
     match rc {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// `RNDADDENTROPY` (include/uapi/linux/random.h): `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mixes `seed` into the kernel's input pool crediting 8 bits per byte (`RNDADDENTROPY` on
+/// `random`, an open `/dev/random` or `/dev/urandom`), then makes the CRNG reseed from the pool
+/// at once (`RNDRESEEDCRNG`): what the kernel hands out afterwards depends on `seed`, even in a
+/// guest resumed from a snapshot with another guest's random state.
+pub fn add_entropy_and_reseed(random: BorrowedFd<'_>, seed: &[u8]) -> io::Result<()> {
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, as u32 words.
+    let len = u32::try_from(seed.len()).map_err(|_| io::Error::other("seed too long"))?;
+    let bits = len
+        .checked_mul(8)
+        .ok_or_else(|| io::Error::other("seed too long"))?;
+    let mut info: Vec<u32> = vec![bits, len];
+    info.extend(seed.chunks(4).map(|c| {
+        let mut word = [0u8; 4];
+        word[..c.len()].copy_from_slice(c);
+        u32::from_ne_bytes(word)
+    }));
+    // SAFETY: `info` is a live rand_pool_info whose buf holds at least `buf_size` bytes (the
+    // seed rounded up to whole words); the kernel only reads it.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument and touches no memory of ours.
+    match unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) } {
         0 => Ok(()),
         _ => Err(io::Error::last_os_error()),
     }

@@ -17,6 +17,7 @@
 
 mod frame;
 mod hooks;
+mod identity;
 mod linux;
 mod messages;
 mod network;
@@ -28,6 +29,7 @@ pub use frame::{decode_body, decode_len, encode, FrameError, HEADER_LEN, MAX_FRA
 #[cfg(feature = "tokio")]
 pub use frame::{read_message, write_message};
 pub use hooks::{GuestHook, GuestHooks, MAX_HOOKS, MAX_HOOK_STATE};
+pub use identity::{GuestIdentity, MAX_SEED_LEN, MIN_SEED_LEN};
 pub use linux::{
     sysctl_namespace, BindSource, Device, DeviceKind, IdMapping, JoinNamespace, Mount, MountFlag,
     MountKind, Namespace, Propagation, RecursiveAttrs, RootPropagation, SysctlNamespace,

@@ -16,7 +16,7 @@ use crate::resources::Resources;
 use crate::seccomp::Seccomp;
 
 /// Version of the protocol spoken by this crate; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
@@ -148,6 +148,12 @@ pub enum Request {
     DeleteContainer {
         /// Container id.
         id: String,
+    },
+    /// Gives the guest its own entropy and the host's time, before any container (version
+    /// 9; see [`crate::GuestIdentity`]).
+    SetIdentity {
+        /// What the host gives.
+        identity: crate::GuestIdentity,
     },
     /// Syncs file systems and powers the VM off.
     Shutdown,

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use husk_protocol::{
-    read_message, write_message, ContainerSpec, Network, ProcessInfo, ProcessSpec, Request,
-    Resources, Response, Stats, StdioStream,
+    read_message, write_message, ContainerSpec, GuestIdentity, Network, ProcessInfo, ProcessSpec,
+    Request, Resources, Response, Stats, StdioStream,
 };
 use husk_protocol::{AGENT_PORT, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,6 +59,7 @@ pub const MAX_GUEST_TEXT: usize = 512;
 pub fn deadline(req: &Request) -> (&'static str, Option<Duration>) {
     match req {
         Request::Hello { .. } => ("hello", Some(SHORT_TIMEOUT)),
+        Request::SetIdentity { .. } => ("set identity", Some(SHORT_TIMEOUT)),
         Request::CreateContainer { .. } => ("create", Some(CREATE_TIMEOUT)),
         Request::ConfigureNetwork { .. } => ("configure network", Some(CREATE_TIMEOUT)),
         Request::StartContainer { .. } => ("start", Some(START_TIMEOUT)),
@@ -490,6 +491,26 @@ impl AgentClient {
         self.request_ok(&Request::UpdateContainer {
             id: id.to_owned(),
             resources: resources.clone(),
+        })
+        .await
+    }
+
+    /// Gives the guest its own entropy and the host's time ([`GuestIdentity`]): 64 bytes
+    /// from the host's `/dev/urandom` and `CLOCK_REALTIME` now.
+    ///
+    /// # Errors
+    /// The host's random source cannot be read, the agent's refusal or a transport error.
+    pub async fn set_identity(&mut self) -> Result<(), SandboxError> {
+        let mut seed = vec![0u8; 64];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+            .map_err(SandboxError::HostEntropy)?;
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let realtime_ns = u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX);
+        self.request_ok(&Request::SetIdentity {
+            identity: GuestIdentity { seed, realtime_ns },
         })
         .await
     }

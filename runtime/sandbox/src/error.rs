@@ -85,6 +85,9 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    /// The host's random source could not be read for a guest's seed.
+    #[error("cannot read /dev/urandom for the guest's seed")]
+    HostEntropy(#[source] std::io::Error),
     /// The door could not boot or manage the VM.
     #[error(transparent)]
     Hypervisor(#[from] husk_hypervisor::HypervisorError),

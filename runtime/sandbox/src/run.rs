@@ -522,14 +522,15 @@ async fn run_in_vm(
     })
 }
 
-/// Waits for the agent's first answer, or reports why the guest never gave one.
+/// Waits for the agent's first answer and gives the guest its identity (host entropy and
+/// time, before any container), or reports why the guest never answered.
 pub(crate) async fn boot(
     vm: &mut dyn Hypervisor,
     timeout: Duration,
 ) -> Result<AgentClient, SandboxError> {
     let deadline = Instant::now() + timeout;
     let vsock = vm.vsock_path();
-    tokio::select! {
+    let mut agent = tokio::select! {
         agent = AgentClient::connect(&vsock, deadline) => match agent {
             Err(SandboxError::AgentIo(e)) => Err(SandboxError::BootFailed {
                 reason: format!("agent did not answer within {}s: {e}", timeout.as_secs()),
@@ -538,7 +539,9 @@ pub(crate) async fn boot(
             other => other,
         },
         exit = vm.wait() => Err(SandboxError::BootFailed { reason: exit_reason(vm, exit), diagnostics: vm.diagnostics() }),
-    }
+    }?;
+    guard(vm, agent.set_identity()).await?;
+    Ok(agent)
 }
 
 /// Runs `fut` unless the VM ends first.
