@@ -20,7 +20,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::transport::mmio::{Interrupt, VirtioMmioDevice};
+use crate::transport::mmio::{Interrupt, QueuePosition, VirtioMmioDevice};
 
 const VIRTIO_ID_FS: u32 = 26;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -108,7 +108,7 @@ impl VhostUserFs {
             .map_err(|e| e.to_string())?;
         let rings = queues
             .iter()
-            .map(|queue| vring_config(mem, queue))
+            .map(|queue| vring_config(mem, queue).map(|ring| (ring, queue.next_avail())))
             .collect::<Result<Vec<_>, _>>()?;
         let mem = mem.clone();
         let (done, result) = mpsc::channel();
@@ -140,7 +140,7 @@ fn vhost_error(what: &'static str) -> impl Fn(vhost::Error) -> String {
 fn handshake(
     stream: UnixStream,
     mem: &GuestMemoryMmap,
-    rings: &[VringConfigData],
+    rings: &[(VringConfigData, u16)],
     kicks: &[EventFd],
 ) -> Result<(Frontend, Vec<EventFd>), String> {
     let e = vhost_error;
@@ -164,17 +164,26 @@ fn handshake(
         .set_mem_table(&memory_regions(mem)?)
         .map_err(e("set mem table"))?;
     let mut calls = Vec::new();
-    for (i, (ring, kick)) in rings.iter().zip(kicks).enumerate() {
-        calls.push(setup_queue(&mut frontend, i, ring, kick, with_protocol)?);
+    for (i, ((ring, base), kick)) in rings.iter().zip(kicks).enumerate() {
+        calls.push(setup_queue(
+            &mut frontend,
+            i,
+            ring,
+            *base,
+            kick,
+            with_protocol,
+        )?);
     }
     Ok((frontend, calls))
 }
 
-/// Hands queue `i` to virtiofsd; returns the call fd it signals used buffers on.
+/// Hands queue `i` to virtiofsd, its next available entry at `base` (0 but for a restored
+/// device); returns the call fd it signals used buffers on.
 fn setup_queue(
     frontend: &mut Frontend,
     i: usize,
     ring: &VringConfigData,
+    base: u16,
     kick: &EventFd,
     enable: bool,
 ) -> Result<EventFd, String> {
@@ -186,7 +195,9 @@ fn setup_queue(
     frontend
         .set_vring_addr(i, ring)
         .map_err(e("set vring addr"))?;
-    frontend.set_vring_base(i, 0).map_err(e("set vring base"))?;
+    frontend
+        .set_vring_base(i, base)
+        .map_err(e("set vring base"))?;
     frontend
         .set_vring_call(i, &call)
         .map_err(e("set vring call"))?;
@@ -312,6 +323,29 @@ impl VirtioMmioDevice for VhostUserFs {
         self.stop_relay();
         // Dropping the connection makes virtiofsd forget the queues.
         self.frontend = None;
+    }
+
+    /// Stops virtiofsd's rings (`GET_VRING_BASE`, which it answers once its requests are
+    /// done, so the next used entry is the next available one). Used while a VM is saved,
+    /// before any container exists: nothing is mounted, so virtiofsd has nothing in flight.
+    fn pause(&mut self) -> Result<Vec<QueuePosition>, String> {
+        self.stop_relay();
+        let frontend = self
+            .frontend
+            .as_mut()
+            .ok_or("virtio-fs device is not active")?;
+        (0..QUEUE_SIZES.len())
+            .map(|i| {
+                let base = frontend
+                    .get_vring_base(i)
+                    .map_err(vhost_error("get vring base"))?;
+                let at = u16::try_from(base).map_err(|_| format!("vring base {base}"))?;
+                Ok(QueuePosition {
+                    next_avail: at,
+                    next_used: at,
+                })
+            })
+            .collect()
     }
 }
 

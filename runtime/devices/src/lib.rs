@@ -23,7 +23,9 @@ pub use block::BlockError;
 pub use fs::VhostUserFs;
 pub use log_bridge::install_log_bridge;
 pub use net::NetError;
-pub use transport::mmio::{Interrupt, MmioTransport, VirtioMmioDevice};
+pub use transport::mmio::{
+    Interrupt, MmioTransport, MmioTransportState, QueuePosition, QueueRegsState, VirtioMmioDevice,
+};
 pub use transport::mmio_block::BlockMmio;
 pub use transport::mmio_net::NetMmio;
 pub use transport::mmio_vsock::VsockMmio;

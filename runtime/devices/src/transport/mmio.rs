@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -60,6 +61,78 @@ pub trait VirtioMmioDevice: Send {
     ) -> Result<(), String>;
     /// The driver reset the device: stop serving, drop the queues.
     fn reset(&mut self);
+    /// Stops serving because the VM is paused to be saved, and returns where each queue is.
+    /// The device serves no more (the paused VM is not resumed).
+    ///
+    /// # Errors
+    /// The device cannot be saved (the default), or its worker is gone.
+    fn pause(&mut self) -> Result<Vec<QueuePosition>, String> {
+        Err(format!("device {} cannot be saved", self.device_type()))
+    }
+    /// Called once before a restored device is activated: a device whose peers did not
+    /// survive the restore tells the driver here (vsock: a transport reset event).
+    fn restoring(&mut self) {}
+}
+
+/// Where a queue was when its device paused: the next available entry the device would
+/// take and the next used entry it would fill (virtio 1.2 §2.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuePosition {
+    /// Next index of the available ring to read.
+    pub next_avail: u16,
+    /// Next index of the used ring to write.
+    pub next_used: u16,
+}
+
+impl QueuePosition {
+    /// The position of `queue`.
+    pub fn of(queue: &Queue) -> Self {
+        Self {
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+        }
+    }
+}
+
+/// A transport's registers and, when its device was active, its queues' positions: what a
+/// snapshot keeps of a virtio-mmio device ([`MmioTransport::save`], [`MmioTransport::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState {
+    /// The device status the driver set (`DEVICE_NEEDS_RESET` is `needs_reset`).
+    pub status: u32,
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// Which half of the offered features reads.
+    pub features_sel: u32,
+    /// Which half of the accepted features writes.
+    pub driver_features_sel: u32,
+    /// The selected queue.
+    pub queue_sel: u32,
+    /// Each queue's registers.
+    pub queues: Vec<QueueRegsState>,
+    /// Each queue's position, when the device was active.
+    pub positions: Option<Vec<QueuePosition>>,
+    /// The interrupt status register.
+    pub interrupt_status: u32,
+    /// `DEVICE_NEEDS_RESET`.
+    pub needs_reset: bool,
+    /// The configuration generation.
+    pub config_generation: u32,
+}
+
+/// One queue's registers as the driver wrote them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRegsState {
+    /// Queue size.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available (driver) ring address.
+    pub driver: u64,
+    /// Used (device) ring address.
+    pub device: u64,
 }
 
 /// How a device tells the driver that queues have used buffers, or that it needs a reset.
@@ -281,6 +354,97 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
         }
     }
 
+    /// The transport's state for a snapshot; an active device is paused first
+    /// ([`VirtioMmioDevice::pause`]) and serves no more.
+    ///
+    /// # Errors
+    /// The device cannot be saved.
+    pub fn save(&mut self) -> Result<MmioTransportState, String> {
+        let positions = match self.active {
+            true => Some(self.device.pause()?),
+            false => None,
+        };
+        Ok(MmioTransportState {
+            status: self.status,
+            driver_features: self.driver_features,
+            features_sel: self.features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueRegsState {
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc,
+                    driver: q.driver,
+                    device: q.device,
+                })
+                .collect(),
+            positions,
+            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
+            needs_reset: self.interrupt.needs_reset.load(Ordering::SeqCst),
+            config_generation: self.config_generation,
+        })
+    }
+
+    /// A transport for `device` as `state` left one: its registers, and, if its device was
+    /// active, the device activated with its queues where they were (after
+    /// [`VirtioMmioDevice::restoring`]). The state is checked as the registers are when the
+    /// guest writes them: a state this device could not have reached is refused.
+    ///
+    /// # Errors
+    /// The kick fds cannot be made, or the state does not fit the device (number or sizes of
+    /// queues, unoffered features) or its activation fails.
+    pub fn restore(
+        device: D,
+        mem: GuestMemoryMmap,
+        irq: EventFd,
+        state: &MmioTransportState,
+    ) -> Result<Self, String> {
+        let mut t = Self::new(device, mem, irq).map_err(|e| e.to_string())?;
+        let maxes = t.device.queue_max_sizes();
+        let sizes_fit = state.queues.len() == maxes.len()
+            && state
+                .queues
+                .iter()
+                .zip(maxes)
+                .all(|(q, &max)| q.size <= max && (q.size == 0 || q.size.is_power_of_two()));
+        if !sizes_fit || state.driver_features & !t.device.features() != 0 {
+            return Err(format!(
+                "saved queues or features do not fit device {}",
+                t.device.device_type()
+            ));
+        }
+        t.status = state.status;
+        t.driver_features = state.driver_features;
+        t.features_sel = state.features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.queue_sel = state.queue_sel;
+        for (regs, saved) in t.queues.iter_mut().zip(&state.queues) {
+            (regs.size, regs.ready) = (saved.size, saved.ready);
+            (regs.desc, regs.driver, regs.device) = (saved.desc, saved.driver, saved.device);
+        }
+        t.interrupt
+            .status
+            .store(state.interrupt_status, Ordering::SeqCst);
+        t.interrupt
+            .needs_reset
+            .store(state.needs_reset, Ordering::SeqCst);
+        t.config_generation = state.config_generation;
+        if let Some(positions) = &state.positions {
+            t.device.restoring();
+            t.activate_at(Some(positions));
+            if !t.active {
+                return Err(format!(
+                    "device {} did not activate from its saved queues",
+                    t.device.device_type()
+                ));
+            }
+        }
+        Ok(t)
+    }
+
     fn needs_reset(&mut self, why: &str) {
         warn_rate_limited!(why, "virtio-mmio: device needs reset");
         self.interrupt.signal_needs_reset();
@@ -333,11 +497,25 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
     }
 
     fn activate(&mut self) {
+        self.activate_at(None);
+    }
+
+    /// Activates the device with its queues at `positions` (a restore) or at their start.
+    fn activate_at(&mut self, positions: Option<&[QueuePosition]>) {
         let mut queues = Vec::with_capacity(self.queues.len());
-        for (regs, &max) in self.queues.iter().zip(self.device.queue_max_sizes()) {
+        for (i, (regs, &max)) in self
+            .queues
+            .iter()
+            .zip(self.device.queue_max_sizes())
+            .enumerate()
+        {
             let Ok(mut q) = Queue::new(max) else {
                 return self.needs_reset("queue creation");
             };
+            if let Some(at) = positions.and_then(|p| p.get(i)) {
+                q.set_next_avail(at.next_avail);
+                q.set_next_used(at.next_used);
+            }
             q.set_size(regs.size);
             q.set_desc_table_address(Some(low(regs.desc)), Some(high(regs.desc)));
             q.set_avail_ring_address(Some(low(regs.driver)), Some(high(regs.driver)));
@@ -444,6 +622,12 @@ impl VirtioMmioDevice for Box<dyn VirtioMmioDevice> {
     fn reset(&mut self) {
         (**self).reset();
     }
+    fn pause(&mut self) -> Result<Vec<QueuePosition>, String> {
+        (**self).pause()
+    }
+    fn restoring(&mut self) {
+        (**self).restoring();
+    }
 }
 
 #[cfg(test)]
@@ -456,12 +640,16 @@ mod tests {
 
     const ALL: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
 
-    /// Counts activations and resets; keeps the interrupt it was given.
+    /// Counts activations and resets; keeps the interrupt it was given and where its queues
+    /// started; pauses at `paused_at`.
     #[derive(Default)]
     struct Probe {
         activations: usize,
         resets: usize,
+        restorings: usize,
         interrupt: Arc<Mutex<Option<Interrupt>>>,
+        started_at: Vec<(u16, u16)>,
+        paused_at: Vec<QueuePosition>,
     }
 
     impl VirtioMmioDevice for Probe {
@@ -478,16 +666,26 @@ mod tests {
         fn activate(
             &mut self,
             _mem: GuestMemoryMmap,
-            _queues: Vec<Queue>,
+            queues: Vec<Queue>,
             _kicks: Vec<EventFd>,
             interrupt: Interrupt,
         ) -> Result<(), String> {
             self.activations += 1;
+            self.started_at = queues
+                .iter()
+                .map(|q| (q.next_avail(), q.next_used()))
+                .collect();
             *self.interrupt.lock().unwrap() = Some(interrupt);
             Ok(())
         }
         fn reset(&mut self) {
             self.resets += 1;
+        }
+        fn pause(&mut self) -> Result<Vec<QueuePosition>, String> {
+            Ok(self.paused_at.clone())
+        }
+        fn restoring(&mut self) {
+            self.restorings += 1;
         }
     }
 
@@ -601,5 +799,66 @@ mod tests {
         assert_eq!(read(&mut t, 0x070), ALL | STATUS_NEEDS_RESET);
         write(&mut t, 0x070, 0);
         assert_eq!((read(&mut t, 0x070), read(&mut t, 0x060)), (0, 0));
+    }
+
+    /// Queue 0 at 0x1000 (descriptors), 0x2000 (available), 0x3000 (used), 8 entries, ready.
+    fn set_up_queue(t: &mut MmioTransport<Probe>) {
+        write(t, 0x030, 0);
+        write(t, 0x038, 8);
+        for (offset, addr) in [(0x080, 0x1000), (0x090, 0x2000), (0x0a0, 0x3000)] {
+            write(t, offset, addr);
+        }
+        write(t, 0x044, 1);
+    }
+
+    #[test]
+    fn test_mmio_save_restore_registers_and_queue_positions_device_restarted_there() {
+        let (mut t, _irq) = transport();
+        set_up_queue(&mut t);
+        bring_up(&mut t);
+        t.device.paused_at = vec![QueuePosition {
+            next_avail: 5,
+            next_used: 3,
+        }];
+        let state = t.save().unwrap();
+
+        let (_, irq) = transport();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let mut restored = MmioTransport::restore(Probe::default(), mem, irq, &state).unwrap();
+
+        assert_eq!(read(&mut restored, 0x070), ALL);
+        assert_eq!(read(&mut restored, 0x044), 1);
+        assert_eq!(restored.device().restorings, 1);
+        assert_eq!(restored.device().activations, 1);
+        assert_eq!(restored.device().started_at, vec![(5, 3)]);
+        assert_eq!(restored.save().unwrap().queues, state.queues);
+    }
+
+    #[test]
+    fn test_mmio_restore_of_state_that_does_not_fit_device_refused() {
+        let (mut t, _irq) = transport();
+        bring_up(&mut t);
+        let mut state = t.save().unwrap();
+        state.queues[0].size = 32; // Probe's queue holds 16
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(MmioTransport::restore(Probe::default(), mem.clone(), irq, &state).is_err());
+        state.queues[0].size = 8;
+        state.driver_features |= 1 << 28;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(MmioTransport::restore(Probe::default(), mem, irq, &state).is_err());
+    }
+
+    #[test]
+    fn test_mmio_inactive_device_saved_without_pause_restored_inactive() {
+        let (mut t, _irq) = transport();
+        write(&mut t, 0x070, STATUS_ACKNOWLEDGE);
+        let state = t.save().unwrap();
+        assert_eq!(state.positions, None);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let restored = MmioTransport::restore(Probe::default(), mem, irq, &state).unwrap();
+        assert_eq!(restored.device().activations, 0);
+        assert_eq!(restored.status, STATUS_ACKNOWLEDGE);
     }
 }

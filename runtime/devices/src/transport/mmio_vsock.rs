@@ -3,17 +3,18 @@
 //! thread that waits on the queue kicks and the backend's epoll fd.
 
 use std::os::unix::io::AsRawFd;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::mmio::{Interrupt, VirtioMmioDevice};
+use super::mmio::{Interrupt, QueuePosition, VirtioMmioDevice};
 use super::worker::WorkerSlot;
 use crate::rate_limited::warn_rate_limited;
-use crate::vsock::defs::{MAX_QUEUE_SIZE, NUM_QUEUES, RXQ_INDEX, TXQ_INDEX};
-use crate::vsock::device::Vsock;
+use crate::vsock::defs::{EVQ_INDEX, MAX_QUEUE_SIZE, NUM_QUEUES, RXQ_INDEX, TXQ_INDEX};
+use crate::vsock::device::{send_transport_reset, Vsock};
 use crate::vsock::unix::VsockUnixBackend;
 use crate::vsock::{VsockConfig, VsockEpollListener, VsockError};
 
@@ -32,6 +33,10 @@ const EV_BACKEND: u64 = 101;
 pub struct VsockMmio {
     guest_cid: u64,
     worker: WorkerSlot<Vsock<VsockUnixBackend>>,
+    /// Where the last worker left the queues (for [`VirtioMmioDevice::pause`]).
+    positions: Arc<Mutex<Option<Vec<QueuePosition>>>>,
+    /// The next activation is a restore's: the worker first sends a transport reset.
+    restored: bool,
 }
 
 impl std::fmt::Debug for VsockMmio {
@@ -55,6 +60,8 @@ impl VsockMmio {
         Ok(Self {
             guest_cid: config.guest_cid,
             worker: WorkerSlot::new("vsock", Vsock::new(config.guest_cid, backend)),
+            positions: Arc::default(),
+            restored: false,
         })
     }
 
@@ -102,22 +109,63 @@ impl VirtioMmioDevice for VsockMmio {
         kicks: Vec<EventFd>,
         interrupt: Interrupt,
     ) -> Result<(), String> {
-        self.worker
-            .start(move |device, stop| worker(device, mem, queues, kicks, interrupt, stop))
+        let positions = self.positions.clone();
+        let restored = std::mem::take(&mut self.restored);
+        self.worker.start(move |device, stop| {
+            let mut queues = queues;
+            if restored {
+                transport_reset(&mem, &mut queues, &interrupt);
+            }
+            let device = worker(device, &mem, &mut queues, kicks, &interrupt, stop);
+            let at = queues.iter().map(QueuePosition::of).collect();
+            *positions.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
+            device
+        })
     }
 
     fn reset(&mut self) {
         self.stop_worker();
+    }
+
+    fn pause(&mut self) -> Result<Vec<QueuePosition>, String> {
+        if self.worker.stop().is_none() {
+            return Err("vsock device is not active".into());
+        }
+        self.positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| "vsock worker left no queue positions".into())
+    }
+
+    fn restoring(&mut self) {
+        self.restored = true;
+    }
+}
+
+/// Sends the transport reset event of a restored device (its host connections are not the
+/// saved VM's); a driver without an event buffer, or a broken event queue, is logged.
+fn transport_reset(mem: &GuestMemoryMmap, queues: &mut [Queue], interrupt: &Interrupt) {
+    let Some(evq) = queues.get_mut(EVQ_INDEX) else {
+        return;
+    };
+    match send_transport_reset(mem, evq) {
+        Ok(true) => interrupt.signal_used(),
+        Ok(false) => warn_rate_limited!("vsock: no event buffer for the transport reset"),
+        Err(e) => {
+            warn_rate_limited!(error = %e, "vsock: event queue broken");
+            interrupt.signal_needs_reset();
+        }
     }
 }
 
 /// Serves the queues until `stop`; gives the device back.
 fn worker(
     mut device: Vsock<VsockUnixBackend>,
-    mem: GuestMemoryMmap,
-    mut queues: Vec<Queue>,
+    mem: &GuestMemoryMmap,
+    queues: &mut [Queue],
     kicks: Vec<EventFd>,
-    interrupt: Interrupt,
+    interrupt: &Interrupt,
     stop: EventFd,
 ) -> Vsock<VsockUnixBackend> {
     let Ok(epoll) = Epoll::new() else {
@@ -156,10 +204,10 @@ fn worker(
                 }
             }
         }
-        let [rx, tx, ..] = queues.as_mut_slice() else {
+        let [rx, tx, ..] = &mut *queues else {
             return device;
         };
-        let activity = device.process_queues(&mem, rx, tx);
+        let activity = device.process_queues(mem, rx, tx);
         if activity.rx_used || activity.tx_used {
             interrupt.signal_used();
         }

@@ -3,10 +3,11 @@
 //! Transport-independent: a transport owns the queues and guest memory, calls
 //! [`Vsock::process_queues`] on every queue kick and every backend event, and signals the guest
 //! for the queues it reports as used (checking `needs_notification` for EVENT_IDX). The event
-//! queue (virtio 1.2 §5.10.6.6, transport reset after migration) is not used by this device.
+//! queue carries one event only: the transport reset a restored device sends
+//! ([`send_transport_reset`], virtio 1.2 §5.10.6.6).
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{ByteValued, GuestMemory, Le64};
+use vm_memory::{ByteValued, Bytes, GuestMemory, Le64};
 use vmm_sys_util::epoll::EventSet;
 
 use super::defs::MAX_QUEUE_SIZE;
@@ -303,6 +304,35 @@ impl<B: VsockBackend> Vsock<B> {
     }
 }
 
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2 §5.10.6.6).
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Tells the driver that every connection is gone (a VM restored from a snapshot: its peers
+/// on the host are not those of the saved VM): a `struct virtio_vsock_event` with the
+/// transport reset id in the driver's next event buffer. The driver then drops its
+/// connections, keeps its listening sockets and re-reads the CID. Returns whether a buffer
+/// was there to take it (a driver always posts event buffers once it is ready).
+///
+/// # Errors
+/// A [`QueueFault`] of the event queue.
+pub(crate) fn send_transport_reset<M: GuestMemory>(
+    mem: &M,
+    evq: &mut Queue,
+) -> Result<bool, QueueFault> {
+    let Some(chain) = pop(evq, mem)? else {
+        return Ok(false);
+    };
+    let head = chain.head_index();
+    let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+    let written = chain
+        .clone()
+        .find(|d| d.is_write_only() && d.len() >= 4)
+        .and_then(|d| mem.write_slice(&event, d.addr()).ok())
+        .map_or(0, |()| 4);
+    evq.add_used(mem, head, written).map_err(QueueFault::Ring)?;
+    Ok(written == 4)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,5 +545,28 @@ mod tests {
 
         assert!(activity.tx_used && activity.rx_used, "{activity:?}");
         assert_eq!(ctx.take_rx().len(), 1, "the refused request gets its rst");
+    }
+
+    #[test]
+    fn test_transport_reset_event_fills_next_event_buffer_once() {
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{GuestAddress, GuestMemoryMmap};
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let evq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        let mut queue: Queue = evq.create_queue().unwrap();
+        mem.write_obj(0xffff_ffffu32, GuestAddress(0x8000)).unwrap();
+        let descs = [SplitDescriptor::new(0x8000, 8, WRITE, 0)];
+        evq.add_desc_chains(&descs.map(RawDescriptor::from), 0)
+            .unwrap();
+
+        assert!(send_transport_reset(&mem, &mut queue).unwrap());
+        assert!(
+            !send_transport_reset(&mem, &mut queue).unwrap(),
+            "no second buffer"
+        );
+
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x8000)).unwrap(), 0);
+        assert_eq!(evq.used().idx().load(), 1);
     }
 }

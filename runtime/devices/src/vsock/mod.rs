@@ -97,6 +97,8 @@ pub(crate) mod defs {
     pub(crate) const RXQ_INDEX: usize = 0;
     /// Index of the TX virtqueue (driver to device).
     pub(crate) const TXQ_INDEX: usize = 1;
+    /// Index of the event virtqueue (device to driver).
+    pub(crate) const EVQ_INDEX: usize = 2;
     /// Number of virtqueues of a vsock device (rx, tx, event).
     pub(crate) const NUM_QUEUES: usize = 3;
     /// Largest queue size we accept from a driver.
