@@ -33,6 +33,27 @@ pub struct VmmDocument {
     pub vcpus: u8,
     /// Kernel command line (the VMM appends its virtio-mmio devices).
     pub cmdline: String,
+    /// Save the booted VM, or restore a saved one instead of booting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotMode>,
+}
+
+/// What `husk-vmm` does with a snapshot ([`crate::snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SnapshotMode {
+    /// Boot the guest; on `SIGUSR1` pause it, save it into the new directory `dir` and exit
+    /// with status 0.
+    Save {
+        /// Where the snapshot goes (made by husk-vmm, so it must not exist).
+        dir: PathBuf,
+    },
+    /// Rebuild the VM saved in `dir` (with this document's devices, which must be the saved
+    /// VM's) instead of booting.
+    Restore {
+        /// The snapshot.
+        dir: PathBuf,
+    },
 }
 
 /// A virtio-fs device.
@@ -112,6 +133,7 @@ mod tests {
             memory_mib: 256,
             vcpus: 2,
             cmdline: "console=ttyS0".into(),
+            snapshot: Some(SnapshotMode::Restore { dir: "/s".into() }),
         };
         let text = serde_json::to_string(&doc).unwrap();
         assert_eq!(serde_json::from_str::<VmmDocument>(&text).unwrap(), doc);

@@ -5,6 +5,8 @@ use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -76,7 +78,7 @@ impl Trigger for IrqTrigger {
 
 /// COM1, its output going to `W` (the console log).
 pub struct SerialDevice<W: Write + Send> {
-    serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, W>,
+    serial: Serial<IrqTrigger, NoEvents, W>,
 }
 
 impl<W: Write + Send> std::fmt::Debug for SerialDevice<W> {
@@ -92,6 +94,62 @@ impl<W: Write + Send> SerialDevice<W> {
             serial: Serial::new(IrqTrigger(irq), out),
         }
     }
+
+    /// A serial port as `state` left one (the guest's driver configured it and enabled its
+    /// interrupts), raising `irq` and writing to `out`.
+    ///
+    /// # Errors
+    /// The saved receive buffer is longer than the FIFO.
+    pub fn restore(irq: EventFd, out: W, state: &SerialSnapshot) -> Result<Self, String> {
+        let state = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(Self { serial })
+    }
+
+    /// The registers, for a snapshot.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+/// The 8250's registers in a snapshot (vm-superio's `SerialState`, which has no serde).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
 }
 
 impl<W: Write + Send> BusDevice for SerialDevice<W> {

@@ -6,6 +6,8 @@
 //!   [--vsock-uds SOCK] [--fs TAG=SOCK]... [--disk[-ro] SERIAL=IMG]... [--memory-mib N]
 //!   [--vcpus N] [--cmdline S]` the same by flags (a network device only by document), and `--payload FILE` raw 64-bit code
 //!   instead (tests and benches); `--report` prints one JSON line of measurements at the end.
+//!   A document may ask to save the booted VM when the process gets SIGUSR1 (exit status 0
+//!   once saved) or to restore a saved one instead of booting (`SnapshotMode`).
 //!   The process drops every capability first and, once the VM is built, runs under a seccomp
 //!   allowlist (`husk_vmm::confine`). Exit status: 0 when the guest reset the machine (its
 //!   power-off) or wrote 'O' to the debug-exit port, 2 for any other end of the guest (the
@@ -22,7 +24,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use husk_devices::{BlockMmio, NetMmio, VhostUserFs, VirtioMmioDevice, VsockConfig, VsockMmio};
-use husk_vmm::{CpuMode, Entry, ExitReason, RunReport, Vm, VmConfig};
+use husk_vmm::document::SnapshotMode;
+use husk_vmm::snapshot::SnapshotFiles;
+use husk_vmm::{CpuMode, Entry, ExitReason, RestoreConfig, RunReport, Vm, VmConfig};
 
 /// Guest CID of every husk VM (each VM has its own vsock device).
 const GUEST_CID: u64 = 3;
@@ -91,6 +95,9 @@ struct Args {
     /// The network device, from a `--config` document only (its tap is a passed descriptor).
     #[arg(skip)]
     net: Option<husk_vmm::document::NetDevice>,
+    /// Save or restore, from a `--config` document only.
+    #[arg(skip)]
+    snapshot: Option<SnapshotMode>,
 }
 
 impl Args {
@@ -113,6 +120,7 @@ impl Args {
         self.memory_mib = doc.memory_mib;
         self.vcpus = doc.vcpus;
         self.cmdline = doc.cmdline;
+        self.snapshot = doc.snapshot;
     }
 }
 
@@ -143,7 +151,9 @@ fn main() -> ExitCode {
         }
     }
     match run(&args) {
-        Ok(ExitReason::Reset | ExitReason::DebugExit(b'O')) => ExitCode::SUCCESS,
+        Ok(ExitReason::Reset | ExitReason::DebugExit(b'O') | ExitReason::Paused) => {
+            ExitCode::SUCCESS
+        }
         Ok(reason) => {
             eprintln!("husk-vmm: guest ended: {reason:?}");
             ExitCode::from(2)
@@ -221,15 +231,60 @@ fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
         0 => Duration::MAX / 4,
         secs => Duration::from_secs(secs),
     };
-    let vm = Vm::new(config)?;
-    if !args.no_confine {
-        husk_vmm::confine::install_filter()?;
-    }
-    let report = vm.run_report(timeout)?;
+    let report = match &args.snapshot {
+        None => {
+            let vm = Vm::new(config)?;
+            confine(args, &[])?;
+            vm.run_report(timeout)?
+        }
+        Some(SnapshotMode::Save { dir }) => {
+            let files = SnapshotFiles::create(dir)
+                .map_err(|e| format!("snapshot {}: {e}", dir.display()))?;
+            let vm = Vm::new(config)?;
+            pause_on_sigusr1(vm.pauser())?;
+            confine(args, &[libc::SYS_rt_sigtimedwait])?;
+            vm.run_to_snapshot(timeout, files)?
+        }
+        Some(SnapshotMode::Restore { dir }) => {
+            let vm = Vm::restore(RestoreConfig {
+                snapshot: dir.clone(),
+                console: config.console,
+                virtio: config.virtio,
+            })?;
+            confine(args, &[])?;
+            vm.run_report(timeout)?
+        }
+    };
     if args.report {
         print_report(&report);
     }
     Ok(report.reason)
+}
+
+/// The seccomp filter, with the syscalls `extra`, unless `--no-confine`.
+fn confine(args: &Args, extra: &[i64]) -> Result<(), husk_vmm::VmmError> {
+    match args.no_confine {
+        true => Ok(()),
+        false => husk_vmm::confine::install_filter_with(extra),
+    }
+}
+
+/// Pauses the VM when the process gets SIGUSR1 (the door's "save it now", sent once the
+/// guest's agent answers): SIGUSR1 is blocked in this thread, so in every thread it starts
+/// (vCPUs, devices), and one thread waits for it.
+fn pause_on_sigusr1(pauser: husk_vmm::Pauser) -> Result<(), Box<dyn std::error::Error>> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGUSR1);
+    set.thread_block()?;
+    std::thread::Builder::new()
+        .name("snapshot-signal".into())
+        .spawn(move || {
+            if set.wait().is_ok() {
+                pauser.pause();
+            }
+        })?;
+    Ok(())
 }
 
 /// The `--report` line: nanoseconds and KiB.

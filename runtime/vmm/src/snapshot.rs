@@ -5,14 +5,14 @@
 //! - `vm.json`: [`VmState`]: every vCPU's registers, special registers, FPU/SSE/AVX state
 //!   (xsave), extended control registers, debug registers, local APIC, the MSRs KVM lists as
 //!   saveable, pending events and run state; the in-kernel PIC and IOAPIC, the PIT and the
-//!   kvmclock;
+//!   kvmclock; the serial console's registers; each virtio-mmio device's transport registers
+//!   and queue positions (the devices' host sides are not saved: a restored VM gets new ones);
 //! - `memory`: guest RAM as a sparse file, only the pages the guest touched written.
 //!
 //! Saving happens from the vCPU threads of a paused VM ([`crate::ExitReason::Paused`]); loading
 //! checks everything it reads (version, sizes, counts), because a snapshot that cannot be used
-//! must fail with a reason (the caller then boots cold), never half-restore a VM. Device state
-//! (virtio transports and devices) is not in a snapshot yet: a VM with virtio devices cannot be
-//! restored.
+//! must fail with a reason (the caller then boots cold), never half-restore a VM. Block and
+//! network devices cannot be saved yet (their VMs boot cold).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -27,6 +27,9 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+use husk_devices::MmioTransportState;
+
+use crate::legacy::SerialSnapshot;
 use crate::VmmError;
 
 /// Version of the [`VmState`] layout; a snapshot of another version is not loaded.
@@ -83,6 +86,19 @@ pub struct VmState {
     pub irqchip: Option<IrqchipState>,
     /// The kvmclock.
     pub clock: kvm_clock_data,
+    /// The serial console's registers.
+    pub serial: SerialSnapshot,
+    /// The virtio-mmio devices in bus order.
+    pub devices: Vec<DeviceState>,
+}
+
+/// One virtio-mmio device of a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// Its virtio device id: a restored VM must have the same devices in the same order.
+    pub device_type: u32,
+    /// Its transport's registers and queue positions.
+    pub transport: MmioTransportState,
 }
 
 /// Reads a paused vCPU's state. Call it from the vCPU's thread after a `KVM_RUN` with
@@ -235,23 +251,49 @@ pub fn restore_clock(fd: &VmFd, clock: &kvm_clock_data) -> Result<(), VmmError> 
     fd.set_clock(&clock).map_err(VmmError::ioctl("set clock"))
 }
 
-/// Writes `state` and guest RAM (the memfd `memory`, only its populated ranges) into the new
-/// directory `dir` (0700, files 0600). The caller names a directory of its own and renames it
-/// into place, so that a reader never sees half a snapshot.
+/// The two files of a snapshot being made, created (0600, in a new 0700 directory) while the
+/// VMM may still create files: the confined VMM that fills them at the pause may not.
+#[derive(Debug)]
+pub struct SnapshotFiles {
+    state: File,
+    memory: File,
+}
+
+impl SnapshotFiles {
+    /// Makes the directory `dir` and its two empty files. The caller names a directory of its
+    /// own and renames it into place once it is filled, so that a reader never sees half a
+    /// snapshot.
+    ///
+    /// # Errors
+    /// `dir` exists or cannot be made.
+    pub fn create(dir: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+        Ok(Self {
+            state: create_private(&dir.join(STATE_FILE))?,
+            memory: create_private(&dir.join(MEMORY_FILE))?,
+        })
+    }
+}
+
+/// Writes `state` and the first `len` bytes of guest RAM (the memfd `memory`, only its
+/// populated ranges) into `files`.
 ///
 /// # Errors
-/// `dir` exists or a file cannot be written.
-pub fn save(dir: &Path, state: &VmState, memory: &File) -> Result<(), VmmError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+/// A file cannot be written.
+pub fn save(
+    files: SnapshotFiles,
+    state: &VmState,
+    memory: &File,
+    len: u64,
+) -> Result<(), VmmError> {
     let json = serde_json::to_vec(state).map_err(|e| VmmError::Snapshot(e.to_string()))?;
-    let mut file = create_private(&dir.join(STATE_FILE))?;
-    file.write_all(&json)?;
-    file.sync_all()?;
-    let out = create_private(&dir.join(MEMORY_FILE))?;
-    copy_sparse(memory, &out)?;
-    out.sync_all()?;
-    Ok(())
+    let SnapshotFiles {
+        state: mut state_file,
+        memory: memory_file,
+    } = files;
+    state_file.write_all(&json)?;
+    copy_sparse(memory, &memory_file, len)
 }
 
 fn create_private(path: &Path) -> std::io::Result<File> {
@@ -282,7 +324,7 @@ pub fn load(dir: &Path) -> Result<(VmState, File), VmmError> {
         )));
     }
     let memory = crate::vm::memfd(size)?;
-    copy_sparse(&source, &memory)?;
+    copy_sparse(&source, &memory, size)?;
     Ok((state, memory))
 }
 
@@ -332,12 +374,12 @@ fn check(state: &VmState) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Copies the populated ranges of `from` (`SEEK_DATA`/`SEEK_HOLE`: a memfd or tmpfs file
-/// reports the pages it holds) to the same offsets of `to`, leaving out pages of zeros, and
-/// gives `to` `from`'s length: what is not copied reads as zeros and takes no memory.
-fn copy_sparse(from: &File, to: &File) -> Result<(), VmmError> {
+/// Copies the populated ranges of the first `len` bytes of `from` (`SEEK_DATA`/`SEEK_HOLE`:
+/// a memfd or tmpfs file reports the pages it holds) to the same offsets of `to`, leaving out
+/// pages of zeros, and makes `to` `len` bytes long: what is not copied reads as zeros and
+/// takes no memory. (Only reads, writes, seeks and a truncate: the confined VMM saves with it.)
+fn copy_sparse(from: &File, to: &File, len: u64) -> Result<(), VmmError> {
     use nix::unistd::{lseek, Whence};
-    let len = from.metadata()?.len();
     to.set_len(len)?;
     let end = i64::try_from(len).map_err(|e| VmmError::Memory(e.to_string()))?;
     let mut offset = 0i64;
@@ -349,7 +391,7 @@ fn copy_sparse(from: &File, to: &File) -> Result<(), VmmError> {
         };
         let hole = lseek(from.as_fd(), data, Whence::SeekHole).map_err(std::io::Error::from)?;
         let range = |v: i64| u64::try_from(v).map_err(|e| VmmError::Memory(e.to_string()));
-        copy_range(from, to, range(data)?, range(hole)?)?;
+        copy_range(from, to, range(data)?, range(hole)?.min(len))?;
         offset = hole;
     }
     Ok(())
@@ -408,6 +450,8 @@ mod tests {
             vcpus: (0..vcpus).map(|_| vcpu()).collect(),
             irqchip: None,
             clock: kvm_clock_data::default(),
+            serial: SerialSnapshot::default(),
+            devices: Vec::new(),
         }
     }
 
@@ -416,7 +460,13 @@ mod tests {
         let memory = crate::vm::memfd(2 << 20).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&memory, b"guest", 4096 * 3).unwrap();
         let snap = dir.path().join("snap");
-        save(&snap, state, &memory).unwrap();
+        save(
+            SnapshotFiles::create(&snap).unwrap(),
+            state,
+            &memory,
+            2 << 20,
+        )
+        .unwrap();
         (dir, snap)
     }
 
@@ -477,9 +527,8 @@ mod tests {
     }
 
     #[test]
-    fn test_save_into_existing_directory_fails() {
+    fn test_snapshot_files_in_existing_directory_refused() {
         let (_dir, snap) = saved(&state(1));
-        let memory = crate::vm::memfd(2 << 20).unwrap();
-        assert!(save(&snap, &state(1), &memory).is_err());
+        assert!(SnapshotFiles::create(&snap).is_err());
     }
 }

@@ -2,12 +2,11 @@
 //! guest ends it (reset, debug exit, halt without interrupts, a KVM error) or the host stops it.
 
 use std::io::Write;
-use std::path::Path;
-use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use husk_devices::{MmioTransport, VirtioMmioDevice};
+use husk_devices::{MmioTransport, MmioTransportState, VirtioMmioDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use nix::sys::memfd::{memfd_create, MFdFlags};
@@ -22,9 +21,9 @@ use crate::layout::{
     DEBUG_EXIT_PORT, I8042_PORT, KVM_TSS_ADDR, MAX_RAM, MMIO_DEVICE_SIZE, MMIO_START, SERIAL_IRQ,
     SERIAL_PORT, VIRTIO_IRQ_BASE,
 };
-use crate::legacy::{DebugExit, ExitSignal, SerialDevice, I8042};
+use crate::legacy::{DebugExit, ExitSignal, SerialDevice, SerialSnapshot, I8042};
 use crate::report::{monotonic_now, MemoryUsage, RunReport};
-use crate::snapshot::{self, VcpuState, VmState};
+use crate::snapshot::{self, DeviceState, SnapshotFiles, VcpuState, VmState};
 use crate::{boot, mptable, x86, VmmError};
 
 /// How the vCPU starts.
@@ -117,6 +116,10 @@ pub struct Vm {
     mem: GuestMemoryMmap,
     io_bus: Bus,
     mmio_bus: Bus,
+    /// The console, for its registers in a snapshot.
+    serial: SharedSerial,
+    /// The virtio-mmio devices in bus order, for their state in a snapshot.
+    transports: Vec<SharedTransport>,
     exit: ExitSignal,
     /// vCPU 0 first.
     vcpus: Vec<VcpuFd>,
@@ -125,12 +128,20 @@ pub struct Vm {
     status: Option<std::fs::File>,
 }
 
+/// The serial console as the VM keeps it.
+type SharedSerial = Arc<Mutex<SerialDevice<Box<dyn Write + Send>>>>;
+/// A virtio-mmio device as the VM keeps it.
+type SharedTransport = Arc<Mutex<MmioTransport<Box<dyn VirtioMmioDevice>>>>;
+
 /// How to rebuild a VM from a snapshot ([`Vm::restore`]).
 pub struct RestoreConfig {
-    /// The snapshot directory ([`snapshot::save`]).
+    /// The snapshot directory ([`snapshot::SnapshotFiles`]).
     pub snapshot: std::path::PathBuf,
     /// Where the serial console's output goes.
     pub console: Box<dyn Write + Send>,
+    /// The devices, fresh, in the order and of the types of the saved VM's (their host sides
+    /// are new: the vsock socket, virtiofsd).
+    pub virtio: Vec<Box<dyn VirtioMmioDevice>>,
 }
 
 impl std::fmt::Debug for RestoreConfig {
@@ -157,10 +168,12 @@ impl Vm {
         let mem = guest_memory(memfd(memory_bytes(config.memory_mib)?)?)?;
         let fd = create_vm(&kvm, &mem, config.irqchip)?;
         let exit = ExitSignal::new()?;
-        let (io_bus, serial_irq) = legacy_bus(&fd, config.irqchip, config.console, &exit)?;
+        let (io_bus, serial, serial_irq) =
+            legacy_bus(&fd, config.irqchip, config.console, None, &exit)?;
         let virtio_count =
             u32::try_from(config.virtio.len()).map_err(|e| VmmError::Image(e.to_string()))?;
-        let (mmio_bus, mut irqs) = virtio_bus(&fd, &mem, config.irqchip, config.virtio)?;
+        let devices = config.virtio.into_iter().map(|d| (d, None)).collect();
+        let (mmio_bus, transports, mut irqs) = virtio_bus(&fd, &mem, config.irqchip, devices)?;
         let count = match &config.entry {
             Entry::Payload { .. } => 1,
             Entry::Linux { vcpus, .. } if !config.irqchip && *vcpus > 1 => {
@@ -192,6 +205,8 @@ impl Vm {
             mem,
             io_bus,
             mmio_bus,
+            serial,
+            transports,
             exit,
             vcpus,
             _irqs: irqs,
@@ -200,9 +215,9 @@ impl Vm {
     }
 
     /// Rebuilds the VM saved in a snapshot directory ([`snapshot`]): its memory (copied, so
-    /// that the snapshot is never written), interrupt controllers, PIT, clock and vCPUs, ready
-    /// to run from where it was paused. The legacy devices start afresh (the console has no
-    /// state a guest relies on across a pause).
+    /// that the snapshot is never written), interrupt controllers, PIT, clock, console
+    /// registers, virtio devices (`config.virtio`, restored where their queues were) and
+    /// vCPUs, ready to run from where it was paused.
     ///
     /// # Errors
     /// [`VmmError::Snapshot`] when the snapshot cannot be loaded; a KVM error when its state
@@ -218,7 +233,23 @@ impl Vm {
         }
         snapshot::restore_clock(&fd, &state.clock)?;
         let exit = ExitSignal::new()?;
-        let (io_bus, serial_irq) = legacy_bus(&fd, irqchip, config.console, &exit)?;
+        let (io_bus, serial, serial_irq) =
+            legacy_bus(&fd, irqchip, config.console, Some(&state.serial), &exit)?;
+        let types: Vec<u32> = config.virtio.iter().map(|d| d.device_type()).collect();
+        let saved: Vec<u32> = state.devices.iter().map(|d| d.device_type).collect();
+        if types != saved {
+            return Err(VmmError::Snapshot(format!(
+                "devices {types:?} differ from the saved VM's {saved:?}"
+            )));
+        }
+        let devices = config
+            .virtio
+            .into_iter()
+            .zip(&state.devices)
+            .map(|(d, saved)| (d, Some(&saved.transport)))
+            .collect();
+        let (mmio_bus, transports, mut irqs) = virtio_bus(&fd, &mem, irqchip, devices)?;
+        irqs.push(serial_irq);
         let mut vcpus = Vec::new();
         for (id, saved) in (0u8..).zip(&state.vcpus) {
             let vcpu = create_vcpu(&kvm, &fd, id)?;
@@ -231,10 +262,12 @@ impl Vm {
             irqchip,
             mem,
             io_bus,
-            mmio_bus: Bus::default(),
+            mmio_bus,
+            serial,
+            transports,
             exit,
             vcpus,
-            _irqs: vec![serial_irq],
+            _irqs: irqs,
             status: std::fs::File::open("/proc/self/status").ok(),
         })
     }
@@ -260,19 +293,24 @@ impl Vm {
     }
 
     /// [`Vm::run_report`]; if the run ends because the VM was paused ([`Pauser`]), saves the
-    /// paused VM into the new directory `dir` ([`snapshot::save`]).
+    /// paused VM into `files` ([`snapshot::save`]): its vCPUs, chipset, console, devices (each
+    /// paused; a device that cannot be saved fails the snapshot) and memory.
     ///
     /// # Errors
     /// As [`Vm::run_report`], and [`VmmError::Snapshot`] or an I/O error when the state
     /// cannot be read or written.
-    pub fn run_to_snapshot(self, timeout: Duration, dir: &Path) -> Result<RunReport, VmmError> {
-        self.run_inner(timeout, Some(dir))
+    pub fn run_to_snapshot(
+        self,
+        timeout: Duration,
+        files: SnapshotFiles,
+    ) -> Result<RunReport, VmmError> {
+        self.run_inner(timeout, Some(files))
     }
 
     fn run_inner(
         self,
         timeout: Duration,
-        snapshot_dir: Option<&Path>,
+        snapshot: Option<SnapshotFiles>,
     ) -> Result<RunReport, VmmError> {
         install_kick_handler()?;
         let Self {
@@ -283,6 +321,8 @@ impl Vm {
             vcpus,
             io_bus,
             mmio_bus,
+            serial,
+            transports,
             exit,
             mut status,
             ..
@@ -321,12 +361,16 @@ impl Vm {
             saved.push(thread.join().ok().flatten());
         }
         let reason = exit.reason().unwrap_or(ExitReason::TimedOut);
-        if let (ExitReason::Paused, Some(dir)) = (&reason, snapshot_dir) {
+        if let (ExitReason::Paused, Some(files)) = (&reason, snapshot) {
             let vcpus = saved
                 .into_iter()
                 .map(|s| s.unwrap_or_else(|| Err(VmmError::Snapshot("a vCPU thread died".into()))))
                 .collect::<Result<Vec<_>, _>>()?;
-            save_snapshot(&fd, &mem, vcpus, dir)?;
+            let devices = Devices {
+                serial: &serial,
+                transports: &transports,
+            };
+            save_snapshot(&fd, &mem, vcpus, devices, files)?;
         }
         Ok(RunReport {
             reason,
@@ -372,33 +416,56 @@ fn paused_state(
     Some(completed.and_then(|()| snapshot::save_vcpu(kvm, vcpu, irqchip)))
 }
 
-/// Writes a paused VM (its vCPUs already read) into `dir`.
+/// A paused VM's devices, to be saved.
+struct Devices<'a> {
+    serial: &'a SharedSerial,
+    transports: &'a [SharedTransport],
+}
+
+/// Writes a paused VM (its vCPUs already read) into `files`: each device is paused and read,
+/// then the chipset and clock, then memory (which the devices no longer touch).
 fn save_snapshot(
     fd: &VmFd,
     mem: &GuestMemoryMmap,
     vcpus: Vec<VcpuState>,
-    dir: &Path,
+    devices: Devices<'_>,
+    files: SnapshotFiles,
 ) -> Result<(), VmmError> {
+    let mut saved = Vec::new();
+    for transport in devices.transports {
+        let mut transport = transport.lock().unwrap_or_else(PoisonError::into_inner);
+        saved.push(DeviceState {
+            device_type: transport.device().device_type(),
+            transport: transport.save().map_err(VmmError::Snapshot)?,
+        });
+    }
+    let serial = devices
+        .serial
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .snapshot();
     let irqchip = match vcpus.first().is_some_and(|v| v.lapic.is_some()) {
         true => Some(snapshot::save_irqchip(fd)?),
         false => None,
     };
     let clock = fd.get_clock().map_err(VmmError::ioctl("get clock"))?;
-    let memory_mib = u32::try_from(mem.last_addr().0.saturating_add(1) >> 20)
-        .map_err(|e| VmmError::Memory(e.to_string()))?;
+    let len = mem.last_addr().0.saturating_add(1);
+    let memory_mib = u32::try_from(len >> 20).map_err(|e| VmmError::Memory(e.to_string()))?;
     let state = VmState {
         version: snapshot::SNAPSHOT_VERSION,
         memory_mib,
         vcpus,
         irqchip,
         clock,
+        serial,
+        devices: saved,
     };
     let file = mem
         .iter()
         .next()
         .and_then(|region| region.file_offset())
         .ok_or_else(|| VmmError::Snapshot("guest memory has no file".into()))?;
-    snapshot::save(dir, &state, file.file())
+    snapshot::save(files, &state, file.file(), len)
 }
 
 /// Offset of the QueueNotify register in a virtio-mmio window.
@@ -466,29 +533,30 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, irqchip: bool) -> Result<VmFd, Vm
     Ok(fd)
 }
 
-/// The port-IO bus with the serial console, i8042 and debug-exit port; and the serial
-/// interrupt's event fd (wired to its line with `irqchip`).
+/// The port-IO bus with the serial console (as `saved` left it, if given), i8042 and
+/// debug-exit port; the console; and the serial interrupt's event fd (wired to its line with
+/// `irqchip`).
 fn legacy_bus(
     fd: &VmFd,
     irqchip: bool,
     console: Box<dyn Write + Send>,
+    saved: Option<&SerialSnapshot>,
     exit: &ExitSignal,
-) -> Result<(Bus, EventFd), VmmError> {
+) -> Result<(Bus, SharedSerial, EventFd), VmmError> {
     let serial_irq = EventFd::new(EFD_NONBLOCK)?;
     if irqchip {
         fd.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(VmmError::ioctl("register serial irqfd"))?;
     }
+    let serial = match saved {
+        Some(state) => SerialDevice::restore(serial_irq.try_clone()?, console, state)
+            .map_err(VmmError::Snapshot)?,
+        None => SerialDevice::new(serial_irq.try_clone()?, console),
+    };
+    let serial = Arc::new(Mutex::new(serial));
     let mut io_bus = Bus::default();
     let devices: [(u16, u16, crate::bus::SharedDevice); 3] = [
-        (
-            SERIAL_PORT.0,
-            SERIAL_PORT.1,
-            Arc::new(Mutex::new(SerialDevice::new(
-                serial_irq.try_clone()?,
-                console,
-            ))),
-        ),
+        (SERIAL_PORT.0, SERIAL_PORT.1, serial.clone()),
         (
             I8042_PORT.0,
             I8042_PORT.1,
@@ -505,38 +573,46 @@ fn legacy_bus(
             .insert(u64::from(base), u64::from(len), device)
             .map_err(VmmError::Image)?;
     }
-    Ok((io_bus, serial_irq))
+    Ok((io_bus, serial, serial_irq))
 }
 
 /// The MMIO bus with one virtio-mmio window per device from [`MMIO_START`] on, each with its
-/// interrupt line and queue-notify ioeventfds; and the interrupts' event fds.
+/// interrupt line and queue-notify ioeventfds (a device with a saved transport state is
+/// restored to it); the transports; and the interrupts' event fds.
 fn virtio_bus(
     fd: &VmFd,
     mem: &GuestMemoryMmap,
     irqchip: bool,
-    virtio: Vec<Box<dyn VirtioMmioDevice>>,
-) -> Result<(Bus, Vec<EventFd>), VmmError> {
+    devices: Vec<(Box<dyn VirtioMmioDevice>, Option<&MmioTransportState>)>,
+) -> Result<(Bus, Vec<SharedTransport>, Vec<EventFd>), VmmError> {
     let mut mmio_bus = Bus::default();
+    let mut transports = Vec::new();
     let mut irqs = Vec::new();
-    for (i, device) in (0u32..).zip(virtio) {
+    for (i, (device, saved)) in (0u32..).zip(devices) {
         let base = MMIO_START + u64::from(i) * MMIO_DEVICE_SIZE;
         let irq = EventFd::new(EFD_NONBLOCK)?;
         if irqchip {
             fd.register_irqfd(&irq, VIRTIO_IRQ_BASE + i)
                 .map_err(VmmError::ioctl("register virtio irqfd"))?;
         }
-        let transport = MmioTransport::new(device, mem.clone(), irq.try_clone()?)?;
+        let transport = match saved {
+            None => MmioTransport::new(device, mem.clone(), irq.try_clone()?)?,
+            Some(state) => MmioTransport::restore(device, mem.clone(), irq.try_clone()?, state)
+                .map_err(VmmError::Snapshot)?,
+        };
         for (queue, kick) in (0u32..).zip(transport.kick_events()) {
             let notify = IoEventAddress::Mmio(base + MMIO_QUEUE_NOTIFY);
             fd.register_ioevent(kick, &notify, queue)
                 .map_err(VmmError::ioctl("register ioeventfd"))?;
         }
+        let transport = Arc::new(Mutex::new(transport));
         mmio_bus
-            .insert(base, MMIO_DEVICE_SIZE, Arc::new(Mutex::new(transport)))
+            .insert(base, MMIO_DEVICE_SIZE, transport.clone())
             .map_err(VmmError::Image)?;
+        transports.push(transport);
         irqs.push(irq);
     }
-    Ok((mmio_bus, irqs))
+    Ok((mmio_bus, transports, irqs))
 }
 
 /// vCPU `id` with KVM's supported CPUID (and `id` as its APIC id).

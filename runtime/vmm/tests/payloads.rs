@@ -632,7 +632,8 @@ fn test_payload_paused_snapshot_restores_registers_and_memory_in_new_vm() {
         wait_for_output(&watcher, "a");
         pauser.pause();
     });
-    let report = vm.run_to_snapshot(Duration::from_secs(10), &snap).unwrap();
+    let files = husk_vmm::snapshot::SnapshotFiles::create(&snap).unwrap();
+    let report = vm.run_to_snapshot(Duration::from_secs(10), files).unwrap();
     pausing.join().unwrap();
     assert_eq!(report.reason, ExitReason::Paused);
 
@@ -640,6 +641,7 @@ fn test_payload_paused_snapshot_restores_registers_and_memory_in_new_vm() {
     let restored = Vm::restore(RestoreConfig {
         snapshot: snap.clone(),
         console: Box::new(restored_console.clone()),
+        virtio: Vec::new(),
     })
     .unwrap();
     vm_memory::Bytes::write_obj(restored.memory(), 1u8, vm_memory::GuestAddress(FLAG)).unwrap();
@@ -674,7 +676,110 @@ fn test_payload_restore_of_damaged_snapshot_fails_with_reason() {
     let err = Vm::restore(RestoreConfig {
         snapshot: dir.path().join("missing"),
         console: Box::new(Console::default()),
+        virtio: Vec::new(),
     })
     .unwrap_err();
     assert!(err.to_string().starts_with("snapshot: "), "{err}");
+}
+
+/// `mov eax, value; mov dword [addr], eax`.
+fn mmio_write32(code: &mut Vec<u8>, addr: u64, value: u32) {
+    code.push(0xb8);
+    code.extend_from_slice(&value.to_le_bytes());
+    code.push(0xa3);
+    code.extend_from_slice(&addr.to_le_bytes());
+}
+
+/// Plays a virtio driver bringing up the vsock device at the first window (three queues of 8
+/// in zeroed memory from 0x30000, DRIVER_OK), prints `a`, spins until [`FLAG`], then prints
+/// the device status register's low byte and `b`, and exits with 9.
+fn vsock_driver_payload() -> Vec<u8> {
+    const WINDOW: u64 = 0xd000_0000;
+    let mut code = Vec::new();
+    for (reg, value) in [(0x070, 1), (0x070, 3), (0x024, 1), (0x020, 1), (0x070, 11)] {
+        mmio_write32(&mut code, WINDOW + reg, value);
+    }
+    for q in 0..3u32 {
+        let base = 0x3_0000 + q * 0x1000;
+        for (reg, value) in [
+            (0x030, q),
+            (0x038, 8),
+            (0x080, base),
+            (0x090, base + 0x100),
+            (0x0a0, base + 0x200),
+            (0x044, 1),
+        ] {
+            mmio_write32(&mut code, WINDOW + reg, value);
+        }
+    }
+    mmio_write32(&mut code, WINDOW + 0x070, 15);
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xb0, b'a', 0xee]); // 'a' to COM1
+    code.push(0xa0); // spin: movabs al, [FLAG]
+    code.extend_from_slice(&FLAG.to_le_bytes());
+    code.extend_from_slice(&[0x84, 0xc0, 0x74, 0xf3]); // test al, al; jz spin
+    code.push(0xa1); // mov eax, [status]
+    code.extend_from_slice(&(WINDOW + 0x070).to_le_bytes());
+    code.extend_from_slice(&[0xee, 0xb0, b'b', 0xee]); // status byte, then 'b'
+    out_byte(&mut code, true, 0x501, 9);
+    code
+}
+
+#[test]
+fn test_payload_active_vsock_device_saved_and_restored_with_new_host_side() {
+    if !kvm_available("test_payload_active_vsock_device_saved_and_restored_with_new_host_side") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    let console = Console::default();
+    let vm = Vm::new(VmConfig {
+        memory_mib: 16,
+        irqchip: true,
+        console: Box::new(console.clone()),
+        virtio: vsock_device(&dir),
+        entry: Entry::Payload {
+            code: vsock_driver_payload(),
+            addr: 0x1_0000,
+            mode: CpuMode::Long,
+        },
+    })
+    .unwrap();
+    let pauser = vm.pauser();
+    let watcher = console.clone();
+    let pausing = std::thread::spawn(move || {
+        wait_for_output(&watcher, "a");
+        pauser.pause();
+    });
+    let files = husk_vmm::snapshot::SnapshotFiles::create(&snap).unwrap();
+    let report = vm.run_to_snapshot(Duration::from_secs(10), files).unwrap();
+    pausing.join().unwrap();
+    assert_eq!(report.reason, ExitReason::Paused);
+
+    let restored_dir = tempfile::tempdir().unwrap();
+    let restored_console = Console::default();
+    let restored = Vm::restore(RestoreConfig {
+        snapshot: snap.clone(),
+        console: Box::new(restored_console.clone()),
+        virtio: vsock_device(&restored_dir),
+    })
+    .unwrap();
+    vm_memory::Bytes::write_obj(restored.memory(), 1u8, vm_memory::GuestAddress(FLAG)).unwrap();
+    let reason = restored.run(Duration::from_secs(10)).unwrap();
+
+    assert_eq!(reason, ExitReason::DebugExit(9));
+    assert_eq!(
+        restored_console.0.lock().unwrap().as_slice(),
+        b"\x0fb",
+        "the restored device is where the driver left it: DRIVER_OK and the rest"
+    );
+    let wrong = Vm::restore(RestoreConfig {
+        snapshot: snap,
+        console: Box::new(Console::default()),
+        virtio: Vec::new(),
+    })
+    .unwrap_err();
+    assert!(
+        wrong.to_string().contains("differ from the saved VM's"),
+        "{wrong}"
+    );
 }
