@@ -2,8 +2,8 @@
 //! `-cpu max` exposes AMD SVM, the test-host kernel (kernel-config/test-host/) has KVM_AMD, so
 //! the built-in VMM gets a working /dev/kvm there even where this machine's own KVM cannot run
 //! Linux. The test host's root is this machine's / over virtio-9p, read-only. Slow (a guest
-//! under KVM under TCG): only the cases that prove boot, vsock, the exit path, the disk and
-//! the network device.
+//! under KVM under TCG): only the cases that prove boot, vsock, the exit path, the disk, the
+//! network device and boot snapshots.
 
 // An integration-test file is a crate of its own: its tests need no `cfg(test)` module.
 #![allow(clippy::tests_outside_test_module)]
@@ -77,10 +77,17 @@ fn test_husk_run_through_builtin_vmm_in_emulated_test_host() {
         return;
     };
     let text = husk_run_nest(&env, None);
+    // c1 (2 vCPUs) and c2 (1) are each the first VM of their shape: a VM is booted and saved,
+    // then theirs restored from it; c3's disk boots cold.
     assert_eq!(
         text.matches("built-in VMM started").count(),
-        3,
+        5,
         "every run on the built-in VMM:\n{text}"
+    );
+    assert_eq!(
+        text.matches("VM restored from its boot snapshot").count(),
+        2,
+        "c1 and c2 restored:\n{text}"
     );
     assert_lines(
         &text,
@@ -147,6 +154,92 @@ fn test_builtin_vmm_network_in_emulated_test_host() {
             ("a file fetched from the host", "NET-GOT net-ok"),
             ("fetched again over a raw TCP stream", "NET-NC 1"),
             ("the tap removed", "NET-TAP-LEFT 0"),
+            ("nothing left behind", "LEFT-BEHIND []"),
+            ("the whole job", "NESTED-EXIT 0"),
+        ],
+    );
+}
+
+/// The `ID <run> <boot id> <random bytes>` line of run `run`.
+fn identity<'a>(text: &'a str, run: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("ID {run} ")))
+}
+
+/// Boot snapshots on the built-in VMM (husk-run.sh's s1-s4): the first VM of a shape makes
+/// the snapshot and is restored from it, the next is restored at once and cannot change the
+/// snapshot however much memory it writes, restored guests have their own boot id and random
+/// bytes, `--no-snapshot` boots cold, and a truncated snapshot is refused with the reason
+/// logged and the VM booted cold. Prints cold and restored boot-to-agent times.
+#[test]
+fn test_builtin_vmm_boot_snapshot_in_emulated_test_host() {
+    let Some(env) = Env::get("test_builtin_vmm_boot_snapshot_in_emulated_test_host") else {
+        return;
+    };
+    let text = husk_run_nest(&env, Some("snapshot"));
+    // HUSK_NEST_DUMP=1 prints the whole nest (the runs' logs and timings) even when it passes.
+    if std::env::var_os("HUSK_NEST_DUMP").is_some() {
+        eprintln!("{text}");
+    }
+    for run in ["s1", "s2", "s3", "s4"] {
+        assert!(
+            text.contains(&format!("HUSK-RUN {run} EXIT 0 ")),
+            "run {run}:\n{text}"
+        );
+    }
+    let ids: Vec<&str> = ["s1", "s2", "s3", "s4"]
+        .iter()
+        .map(|run| identity(&text, run).unwrap_or_else(|| panic!("no ID {run}:\n{text}")))
+        .collect();
+    let boot_ids: std::collections::HashSet<_> = ids
+        .iter()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let bytes: std::collections::HashSet<_> = ids
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(
+        boot_ids.len(),
+        4,
+        "a boot id of its own for each guest:\n{text}"
+    );
+    assert_eq!(
+        bytes.len(),
+        4,
+        "random bytes of its own for each guest:\n{text}"
+    );
+    assert_eq!(
+        text.matches("boot snapshot made").count(),
+        1,
+        "made once, by s1:\n{text}"
+    );
+    assert_eq!(
+        text.matches("VM restored from its boot snapshot").count(),
+        2,
+        "s1 and s2 restored, s3 and s4 not:\n{text}"
+    );
+    let md5 = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::to_owned)
+    };
+    assert!(md5("SNAP-MD5-BEFORE ").is_some(), "no snapshot:\n{text}");
+    assert_eq!(
+        md5("SNAP-MD5-BEFORE "),
+        md5("SNAP-MD5-AFTER "),
+        "a restored guest filling its memory never writes the snapshot:\n{text}"
+    );
+    assert_lines(
+        &text,
+        &[
+            ("root's alone", "SNAP-MODE 600 700"),
+            ("the guest wrote its memory", "FILLED"),
+            (
+                "a truncated snapshot is refused with the reason, then a cold boot",
+                "restoring the boot snapshot failed: booting cold",
+            ),
+            ("the reason", "memory file has 4096 bytes"),
             ("nothing left behind", "LEFT-BEHIND []"),
             ("the whole job", "NESTED-EXIT 0"),
         ],

@@ -15,9 +15,16 @@
 #       (`NET-GOT`) and nc (`NET-NC`, the count of lines with its text), and the MD5 of a 3 MB
 #       one in jumbo frames (`NET-BIG`, the host's own being `NET-BIG-HOST`);
 #       `NET-TAP-LEFT` counts the taps left in the namespace afterwards.
+#   s1-s4 (`snapshot`, a nest of its own): boot snapshots. s1 is the first VM of its shape: a
+#       VM is booted and saved, then s1 restored from it; s2 is restored and fills 32 MiB of
+#       its memory; s3 boots cold (--no-snapshot); s4 finds the snapshot truncated and boots
+#       cold. Each prints its boot id and 16 random bytes (`ID <run> <boot id> <bytes>`); the
+#       snapshot's mode and MD5 before and after s2 are `SNAP-MODE`, `SNAP-MD5-BEFORE`,
+#       `SNAP-MD5-AFTER`.
 # Prints one `HUSK-RUN <id> EXIT <code> WALL-MS <ms>` line per run and `LEFT-BEHIND [...]`.
-# Usage: husk-run.sh HUSK [net]: c1, c2 and c3, or with `net` c4 alone (two nests, each short:
-# TCG emulating nested SVM wedges now and then, and a nest that hangs is booted again).
+# Usage: husk-run.sh HUSK [net|snapshot]: c1, c2 and c3, or c4 alone, or s1-s4 alone (nests of
+# their own, each short: TCG emulating nested SVM wedges now and then, and a nest that hangs
+# is booted again).
 husk=$1
 only=$2
 bundle=/run/bundle
@@ -78,7 +85,27 @@ run() {
     echo "HUSK-RUN $1 EXIT $status WALL-MS $(( (end - start) / 1000000 ))"
 }
 
-if [ "$only" != net ]; then
+if [ "$only" = snapshot ]; then
+for tool in head od tr dd; do ln -s busybox "$bundle/rootfs/bin/$tool"; done
+cat > "$bundle/rootfs/ident" <<'EOS'
+echo ID $1 $(cat /proc/sys/kernel/random/boot_id) $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+EOS
+flags=
+run s1 kvm 'sh /ident s1' < /dev/null
+snap=$(ls -d /run/husk-snapshots/*/ | head -n 1)
+echo "SNAP-MODE $(stat -c %a "$snap/memory") $(stat -c %a "$snap")"
+echo "SNAP-SIZE-KIB $(du -k "$snap/memory" | cut -f1) of $(( $(stat -c %s "$snap/memory") / 1024 ))"
+echo "SNAP-MD5-BEFORE $(md5sum < "$snap/memory")"
+run s2 kvm 'sh /ident s2; dd if=/dev/zero of=/dev/fill bs=1M count=32 2>/dev/null; echo FILLED' < /dev/null
+echo "SNAP-MD5-AFTER $(md5sum < "$snap/memory")"
+flags=--no-snapshot
+run s3 kvm 'sh /ident s3' < /dev/null
+flags=
+truncate -s 4096 "$snap/memory"
+run s4 kvm 'sh /ident s4' < /dev/null
+fi
+
+if [ "$only" != net ] && [ "$only" != snapshot ]; then
 flags="--vcpus 2"
 echo "from-host-stdin" | run c1 kvm 'read line; echo built-in VMM: kernel $(uname -r) stdin=$line cpus=$(nproc); exit 3'
 flags=
@@ -113,7 +140,7 @@ cp /run/config-dir.json /run/config.json
 echo "NET-TAP-LEFT $(ip -n n1 -o link show type tun | wc -l)"
 fi
 
-if [ "$only" != net ]; then
+if [ "$only" != net ] && [ "$only" != snapshot ]; then
 mkfs.ext4 -q -F -d "$bundle/rootfs" /run/rootfs.img 16M || exit 12
 sed 's|"path": "rootfs"|"path": "/run/rootfs.img"|; s|"readonly": true|"readonly": false|' /run/config.json > /run/config-disk.json
 cp /run/config-disk.json /run/config.json

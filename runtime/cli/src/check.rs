@@ -1,4 +1,5 @@
-//! `husk check`: what this host can run, and which door `--hypervisor auto` picks.
+//! `husk check`: what this host can run, which door `--hypervisor auto` picks, and the boot
+//! snapshots it keeps.
 
 use std::path::Path;
 
@@ -44,7 +45,35 @@ pub fn check(cli: &Cli) -> i32 {
         (false, _) => "none: install what is missing above (make deps build)".to_owned(),
     };
     line("auto door", door);
+    snapshots(probe.passed);
     i32::from(!runnable)
+}
+
+/// Whether VMs start from boot snapshots here, and the snapshots kept.
+fn snapshots(kvm_runs_guests: bool) {
+    let restore = match kvm_runs_guests {
+        true => "the built-in VMM restores boot snapshots (the first VM of a shape makes one)",
+        false => {
+            "none on this host: the QEMU door boots cold (QEMU cannot migrate its \
+             vhost-user-vsock device)"
+        }
+    };
+    line("snapshots", restore.to_owned());
+    let kept = Path::new(husk_sandbox::snapshot::STORE)
+        .exists()
+        .then(husk_sandbox::snapshot::Store::open)
+        .and_then(Result::ok)
+        .map(|store| store.list())
+        .unwrap_or_default();
+    if kept.is_empty() {
+        line("snapshot", "none kept".to_owned());
+    }
+    for (key, bytes) in kept {
+        line(
+            "snapshot",
+            format!("{key}: {} MiB of guest memory", bytes >> 20),
+        );
+    }
 }
 
 fn line(what: &str, text: String) {

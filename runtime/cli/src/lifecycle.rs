@@ -266,9 +266,11 @@ pub async fn create_with(
         &vm.vcpus.to_string(),
         "--boot-timeout",
         &vm.boot_timeout.to_string(),
-        "--",
-        &opts.id,
     ]);
+    if vm.no_snapshot {
+        cmd.arg("--no-snapshot");
+    }
+    cmd.args(["--", &opts.id]);
     // The container's stdio is this process's, unless it has a terminal (then the console
     // socket's): the monitor keeps no copy of the caller's pipes, whose end a caller may wait
     // for (containerd's runc shim reads `create`'s output to its end).

@@ -27,6 +27,9 @@ pub struct VmArgs {
     /// Seconds the guest may take to boot to its agent.
     #[arg(long, default_value_t = 60)]
     pub boot_timeout: u64,
+    /// Boot the guest's kernel instead of starting from a boot snapshot.
+    #[arg(long)]
+    pub no_snapshot: bool,
 }
 
 impl VmArgs {
@@ -46,6 +49,7 @@ impl VmArgs {
                 memory_mib: self.memory,
                 vcpus: self.vcpus,
                 boot_timeout: Duration::from_secs(self.boot_timeout),
+                snapshot: !self.no_snapshot,
             },
             console_socket: None,
         })

@@ -15,6 +15,7 @@ mod jail;
 pub mod kvm;
 pub mod qemu;
 mod share;
+pub mod snapshot;
 mod sys;
 
 use std::os::unix::ffi::OsStringExt;
@@ -136,6 +137,47 @@ pub fn open_socket_no_follow(path: &Path) -> std::io::Result<std::os::fd::OwnedF
         )));
     }
     Ok(fd)
+}
+
+/// Longest `OK <port>\n` line accepted from the vsock device.
+const MAX_OK_LINE: usize = 32;
+
+/// Connects to the Unix socket at `path` itself, never through a symlink
+/// ([`open_socket_no_follow`]).
+async fn connect_socket_no_follow(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
+    use std::os::fd::AsRawFd;
+    let fd = open_socket_no_follow(path)?;
+    tokio::net::UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd())).await
+}
+
+/// Opens a hybrid-vsock connection to `port` in the guest.
+///
+/// # Errors
+/// I/O errors; [`std::io::ErrorKind::ConnectionRefused`] when the guest refused the port.
+pub async fn connect_vsock(uds: &Path, port: u32) -> std::io::Result<tokio::net::UnixStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = connect_socket_no_follow(uds).await?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
+    let mut line = Vec::with_capacity(MAX_OK_LINE);
+    while line.len() < MAX_OK_LINE {
+        let byte = match stream.read_u8().await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(std::io::ErrorKind::ConnectionRefused.into())
+            }
+            Err(e) => return Err(e),
+        };
+        if byte == b'\n' {
+            return match line.starts_with(b"OK ") {
+                true => Ok(stream),
+                false => Err(std::io::Error::other("vsock device answered without OK")),
+            };
+        }
+        line.push(byte);
+    }
+    Err(std::io::Error::other("vsock device answer too long"))
 }
 
 /// Whether something listens on the vsock socket in the VM directory `dir` (connected to
@@ -353,6 +395,12 @@ pub struct VmConfig {
     /// The container's host cgroup, which the VM's host processes run in ([`cgroup`]); `None`
     /// without `linux.cgroupsPath`: they stay in the runtime's cgroup.
     pub cgroup: Option<cgroup::CgroupSpec>,
+    /// Start from a boot snapshot where the door can ([`snapshot`]); `false` always boots a
+    /// kernel.
+    pub snapshot: bool,
+    /// The vsock port the guest listens on once it is up (its agent's): a VM restored from a
+    /// snapshot that does not answer there in time is stopped and booted cold instead.
+    pub ready_port: u32,
 }
 
 /// How a VM ended.

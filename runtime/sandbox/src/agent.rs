@@ -23,13 +23,11 @@ use husk_protocol::{
     Request, Resources, Response, Stats, StdioStream,
 };
 use husk_protocol::{AGENT_PORT, PROTOCOL_VERSION};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use crate::SandboxError;
+use husk_hypervisor::connect_vsock;
 
-/// Longest `OK <port>\n` line accepted from the vsock device.
-const MAX_OK_LINE: usize = 32;
 /// How long one connection attempt may wait for the device's answer while the guest boots.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between attempts while the guest boots.
@@ -152,44 +150,7 @@ async fn read_reply(stream: &mut UnixStream) -> Result<Option<Response>, Sandbox
     }
 }
 
-/// Connects to the Unix socket at `path` itself, never through a symlink
-/// ([`husk_hypervisor::open_socket_no_follow`]).
-async fn connect_socket_no_follow(path: &Path) -> std::io::Result<UnixStream> {
-    use std::os::fd::AsRawFd;
-    let fd = husk_hypervisor::open_socket_no_follow(path)?;
-    UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd())).await
-}
-
-/// Opens a hybrid-vsock connection to `port` in the guest.
-///
-/// # Errors
-/// I/O errors; [`std::io::ErrorKind::ConnectionRefused`] when the guest refused the port.
-pub async fn connect_vsock(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
-    let mut stream = connect_socket_no_follow(uds).await?;
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .await?;
-    let mut line = Vec::with_capacity(MAX_OK_LINE);
-    while line.len() < MAX_OK_LINE {
-        let byte = match stream.read_u8().await {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(std::io::ErrorKind::ConnectionRefused.into())
-            }
-            Err(e) => return Err(e),
-        };
-        if byte == b'\n' {
-            return match line.starts_with(b"OK ") {
-                true => Ok(stream),
-                false => Err(std::io::Error::other("vsock device answered without OK")),
-            };
-        }
-        line.push(byte);
-    }
-    Err(std::io::Error::other("vsock device answer too long"))
-}
-
-/// [`connect_vsock`] within [`CONNECT_TIMEOUT`].
+/// [`husk_hypervisor::connect_vsock`] within [`CONNECT_TIMEOUT`].
 async fn connect_within(uds: &Path, port: u32) -> Result<UnixStream, SandboxError> {
     match tokio::time::timeout(CONNECT_TIMEOUT, connect_vsock(uds, port)).await {
         Ok(stream) => Ok(stream?),
@@ -644,6 +605,7 @@ fn unexpected(resp: &Response) -> SandboxError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixListener;
 
     /// A fake vsock device: answers CONNECT with `answer` and then runs `then` on the stream.

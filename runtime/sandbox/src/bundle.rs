@@ -138,6 +138,9 @@ pub const ANNOTATION_VCPUS: &str = "io.husk.vm.vcpus";
 /// Annotation: `auto`, `kvm` or `qemu`, over `--hypervisor` (only if the runtime config allows
 /// it).
 pub const ANNOTATION_HYPERVISOR: &str = "io.husk.hypervisor";
+/// Annotation: `false` boots the VM cold instead of from a boot snapshot (`true`, the
+/// default, changes nothing). Allowed by default: it only gives up speed.
+pub const ANNOTATION_SNAPSHOT: &str = "io.husk.snapshot";
 
 /// What the bundle's annotations ask of its VM, as the operator's [`RuntimeConfig`] lets them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -148,6 +151,8 @@ pub struct VmOverrides {
     pub vcpus: Option<u32>,
     /// [`ANNOTATION_HYPERVISOR`].
     pub hypervisor: Option<husk_hypervisor::HypervisorKind>,
+    /// [`ANNOTATION_SNAPSHOT`].
+    pub snapshot: Option<bool>,
 }
 
 impl VmOverrides {
@@ -198,10 +203,20 @@ impl VmOverrides {
             .transpose()?;
         let memory_mib = number(ANNOTATION_MEMORY, config.max_memory_mib, "max_memory_mib")?;
         let vcpus = number(ANNOTATION_VCPUS, config.max_vcpus, "max_vcpus")?;
+        let snapshot = get(ANNOTATION_SNAPSHOT)
+            .map(|v| match v.as_str() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                other => Err(format!(
+                    "annotation {ANNOTATION_SNAPSHOT}={other:?} is not true or false"
+                )),
+            })
+            .transpose()?;
         Ok(Self {
             memory_mib: capped(ANNOTATION_MEMORY, memory_mib, memory_for(r)),
             vcpus: capped(ANNOTATION_VCPUS, vcpus, vcpus_for(r)),
             hypervisor,
+            snapshot,
         })
     }
 }
@@ -690,6 +705,7 @@ mod tests {
                 ANNOTATION_MEMORY.into(),
                 ANNOTATION_VCPUS.into(),
                 ANNOTATION_HYPERVISOR.into(),
+                ANNOTATION_SNAPSHOT.into(),
             ],
             ..RuntimeConfig::default()
         }
@@ -738,6 +754,7 @@ mod tests {
             (ANNOTATION_MEMORY, "128"),
             (ANNOTATION_VCPUS, "2"),
             (ANNOTATION_HYPERVISOR, "qemu"),
+            (ANNOTATION_SNAPSHOT, "false"),
         ]);
         let b = load_under(&config, &permissive()).unwrap();
         assert_eq!(
@@ -746,8 +763,19 @@ mod tests {
                 memory_mib: Some(128),
                 vcpus: Some(2),
                 hypervisor: Some(husk_hypervisor::HypervisorKind::Qemu),
+                snapshot: Some(false),
             }
         );
+    }
+
+    #[test]
+    fn test_load_snapshot_annotation_allowed_by_default_and_checked() {
+        let off = with_annotations(&[(ANNOTATION_SNAPSHOT, "false")]);
+        let b = load_under(&off, &RuntimeConfig::default()).unwrap();
+        assert_eq!(b.vm.snapshot, Some(false));
+        let bad = with_annotations(&[(ANNOTATION_SNAPSHOT, "no")]);
+        let err = load_under(&bad, &RuntimeConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("not true or false"), "{err}");
     }
 
     #[test]

@@ -4,11 +4,12 @@
 //! Annotations come from whoever writes the bundle (a tenant's pod spec, through containerd's
 //! `pod_annotations`): without this policy a tenant picks the door and a 64 GiB VM. A missing
 //! file means [`RuntimeConfig::default`]: VM size annotations allowed up to 2048 MiB and 4
-//! vCPUs, `io.husk.hypervisor` not allowed (the door is the operator's choice, `--hypervisor`).
+//! vCPUs, `io.husk.snapshot` allowed (it can only turn boot snapshots off), `io.husk.hypervisor`
+//! not allowed (the door is the operator's choice, `--hypervisor`).
 //!
 //! ```toml
 //! # annotations a bundle may set; others are ignored with a debug log line
-//! allowed_annotations = ["io.husk.vm.memory", "io.husk.vm.vcpus"]
+//! allowed_annotations = ["io.husk.vm.memory", "io.husk.vm.vcpus", "io.husk.snapshot"]
 //! max_memory_mib = 2048
 //! max_vcpus = 4
 //! ```
@@ -21,7 +22,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::bundle::{ANNOTATION_HYPERVISOR, ANNOTATION_MEMORY, ANNOTATION_VCPUS};
+use crate::bundle::{
+    ANNOTATION_HYPERVISOR, ANNOTATION_MEMORY, ANNOTATION_SNAPSHOT, ANNOTATION_VCPUS,
+};
 use crate::SandboxError;
 
 /// Where the runtime configuration is read from, unless [`CONFIG_ENV`] says otherwise.
@@ -49,7 +52,11 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            allowed_annotations: vec![ANNOTATION_MEMORY.to_owned(), ANNOTATION_VCPUS.to_owned()],
+            allowed_annotations: vec![
+                ANNOTATION_MEMORY.to_owned(),
+                ANNOTATION_VCPUS.to_owned(),
+                ANNOTATION_SNAPSHOT.to_owned(),
+            ],
             max_memory_mib: DEFAULT_MAX_MEMORY_MIB,
             max_vcpus: DEFAULT_MAX_VCPUS,
         }
@@ -107,7 +114,12 @@ impl RuntimeConfig {
     }
 
     fn check(&self) -> Result<(), String> {
-        const KNOWN: [&str; 3] = [ANNOTATION_MEMORY, ANNOTATION_VCPUS, ANNOTATION_HYPERVISOR];
+        const KNOWN: [&str; 4] = [
+            ANNOTATION_MEMORY,
+            ANNOTATION_VCPUS,
+            ANNOTATION_HYPERVISOR,
+            ANNOTATION_SNAPSHOT,
+        ];
         if let Some(unknown) = self
             .allowed_annotations
             .iter()

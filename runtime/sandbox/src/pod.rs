@@ -89,6 +89,8 @@ impl PodVm {
             run_dir: opts.run_dir.clone(),
             // The sandbox container's cgroup holds the whole pod's VM.
             cgroup: crate::run::host_cgroup(first, memory_mib),
+            snapshot: crate::run::snapshot_allowed(&opts.vm, first),
+            ready_port: husk_protocol::AGENT_PORT,
         };
         let kind = first.vm.hypervisor.unwrap_or(opts.vm.hypervisor);
         let undo = |network: &Option<PodNetwork>| {

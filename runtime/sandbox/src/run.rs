@@ -54,6 +54,8 @@ pub struct VmOptions {
     pub vcpus: u32,
     /// Longest time from VM start to the agent's answer.
     pub boot_timeout: Duration,
+    /// Start from a boot snapshot where the door can (see `husk_hypervisor::snapshot`).
+    pub snapshot: bool,
 }
 
 /// The console socket a container with a terminal needs when it is created to run detached.
@@ -343,7 +345,15 @@ fn vm_config(
         net: network.map(VmNetwork::device),
         run_dir: run_dir.to_owned(),
         cgroup: host_cgroup(bundle, memory_mib),
+        snapshot: snapshot_allowed(&opts.vm, bundle),
+        ready_port: husk_protocol::AGENT_PORT,
     }
+}
+
+/// Whether the VM may start from a boot snapshot: unless `--no-snapshot` (or the shim's
+/// `HUSK_SNAPSHOT=0`) or the bundle's `io.husk.snapshot` says no.
+pub(crate) fn snapshot_allowed(vm: &VmOptions, bundle: &Bundle) -> bool {
+    vm.snapshot && bundle.vm.snapshot.unwrap_or(true)
 }
 
 /// The host cgroup of `bundle`'s VM of `memory_mib`, when it names one (`linux.cgroupsPath`):

@@ -227,7 +227,8 @@ fn kill_vmm(run_dir: &Path) {
 }
 
 /// What every pod of this shim binary gets: the guest artifacts beside the binary
-/// (`../share/husk/`), the door from `HUSK_HYPERVISOR` (default `auto`).
+/// (`../share/husk/`), the door from `HUSK_HYPERVISOR` (default `auto`), boot snapshots unless
+/// `HUSK_SNAPSHOT=0`.
 #[derive(Debug, Clone)]
 pub struct ShimConfig {
     /// How a pod's VM is made where its first bundle does not say.
@@ -248,6 +249,8 @@ impl ShimConfig {
                 memory_mib: 256,
                 vcpus: 1,
                 boot_timeout: Duration::from_secs(60),
+                // `HUSK_SNAPSHOT=0` boots every pod's VM cold.
+                snapshot: std::env::var("HUSK_SNAPSHOT").map_or(true, |v| v != "0"),
             },
         }
     }

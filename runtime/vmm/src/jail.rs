@@ -19,8 +19,8 @@
 //! The jail's pid 1 is the VM's process as the host sees it: every namespace it is in (user,
 //! mount, pid, ipc, uts, cgroup, net) is a new one (the net namespace is the pod's when given).
 //! The launcher waits for pid 1, relays SIGTERM/SIGINT/SIGHUP/SIGQUIT as SIGKILL (pid 1 of a
-//! namespace ignores signals it has no handler for) and exits with its status (128+N for
-//! signal N). Pid 1 dies with the launcher (PR_SET_PDEATHSIG), and the whole jail with pid 1.
+//! namespace ignores signals it has no handler for) and SIGUSR1 as itself (husk-vmm blocks
+//! and waits for it), and exits with its status (128+N for signal N). Pid 1 dies with the launcher (PR_SET_PDEATHSIG), and the whole jail with pid 1.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -204,6 +204,7 @@ fn relayed_signals() -> SigSet {
         Signal::SIGINT,
         Signal::SIGHUP,
         Signal::SIGQUIT,
+        Signal::SIGUSR1,
         Signal::SIGCHLD,
     ] {
         set.add(s);
@@ -211,7 +212,8 @@ fn relayed_signals() -> SigSet {
     set
 }
 
-/// Waits for pid 1; relays a termination signal as SIGKILL. Returns the exit code to mirror.
+/// Waits for pid 1; relays a termination signal as SIGKILL and SIGUSR1 (husk-vmm's "save the
+/// VM now") as itself. Returns the exit code to mirror.
 fn supervise(child: Pid, relayed: &SigSet) -> i32 {
     loop {
         match waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
@@ -222,6 +224,9 @@ fn supervise(child: Pid, relayed: &SigSet) -> i32 {
         }
         match relayed.wait() {
             Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(Signal::SIGUSR1) => {
+                let _ = kill(child, Signal::SIGUSR1);
+            }
             Ok(_) => {
                 let _ = kill(child, Signal::SIGKILL);
             }

@@ -246,11 +246,16 @@ fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
             vm.run_to_snapshot(timeout, files)?
         }
         Some(SnapshotMode::Restore { dir }) => {
+            let started = std::time::Instant::now();
             let vm = Vm::restore(RestoreConfig {
                 snapshot: dir.clone(),
                 console: config.console,
                 virtio: config.virtio,
             })?;
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "VM rebuilt from its snapshot"
+            );
             confine(args, &[])?;
             vm.run_report(timeout)?
         }

@@ -293,7 +293,7 @@ pub fn save(
         memory: memory_file,
     } = files;
     state_file.write_all(&json)?;
-    copy_sparse(memory, &memory_file, len)
+    copy_sparse(memory, &memory_file, len, Copy::SkipZeroPages)
 }
 
 fn create_private(path: &Path) -> std::io::Result<File> {
@@ -324,7 +324,7 @@ pub fn load(dir: &Path) -> Result<(VmState, File), VmmError> {
         )));
     }
     let memory = crate::vm::memfd(size)?;
-    copy_sparse(&source, &memory, size)?;
+    copy_sparse(&source, &memory, size, Copy::InKernel)?;
     Ok((state, memory))
 }
 
@@ -374,11 +374,21 @@ fn check(state: &VmState) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// How [`copy_sparse`] copies a populated range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copy {
+    /// Through this process, leaving out pages of zeros (a guest's freed pages), with reads and
+    /// writes only: the confined VMM saves with it.
+    SkipZeroPages,
+    /// `sendfile`, the kernel copying page to page: a snapshot was written without zero
+    /// pages already, and loading it is on every restored VM's path.
+    InKernel,
+}
+
 /// Copies the populated ranges of the first `len` bytes of `from` (`SEEK_DATA`/`SEEK_HOLE`:
-/// a memfd or tmpfs file reports the pages it holds) to the same offsets of `to`, leaving out
-/// pages of zeros, and makes `to` `len` bytes long: what is not copied reads as zeros and
-/// takes no memory. (Only reads, writes, seeks and a truncate: the confined VMM saves with it.)
-fn copy_sparse(from: &File, to: &File, len: u64) -> Result<(), VmmError> {
+/// a memfd or tmpfs file reports the pages it holds) to the same offsets of `to`, and makes
+/// `to` `len` bytes long: what is not copied reads as zeros and takes no memory.
+fn copy_sparse(from: &File, to: &File, len: u64, how: Copy) -> Result<(), VmmError> {
     use nix::unistd::{lseek, Whence};
     to.set_len(len)?;
     let end = i64::try_from(len).map_err(|e| VmmError::Memory(e.to_string()))?;
@@ -391,7 +401,11 @@ fn copy_sparse(from: &File, to: &File, len: u64) -> Result<(), VmmError> {
         };
         let hole = lseek(from.as_fd(), data, Whence::SeekHole).map_err(std::io::Error::from)?;
         let range = |v: i64| u64::try_from(v).map_err(|e| VmmError::Memory(e.to_string()));
-        copy_range(from, to, range(data)?, range(hole)?.min(len))?;
+        let (start, end) = (range(data)?, range(hole)?.min(len));
+        match how {
+            Copy::SkipZeroPages => copy_range(from, to, start, end)?,
+            Copy::InKernel => copy_range_in_kernel(from, to, start, end)?,
+        }
         offset = hole;
     }
     Ok(())
@@ -420,6 +434,26 @@ fn copy_range(from: &File, to: &File, start: u64, end: u64) -> Result<(), VmmErr
             page_at += page.len() as u64;
         }
         at += want as u64;
+    }
+    Ok(())
+}
+
+/// `sendfile` of `[start, end)` to the same offsets: the kernel copies page to page, also
+/// between file systems (`copy_file_range` will not copy from a tmpfs into a memfd).
+fn copy_range_in_kernel(from: &File, to: &File, start: u64, end: u64) -> Result<(), VmmError> {
+    use nix::unistd::{lseek, Whence};
+    let offset = |v: u64| i64::try_from(v).map_err(|e| VmmError::Memory(e.to_string()));
+    lseek(to.as_fd(), offset(start)?, Whence::SeekSet).map_err(std::io::Error::from)?;
+    let mut at = start;
+    while at < end {
+        let mut off_in = offset(at)?;
+        let want = usize::try_from(end - at).unwrap_or(usize::MAX);
+        let n = nix::sys::sendfile::sendfile64(to.as_fd(), from.as_fd(), Some(&mut off_in), want)
+            .map_err(|e| VmmError::Snapshot(format!("copying memory at {at:#x}: {e}")))?;
+        if n == 0 {
+            return Err(VmmError::Snapshot("memory file ended early".into()));
+        }
+        at += n as u64;
     }
     Ok(())
 }

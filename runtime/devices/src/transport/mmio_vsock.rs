@@ -113,8 +113,8 @@ impl VirtioMmioDevice for VsockMmio {
         let restored = std::mem::take(&mut self.restored);
         self.worker.start(move |device, stop| {
             let mut queues = queues;
-            if restored {
-                transport_reset(&mem, &mut queues, &interrupt);
+            if restored && transport_reset(&mem, &mut queues, &interrupt) {
+                await_reset_ack(&kicks, &stop);
             }
             let device = worker(device, &mem, &mut queues, kicks, &interrupt, stop);
             let at = queues.iter().map(QueuePosition::of).collect();
@@ -144,18 +144,54 @@ impl VirtioMmioDevice for VsockMmio {
 }
 
 /// Sends the transport reset event of a restored device (its host connections are not the
-/// saved VM's); a driver without an event buffer, or a broken event queue, is logged.
-fn transport_reset(mem: &GuestMemoryMmap, queues: &mut [Queue], interrupt: &Interrupt) {
+/// saved VM's); returns whether it was sent. A driver without an event buffer, or a broken
+/// event queue, is logged.
+fn transport_reset(mem: &GuestMemoryMmap, queues: &mut [Queue], interrupt: &Interrupt) -> bool {
     let Some(evq) = queues.get_mut(EVQ_INDEX) else {
-        return;
+        return false;
     };
     match send_transport_reset(mem, evq) {
-        Ok(true) => interrupt.signal_used(),
-        Ok(false) => warn_rate_limited!("vsock: no event buffer for the transport reset"),
+        Ok(true) => {
+            interrupt.signal_used();
+            true
+        }
+        Ok(false) => {
+            warn_rate_limited!("vsock: no event buffer for the transport reset");
+            false
+        }
         Err(e) => {
             warn_rate_limited!(error = %e, "vsock: event queue broken");
             interrupt.signal_needs_reset();
+            false
         }
+    }
+}
+
+/// How long a restored device waits for the driver to take its transport reset.
+const RESET_ACK_TIMEOUT_MS: i32 = 5000;
+
+/// Waits until the driver has handled the transport reset (it gives the event buffer back and
+/// notifies the event queue), `stop`, or [`RESET_ACK_TIMEOUT_MS`]: until then the device takes
+/// no host connection, which the reset, handled late, would otherwise tear down too.
+fn await_reset_ack(kicks: &[EventFd], stop: &EventFd) {
+    let Some(evq_kick) = kicks.get(EVQ_INDEX) else {
+        return;
+    };
+    let Ok(epoll) = Epoll::new() else {
+        return;
+    };
+    for (fd, data) in [(evq_kick.as_raw_fd(), 0), (stop.as_raw_fd(), EV_STOP)] {
+        let _ = epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, data),
+        );
+    }
+    let mut events = [EpollEvent::default(); 2];
+    match epoll.wait(RESET_ACK_TIMEOUT_MS, &mut events) {
+        Ok(0) => warn_rate_limited!("vsock: the driver did not take the transport reset in time"),
+        Ok(_) => {}
+        Err(e) => warn_rate_limited!(error = %e, "vsock: waiting for the transport reset"),
     }
 }
 

@@ -2,13 +2,20 @@
 //! and initramfs on KVM, with the vsock, block and network devices in process and virtio-fs
 //! from virtiofsd over vhost-user, exactly as the QEMU door shares the rootfs. A network
 //! device's tap is opened by the jail in the engine's network namespace, as for QEMU.
+//!
+//! A VM starts from its boot snapshot ([`crate::snapshot`]) where it has one: husk-vmm rebuilds
+//! the saved guest (its agent already listening) instead of booting a kernel. The first VM of
+//! a shape makes the snapshot ([`snapshot`]), and a restore that fails (a damaged snapshot, a
+//! guest that does not answer) is stopped and booted cold, with one log line saying why.
 
-use std::path::PathBuf;
+mod snapshot;
 
-use husk_vmm::document::{DiskDevice, FsDevice, NetDevice, VmmDocument};
+use std::path::{Path, PathBuf};
+
+use husk_vmm::document::{DiskDevice, FsDevice, NetDevice, SnapshotMode, VmmDocument};
 use husk_vmm::jail::JailBind;
 use tokio::process::Child;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::console::{ConsoleCap, CONSOLE_CAP};
 use crate::helpers::{self, Virtiofsd};
@@ -62,13 +69,10 @@ impl KvmDoor {
     fn vm_path(&self, name: &str) -> PathBuf {
         crate::vm_dir(&self.config.run_dir).join(name)
     }
-}
 
-#[async_trait::async_trait]
-impl Hypervisor for KvmDoor {
-    async fn start(&mut self) -> Result<(), HypervisorError> {
-        jail::make_vm_dir(&self.config.run_dir)?;
-        self.cgroup = jail::host_cgroup(&self.config)?;
+    /// Starts virtiofsd for each share and husk-vmm with its document: a boot, or with `mode`
+    /// a boot to be saved or a restore (the snapshot bound read-only into its jail).
+    async fn launch(&mut self, mode: Option<SnapshotMode>) -> Result<(), HypervisorError> {
         let mut doc = VmmDocument {
             kernel: self.config.kernel.clone(),
             initramfs: self.config.initramfs.clone(),
@@ -85,6 +89,7 @@ impl Hypervisor for KvmDoor {
             memory_mib: self.config.memory_mib,
             vcpus: u8::try_from(self.config.vcpus).unwrap_or(u8::MAX),
             cmdline: KERNEL_CMDLINE.into(),
+            snapshot: mode.clone(),
         };
         if let Some(binary) = self.virtiofsd.clone() {
             for (i, share) in self.config.shares.clone().iter().enumerate() {
@@ -105,6 +110,9 @@ impl Hypervisor for KvmDoor {
             JailBind::ro(&self.config.initramfs),
             JailBind::ro("/dev/kvm"),
         ];
+        if let Some(SnapshotMode::Restore { dir }) = &mode {
+            binds.push(JailBind::ro(dir));
+        }
         for disk in &self.config.disks {
             doc.disks.push(DiskDevice {
                 serial: disk.serial.clone(),
@@ -117,21 +125,19 @@ impl Hypervisor for KvmDoor {
             });
         }
         let doc_path = self.run_path("vmm.json");
-        let text = serde_json::to_vec(&doc).map_err(|e| HypervisorError::Spawn {
-            program: HUSK_VMM,
-            source: std::io::Error::other(e),
-        })?;
-        std::fs::write(&doc_path, text).map_err(|source| HypervisorError::Spawn {
+        let spawn_err = |source| HypervisorError::Spawn {
             program: HUSK_VMM,
             source,
-        })?;
+        };
+        let text = serde_json::to_vec(&doc).map_err(|e| spawn_err(std::io::Error::other(e)))?;
+        std::fs::write(&doc_path, text).map_err(spawn_err)?;
         binds.push(JailBind::ro(&doc_path));
         let argv = vec![
             jail::arg(&self.vmm)?,
             "--config".into(),
             jail::arg(&doc_path)?,
         ];
-        debug!(vmm = %self.vmm.display(), "starting the built-in VMM");
+        debug!(vmm = %self.vmm.display(), ?mode, "starting the built-in VMM");
         let jail = Jail {
             binds,
             cgroup_procs: crate::cgroup::procs_files(self.cgroup.as_ref()),
@@ -148,6 +154,58 @@ impl Hypervisor for KvmDoor {
         self.child = Some(child);
         self.log_cap = Some(ConsoleCap::start(&[self.vm_path("vmm.log")], CONSOLE_CAP));
         Ok(())
+    }
+
+    /// Stops husk-vmm and virtiofsd (the cgroup stays).
+    async fn halt(&mut self) -> Result<(), HypervisorError> {
+        if let Some(mut child) = self.child.take() {
+            if child
+                .try_wait()
+                .map_err(HypervisorError::Process)?
+                .is_none()
+            {
+                child.start_kill().map_err(HypervisorError::Process)?;
+            }
+            child.wait().await.map_err(HypervisorError::Process)?;
+        }
+        for mut fs in self.fs.drain(..) {
+            fs.stop().await;
+        }
+        self.log_cap = None;
+        Ok(())
+    }
+
+    /// Restores the VM from the snapshot `dir` and waits until its guest answers on
+    /// [`VmConfig::ready_port`].
+    async fn restore(&mut self, dir: &Path) -> Result<(), String> {
+        let mode = SnapshotMode::Restore {
+            dir: dir.to_owned(),
+        };
+        self.launch(Some(mode)).await.map_err(|e| e.to_string())?;
+        snapshot::wait_ready(self, snapshot::RESTORE_TIMEOUT).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for KvmDoor {
+    async fn start(&mut self) -> Result<(), HypervisorError> {
+        jail::make_vm_dir(&self.config.run_dir)?;
+        self.cgroup = jail::host_cgroup(&self.config)?;
+        if let Some((store, key, dir)) = snapshot::for_boot(self).await {
+            match self.restore(&dir).await {
+                Ok(()) => {
+                    info!(snapshot = %key, "VM restored from its boot snapshot");
+                    return Ok(());
+                }
+                Err(reason) => {
+                    warn!(snapshot = %key, %reason, "restoring the boot snapshot failed: booting cold (the snapshot is removed)");
+                    store.remove(&key);
+                    self.halt().await?;
+                    let _ = std::fs::remove_file(self.vsock_path());
+                }
+            }
+        }
+        self.launch(None).await
     }
 
     fn vsock_path(&self) -> PathBuf {
@@ -185,20 +243,7 @@ impl Hypervisor for KvmDoor {
     }
 
     async fn stop(&mut self) -> Result<(), HypervisorError> {
-        if let Some(mut child) = self.child.take() {
-            if child
-                .try_wait()
-                .map_err(HypervisorError::Process)?
-                .is_none()
-            {
-                child.start_kill().map_err(HypervisorError::Process)?;
-            }
-            child.wait().await.map_err(HypervisorError::Process)?;
-        }
-        for mut fs in self.fs.drain(..) {
-            fs.stop().await;
-        }
-        self.log_cap = None;
+        self.halt().await?;
         jail::remove_cgroup(self.cgroup.take()).await;
         Ok(())
     }

@@ -169,6 +169,8 @@ mod tests {
             net: None,
             run_dir: "/run/husk/x".into(),
             cgroup: None,
+            snapshot: true,
+            ready_port: 1024,
         }
     }
 
