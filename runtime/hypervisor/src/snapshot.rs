@@ -144,15 +144,22 @@ impl Store {
     /// # Errors
     /// `made` is incomplete or cannot be moved (another file system).
     pub fn install(&self, key: &str, made: &Path) -> Result<PathBuf, String> {
-        if let Some(missing) = SNAPSHOT_FILES.iter().find(|f| !made.join(f).is_file()) {
-            return Err(format!("the saved VM left no {missing}"));
+        // `made` was in a directory a jailed VMM could write: nothing in it is followed, and
+        // only a real directory of regular files, none open to others, is taken.
+        let private_file = |path: &Path| {
+            std::fs::symlink_metadata(path)
+                .is_ok_and(|m| m.file_type().is_file() && m.mode() & 0o077 == 0)
+        };
+        let dir_ok = std::fs::symlink_metadata(made).is_ok_and(|m| m.file_type().is_dir());
+        if let Some(bad) = SNAPSHOT_FILES
+            .iter()
+            .find(|f| !dir_ok || !private_file(&made.join(f)))
+        {
+            return Err(format!("the saved VM left no private regular file {bad}"));
         }
         let dir = self.root.join(key);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(made, &dir).map_err(|e| format!("moving the snapshot: {e}"))?;
-        for file in SNAPSHOT_FILES {
-            let _ = std::fs::set_permissions(dir.join(file), PermissionsExt::from_mode(0o600));
-        }
         self.prune(key);
         Ok(dir)
     }
@@ -315,16 +322,23 @@ mod tests {
     #[test]
     fn test_install_lookup_prune_and_incomplete_refused() {
         let (dir, store, _) = setup();
+        let private = |path: &Path, text: &str| {
+            std::fs::write(path, text).unwrap();
+            std::fs::set_permissions(path, PermissionsExt::from_mode(0o600)).unwrap();
+        };
         let made = |name: &str, complete: bool| {
             let m = dir.path().join(name);
             std::fs::create_dir(&m).unwrap();
-            std::fs::write(m.join(husk_vmm::snapshot::STATE_FILE), "{}").unwrap();
+            private(&m.join(husk_vmm::snapshot::STATE_FILE), "{}");
             if complete {
-                std::fs::write(m.join(husk_vmm::snapshot::MEMORY_FILE), "m").unwrap();
+                private(&m.join(husk_vmm::snapshot::MEMORY_FILE), "m");
             }
             m
         };
         assert!(store.install("k0", &made("m0", false)).is_err());
+        let linked = made("m1", false);
+        std::os::unix::fs::symlink("/etc/hostname", linked.join("memory")).unwrap();
+        assert!(store.install("k0", &linked).is_err(), "a link is never taken");
         assert!(store.lookup("k0").is_none());
         for i in 0..MAX_SNAPSHOTS + 2 {
             let installed = store.install(&format!("k{i}"), &made(&format!("n{i}"), true));
