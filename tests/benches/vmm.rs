@@ -4,7 +4,8 @@
 //!    process start to the guest's first instruction and to the process's exit, and the VMM's
 //!    resident memory beyond guest memory while a guest spins, for `husk-vmm` and for plain
 //!    `qemu-system-x86_64 -M microvm -accel kvm`.
-//! 2. Hello-world `husk run` through both doors and husk-vmm's boot to agent ready with its
+//! 2. Hello-world `husk run` through both doors (the built-in VMM restored from its boot
+//!    snapshot and booting cold, issue 15's ratio) and husk-vmm's boot to agent ready with its
 //!    memory, on a KVM that runs Linux: this host's where it passes the probe, else inside the
 //!    emulated test host (where the built-in VMM's ratio to the QEMU door is what carries over).
 
@@ -19,7 +20,7 @@ use husk_e2e::harness::Env;
 use nix::time::{clock_gettime, ClockId};
 
 const PAYLOAD_RUNS: usize = 20;
-const GUEST_RUNS: usize = 5;
+const GUEST_RUNS: usize = 3;
 /// Guest RAM of the payload VMs.
 const PAYLOAD_MIB: &str = "16";
 
@@ -266,9 +267,9 @@ fn guest_bench(env: &Env, host_kvm_runs_linux: bool) {
             .map(fields)
             .collect()
     };
-    let (kvm, qemu) = (runs("kvm"), runs("qemu"));
+    let (kvm, cold, qemu) = (runs("kvm"), runs("kvm-cold"), runs("qemu"));
     assert!(
-        !kvm.is_empty() && !qemu.is_empty(),
+        !kvm.is_empty() && !cold.is_empty() && !qemu.is_empty(),
         "no bench lines:\n{text}"
     );
     let col = |rows: &[BTreeMap<&str, f64>], key: &str| {
@@ -276,16 +277,20 @@ fn guest_bench(env: &Env, host_kvm_runs_linux: bool) {
     };
     println!("\nhello-world `husk run` on {where_}, medians of {GUEST_RUNS} runs:");
     println!(
-        "{:<24} {:>14} {:>14} {:>12}",
-        "", "built-in VMM", "QEMU door", "QEMU/VMM"
+        "{:<24} {:>16} {:>16} {:>14} {:>12} {:>12}",
+        "", "VMM (snapshot)", "VMM (cold)", "QEMU door", "cold/snap", "QEMU/cold"
     );
     for (label, key) in [
         ("wall", "wall_ms"),
         ("boot to agent ready", "boot_to_agent_ms"),
         ("container start", "container_start_ms"),
     ] {
-        let (a, b) = (col(&kvm, key), col(&qemu, key));
-        println!("{label:<24} {a:>11.0} ms {b:>11.0} ms {:>11.2}x", b / a);
+        let (a, b, c) = (col(&kvm, key), col(&cold, key), col(&qemu, key));
+        println!(
+            "{label:<24} {a:>13.0} ms {b:>13.0} ms {c:>11.0} ms {:>11.2}x {:>11.2}x",
+            b / a,
+            c / b
+        );
     }
     let vmm: Vec<(f64, serde_json::Value)> = text
         .lines()

@@ -16,7 +16,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -146,9 +146,11 @@ impl Store {
     pub fn install(&self, key: &str, made: &Path) -> Result<PathBuf, String> {
         // `made` was in a directory a jailed VMM could write: nothing in it is followed, and
         // only a real directory of regular files, none open to others, is taken.
+        // Not empty either: husk-vmm makes both files before it boots, and fills them only
+        // when it saves.
         let private_file = |path: &Path| {
             std::fs::symlink_metadata(path)
-                .is_ok_and(|m| m.file_type().is_file() && m.mode() & 0o077 == 0)
+                .is_ok_and(|m| m.file_type().is_file() && m.mode() & 0o077 == 0 && m.len() > 0)
         };
         let dir_ok = std::fs::symlink_metadata(made).is_ok_and(|m| m.file_type().is_dir());
         if let Some(bad) = SNAPSHOT_FILES
@@ -164,9 +166,12 @@ impl Store {
         Ok(dir)
     }
 
-    /// Removes `key`'s snapshot (one that failed to restore).
+    /// Removes `key`'s snapshot (one that failed to restore), unless another runtime is
+    /// making it anew right now.
     pub fn remove(&self, key: &str) {
-        let _ = std::fs::remove_dir_all(self.root.join(key));
+        if let Some(_lock) = self.try_lock(key) {
+            let _ = std::fs::remove_dir_all(self.root.join(key));
+        }
     }
 
     /// The snapshots kept: key, bytes of memory held, newest first.
@@ -249,6 +254,8 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
     use crate::FsShare;
 
@@ -336,9 +343,18 @@ mod tests {
             m
         };
         assert!(store.install("k0", &made("m0", false)).is_err());
+        let empty = made("e0", false);
+        private(&empty.join(husk_vmm::snapshot::MEMORY_FILE), "");
+        assert!(
+            store.install("k0", &empty).is_err(),
+            "an unsaved VM's empty files"
+        );
         let linked = made("m1", false);
         std::os::unix::fs::symlink("/etc/hostname", linked.join("memory")).unwrap();
-        assert!(store.install("k0", &linked).is_err(), "a link is never taken");
+        assert!(
+            store.install("k0", &linked).is_err(),
+            "a link is never taken"
+        );
         assert!(store.lookup("k0").is_none());
         for i in 0..MAX_SNAPSHOTS + 2 {
             let installed = store.install(&format!("k{i}"), &made(&format!("n{i}"), true));

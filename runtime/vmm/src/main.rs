@@ -251,6 +251,8 @@ fn run(args: &Args) -> Result<ExitReason, Box<dyn std::error::Error>> {
                 snapshot: dir.clone(),
                 console: config.console,
                 virtio: config.virtio,
+                memory_mib: args.memory_mib,
+                vcpus: args.vcpus,
             })?;
             tracing::info!(
                 elapsed_ms = started.elapsed().as_secs_f64() * 1e3,

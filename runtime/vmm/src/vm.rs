@@ -142,6 +142,11 @@ pub struct RestoreConfig {
     /// The devices, fresh, in the order and of the types of the saved VM's (their host sides
     /// are new: the vsock socket, virtiofsd).
     pub virtio: Vec<Box<dyn VirtioMmioDevice>>,
+    /// The guest RAM (MiB) the caller sized the VM's host resources for: the snapshot's must
+    /// be the same.
+    pub memory_mib: u32,
+    /// The vCPUs the caller expects: the snapshot's must be as many.
+    pub vcpus: u8,
 }
 
 impl std::fmt::Debug for RestoreConfig {
@@ -224,6 +229,13 @@ impl Vm {
     /// is refused. Nothing is left behind either way.
     pub fn restore(config: RestoreConfig) -> Result<Self, VmmError> {
         let (state, memory) = snapshot::load(&config.snapshot)?;
+        let shape = (state.memory_mib, state.vcpus.len());
+        if shape != (config.memory_mib, usize::from(config.vcpus)) {
+            return Err(VmmError::Snapshot(format!(
+                "saved VM has {} MiB and {} vCPUs, {} MiB and {} expected",
+                shape.0, shape.1, config.memory_mib, config.vcpus
+            )));
+        }
         let kvm = Kvm::new().map_err(VmmError::Kvm)?;
         let mem = guest_memory(memory)?;
         let irqchip = state.irqchip.is_some();
@@ -255,6 +267,12 @@ impl Vm {
             let vcpu = create_vcpu(&kvm, &fd, id)?;
             snapshot::restore_vcpu(&vcpu, saved)?;
             vcpus.push(vcpu);
+        }
+        for transport in &transports {
+            transport
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .resignal();
         }
         Ok(Self {
             kvm,

@@ -642,6 +642,8 @@ fn test_payload_paused_snapshot_restores_registers_and_memory_in_new_vm() {
         snapshot: snap.clone(),
         console: Box::new(restored_console.clone()),
         virtio: Vec::new(),
+        memory_mib: 16,
+        vcpus: 1,
     })
     .unwrap();
     vm_memory::Bytes::write_obj(restored.memory(), 1u8, vm_memory::GuestAddress(FLAG)).unwrap();
@@ -677,6 +679,8 @@ fn test_payload_restore_of_damaged_snapshot_fails_with_reason() {
         snapshot: dir.path().join("missing"),
         console: Box::new(Console::default()),
         virtio: Vec::new(),
+        memory_mib: 16,
+        vcpus: 1,
     })
     .unwrap_err();
     assert!(err.to_string().starts_with("snapshot: "), "{err}");
@@ -761,6 +765,8 @@ fn test_payload_active_vsock_device_saved_and_restored_with_new_host_side() {
         snapshot: snap.clone(),
         console: Box::new(restored_console.clone()),
         virtio: vsock_device(&restored_dir),
+        memory_mib: 16,
+        vcpus: 1,
     })
     .unwrap();
     vm_memory::Bytes::write_obj(restored.memory(), 1u8, vm_memory::GuestAddress(FLAG)).unwrap();
@@ -776,6 +782,8 @@ fn test_payload_active_vsock_device_saved_and_restored_with_new_host_side() {
         snapshot: snap,
         console: Box::new(Console::default()),
         virtio: Vec::new(),
+        memory_mib: 16,
+        vcpus: 1,
     })
     .unwrap_err();
     assert!(

@@ -433,6 +433,13 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
             .store(state.needs_reset, Ordering::SeqCst);
         t.config_generation = state.config_generation;
         if let Some(positions) = &state.positions {
+            if positions.len() != t.queues.len() {
+                return Err(format!(
+                    "{} saved queue positions for {} queues",
+                    positions.len(),
+                    t.queues.len()
+                ));
+            }
             t.device.restoring();
             t.activate_at(Some(positions));
             if !t.active {
@@ -443,6 +450,17 @@ impl<D: VirtioMmioDevice> MmioTransport<D> {
             }
         }
         Ok(t)
+    }
+
+    /// Raises the interrupt line again if the interrupt status has a bit set: a restored VM's
+    /// interrupt controllers lost any edge raised before its vCPUs existed (the saved status,
+    /// a restored device's first signal).
+    pub fn resignal(&self) {
+        if self.interrupt.status.load(Ordering::SeqCst) != 0 {
+            if let Err(e) = self.interrupt.irq.write(1) {
+                warn_rate_limited!(error = %e, "virtio-mmio: raising the interrupt failed");
+            }
+        }
     }
 
     fn needs_reset(&mut self, why: &str) {
