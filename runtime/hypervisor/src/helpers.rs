@@ -179,6 +179,28 @@ pub(crate) async fn wait_vm(
     }
 }
 
+/// Kills the VMM (unless it already exited) and waits for it, then stops every virtiofsd:
+/// both doors' way of ending a VM's processes.
+pub(crate) async fn stop_vm(
+    vmm: Option<Child>,
+    fs: &mut Vec<Virtiofsd>,
+) -> Result<(), HypervisorError> {
+    if let Some(mut child) = vmm {
+        if child
+            .try_wait()
+            .map_err(HypervisorError::Process)?
+            .is_none()
+        {
+            child.start_kill().map_err(HypervisorError::Process)?;
+        }
+        child.wait().await.map_err(HypervisorError::Process)?;
+    }
+    for mut helper in fs.drain(..) {
+        helper.stop().await;
+    }
+    Ok(())
+}
+
 /// How long a virtiofsd exit waits for the VMM's, which would explain it.
 const HELPER_EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
 

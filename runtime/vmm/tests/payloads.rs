@@ -606,6 +606,33 @@ fn wait_for_output(console: &Console, text: &str) {
     }
 }
 
+/// Runs `code` (16 MiB, irqchip, long mode) with `virtio` until it prints `a`, pauses it and
+/// saves it into the new directory `snap`.
+fn save_paused_after_a(code: Vec<u8>, virtio: Vec<Box<dyn VirtioMmioDevice>>, snap: &Path) {
+    let console = Console::default();
+    let vm = Vm::new(VmConfig {
+        memory_mib: 16,
+        irqchip: true,
+        console: Box::new(console.clone()),
+        virtio,
+        entry: Entry::Payload {
+            code,
+            addr: 0x1_0000,
+            mode: CpuMode::Long,
+        },
+    })
+    .unwrap();
+    let pauser = vm.pauser();
+    let pausing = std::thread::spawn(move || {
+        wait_for_output(&console, "a");
+        pauser.pause();
+    });
+    let files = husk_vmm::snapshot::SnapshotFiles::create(snap).unwrap();
+    let report = vm.run_to_snapshot(Duration::from_secs(10), files).unwrap();
+    pausing.join().unwrap();
+    assert_eq!(report.reason, ExitReason::Paused);
+}
+
 #[test]
 fn test_payload_paused_snapshot_restores_registers_and_memory_in_new_vm() {
     if !kvm_available("test_payload_paused_snapshot_restores_registers_and_memory_in_new_vm") {
@@ -613,29 +640,7 @@ fn test_payload_paused_snapshot_restores_registers_and_memory_in_new_vm() {
     }
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
-    let console = Console::default();
-    let vm = Vm::new(VmConfig {
-        memory_mib: 16,
-        irqchip: true,
-        console: Box::new(console.clone()),
-        virtio: Vec::new(),
-        entry: Entry::Payload {
-            code: spin_until_flag_payload(),
-            addr: 0x1_0000,
-            mode: CpuMode::Long,
-        },
-    })
-    .unwrap();
-    let pauser = vm.pauser();
-    let watcher = console.clone();
-    let pausing = std::thread::spawn(move || {
-        wait_for_output(&watcher, "a");
-        pauser.pause();
-    });
-    let files = husk_vmm::snapshot::SnapshotFiles::create(&snap).unwrap();
-    let report = vm.run_to_snapshot(Duration::from_secs(10), files).unwrap();
-    pausing.join().unwrap();
-    assert_eq!(report.reason, ExitReason::Paused);
+    save_paused_after_a(spin_until_flag_payload(), Vec::new(), &snap);
 
     let restored_console = Console::default();
     let restored = Vm::restore(RestoreConfig {
@@ -735,29 +740,7 @@ fn test_payload_active_vsock_device_saved_and_restored_with_new_host_side() {
     }
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
-    let console = Console::default();
-    let vm = Vm::new(VmConfig {
-        memory_mib: 16,
-        irqchip: true,
-        console: Box::new(console.clone()),
-        virtio: vsock_device(&dir),
-        entry: Entry::Payload {
-            code: vsock_driver_payload(),
-            addr: 0x1_0000,
-            mode: CpuMode::Long,
-        },
-    })
-    .unwrap();
-    let pauser = vm.pauser();
-    let watcher = console.clone();
-    let pausing = std::thread::spawn(move || {
-        wait_for_output(&watcher, "a");
-        pauser.pause();
-    });
-    let files = husk_vmm::snapshot::SnapshotFiles::create(&snap).unwrap();
-    let report = vm.run_to_snapshot(Duration::from_secs(10), files).unwrap();
-    pausing.join().unwrap();
-    assert_eq!(report.reason, ExitReason::Paused);
+    save_paused_after_a(vsock_driver_payload(), vsock_device(&dir), &snap);
 
     let restored_dir = tempfile::tempdir().unwrap();
     let restored_console = Console::default();

@@ -158,19 +158,7 @@ impl KvmDoor {
 
     /// Stops husk-vmm and virtiofsd (the cgroup stays).
     async fn halt(&mut self) -> Result<(), HypervisorError> {
-        if let Some(mut child) = self.child.take() {
-            if child
-                .try_wait()
-                .map_err(HypervisorError::Process)?
-                .is_none()
-            {
-                child.start_kill().map_err(HypervisorError::Process)?;
-            }
-            child.wait().await.map_err(HypervisorError::Process)?;
-        }
-        for mut fs in self.fs.drain(..) {
-            fs.stop().await;
-        }
+        helpers::stop_vm(self.child.take(), &mut self.fs).await?;
         self.log_cap = None;
         Ok(())
     }

@@ -216,19 +216,7 @@ impl Hypervisor for QemuDoor {
     }
 
     async fn stop(&mut self) -> Result<(), HypervisorError> {
-        if let Some(mut child) = self.child.take() {
-            if child
-                .try_wait()
-                .map_err(HypervisorError::Process)?
-                .is_none()
-            {
-                child.start_kill().map_err(HypervisorError::Process)?;
-            }
-            child.wait().await.map_err(HypervisorError::Process)?;
-        }
-        for mut fs in self.fs.drain(..) {
-            fs.stop().await;
-        }
+        helpers::stop_vm(self.child.take(), &mut self.fs).await?;
         if let Some(mut vsock) = self.vsock.take() {
             let _ = vsock.start_kill();
             let _ = vsock.wait().await;
