@@ -43,8 +43,12 @@ pub fn vm_dir(run_dir: &Path) -> PathBuf {
     use sha2::{Digest, Sha256};
     let absolute = std::path::absolute(run_dir).unwrap_or_else(|_| run_dir.to_owned());
     let digest = Sha256::digest(absolute.as_os_str().as_encoded_bytes());
-    let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    Path::new(VM_DIRS).join(name)
+    Path::new(VM_DIRS).join(hex(&digest[..16]))
+}
+
+/// `bytes` as lowercase hex (the names of VM directories and snapshots).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Removes the VM directory of `run_dir` ([`vm_dir`]) with what is in it; call it wherever the

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::VmConfig;
+use crate::{hex, VmConfig};
 
 /// Where snapshots are kept.
 pub const STORE: &str = "/run/husk-snapshots";
@@ -74,10 +74,6 @@ pub fn snapshot_key(
         part(&share.tag);
     }
     Ok(hex(&key.finalize()[..16]))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The snapshot store: one directory per key.

@@ -385,6 +385,7 @@ impl Vm {
                 .map(|s| s.unwrap_or_else(|| Err(VmmError::Snapshot("a vCPU thread died".into()))))
                 .collect::<Result<Vec<_>, _>>()?;
             let devices = Devices {
+                irqchip,
                 serial: &serial,
                 transports: &transports,
             };
@@ -436,6 +437,8 @@ fn paused_state(
 
 /// A paused VM's devices, to be saved.
 struct Devices<'a> {
+    /// Whether it has the in-kernel PIC, IOAPIC and PIT.
+    irqchip: bool,
     serial: &'a SharedSerial,
     transports: &'a [SharedTransport],
 }
@@ -462,7 +465,7 @@ fn save_snapshot(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .snapshot();
-    let irqchip = match vcpus.first().is_some_and(|v| v.lapic.is_some()) {
+    let irqchip = match devices.irqchip {
         true => Some(snapshot::save_irqchip(fd)?),
         false => None,
     };
