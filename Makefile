@@ -10,7 +10,10 @@ DEMO      := $(CURDIR)/build/demo-bundle
 
 # What `make demo` needs: the guest kernel's source and build tools, QEMU, busybox for the demo's
 # bundle, libseccomp and libcap-ng for virtiofsd's build, iproute2 for engines' networks.
-DEMO_PACKAGES := qemu-system-x86 linux-source-6.12 build-essential flex bison bc libelf-dev \
+# QEMU comes from bookworm-backports (BACKPORT_PACKAGES): Debian 12's QEMU 7.2 cannot save a VM
+# with virtio-fs, so its VMs could not start from a boot snapshot.
+BACKPORT_PACKAGES := qemu-system-x86 qemu-system-common qemu-system-data
+DEMO_PACKAGES := linux-source-6.12 build-essential flex bison bc libelf-dev \
 	libssl-dev cpio xz-utils busybox-static libseccomp-dev libcap-ng-dev pkg-config iproute2
 # What the tests add: runc (the oracle), e2fsprogs (disk images), containerd and CNI plugins,
 # protobuf-compiler (the CRI tests' client), Docker and Podman.
@@ -26,6 +29,7 @@ all: build
 ## all is there); test-deps: and what the tests need: more packages and cargo-fuzz
 deps:
 	@$(MAKE) --no-print-directory apt PACKAGES="$(DEMO_PACKAGES)"
+	@scripts/apt-backports.sh $(BACKPORT_PACKAGES)
 	@command -v virtiofsd >/dev/null || { echo "cargo: installing virtiofsd"; \
 		cargo install --quiet --locked --root /usr/local virtiofsd; }
 

@@ -2,7 +2,7 @@
 //! `run --rm --network none IMAGE true` (median of 5 after one warm-up), and the host memory of
 //! one running `sleep` container: the PSS (/proc/<pid>/smaps_rollup) of the engine's per-container
 //! monitor (conmon, containerd's shim) and everything under it (runc: the container's process;
-//! husk: its monitor, the jailed VMM, the vsock backend, virtiofsd and the sentinel).
+//! husk: its monitor, the jailed VMM, the serial relay, virtiofsd and the sentinel).
 
 use std::time::{Duration, Instant};
 

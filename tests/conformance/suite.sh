@@ -11,20 +11,11 @@ tarball=$1
 cache=${2:-$HOME/.cache/husk/conformance}
 go_bin=/usr/lib/go-1.23/bin
 
-# Go >= 1.21: Debian 12's own 1.19 fails on the vendored `slices` package. The backports suite is
-# added to the machine's existing Debian source entry (the one listing plain `bookworm`), never as
-# a new entry.
+# Go >= 1.21: Debian 12's own 1.19 fails on the vendored `slices` package; it comes from the
+# bookworm-backports suite (scripts/apt-backports.sh).
 install_go() {
 	[ -x "$go_bin/go" ] && return
-	local sources=/etc/apt/sources.list.d/debian.sources
-	if ! grep -qE '^Suites:.*\bbookworm-backports\b' "$sources"; then
-		echo "apt: enabling bookworm-backports in $sources" >&2
-		sed -i -E '/^Suites:/{/(\s|:)bookworm(\s|$)/s/$/ bookworm-backports/}' "$sources"
-	fi
-	echo "apt: installing golang-1.23-go from bookworm-backports" >&2
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		-t bookworm-backports golang-1.23-go >/dev/null
+	"$(dirname "${BASH_SOURCE[0]}")/../../scripts/apt-backports.sh" golang-1.23-go
 }
 
 # The suite is built once per tarball: its cache folder is named by the tarball's hash, and a

@@ -1,5 +1,5 @@
 //! The jailed VMM (issue 12, item 5): the host processes of a running container's VM (QEMU
-//! and its vsock backend here; husk-vmm in the emulated test host, see nested.rs) have no
+//! and its serial relay here; husk-vmm in the emulated test host, see nested.rs) have no
 //! capabilities, `no_new_privs`, a seccomp filter, their own mount, pid, ipc, uts and net
 //! namespaces, and sit in the container's host cgroup (`linux.cgroupsPath`); a process in the
 //! very jail the door built, and husk-vmm under its own filter, die of SIGSYS when they
@@ -197,7 +197,7 @@ fn test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys() {
     let vm_dir = husk_sandbox::vm_dir(&husk.root().join(&id));
     let vm_dir = vm_dir.to_str().expect("utf-8");
     let qemu = wait_for("qemu-system-x86_64", None, vm_dir).expect("QEMU of the container");
-    let vsock = wait_for("husk-vmm", Some("vhost-vsock"), vm_dir).expect("its vsock backend");
+    let relay = wait_for("husk-vmm", Some("serial-relay"), vm_dir).expect("its serial relay");
     // The container runs once it printed (a kill before then would find it being created).
     let mut up = String::new();
     let stdout = run.stdout.take().expect("stdout");
@@ -221,7 +221,7 @@ fn test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys() {
     );
     let host_cpu = host_cpu_settings(&cgroup);
     let seen_qemu = confinement(&qemu, &cgroup);
-    let seen_vsock = confinement(&vsock, &cgroup);
+    let seen_relay = confinement(&relay, &cgroup);
     let spec = husk.root().join(&id).join("qemu-system-x86_64.jail.json");
     let dir = tempfile::tempdir().expect("tempdir");
     let in_jail: Vec<String> = FORBIDDEN
@@ -267,9 +267,9 @@ fn test_vm_host_processes_jailed_in_container_cgroup_and_die_of_sigsys() {
     );
     assert_eq!(seen_qemu, expected(&cgroup), "QEMU's confinement");
     assert_eq!(
-        seen_vsock,
+        seen_relay,
         expected(&cgroup),
-        "the vsock backend's confinement"
+        "the serial relay's confinement"
     );
     let sigsys = |probes: Vec<String>| {
         let mut want: Vec<String> = FORBIDDEN

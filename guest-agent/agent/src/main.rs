@@ -1,6 +1,7 @@
 //! husk-agent: PID 1 of the guest VM.
 //!
-//! It prepares the guest ([`init`]), then serves the host over vsock port
+//! It prepares the guest ([`init`]), then serves the host over vsock port (or the serial channel,
+//! [`channel`])
 //! [`husk_protocol::AGENT_PORT`] ([`server`]): one VM, one or more containers, each a child in its
 //! own namespaces ([`container`]). The same binary, started as `husk-agent container-init`, is the
 //! first process of a container: it finishes the container's setup from the inside and execs the
@@ -8,6 +9,7 @@
 //! a running container ([`exec_init`], for [`exec`]).
 
 mod cgroup;
+mod channel;
 mod container;
 mod container_init;
 mod exec;

@@ -1,12 +1,13 @@
-//! The vsock server: one task per host connection, requests answered in order.
+//! The server: one task per host connection (a vsock connection, or a stream of the serial
+//! channel, [`crate::channel`]), requests answered in order.
 //!
 //! A connection is either a request channel (`Hello` first, then any requests) or, when its
 //! first message is `AttachStdio`, a raw byte stream for one stdio stream of a container.
 
 use husk_protocol::{read_message, write_message, ErrorKind, Request, Response, StdioStream};
 use husk_protocol::{AGENT_PORT, PROTOCOL_VERSION};
-use tokio::io::AsyncReadExt;
-use tokio_vsock::{OwnedReadHalf, OwnedWriteHalf, VsockAddr, VsockListener, VMADDR_CID_ANY};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
 use crate::container::{copy_output, copy_stdin, Attached, Containers};
 use crate::exec::Execs;
@@ -31,6 +32,13 @@ pub async fn serve() -> std::io::Result<()> {
             eprintln!("husk-agent: reaper: {e}");
         }
     });
+    if crate::channel::serial_requested() {
+        return crate::channel::serve_serial(|stream| {
+            let (rd, wr) = tokio::io::split(stream);
+            tokio::spawn(connection(rd, wr, agent.clone()));
+        })
+        .await;
+    }
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, AGENT_PORT))?;
     loop {
         let (stream, _) = listener.accept().await?;
@@ -39,7 +47,11 @@ pub async fn serve() -> std::io::Result<()> {
     }
 }
 
-async fn connection(mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf, agent: Agent) {
+async fn connection<R, W>(mut rd: R, mut wr: W, agent: Agent)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     loop {
         let request = match read_message::<Request, _>(&mut rd).await {
             Ok(Some(request)) => request,
@@ -172,14 +184,17 @@ async fn handle(agent: &Agent, request: Request) -> Response {
     result.unwrap_or_else(|(kind, message)| error(kind, message))
 }
 
-async fn attach(
-    rd: OwnedReadHalf,
-    mut wr: OwnedWriteHalf,
+async fn attach<R, W>(
+    rd: R,
+    mut wr: W,
     agent: &Agent,
     id: &str,
     exec_id: Option<&str>,
     stream: StdioStream,
-) {
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let attached = match exec_id {
         None => agent.containers.attach(id, stream),
         Some(exec_id) => agent.execs.attach(id, exec_id, stream),

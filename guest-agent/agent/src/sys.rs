@@ -1,5 +1,6 @@
 //! The agent's only unsafe code: the kernel calls nix has no safe form for (clone with a
-//! callback, the loopback and random-pool ioctls, seccomp(2) with a filter).
+//! callback, the loopback and random-pool ioctls, seccomp(2) with a filter, registering a
+//! descriptor with tokio).
 
 use std::ffi::{c_char, c_short, CStr};
 use std::io;
@@ -324,4 +325,13 @@ pub fn mount_setattr_recursive(at: BorrowedFd<'_>, set: u64, clear: u64) -> io::
         0 => Ok(()),
         _ => Err(io::Error::last_os_error()),
     }
+}
+
+/// `fd` registered with tokio's reactor (the serial channel's port, [`crate::channel`]).
+pub fn async_fd(
+    fd: std::os::fd::OwnedFd,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the OwnedFd is moved in, so it stays open, and is closed by nobody else, for as
+    // long as the AsyncFd that owns it is registered.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
 }

@@ -20,6 +20,7 @@ mod hooks;
 mod identity;
 mod linux;
 mod messages;
+pub mod mux;
 mod network;
 mod process;
 mod resources;

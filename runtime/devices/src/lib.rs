@@ -1,8 +1,8 @@
-//! husk device models, written once and served either in-process (virtio-mmio, built-in VMM) or
-//! to QEMU over vhost-user.
+//! husk device models, served in-process over virtio-mmio by the built-in VMM.
 //!
 //! Today: the host side of virtio-vsock with the hybrid vsock convention (see [`vsock`]),
-//! served over vhost-user with [`spawn_vhost_user_vsock`] or in process with [`VsockMmio`];
+//! [`VsockMmio`] (the QEMU door's guest channel is a virtio-serial port instead, whose host side
+//! is `husk_vmm::relay`: QEMU cannot save a VM with a vhost-user vsock device);
 //! virtio-blk on a raw file, in process with [`BlockMmio`] (see [`block`]); virtio-net on a
 //! tap, in process with [`NetMmio`] (see [`net`]).
 
@@ -29,5 +29,4 @@ pub use transport::mmio::{
 pub use transport::mmio_block::BlockMmio;
 pub use transport::mmio_net::NetMmio;
 pub use transport::mmio_vsock::VsockMmio;
-pub use transport::vhost_user::{spawn_vhost_user_vsock, VsockDaemon};
 pub use vsock::{VsockConfig, VsockError};

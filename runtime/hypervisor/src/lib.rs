@@ -148,7 +148,9 @@ const MAX_OK_LINE: usize = 32;
 
 /// Connects to the Unix socket at `path` itself, never through a symlink
 /// ([`open_socket_no_follow`]).
-async fn connect_socket_no_follow(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
+pub(crate) async fn connect_socket_no_follow(
+    path: &Path,
+) -> std::io::Result<tokio::net::UnixStream> {
     use std::os::fd::AsRawFd;
     let fd = open_socket_no_follow(path)?;
     tokio::net::UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd())).await

@@ -197,12 +197,18 @@ impl AgentClient {
     /// accepted but did not answer the handshake, or the last connection error at the
     /// deadline.
     pub async fn connect(uds: &Path, deadline: Instant) -> Result<Self, SandboxError> {
+        let start = Instant::now();
         loop {
             match tokio::time::timeout(ATTEMPT_TIMEOUT, connect_vsock(uds, AGENT_PORT)).await {
                 Ok(Ok(stream)) => return Self::handshake(uds, stream).await,
                 Ok(Err(e)) if Instant::now() >= deadline => return Err(e.into()),
+                // The channel takes connections but the guest does not answer them (on the
+                // serial channel, opening a stream is the agent's own work).
                 Err(_) if Instant::now() >= deadline => {
-                    return Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into())
+                    return Err(SandboxError::AgentTimeout {
+                        op: "connect",
+                        after: deadline.saturating_duration_since(start),
+                    })
                 }
                 _ => tokio::time::sleep(RETRY_PAUSE).await,
             }

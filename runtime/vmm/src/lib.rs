@@ -21,6 +21,7 @@ pub mod layout;
 pub mod legacy;
 pub mod mptable;
 pub mod probe;
+pub mod relay;
 mod report;
 pub mod sentinel;
 pub mod snapshot;

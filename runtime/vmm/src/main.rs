@@ -15,7 +15,8 @@
 //! - `husk-vmm jail --spec FILE`: starts a program in its jail (`husk_vmm::jail`).
 //! - `husk-vmm sentinel --pid PID [--cgroup-procs FILE]...`: the container's process as
 //!   engines see it, in the namespaces of the jail's pid 1 (`husk_vmm::sentinel`).
-//! - `husk-vmm vhost-vsock --socket VHOST --uds UDS`: the QEMU door's vsock device.
+//! - `husk-vmm serial-relay --socket SERIAL --uds UDS`: the QEMU door's guest channel
+//!   (`husk_vmm::relay`).
 //! - `husk-vmm probe-syscall vmm|none NAME`: for the confinement tests only.
 
 use std::path::PathBuf;
@@ -136,7 +137,7 @@ fn main() -> ExitCode {
         _ => init_logging(),
     }
     match argv.get(1).and_then(|a| a.to_str()) {
-        Some("vhost-vsock") => return vhost_vsock(&argv[2..]),
+        Some("serial-relay") => return serial_relay(&argv[2..]),
         Some("probe-syscall") => return probe_syscall(&argv[2..]),
         _ => {}
     }
@@ -372,34 +373,26 @@ fn sentinel(args: &[std::ffi::OsString]) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// `husk-vmm vhost-vsock --socket VHOST --uds UDS`: the QEMU door's vsock device, served over
-/// vhost-user on VHOST with the hybrid vsock's host side on UDS, until QEMU goes away.
-fn vhost_vsock(args: &[std::ffi::OsString]) -> ExitCode {
+/// `husk-vmm serial-relay --socket SERIAL --uds UDS`: the QEMU door's guest channel
+/// (`husk_vmm::relay`), until QEMU closes the port.
+fn serial_relay(args: &[std::ffi::OsString]) -> ExitCode {
     let (Some(socket), Some(uds)) = (flag(args, "--socket"), flag(args, "--uds")) else {
-        eprintln!("husk-vmm: usage: husk-vmm vhost-vsock --socket VHOST --uds UDS");
+        eprintln!("husk-vmm: usage: husk-vmm serial-relay --socket SERIAL --uds UDS");
         return ExitCode::FAILURE;
     };
-    let config = VsockConfig {
-        guest_cid: GUEST_CID,
-        uds_path: uds,
+    // Once both sockets listen the guest can reach this process, which keeps only what
+    // relaying needs (the VMM's allowlist) and `unlink` for its socket files at the end.
+    let confine = || {
+        husk_vmm::confine::install_filter_with(&[libc::SYS_unlink, libc::SYS_unlinkat])
+            .map_err(std::io::Error::other)
     };
-    let daemon = match husk_devices::spawn_vhost_user_vsock(config, &socket) {
-        Ok(daemon) => daemon,
+    match husk_vmm::relay::run(&socket, &uds, confine) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("husk-vmm: vsock: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("husk-vmm: serial relay: {e}");
+            ExitCode::FAILURE
         }
-    };
-    // Both sockets listen: from here the guest can reach this process, which keeps only what
-    // serving the device needs (the VMM's allowlist, all threads), and `unlink`: when QEMU is
-    // gone the daemon's drop removes its socket files (the door too, if it kills this first).
-    if let Err(e) = husk_vmm::confine::install_filter_with(&[libc::SYS_unlink, libc::SYS_unlinkat])
-    {
-        eprintln!("husk-vmm: vsock: {e}");
-        return ExitCode::FAILURE;
     }
-    daemon.wait_session();
-    ExitCode::SUCCESS
 }
 
 /// The value after `name` in `args`.

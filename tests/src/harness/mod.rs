@@ -182,7 +182,7 @@ impl Husk {
     }
 
     /// `pid: cmdline` of every process naming this husk's state root or the VM directory of
-    /// its container `id` (the VM's sockets: QEMU, virtiofsd and the vsock backend name it).
+    /// its container `id` (the VM's sockets: QEMU, virtiofsd and the serial relay name it).
     pub fn processes_of(&self, id: &str) -> Vec<String> {
         let mut found = processes_mentioning(self.root.path());
         for p in processes_mentioning(&husk_sandbox::vm_dir(&self.root.path().join(id))) {

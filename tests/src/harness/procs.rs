@@ -66,14 +66,14 @@ impl Proc {
     }
 
     /// Whether it is a husk VMM (QEMU or husk-vmm running a VM; not husk-vmm as a jail's
-    /// launcher or as QEMU's vsock backend).
+    /// launcher or as QEMU's serial relay).
     pub fn is_vmm(&self) -> bool {
         let role = self.argv.get(1).map(String::as_str);
-        VMM_NAMES.contains(&self.name.as_str()) && !matches!(role, Some("jail" | "vhost-vsock"))
+        VMM_NAMES.contains(&self.name.as_str()) && !matches!(role, Some("jail" | "serial-relay"))
     }
 
-    /// Whether it is a VMM or one of its helpers (virtiofsd, a jail's launcher, the vsock
-    /// backend).
+    /// Whether it is a VMM or one of its helpers (virtiofsd, a jail's launcher, the serial
+    /// relay).
     pub fn is_vmm_or_helper(&self) -> bool {
         VMM_NAMES.contains(&self.name.as_str()) || HELPER_NAMES.contains(&self.name.as_str())
     }

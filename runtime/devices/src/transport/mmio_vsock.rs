@@ -75,6 +75,7 @@ impl VsockMmio {
 impl Drop for VsockMmio {
     fn drop(&mut self) {
         self.stop_worker();
+        crate::vsock::metrics::METRICS.log_summary();
     }
 }
 

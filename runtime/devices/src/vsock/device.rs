@@ -7,7 +7,7 @@
 //! ([`send_transport_reset`], virtio 1.2 §5.10.6.6).
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{ByteValued, Bytes, GuestMemory, Le64};
+use vm_memory::{Bytes, GuestMemory};
 use vmm_sys_util::epoll::EventSet;
 
 use super::defs::MAX_QUEUE_SIZE;
@@ -22,32 +22,6 @@ const MAX_PASSES: usize = 8;
 /// Chains one [`Vsock::process_queues`] call handles at most (two full rings of the largest
 /// size): a guest that keeps posting cannot keep the worker from its other events.
 pub(crate) const MAX_CHAINS_PER_CALL: usize = 2 * MAX_QUEUE_SIZE as usize;
-
-/// Device configuration space, `struct virtio_vsock_config` (virtio 1.2 §5.10.4).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct VirtioVsockConfig {
-    /// The guest's CID, little-endian.
-    pub(crate) guest_cid: Le64,
-}
-
-// SAFETY: `VirtioVsockConfig` is `repr(C)` with a single `Le64` field: no padding, and every
-// bit pattern is a valid value.
-unsafe impl ByteValued for VirtioVsockConfig {}
-
-impl VirtioVsockConfig {
-    /// `size` bytes of the config space from `offset`; empty if out of range.
-    pub(crate) fn read(&self, offset: u32, size: u32) -> Vec<u8> {
-        let (Ok(start), Ok(size)) = (usize::try_from(offset), usize::try_from(size)) else {
-            return Vec::new();
-        };
-        start
-            .checked_add(size)
-            .and_then(|end| self.as_slice().get(start..end))
-            .map(<[u8]>::to_vec)
-            .unwrap_or_default()
-    }
-}
 
 /// What one [`Vsock::process_queues`] call did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -97,13 +71,6 @@ impl<B: VsockBackend> Vsock<B> {
             backend,
             tx_stalled: false,
             broken: false,
-        }
-    }
-
-    /// The configuration space the driver reads.
-    pub(crate) fn config(&self) -> VirtioVsockConfig {
-        VirtioVsockConfig {
-            guest_cid: Le64::from(self.guest_cid),
         }
     }
 
@@ -364,19 +331,6 @@ mod tests {
         assert!(METRICS.queues_broken.count() > broken_before);
         assert!(lines <= 1, "{lines} log lines for one broken queue");
         assert_eq!(later, 0, "a broken device stays silent");
-    }
-
-    #[test]
-    fn test_vsock_config_reads_guest_cid_le() {
-        let ctx = TestContext::new();
-        let dev = ctx.device();
-
-        let config = dev.config();
-
-        assert_eq!(config.read(0, 8), GUEST_CID.to_le_bytes().to_vec());
-        assert_eq!(config.read(4, 4), vec![0, 0, 0, 0]);
-        assert!(config.read(4, 8).is_empty());
-        assert!(config.read(u32::MAX, 2).is_empty());
     }
 
     #[test]

@@ -72,8 +72,6 @@ vsock_metrics! {
     tx_bad_dst_cid,
     /// TX processing paused because the muxer RX queue was full.
     tx_backpressure,
-    /// Virtqueue notifications to the driver that failed.
-    queue_errors,
     /// Queues the guest corrupted (bad available index, descriptor index, loop, indirect
     /// descriptor, buffer outside guest memory): the device then needs a reset.
     queues_broken,

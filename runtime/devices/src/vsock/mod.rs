@@ -153,15 +153,6 @@ pub enum VsockError {
         #[source]
         source: io::Error,
     },
-    /// Binding the vhost-user listener failed.
-    #[error("failed to bind vhost-user listener {path}")]
-    BindVhostUser {
-        /// Path of the vhost-user socket.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: vhost::vhost_user::Error,
-    },
     /// Creating an epoll instance, timer or event fd failed.
     #[error("failed to create {what}")]
     CreateFd {

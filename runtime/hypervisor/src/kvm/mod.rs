@@ -170,7 +170,7 @@ impl KvmDoor {
             dir: dir.to_owned(),
         };
         self.launch(Some(mode)).await.map_err(|e| e.to_string())?;
-        snapshot::wait_ready(self, snapshot::RESTORE_TIMEOUT).await
+        snapshot::wait_ready(self, crate::snapshot::RESTORE_TIMEOUT).await
     }
 }
 

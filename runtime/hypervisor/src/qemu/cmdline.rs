@@ -27,22 +27,53 @@ pub const KERNEL_CMDLINE: &str =
 /// TSC-deadline timer needs no calibration.)
 const TCG_CMDLINE: &str = " noapictimer";
 
-/// Descriptor of the vsock device's vhost-user socket, connected by the jail (QEMU itself may
-/// not `connect(2)`); virtiofsd's sockets follow in `VmConfig::shares` order, then the tap.
-const VSOCK_FD: i32 = husk_vmm::jail::FIRST_PASSED_FD;
+/// Added on this door: the agent's channel is the virtio-serial port, not vsock
+/// (`husk_vmm::relay`).
+const SERIAL_CMDLINE: &str = " husk.channel=serial";
+
+/// The agent's virtio-serial port, as the agent looks it up.
+const AGENT_PORT_NAME: &str = "husk.agent";
+
+/// Descriptor of the serial relay's socket, connected by the jail (QEMU itself may not
+/// `connect(2)`); virtiofsd's sockets follow in `VmConfig::shares` order, then the tap.
+const SERIAL_FD: i32 = husk_vmm::jail::FIRST_PASSED_FD;
 
 /// Descriptor of share `i`'s virtiofsd socket.
 fn fs_fd(i: usize) -> String {
-    (VSOCK_FD as usize + 1 + i).to_string()
+    (SERIAL_FD as usize + 1 + i).to_string()
 }
 
 /// QEMU's own seccomp filter on top of the jail's: no obsolete syscalls, no setuid, no
 /// fork/exec, no scheduler or resource changes.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
+/// How a VM that is saved or restored differs from a cold one: its memory is a file (the
+/// snapshot's memory, or a copy of it), not part of QEMU's migration stream, and QEMU's
+/// monitor is on the descriptor after the shares'.
+#[derive(Debug, Clone)]
+pub struct SnapshotArgs {
+    /// The memory file.
+    pub memory: PathBuf,
+    /// QEMU waits for the saved state (`-incoming defer`) instead of booting.
+    pub incoming: bool,
+}
+
+/// The kernel command line of a guest on this door.
+pub fn kernel_cmdline(accel: Accel) -> String {
+    match accel {
+        Accel::Kvm => format!("{KERNEL_CMDLINE}{SERIAL_CMDLINE}"),
+        Accel::Tcg => format!("{KERNEL_CMDLINE}{TCG_CMDLINE}{SERIAL_CMDLINE}"),
+    }
+}
+
 /// Arguments for `qemu-system-x86_64` run in its jail: sockets and tap as descriptors (see
-/// [`VSOCK_FD`]), files by their host paths.
-pub fn args(config: &VmConfig, accel: Accel, console: &Path) -> Vec<OsString> {
+/// [`SERIAL_FD`]), files by their host paths.
+pub fn args(
+    config: &VmConfig,
+    accel: Accel,
+    console: &Path,
+    snapshot: Option<&SnapshotArgs>,
+) -> Vec<OsString> {
     let mem = format!("{}M", config.memory_mib);
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
@@ -57,11 +88,6 @@ pub fn args(config: &VmConfig, accel: Accel, console: &Path) -> Vec<OsString> {
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
     }
     push(&["-m", &mem, "-smp", &config.vcpus.to_string()]);
-    // Shared memfd: our vsock device and virtiofsd map guest memory over vhost-user.
-    push(&[
-        "-object",
-        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-    ]);
     push(&[
         "-nodefaults",
         "-no-user-config",
@@ -71,15 +97,21 @@ pub fn args(config: &VmConfig, accel: Accel, console: &Path) -> Vec<OsString> {
         "-sandbox",
         SANDBOX,
     ]);
+    // Shared memory: virtiofsd maps guest memory over vhost-user.
+    a.push("-object".into());
+    match snapshot {
+        None => a.push(format!("memory-backend-memfd,id=mem,size={mem},share=on").into()),
+        Some(s) => a.push(prefixed(
+            &format!("memory-backend-file,id=mem,size={mem},share=on,mem-path="),
+            &escape_commas(&s.memory),
+        )),
+    }
     a.push("-kernel".into());
     a.push(config.kernel.clone().into());
     a.push("-initrd".into());
     a.push(config.initramfs.clone().into());
     a.push("-append".into());
-    a.push(match accel {
-        Accel::Kvm => KERNEL_CMDLINE.into(),
-        Accel::Tcg => format!("{KERNEL_CMDLINE}{TCG_CMDLINE}").into(),
-    });
+    a.push(kernel_cmdline(accel).into());
     // The console file is appended to, so that `ConsoleCap` can cut its old part off while
     // QEMU writes (QEMU's own offset would leave a hole); no pipe (see `crate::console`).
     a.push("-chardev".into());
@@ -88,10 +120,13 @@ pub fn args(config: &VmConfig, accel: Accel, console: &Path) -> Vec<OsString> {
         &escape_commas(console),
     ));
     push_strs(&mut a, &["-serial", "chardev:console0"]);
-    a.push("-chardev".into());
-    a.push(format!("socket,id=vsock0,fd={VSOCK_FD}").into());
+    // The agent's channel: one port, QEMU's end handed to the serial relay.
     a.push("-device".into());
-    a.push("vhost-user-vsock-device,chardev=vsock0".into());
+    a.push("virtio-serial-device,max_ports=2".into());
+    a.push("-chardev".into());
+    a.push(format!("socket,id=agent0,fd={SERIAL_FD}").into());
+    a.push("-device".into());
+    a.push(format!("virtserialport,chardev=agent0,name={AGENT_PORT_NAME}").into());
     for (i, share) in config.shares.iter().enumerate() {
         a.push("-chardev".into());
         a.push(format!("socket,id=fs{i},fd={}", fs_fd(i)).into());
@@ -109,10 +144,20 @@ pub fn args(config: &VmConfig, accel: Accel, console: &Path) -> Vec<OsString> {
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=disk{i},serial={}", disk.serial).into());
     }
+    let mut next_fd = config.shares.len();
+    if let Some(s) = snapshot {
+        a.push("-chardev".into());
+        a.push(format!("socket,id=qmp,fd={}", fs_fd(next_fd)).into());
+        push_strs(&mut a, &["-mon", "chardev=qmp,mode=control"]);
+        next_fd += 1;
+        if s.incoming {
+            push_strs(&mut a, &["-incoming", "defer"]);
+        }
+    }
     if let Some(net) = &config.net {
         // The jail opens the pod's tap in the pod's network namespace.
         a.push("-netdev".into());
-        a.push(format!("tap,id=net0,fd={}", fs_fd(config.shares.len())).into());
+        a.push(format!("tap,id=net0,fd={}", fs_fd(next_fd)).into());
         a.push("-device".into());
         a.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac).into());
     }
@@ -175,7 +220,7 @@ mod tests {
     }
 
     fn joined(accel: Accel) -> String {
-        let a = args(&config(), accel, Path::new("/r/console.log"));
+        let a = args(&config(), accel, Path::new("/r/console.log"), None);
         a.iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -189,7 +234,8 @@ mod tests {
         assert!(s.contains("memory-backend-memfd,id=mem,size=128M,share=on"));
         assert!(s.contains("-smp 2"));
         assert!(s.contains("-kernel /k/vmlinux -initrd /k/initramfs.cpio"));
-        assert!(s.contains("socket,id=vsock0,fd=3 -device vhost-user-vsock-device,chardev=vsock0"));
+        assert!(s.contains("-device virtio-serial-device,max_ports=2 -chardev socket,id=agent0,fd=3 -device virtserialport,chardev=agent0,name=husk.agent"));
+        assert!(s.contains("husk.channel=serial"));
         assert!(
             s.contains("socket,id=fs0,fd=4 -device vhost-user-fs-device,chardev=fs0,tag=rootfs")
         );
@@ -202,7 +248,29 @@ mod tests {
              -device virtio-blk-device,drive=disk0,serial=husk-rootfs"
         ));
         assert!(s.contains("-no-reboot"));
-        assert!(s.contains("no_timer_check noapictimer -chardev"));
+        assert!(s.contains("no_timer_check noapictimer husk.channel=serial -chardev"));
+    }
+
+    #[test]
+    fn test_args_snapshot_memory_file_monitor_and_incoming() {
+        let snap = SnapshotArgs {
+            memory: "/v/m,em".into(),
+            incoming: true,
+        };
+        let a = args(&config(), Accel::Tcg, Path::new("/r/c.log"), Some(&snap));
+        let s: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+        let s = s.join(" ");
+        assert!(s.contains("memory-backend-file,id=mem,size=128M,share=on,mem-path=/v/m,,em"));
+        assert!(!s.contains("memfd"));
+        // The monitor's descriptor follows the one share's.
+        assert!(s.contains("-chardev socket,id=qmp,fd=5 -mon chardev=qmp,mode=control"));
+        assert!(s.contains("-incoming defer"));
+        let snap = SnapshotArgs {
+            incoming: false,
+            ..snap
+        };
+        let a = args(&config(), Accel::Tcg, Path::new("/r/c.log"), Some(&snap));
+        assert!(!a.iter().any(|s| s == "-incoming"));
     }
 
     #[test]

@@ -1,21 +1,27 @@
 //! The QEMU door: `qemu-system-x86_64 -M microvm,acpi=off` with direct kernel boot.
 //!
-//! Guest memory is a shared memfd so that device backends in other processes can map it: our
-//! own vsock device (`husk-vmm vhost-vsock`, see `husk_devices::vsock`) and one virtiofsd per
-//! share. QEMU appends the virtio-mmio devices to the kernel command line itself when ACPI is
-//! off. QEMU and the vsock backend run jailed ([`crate::jail`]), QEMU under its own
-//! `-sandbox` too. All helpers die with the thread that spawned them (PR_SET_PDEATHSIG), so a
+//! Guest memory is a shared memfd so that virtiofsd (one per share) can map it over
+//! vhost-user. The agent's channel is a virtio-serial port whose host side is the serial relay
+//! (`husk-vmm serial-relay`, see `husk_vmm::relay`): QEMU cannot save a VM with a vhost-user
+//! vsock device, and the relay serves the same hybrid vsock socket the vsock device does. QEMU
+//! appends the virtio-mmio devices to the kernel command line itself when ACPI is off. QEMU
+//! and the relay run jailed ([`crate::jail`]), QEMU under its own `-sandbox` too. All helpers die with the thread that spawned them (PR_SET_PDEATHSIG), so a
 //! killed husk leaves no VM behind.
 
 mod cmdline;
+mod qmp;
+mod snapshot;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use husk_vmm::jail::JailBind;
 use tokio::process::Child;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use cmdline::SnapshotArgs;
 pub use cmdline::{Accel, KERNEL_CMDLINE};
+use qmp::Qmp;
 
 use crate::console::{ConsoleCap, CONSOLE_CAP};
 use crate::helpers::{self, Virtiofsd};
@@ -24,8 +30,10 @@ use crate::{find_program, Hypervisor, HypervisorError, VmConfig, VmExit};
 
 /// QEMU binary the door runs.
 const QEMU: &str = "qemu-system-x86_64";
-/// husk's VMM binary: the jail launcher and the vsock backend.
+/// husk's VMM binary: the jail launcher and the serial relay.
 const HUSK_VMM: &str = "husk-vmm";
+/// A restored VM's memory in its VM directory: a copy of the snapshot's.
+const RESTORED_MEMORY: &str = "memory";
 
 /// A VM run by QEMU.
 #[derive(Debug)]
@@ -35,7 +43,7 @@ pub struct QemuDoor {
     vmm: PathBuf,
     virtiofsd: Option<PathBuf>,
     accel: Accel,
-    vsock: Option<Child>,
+    relay: Option<Child>,
     fs: Vec<Virtiofsd>,
     child: Option<Child>,
     cgroup: Option<crate::cgroup::HostCgroup>,
@@ -65,7 +73,7 @@ impl QemuDoor {
             vmm,
             virtiofsd,
             accel: choose_accel(),
-            vsock: None,
+            relay: None,
             fs: Vec::new(),
             child: None,
             cgroup: None,
@@ -112,35 +120,47 @@ fn choose_accel() -> Accel {
     }
 }
 
-#[async_trait::async_trait]
-impl Hypervisor for QemuDoor {
-    async fn start(&mut self) -> Result<(), HypervisorError> {
-        jail::make_vm_dir(&self.config.run_dir)?;
-        self.cgroup = jail::host_cgroup(&self.config)?;
+impl QemuDoor {
+    /// Starts the serial relay, virtiofsd for each share and QEMU: a cold boot, or with
+    /// `snapshot` a boot to be saved or a restore (`from`, the snapshot, bound read-only into
+    /// QEMU's jail). With `snapshot`, QEMU's monitor is returned, in command mode, its calls
+    /// bounded by `deadline`.
+    async fn launch(
+        &mut self,
+        snapshot: Option<SnapshotArgs>,
+        from: Option<&Path>,
+        deadline: Instant,
+    ) -> Result<Option<Qmp>, HypervisorError> {
         let run_dir = self.config.run_dir.clone();
-        let vhost_vsock = self.vm_path("vhost-vsock.sock");
+        let serial = self.vm_path("serial.sock");
         let argv = vec![
             jail::arg(&self.vmm)?,
-            "vhost-vsock".into(),
+            "serial-relay".into(),
             "--socket".into(),
-            jail::arg(&vhost_vsock)?,
+            jail::arg(&serial)?,
             "--uds".into(),
             jail::arg(&self.vsock_path())?,
         ];
-        let log = self.vm_path("vsock.log");
+        let log = self.vm_path("relay.log");
         let jail = Jail {
             cgroup_procs: crate::cgroup::procs_files(self.cgroup.as_ref()),
             ..Jail::default()
         };
-        let mut vsock = jail::spawn(&self.vmm, "vsock", jail, argv, &run_dir, &log)?;
+        let mut relay = jail::spawn(&self.vmm, "relay", jail, argv, &run_dir, &log)?;
         let timeout = std::time::Duration::from_secs(10);
-        for socket in [&vhost_vsock, &self.vsock_path()] {
-            helpers::wait_for_socket("vsock", &mut vsock, socket, &log, timeout).await?;
+        for socket in [&serial, &self.vsock_path()] {
+            helpers::wait_for_socket("relay", &mut relay, socket, &log, timeout).await?;
         }
-        self.vsock = Some(vsock);
+        self.relay = Some(relay);
         let fs = self.start_virtiofsd().await?;
         let mut argv = vec![jail::arg(&self.qemu)?];
-        for a in cmdline::args(&self.config, self.accel, &self.console_path()) {
+        let args = cmdline::args(
+            &self.config,
+            self.accel,
+            &self.console_path(),
+            snapshot.as_ref(),
+        );
+        for a in args {
             argv.push(a.into_string().map_err(|a| HypervisorError::Spawn {
                 program: QEMU,
                 source: std::io::Error::other(format!("{a:?} is not UTF-8")),
@@ -151,6 +171,7 @@ impl Hypervisor for QemuDoor {
             JailBind::ro(&self.config.kernel),
             JailBind::ro(&self.config.initramfs),
         ];
+        binds.extend(from.map(JailBind::ro));
         binds.extend(self.config.disks.iter().map(|d| JailBind {
             path: d.path.clone(),
             writable: !d.read_only,
@@ -158,8 +179,24 @@ impl Hypervisor for QemuDoor {
         if self.accel == Accel::Kvm {
             binds.push(JailBind::ro("/dev/kvm"));
         }
-        let mut connect = vec![vhost_vsock];
+        let mut connect = vec![serial];
         connect.extend(fs);
+        // QEMU's monitor: the jail connects it to us, like the other sockets.
+        let monitor = match snapshot {
+            Some(_) => {
+                let path = self.vm_path("qmp.sock");
+                let _ = std::fs::remove_file(&path);
+                let listener = tokio::net::UnixListener::bind(&path).map_err(|source| {
+                    HypervisorError::Spawn {
+                        program: QEMU,
+                        source,
+                    }
+                })?;
+                connect.push(path);
+                Some(listener)
+            }
+            None => None,
+        };
         let jail = Jail {
             binds,
             cgroup_procs: crate::cgroup::procs_files(self.cgroup.as_ref()),
@@ -175,10 +212,97 @@ impl Hypervisor for QemuDoor {
         let capped = [
             self.console_path(),
             self.vm_path("qemu.log"),
-            self.vm_path("vsock.log"),
+            self.vm_path("relay.log"),
         ];
         self.console_cap = Some(ConsoleCap::start(&capped, CONSOLE_CAP));
+        let Some(listener) = monitor else {
+            return Ok(None);
+        };
+        let monitor_err = |why: String| HypervisorError::Spawn {
+            program: QEMU,
+            source: std::io::Error::other(why),
+        };
+        let accepted = tokio::time::timeout_at(deadline.into(), listener.accept())
+            .await
+            .map_err(|_| monitor_err("its monitor was not connected in time".into()))?
+            .map_err(|e| monitor_err(e.to_string()))?;
+        let _ = std::fs::remove_file(self.vm_path("qmp.sock"));
+        let qmp = Qmp::handshake(accepted.0, deadline)
+            .await
+            .map_err(monitor_err)?;
+        Ok(Some(qmp))
+    }
+
+    /// Stops QEMU, virtiofsd and the relay, and removes the VM's memory file (the cgroup
+    /// stays).
+    async fn halt(&mut self) -> Result<(), HypervisorError> {
+        helpers::stop_vm(self.child.take(), &mut self.fs).await?;
+        if let Some(mut relay) = self.relay.take() {
+            let _ = relay.start_kill();
+            let _ = relay.wait().await;
+            for socket in ["serial.sock", "vsock.sock", "qmp.sock"] {
+                let _ = std::fs::remove_file(self.vm_path(socket));
+            }
+        }
+        let _ = std::fs::remove_file(self.vm_path(RESTORED_MEMORY));
+        self.console_cap = None;
         Ok(())
+    }
+
+    /// Restores the VM from the snapshot `dir` (QEMU loads the saved state; the memory is a
+    /// copy of the saved memory) and waits until its guest answers on
+    /// [`VmConfig::ready_port`].
+    async fn restore(&mut self, dir: &Path) -> Result<(), String> {
+        let deadline = Instant::now() + crate::snapshot::RESTORE_TIMEOUT;
+        let state = snapshot::file_uri(&dir.join(husk_vmm::snapshot::STATE_FILE))?;
+        let memory = self.vm_path(RESTORED_MEMORY);
+        crate::snapshot::copy_sparse(&dir.join(husk_vmm::snapshot::MEMORY_FILE), &memory)
+            .map_err(|e| format!("copying the snapshot's memory: {e}"))?;
+        let args = SnapshotArgs {
+            memory,
+            incoming: true,
+        };
+        let mut qmp = self
+            .launch(Some(args), Some(dir), deadline)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("QEMU has no monitor")?;
+        qmp.ignore_shared_memory().await?;
+        qmp.execute("migrate-incoming", serde_json::json!({ "uri": state }))
+            .await?;
+        qmp.migration_done().await?;
+        qmp.execute("cont", serde_json::json!({})).await?;
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        self.wait_ready(timeout).await
+    }
+
+    /// Waits until the guest answers on [`VmConfig::ready_port`], or QEMU ends.
+    async fn wait_ready(&mut self, timeout: std::time::Duration) -> Result<(), String> {
+        let (uds, port) = (self.vsock_path(), self.config.ready_port);
+        let ready = crate::snapshot::wait_ready(self.child.as_mut(), &uds, port, timeout).await;
+        ready.map_err(|reason| format!("{reason}; {}", self.diagnostics()))
+    }
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for QemuDoor {
+    async fn start(&mut self) -> Result<(), HypervisorError> {
+        jail::make_vm_dir(&self.config.run_dir)?;
+        self.cgroup = jail::host_cgroup(&self.config)?;
+        if let Some((store, key, dir)) = snapshot::for_boot(self).await {
+            match self.restore(&dir).await {
+                Ok(()) => {
+                    info!(snapshot = %key, "VM restored from its boot snapshot");
+                    return Ok(());
+                }
+                Err(reason) => {
+                    warn!(snapshot = %key, %reason, "restoring the boot snapshot failed: booting cold (the snapshot is removed)");
+                    store.remove(&key);
+                    self.halt().await?;
+                }
+            }
+        }
+        self.launch(None, None, Instant::now()).await.map(drop)
     }
 
     fn vsock_path(&self) -> PathBuf {
@@ -216,15 +340,7 @@ impl Hypervisor for QemuDoor {
     }
 
     async fn stop(&mut self) -> Result<(), HypervisorError> {
-        helpers::stop_vm(self.child.take(), &mut self.fs).await?;
-        if let Some(mut vsock) = self.vsock.take() {
-            let _ = vsock.start_kill();
-            let _ = vsock.wait().await;
-            for socket in ["vhost-vsock.sock", "vsock.sock"] {
-                let _ = std::fs::remove_file(self.vm_path(socket));
-            }
-        }
-        self.console_cap = None;
+        self.halt().await?;
         jail::remove_cgroup(self.cgroup.take()).await;
         Ok(())
     }

@@ -14,6 +14,13 @@
 //! take memory, not disk, and a reboot (a new host kernel, maybe) starts afresh; at most
 //! [`MAX_SNAPSHOTS`] are kept, the least recently made removed first.
 
+mod making;
+
+pub(crate) use making::{
+    for_boot, maker_config, remove_maker, wait_ready, PREPARE_TIMEOUT, RESTORE_TIMEOUT,
+    SAVE_TIMEOUT,
+};
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
@@ -74,6 +81,49 @@ pub fn snapshot_key(
         part(&share.tag);
     }
     Ok(hex(&key.finalize()[..16]))
+}
+
+/// Copies the memory file `from` to a new private (0600) file `to` of the same size, only its
+/// data: holes stay holes, so a copy costs the pages the saved guest touched.
+///
+/// # Errors
+/// `to` exists, or reading, seeking or writing failed.
+pub fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
+    use nix::unistd::{lseek, Whence};
+    let src = File::open(from)?;
+    let len = src.metadata()?.len();
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    dst.set_len(len)?;
+    let end = i64::try_from(len).map_err(std::io::Error::other)?;
+    let mut offset = 0i64;
+    while offset < end {
+        let data = match lseek(&src, offset, Whence::SeekData) {
+            Ok(data) => data,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(&src, data, Whence::SeekHole)?;
+        let (mut at_src, mut at_dst) = (data, data);
+        while at_src < hole {
+            let want = usize::try_from(hole - at_src).map_err(std::io::Error::other)?;
+            let copied = nix::fcntl::copy_file_range(
+                &src,
+                Some(&mut at_src),
+                &dst,
+                Some(&mut at_dst),
+                want,
+            )?;
+            if copied == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        offset = hole;
+    }
+    Ok(())
 }
 
 /// The snapshot store: one directory per key.
@@ -254,6 +304,26 @@ mod tests {
 
     use super::*;
     use crate::FsShare;
+
+    #[test]
+    fn test_copy_sparse_keeps_data_and_holes() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("a"), dir.path().join("b"));
+        let f = File::create(&from).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(b"start", 0).unwrap();
+        f.write_all_at(&[7u8; 10000], 5 << 20).unwrap();
+        copy_sparse(&from, &to).unwrap();
+        assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
+        let meta = std::fs::metadata(&to).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert!(meta.blocks() * 512 < 1 << 20, "holes were filled");
+        assert!(
+            copy_sparse(&from, &to).is_err(),
+            "an existing file is not overwritten"
+        );
+    }
 
     fn setup() -> (tempfile::TempDir, Store, VmConfig) {
         let dir = tempfile::tempdir().unwrap();

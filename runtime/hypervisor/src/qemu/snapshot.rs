@@ -1,0 +1,113 @@
+//! Where a QEMU VM's boot snapshot comes from: the store, or, for the first VM of its shape,
+//! a VM booted for it alone ([`crate::snapshot::maker_config`]) and saved with QEMU's own
+//! migration to a file once its guest answers.
+//!
+//! The saved VM's memory is a file in the snapshot (`memory-backend-file`, and the migration
+//! capability `x-ignore-shared` keeps it out of the migration stream), so saving writes only
+//! the devices' state. Before it is saved, the serial relay quiesces the guest's channel: no
+//! stream is open and no frame is half sent, so a restored guest reads the new relay's hello
+//! first ([`husk_protocol::mux`]).
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{cmdline, Accel, QemuDoor, SnapshotArgs};
+use crate::snapshot::{self, Store, PREPARE_TIMEOUT, SAVE_TIMEOUT};
+use crate::{jail, Hypervisor};
+
+/// The snapshot `door`'s VM starts from, with its store and key; `None` boots cold.
+pub(super) async fn for_boot(door: &QemuDoor) -> Option<(Store, String, PathBuf)> {
+    let name = match door.accel {
+        Accel::Kvm => "qemu-kvm",
+        Accel::Tcg => "qemu-tcg",
+    };
+    let cmdline = cmdline::kernel_cmdline(door.accel);
+    snapshot::for_boot(&door.config, name, &door.qemu, &cmdline, |store, key| {
+        prepare(door, store, key)
+    })
+    .await
+}
+
+/// Boots a VM of `door`'s shape, saves it as `key`'s snapshot and removes what it used.
+async fn prepare(door: &QemuDoor, store: Store, key: String) -> Result<PathBuf, String> {
+    let config = snapshot::maker_config(&door.config)?;
+    let mut maker = QemuDoor::new(config).map_err(|e| e.to_string())?;
+    maker.accel = door.accel;
+    let made = save(&mut maker).await;
+    let _ = maker.halt().await;
+    let installed = made.and_then(|made| store.install(&key, &made));
+    snapshot::remove_maker(&door.config);
+    installed
+}
+
+/// Boots `maker`'s VM with its memory in the snapshot directory, waits for its guest,
+/// quiesces the channel and has QEMU save the devices' state; returns the directory once QEMU
+/// is done with it.
+async fn save(maker: &mut QemuDoor) -> Result<PathBuf, String> {
+    let deadline = Instant::now() + PREPARE_TIMEOUT + SAVE_TIMEOUT;
+    jail::make_vm_dir(&maker.config.run_dir).map_err(|e| e.to_string())?;
+    let made = maker.vm_path("snapshot");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&made)
+        .map_err(|e| format!("{}: {e}", made.display()))?;
+    // Made here, private: QEMU sizes it, and only writes the guest's pages into it.
+    let memory = made.join(husk_vmm::snapshot::MEMORY_FILE);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&memory)
+        .map_err(|e| format!("{}: {e}", memory.display()))?;
+    let state = file_uri(&made.join(husk_vmm::snapshot::STATE_FILE))?;
+    let args = SnapshotArgs {
+        memory,
+        incoming: false,
+    };
+    let mut qmp = maker
+        .launch(Some(args), None, deadline)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("QEMU has no monitor")?;
+    maker.wait_ready(PREPARE_TIMEOUT).await?;
+    quiesce(&maker.vsock_path()).await?;
+    qmp.ignore_shared_memory().await?;
+    qmp.execute("stop", json!({})).await?;
+    qmp.execute("migrate", json!({ "uri": state })).await?;
+    qmp.migration_done().await?;
+    maker.halt().await.map_err(|e| e.to_string())?;
+    Ok(made)
+}
+
+/// Asks the serial relay behind `uds` to quiesce the guest's channel, and waits for it.
+async fn quiesce(uds: &Path) -> Result<(), String> {
+    let ask = async {
+        let mut relay = crate::connect_socket_no_follow(uds).await?;
+        relay.write_all(b"QUIESCE\n").await?;
+        let mut answer = Vec::new();
+        relay.take(64).read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    match tokio::time::timeout(SAVE_TIMEOUT, ask).await {
+        Ok(Ok(answer)) if answer == b"OK QUIESCED\n" => Ok(()),
+        Ok(Ok(_)) => Err("the guest's channel did not quiesce".into()),
+        Ok(Err(e)) => Err(format!("quiescing the guest's channel: {e}")),
+        Err(_) => Err("the guest's channel did not quiesce in time".into()),
+    }
+}
+
+/// `path` as QEMU's `file:` migration URI; a `,` (which QEMU would read as an option) is
+/// refused.
+pub(super) fn file_uri(path: &Path) -> Result<String, String> {
+    match path.to_str() {
+        Some(p) if !p.contains(',') => Ok(format!("file:{p}")),
+        _ => Err(format!(
+            "{} cannot be named to QEMU's migration",
+            path.display()
+        )),
+    }
+}
