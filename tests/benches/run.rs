@@ -1,5 +1,5 @@
-//! `make bench`: hello-world `husk run` next to `runc run` on the same busybox bundle, in the
-//! same run. Latency through criterion (10 samples of one run each) plus our own medians, and
+//! `make bench`: hello-world `husk run` (restored from its boot snapshot, the default, and
+//! cold with `--no-snapshot`) next to `runc run` on the same busybox bundle, in the same run. Latency through criterion (10 samples of one run each) plus our own medians, and
 //! the peak host memory of each runtime's whole process tree (husk + QEMU + virtiofsd; runc +
 //! the container), sampled from /proc every 5 ms.
 
@@ -93,13 +93,27 @@ fn runtimes<'a>(
     runc_root: &'a std::path::Path,
 ) -> Vec<Runtime<'a>> {
     let bundle_dir = bundle.path().to_str().expect("utf-8").to_owned();
-    let husk_bundle = bundle_dir.clone();
-    let mut runtimes = vec![Runtime {
-        name: "husk run (QEMU door)",
-        command: Box::new(move |i| {
-            husk.command(&["run", "--bundle", &husk_bundle, &format!("bench-{i}")])
-        }),
-    }];
+    let (restored, cold) = (bundle_dir.clone(), bundle_dir.clone());
+    let mut runtimes = vec![
+        Runtime {
+            name: "husk run (restored)",
+            command: Box::new(move |i| {
+                husk.command(&["run", "--bundle", &restored, &format!("bench-{i}")])
+            }),
+        },
+        Runtime {
+            name: "husk run (cold)",
+            command: Box::new(move |i| {
+                husk.command(&[
+                    "run",
+                    "--no-snapshot",
+                    "--bundle",
+                    &cold,
+                    &format!("bench-cold-{i}"),
+                ])
+            }),
+        },
+    ];
     if Command::new("runc")
         .arg("--version")
         .output()
@@ -186,11 +200,19 @@ fn main() {
     for line in &breakdown {
         println!("  {line}");
     }
-    if let [(_, husk_t, husk_m), (_, runc_t, runc_m)] = summary[..] {
+    if let Some(&(_, runc_t, runc_m)) = summary.iter().find(|(n, _, _)| *n == "runc run") {
+        for (name, t, m) in summary.iter().filter(|(n, _, _)| *n != "runc run") {
+            println!(
+                "{name} / runc: latency x{:.1}, memory x{:.1}",
+                t.as_secs_f64() / runc_t.as_secs_f64(),
+                *m as f64 / runc_m.max(1) as f64
+            );
+        }
+    }
+    if let [(_, restored, _), (_, cold, _), ..] = summary[..] {
         println!(
-            "husk / runc: latency x{:.1}, memory x{:.1}",
-            husk_t.as_secs_f64() / runc_t.as_secs_f64(),
-            husk_m as f64 / runc_m.max(1) as f64
+            "husk restored / cold: latency x{:.2}",
+            restored.as_secs_f64() / cold.as_secs_f64()
         );
     }
 }

@@ -51,15 +51,31 @@ pub fn check(cli: &Cli) -> i32 {
 
 /// Whether VMs start from boot snapshots here, and the snapshots kept.
 fn snapshots(kvm_runs_guests: bool) {
-    let restore = match kvm_runs_guests {
-        true => "the built-in VMM restores boot snapshots (the first VM of a shape makes one)",
-        false => {
-            "none on this host: the QEMU door boots cold (QEMU cannot migrate its \
-             vhost-user-vsock device)"
-        }
+    let qemu = husk_sandbox::find_program("qemu-system-x86_64").map(|qemu| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        runtime.map_or_else(
+            |e| Err(e.to_string()),
+            |rt| rt.block_on(husk_sandbox::qemu_major(&qemu)),
+        )
+    });
+    let min = husk_sandbox::MIN_QEMU_MAJOR;
+    let restore = match (kvm_runs_guests, qemu) {
+        (true, _) => "the built-in VMM restores boot snapshots (the first VM of a shape makes one)"
+            .to_owned(),
+        (false, Some(Ok(major))) if major >= min => format!(
+            "the QEMU door restores boot snapshots with QEMU {major} (the first VM of a \
+             shape makes one)"
+        ),
+        (false, Some(Ok(major))) => format!(
+            "none: the QEMU door boots cold (QEMU {major} cannot save a VM with virtio-fs; \
+             {min} or later can: make deps)"
+        ),
+        (false, _) => "none: no QEMU that runs".to_owned(),
     };
-    line("snapshots", restore.to_owned());
-    let kept = Path::new(husk_sandbox::snapshot::STORE)
+    line("snapshots", restore);
+    let kept = husk_sandbox::snapshot::Store::path()
         .exists()
         .then(husk_sandbox::snapshot::Store::open)
         .and_then(Result::ok)

@@ -33,6 +33,7 @@ pub mod stdio;
 pub mod terminal;
 
 pub use error::SandboxError;
+pub use husk_hypervisor::qemu::{qemu_major, MIN_QEMU_MAJOR};
 pub use husk_hypervisor::{find_program, probe_kvm, snapshot, vm_dir, HypervisorKind, ProbeReport};
 /// Limits and counters of a container's cgroup in its guest (`update`, `events`).
 pub use husk_protocol::{cpu_shares_to_weight, Resources, Stats};

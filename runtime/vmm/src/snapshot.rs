@@ -2,8 +2,8 @@
 //! guest instead of booting it (see the built-in VMM in README.md).
 //!
 //! A snapshot directory holds two files, both 0600:
-//! - `vm.json`: [`VmState`]: every vCPU's registers, special registers, FPU/SSE/AVX state
-//!   (xsave), extended control registers, debug registers, local APIC, the MSRs KVM lists as
+//! - `state`: [`VmState`] as JSON (a QEMU door snapshot holds QEMU's migration stream here):
+//!   every vCPU's registers, special registers, FPU/SSE/AVX state (xsave), extended control registers, debug registers, local APIC, the MSRs KVM lists as
 //!   saveable, pending events and run state; the in-kernel PIC and IOAPIC, the PIT and the
 //!   kvmclock; the serial console's registers; each virtio-mmio device's transport registers
 //!   and queue positions (the devices' host sides are not saved: a restored VM gets new ones);
@@ -35,7 +35,7 @@ use crate::VmmError;
 /// Version of the [`VmState`] layout; a snapshot of another version is not loaded.
 pub const SNAPSHOT_VERSION: u32 = 1;
 /// The state file of a snapshot directory.
-pub const STATE_FILE: &str = "vm.json";
+pub const STATE_FILE: &str = "state";
 /// The memory file of a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
 /// The largest state file loaded: a few KiB per vCPU, so 1 MiB is far more than any VM needs.

@@ -572,7 +572,9 @@ mod tests {
         let mut a = within(host.open(1024)).await.unwrap();
         let (port, mut b) = within(accepted.recv()).await.unwrap();
         assert_eq!(port, 1024);
-        let big: Vec<u8> = (0..3 * WINDOW as usize).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        let big: Vec<u8> = (0..3 * WINDOW as usize)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
         let sent = big.clone();
         let writer = tokio::spawn(async move {
             a.write_all(&sent).await.unwrap();

@@ -32,8 +32,37 @@ pub(super) async fn for_boot(door: &QemuDoor) -> Option<(Store, String, PathBuf)
     .await
 }
 
+/// Oldest QEMU that saves a VM with vhost-user-fs (7.2 marks the device unmigratable).
+pub const MIN_QEMU_MAJOR: u32 = 10;
+
+/// The major version `qemu --version` reports.
+///
+/// # Errors
+/// QEMU does not run or says no version.
+pub async fn qemu_major(qemu: &Path) -> Result<u32, String> {
+    let out = tokio::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|e| format!("{}: {e}", qemu.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .and_then(|v| v.split('.').next())
+        .and_then(|major| major.parse().ok())
+        .ok_or_else(|| format!("{} says no version", qemu.display()))
+}
+
 /// Boots a VM of `door`'s shape, saves it as `key`'s snapshot and removes what it used.
 async fn prepare(door: &QemuDoor, store: Store, key: String) -> Result<PathBuf, String> {
+    let major = qemu_major(&door.qemu).await?;
+    if major < MIN_QEMU_MAJOR {
+        return Err(format!(
+            "QEMU {major} cannot save a VM with virtio-fs ({MIN_QEMU_MAJOR} or later can: \
+             `make deps` installs it)"
+        ));
+    }
     let config = snapshot::maker_config(&door.config)?;
     let mut maker = QemuDoor::new(config).map_err(|e| e.to_string())?;
     maker.accel = door.accel;

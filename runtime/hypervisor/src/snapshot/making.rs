@@ -27,7 +27,8 @@ pub const SAVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The snapshot a VM of `config` on `door` (run by `program`, booting with `cmdline`) starts
 /// from, with its store and key: the stored one, or one `make` makes now (under the key's
 /// lock; it gets the store and the key). `None` boots cold; a line says why (debug when
-/// snapshots do not apply, a warning when making one failed).
+/// snapshots do not apply, info when making one failed: the cold boot that follows reports
+/// its own failure, if the guest cannot boot at all).
 pub async fn for_boot<F, Fut>(
     config: &VmConfig,
     door: &str,
@@ -64,7 +65,7 @@ where
             Some((store, key, dir))
         }
         Err(reason) => {
-            warn!(snapshot = %key, %reason, "making the boot snapshot failed: booting cold");
+            info!(snapshot = %key, %reason, "making the boot snapshot failed: booting cold");
             None
         }
     }

@@ -133,12 +133,18 @@ pub struct Store {
 }
 
 impl Store {
-    /// The store at [`STORE`], made (0700) if missing.
+    /// The store at [`STORE`] (or at `HUSK_SNAPSHOT_STORE`, for tests that need their own),
+    /// made (0700) if missing.
     ///
     /// # Errors
     /// It cannot be made, or it is not a directory only root can use.
     pub fn open() -> Result<Self, String> {
-        Self::open_at(Path::new(STORE))
+        Self::open_at(&Self::path())
+    }
+
+    /// Where [`Store::open`] opens.
+    pub fn path() -> PathBuf {
+        std::env::var_os("HUSK_SNAPSHOT_STORE").map_or_else(|| PathBuf::from(STORE), PathBuf::from)
     }
 
     /// The store at `root` (tests).
