@@ -987,3 +987,51 @@ fn test_containerd_killed_shim_noticed_leaves_nothing() {
         );
     });
 }
+
+/// Pods in the shim start their VM from the boot snapshot (husk only: runc has no VM): with
+/// a store of its own, the first pod's shim makes the snapshot and every pod's VM is restored
+/// from it, each guest with its own boot id; the `io.husk.snapshot=false` annotation boots
+/// cold.
+#[test]
+fn test_containerd_pods_start_from_the_boot_snapshot() {
+    let test = "test_containerd_pods_start_from_the_boot_snapshot";
+    if let Some(reason) = Runtime::Husk.missing() {
+        println!("SKIPPED: {test}: {reason}");
+        return;
+    }
+    let store = tempfile::tempdir().expect("store");
+    std::fs::set_permissions(store.path(), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod store");
+    let Some(containerd) = Containerd::get_with_store(test, store.path()) else {
+        return;
+    };
+    let ctr = containerd.ctr(Runtime::Husk, "snapshot");
+    let boot_id = ["cat", "/proc/sys/kernel/random/boot_id"];
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let out = ctr.run(&["--rm"], &unique("snap"), &boot_id);
+        assert!(out.status.success(), "ctr run: {}", show(&out));
+        ids.push(text(&out.stdout).trim().to_owned());
+    }
+    let cold = ctr.run(
+        &["--rm", "--annotation", "io.husk.snapshot=false"],
+        &unique("cold"),
+        &boot_id,
+    );
+    assert!(cold.status.success(), "ctr run (cold): {}", show(&cold));
+    let log = containerd.log();
+    let count = |needle: &str| log.matches(needle).count();
+    assert_eq!(
+        (
+            count("boot snapshot made"),
+            count("VM restored from its boot snapshot")
+        ),
+        (1, 3),
+        "one snapshot made, three pods restored from it, the annotated one cold:\n{log}"
+    );
+    ids.push(text(&cold.stdout).trim().to_owned());
+    let mut unique_ids = ids.clone();
+    unique_ids.sort();
+    unique_ids.dedup();
+    assert_eq!(unique_ids.len(), 4, "every guest its own boot id: {ids:?}");
+}

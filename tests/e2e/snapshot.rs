@@ -19,8 +19,11 @@ const FAILED: &str = "restoring the boot snapshot failed";
 /// A private store for one test.
 fn store() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .expect("chmod");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .expect("chmod");
     dir
 }
 
@@ -114,7 +117,10 @@ fn test_snapshot_qemu_restored_runs_as_cold_and_guests_differ() {
     // Root's alone: the store 0700, its files 0600.
     let saved = snapshots(store.path());
     assert_eq!(saved.len(), 1, "{saved:?}");
-    assert_eq!(std::fs::metadata(&saved[0]).expect("dir").mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(&saved[0]).expect("dir").mode() & 0o777,
+        0o700
+    );
     for f in std::fs::read_dir(&saved[0]).expect("snapshot").flatten() {
         assert_eq!(f.metadata().expect("file").mode() & 0o777, 0o600, "{f:?}");
     }
@@ -196,7 +202,8 @@ fn test_snapshot_qemu_privileged_guest_leaves_snapshot_unchanged() {
     bundle.edit(|c| {
         c["process"]["capabilities"] = serde_json::json!({});
         for set in ["bounding", "effective", "permitted"] {
-            c["process"]["capabilities"][set] = ALL.iter().map(|s| (*s).into()).collect();
+            c["process"]["capabilities"][set] =
+                ALL.iter().map(|s| serde_json::Value::from(*s)).collect();
         }
         c["linux"]["maskedPaths"] = serde_json::json!([]);
         c["linux"]["readonlyPaths"] = serde_json::json!([]);

@@ -93,14 +93,20 @@ impl Containerd {
     /// # Panics
     /// When containerd is there but does not start.
     pub fn get(test: &str) -> Option<Self> {
-        Self::get_with(test, false)
+        Self::get_with(test, false, None)
+    }
+
+    /// [`Containerd::get`] whose shims keep their boot snapshots in `store`
+    /// (`HUSK_SNAPSHOT_STORE`) instead of the host's store.
+    pub fn get_with_store(test: &str, store: &Path) -> Option<Self> {
+        Self::get_with(test, false, Some(store))
     }
 
     /// [`Containerd::get`] with its CRI plugin serving on the same socket (handlers `runc`
     /// and `husk`, [`PAUSE_IMAGE`] as the sandbox image, a loopback-only CNI network), the
     /// images imported into CRI's `k8s.io` namespace.
     pub fn get_cri(test: &str) -> Option<Self> {
-        let containerd = Self::get_with(test, true)?;
+        let containerd = Self::get_with(test, true, None)?;
         drop(containerd.cri_ctr());
         Some(containerd)
     }
@@ -114,7 +120,7 @@ impl Containerd {
         self.ctr_in(Runtime::Runc, CRI_NAMESPACE.to_owned())
     }
 
-    fn get_with(test: &str, cri: bool) -> Option<Self> {
+    fn get_with(test: &str, cri: bool, store: Option<&Path>) -> Option<Self> {
         let mut needed = vec!["containerd", "ctr", "containerd-shim-runc-v2", "runc"];
         if cri {
             needed.push(CNI_PTP);
@@ -125,18 +131,18 @@ impl Containerd {
         let reason = match missing {
             Some(p) => format!("{p} is not installed; run `make deps`"),
             None if !nix::unistd::geteuid().is_root() => "containerd needs root".to_owned(),
-            None => return Some(Self::start(cri)),
+            None => return Some(Self::start(cri, store)),
         };
         println!("SKIPPED: {test}: {reason}");
         None
     }
 
-    /// Starts containerd (with its CRI plugin if `cri`) and waits (up to 20 s) until
-    /// `ctr version` answers.
+    /// Starts containerd (with its CRI plugin if `cri`, its shims' snapshot store `store` if
+    /// given) and waits (up to 20 s) until `ctr version` answers.
     ///
     /// # Panics
     /// When it cannot be spawned or does not answer in time (the log is printed).
-    pub fn start(cri: bool) -> Self {
+    pub fn start(cri: bool, store: Option<&Path>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("husk-containerd-")
             .tempdir()
@@ -155,12 +161,16 @@ impl Containerd {
         }
         let log = File::create(dir.path().join("containerd.log")).expect("log");
         let share = husk_out().join("share/husk");
-        let child = Command::new("containerd")
-            .arg("--config")
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
             .arg(&config)
             .env("PATH", shim_path())
             .env("HUSK_KERNEL", share.join("vmlinux"))
-            .env("HUSK_INITRAMFS", share.join("initramfs.cpio"))
+            .env("HUSK_INITRAMFS", share.join("initramfs.cpio"));
+        if let Some(store) = store {
+            cmd.env("HUSK_SNAPSHOT_STORE", store);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -185,6 +195,11 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(50));
         }
         containerd
+    }
+
+    /// What containerd and its shims logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
 
     /// Its gRPC socket (`ctr -a`).

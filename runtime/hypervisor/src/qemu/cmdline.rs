@@ -25,7 +25,13 @@ pub const KERNEL_CMDLINE: &str =
 /// the local APIC timer against the PIT, about 0.25 s of an emulated boot of 0.9 s (measured
 /// from the guest's printk times). The PIT is the clock event device instead. (Under KVM the
 /// TSC-deadline timer needs no calibration.)
-const TCG_CMDLINE: &str = " noapictimer";
+/// `init_on_alloc=1`: the guest's CPU zeroes every page it allocates, so that TCG drops what
+/// it translated from the page's old contents. Without it, a page virtiofsd fills (a file's
+/// data read again after the guest dropped it: memory pressure, or an open with
+/// `--cache auto` of a program that runs) could run as the code it held before: QEMU 10's
+/// TCG does not see the writes of a vhost-user process, and the guest's programs die of
+/// SIGSEGV.
+const TCG_CMDLINE: &str = " noapictimer init_on_alloc=1";
 
 /// Added on this door: the agent's channel is the virtio-serial port, not vsock
 /// (`husk_vmm::relay`).
@@ -248,7 +254,9 @@ mod tests {
              -device virtio-blk-device,drive=disk0,serial=husk-rootfs"
         ));
         assert!(s.contains("-no-reboot"));
-        assert!(s.contains("no_timer_check noapictimer husk.channel=serial -chardev"));
+        assert!(
+            s.contains("no_timer_check noapictimer init_on_alloc=1 husk.channel=serial -chardev")
+        );
     }
 
     #[test]

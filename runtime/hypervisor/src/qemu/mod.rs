@@ -28,7 +28,7 @@ use qmp::Qmp;
 use crate::console::{ConsoleCap, CONSOLE_CAP};
 use crate::helpers::{self, Virtiofsd};
 use crate::jail::{self, Jail};
-use crate::{find_program, FsShare, Hypervisor, HypervisorError, VmConfig, VmExit};
+use crate::{find_program, Hypervisor, HypervisorError, VmConfig, VmExit};
 
 /// QEMU binary the door runs.
 const QEMU: &str = "qemu-system-x86_64";
@@ -98,15 +98,6 @@ impl QemuDoor {
         };
         let mut sockets = Vec::new();
         for (i, share) in self.config.shares.clone().into_iter().enumerate() {
-            // Under TCG the guest keeps what it read from every share (`--cache always`):
-            // `--cache auto` drops a file's cached pages at each open, also those a running
-            // program executes, and QEMU 10's TCG then runs stale translations of the pages
-            // virtiofsd fills again (the guest's programs die of SIGSEGV). The cost: host
-            // changes to a bind mount's files show late in the guest.
-            let share = FsShare {
-                keep_cache: share.keep_cache || self.accel == Accel::Tcg,
-                ..share
-            };
             let socket = self.vm_path(&format!("fs{i}.sock"));
             let staging = self.run_path(&format!("fs{i}.stage"));
             let log = self.run_path(&format!("virtiofsd{i}.log"));
