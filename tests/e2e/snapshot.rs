@@ -246,3 +246,41 @@ const ALL: &[&str] = &[
     "CAP_SYS_RESOURCE",
     "CAP_MKNOD",
 ];
+
+#[test]
+fn test_snapshot_prepare_makes_the_usual_shapes_then_runs_restore_without_making() {
+    let test = "test_snapshot_prepare_makes_the_usual_shapes_then_runs_restore_without_making";
+    let Some(env) = Env::get(test) else {
+        return;
+    };
+    let husk = env.husk();
+    let store = store();
+    let prepare = || {
+        let mut cmd = husk.command(&["snapshot", "prepare"]);
+        cmd.env("HUSK_SNAPSHOT_STORE", store.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.output().expect("husk snapshot prepare")
+    };
+    let out = prepare();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // A container's, one with bind mounts, a pod's.
+    assert_eq!(stdout(&out).matches(": made,").count(), 3, "{}", show(&out));
+    assert_eq!(snapshots(store.path()).len(), 3);
+    let again = prepare();
+    assert_eq!(again.status.code(), Some(0), "{}", show(&again));
+    assert_eq!(
+        stdout(&again).matches(": kept,").count(),
+        3,
+        "{}",
+        show(&again)
+    );
+    let bundle = TestBundle::busybox(&husk, &["echo", "hi"]);
+    let out = run(&husk, store.path(), &bundle, "r1", &[], &[]);
+    let log = stderr(&out);
+    assert_eq!(stdout(&out), "hi\n", "{log}");
+    assert!(log.contains(RESTORED) && !log.contains(MADE), "{log}");
+    assert_eq!(snapshots(store.path()).len(), 3);
+    husk.assert_clean();
+}

@@ -8,6 +8,7 @@ mod check;
 mod lifecycle;
 mod logging;
 mod run;
+mod snapshot;
 mod spec;
 
 use std::path::PathBuf;
@@ -87,6 +88,8 @@ enum Command {
     Monitor(lifecycle::MonitorArgs),
     /// Write a default config.json (as `runc spec`).
     Spec(spec::SpecArgs),
+    /// Boot snapshots: `prepare` makes those of the usual VM shapes ahead of time.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 fn main() {
@@ -132,5 +135,6 @@ fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
         Command::Ps(args) => lifecycle::ps(cli, args),
         Command::Monitor(args) => lifecycle::monitor(cli, args),
         Command::Spec(args) => spec::spec(args).map(|()| 0),
+        Command::Snapshot(args) => snapshot::snapshot(cli, args),
     }
 }

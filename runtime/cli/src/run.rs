@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use husk_sandbox::{HypervisorKind, RunOptions, VmOptions};
+use husk_sandbox::{HypervisorKind, RunOptions, VmOptions, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
 
 use crate::{lifecycle, Cli};
 
@@ -19,10 +19,10 @@ pub struct VmArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "qemu"])]
     pub hypervisor: String,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=65536))]
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(64..=65536))]
     pub memory: u32,
     /// Guest vCPUs (the guest kernel is built for up to 32).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32))]
+    #[arg(long, default_value_t = DEFAULT_VCPUS, value_parser = clap::value_parser!(u32).range(1..=32))]
     pub vcpus: u32,
     /// Seconds the guest may take to boot to its agent.
     #[arg(long, default_value_t = 60)]

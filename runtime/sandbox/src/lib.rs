@@ -26,6 +26,7 @@ pub mod fuzzing {
 pub mod lifecycle;
 pub mod pod;
 mod pod_net;
+mod prepare;
 mod run;
 pub mod state;
 pub mod state_dir;
@@ -37,4 +38,7 @@ pub use husk_hypervisor::qemu::{qemu_major, MIN_QEMU_MAJOR};
 pub use husk_hypervisor::{find_program, probe_kvm, snapshot, vm_dir, HypervisorKind, ProbeReport};
 /// Limits and counters of a container's cgroup in its guest (`update`, `events`).
 pub use husk_protocol::{cpu_shares_to_weight, Resources, Stats};
-pub use run::{monitor, run, RunOptions, RunOutcome, Timings, VmOptions};
+pub use prepare::prepare_snapshots;
+pub use run::{
+    monitor, run, RunOptions, RunOutcome, Timings, VmOptions, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+};

@@ -39,6 +39,11 @@ pub struct RunOptions {
     pub console_socket: Option<PathBuf>,
 }
 
+/// Guest memory in MiB when the bundle does not size the VM (the CLI's `--memory`, the shim's).
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
+/// Guest vCPUs when the bundle does not size the VM (the CLI's `--vcpus`, the shim's).
+pub const DEFAULT_VCPUS: u32 = 1;
+
 /// How a VM is made, where the bundle's annotations and resources do not say.
 #[derive(Debug, Clone)]
 pub struct VmOptions {

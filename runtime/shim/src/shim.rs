@@ -246,8 +246,8 @@ impl ShimConfig {
                 hypervisor,
                 kernel: husk_sandbox::artifacts::locate(None, "vmlinux"),
                 initramfs: husk_sandbox::artifacts::locate(None, "initramfs.cpio"),
-                memory_mib: 256,
-                vcpus: 1,
+                memory_mib: husk_sandbox::DEFAULT_MEMORY_MIB,
+                vcpus: husk_sandbox::DEFAULT_VCPUS,
                 boot_timeout: Duration::from_secs(60),
                 // `HUSK_SNAPSHOT=0` boots every pod's VM cold.
                 snapshot: std::env::var("HUSK_SNAPSHOT").map_or(true, |v| v != "0"),

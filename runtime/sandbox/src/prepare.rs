@@ -1,0 +1,69 @@
+//! `husk snapshot prepare`: the boot snapshots of the usual VM shapes, made before a container
+//! needs one, so that no container's VM boots a kernel to make its shape's snapshot.
+
+use std::path::Path;
+
+use husk_hypervisor::{new_door, Export, FsShare, VmConfig};
+use tracing::info;
+
+use crate::bundle::{BINDS_TAG, ROOTFS_TAG};
+use crate::pod::POD_TAG;
+use crate::{SandboxError, VmOptions};
+
+/// The virtio-fs tags of the shapes prepared (with `opts`' memory and vCPUs): `husk run` of a
+/// bundle's rootfs directory, the same with bind mounts (what Docker and Podman pass), and a
+/// pod of the shim.
+const SHAPES: [&[&str]; 3] = [&[ROOTFS_TAG], &[ROOTFS_TAG, BINDS_TAG], &[POD_TAG]];
+
+/// Makes the snapshot of each shape that has none yet: starts a VM of the shape from its
+/// snapshot (the door makes the snapshot first when it is missing) and stops it. Works in a
+/// directory of `root` that is removed after.
+///
+/// # Errors
+/// A door that cannot start a VM here.
+pub async fn prepare_snapshots(opts: &VmOptions, root: &Path) -> Result<(), SandboxError> {
+    let dir = root.join(format!("snapshot-prepare-{}", std::process::id()));
+    let result = prepare_in(opts, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn prepare_in(opts: &VmOptions, dir: &Path) -> Result<(), SandboxError> {
+    for (i, tags) in SHAPES.iter().enumerate() {
+        let run_dir = dir.join(i.to_string());
+        let empty = run_dir.join("empty");
+        std::fs::create_dir_all(&empty).map_err(|source| SandboxError::StateDir {
+            path: empty.clone(),
+            source,
+        })?;
+        let config = VmConfig {
+            kernel: opts.kernel.clone(),
+            initramfs: opts.initramfs.clone(),
+            memory_mib: opts.memory_mib,
+            vcpus: opts.vcpus,
+            shares: tags
+                .iter()
+                .map(|tag| FsShare {
+                    tag: (*tag).to_owned(),
+                    export: Export::Dir {
+                        path: empty.clone(),
+                        read_only: true,
+                    },
+                    keep_cache: true,
+                })
+                .collect(),
+            disks: Vec::new(),
+            net: None,
+            run_dir,
+            cgroup: None,
+            snapshot: true,
+            ready_port: husk_protocol::AGENT_PORT,
+        };
+        let mut vm = new_door(opts.hypervisor, config)?;
+        let started = vm.start().await;
+        let _ = vm.stop().await;
+        started?;
+        info!(shares = ?tags, "snapshot shape prepared");
+    }
+    Ok(())
+}
