@@ -5,7 +5,9 @@
 //! the container's process; husk: the VMM and virtiofsd), as PSS from
 //! /proc/<pid>/smaps_rollup, so pages the shims share are not counted three times. Through
 //! containerd's CRI plugin (as a kubelet): the time from `RunPodSandbox` until
-//! `StartContainer` of the pod's first container returned, median of 5 pods.
+//! `StartContainer` of the pod's first container returned, median of 5 pods. Density: the PSS
+//! per container with 20 husk containers running at once, their VMs restored from one boot
+//! snapshot (the default) and then booted cold (`io.husk.snapshot=false`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -19,6 +21,8 @@ use husk_e2e::harness::procs::{self, Proc};
 const RUNS: usize = 10;
 const CONTAINERS: usize = 3;
 const PODS: usize = 5;
+/// Containers running at once for the density rows.
+const DENSE: usize = 20;
 
 /// `ctr run --rm` latencies of `true`, through criterion.
 fn latencies(criterion: &mut Criterion, ctr: &Ctr<'_>) -> Vec<Duration> {
@@ -48,11 +52,12 @@ fn latencies(criterion: &mut Criterion, ctr: &Ctr<'_>) -> Vec<Duration> {
     times
 }
 
-/// PSS (KiB) per running container (shim plus what it spawned), and per process name.
-fn memory(ctr: &Ctr<'_>) -> (Vec<u64>, BTreeMap<String, Vec<u64>>) {
-    let ids: Vec<String> = (0..CONTAINERS).map(|i| format!("mem-{i}")).collect();
+/// PSS (KiB) per running container (shim plus what it spawned), and per process name, with
+/// `n` `sleep` containers started with `flags` running at once.
+fn memory(ctr: &Ctr<'_>, n: usize, flags: &[&str]) -> (Vec<u64>, BTreeMap<String, Vec<u64>>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("mem-{i}")).collect();
     for id in &ids {
-        ctr.run_detached(&[], id, &["sleep", "1000"]);
+        ctr.run_detached(flags, id, &["sleep", "1000"]);
     }
     // Let the guests settle after boot before sampling (no effect on runc).
     std::thread::sleep(Duration::from_secs(2));
@@ -121,7 +126,7 @@ fn main() {
         }
         let ctr = containerd.ctr(runtime, "bench");
         let times = latencies(&mut criterion, &ctr);
-        let (totals, by_name) = memory(&ctr);
+        let (totals, by_name) = memory(&ctr, CONTAINERS, &[]);
         let parts: Vec<String> = by_name
             .into_iter()
             .map(|(name, kibs)| format!("{name} {:.1} MiB", median(kibs) as f64 / 1024.0))
@@ -135,6 +140,17 @@ fn main() {
             median(pods),
         ));
     }
+    let density = match Runtime::Husk.missing() {
+        Some(_) => Vec::new(),
+        None => {
+            let ctr = containerd.ctr(Runtime::Husk, "bench-dense");
+            let cold = ["--annotation", "io.husk.snapshot=false"];
+            [("restored", &[][..]), ("cold", &cold[..])]
+                .into_iter()
+                .map(|(label, flags)| (label, median(memory(&ctr, DENSE, flags).0)))
+                .collect()
+        }
+    };
     println!("\nctr run --rm true (median of {RUNS}+ runs), PSS per running container (median of {CONTAINERS}), CRI pod start (median of {PODS}):");
     println!(
         "{:<24} {:>12} {:>24} {:>16}",
@@ -158,6 +174,15 @@ fn main() {
             husk_t.as_secs_f64() / runc_t.as_secs_f64(),
             husk_m as f64 / runc_m.max(1) as f64,
             husk_p.as_secs_f64() / runc_p.as_secs_f64()
+        );
+    }
+    if let [(_, restored), (_, cold)] = density[..] {
+        println!(
+            "husk, {DENSE} containers running at once, PSS per container (median): \
+             restored from one snapshot {:.1} MiB, cold {:.1} MiB, restored / cold {:.0}%",
+            restored as f64 / 1024.0,
+            cold as f64 / 1024.0,
+            restored as f64 * 100.0 / cold.max(1) as f64
         );
     }
 }
