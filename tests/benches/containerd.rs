@@ -3,7 +3,9 @@
 //! samples of one run each) plus our own medians; and the host memory of a running container:
 //! 3 detached `sleep` containers per runtime, each one's shim and everything it spawned (runc:
 //! the container's process; husk: the VMM and virtiofsd), as PSS from
-//! /proc/<pid>/smaps_rollup, so pages the shims share are not counted three times. Through
+//! /proc/<pid>/smaps_rollup, so pages the shims share are not counted three times, plus the
+//! pages of the VM's memory file that no process maps (a restored VM's copy of its snapshot's
+//! memory holds pages its guest has not touched yet). Through
 //! containerd's CRI plugin (as a kubelet): the time from `RunPodSandbox` until
 //! `StartContainer` of the pod's first container returned, median of 5 pods. Density: the PSS
 //! per container with 20 husk containers running at once, their VMs restored from one boot
@@ -70,6 +72,11 @@ fn memory(ctr: &Ctr<'_>, n: usize, flags: &[&str]) -> (Vec<u64>, BTreeMap<String
         let mut names: BTreeMap<String, u64> = BTreeMap::new();
         for p in &tree {
             *names.entry(p.name.clone()).or_default() += p.pss_kib();
+            if p.is_vmm() {
+                *names
+                    .entry("guest memory mapped by none".into())
+                    .or_default() += p.unmapped_guest_memory_kib();
+            }
         }
         totals.push(names.values().sum());
         for (name, kib) in names {

@@ -99,6 +99,37 @@ impl Proc {
             .or_else(|| field("status", "VmRSS:"))
             .unwrap_or(0)
     }
+
+    /// KiB of guest memory held in the VM memory files this process maps (a memfd, or a
+    /// restored VM's copy of its snapshot's memory under `/run/husk-vm`) beyond the pages it
+    /// maps: pages of the file that no process's PSS counts. Count it for the VMM only
+    /// (virtiofsd maps the same file).
+    pub fn unmapped_guest_memory_kib(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let dir = Path::new("/proc").join(self.pid.to_string());
+        let Ok(smaps) = std::fs::read_to_string(dir.join("smaps")) else {
+            return 0;
+        };
+        let mut total = 0;
+        // The address range of the guest memory mapping whose fields come next.
+        let mut guest: Option<&str> = None;
+        for line in smaps.lines() {
+            let mut words = line.split_whitespace();
+            let first = words.next().unwrap_or_default();
+            if !first.ends_with(':') {
+                let path = line.split_whitespace().nth(5).unwrap_or_default();
+                let memory = path.starts_with("/memfd:") || path.starts_with("/run/husk-vm/");
+                guest = memory.then_some(first);
+            } else if let (Some(range), "Rss:") = (guest, first) {
+                let mapped: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                let held = std::fs::metadata(dir.join("map_files").join(range))
+                    .map_or(0, |m| m.blocks() / 2);
+                total += held.saturating_sub(mapped);
+                guest = None;
+            }
+        }
+        total
+    }
 }
 
 /// Every process on the host.
