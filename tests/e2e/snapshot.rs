@@ -265,14 +265,15 @@ fn test_snapshot_prepare_makes_the_usual_shapes_then_runs_restore_without_making
     };
     let out = prepare();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    // A container's, one with bind mounts, a pod's.
-    assert_eq!(stdout(&out).matches(": made,").count(), 3, "{}", show(&out));
-    assert_eq!(snapshots(store.path()).len(), 3);
+    // A container's, one with bind mounts without and with a network, a pod's without and
+    // with a network.
+    assert_eq!(stdout(&out).matches(": made,").count(), 5, "{}", show(&out));
+    assert_eq!(snapshots(store.path()).len(), 5);
     let again = prepare();
     assert_eq!(again.status.code(), Some(0), "{}", show(&again));
     assert_eq!(
         stdout(&again).matches(": kept,").count(),
-        3,
+        5,
         "{}",
         show(&again)
     );
@@ -281,6 +282,6 @@ fn test_snapshot_prepare_makes_the_usual_shapes_then_runs_restore_without_making
     let log = stderr(&out);
     assert_eq!(stdout(&out), "hi\n", "{log}");
     assert!(log.contains(RESTORED) && !log.contains(MADE), "{log}");
-    assert_eq!(snapshots(store.path()).len(), 3);
+    assert_eq!(snapshots(store.path()).len(), 5);
     husk.assert_clean();
 }

@@ -379,6 +379,31 @@ pub struct NetDevice {
     pub mtu: Option<u16>,
 }
 
+impl NetDevice {
+    /// The hardware address of an [`unplugged`](Self::unplugged) device, in the locally
+    /// administered range.
+    pub const UNPLUGGED_MAC: &'static str = "02:68:75:73:6b:00";
+
+    /// A device with no host side (no namespace, no tap; its frames go nowhere): what the VM
+    /// saved for a boot snapshot has, so that a VM restored from it has the device the
+    /// engine's network is given to. The agent gives the device the pod interface's address.
+    #[must_use]
+    pub fn unplugged() -> Self {
+        Self {
+            netns: PathBuf::new(),
+            tap: String::new(),
+            mac: Self::UNPLUGGED_MAC.to_owned(),
+            mtu: None,
+        }
+    }
+
+    /// Whether it is [`unplugged`](Self::unplugged).
+    #[must_use]
+    pub fn is_unplugged(&self) -> bool {
+        self.tap.is_empty()
+    }
+}
+
 /// Everything a door needs to boot one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {

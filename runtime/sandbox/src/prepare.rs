@@ -3,17 +3,24 @@
 
 use std::path::Path;
 
-use husk_hypervisor::{new_door, Export, FsShare, VmConfig};
+use husk_hypervisor::{new_door, Export, FsShare, NetDevice, VmConfig};
 use tracing::info;
 
 use crate::bundle::{BINDS_TAG, ROOTFS_TAG};
 use crate::pod::POD_TAG;
 use crate::{SandboxError, VmOptions};
 
-/// The virtio-fs tags of the shapes prepared (with `opts`' memory and vCPUs): `husk run` of a
-/// bundle's rootfs directory, the same with bind mounts (what Docker and Podman pass), and a
-/// pod of the shim.
-const SHAPES: [&[&str]; 3] = [&[ROOTFS_TAG], &[ROOTFS_TAG, BINDS_TAG], &[POD_TAG]];
+/// The shapes prepared (with `opts`' memory and vCPUs), as virtio-fs tags and whether the VM
+/// has a network device: `husk run` of a bundle's rootfs directory, the same with bind mounts
+/// (what Docker and Podman pass) without and with a network (theirs by default), and a pod of
+/// the shim without and with a network (a CRI pod's).
+const SHAPES: [(&[&str], bool); 5] = [
+    (&[ROOTFS_TAG], false),
+    (&[ROOTFS_TAG, BINDS_TAG], false),
+    (&[ROOTFS_TAG, BINDS_TAG], true),
+    (&[POD_TAG], false),
+    (&[POD_TAG], true),
+];
 
 /// Makes the snapshot of each shape that has none yet: starts a VM of the shape from its
 /// snapshot (the door makes the snapshot first when it is missing) and stops it. Works in a
@@ -29,7 +36,7 @@ pub async fn prepare_snapshots(opts: &VmOptions, root: &Path) -> Result<(), Sand
 }
 
 async fn prepare_in(opts: &VmOptions, dir: &Path) -> Result<(), SandboxError> {
-    for (i, tags) in SHAPES.iter().enumerate() {
+    for (i, (tags, net)) in SHAPES.iter().enumerate() {
         let run_dir = dir.join(i.to_string());
         let empty = run_dir.join("empty");
         std::fs::create_dir_all(&empty).map_err(|source| SandboxError::StateDir {
@@ -53,7 +60,8 @@ async fn prepare_in(opts: &VmOptions, dir: &Path) -> Result<(), SandboxError> {
                 })
                 .collect(),
             disks: Vec::new(),
-            net: None,
+            // Unplugged: the key is a networked VM's, no namespace or tap is needed.
+            net: net.then(NetDevice::unplugged),
             run_dir,
             cgroup: None,
             snapshot: true,
@@ -63,7 +71,7 @@ async fn prepare_in(opts: &VmOptions, dir: &Path) -> Result<(), SandboxError> {
         let started = vm.start().await;
         let _ = vm.stop().await;
         started?;
-        info!(shares = ?tags, "snapshot shape prepared");
+        info!(shares = ?tags, net, "snapshot shape prepared");
     }
     Ok(())
 }

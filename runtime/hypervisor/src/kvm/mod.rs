@@ -39,6 +39,12 @@ pub struct KvmDoor {
 }
 
 impl KvmDoor {
+    /// The VM's network device, unless it is unplugged (this door saves no network device,
+    /// so an unplugged one, from `husk snapshot prepare`, is simply left out).
+    fn plugged_net(&self) -> Option<&crate::NetDevice> {
+        self.config.net.as_ref().filter(|n| !n.is_unplugged())
+    }
+
     /// Checks that husk-vmm, virtiofsd (if there are shares), kernel and initramfs exist.
     ///
     /// # Errors
@@ -81,7 +87,7 @@ impl KvmDoor {
             fs: Vec::new(),
             disks: Vec::new(),
             // No sockets are passed: the tap is the first passed descriptor.
-            net: self.config.net.as_ref().map(|net| NetDevice {
+            net: self.plugged_net().map(|net| NetDevice {
                 tap_fd: husk_vmm::jail::FIRST_PASSED_FD,
                 mac: net.mac.clone(),
                 mtu: net.mtu,
@@ -143,8 +149,8 @@ impl KvmDoor {
             cgroup_procs: crate::cgroup::procs_files(self.cgroup.as_ref()),
             // virtiofsd's sockets, while it builds the VM; its own filter forbids it after.
             allow_connect: true,
-            netns: self.config.net.as_ref().map(|n| n.netns.clone()),
-            tap: self.config.net.as_ref().map(|n| n.tap.clone()),
+            netns: self.plugged_net().map(|n| n.netns.clone()),
+            tap: self.plugged_net().map(|n| n.tap.clone()),
             ..Jail::default()
         };
         let log = self.vm_path("vmm.log");

@@ -161,9 +161,13 @@ pub fn args(
         }
     }
     if let Some(net) = &config.net {
-        // The jail opens the pod's tap in the pod's network namespace.
         a.push("-netdev".into());
-        a.push(format!("tap,id=net0,fd={}", fs_fd(next_fd)).into());
+        match net.is_unplugged() {
+            // A hub port alone on its hub: frames go nowhere, no host resource.
+            true => a.push("hubport,id=net0,hubid=0".into()),
+            // The jail opens the pod's tap in the pod's network namespace.
+            false => a.push(format!("tap,id=net0,fd={}", fs_fd(next_fd)).into()),
+        }
         a.push("-device".into());
         a.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac).into());
     }

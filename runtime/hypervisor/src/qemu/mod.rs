@@ -199,12 +199,13 @@ impl QemuDoor {
             }
             None => None,
         };
+        let plugged = self.config.net.as_ref().filter(|n| !n.is_unplugged());
         let jail = Jail {
             binds,
             cgroup_procs: crate::cgroup::procs_files(self.cgroup.as_ref()),
-            netns: self.config.net.as_ref().map(|n| n.netns.clone()),
+            netns: plugged.map(|n| n.netns.clone()),
             connect,
-            tap: self.config.net.as_ref().map(|n| n.tap.clone()),
+            tap: plugged.map(|n| n.tap.clone()),
             allow_connect: false,
         };
         let log = self.vm_path("qemu.log");

@@ -72,7 +72,8 @@ where
 }
 
 /// The VM that is saved for `config`'s snapshot: in `config`'s run directory's
-/// `snapshot-boot`, every share served from an empty read-only directory, no cgroup.
+/// `snapshot-boot`, every share served from an empty read-only directory, its network device
+/// (if any) [`unplugged`](crate::NetDevice::unplugged), no cgroup.
 ///
 /// # Errors
 /// The empty directory cannot be made.
@@ -93,6 +94,7 @@ pub fn maker_config(config: &VmConfig) -> Result<VmConfig, String> {
                 keep_cache: false,
             })
             .collect(),
+        net: config.net.as_ref().map(|_| crate::NetDevice::unplugged()),
         run_dir,
         cgroup: None,
         snapshot: false,

@@ -4,7 +4,9 @@
 //! A snapshot is keyed by everything that shapes the saved guest ([`snapshot_key`]): the door,
 //! the contents of the kernel, the initramfs and the VMM binary (SHA-256, cached by their
 //! inode, size and times, so a run hashes nothing unchanged), the memory size, the vCPU count,
-//! the kernel command line and the device layout (the virtio-fs tags in order). A change to
+//! the kernel command line and the device layout (the virtio-fs tags in order, a network
+//! device: the QEMU door saves one, its host side unplugged, and a restored VM's device gets
+//! the pod's tap and, from the agent, its address). A change to
 //! any of them is another key: an old snapshot is never used for a new kernel.
 //!
 //! The store ([`Store`], `/run/husk-snapshots`) is root's alone (0700, files 0600) and no
@@ -33,7 +35,7 @@ use crate::{hex, VmConfig};
 /// Where snapshots are kept.
 pub const STORE: &str = "/run/husk-snapshots";
 /// Most snapshots kept at once (each holds the memory its guest touched, tens of MiB).
-pub const MAX_SNAPSHOTS: usize = 4;
+pub const MAX_SNAPSHOTS: usize = 8;
 /// Bumped when what goes into a key changes meaning.
 const KEY_VERSION: &str = "husk-snapshot-key v1";
 /// Files of a snapshot directory ([`husk_vmm::snapshot`]).
@@ -61,8 +63,8 @@ pub fn snapshot_key(
     if !config.disks.is_empty() {
         return Err("a VM with a disk cannot be saved yet".into());
     }
-    if config.net.is_some() {
-        return Err("a VM with a network device cannot be saved yet".into());
+    if config.net.is_some() && !door.starts_with("qemu") {
+        return Err("this door cannot save a VM with a network device yet".into());
     }
     let mut key = Sha256::new();
     let mut part = |s: &str| {
@@ -79,6 +81,10 @@ pub fn snapshot_key(
     part(cmdline);
     for share in &config.shares {
         part(&share.tag);
+    }
+    if config.net.is_some() {
+        // Not a virtio-fs tag (they are names of the runtime's own).
+        part("net: virtio-net");
     }
     Ok(hex(&key.finalize()[..16]))
 }
@@ -494,6 +500,32 @@ mod tests {
         assert!(key(&store, &config, dir.path())
             .unwrap_err()
             .contains("disk"));
+    }
+
+    #[test]
+    fn test_key_with_network_only_on_qemu_and_not_the_same_key() {
+        let (dir, store, mut config) = setup();
+        let qemu = |config: &VmConfig| {
+            snapshot_key(&store, config, "qemu-tcg", &dir.path().join("vmm"), "c")
+        };
+        let without = qemu(&config).unwrap();
+        config.net = Some(crate::NetDevice::unplugged());
+        let with = qemu(&config).unwrap();
+        assert_ne!(with, without);
+        config.net = Some(crate::NetDevice {
+            netns: "/run/netns/a".into(),
+            tap: "husk0".into(),
+            mac: "0a:58:0a:00:00:02".into(),
+            mtu: Some(1450),
+        });
+        assert_eq!(
+            qemu(&config).unwrap(),
+            with,
+            "the pod's tap and address are not the key"
+        );
+        assert!(key(&store, &config, dir.path())
+            .unwrap_err()
+            .contains("network"));
     }
 
     #[test]
