@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use husk_vmm::document::{DiskDevice, FsDevice, NetDevice, SnapshotMode, VmmDocument};
 use husk_vmm::jail::JailBind;
 use tokio::process::Child;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::console::{ConsoleCap, CONSOLE_CAP};
 use crate::helpers::{self, Virtiofsd};
@@ -186,18 +186,12 @@ impl Hypervisor for KvmDoor {
         jail::make_vm_dir(&self.config.run_dir)?;
         self.cgroup = jail::host_cgroup(&self.config)?;
         if let Some((store, key, dir)) = snapshot::for_boot(self).await {
-            match self.restore(&dir).await {
-                Ok(()) => {
-                    info!(snapshot = %key, "VM restored from its boot snapshot");
-                    return Ok(());
-                }
-                Err(reason) => {
-                    warn!(snapshot = %key, %reason, "restoring the boot snapshot failed: booting cold (the snapshot is removed)");
-                    store.remove(&key);
-                    self.halt().await?;
-                    let _ = std::fs::remove_file(self.vsock_path());
-                }
+            let restored = self.restore(&dir).await;
+            if crate::snapshot::settle_restore(&store, &key, restored) {
+                return Ok(());
             }
+            self.halt().await?;
+            let _ = std::fs::remove_file(self.vsock_path());
         }
         self.launch(None).await
     }

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use husk_vmm::jail::JailBind;
 use tokio::process::Child;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use cmdline::SnapshotArgs;
 pub use cmdline::{Accel, KERNEL_CMDLINE};
@@ -293,17 +293,11 @@ impl Hypervisor for QemuDoor {
         jail::make_vm_dir(&self.config.run_dir)?;
         self.cgroup = jail::host_cgroup(&self.config)?;
         if let Some((store, key, dir)) = snapshot::for_boot(self).await {
-            match self.restore(&dir).await {
-                Ok(()) => {
-                    info!(snapshot = %key, "VM restored from its boot snapshot");
-                    return Ok(());
-                }
-                Err(reason) => {
-                    warn!(snapshot = %key, %reason, "restoring the boot snapshot failed: booting cold (the snapshot is removed)");
-                    store.remove(&key);
-                    self.halt().await?;
-                }
+            let restored = self.restore(&dir).await;
+            if crate::snapshot::settle_restore(&store, &key, restored) {
+                return Ok(());
             }
+            self.halt().await?;
         }
         self.launch(None, None, Instant::now()).await.map(drop)
     }

@@ -71,6 +71,22 @@ where
     }
 }
 
+/// Logs how the restore of `key`'s snapshot went and says whether the VM runs; a failed
+/// restore removes the snapshot, and the door then stops what it started and boots cold.
+pub fn settle_restore(store: &Store, key: &str, restored: Result<(), String>) -> bool {
+    match restored {
+        Ok(()) => {
+            info!(snapshot = %key, "VM restored from its boot snapshot");
+            true
+        }
+        Err(reason) => {
+            warn!(snapshot = %key, %reason, "restoring the boot snapshot failed: booting cold (the snapshot is removed)");
+            store.remove(key);
+            false
+        }
+    }
+}
+
 /// The VM that is saved for `config`'s snapshot: in `config`'s run directory's
 /// `snapshot-boot`, every share served from an empty read-only directory, its network device
 /// (if any) [`unplugged`](crate::NetDevice::unplugged), no cgroup.

@@ -19,8 +19,8 @@
 mod making;
 
 pub(crate) use making::{
-    for_boot, maker_config, remove_maker, wait_ready, PREPARE_TIMEOUT, RESTORE_TIMEOUT,
-    SAVE_TIMEOUT,
+    for_boot, maker_config, remove_maker, settle_restore, wait_ready, PREPARE_TIMEOUT,
+    RESTORE_TIMEOUT, SAVE_TIMEOUT,
 };
 
 use std::fs::File;
