@@ -39,57 +39,15 @@ const STALL: &str = "set -e; mkdir -p /dev/cg; mount -t cgroup2 none /dev/cg; \
     while ! grep -q 'frozen 1' /dev/cg/stall/cgroup.events; do sleep 0.1; done; \
     touch /frozen; exec sleep 1000";
 
-/// Every capability Linux 6.12 knows (CAP_CHOWN .. CAP_CHECKPOINT_RESTORE).
-const ALL_CAPS: [&str; 41] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
-
 /// A privileged container in the guest's pid and cgroup namespaces running `args`.
 fn privileged_bundle(husk: &Husk, args: &[&str]) -> TestBundle {
     let bundle = TestBundle::busybox(husk, args);
     bundle.edit(|c| {
         c["root"]["readonly"] = false.into();
-        let caps: Value = ALL_CAPS.iter().map(|c| Value::from(*c)).collect();
+        let caps: Value = husk_sandbox::features::CAPABILITIES
+            .iter()
+            .map(|c| Value::from(*c))
+            .collect();
         for set in [
             "bounding",
             "effective",

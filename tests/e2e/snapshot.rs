@@ -202,8 +202,10 @@ fn test_snapshot_qemu_privileged_guest_leaves_snapshot_unchanged() {
     bundle.edit(|c| {
         c["process"]["capabilities"] = serde_json::json!({});
         for set in ["bounding", "effective", "permitted"] {
-            c["process"]["capabilities"][set] =
-                ALL.iter().map(|s| serde_json::Value::from(*s)).collect();
+            c["process"]["capabilities"][set] = husk_sandbox::features::CAPABILITIES
+                .iter()
+                .map(|s| serde_json::Value::from(*s))
+                .collect();
         }
         c["linux"]["maskedPaths"] = serde_json::json!([]);
         c["linux"]["readonlyPaths"] = serde_json::json!([]);
@@ -223,29 +225,6 @@ fn test_snapshot_qemu_privileged_guest_leaves_snapshot_unchanged() {
 fn show(out: &Output) -> String {
     format!("stdout: {} stderr: {}", stdout(out), stderr(out))
 }
-
-const ALL: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_MKNOD",
-];
 
 #[test]
 fn test_snapshot_prepare_makes_the_usual_shapes_then_runs_restore_without_making() {
