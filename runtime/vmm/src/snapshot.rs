@@ -376,13 +376,32 @@ fn check(state: &VmState) -> Result<(), VmmError> {
 
 /// How [`copy_sparse`] copies a populated range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Copy {
+pub enum Copy {
     /// Through this process, leaving out pages of zeros (a guest's freed pages), with reads and
     /// writes only: the confined VMM saves with it.
     SkipZeroPages,
     /// `sendfile`, the kernel copying page to page: a snapshot was written without zero
     /// pages already, and loading it is on every restored VM's path.
     InKernel,
+}
+
+/// Copies the memory file `from` (never through a link) to a new private (0600) file `to` of
+/// the same size, as [`copy_sparse`] does: what is not copied reads as zeros and takes no
+/// memory. The QEMU door saves its guest's RAM with [`Copy::SkipZeroPages`] (QEMU wrote every
+/// page the guest touched, zeroed ones too) and restores a VM's with [`Copy::InKernel`].
+///
+/// # Errors
+/// `from` is a link or cannot be read, `to` exists, or the copy failed.
+pub fn copy_memory_file(from: &Path, to: &Path, how: Copy) -> Result<(), VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let source = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(from)
+        .map_err(|e| VmmError::Snapshot(format!("{}: {e}", from.display())))?;
+    let len = source.metadata()?.len();
+    let dest = create_private(to)?;
+    copy_sparse(&source, &dest, len, how)
 }
 
 /// Copies the populated ranges of the first `len` bytes of `from` (`SEEK_DATA`/`SEEK_HOLE`:
@@ -502,6 +521,52 @@ mod tests {
         )
         .unwrap();
         (dir, snap)
+    }
+
+    #[test]
+    fn test_copy_memory_file_keeps_data_and_holes() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("a"), dir.path().join("b"));
+        let f = File::create(&from).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(b"start", 0).unwrap();
+        f.write_all_at(&[7u8; 10000], 5 << 20).unwrap();
+        copy_memory_file(&from, &to, Copy::InKernel).unwrap();
+        assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
+        let meta = std::fs::metadata(&to).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert!(meta.blocks() * 512 < 1 << 20, "holes were filled");
+        assert!(
+            copy_memory_file(&from, &to, Copy::InKernel).is_err(),
+            "an existing file is not overwritten"
+        );
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&from, &link).unwrap();
+        assert!(
+            copy_memory_file(&link, &dir.path().join("c"), Copy::InKernel).is_err(),
+            "a link is never followed"
+        );
+    }
+
+    #[test]
+    fn test_copy_memory_file_leaves_out_zero_pages() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("a"), dir.path().join("b"));
+        let f = File::create(&from).unwrap();
+        // Pages: data, zero, zero, data, a hole, zero, then a short tail: all written.
+        let mut contents = vec![0u8; 6 * PAGE + 100];
+        contents[10] = 1;
+        contents[3 * PAGE + 7] = 2;
+        f.write_all_at(&contents[..4 * PAGE], 0).unwrap();
+        f.write_all_at(&contents[5 * PAGE..], 5 * PAGE as u64)
+            .unwrap();
+        f.sync_all().unwrap();
+        copy_memory_file(&from, &to, Copy::SkipZeroPages).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), contents);
+        let blocks = |p: &Path| std::fs::metadata(p).unwrap().blocks();
+        assert!(blocks(&to) < blocks(&from), "zero pages were written");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use husk_vmm::jail::JailBind;
+use husk_vmm::snapshot::Copy;
 use tokio::process::Child;
 use tracing::{debug, info};
 
@@ -259,7 +260,8 @@ impl QemuDoor {
         let deadline = Instant::now() + crate::snapshot::RESTORE_TIMEOUT;
         let state = snapshot::file_uri(&dir.join(husk_vmm::snapshot::STATE_FILE))?;
         let memory = self.vm_path(RESTORED_MEMORY);
-        crate::snapshot::copy_sparse(&dir.join(husk_vmm::snapshot::MEMORY_FILE), &memory)
+        let saved = dir.join(husk_vmm::snapshot::MEMORY_FILE);
+        husk_vmm::snapshot::copy_memory_file(&saved, &memory, Copy::InKernel)
             .map_err(|e| format!("copying the snapshot's memory: {e}"))?;
         let args = SnapshotArgs {
             memory,

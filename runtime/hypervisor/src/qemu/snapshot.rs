@@ -2,9 +2,9 @@
 //! a VM booted for it alone ([`crate::snapshot::maker_config`]) and saved with QEMU's own
 //! migration to a file once its guest answers.
 //!
-//! The saved VM's memory is a file in the snapshot (`memory-backend-file`, and the migration
-//! capability `x-ignore-shared` keeps it out of the migration stream), so saving writes only
-//! the devices' state. Before it is saved, the serial relay quiesces the guest's channel: no
+//! The saved VM's memory is a file (`memory-backend-file`, and the migration capability
+//! `x-ignore-shared` keeps it out of the migration stream), so QEMU saves only the devices'
+//! state; the memory is then copied into the snapshot without its all-zero pages. Before it is saved, the serial relay quiesces the guest's channel: no
 //! stream is open and no frame is half sent, so a restored guest reads the new relay's hello
 //! first ([`husk_protocol::mux`]).
 
@@ -14,6 +14,8 @@ use std::time::Instant;
 
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use husk_vmm::snapshot::Copy;
 
 use super::{cmdline, Accel, QemuDoor, SnapshotArgs};
 use crate::snapshot::{self, Store, PREPARE_TIMEOUT, SAVE_TIMEOUT};
@@ -84,8 +86,8 @@ async fn save(maker: &mut QemuDoor) -> Result<PathBuf, String> {
         .mode(0o700)
         .create(&made)
         .map_err(|e| format!("{}: {e}", made.display()))?;
-    // Made here, private: QEMU sizes it, and only writes the guest's pages into it.
-    let memory = made.join(husk_vmm::snapshot::MEMORY_FILE);
+    // Made here, private: QEMU sizes it, and writes the pages the guest touches into it.
+    let memory = maker.vm_path("guest-ram");
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -94,7 +96,7 @@ async fn save(maker: &mut QemuDoor) -> Result<PathBuf, String> {
         .map_err(|e| format!("{}: {e}", memory.display()))?;
     let state = file_uri(&made.join(husk_vmm::snapshot::STATE_FILE))?;
     let args = SnapshotArgs {
-        memory,
+        memory: memory.clone(),
         incoming: false,
     };
     let mut qmp = maker
@@ -109,6 +111,12 @@ async fn save(maker: &mut QemuDoor) -> Result<PathBuf, String> {
     qmp.execute("migrate", json!({ "uri": state })).await?;
     qmp.migration_done().await?;
     maker.halt().await.map_err(|e| e.to_string())?;
+    // Only the pages that are not all zeros (the guest zeroes what it allocates): a VM
+    // restored from the snapshot copies, and holds, none of the others.
+    let saved = made.join(husk_vmm::snapshot::MEMORY_FILE);
+    let copied = husk_vmm::snapshot::copy_memory_file(&memory, &saved, Copy::SkipZeroPages);
+    let _ = std::fs::remove_file(&memory);
+    copied.map_err(|e| format!("saving the guest's memory: {e}"))?;
     Ok(made)
 }
 

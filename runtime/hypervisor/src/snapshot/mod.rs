@@ -89,114 +89,6 @@ pub fn snapshot_key(
     Ok(hex(&key.finalize()[..16]))
 }
 
-/// Bytes of a guest page: the unit [`punch_zero_pages`] looks at.
-const PAGE: usize = 4096;
-
-/// Turns the all-zero pages of the memory file `path` into holes; its contents read the same.
-/// A booted guest has zeroed many of the pages it touched (`init_on_alloc`, fresh page tables,
-/// cleared buffers): once they are holes, [`copy_sparse`] skips them, so no VM restored from
-/// the snapshot holds them until its guest writes them. Returns the bytes punched.
-///
-/// # Errors
-/// Opening, reading or punching failed; what was punched reads as it did.
-pub fn punch_zero_pages(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::FileExt;
-
-    use nix::fcntl::{fallocate, FallocateFlags};
-    use nix::unistd::{lseek, Whence};
-    const CHUNK: usize = 256 * PAGE;
-    static ZERO: [u8; PAGE] = [0; PAGE];
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    let end = i64::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
-    let punch = |from: i64, to: i64| {
-        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        fallocate(&file, flags, from, to - from).map(|()| (to - from).unsigned_abs())
-    };
-    let (mut buf, mut punched, mut offset) = (vec![0u8; CHUNK], 0u64, 0i64);
-    while offset < end {
-        let data = match lseek(&file, offset, Whence::SeekData) {
-            Ok(data) => data,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let hole = lseek(&file, data, Whence::SeekHole)?;
-        let mut at = data;
-        while at < hole {
-            let want = usize::try_from(hole - at).map_or(CHUNK, |left| left.min(CHUNK));
-            let got = file.read_at(&mut buf[..want], at.unsigned_abs())?;
-            if got == 0 {
-                break;
-            }
-            let mut zeros: Option<i64> = None;
-            let mut page_at = at;
-            for page in buf[..got].chunks(PAGE) {
-                match (page == ZERO, zeros) {
-                    (true, None) => zeros = Some(page_at),
-                    (false, Some(from)) => {
-                        punched += punch(from, page_at)?;
-                        zeros = None;
-                    }
-                    _ => {}
-                }
-                page_at += i64::try_from(page.len()).map_err(std::io::Error::other)?;
-            }
-            if let Some(from) = zeros {
-                punched += punch(from, page_at)?;
-            }
-            at = page_at;
-        }
-        offset = hole.max(at);
-    }
-    Ok(punched)
-}
-
-/// Copies the memory file `from` to a new private (0600) file `to` of the same size, only its
-/// data: holes stay holes, so a copy costs the pages the saved guest touched.
-///
-/// # Errors
-/// `to` exists, or reading, seeking or writing failed.
-pub fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
-    use nix::unistd::{lseek, Whence};
-    let src = File::open(from)?;
-    let len = src.metadata()?.len();
-    let dst = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(to)?;
-    dst.set_len(len)?;
-    let end = i64::try_from(len).map_err(std::io::Error::other)?;
-    let mut offset = 0i64;
-    while offset < end {
-        let data = match lseek(&src, offset, Whence::SeekData) {
-            Ok(data) => data,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let hole = lseek(&src, data, Whence::SeekHole)?;
-        let (mut at_src, mut at_dst) = (data, data);
-        while at_src < hole {
-            let want = usize::try_from(hole - at_src).map_err(std::io::Error::other)?;
-            let copied = nix::fcntl::copy_file_range(
-                &src,
-                Some(&mut at_src),
-                &dst,
-                Some(&mut at_dst),
-                want,
-            )?;
-            if copied == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-        offset = hole;
-    }
-    Ok(())
-}
-
 /// The snapshot store: one directory per key.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -285,17 +177,6 @@ impl Store {
         let dir = self.root.join(key);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(made, &dir).map_err(|e| format!("moving the snapshot: {e}"))?;
-        // Only once in the store, where no jail reaches. A failure keeps the file as it reads.
-        match punch_zero_pages(&dir.join(husk_vmm::snapshot::MEMORY_FILE)) {
-            Ok(bytes) => tracing::debug!(
-                key,
-                mib = bytes >> 20,
-                "zero pages of the snapshot's memory made holes"
-            ),
-            Err(e) => {
-                tracing::debug!(key, error = %e, "making the snapshot's zero pages holes failed")
-            }
-        }
         self.prune(key);
         Ok(dir)
     }
@@ -392,48 +273,6 @@ mod tests {
 
     use super::*;
     use crate::FsShare;
-
-    #[test]
-    fn test_punch_zero_pages_keeps_contents_and_frees_zeros() {
-        use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("memory");
-        let f = File::create(&path).unwrap();
-        // Pages: data, zero, zero, data, a hole, zero, then a short zero tail.
-        let mut contents = vec![0u8; 6 * PAGE + 100];
-        contents[10] = 1;
-        contents[3 * PAGE + 7] = 2;
-        f.write_all_at(&contents[..4 * PAGE], 0).unwrap();
-        f.write_all_at(&contents[5 * PAGE..], 5 * PAGE as u64)
-            .unwrap();
-        f.sync_all().unwrap();
-        let before = f.metadata().unwrap().blocks();
-        let punched = punch_zero_pages(&path).unwrap();
-        assert_eq!(punched, 3 * PAGE as u64, "whole zero pages only");
-        assert_eq!(std::fs::read(&path).unwrap(), contents);
-        assert!(std::fs::metadata(&path).unwrap().blocks() < before);
-        assert_eq!(punch_zero_pages(&path).unwrap(), 0, "nothing left to punch");
-    }
-
-    #[test]
-    fn test_copy_sparse_keeps_data_and_holes() {
-        use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        let (from, to) = (dir.path().join("a"), dir.path().join("b"));
-        let f = File::create(&from).unwrap();
-        f.set_len(8 << 20).unwrap();
-        f.write_all_at(b"start", 0).unwrap();
-        f.write_all_at(&[7u8; 10000], 5 << 20).unwrap();
-        copy_sparse(&from, &to).unwrap();
-        assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
-        let meta = std::fs::metadata(&to).unwrap();
-        assert_eq!(meta.mode() & 0o777, 0o600);
-        assert!(meta.blocks() * 512 < 1 << 20, "holes were filled");
-        assert!(
-            copy_sparse(&from, &to).is_err(),
-            "an existing file is not overwritten"
-        );
-    }
 
     fn setup() -> (tempfile::TempDir, Store, VmConfig) {
         let dir = tempfile::tempdir().unwrap();
