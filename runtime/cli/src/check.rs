@@ -52,10 +52,7 @@ pub fn check(cli: &Cli) -> i32 {
 /// Whether VMs start from boot snapshots here, and the snapshots kept.
 fn snapshots(kvm_runs_guests: bool) {
     let qemu = husk_sandbox::find_program("qemu-system-x86_64").map(|qemu| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build();
-        runtime.map_or_else(
+        crate::lifecycle::runtime().map_or_else(
             |e| Err(e.to_string()),
             |rt| rt.block_on(husk_sandbox::qemu_major(&qemu)),
         )
