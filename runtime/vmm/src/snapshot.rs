@@ -394,12 +394,21 @@ pub enum Copy {
 /// `from` is a link or cannot be read, `to` exists, or the copy failed.
 pub fn copy_memory_file(from: &Path, to: &Path, how: Copy) -> Result<(), VmmError> {
     use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: a FIFO in its place (put there by a VMM the guest took over) would block
+    // the open; it is refused below instead.
     let source = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(from)
         .map_err(|e| VmmError::Snapshot(format!("{}: {e}", from.display())))?;
-    let len = source.metadata()?.len();
+    let meta = source.metadata()?;
+    if !meta.is_file() {
+        return Err(VmmError::Snapshot(format!(
+            "{} is not a regular file",
+            from.display()
+        )));
+    }
+    let len = meta.len();
     let dest = create_private(to)?;
     copy_sparse(&source, &dest, len, how)
 }
@@ -546,6 +555,12 @@ mod tests {
         assert!(
             copy_memory_file(&link, &dir.path().join("c"), Copy::InKernel).is_err(),
             "a link is never followed"
+        );
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(
+            copy_memory_file(&fifo, &dir.path().join("d"), Copy::InKernel).is_err(),
+            "a FIFO is refused, not waited on"
         );
     }
 
