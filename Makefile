@@ -5,7 +5,7 @@ SHELL := /bin/bash
 OUT       := $(CURDIR)/out
 SHARE     := $(OUT)/share/husk
 HOST_TRIPLE := x86_64-unknown-linux-gnu
-AGENT_BIN := target/$(HOST_TRIPLE)/release/husk-agent
+AGENT_BIN := target/$(HOST_TRIPLE)/agent/husk-agent
 DEMO      := $(CURDIR)/build/demo-bundle
 
 # What `make demo` needs: the guest kernel's source and build tools, QEMU, busybox for the demo's
@@ -60,7 +60,7 @@ husk:
 	install -D -m 0755 target/release/containerd-shim-husk-v2 $(OUT)/bin/containerd-shim-husk-v2
 
 agent:
-	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p husk-agent --target $(HOST_TRIPLE)
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --profile agent -p husk-agent --target $(HOST_TRIPLE)
 
 kernel:
 	kernel-config/build-kernel.sh $(SHARE)

@@ -73,12 +73,15 @@ pub fn kernel_cmdline(accel: Accel) -> String {
 }
 
 /// Arguments for `qemu-system-x86_64` run in its jail: sockets and tap as descriptors (see
-/// [`SERIAL_FD`]), files by their host paths.
+/// [`SERIAL_FD`]), files by their host paths. `tsc_khz`: the guest's TSC frequency, given
+/// to a TCG guest's kernel (`super::tsc`); not part of a snapshot's key, since every guest
+/// on this host has the same.
 pub fn args(
     config: &VmConfig,
     accel: Accel,
     console: &Path,
     snapshot: Option<&SnapshotArgs>,
+    tsc_khz: Option<u64>,
 ) -> Vec<OsString> {
     let mem = format!("{}M", config.memory_mib);
     let mut a: Vec<OsString> = Vec::new();
@@ -117,7 +120,11 @@ pub fn args(
     a.push("-initrd".into());
     a.push(config.initramfs.clone().into());
     a.push("-append".into());
-    a.push(kernel_cmdline(accel).into());
+    let mut line = kernel_cmdline(accel);
+    if let Some(khz) = tsc_khz {
+        line.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    a.push(line.into());
     // The console file is appended to, so that `ConsoleCap` can cut its old part off while
     // QEMU writes (QEMU's own offset would leave a hole); no pipe (see `crate::console`).
     a.push("-chardev".into());
@@ -230,11 +237,20 @@ mod tests {
     }
 
     fn joined(accel: Accel) -> String {
-        let a = args(&config(), accel, Path::new("/r/console.log"), None);
+        let a = args(&config(), accel, Path::new("/r/console.log"), None, None);
         a.iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    #[test]
+    fn test_args_tcg_guest_gets_the_tsc_frequency_given() {
+        let a = args(&config(), Accel::Tcg, Path::new("/r/c.log"), None, Some(2_600_000));
+        let append = a.iter().skip_while(|a| *a != "-append").nth(1);
+        let line = append.map(|l| l.to_string_lossy().into_owned());
+        assert!(line.is_some_and(|l| l.ends_with("husk.channel=serial tsc_early_khz=2600000")));
+        assert!(!joined(Accel::Tcg).contains("tsc_early_khz"));
     }
 
     #[test]
@@ -269,7 +285,7 @@ mod tests {
             memory: "/v/m,em".into(),
             incoming: true,
         };
-        let a = args(&config(), Accel::Tcg, Path::new("/r/c.log"), Some(&snap));
+        let a = args(&config(), Accel::Tcg, Path::new("/r/c.log"), Some(&snap), None);
         let s: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
         let s = s.join(" ");
         assert!(s.contains("memory-backend-file,id=mem,size=128M,share=on,mem-path=/v/m,,em"));
@@ -281,7 +297,7 @@ mod tests {
             incoming: false,
             ..snap
         };
-        let a = args(&config(), Accel::Tcg, Path::new("/r/c.log"), Some(&snap));
+        let a = args(&config(), Accel::Tcg, Path::new("/r/c.log"), Some(&snap), None);
         assert!(!a.iter().any(|s| s == "-incoming"));
     }
 

@@ -11,6 +11,7 @@
 mod cmdline;
 mod qmp;
 mod snapshot;
+mod tsc;
 
 pub use snapshot::{qemu_major, MIN_QEMU_MAJOR};
 
@@ -135,6 +136,10 @@ impl QemuDoor {
         deadline: Instant,
     ) -> Result<Option<Qmp>, HypervisorError> {
         let run_dir = self.config.run_dir.clone();
+        // Measured while the relay and virtiofsd start; a restored guest has its own.
+        let boots = snapshot.as_ref().is_none_or(|s| !s.incoming);
+        let tsc_khz = (boots && self.accel == Accel::Tcg)
+            .then(|| tokio::task::spawn_blocking(tsc::host_khz));
         let serial = self.vm_path("serial.sock");
         let argv = vec![
             jail::arg(&self.vmm)?,
@@ -156,12 +161,17 @@ impl QemuDoor {
         }
         self.relay = Some(relay);
         let fs = self.start_virtiofsd().await?;
+        let tsc_khz = match tsc_khz {
+            Some(measuring) => measuring.await.ok().flatten(),
+            None => None,
+        };
         let mut argv = vec![jail::arg(&self.qemu)?];
         let args = cmdline::args(
             &self.config,
             self.accel,
             &self.console_path(),
             snapshot.as_ref(),
+            tsc_khz,
         );
         for a in args {
             argv.push(a.into_string().map_err(|a| HypervisorError::Spawn {
