@@ -222,6 +222,68 @@ fn test_snapshot_qemu_privileged_guest_leaves_snapshot_unchanged() {
     husk.assert_clean();
 }
 
+/// A disk image rootfs: the restored VM mounts its own disk, whatever the size, read-only
+/// as the bundle says (the host refuses writes too), or read-write with the writes kept in
+/// the image; as a cold boot.
+#[test]
+fn test_snapshot_qemu_disk_rootfs_restored_with_its_own_disk() {
+    let Some(env) = Env::get("test_snapshot_qemu_disk_rootfs_restored_with_its_own_disk") else {
+        return;
+    };
+    let husk = env.husk();
+    let store = store();
+    let script = "cat /sys/block/vda/size; grep ' / ' /proc/mounts | cut -d' ' -f4 | cut -d, -f1; \
+                  echo kept > /written && echo wrote";
+    let disk = |mib: u32, read_only: bool| {
+        let bundle = TestBundle::busybox(&husk, &["sh", "-c", script]).into_disk_image(mib);
+        bundle.edit(|c| c["root"]["readonly"] = read_only.into());
+        bundle
+    };
+    let (small, large, writable) = (disk(24, true), disk(48, true), disk(32, false));
+    let first = run(&husk, store.path(), &small, "d1", &[], &[]);
+    let log = stderr(&first);
+    assert!(log.contains(MADE) && log.contains(RESTORED), "{log}");
+    // 512-byte sectors; mounted read-only; the write fails (sh's exit code 1).
+    assert_eq!(stdout(&first), format!("{}\nro\n", 24 * 2048), "{log}");
+    assert_eq!(first.status.code(), Some(1), "{log}");
+    for (bundle, id, sectors, mode) in [
+        (&large, "d2", 48 * 2048, "ro"),
+        (&writable, "d3", 32 * 2048, "rw"),
+    ] {
+        let out = run(&husk, store.path(), bundle, id, &[], &[]);
+        let log = stderr(&out);
+        assert!(log.contains(RESTORED) && !log.contains(MADE), "{log}");
+        let wrote = if mode == "rw" { "wrote\n" } else { "" };
+        assert_eq!(stdout(&out), format!("{sectors}\n{mode}\n{wrote}"), "{log}");
+        let cold = run(
+            &husk,
+            store.path(),
+            bundle,
+            &format!("{id}c"),
+            &["--no-snapshot"],
+            &[],
+        );
+        assert!(!stderr(&cold).contains(RESTORED));
+        assert_eq!(
+            stdout(&cold),
+            stdout(&out),
+            "cold as restored: {}",
+            stderr(&cold)
+        );
+        assert_eq!(cold.status.code(), out.status.code());
+    }
+    // The write reached the image on the host.
+    let image = writable.path().join("rootfs.img");
+    let debugfs = std::process::Command::new(husk_e2e::harness::which("debugfs"))
+        .args(["-R", "cat /written"])
+        .arg(&image)
+        .output()
+        .expect("debugfs");
+    assert_eq!(String::from_utf8_lossy(&debugfs.stdout), "kept\n");
+    assert_eq!(snapshots(store.path()).len(), 1);
+    husk.assert_clean();
+}
+
 fn show(out: &Output) -> String {
     format!("stdout: {} stderr: {}", stdout(out), stderr(out))
 }
@@ -244,15 +306,15 @@ fn test_snapshot_prepare_makes_the_usual_shapes_then_runs_restore_without_making
     };
     let out = prepare();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    // A container's, one with bind mounts without and with a network, a pod's without and
-    // with a network.
-    assert_eq!(stdout(&out).matches(": made,").count(), 5, "{}", show(&out));
-    assert_eq!(snapshots(store.path()).len(), 5);
+    // A container's, one with bind mounts without and with a network, one on a disk image,
+    // a pod's without and with a network.
+    assert_eq!(stdout(&out).matches(": made,").count(), 6, "{}", show(&out));
+    assert_eq!(snapshots(store.path()).len(), 6);
     let again = prepare();
     assert_eq!(again.status.code(), Some(0), "{}", show(&again));
     assert_eq!(
         stdout(&again).matches(": kept,").count(),
-        5,
+        6,
         "{}",
         show(&again)
     );
@@ -261,6 +323,11 @@ fn test_snapshot_prepare_makes_the_usual_shapes_then_runs_restore_without_making
     let log = stderr(&out);
     assert_eq!(stdout(&out), "hi\n", "{log}");
     assert!(log.contains(RESTORED) && !log.contains(MADE), "{log}");
-    assert_eq!(snapshots(store.path()).len(), 5);
+    let disk = TestBundle::busybox(&husk, &["echo", "disk"]).into_disk_image(32);
+    let out = run(&husk, store.path(), &disk, "r2", &[], &[]);
+    let log = stderr(&out);
+    assert_eq!(stdout(&out), "disk\n", "{log}");
+    assert!(log.contains(RESTORED) && !log.contains(MADE), "{log}");
+    assert_eq!(snapshots(store.path()).len(), 6);
     husk.assert_clean();
 }

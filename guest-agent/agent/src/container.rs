@@ -808,18 +808,49 @@ fn unmount_all(id: &str) {
 }
 
 /// The device node of the virtio-blk disk whose serial is `serial`.
+/// The device node of the virtio-blk disk `serial`. A disk of 0 sectors is probed again
+/// first: a VM restored from a boot snapshot knows the saved VM's disk, an empty stand-in,
+/// until its driver reads the restored VM's own (its size, its read-only flag).
 fn block_device(serial: &str) -> std::io::Result<PathBuf> {
+    let mut name = disk_named(serial)?;
+    let sectors = std::fs::read_to_string(Path::new("/sys/block").join(&name).join("size"));
+    if sectors.is_ok_and(|s| s.trim() == "0") {
+        probe_again(&name)?;
+        name = disk_named(serial)?;
+    }
+    Ok(Path::new("/dev").join(name))
+}
+
+/// The name (`vda`) of the virtio-blk disk `serial`.
+fn disk_named(serial: &str) -> std::io::Result<std::ffi::OsString> {
     for entry in std::fs::read_dir("/sys/block")? {
         let name = entry?.file_name();
         let path = Path::new("/sys/block").join(&name).join("serial");
         if std::fs::read_to_string(&path).is_ok_and(|s| s.trim_end() == serial) {
-            return Ok(Path::new("/dev").join(name));
+            return Ok(name);
         }
     }
     Err(std::io::Error::new(
         std::io::ErrorKind::NotFound,
         format!("no virtio-blk disk with serial {serial:?}"),
     ))
+}
+
+/// Unbinds the virtio device of disk `name` from virtio_blk and binds it again: the driver
+/// resets the device and reads its size and features anew (the disk is re-added, under the
+/// same name while no other disk came meanwhile).
+fn probe_again(name: &std::ffi::OsStr) -> std::io::Result<()> {
+    let link = std::fs::read_link(Path::new("/sys/block").join(name).join("device"))?;
+    let device = link.file_name().ok_or_else(|| {
+        std::io::Error::other(format!("disk {name:?}: no virtio device in {link:?}"))
+    })?;
+    let driver = Path::new("/sys/bus/virtio/drivers/virtio_blk");
+    for action in ["unbind", "bind"] {
+        std::fs::write(driver.join(action), device.as_encoded_bytes()).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("{action} {device:?} (virtio_blk): {e}"))
+        })?;
+    }
+    Ok(())
 }
 
 /// A signal number from the host: 0 (`None`) only checks that the process exists (kill(2)).

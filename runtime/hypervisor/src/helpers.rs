@@ -232,7 +232,8 @@ pub(crate) fn require_inputs(config: &crate::VmConfig) -> Result<Option<PathBuf>
         ("guest kernel", &config.kernel),
         ("initramfs", &config.initramfs),
     ];
-    let disks = config.disks.iter().map(|d| ("disk image", &d.path));
+    let plugged = config.disks.iter().filter(|d| !d.is_unplugged());
+    let disks = plugged.map(|d| ("disk image", &d.path));
     for (what, path) in inputs.into_iter().chain(disks) {
         if !path.is_file() {
             return Err(HypervisorError::MissingFile {

@@ -364,6 +364,28 @@ pub struct Disk {
     pub read_only: bool,
 }
 
+impl Disk {
+    /// The disk of a VM that is saved for a snapshot (QEMU door): the serial of the disk the
+    /// restored VM gets, no contents (an empty, writable null device, so that a restored
+    /// read-only disk still matches the features the guest negotiated). The guest sees a disk
+    /// of 0 sectors; its agent probes the disk again when a container mounts it (the
+    /// restored VM's real disk then).
+    #[must_use]
+    pub fn unplugged(serial: &str) -> Self {
+        Self {
+            serial: serial.to_owned(),
+            path: PathBuf::new(),
+            read_only: false,
+        }
+    }
+
+    /// Whether it is [`unplugged`](Self::unplugged).
+    #[must_use]
+    pub fn is_unplugged(&self) -> bool {
+        self.path.as_os_str().is_empty()
+    }
+}
+
 /// A pod's network device: a tap in the pod's network namespace (mirrored to the pod's
 /// interface on the host), which the VMM opens from inside that namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,23 +3,26 @@
 
 use std::path::Path;
 
-use husk_hypervisor::{new_door, Export, FsShare, NetDevice, VmConfig};
+use husk_hypervisor::{new_door, Disk, Export, FsShare, NetDevice, VmConfig};
 use tracing::info;
 
-use crate::bundle::{BINDS_TAG, ROOTFS_TAG};
+use crate::bundle::{BINDS_TAG, ROOTFS_SERIAL, ROOTFS_TAG};
 use crate::pod::POD_TAG;
 use crate::{SandboxError, VmOptions};
 
-/// The shapes prepared (with `opts`' memory and vCPUs), as virtio-fs tags and whether the VM
-/// has a network device: `husk run` of a bundle's rootfs directory, the same with bind mounts
-/// (what Docker and Podman pass) without and with a network (theirs by default), and a pod of
-/// the shim without and with a network (a CRI pod's).
-const SHAPES: [(&[&str], bool); 5] = [
-    (&[ROOTFS_TAG], false),
-    (&[ROOTFS_TAG, BINDS_TAG], false),
-    (&[ROOTFS_TAG, BINDS_TAG], true),
-    (&[POD_TAG], false),
-    (&[POD_TAG], true),
+/// The shapes prepared (with `opts`' memory and vCPUs), as virtio-fs tags, whether the VM
+/// has a network device and whether its rootfs is a disk: `husk run` of a bundle's rootfs
+/// directory, the same with bind mounts (what Docker and Podman pass) without and with a
+/// network (theirs by default), `husk run` of a disk image rootfs, and a pod of the shim
+/// without and with a network (a CRI pod's). (The built-in VMM saves no disk or network
+/// device yet: there, those shapes boot without them and are not saved.)
+const SHAPES: [(&[&str], bool, bool); 6] = [
+    (&[ROOTFS_TAG], false, false),
+    (&[ROOTFS_TAG, BINDS_TAG], false, false),
+    (&[ROOTFS_TAG, BINDS_TAG], true, false),
+    (&[], false, true),
+    (&[POD_TAG], false, false),
+    (&[POD_TAG], true, false),
 ];
 
 /// Makes the snapshot of each shape that has none yet: starts a VM of the shape from its
@@ -36,7 +39,7 @@ pub async fn prepare_snapshots(opts: &VmOptions, root: &Path) -> Result<(), Sand
 }
 
 async fn prepare_in(opts: &VmOptions, dir: &Path) -> Result<(), SandboxError> {
-    for (i, (tags, net)) in SHAPES.iter().enumerate() {
+    for (i, (tags, net, disk)) in SHAPES.iter().enumerate() {
         let run_dir = dir.join(i.to_string());
         let empty = run_dir.join("empty");
         std::fs::create_dir_all(&empty).map_err(|source| SandboxError::StateDir {
@@ -59,8 +62,12 @@ async fn prepare_in(opts: &VmOptions, dir: &Path) -> Result<(), SandboxError> {
                     keep_cache: true,
                 })
                 .collect(),
-            disks: Vec::new(),
-            // Unplugged: the key is a networked VM's, no namespace or tap is needed.
+            // Unplugged: the key is that of a VM with the disk or network device, no file,
+            // namespace or tap is needed.
+            disks: disk
+                .then(|| Disk::unplugged(ROOTFS_SERIAL))
+                .into_iter()
+                .collect(),
             net: net.then(NetDevice::unplugged),
             run_dir,
             cgroup: None,
@@ -71,7 +78,7 @@ async fn prepare_in(opts: &VmOptions, dir: &Path) -> Result<(), SandboxError> {
         let started = vm.start().await;
         let _ = vm.stop().await;
         started?;
-        info!(shares = ?tags, net, "snapshot shape prepared");
+        info!(shares = ?tags, net, disk, "snapshot shape prepared");
     }
     Ok(())
 }

@@ -119,7 +119,8 @@ impl KvmDoor {
         if let Some(SnapshotMode::Restore { dir }) = &mode {
             binds.push(JailBind::ro(dir));
         }
-        for disk in &self.config.disks {
+        // Nor does it save a disk: an unplugged one is left out too.
+        for disk in self.config.disks.iter().filter(|d| !d.is_unplugged()) {
             doc.disks.push(DiskDevice {
                 serial: disk.serial.clone(),
                 path: disk.path.clone(),

@@ -151,9 +151,12 @@ pub fn args(
         let path = disk.path.to_string_lossy().replace(',', ",,");
         let read_only = if disk.read_only { "on" } else { "off" };
         a.push("-blockdev".into());
-        a.push(
-            format!("driver=file,node-name=disk{i},filename={path},read-only={read_only}").into(),
-        );
+        a.push(match disk.is_unplugged() {
+            // No host file: a device of 0 bytes.
+            true => format!("driver=null-co,node-name=disk{i},size=0").into(),
+            false => format!("driver=file,node-name=disk{i},filename={path},read-only={read_only}")
+                .into(),
+        });
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=disk{i},serial={}", disk.serial).into());
     }
@@ -245,8 +248,26 @@ mod tests {
     }
 
     #[test]
+    fn test_args_unplugged_disk_is_an_empty_null_device_with_its_serial() {
+        let mut config = config();
+        config.disks[0] = crate::Disk::unplugged("husk-rootfs");
+        let a = args(&config, Accel::Tcg, Path::new("/r/c.log"), None, None);
+        let s: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+        assert!(s.join(" ").contains(
+            "-blockdev driver=null-co,node-name=disk0,size=0 \
+             -device virtio-blk-device,drive=disk0,serial=husk-rootfs"
+        ));
+    }
+
+    #[test]
     fn test_args_tcg_guest_gets_the_tsc_frequency_given() {
-        let a = args(&config(), Accel::Tcg, Path::new("/r/c.log"), None, Some(2_600_000));
+        let a = args(
+            &config(),
+            Accel::Tcg,
+            Path::new("/r/c.log"),
+            None,
+            Some(2_600_000),
+        );
         let append = a.iter().skip_while(|a| *a != "-append").nth(1);
         let line = append.map(|l| l.to_string_lossy().into_owned());
         assert!(line.is_some_and(|l| l.ends_with("husk.channel=serial tsc_early_khz=2600000")));
@@ -285,7 +306,13 @@ mod tests {
             memory: "/v/m,em".into(),
             incoming: true,
         };
-        let a = args(&config(), Accel::Tcg, Path::new("/r/c.log"), Some(&snap), None);
+        let a = args(
+            &config(),
+            Accel::Tcg,
+            Path::new("/r/c.log"),
+            Some(&snap),
+            None,
+        );
         let s: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
         let s = s.join(" ");
         assert!(s.contains("memory-backend-file,id=mem,size=128M,share=on,mem-path=/v/m,,em"));
@@ -297,7 +324,13 @@ mod tests {
             incoming: false,
             ..snap
         };
-        let a = args(&config(), Accel::Tcg, Path::new("/r/c.log"), Some(&snap), None);
+        let a = args(
+            &config(),
+            Accel::Tcg,
+            Path::new("/r/c.log"),
+            Some(&snap),
+            None,
+        );
         assert!(!a.iter().any(|s| s == "-incoming"));
     }
 

@@ -138,8 +138,8 @@ impl QemuDoor {
         let run_dir = self.config.run_dir.clone();
         // Measured while the relay and virtiofsd start; a restored guest has its own.
         let boots = snapshot.as_ref().is_none_or(|s| !s.incoming);
-        let tsc_khz = (boots && self.accel == Accel::Tcg)
-            .then(|| tokio::task::spawn_blocking(tsc::host_khz));
+        let tsc_khz =
+            (boots && self.accel == Accel::Tcg).then(|| tokio::task::spawn_blocking(tsc::host_khz));
         let serial = self.vm_path("serial.sock");
         let argv = vec![
             jail::arg(&self.vmm)?,
@@ -185,7 +185,8 @@ impl QemuDoor {
             JailBind::ro(&self.config.initramfs),
         ];
         binds.extend(from.map(JailBind::ro));
-        binds.extend(self.config.disks.iter().map(|d| JailBind {
+        let disks = self.config.disks.iter().filter(|d| !d.is_unplugged());
+        binds.extend(disks.map(|d| JailBind {
             path: d.path.clone(),
             writable: !d.read_only,
         }));

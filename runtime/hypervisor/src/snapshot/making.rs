@@ -88,8 +88,9 @@ pub fn settle_restore(store: &Store, key: &str, restored: Result<(), String>) ->
 }
 
 /// The VM that is saved for `config`'s snapshot: in `config`'s run directory's
-/// `snapshot-boot`, every share served from an empty read-only directory, its network device
-/// (if any) [`unplugged`](crate::NetDevice::unplugged), no cgroup.
+/// `snapshot-boot`, every share served from an empty read-only directory, its disks and
+/// network device (if any) unplugged ([`crate::Disk::unplugged`],
+/// [`crate::NetDevice::unplugged`]), no cgroup.
 ///
 /// # Errors
 /// The empty directory cannot be made.
@@ -109,6 +110,11 @@ pub fn maker_config(config: &VmConfig) -> Result<VmConfig, String> {
                 },
                 keep_cache: false,
             })
+            .collect(),
+        disks: config
+            .disks
+            .iter()
+            .map(|d| crate::Disk::unplugged(&d.serial))
             .collect(),
         net: config.net.as_ref().map(|_| crate::NetDevice::unplugged()),
         run_dir,

@@ -4,9 +4,10 @@
 //! A snapshot is keyed by everything that shapes the saved guest ([`snapshot_key`]): the door,
 //! the contents of the kernel, the initramfs and the VMM binary (SHA-256, cached by their
 //! inode, size and times, so a run hashes nothing unchanged), the memory size, the vCPU count,
-//! the kernel command line and the device layout (the virtio-fs tags in order, a network
-//! device: the QEMU door saves one, its host side unplugged, and a restored VM's device gets
-//! the pod's tap and, from the agent, its address). A change to
+//! the kernel command line and the device layout (the virtio-fs tags in order; the disks'
+//! serials and a network device: the QEMU door saves them unplugged, and a restored VM's
+//! disk is the container's, probed again by the agent, its network device gets the pod's tap
+//! and, from the agent, its address). A change to
 //! any of them is another key: an old snapshot is never used for a new kernel.
 //!
 //! The store ([`Store`], `/run/husk-snapshots`) is root's alone (0700, files 0600) and no
@@ -60,8 +61,8 @@ pub fn snapshot_key(
     if !config.snapshot {
         return Err("snapshots are off for this VM (--no-snapshot or io.husk.snapshot)".into());
     }
-    if !config.disks.is_empty() {
-        return Err("a VM with a disk cannot be saved yet".into());
+    if !config.disks.is_empty() && !door.starts_with("qemu") {
+        return Err("this door cannot save a VM with a disk yet".into());
     }
     if config.net.is_some() && !door.starts_with("qemu") {
         return Err("this door cannot save a VM with a network device yet".into());
@@ -82,8 +83,12 @@ pub fn snapshot_key(
     for share in &config.shares {
         part(&share.tag);
     }
+    // Not virtio-fs tags (they are names of the runtime's own). A disk's serial is what its
+    // guest finds it by; its size and contents are the restored VM's own.
+    for disk in &config.disks {
+        part(&format!("disk: virtio-blk {}", disk.serial));
+    }
     if config.net.is_some() {
-        // Not a virtio-fs tag (they are names of the runtime's own).
         part("net: virtio-net");
     }
     Ok(hex(&key.finalize()[..16]))
@@ -339,6 +344,30 @@ mod tests {
         assert!(key(&store, &config, dir.path())
             .unwrap_err()
             .contains("disk"));
+    }
+
+    #[test]
+    fn test_key_with_disk_only_on_qemu_by_serial_not_path() {
+        let (dir, store, mut config) = setup();
+        let qemu = |config: &VmConfig| {
+            snapshot_key(&store, config, "qemu-tcg", &dir.path().join("vmm"), "c")
+        };
+        let without = qemu(&config).unwrap();
+        config.disks.push(crate::Disk::unplugged("husk-rootfs"));
+        let with = qemu(&config).unwrap();
+        assert_ne!(with, without);
+        config.disks[0] = crate::Disk {
+            serial: "husk-rootfs".into(),
+            path: "/b/rootfs.img".into(),
+            read_only: true,
+        };
+        assert_eq!(
+            qemu(&config).unwrap(),
+            with,
+            "the disk's file is not the key"
+        );
+        config.disks[0].serial = "other".into();
+        assert_ne!(qemu(&config).unwrap(), with);
     }
 
     #[test]
