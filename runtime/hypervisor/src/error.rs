@@ -76,6 +76,9 @@ pub enum HypervisorError {
     /// Waiting for or signalling a process failed.
     #[error("failed to manage the VMM process")]
     Process(#[source] std::io::Error),
+    /// The copy of a boot snapshot's memory for the VM restored from it failed.
+    #[error("copying the snapshot's memory: {0}")]
+    SnapshotMemory(std::io::Error),
 }
 
 /// A device helper (virtiofsd) exited while its VM ran.

@@ -124,15 +124,24 @@ fn choose_accel() -> Accel {
     }
 }
 
+/// What a restore brings to [`QemuDoor::launch`].
+struct Restore<'a> {
+    /// The snapshot's directory.
+    snapshot: &'a Path,
+    /// The copy of its memory into the VM's file, under way.
+    memory_copy: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
 impl QemuDoor {
     /// Starts the serial relay, virtiofsd for each share and QEMU: a cold boot, or with
-    /// `snapshot` a boot to be saved or a restore (`from`, the snapshot, bound read-only into
-    /// QEMU's jail). With `snapshot`, QEMU's monitor is returned, in command mode, its calls
-    /// bounded by `deadline`.
+    /// `snapshot` a boot to be saved or a restore (`from`: the snapshot, bound read-only into
+    /// QEMU's jail, and the copy of its memory, which runs while the relay and virtiofsd
+    /// start and must be done before QEMU). With `snapshot`, QEMU's monitor is returned, in
+    /// command mode, its calls bounded by `deadline`.
     async fn launch(
         &mut self,
         snapshot: Option<SnapshotArgs>,
-        from: Option<&Path>,
+        from: Option<Restore<'_>>,
         deadline: Instant,
     ) -> Result<Option<Qmp>, HypervisorError> {
         let run_dir = self.config.run_dir.clone();
@@ -161,6 +170,17 @@ impl QemuDoor {
         }
         self.relay = Some(relay);
         let fs = self.start_virtiofsd().await?;
+        let from = match from {
+            Some(Restore {
+                snapshot,
+                memory_copy,
+            }) => {
+                let copied = memory_copy.await.unwrap_or_else(|e| Err(e.into()));
+                copied.map_err(HypervisorError::SnapshotMemory)?;
+                Some(snapshot)
+            }
+            None => None,
+        };
         let tsc_khz = match tsc_khz {
             Some(measuring) => measuring.await.ok().flatten(),
             None => None,
@@ -272,14 +292,21 @@ impl QemuDoor {
         let state = snapshot::file_uri(&dir.join(husk_vmm::snapshot::STATE_FILE))?;
         let memory = self.vm_path(RESTORED_MEMORY);
         let saved = dir.join(husk_vmm::snapshot::MEMORY_FILE);
-        husk_vmm::snapshot::copy_memory_file(&saved, &memory, Copy::InKernel)
-            .map_err(|e| format!("copying the snapshot's memory: {e}"))?;
+        let to = memory.clone();
+        let memory_copy = tokio::task::spawn_blocking(move || {
+            husk_vmm::snapshot::copy_memory_file(&saved, &to, Copy::InKernel)
+                .map_err(std::io::Error::other)
+        });
         let args = SnapshotArgs {
             memory,
             incoming: true,
         };
+        let from = Restore {
+            snapshot: dir,
+            memory_copy,
+        };
         let mut qmp = self
-            .launch(Some(args), Some(dir), deadline)
+            .launch(Some(args), Some(from), deadline)
             .await
             .map_err(|e| e.to_string())?
             .ok_or("QEMU has no monitor")?;
