@@ -146,16 +146,26 @@ impl Store {
             .then_some(dir)
     }
 
-    /// An exclusive lock on making the snapshot of `key`, if no one else holds it.
+    /// An exclusive lock on making (or removing) the snapshot of `key`, if no one else holds
+    /// it. The lock file goes with the snapshot ([`Store::remove`]): a lock taken on a file
+    /// removed meanwhile is no lock, and counts as held by another.
     pub fn try_lock(&self, key: &str) -> Option<nix::fcntl::Flock<File>> {
+        let path = self.lock_path(key);
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .open(self.root.join(format!("{key}.lock")))
+            .open(&path)
             .ok()?;
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()?;
+        let held = lock.metadata().ok()?;
+        let current = std::fs::symlink_metadata(&path).ok()?;
+        (held.dev() == current.dev() && held.ino() == current.ino()).then_some(lock)
+    }
+
+    fn lock_path(&self, key: &str) -> PathBuf {
+        self.root.join(format!("{key}.lock"))
     }
 
     /// Moves the snapshot directory `made` (complete, its VMM gone) into the store as `key`'s,
@@ -191,6 +201,7 @@ impl Store {
     pub fn remove(&self, key: &str) {
         if let Some(_lock) = self.try_lock(key) {
             let _ = std::fs::remove_dir_all(self.root.join(key));
+            let _ = std::fs::remove_file(self.lock_path(key));
         }
     }
 
@@ -217,6 +228,15 @@ impl Store {
         for (key, _) in self.list().into_iter().skip(MAX_SNAPSHOTS) {
             if key != keep {
                 self.remove(&key);
+            }
+        }
+        // The locks of snapshots never made (a failed boot) or already removed.
+        let names = std::fs::read_dir(&self.root).into_iter().flatten().flatten();
+        for name in names.filter_map(|e| e.file_name().into_string().ok()) {
+            if let Some(key) = name.strip_suffix(".lock") {
+                if key != keep && self.lookup(key).is_none() {
+                    self.remove(key);
+                }
             }
         }
     }
@@ -440,12 +460,19 @@ mod tests {
     }
 
     #[test]
-    fn test_lock_is_exclusive() {
-        let (_dir, store, _) = setup();
+    fn test_lock_is_exclusive_and_goes_with_its_snapshot() {
+        let (dir, store, _) = setup();
+        let lock_file = dir.path().join("store/k.lock");
         let held = store.try_lock("k").unwrap();
         assert!(store.try_lock("k").is_none());
         drop(held);
         assert!(store.try_lock("k").is_some());
+        // remove() takes the lock file too; prune() that of a key without a snapshot.
+        store.remove("k");
+        assert!(!lock_file.exists());
+        drop(store.try_lock("k").unwrap());
+        store.prune("other");
+        assert!(!lock_file.exists());
     }
 
     #[test]
