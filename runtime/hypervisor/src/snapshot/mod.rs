@@ -158,7 +158,8 @@ impl Store {
             .mode(0o600)
             .open(&path)
             .ok()?;
-        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()?;
+        let lock =
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()?;
         let held = lock.metadata().ok()?;
         let current = std::fs::symlink_metadata(&path).ok()?;
         (held.dev() == current.dev() && held.ino() == current.ino()).then_some(lock)
@@ -231,7 +232,10 @@ impl Store {
             }
         }
         // The locks of snapshots never made (a failed boot) or already removed.
-        let names = std::fs::read_dir(&self.root).into_iter().flatten().flatten();
+        let names = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten();
         for name in names.filter_map(|e| e.file_name().into_string().ok()) {
             if let Some(key) = name.strip_suffix(".lock") {
                 if key != keep && self.lookup(key).is_none() {
