@@ -240,7 +240,18 @@ mod tests {
     }
 
     fn joined(accel: Accel) -> String {
-        let a = args(&config(), accel, Path::new("/r/console.log"), None, None);
+        joined_with(&config(), accel, None, None)
+    }
+
+    /// The arguments for `config` (console `/r/console.log`) as one string.
+    fn joined_with(
+        config: &VmConfig,
+        accel: Accel,
+        snapshot: Option<&SnapshotArgs>,
+        tsc_khz: Option<u64>,
+    ) -> String {
+        let console = Path::new("/r/console.log");
+        let a = args(config, accel, console, snapshot, tsc_khz);
         a.iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -251,9 +262,7 @@ mod tests {
     fn test_args_unplugged_disk_is_an_empty_null_device_with_its_serial() {
         let mut config = config();
         config.disks[0] = crate::Disk::unplugged("husk-rootfs");
-        let a = args(&config, Accel::Tcg, Path::new("/r/c.log"), None, None);
-        let s: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
-        assert!(s.join(" ").contains(
+        assert!(joined_with(&config, Accel::Tcg, None, None).contains(
             "-blockdev driver=null-co,node-name=disk0,size=0 \
              -device virtio-blk-device,drive=disk0,serial=husk-rootfs"
         ));
@@ -261,16 +270,8 @@ mod tests {
 
     #[test]
     fn test_args_tcg_guest_gets_the_tsc_frequency_given() {
-        let a = args(
-            &config(),
-            Accel::Tcg,
-            Path::new("/r/c.log"),
-            None,
-            Some(2_600_000),
-        );
-        let append = a.iter().skip_while(|a| *a != "-append").nth(1);
-        let line = append.map(|l| l.to_string_lossy().into_owned());
-        assert!(line.is_some_and(|l| l.ends_with("husk.channel=serial tsc_early_khz=2600000")));
+        let s = joined_with(&config(), Accel::Tcg, None, Some(2_600_000));
+        assert!(s.contains("husk.channel=serial tsc_early_khz=2600000 -chardev"));
         assert!(!joined(Accel::Tcg).contains("tsc_early_khz"));
     }
 
@@ -306,15 +307,7 @@ mod tests {
             memory: "/v/m,em".into(),
             incoming: true,
         };
-        let a = args(
-            &config(),
-            Accel::Tcg,
-            Path::new("/r/c.log"),
-            Some(&snap),
-            None,
-        );
-        let s: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
-        let s = s.join(" ");
+        let s = joined_with(&config(), Accel::Tcg, Some(&snap), None);
         assert!(s.contains("memory-backend-file,id=mem,size=128M,share=on,mem-path=/v/m,,em"));
         assert!(!s.contains("memfd"));
         // The monitor's descriptor follows the one share's.
@@ -324,14 +317,8 @@ mod tests {
             incoming: false,
             ..snap
         };
-        let a = args(
-            &config(),
-            Accel::Tcg,
-            Path::new("/r/c.log"),
-            Some(&snap),
-            None,
-        );
-        assert!(!a.iter().any(|s| s == "-incoming"));
+        let s = joined_with(&config(), Accel::Tcg, Some(&snap), None);
+        assert!(!s.contains("-incoming"));
     }
 
     #[test]
