@@ -77,17 +77,18 @@ fn test_husk_run_through_builtin_vmm_in_emulated_test_host() {
         return;
     };
     let text = husk_run_nest(&env, None);
-    // c1 (2 vCPUs) and c2 (1) are each the first VM of their shape: a VM is booted and saved,
-    // then theirs restored from it; c3's disk boots cold.
+    // c1 (2 vCPUs), c2 (1) and c3 (a disk) are each the first VM of their shape: a VM is
+    // booted and saved, then theirs restored from it (c3's with its own disk, where the saved
+    // VM had an empty one).
     assert_eq!(
         text.matches("built-in VMM started").count(),
-        5,
+        6,
         "every run on the built-in VMM:\n{text}"
     );
     assert_eq!(
         text.matches("VM restored from its boot snapshot").count(),
-        2,
-        "c1 and c2 restored:\n{text}"
+        3,
+        "c1, c2 and c3 restored:\n{text}"
     );
     assert_lines(
         &text,

@@ -36,6 +36,15 @@ pub enum HypervisorError {
         #[source]
         source: std::io::Error,
     },
+    /// The empty file behind an unplugged disk could not be made.
+    #[error("failed to make the empty disk {}", path.display())]
+    EmptyDisk {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A share's staging directory (for one file or directory) could not be made.
     #[error("failed to stage share at {}", path.display())]
     ShareStaging {

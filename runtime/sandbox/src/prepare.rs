@@ -14,8 +14,8 @@ use crate::{SandboxError, VmOptions};
 /// has a network device and whether its rootfs is a disk: `husk run` of a bundle's rootfs
 /// directory, the same with bind mounts (what Docker and Podman pass) without and with a
 /// network (theirs by default), `husk run` of a disk image rootfs, and a pod of the shim
-/// without and with a network (a CRI pod's). (The built-in VMM saves no disk or network
-/// device yet: there, those shapes boot without them and are not saved.)
+/// without and with a network (a CRI pod's). (The built-in VMM saves no network device yet:
+/// there, those shapes boot without one and are not saved.)
 const SHAPES: [(&[&str], bool, bool); 6] = [
     (&[ROOTFS_TAG], false, false),
     (&[ROOTFS_TAG, BINDS_TAG], false, false),

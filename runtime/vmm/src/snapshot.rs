@@ -11,8 +11,9 @@
 //!
 //! Saving happens from the vCPU threads of a paused VM ([`crate::ExitReason::Paused`]); loading
 //! checks everything it reads (version, sizes, counts), because a snapshot that cannot be used
-//! must fail with a reason (the caller then boots cold), never half-restore a VM. Block and
-//! network devices cannot be saved yet (their VMs boot cold).
+//! must fail with a reason (the caller then boots cold), never half-restore a VM. A block
+//! device is saved as its queue's position (the restored VM's disk is its own file; the
+//! agent probes it again); network devices cannot be saved yet (their VMs boot cold).
 
 use std::fs::File;
 use std::io::{Read, Write};

@@ -4,6 +4,7 @@
 
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueT};
@@ -11,7 +12,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::mmio::{read_config_bytes, Interrupt, VirtioMmioDevice};
+use super::mmio::{read_config_bytes, Interrupt, QueuePosition, VirtioMmioDevice};
 use super::worker::WorkerSlot;
 use crate::block::defs::{F_RO, QUEUE_SIZE};
 use crate::block::device::{Block, CONFIG_LEN};
@@ -29,6 +30,8 @@ pub struct BlockMmio {
     config: [u8; CONFIG_LEN],
     features: u64,
     worker: WorkerSlot<Block>,
+    /// Where the queue was when the worker last stopped (for [`VirtioMmioDevice::pause`]).
+    position: Arc<Mutex<Option<QueuePosition>>>,
 }
 
 impl std::fmt::Debug for BlockMmio {
@@ -57,6 +60,7 @@ impl BlockMmio {
             config: block.config(),
             features: block.features(),
             worker: WorkerSlot::new("block", block),
+            position: Arc::default(),
         })
     }
 
@@ -114,21 +118,40 @@ impl VirtioMmioDevice for BlockMmio {
         else {
             return Err("block device activated without its queue".into());
         };
+        let position = self.position.clone();
         self.worker.start(move |block, stop| {
-            Worker {
+            let mut worker = Worker {
                 block,
                 mem,
                 queue,
                 kick,
                 interrupt,
                 stop,
-            }
-            .run()
+            };
+            worker.run();
+            let at = QueuePosition::of(&worker.queue);
+            *position.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
+            worker.block
         })
     }
 
     fn reset(&mut self) {
         self.stop_worker();
+    }
+
+    /// Every request taken was answered before the worker looks at its stop event, so the
+    /// queue's position is all there is to save (the disk's file is the restored VM's own).
+    fn pause(&mut self) -> Result<Vec<QueuePosition>, String> {
+        if self.worker.stop().is_none() {
+            return Err("block device is not active".into());
+        }
+        let at = self
+            .position
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        at.map(|at| vec![at])
+            .ok_or_else(|| "block worker left no queue position".into())
     }
 }
 
@@ -143,11 +166,11 @@ struct Worker {
 }
 
 impl Worker {
-    /// Serves the queue until `stop`; gives the device back.
-    fn run(mut self) -> Block {
+    /// Serves the queue until `stop`.
+    fn run(&mut self) {
         let Ok(epoll) = Epoll::new() else {
             warn_rate_limited!("block: epoll_create failed; device stays silent");
-            return self.block;
+            return;
         };
         for (fd, data) in [
             (self.kick.as_raw_fd(), EV_KICK),
@@ -156,7 +179,7 @@ impl Worker {
             let event = EpollEvent::new(EventSet::IN, data);
             if let Err(e) = epoll.ctl(ControlOperation::Add, fd, event) {
                 warn_rate_limited!(error = %e, "block: epoll_ctl failed; device stays silent");
-                return self.block;
+                return;
             }
         }
         // Requests queued before the first kick we see.
@@ -166,11 +189,11 @@ impl Worker {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => return self.block,
+                Err(_) => return,
             };
             for event in events.iter().take(n) {
                 match event.data() {
-                    EV_STOP => return self.block,
+                    EV_STOP => return,
                     _ => {
                         let _ = self.kick.read();
                     }
@@ -309,6 +332,45 @@ mod tests {
         assert_eq!(data, [0x5a; 512]);
         write_reg(&mut transport, 0x070, 0);
         assert!(!transport.device().worker.is_running());
+    }
+
+    #[test]
+    fn test_block_mmio_saved_after_a_request_at_its_queue_position_then_restored() {
+        let file = disk();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(QUEUE_ADDR), QUEUE_SIZE);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = BlockMmio::new(file.path(), false, "husk-blk").unwrap();
+        let mut transport = MmioTransport::new(dev, mem.clone(), irq.try_clone().unwrap()).unwrap();
+        bring_up(&mut transport, &vq);
+        mem.write_obj(T_IN.to_le(), GuestAddress(HDR)).unwrap();
+        let descs = [
+            SplitDescriptor::new(HDR, 16, 1, 1),
+            SplitDescriptor::new(DATA, 512, 1 | 2, 2),
+            SplitDescriptor::new(STATUS, 1, 2, 0),
+        ];
+        vq.add_desc_chains(&descs.map(RawDescriptor::from), 0)
+            .unwrap();
+        write_reg(&mut transport, 0x050, 0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while vq.used().idx().load() != 1 {
+            assert!(Instant::now() < deadline, "request not served");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+
+        let state = transport.save().unwrap();
+
+        let at = QueuePosition {
+            next_avail: 1,
+            next_used: 1,
+        };
+        assert_eq!(state.positions, Some(vec![at]));
+        assert!(!transport.device().worker.is_running(), "paused");
+        // Restored onto another disk (a read-only one: its features are a superset).
+        let other = disk();
+        let dev = BlockMmio::new(other.path(), true, "husk-blk").unwrap();
+        let restored = MmioTransport::restore(dev, mem, irq, &state).unwrap();
+        assert!(restored.device().worker.is_running());
     }
 
     #[test]

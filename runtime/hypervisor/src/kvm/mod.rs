@@ -10,6 +10,7 @@
 
 mod snapshot;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use husk_vmm::document::{DiskDevice, FsDevice, NetDevice, SnapshotMode, VmmDocument};
@@ -40,7 +41,8 @@ pub struct KvmDoor {
 
 impl KvmDoor {
     /// The VM's network device, unless it is unplugged (this door saves no network device,
-    /// so an unplugged one, from `husk snapshot prepare`, is simply left out).
+    /// so an unplugged one, from `husk snapshot prepare`, is simply left out; an unplugged
+    /// disk is an empty file, see `unplugged_disk`).
     fn plugged_net(&self) -> Option<&crate::NetDevice> {
         self.config.net.as_ref().filter(|n| !n.is_unplugged())
     }
@@ -69,6 +71,24 @@ impl KvmDoor {
 
     fn run_path(&self, name: &str) -> PathBuf {
         self.config.run_dir.join(name)
+    }
+
+    /// The backing file of an unplugged disk ([`crate::Disk::unplugged`]): an empty file of
+    /// this VM's own, in its run directory (out of the jail, which gets the file alone).
+    fn unplugged_disk(&self, serial: &str) -> Result<PathBuf, HypervisorError> {
+        let path = self.run_path(&format!("unplugged-{serial}.img"));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|source| HypervisorError::EmptyDisk {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(path)
     }
 
     /// A file in the directory the VM's jailed processes may write ([`crate::vm_dir`]).
@@ -119,16 +139,19 @@ impl KvmDoor {
         if let Some(SnapshotMode::Restore { dir }) = &mode {
             binds.push(JailBind::ro(dir));
         }
-        // Nor does it save a disk: an unplugged one is left out too.
-        for disk in self.config.disks.iter().filter(|d| !d.is_unplugged()) {
+        for disk in &self.config.disks {
+            let (path, read_only) = match disk.is_unplugged() {
+                true => (self.unplugged_disk(&disk.serial)?, false),
+                false => (disk.path.clone(), disk.read_only),
+            };
+            binds.push(JailBind {
+                path: path.clone(),
+                writable: !read_only,
+            });
             doc.disks.push(DiskDevice {
                 serial: disk.serial.clone(),
-                path: disk.path.clone(),
-                read_only: disk.read_only,
-            });
-            binds.push(JailBind {
-                path: disk.path.clone(),
-                writable: !disk.read_only,
+                path,
+                read_only,
             });
         }
         let doc_path = self.run_path("vmm.json");

@@ -5,9 +5,9 @@
 //! the contents of the kernel, the initramfs and the VMM binary (SHA-256, cached by their
 //! inode, size and times, so a run hashes nothing unchanged), the memory size, the vCPU count,
 //! the kernel command line and the device layout (the virtio-fs tags in order; the disks'
-//! serials and a network device: the QEMU door saves them unplugged, and a restored VM's
-//! disk is the container's, probed again by the agent, its network device gets the pod's tap
-//! and, from the agent, its address). A change to
+//! serials and a network device: the doors save them unplugged, and a restored VM's disk is
+//! the container's, probed again by the agent; on the QEMU door, its network device gets the
+//! pod's tap and, from the agent, its address). A change to
 //! any of them is another key: an old snapshot is never used for a new kernel.
 //!
 //! The store ([`Store`], `/run/husk-snapshots`) is root's alone (0700, files 0600) and no
@@ -49,8 +49,8 @@ const SNAPSHOT_FILES: [&str; 2] = [
 /// boots cold.
 ///
 /// # Errors
-/// One line: snapshots are off for this VM, its layout cannot be saved yet (a disk or a
-/// network device), or an input cannot be read.
+/// One line: snapshots are off for this VM, its layout cannot be saved yet (a network
+/// device on the built-in VMM), or an input cannot be read.
 pub fn snapshot_key(
     store: &Store,
     config: &VmConfig,
@@ -60,9 +60,6 @@ pub fn snapshot_key(
 ) -> Result<String, String> {
     if !config.snapshot {
         return Err("snapshots are off for this VM (--no-snapshot or io.husk.snapshot)".into());
-    }
-    if !config.disks.is_empty() && !door.starts_with("qemu") {
-        return Err("this door cannot save a VM with a disk yet".into());
     }
     if config.net.is_some() && !door.starts_with("qemu") {
         return Err("this door cannot save a VM with a network device yet".into());
@@ -353,45 +350,30 @@ mod tests {
     }
 
     #[test]
-    fn test_key_refused_when_off_or_with_disk_or_network() {
+    fn test_key_refused_when_off() {
         let (dir, store, mut config) = setup();
         config.snapshot = false;
         assert!(key(&store, &config, dir.path())
             .unwrap_err()
             .contains("off"));
-        config.snapshot = true;
-        config.disks.push(crate::Disk {
-            serial: "d".into(),
-            path: "/d".into(),
-            read_only: true,
-        });
-        assert!(key(&store, &config, dir.path())
-            .unwrap_err()
-            .contains("disk"));
     }
 
     #[test]
-    fn test_key_with_disk_only_on_qemu_by_serial_not_path() {
+    fn test_key_with_disk_by_serial_not_file() {
         let (dir, store, mut config) = setup();
-        let qemu = |config: &VmConfig| {
-            snapshot_key(&store, config, "qemu-tcg", &dir.path().join("vmm"), "c")
-        };
-        let without = qemu(&config).unwrap();
+        let without = key(&store, &config, dir.path()).unwrap();
         config.disks.push(crate::Disk::unplugged("husk-rootfs"));
-        let with = qemu(&config).unwrap();
+        let with = key(&store, &config, dir.path()).unwrap();
         assert_ne!(with, without);
         config.disks[0] = crate::Disk {
             serial: "husk-rootfs".into(),
             path: "/b/rootfs.img".into(),
             read_only: true,
         };
-        assert_eq!(
-            qemu(&config).unwrap(),
-            with,
-            "the disk's file is not the key"
-        );
+        let same = key(&store, &config, dir.path()).unwrap();
+        assert_eq!(same, with, "the disk's file is not the key");
         config.disks[0].serial = "other".into();
-        assert_ne!(qemu(&config).unwrap(), with);
+        assert_ne!(key(&store, &config, dir.path()).unwrap(), with);
     }
 
     #[test]
