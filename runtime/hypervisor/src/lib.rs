@@ -365,11 +365,12 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// The disk of a VM that is saved for a snapshot (QEMU door): the serial of the disk the
-    /// restored VM gets, no contents (an empty, writable null device, so that a restored
-    /// read-only disk still matches the features the guest negotiated). The guest sees a disk
-    /// of 0 sectors; its agent probes the disk again when a container mounts it (the
-    /// restored VM's real disk then).
+    /// The disk of a VM that is saved for a snapshot: the serial of the disk the restored VM
+    /// gets, no contents (each door backs it with something empty and writable: QEMU a
+    /// `null-co` device, husk-vmm an empty file; writable, so that a restored read-only disk
+    /// still matches the features the guest negotiated). The guest sees a disk of 0 sectors;
+    /// its agent probes the disk again when a container mounts it (the restored VM's real
+    /// disk then).
     #[must_use]
     pub fn unplugged(serial: &str) -> Self {
         Self {

@@ -260,6 +260,39 @@ mod tests {
     }
 
     /// Plays the driver's initialization (virtio 1.2 §3.1.1) up to DRIVER_OK.
+    /// A writable device on `file`, its transport brought up with the queue `vq` in `mem`,
+    /// and its interrupt's event fd.
+    fn active<'a>(
+        mem: &'a GuestMemoryMmap,
+        file: &NamedTempFile,
+    ) -> (
+        MockSplitQueue<'a, GuestMemoryMmap>,
+        EventFd,
+        MmioTransport<BlockMmio>,
+    ) {
+        let vq = MockSplitQueue::create(mem, GuestAddress(QUEUE_ADDR), QUEUE_SIZE);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = BlockMmio::new(file.path(), false, "husk-blk").unwrap();
+        let mut transport = MmioTransport::new(dev, mem.clone(), irq.try_clone().unwrap()).unwrap();
+        bring_up(&mut transport, &vq);
+        (vq, irq, transport)
+    }
+
+    /// Puts one request on `vq`: read sector 1 into `DATA`, its status (0xff until served) at
+    /// `STATUS`.
+    fn queue_read_of_sector_1(mem: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>) {
+        mem.write_obj(T_IN.to_le(), GuestAddress(HDR)).unwrap();
+        mem.write_obj(1u64.to_le(), GuestAddress(HDR + 8)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let descs = [
+            SplitDescriptor::new(HDR, 16, 1, 1),
+            SplitDescriptor::new(DATA, 512, 1 | 2, 2),
+            SplitDescriptor::new(STATUS, 1, 2, 0),
+        ];
+        vq.add_desc_chains(&descs.map(RawDescriptor::from), 0)
+            .unwrap();
+    }
+
     fn bring_up(transport: &mut MmioTransport<BlockMmio>, vq: &MockSplitQueue<GuestMemoryMmap>) {
         write_reg(transport, 0x070, 1 | 2);
         write_reg(transport, 0x024, 1);
@@ -296,26 +329,13 @@ mod tests {
     fn test_block_mmio_kick_served_by_worker_raises_irq_then_reset_joins() {
         let file = disk();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(QUEUE_ADDR), QUEUE_SIZE);
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dev = BlockMmio::new(file.path(), false, "husk-blk").unwrap();
-        let mut transport = MmioTransport::new(dev, mem.clone(), irq.try_clone().unwrap()).unwrap();
-        bring_up(&mut transport, &vq);
+        let (vq, irq, mut transport) = active(&mem, &file);
         assert_eq!(
             read_reg(&mut transport, 0x070),
             15,
             "activated without NEEDS_RESET"
         );
-        mem.write_obj(T_IN.to_le(), GuestAddress(HDR)).unwrap();
-        mem.write_obj(1u64.to_le(), GuestAddress(HDR + 8)).unwrap();
-        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        let descs = [
-            SplitDescriptor::new(HDR, 16, 1, 1),
-            SplitDescriptor::new(DATA, 512, 1 | 2, 2),
-            SplitDescriptor::new(STATUS, 1, 2, 0),
-        ];
-        vq.add_desc_chains(&descs.map(RawDescriptor::from), 0)
-            .unwrap();
+        queue_read_of_sector_1(&mem, &vq);
 
         write_reg(&mut transport, 0x050, 0);
 
@@ -338,19 +358,8 @@ mod tests {
     fn test_block_mmio_saved_after_a_request_at_its_queue_position_then_restored() {
         let file = disk();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(QUEUE_ADDR), QUEUE_SIZE);
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dev = BlockMmio::new(file.path(), false, "husk-blk").unwrap();
-        let mut transport = MmioTransport::new(dev, mem.clone(), irq.try_clone().unwrap()).unwrap();
-        bring_up(&mut transport, &vq);
-        mem.write_obj(T_IN.to_le(), GuestAddress(HDR)).unwrap();
-        let descs = [
-            SplitDescriptor::new(HDR, 16, 1, 1),
-            SplitDescriptor::new(DATA, 512, 1 | 2, 2),
-            SplitDescriptor::new(STATUS, 1, 2, 0),
-        ];
-        vq.add_desc_chains(&descs.map(RawDescriptor::from), 0)
-            .unwrap();
+        let (vq, irq, mut transport) = active(&mem, &file);
+        queue_read_of_sector_1(&mem, &vq);
         write_reg(&mut transport, 0x050, 0);
         let deadline = Instant::now() + Duration::from_secs(5);
         while vq.used().idx().load() != 1 {
@@ -377,11 +386,7 @@ mod tests {
     fn test_block_mmio_corrupted_avail_idx_needs_reset_then_reset_joins() {
         let file = disk();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(QUEUE_ADDR), QUEUE_SIZE);
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dev = BlockMmio::new(file.path(), false, "husk-blk").unwrap();
-        let mut transport = MmioTransport::new(dev, mem.clone(), irq.try_clone().unwrap()).unwrap();
-        bring_up(&mut transport, &vq);
+        let (vq, irq, mut transport) = active(&mem, &file);
         vq.avail().idx().store(QUEUE_SIZE + 1);
 
         write_reg(&mut transport, 0x050, 0);
