@@ -1,5 +1,6 @@
 //! One cgroup v2 group per container under the guest's hierarchy (`/sys/fs/cgroup`, mounted
-//! by [`crate::init`]): `containers/<id>`, with every controller of the guest kernel enabled
+//! by [`crate::init`]): `containers/<id>` (`containers/.spare` for the container that takes
+//! the spare container-init, [`Cgroup::spare`]), with every controller of the guest kernel enabled
 //! on the way (memory, cpu, pids and cpuset: kernel-config/fragments/cgroups.config), as runc
 //! does. The agent creates it, writes the limits and moves container-init into it before
 //! sending the spec, so that everything the container runs is limited and a cgroup namespace
@@ -14,6 +15,7 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use husk_protocol::{Resources, Stats};
@@ -40,9 +42,7 @@ impl Cgroup {
     /// Creates `containers/<id>` with `resources` written into it.
     pub fn create(id: &str, resources: &Resources) -> io::Result<Self> {
         let parent = Path::new(ROOT).join(CONTAINERS);
-        enable_controllers(Path::new(ROOT))?;
-        mkdir(&parent)?;
-        enable_controllers(&parent)?;
+        Self::prepare_parent()?;
         let cgroup = Self {
             path: parent.join(id),
         };
@@ -52,6 +52,35 @@ impl Cgroup {
             return Err(e);
         }
         Ok(cgroup)
+    }
+
+    /// Creates `containers/.spare` (no container id starts with a dot), the group of a spare
+    /// container-init, and keeps it for the container that takes it: cgroup v2 cannot rename
+    /// a group, and moving a process costs as much as the clone the spare saves. The name is
+    /// the guest's own business: a container with a cgroup namespace sees its group as `/`.
+    pub fn spare() -> io::Result<Self> {
+        Self::prepare_parent()?;
+        let cgroup = Self {
+            path: Path::new(ROOT).join(CONTAINERS).join(".spare"),
+        };
+        std::fs::create_dir(&cgroup.path).map_err(|e| annotate(e, &cgroup.path, "mkdir"))?;
+        Ok(cgroup)
+    }
+
+    /// Makes `containers` with every controller enabled on the way, once: the agent does it
+    /// before its first request (so that a boot snapshot has it), [`Cgroup::create`] again if
+    /// that failed.
+    pub fn prepare_parent() -> io::Result<()> {
+        static PREPARED: AtomicBool = AtomicBool::new(false);
+        if PREPARED.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let parent = Path::new(ROOT).join(CONTAINERS);
+        enable_controllers(Path::new(ROOT))?;
+        mkdir(&parent)?;
+        enable_controllers(&parent)?;
+        PREPARED.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Writes the limits `r` sets; the others stay as they are. `unified` comes last, so that

@@ -28,7 +28,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use crate::cgroup::Cgroup;
-use crate::init::{ctx, mkdir_p, RUN_DIR};
+use crate::init::{ctx, mkdir_p, CONTAINERS_DIR};
 use crate::reaper::Exits;
 use crate::{namespaces, sys};
 
@@ -37,19 +37,13 @@ pub type Failure = (ErrorKind, String);
 
 /// Where container `id`'s rootfs (its virtio-fs share) is mounted in the agent's namespace.
 pub fn rootfs_path(id: &str) -> PathBuf {
-    PathBuf::from(RUN_DIR)
-        .join("containers")
-        .join(id)
-        .join("rootfs")
+    Path::new(CONTAINERS_DIR).join(id).join("rootfs")
 }
 
 /// Where container `id`'s rootfs share is mounted while a directory of it is bound onto
 /// [`rootfs_path`] (`Rootfs::VirtioFs` with a `path`); detached right afterwards.
 fn rootfs_share_path(id: &str) -> PathBuf {
-    PathBuf::from(RUN_DIR)
-        .join("containers")
-        .join(id)
-        .join("share")
+    Path::new(CONTAINERS_DIR).join(id).join("share")
 }
 
 /// clone(2) flags for the spec's namespaces; the cgroup namespace is made by container-init
@@ -71,10 +65,7 @@ fn clone_flags(namespaces: &[Namespace]) -> CloneFlags {
 
 /// Where container `id`'s bind-mount shares are mounted, each in a directory named by its tag.
 pub fn shares_path(id: &str) -> PathBuf {
-    PathBuf::from(RUN_DIR)
-        .join("containers")
-        .join(id)
-        .join("shares")
+    Path::new(CONTAINERS_DIR).join(id).join("shares")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +122,38 @@ pub struct Running {
 pub struct Containers {
     map: Arc<Mutex<HashMap<String, Container>>>,
     exits: Exits,
+    spare: Arc<Mutex<Option<Spare>>>,
+}
+
+/// The new namespaces of a [`Spare`]: those of a container that runc's, Docker's and Podman's
+/// default configurations give (a cgroup namespace is made by container-init itself).
+const SPARE_FLAGS: CloneFlags = CloneFlags::CLONE_NEWPID
+    .union(CloneFlags::CLONE_NEWNET)
+    .union(CloneFlags::CLONE_NEWIPC)
+    .union(CloneFlags::CLONE_NEWUTS)
+    .union(CloneFlags::CLONE_NEWNS);
+
+/// Whether a container of `spec`, joining `joins`, may take the [`Spare`]: it joins nothing
+/// and asks for exactly the spare's new namespaces.
+fn fits_spare(spec: &ContainerSpec, joins: &[(Namespace, Pid)]) -> bool {
+    joins.is_empty() && clone_flags(&spec.namespaces) == SPARE_FLAGS
+}
+
+/// A container-init started before any request, in new namespaces ([`SPARE_FLAGS`]), waiting
+/// for a spec: the first container that asks for exactly those namespaces and joins none takes
+/// it instead of starting its own. The clone, the new namespaces and the exec of the agent are
+/// the costliest part of a create in an emulated guest; in a boot snapshot they were paid when
+/// the snapshot was made. Its mount namespace, copied before any rootfs existed, receives the
+/// container's mounts through [`CONTAINERS_DIR`]'s propagation until container-init makes its
+/// mounts private; its uts namespace holds the guest's hostname, as a fresh copy would.
+#[derive(Debug)]
+struct Spare {
+    pid: Pid,
+    sync: OwnedFd,
+    io: ProcessIo,
+    exit: watch::Receiver<Option<i32>>,
+    /// Already its group ([`Cgroup::spare`]): moving a process costs as much as a clone.
+    cgroup: Cgroup,
 }
 
 impl Containers {
@@ -141,6 +164,59 @@ impl Containers {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Container>> {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts the [`Spare`] container-init and the containers' parent cgroup, before the
+    /// agent serves (so that a boot snapshot holds them). A failure only costs the first
+    /// create the time it would have saved.
+    pub async fn prepare(&self) {
+        if let Err(e) = Cgroup::prepare_parent() {
+            eprintln!("husk-agent: containers' cgroup: {e}");
+        }
+        let cgroup = match Cgroup::spare() {
+            Ok(cgroup) => cgroup,
+            Err(e) => return eprintln!("husk-agent: spare container-init: {e}"),
+        };
+        let (pid, sync, gate, io) = match spawn_helper(crate::container_init::ARG_C, SPARE_FLAGS) {
+            Ok(spawned) => spawned,
+            Err((_, e)) => return eprintln!("husk-agent: spare container-init: {e}"),
+        };
+        // Registered before any await: the reaper cannot miss its exit.
+        let exit = self.exits.watch(pid);
+        let placed = cgroup.add(pid).and_then(|()| {
+            nix::unistd::write(&gate, &[1])
+                .map(drop)
+                .map_err(|e| ctx(e, "open the exec gate"))
+        });
+        let spare = Spare {
+            pid,
+            sync,
+            io,
+            exit,
+            cgroup,
+        };
+        match placed {
+            Ok(()) => *self.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(spare),
+            Err(e) => {
+                eprintln!("husk-agent: spare container-init: {e}");
+                let _ = kill(pid, Signal::SIGKILL);
+                spare.cgroup.remove().await;
+            }
+        }
+    }
+
+    /// The [`Spare`] if `spec` can take it ([`fits_spare`]) and it is still waiting.
+    fn take_spare(&self, spec: &ContainerSpec, joins: &[(Namespace, Pid)]) -> Option<Spare> {
+        if !fits_spare(spec, joins) {
+            return None;
+        }
+        let spare = self
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        let waiting = spare.exit.borrow().is_none();
+        waiting.then_some(spare)
     }
 
     /// Mounts the rootfs, starts container-init in new namespaces and waits until it is set up.
@@ -157,14 +233,27 @@ impl Containers {
         let joins = self.join_targets(&spec)?;
         let root = rootfs_path(&id);
         mount_rootfs(&id, &spec.rootfs, spec.rootfs_readonly, &root).map_err(internal)?;
-        let cgroup = match mount_shares(&spec).and_then(|()| Cgroup::create(&id, &spec.resources)) {
+        if let Err(e) = mount_shares(&spec) {
+            unmount_all(&id);
+            return Err(internal(e));
+        }
+        let spare = self.take_spare(&spec, &joins);
+        let cgroup = match &spare {
+            Some(spare) => (spare.cgroup.set(&spec.resources)).map(|()| spare.cgroup.clone()),
+            None => Cgroup::create(&id, &spec.resources),
+        };
+        let cgroup = match cgroup {
             Ok(cgroup) => cgroup,
             Err(e) => {
+                if let Some(spare) = spare {
+                    let _ = kill(spare.pid, Signal::SIGKILL);
+                    spare.cgroup.remove().await;
+                }
                 unmount_all(&id);
                 return Err(internal(e));
             }
         };
-        let result = self.spawn(&spec, &joins, cgroup.clone()).await;
+        let result = self.spawn(&spec, &joins, spare, cgroup.clone()).await;
         if let Err(e) = &result {
             if let Some(c) = self.lock().remove(&id) {
                 let _ = kill(c.pid, Signal::SIGKILL);
@@ -200,18 +289,25 @@ impl Containers {
         &self,
         spec: &ContainerSpec,
         joins: &[(Namespace, Pid)],
+        spare: Option<Spare>,
         cgroup: Cgroup,
     ) -> Result<(), Failure> {
-        let (pid, sync_parent, gate_w, io) = spawn_joined(
-            joins,
-            crate::container_init::ARG_C,
-            clone_flags(&spec.namespaces),
-        )?;
-        // Registered before the next await: the reaper cannot miss this child's exit.
-        let exit = self.exits.watch(pid);
-        let opened = open_gate(pid, spec, gate_w);
-        // Before container-init has its spec: it must not run anything outside its cgroup.
-        let placed = cgroup.add(pid);
+        let (pid, sync_parent, io, exit, placed) = match spare {
+            Some(spare) => (spare.pid, spare.sync, spare.io, spare.exit, Ok(())),
+            None => {
+                let (pid, sync_parent, gate_w, io) = spawn_joined(
+                    joins,
+                    crate::container_init::ARG_C,
+                    clone_flags(&spec.namespaces),
+                )?;
+                // Registered before the next await: the reaper cannot miss this child's exit.
+                let exit = self.exits.watch(pid);
+                // Before container-init has its spec: it must not run anything outside its
+                // cgroup.
+                let placed = open_gate(pid, spec, gate_w).and(cgroup.add(pid));
+                (pid, sync_parent, io, exit, placed)
+            }
+        };
         self.lock().insert(
             spec.id.clone(),
             Container {
@@ -230,7 +326,7 @@ impl Containers {
                 },
             },
         );
-        placed.and(opened).map_err(internal)?;
+        placed.map_err(internal)?;
         let std_sync = std::os::unix::net::UnixStream::from(sync_parent);
         std_sync.set_nonblocking(true).map_err(internal)?;
         let mut sync = UnixStream::from_std(std_sync).map_err(internal)?;
@@ -1016,6 +1112,29 @@ mod tests {
         let (kind, message) = containers.join_targets(&joining("sandbox")).unwrap_err();
         assert_eq!(kind, ErrorKind::InvalidRequest);
         assert!(message.contains("\"sandbox\""), "{message}");
+    }
+
+    #[test]
+    fn test_fits_spare_only_its_namespaces_and_no_joins() {
+        let with = |namespaces: serde_json::Value| {
+            let mut spec = joining("sandbox");
+            spec.namespaces = serde_json::from_value(namespaces).unwrap();
+            spec
+        };
+        let defaults = with(serde_json::json!([
+            "pid", "net", "ipc", "uts", "mount", "cgroup"
+        ]));
+        assert!(fits_spare(&defaults, &[]));
+        assert!(!fits_spare(
+            &defaults,
+            &[(Namespace::Net, Pid::from_raw(7))]
+        ));
+        let user = with(serde_json::json!([
+            "pid", "net", "ipc", "uts", "mount", "user"
+        ]));
+        assert!(!fits_spare(&user, &[]));
+        let no_net = with(serde_json::json!(["pid", "ipc", "uts", "mount"]));
+        assert!(!fits_spare(&no_net, &[]));
     }
 
     #[test]

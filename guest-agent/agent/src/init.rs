@@ -12,8 +12,9 @@ use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{chdir, chroot};
 
-/// Where the agent keeps per-container state (rootfs mount points).
-pub const RUN_DIR: &str = "/run/husk";
+/// Where the agent keeps each container's mounts (its rootfs, its shares), one directory per
+/// container.
+pub const CONTAINERS_DIR: &str = "/run/husk/containers";
 
 /// Mounts /proc, /sys, /dev, /dev/pts, cgroup2, /run and /tmp, and moves the root off the
 /// initramfs so that containers can `pivot_root`.
@@ -51,9 +52,28 @@ pub fn setup() -> io::Result<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         None,
     )?;
-    mkdir_p(Path::new(RUN_DIR))?;
+    share_containers_dir()?;
     std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     Ok(())
+}
+
+/// Makes [`CONTAINERS_DIR`] a shared mount: a mount namespace copied from the agent's keeps
+/// receiving the mounts the agent makes there later (a spare container-init's, made before
+/// its rootfs is mounted, [`crate::container`]), until it makes its own mounts private, as
+/// container-init does first.
+fn share_containers_dir() -> io::Result<()> {
+    let dir = Path::new(CONTAINERS_DIR);
+    mkdir_p(dir)?;
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| ctx(e, "bind the containers directory"))?;
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(|e| ctx(e, "share the containers directory"))
 }
 
 /// The initramfs root (`rootfs`) cannot be pivoted away from. Bind it onto /newroot, move that

@@ -56,5 +56,5 @@ fn run(pid1: bool) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(server::serve())
+    runtime.block_on(server::serve(pid1))
 }

@@ -23,8 +23,9 @@ struct Agent {
 /// How long a shutdown waits for the host to take the acknowledgement and hang up.
 const SHUTDOWN_ACK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Accepts host connections forever.
-pub async fn serve() -> std::io::Result<()> {
+/// Accepts host connections forever; as PID 1, first prepares what containers will take
+/// ([`Containers::prepare`]).
+pub async fn serve(pid1: bool) -> std::io::Result<()> {
     let agent = Agent::default();
     let exits = agent.containers.exits();
     tokio::spawn(async move {
@@ -32,6 +33,9 @@ pub async fn serve() -> std::io::Result<()> {
             eprintln!("husk-agent: reaper: {e}");
         }
     });
+    if pid1 {
+        agent.containers.prepare().await;
+    }
     if crate::channel::serial_requested() {
         return crate::channel::serve_serial(|stream| {
             let (rd, wr) = tokio::io::split(stream);

@@ -558,17 +558,21 @@ impl AgentClient {
         exec_id: Option<&str>,
         terminal: bool,
     ) -> Result<ProcessStreams, SandboxError> {
-        let stdin = self.attach_process(id, exec_id, StdioStream::Stdin).await?;
-        let stdout = self
-            .attach_process(id, exec_id, StdioStream::Stdout)
-            .await?;
-        let stderr = match terminal {
-            true => None,
-            false => Some(
-                self.attach_process(id, exec_id, StdioStream::Stderr)
-                    .await?,
-            ),
+        // Side by side: each is a connection and a round trip to the guest.
+        let stderr = async {
+            match terminal {
+                true => Ok(None),
+                false => self
+                    .attach_process(id, exec_id, StdioStream::Stderr)
+                    .await
+                    .map(Some),
+            }
         };
+        let (stdin, stdout, stderr) = tokio::try_join!(
+            self.attach_process(id, exec_id, StdioStream::Stdin),
+            self.attach_process(id, exec_id, StdioStream::Stdout),
+            stderr,
+        )?;
         Ok(ProcessStreams {
             stdin,
             stdout,
