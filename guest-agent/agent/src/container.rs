@@ -145,7 +145,8 @@ fn fits_spare(spec: &ContainerSpec, joins: &[(Namespace, Pid)]) -> bool {
 /// the costliest part of a create in an emulated guest; in a boot snapshot they were paid when
 /// the snapshot was made. Its mount namespace, copied before any rootfs existed, receives the
 /// container's mounts through [`CONTAINERS_DIR`]'s propagation until container-init makes its
-/// mounts private; its uts namespace holds the guest's hostname, as a fresh copy would.
+/// mounts private; its uts namespace holds the guest's hostname, as a fresh copy would; its
+/// loopback is up already ([`crate::container_init::main_spare`]).
 #[derive(Debug)]
 struct Spare {
     pid: Pid,
@@ -177,10 +178,11 @@ impl Containers {
             Ok(cgroup) => cgroup,
             Err(e) => return eprintln!("husk-agent: spare container-init: {e}"),
         };
-        let (pid, sync, gate, io) = match spawn_helper(crate::container_init::ARG_C, SPARE_FLAGS) {
-            Ok(spawned) => spawned,
-            Err((_, e)) => return eprintln!("husk-agent: spare container-init: {e}"),
-        };
+        let (pid, sync, gate, io) =
+            match spawn_helper(crate::container_init::SPARE_ARG_C, SPARE_FLAGS) {
+                Ok(spawned) => spawned,
+                Err((_, e)) => return eprintln!("husk-agent: spare container-init: {e}"),
+            };
         // Registered before any await: the reaper cannot miss its exit.
         let exit = self.exits.watch(pid);
         let placed = cgroup.add(pid).and_then(|()| {

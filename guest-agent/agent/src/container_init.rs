@@ -37,13 +37,34 @@ use crate::{hooks, mounts, privileges, seccomp, sys};
 pub const ARG: &str = "container-init";
 /// [`ARG`] as a C string, for the exec in [`sys::spawn_container_init`].
 pub const ARG_C: &CStr = c"container-init";
+/// The argument of a spare container-init (`crate::container`'s `Spare`), in a network
+/// namespace of its own before any spec.
+pub const SPARE_ARG: &str = "spare-container-init";
+/// [`SPARE_ARG`] as a C string.
+pub const SPARE_ARG_C: &CStr = c"spare-container-init";
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 pub(crate) const DEFAULT_UMASK: u32 = 0o022;
 /// Exit code when the process could not be executed (as a shell).
 const EXIT_EXEC_FAILED: u8 = 127;
 
+/// A spare container-init brings its loopback up before it waits for a spec (the container that
+/// takes it asks for a network namespace): in a boot snapshot that is done already, as the
+/// kernel's network set-up costs about 20 ms each time it runs afresh under TCG.
+pub fn main_spare() -> ExitCode {
+    let loopback = sys::loopback_up();
+    if let Err(e) = &loopback {
+        eprintln!("husk-agent spare container-init: loopback up: {e}");
+    }
+    run(loopback.is_ok())
+}
+
 pub fn main() -> ExitCode {
+    run(false)
+}
+
+/// Container-init; `loopback_up`: this network namespace's loopback is up already.
+fn run(loopback_up: bool) -> ExitCode {
     let mut sync = UnixStream::from(sys::inherited_sync_fd());
     let spec = match read_spec(&mut sync) {
         Ok(spec) => spec,
@@ -54,7 +75,7 @@ pub fn main() -> ExitCode {
     };
     let setup = fcntl(&sync, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
         .map_err(|e| ctx(e, "close-on-exec sync socket"))
-        .and_then(|_| setup(&spec));
+        .and_then(|_| setup(&spec, loopback_up));
     // Compiled now so that a profile the agent cannot build fails `create`, not `start`.
     let filters = match &spec.seccomp {
         Some(profile) => seccomp::compile(profile),
@@ -102,7 +123,7 @@ fn error(kind: ErrorKind, message: String) -> Response {
 
 /// Namespaces not made by clone, mounts, root, sysctls, paths, hostname, loopback:
 /// everything before the user's process.
-fn setup(spec: &ContainerSpec) -> io::Result<()> {
+fn setup(spec: &ContainerSpec, loopback_up: bool) -> io::Result<()> {
     umask(Mode::empty());
     // The agent moved this process into the container's cgroup before it sent the spec.
     let own_cgroup = if spec.namespaces.contains(&Namespace::Cgroup) {
@@ -180,7 +201,7 @@ fn setup(spec: &ContainerSpec) -> io::Result<()> {
     if let (Some(hostname), true) = (&spec.hostname, spec.namespaces.contains(&Namespace::Uts)) {
         sethostname(hostname).map_err(|e| ctx(e, "sethostname"))?;
     }
-    if spec.namespaces.contains(&Namespace::Net) {
+    if spec.namespaces.contains(&Namespace::Net) && !loopback_up {
         sys::loopback_up().map_err(|e| io::Error::new(e.kind(), format!("loopback up: {e}")))?;
     }
     Ok(())

@@ -31,6 +31,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     match std::env::args_os().nth(1) {
         Some(mode) if mode == container_init::ARG => return container_init::main(),
+        Some(mode) if mode == container_init::SPARE_ARG => return container_init::main_spare(),
         Some(mode) if mode == exec_init::ARG => return exec_init::main(),
         _ => {}
     }
