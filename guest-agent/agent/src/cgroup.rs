@@ -1,6 +1,6 @@
 //! One cgroup v2 group per container under the guest's hierarchy (`/sys/fs/cgroup`, mounted
-//! by [`crate::init`]): `containers/<id>` (`containers/.spare` for the container that takes
-//! the spare container-init, [`Cgroup::spare`]), with every controller of the guest kernel enabled
+//! by [`crate::init`]): `containers/<id>` (`containers/.spare` for a container with a cgroup
+//! namespace that takes the spare container-init, [`Cgroup::spare`]), with every controller of the guest kernel enabled
 //! on the way (memory, cpu, pids and cpuset: kernel-config/fragments/cgroups.config), as runc
 //! does. The agent creates it, writes the limits and moves container-init into it before
 //! sending the spec, so that everything the container runs is limited and a cgroup namespace
@@ -55,9 +55,9 @@ impl Cgroup {
     }
 
     /// Creates `containers/.spare` (no container id starts with a dot), the group of a spare
-    /// container-init, and keeps it for the container that takes it: cgroup v2 cannot rename
-    /// a group, and moving a process costs as much as the clone the spare saves. The name is
-    /// the guest's own business: a container with a cgroup namespace sees its group as `/`.
+    /// container-init, which a container that takes the spare with a cgroup namespace keeps
+    /// (it sees the group as `/`): cgroup v2 cannot rename a group, and moving a process costs
+    /// about as much as the clone the spare saves.
     pub fn spare() -> io::Result<Self> {
         Self::prepare_parent()?;
         let cgroup = Self {

@@ -134,9 +134,12 @@ const SPARE_FLAGS: CloneFlags = CloneFlags::CLONE_NEWPID
     .union(CloneFlags::CLONE_NEWNS);
 
 /// Whether a container of `spec`, joining `joins`, may take the [`Spare`]: it joins nothing
-/// and asks for exactly the spare's new namespaces.
+/// and asks for the spare's new namespaces, with or without the network one (the VM's, as
+/// Docker, Podman and a pod's sandbox have it: the spare enters it, [`crate::container_init`]).
 fn fits_spare(spec: &ContainerSpec, joins: &[(Namespace, Pid)]) -> bool {
-    joins.is_empty() && clone_flags(&spec.namespaces) == SPARE_FLAGS
+    let flags = clone_flags(&spec.namespaces);
+    let vm_network = SPARE_FLAGS.difference(CloneFlags::CLONE_NEWNET);
+    joins.is_empty() && (flags == SPARE_FLAGS || flags == vm_network)
 }
 
 /// A container-init started before any request, in new namespaces ([`SPARE_FLAGS`]), waiting
@@ -146,15 +149,38 @@ fn fits_spare(spec: &ContainerSpec, joins: &[(Namespace, Pid)]) -> bool {
 /// the snapshot was made. Its mount namespace, copied before any rootfs existed, receives the
 /// container's mounts through [`CONTAINERS_DIR`]'s propagation until container-init makes its
 /// mounts private; its uts namespace holds the guest's hostname, as a fresh copy would; its
-/// loopback is up already ([`crate::container_init::main_spare`]).
+/// loopback is up already ([`crate::container_init::main_spare`]). Seen from the container,
+/// its first process started when the spare did (in a restored VM, before the save).
 #[derive(Debug)]
 struct Spare {
     pid: Pid,
     sync: OwnedFd,
     io: ProcessIo,
     exit: watch::Receiver<Option<i32>>,
-    /// Already its group ([`Cgroup::spare`]): moving a process costs as much as a clone.
+    /// Already its group ([`Cgroup::spare`]), which a container with a cgroup namespace keeps
+    /// (it sees the group as `/`): moving a process costs about as much as a clone.
     cgroup: Cgroup,
+}
+
+impl Spare {
+    /// The group of container `id` of `spec`, with the spare in it and `spec`'s limits: the
+    /// spare's own, or, without a cgroup namespace (the name shows in `/proc/self/cgroup`),
+    /// `containers/<id>` as any container's, the spare's own removed. On error `self.cgroup`
+    /// names whichever group holds the spare.
+    async fn adopt_cgroup(&mut self, id: &str, spec: &ContainerSpec) -> std::io::Result<Cgroup> {
+        if spec.namespaces.contains(&Namespace::Cgroup) {
+            self.cgroup.set(&spec.resources)?;
+            return Ok(self.cgroup.clone());
+        }
+        let own = Cgroup::create(id, &spec.resources)?;
+        let moved = own.add(self.pid);
+        if moved.is_err() {
+            let _ = kill(self.pid, Signal::SIGKILL);
+        }
+        let left = std::mem::replace(&mut self.cgroup, own);
+        left.remove().await;
+        moved.map(|()| self.cgroup.clone())
+    }
 }
 
 impl Containers {
@@ -181,7 +207,10 @@ impl Containers {
         let (pid, sync, gate, io) =
             match spawn_helper(crate::container_init::SPARE_ARG_C, SPARE_FLAGS) {
                 Ok(spawned) => spawned,
-                Err((_, e)) => return eprintln!("husk-agent: spare container-init: {e}"),
+                Err((_, e)) => {
+                    eprintln!("husk-agent: spare container-init: {e}");
+                    return cgroup.remove().await;
+                }
             };
         // Registered before any await: the reaper cannot miss its exit.
         let exit = self.exits.watch(pid);
@@ -207,8 +236,10 @@ impl Containers {
         }
     }
 
-    /// The [`Spare`] if `spec` can take it ([`fits_spare`]) and it is still waiting.
-    fn take_spare(&self, spec: &ContainerSpec, joins: &[(Namespace, Pid)]) -> Option<Spare> {
+    /// The [`Spare`] if `spec` can take it ([`fits_spare`]) and it is still waiting for a
+    /// spec; one that is not (killed or stopped by a process of the VM's pid namespace) is
+    /// ended and its group removed.
+    async fn take_spare(&self, spec: &ContainerSpec, joins: &[(Namespace, Pid)]) -> Option<Spare> {
         if !fits_spare(spec, joins) {
             return None;
         }
@@ -217,8 +248,12 @@ impl Containers {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()?;
-        let waiting = spare.exit.borrow().is_none();
-        waiting.then_some(spare)
+        if spare.exit.borrow().is_none() && process_state(spare.pid) == Some('S') {
+            return Some(spare);
+        }
+        let _ = kill(spare.pid, Signal::SIGKILL);
+        spare.cgroup.remove().await;
+        None
     }
 
     /// Mounts the rootfs, starts container-init in new namespaces and waits until it is set up.
@@ -239,9 +274,9 @@ impl Containers {
             unmount_all(&id);
             return Err(internal(e));
         }
-        let spare = self.take_spare(&spec, &joins);
-        let cgroup = match &spare {
-            Some(spare) => (spare.cgroup.set(&spec.resources)).map(|()| spare.cgroup.clone()),
+        let mut spare = self.take_spare(&spec, &joins).await;
+        let cgroup = match &mut spare {
+            Some(spare) => spare.adopt_cgroup(&id, &spec).await,
             None => Cgroup::create(&id, &spec.resources),
         };
         let cgroup = match cgroup {
@@ -1077,21 +1112,24 @@ const SETTLE_LIMIT: Duration = Duration::from_millis(100);
 /// shell installing its signal traps), as it would have long before runc's `start` returned
 /// on a host CPU; an emulated guest is slower. A busy process costs `start` the limit.
 async fn settle(pid: Pid) {
-    let stat = format!("/proc/{pid}/stat");
     let deadline = tokio::time::Instant::now() + SETTLE_LIMIT;
     while tokio::time::Instant::now() < deadline {
-        let Ok(text) = std::fs::read_to_string(&stat) else {
-            return;
-        };
-        // `pid (comm) S ...`: the state follows the last `)` (comm may hold anything).
-        let state = text
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next());
-        if matches!(state, Some('S' | 'Z' | 'X' | 'x' | 't' | 'T') | None) {
+        if matches!(
+            process_state(pid),
+            Some('S' | 'Z' | 'X' | 'x' | 't' | 'T') | None
+        ) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// The state letter of process `pid` (`/proc/<pid>/stat`), if it exists.
+fn process_state(pid: Pid) -> Option<char> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) S ...`: the state follows the last `)` (comm may hold anything).
+    let (_, rest) = text.rsplit_once(')')?;
+    rest.trim_start().chars().next()
 }
 
 #[cfg(test)]
@@ -1135,8 +1173,10 @@ mod tests {
             "pid", "net", "ipc", "uts", "mount", "user"
         ]));
         assert!(!fits_spare(&user, &[]));
-        let no_net = with(serde_json::json!(["pid", "ipc", "uts", "mount"]));
-        assert!(!fits_spare(&no_net, &[]));
+        let vm_net = with(serde_json::json!(["pid", "ipc", "uts", "mount"]));
+        assert!(fits_spare(&vm_net, &[]));
+        let no_pid = with(serde_json::json!(["net", "ipc", "uts", "mount"]));
+        assert!(!fits_spare(&no_pid, &[]));
     }
 
     #[test]

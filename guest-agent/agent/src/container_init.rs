@@ -31,7 +31,7 @@ use seccompiler::BpfProgram;
 use crate::cgroup::Cgroup;
 use crate::container::{rootfs_path, shares_path};
 use crate::init::ctx;
-use crate::{hooks, mounts, privileges, seccomp, sys};
+use crate::{hooks, mounts, namespaces, privileges, seccomp, sys};
 
 /// The argument that selects this mode.
 pub const ARG: &str = "container-init";
@@ -48,23 +48,31 @@ pub(crate) const DEFAULT_UMASK: u32 = 0o022;
 /// Exit code when the process could not be executed (as a shell).
 const EXIT_EXEC_FAILED: u8 = 127;
 
-/// A spare container-init brings its loopback up before it waits for a spec (the container that
-/// takes it asks for a network namespace): in a boot snapshot that is done already, as the
-/// kernel's network set-up costs about 20 ms each time it runs afresh under TCG.
+/// How a container-init was started.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    /// For its spec, in the namespaces the spec asks for.
+    Fresh,
+    /// As the spare (`crate::container`'s `Spare`), before any spec, in a network namespace of
+    /// its own whose loopback it brought up (`loopback_up`) while it waited: in a boot
+    /// snapshot that is done already, as the kernel's network set-up costs about 20 ms each
+    /// time it runs afresh under TCG. A spec without a network namespace of its own (the VM's
+    /// network, as engines and pods have it) leaves it for the VM's.
+    Spare { loopback_up: bool },
+}
+
+/// A spare container-init: see [`Start::Spare`].
 pub fn main_spare() -> ExitCode {
-    let loopback = sys::loopback_up();
-    if let Err(e) = &loopback {
-        eprintln!("husk-agent spare container-init: loopback up: {e}");
-    }
-    run(loopback.is_ok())
+    // A failure is not reported here (stderr is the container's): `setup` tries again.
+    let loopback_up = sys::loopback_up().is_ok();
+    run(Start::Spare { loopback_up })
 }
 
 pub fn main() -> ExitCode {
-    run(false)
+    run(Start::Fresh)
 }
 
-/// Container-init; `loopback_up`: this network namespace's loopback is up already.
-fn run(loopback_up: bool) -> ExitCode {
+fn run(start: Start) -> ExitCode {
     let mut sync = UnixStream::from(sys::inherited_sync_fd());
     let spec = match read_spec(&mut sync) {
         Ok(spec) => spec,
@@ -75,7 +83,7 @@ fn run(loopback_up: bool) -> ExitCode {
     };
     let setup = fcntl(&sync, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
         .map_err(|e| ctx(e, "close-on-exec sync socket"))
-        .and_then(|_| setup(&spec, loopback_up));
+        .and_then(|_| setup(&spec, start));
     // Compiled now so that a profile the agent cannot build fails `create`, not `start`.
     let filters = match &spec.seccomp {
         Some(profile) => seccomp::compile(profile),
@@ -123,8 +131,15 @@ fn error(kind: ErrorKind, message: String) -> Response {
 
 /// Namespaces not made by clone, mounts, root, sysctls, paths, hostname, loopback:
 /// everything before the user's process.
-fn setup(spec: &ContainerSpec, loopback_up: bool) -> io::Result<()> {
+fn setup(spec: &ContainerSpec, start: Start) -> io::Result<()> {
     umask(Mode::empty());
+    let own_net = spec.namespaces.contains(&Namespace::Net);
+    if let (Start::Spare { .. }, false) = (start, own_net) {
+        // The agent's (PID 1's, as this mount namespace's /proc still shows it), before any
+        // sysctl or sysfs of the container refers to a network namespace.
+        namespaces::join(nix::unistd::Pid::from_raw(1), &[Namespace::Net])
+            .map_err(io::Error::other)?;
+    }
     // The agent moved this process into the container's cgroup before it sent the spec.
     let own_cgroup = if spec.namespaces.contains(&Namespace::Cgroup) {
         // That cgroup becomes the root of the container's view.
@@ -201,7 +216,7 @@ fn setup(spec: &ContainerSpec, loopback_up: bool) -> io::Result<()> {
     if let (Some(hostname), true) = (&spec.hostname, spec.namespaces.contains(&Namespace::Uts)) {
         sethostname(hostname).map_err(|e| ctx(e, "sethostname"))?;
     }
-    if spec.namespaces.contains(&Namespace::Net) && !loopback_up {
+    if own_net && !matches!(start, Start::Spare { loopback_up: true }) {
         sys::loopback_up().map_err(|e| io::Error::new(e.kind(), format!("loopback up: {e}")))?;
     }
     Ok(())
