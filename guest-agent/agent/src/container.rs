@@ -163,6 +163,19 @@ struct Spare {
 }
 
 impl Spare {
+    /// SIGKILLs the spare unless the reaper has it (its pid may be another process's now).
+    fn kill(&self) {
+        if self.exit.borrow().is_none() {
+            let _ = kill(self.pid, Signal::SIGKILL);
+        }
+    }
+
+    /// Kills the spare and removes its group.
+    async fn end(self) {
+        self.kill();
+        self.cgroup.remove().await;
+    }
+
     /// The group of container `id` of `spec`, with the spare in it and `spec`'s limits: the
     /// spare's own, or, without a cgroup namespace (the name shows in `/proc/self/cgroup`),
     /// `containers/<id>` as any container's, the spare's own removed. On error `self.cgroup`
@@ -175,7 +188,7 @@ impl Spare {
         let own = Cgroup::create(id, &spec.resources)?;
         let moved = own.add(self.pid);
         if moved.is_err() {
-            let _ = kill(self.pid, Signal::SIGKILL);
+            self.kill();
         }
         let left = std::mem::replace(&mut self.cgroup, own);
         left.remove().await;
@@ -230,15 +243,14 @@ impl Containers {
             Ok(()) => *self.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(spare),
             Err(e) => {
                 eprintln!("husk-agent: spare container-init: {e}");
-                let _ = kill(pid, Signal::SIGKILL);
-                spare.cgroup.remove().await;
+                spare.end().await;
             }
         }
     }
 
-    /// The [`Spare`] if `spec` can take it ([`fits_spare`]) and it is still waiting for a
-    /// spec; one that is not (killed or stopped by a process of the VM's pid namespace) is
-    /// ended and its group removed.
+    /// The [`Spare`] if `spec` can take it ([`fits_spare`]) and it has not been stopped or
+    /// killed (by a process of the VM's pid namespace); such a one is ended and its group
+    /// removed.
     async fn take_spare(&self, spec: &ContainerSpec, joins: &[(Namespace, Pid)]) -> Option<Spare> {
         if !fits_spare(spec, joins) {
             return None;
@@ -248,11 +260,15 @@ impl Containers {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()?;
-        if spare.exit.borrow().is_none() && process_state(spare.pid) == Some('S') {
+        // Still starting (running, paging in) counts as waiting: the spec waits in its socket.
+        let stopped = matches!(
+            process_state(spare.pid),
+            None | Some('T' | 't' | 'Z' | 'X' | 'x')
+        );
+        if !stopped && spare.exit.borrow().is_none() {
             return Some(spare);
         }
-        let _ = kill(spare.pid, Signal::SIGKILL);
-        spare.cgroup.remove().await;
+        spare.end().await;
         None
     }
 
@@ -283,8 +299,7 @@ impl Containers {
             Ok(cgroup) => cgroup,
             Err(e) => {
                 if let Some(spare) = spare {
-                    let _ = kill(spare.pid, Signal::SIGKILL);
-                    spare.cgroup.remove().await;
+                    spare.end().await;
                 }
                 unmount_all(&id);
                 return Err(internal(e));
