@@ -1,11 +1,11 @@
 //! One cgroup v2 group per container under the guest's hierarchy (`/sys/fs/cgroup`, mounted
 //! by [`crate::init`]): `containers/<id>` (`containers/.spare` for a container with a cgroup
-//! namespace that takes the spare container-init, [`Cgroup::spare`]), with every controller of the guest kernel enabled
-//! on the way (memory, cpu, pids and cpuset: kernel-config/fragments/cgroups.config), as runc
-//! does. The agent creates it, writes the limits and moves container-init into it before
-//! sending the spec, so that everything the container runs is limited and a cgroup namespace
-//! made afterwards is rooted there. After the exit, `memory.events` tells whether the OOM
-//! killer struck.
+//! namespace that takes the spare container-init, [`Cgroup::spare`]), with every controller
+//! of the guest kernel enabled on the way (memory, cpu, pids and cpuset:
+//! kernel-config/fragments/cgroups.config), as runc does. The agent creates it, writes the
+//! limits and moves container-init into it before sending the spec, so that everything the
+//! container runs is limited and a cgroup namespace made afterwards is rooted there. After
+//! the exit, `memory.events` tells whether the OOM killer struck.
 //!
 //! Limits that only tune what the guest may lack are skipped, with one console line, where
 //! their file does not exist: `io.weight` (no io controller: the guest kernel has no block
@@ -59,18 +59,13 @@ impl Cgroup {
     /// (it sees the group as `/`): cgroup v2 cannot rename a group, and moving a process costs
     /// about as much as the clone the spare saves.
     pub fn spare() -> io::Result<Self> {
-        Self::prepare_parent()?;
-        let cgroup = Self {
-            path: Path::new(ROOT).join(CONTAINERS).join(".spare"),
-        };
-        std::fs::create_dir(&cgroup.path).map_err(|e| annotate(e, &cgroup.path, "mkdir"))?;
-        Ok(cgroup)
+        Self::create(".spare", &Resources::default())
     }
 
-    /// Makes `containers` with every controller enabled on the way, once: the agent does it
-    /// before its first request (so that a boot snapshot has it), [`Cgroup::create`] again if
-    /// that failed.
-    pub fn prepare_parent() -> io::Result<()> {
+    /// Makes `containers` with every controller enabled on the way, once (first for the spare,
+    /// before the agent's first request, so that a boot snapshot has it; again by the next
+    /// [`Cgroup::create`] if that failed).
+    fn prepare_parent() -> io::Result<()> {
         static PREPARED: AtomicBool = AtomicBool::new(false);
         if PREPARED.load(Ordering::Relaxed) {
             return Ok(());

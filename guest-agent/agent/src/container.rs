@@ -206,13 +206,10 @@ impl Containers {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Starts the [`Spare`] container-init and the containers' parent cgroup, before the
-    /// agent serves (so that a boot snapshot holds them). A failure only costs the first
-    /// create the time it would have saved.
+    /// Starts the [`Spare`] container-init in its cgroup (and with it the containers' parent
+    /// cgroup), before the agent serves, so that a boot snapshot holds them. A failure only
+    /// costs the first create the time it would have saved.
     pub async fn prepare(&self) {
-        if let Err(e) = Cgroup::prepare_parent() {
-            eprintln!("husk-agent: containers' cgroup: {e}");
-        }
         let cgroup = match Cgroup::spare() {
             Ok(cgroup) => cgroup,
             Err(e) => return eprintln!("husk-agent: spare container-init: {e}"),
@@ -955,7 +952,6 @@ fn unmount_all(id: &str) {
     let _ = umount2(&rootfs_path(id), MntFlags::MNT_DETACH);
 }
 
-/// The device node of the virtio-blk disk whose serial is `serial`.
 /// The device node of the virtio-blk disk `serial`. A disk of 0 sectors is probed again
 /// first: a VM restored from a boot snapshot knows the saved VM's disk, an empty stand-in,
 /// until its driver reads the restored VM's own (its size, its read-only flag).
