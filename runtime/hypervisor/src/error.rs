@@ -90,6 +90,21 @@ pub enum HypervisorError {
     SnapshotMemory(std::io::Error),
 }
 
+impl HypervisorError {
+    /// The error and its causes on one line (`failed to start X: why`): for a reason that is
+    /// logged, such as a failed restore's.
+    #[must_use]
+    pub fn with_causes(&self) -> String {
+        let mut line = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            line.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        line
+    }
+}
+
 /// A device helper (virtiofsd) exited while its VM ran.
 #[derive(Debug, thiserror::Error)]
 #[error("{program} exited with {status} while the VM ran: {detail}")]

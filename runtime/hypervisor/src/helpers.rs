@@ -27,11 +27,13 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// Spawns `cmd` tied to our lifetime, its stdout and stderr appended to `log` (created afresh,
-/// in append mode so that a [`ConsoleCap`] can bound it).
+/// in append mode so that a [`ConsoleCap`] can bound it), inheriting descriptors 3 to
+/// 3 + `kept` - 1 (mapped there for it) and no other.
 pub(crate) fn spawn_logged(
     program: &'static str,
     cmd: &mut Command,
     log: &Path,
+    kept: u32,
 ) -> Result<Child, HypervisorError> {
     let spawn_err = |source| HypervisorError::Spawn { program, source };
     let out = crate::console::create_log(log).map_err(spawn_err)?;
@@ -43,7 +45,7 @@ pub(crate) fn spawn_logged(
     // A process group of its own: a terminal's Ctrl-C (or `timeout`) signals husk's group, and
     // husk, not the VMM, decides what a signal means for the container.
     cmd.process_group(0);
-    sys::kill_with_parent(cmd);
+    sys::kill_with_parent(cmd, kept);
     cmd.spawn().map_err(spawn_err)
 }
 
@@ -126,7 +128,7 @@ impl Virtiofsd {
         }
         mounts.apply(&mut cmd);
         let started = async {
-            let mut child = spawn_logged("virtiofsd", &mut cmd, log)?;
+            let mut child = spawn_logged("virtiofsd", &mut cmd, log, 0)?;
             let timeout = Duration::from_secs(10);
             wait_for_socket("virtiofsd", &mut child, socket, log, timeout).await?;
             Ok::<_, HypervisorError>(child)

@@ -30,6 +30,9 @@ pub(crate) struct Jail {
     pub(crate) connect: Vec<PathBuf>,
     /// A tap opened for it (the descriptor after the sockets).
     pub(crate) tap: Option<String>,
+    /// Files of this process passed on to it (the descriptors after the tap): a restored
+    /// VM's guest RAM, a memfd.
+    pub(crate) pass: Vec<OwnedFd>,
     /// Whether it may call `connect(2)` itself.
     pub(crate) allow_connect: bool,
 }
@@ -94,6 +97,14 @@ pub(crate) fn spawn(
         }
     }
     binds.extend(jail.binds);
+    // The launcher inherits them as 3, 4, ... (its stdio are 0 to 2).
+    let mappings: Vec<FdMapping> = (husk_vmm::jail::FIRST_PASSED_FD..)
+        .zip(jail.pass)
+        .map(|(child_fd, parent_fd)| FdMapping {
+            parent_fd,
+            child_fd,
+        })
+        .collect();
     let spec = JailSpec {
         root,
         binds,
@@ -101,6 +112,7 @@ pub(crate) fn spawn(
         netns: jail.netns,
         connect: jail.connect,
         tap: jail.tap,
+        inherited: u8::try_from(mappings.len()).map_err(|e| spawn_err(std::io::Error::other(e)))?,
         allow_connect: jail.allow_connect,
         argv,
     };
@@ -109,7 +121,10 @@ pub(crate) fn spawn(
     std::fs::write(&spec_path, text).map_err(spawn_err)?;
     let mut cmd = Command::new(vmm);
     cmd.arg("jail").arg("--spec").arg(&spec_path);
-    helpers::spawn_logged(name, &mut cmd, log)
+    let kept = u32::try_from(mappings.len()).unwrap_or(u32::MAX);
+    cmd.fd_mappings(mappings)
+        .map_err(|e| spawn_err(std::io::Error::other(e.to_string())))?;
+    helpers::spawn_logged(name, &mut cmd, log, kept)
 }
 
 /// The host pid of the jail's pid 1 (the jailed program itself, in namespaces all its own)

@@ -67,6 +67,12 @@ pub struct JailSpec {
     pub connect: Vec<PathBuf>,
     /// A tap (in `netns`) opened for the program, as the descriptor after the sockets.
     pub tap: Option<String>,
+    /// How many files the launcher inherited, as descriptors 3, 4, ... (memfds: a restored
+    /// VM's guest RAM), passed on after the sockets and the tap, in order. Each is opened
+    /// again, read-write, through `/proc/self/fd`, so only a file can be passed this way,
+    /// never a socket.
+    #[serde(default)]
+    pub inherited: u8,
     /// Whether the program may still `connect(2)` itself (husk-vmm connects virtiofsd's
     /// sockets while it builds the VM, then forbids it in its own filter).
     pub allow_connect: bool,
@@ -132,11 +138,13 @@ pub fn system_binds() -> Vec<JailBind> {
 pub fn launch(spec: &JailSpec) -> Result<std::convert::Infallible, VmmError> {
     let err = |what: String| VmmError::Confine(what);
     // Nothing the spawner left open lives on in the launcher (say, a server's listening socket
-    // that would answer for it after its death): all it needs it opens itself.
-    // SAFETY: close_range on this process's own descriptors above stdio; no Rust object here
-    // holds one yet.
+    // that would answer for it after its death) but the files it passes: all else it needs it
+    // opens itself.
+    let first_closed = u32::try_from(FIRST_PASSED_FD).unwrap_or(3) + u32::from(spec.inherited);
+    // SAFETY: close_range on this process's own descriptors above stdio and the inherited
+    // ones; no Rust object here holds one yet.
     unsafe {
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0u32);
     }
     if spec.argv.is_empty() {
         return Err(err("jail: empty argv".into()));
@@ -234,8 +242,8 @@ fn supervise(child: Pid, relayed: &SigSet) -> i32 {
     }
 }
 
-/// Connects `spec.connect` and opens the tap, in order; each lands on its descriptor in the
-/// child (`FIRST_PASSED_FD` + index).
+/// Connects `spec.connect`, opens the tap and the inherited files, in order; each lands on its
+/// descriptor in the child (`FIRST_PASSED_FD` + index).
 fn passed_fds(spec: &JailSpec) -> Result<Vec<OwnedFd>, VmmError> {
     let mut fds = Vec::new();
     for path in &spec.connect {
@@ -246,7 +254,25 @@ fn passed_fds(spec: &JailSpec) -> Result<Vec<OwnedFd>, VmmError> {
     if let Some(tap) = &spec.tap {
         fds.push(open_tap(tap)?);
     }
+    for fd in (FIRST_PASSED_FD..).take(usize::from(spec.inherited)) {
+        fds.push(reopen_file(fd)?);
+    }
     Ok(fds)
+}
+
+/// The file open as this process's descriptor `fd`, opened again read-write (refused unless it
+/// is a regular file or memfd).
+fn reopen_file(fd: RawFd) -> Result<OwnedFd, VmmError> {
+    let err = |e: String| VmmError::Confine(format!("jail: inherited descriptor {fd}: {e}"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| err(e.to_string()))?;
+    match file.metadata() {
+        Ok(meta) if meta.is_file() => Ok(file.into()),
+        _ => Err(err("not a file".into())),
+    }
 }
 
 /// Opens an existing tap (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, as QEMU's own tap code does).
@@ -822,6 +848,7 @@ mod tests {
             netns: None,
             connect: vec!["/r/a.sock".into()],
             tap: Some("tap0".into()),
+            inherited: 1,
             allow_connect: false,
             argv: vec!["/usr/bin/qemu-system-x86_64".into(), "-m".into()],
         };
@@ -829,5 +856,22 @@ mod tests {
         assert_eq!(serde_json::from_str::<JailSpec>(&text).unwrap(), spec);
         let bad = text.replacen("{", "{\"extra\":1,", 1);
         assert!(serde_json::from_str::<JailSpec>(&bad).is_err());
+    }
+
+    #[test]
+    fn test_reopen_file_passes_the_same_file_never_a_socket() {
+        use std::os::unix::fs::FileExt;
+        let memory = crate::vm::memfd(1 << 20).unwrap();
+        memory.write_all_at(b"guest", 4096).unwrap();
+        let again = File::from(reopen_file(memory.as_raw_fd()).unwrap());
+        let mut buf = [0u8; 5];
+        again.read_exact_at(&mut buf, 4096).unwrap();
+        assert_eq!(&buf, b"guest");
+        again.write_all_at(b"host", 0).unwrap();
+        memory.read_exact_at(&mut buf[..4], 0).unwrap();
+        assert_eq!(&buf[..4], b"host", "the same file, not a copy");
+        let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let err = reopen_file(socket.as_raw_fd()).unwrap_err().to_string();
+        assert!(err.contains("inherited descriptor"), "{err}");
     }
 }

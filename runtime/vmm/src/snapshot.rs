@@ -314,19 +314,14 @@ fn create_private(path: &Path) -> std::io::Result<File> {
 /// another version, a state that does not match itself, or a memory file of the wrong size.
 pub fn load(dir: &Path) -> Result<(VmState, File), VmmError> {
     let state = read_state(&dir.join(STATE_FILE))?;
-    let path = dir.join(MEMORY_FILE);
-    let source =
-        File::open(&path).map_err(|e| VmmError::Snapshot(format!("{}: {e}", path.display())))?;
+    let (source, len) = open_memory_file(&dir.join(MEMORY_FILE))?;
     let size = u64::from(state.memory_mib) << 20;
-    let len = source.metadata()?.len();
     if len != size {
         return Err(VmmError::Snapshot(format!(
             "memory file has {len} bytes, the state says {size}"
         )));
     }
-    let memory = crate::vm::memfd(size)?;
-    copy_sparse(&source, &memory, size, Copy::InKernel)?;
-    Ok((state, memory))
+    Ok((state, memfd_copy(&source, len)?))
 }
 
 fn read_state(path: &Path) -> Result<VmState, VmmError> {
@@ -377,7 +372,7 @@ fn check(state: &VmState) -> Result<(), VmmError> {
 
 /// How [`copy_sparse`] copies a populated range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Copy {
+enum Copy {
     /// Through this process, leaving out pages of zeros (a guest's freed pages), with reads and
     /// writes only: the confined VMM saves with it.
     SkipZeroPages,
@@ -387,13 +382,40 @@ pub enum Copy {
 }
 
 /// Copies the memory file `from` (never through a link) to a new private (0600) file `to` of
-/// the same size, as [`copy_sparse`] does: what is not copied reads as zeros and takes no
-/// memory. The QEMU door saves its guest's RAM with [`Copy::SkipZeroPages`] (QEMU wrote every
-/// page the guest touched, zeroed ones too) and restores a VM's with [`Copy::InKernel`].
+/// the same size, leaving out pages of zeros, as [`copy_sparse`] does: what is not copied
+/// reads as zeros and takes no memory. The QEMU door saves its guest's RAM with it (QEMU
+/// wrote every page the guest touched, zeroed ones too).
 ///
 /// # Errors
 /// `from` is a link or cannot be read, `to` exists, or the copy failed.
-pub fn copy_memory_file(from: &Path, to: &Path, how: Copy) -> Result<(), VmmError> {
+pub fn copy_memory_file(from: &Path, to: &Path) -> Result<(), VmmError> {
+    let (source, len) = open_memory_file(from)?;
+    let dest = create_private(to)?;
+    copy_sparse(&source, &dest, len, Copy::SkipZeroPages)
+}
+
+/// A fresh memfd holding a copy of the memory file `from` (never through a link), of its
+/// size: only its saved ranges are copied (by the kernel), the rest stays unallocated. The
+/// QEMU door restores a VM's RAM into it: guest RAM is never a file on a disk, whose page
+/// cache the host would write back (and a guest's `sync` flush).
+///
+/// # Errors
+/// `from` is a link or cannot be read, or the copy failed.
+pub fn memory_from_file(from: &Path) -> Result<File, VmmError> {
+    let (source, len) = open_memory_file(from)?;
+    memfd_copy(&source, len)
+}
+
+/// A fresh memfd of `len` bytes with the populated ranges of `source` copied in by the kernel.
+fn memfd_copy(source: &File, len: u64) -> Result<File, VmmError> {
+    let memory = crate::vm::memfd(len)?;
+    copy_sparse(source, &memory, len, Copy::InKernel)?;
+    Ok(memory)
+}
+
+/// Opens the memory file `from` to be copied, and its size: never through a link, and only a
+/// regular file.
+fn open_memory_file(from: &Path) -> Result<(File, u64), VmmError> {
     use std::os::unix::fs::OpenOptionsExt;
     // Non-blocking: a FIFO in its place (put there by a VMM the guest took over) would block
     // the open; it is refused below instead.
@@ -409,9 +431,7 @@ pub fn copy_memory_file(from: &Path, to: &Path, how: Copy) -> Result<(), VmmErro
             from.display()
         )));
     }
-    let len = meta.len();
-    let dest = create_private(to)?;
-    copy_sparse(&source, &dest, len, how)
+    Ok((source, meta.len()))
 }
 
 /// Copies the populated ranges of the first `len` bytes of `from` (`SEEK_DATA`/`SEEK_HOLE`:
@@ -542,27 +562,48 @@ mod tests {
         f.set_len(8 << 20).unwrap();
         f.write_all_at(b"start", 0).unwrap();
         f.write_all_at(&[7u8; 10000], 5 << 20).unwrap();
-        copy_memory_file(&from, &to, Copy::InKernel).unwrap();
+        copy_memory_file(&from, &to).unwrap();
         assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
         let meta = std::fs::metadata(&to).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
         assert!(meta.blocks() * 512 < 1 << 20, "holes were filled");
         assert!(
-            copy_memory_file(&from, &to, Copy::InKernel).is_err(),
+            copy_memory_file(&from, &to).is_err(),
             "an existing file is not overwritten"
         );
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&from, &link).unwrap();
         assert!(
-            copy_memory_file(&link, &dir.path().join("c"), Copy::InKernel).is_err(),
+            copy_memory_file(&link, &dir.path().join("c")).is_err(),
             "a link is never followed"
         );
+        assert!(memory_from_file(&link).is_err(), "a link is never followed");
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         assert!(
-            copy_memory_file(&fifo, &dir.path().join("d"), Copy::InKernel).is_err(),
+            copy_memory_file(&fifo, &dir.path().join("d")).is_err(),
             "a FIFO is refused, not waited on"
         );
+        assert!(memory_from_file(&fifo).is_err(), "a FIFO is refused");
+    }
+
+    #[test]
+    fn test_memory_from_file_is_a_sparse_memfd_copy() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("a");
+        let f = File::create(&from).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(&[7u8; 10000], 5 << 20).unwrap();
+        let memory = memory_from_file(&from).unwrap();
+        let mut copied = vec![0u8; 8 << 20];
+        memory.read_exact_at(&mut copied, 0).unwrap();
+        assert_eq!(copied, std::fs::read(&from).unwrap());
+        let meta = memory.metadata().unwrap();
+        assert!(meta.blocks() * 512 < 1 << 20, "holes were filled");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&memory);
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        assert!(link.to_string_lossy().starts_with("/memfd:"), "{link:?}");
     }
 
     #[test]
@@ -579,7 +620,7 @@ mod tests {
         f.write_all_at(&contents[5 * PAGE..], 5 * PAGE as u64)
             .unwrap();
         f.sync_all().unwrap();
-        copy_memory_file(&from, &to, Copy::SkipZeroPages).unwrap();
+        copy_memory_file(&from, &to).unwrap();
         assert_eq!(std::fs::read(&to).unwrap(), contents);
         let blocks = |p: &Path| std::fs::metadata(p).unwrap().blocks();
         assert!(blocks(&to) < blocks(&from), "zero pages were written");

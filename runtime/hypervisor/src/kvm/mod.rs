@@ -199,7 +199,7 @@ impl KvmDoor {
         let mode = SnapshotMode::Restore {
             dir: dir.to_owned(),
         };
-        self.launch(Some(mode)).await.map_err(|e| e.to_string())?;
+        self.launch(Some(mode)).await.map_err(|e| e.with_causes())?;
         snapshot::wait_ready(self, crate::snapshot::RESTORE_TIMEOUT).await
     }
 }

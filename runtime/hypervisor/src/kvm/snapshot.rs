@@ -26,7 +26,7 @@ pub(super) async fn for_boot(door: &KvmDoor) -> Option<(Store, String, PathBuf)>
 /// Boots a VM of `door`'s shape, saves it as `key`'s snapshot and removes what it used.
 async fn prepare(door: &KvmDoor, store: Store, key: String) -> Result<PathBuf, String> {
     let config = snapshot::maker_config(&door.config)?;
-    let mut maker = KvmDoor::new(config).map_err(|e| e.to_string())?;
+    let mut maker = KvmDoor::new(config).map_err(|e| e.with_causes())?;
     let made = save(&mut maker, &store, &key).await;
     let _ = maker.halt().await;
     snapshot::remove_maker(&door.config);
@@ -36,12 +36,12 @@ async fn prepare(door: &KvmDoor, store: Store, key: String) -> Result<PathBuf, S
 /// Boots `maker`'s VM to be saved, waits for its guest, has husk-vmm save it (SIGUSR1) and
 /// installs the snapshot.
 async fn save(maker: &mut KvmDoor, store: &Store, key: &str) -> Result<PathBuf, String> {
-    jail::make_vm_dir(&maker.config.run_dir).map_err(|e| e.to_string())?;
+    jail::make_vm_dir(&maker.config.run_dir).map_err(|e| e.with_causes())?;
     let made = maker.vm_path("snapshot");
     maker
         .launch(Some(SnapshotMode::Save { dir: made.clone() }))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.with_causes())?;
     wait_ready(maker, PREPARE_TIMEOUT).await?;
     // To the jail's launcher, which relays it to husk-vmm (its pid namespace's init).
     let pid = maker

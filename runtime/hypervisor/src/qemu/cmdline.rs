@@ -53,15 +53,20 @@ fn fs_fd(i: usize) -> String {
 /// fork/exec, no scheduler or resource changes.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
-/// How a VM that is saved or restored differs from a cold one: its memory is a file (the
-/// snapshot's memory, or a copy of it), not part of QEMU's migration stream, and QEMU's
-/// monitor is on the descriptor after the shares'.
+/// How a VM that is saved or restored differs from a cold one: its memory is a named file,
+/// not part of QEMU's migration stream (`x-ignore-shared`), and QEMU's monitor is on the
+/// descriptor after the shares'.
 #[derive(Debug, Clone)]
-pub struct SnapshotArgs {
-    /// The memory file.
-    pub memory: PathBuf,
-    /// QEMU waits for the saved state (`-incoming defer`) instead of booting.
-    pub incoming: bool,
+pub enum SnapshotArgs {
+    /// The VM boots to be saved; its memory is the file `memory`.
+    Save {
+        /// The memory file.
+        memory: PathBuf,
+    },
+    /// QEMU waits for the saved state (`-incoming defer`) instead of booting; its memory is a
+    /// copy of the saved one, a memfd the jail passes as the descriptor after the tap (named
+    /// by its `/proc/self/fd` path).
+    Restore,
 }
 
 /// The kernel command line of a guest on this door.
@@ -106,14 +111,23 @@ pub fn args(
         "-sandbox",
         SANDBOX,
     ]);
+    // Passed descriptors after the shares': the monitor (with a snapshot), the tap (with a
+    // plugged network), a restored VM's memory.
+    let monitor_fd = config.shares.len();
+    let tap_fd = monitor_fd + usize::from(snapshot.is_some());
+    let plugged = config.net.as_ref().is_some_and(|n| !n.is_unplugged());
+    let memory_fd = tap_fd + usize::from(plugged);
     // Shared memory: virtiofsd maps guest memory over vhost-user.
     a.push("-object".into());
+    let file_backend = format!("memory-backend-file,id=mem,size={mem},share=on,mem-path=");
     match snapshot {
         None => a.push(format!("memory-backend-memfd,id=mem,size={mem},share=on").into()),
-        Some(s) => a.push(prefixed(
-            &format!("memory-backend-file,id=mem,size={mem},share=on,mem-path="),
-            &escape_commas(&s.memory),
-        )),
+        Some(SnapshotArgs::Save { memory }) => {
+            a.push(prefixed(&file_backend, &escape_commas(memory)));
+        }
+        Some(SnapshotArgs::Restore) => {
+            a.push(format!("{file_backend}/proc/self/fd/{}", fs_fd(memory_fd)).into());
+        }
     }
     a.push("-kernel".into());
     a.push(config.kernel.clone().into());
@@ -160,13 +174,11 @@ pub fn args(
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=disk{i},serial={}", disk.serial).into());
     }
-    let mut next_fd = config.shares.len();
     if let Some(s) = snapshot {
         a.push("-chardev".into());
-        a.push(format!("socket,id=qmp,fd={}", fs_fd(next_fd)).into());
+        a.push(format!("socket,id=qmp,fd={}", fs_fd(monitor_fd)).into());
         push_strs(&mut a, &["-mon", "chardev=qmp,mode=control"]);
-        next_fd += 1;
-        if s.incoming {
+        if matches!(s, SnapshotArgs::Restore) {
             push_strs(&mut a, &["-incoming", "defer"]);
         }
     }
@@ -176,7 +188,7 @@ pub fn args(
             // A hub port alone on its hub: frames go nowhere, no host resource.
             true => a.push("hubport,id=net0,hubid=0".into()),
             // The jail opens the pod's tap in the pod's network namespace.
-            false => a.push(format!("tap,id=net0,fd={}", fs_fd(next_fd)).into()),
+            false => a.push(format!("tap,id=net0,fd={}", fs_fd(tap_fd)).into()),
         }
         a.push("-device".into());
         a.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac).into());
@@ -303,22 +315,31 @@ mod tests {
 
     #[test]
     fn test_args_snapshot_memory_file_monitor_and_incoming() {
-        let snap = SnapshotArgs {
+        let snap = SnapshotArgs::Save {
             memory: "/v/m,em".into(),
-            incoming: true,
         };
         let s = joined_with(&config(), Accel::Tcg, Some(&snap), None);
         assert!(s.contains("memory-backend-file,id=mem,size=128M,share=on,mem-path=/v/m,,em"));
         assert!(!s.contains("memfd"));
         // The monitor's descriptor follows the one share's.
         assert!(s.contains("-chardev socket,id=qmp,fd=5 -mon chardev=qmp,mode=control"));
-        assert!(s.contains("-incoming defer"));
-        let snap = SnapshotArgs {
-            incoming: false,
-            ..snap
-        };
-        let s = joined_with(&config(), Accel::Tcg, Some(&snap), None);
         assert!(!s.contains("-incoming"));
+        // Restored: the memory is the descriptor after the monitor's.
+        let s = joined_with(&config(), Accel::Tcg, Some(&SnapshotArgs::Restore), None);
+        assert!(s.contains("memory-backend-file,id=mem,size=128M,share=on,mem-path=/proc/self/fd/6 "));
+        assert!(s.contains("-chardev socket,id=qmp,fd=5 -mon chardev=qmp,mode=control"));
+        assert!(s.contains("-incoming defer"));
+        // With a plugged tap, after the tap's.
+        let mut config = config();
+        config.net = Some(crate::NetDevice {
+            netns: "/run/netns/pod".into(),
+            tap: "tap0".into(),
+            mac: "02:00:00:00:00:01".into(),
+            mtu: None,
+        });
+        let s = joined_with(&config, Accel::Tcg, Some(&SnapshotArgs::Restore), None);
+        assert!(s.contains("-netdev tap,id=net0,fd=6 "), "{s}");
+        assert!(s.contains("mem-path=/proc/self/fd/7 "), "{s}");
     }
 
     #[test]

@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use husk_vmm::jail::JailBind;
-use husk_vmm::snapshot::Copy;
 use tokio::process::Child;
 use tracing::{debug, info};
 
@@ -36,8 +35,6 @@ use crate::{find_program, Hypervisor, HypervisorError, VmConfig, VmExit};
 const QEMU: &str = "qemu-system-x86_64";
 /// husk's VMM binary: the jail launcher and the serial relay.
 const HUSK_VMM: &str = "husk-vmm";
-/// A restored VM's memory in its VM directory: a copy of the snapshot's.
-const RESTORED_MEMORY: &str = "memory";
 
 /// A VM run by QEMU.
 #[derive(Debug)]
@@ -128,8 +125,8 @@ fn choose_accel() -> Accel {
 struct Restore<'a> {
     /// The snapshot's directory.
     snapshot: &'a Path,
-    /// The copy of its memory into the VM's file, under way.
-    memory_copy: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The copy of its memory into a memfd, under way.
+    memory_copy: tokio::task::JoinHandle<std::io::Result<std::fs::File>>,
 }
 
 impl QemuDoor {
@@ -146,7 +143,7 @@ impl QemuDoor {
     ) -> Result<Option<Qmp>, HypervisorError> {
         let run_dir = self.config.run_dir.clone();
         // Measured while the relay and virtiofsd start; a restored guest has its own.
-        let boots = snapshot.as_ref().is_none_or(|s| !s.incoming);
+        let boots = !matches!(snapshot, Some(SnapshotArgs::Restore));
         let tsc_khz =
             (boots && self.accel == Accel::Tcg).then(|| tokio::task::spawn_blocking(tsc::host_khz));
         let serial = self.vm_path("serial.sock");
@@ -170,16 +167,16 @@ impl QemuDoor {
         }
         self.relay = Some(relay);
         let fs = self.start_virtiofsd().await?;
-        let from = match from {
+        let (from, memory) = match from {
             Some(Restore {
                 snapshot,
                 memory_copy,
             }) => {
                 let copied = memory_copy.await.unwrap_or_else(|e| Err(e.into()));
-                copied.map_err(HypervisorError::SnapshotMemory)?;
-                Some(snapshot)
+                let memory = copied.map_err(HypervisorError::SnapshotMemory)?;
+                (Some(snapshot), Some(memory))
             }
-            None => None,
+            None => (None, None),
         };
         let tsc_khz = match tsc_khz {
             Some(measuring) => measuring.await.ok().flatten(),
@@ -238,6 +235,7 @@ impl QemuDoor {
             netns: plugged.map(|n| n.netns.clone()),
             connect,
             tap: plugged.map(|n| n.tap.clone()),
+            pass: memory.into_iter().map(std::os::fd::OwnedFd::from).collect(),
             allow_connect: false,
         };
         let log = self.vm_path("qemu.log");
@@ -268,8 +266,7 @@ impl QemuDoor {
         Ok(Some(qmp))
     }
 
-    /// Stops QEMU, virtiofsd and the relay, and removes the VM's memory file (the cgroup
-    /// stays).
+    /// Stops QEMU, virtiofsd and the relay (the cgroup stays).
     async fn halt(&mut self) -> Result<(), HypervisorError> {
         helpers::stop_vm(self.child.take(), &mut self.fs).await?;
         if let Some(mut relay) = self.relay.take() {
@@ -279,36 +276,28 @@ impl QemuDoor {
                 let _ = std::fs::remove_file(self.vm_path(socket));
             }
         }
-        let _ = std::fs::remove_file(self.vm_path(RESTORED_MEMORY));
         self.console_cap = None;
         Ok(())
     }
 
     /// Restores the VM from the snapshot `dir` (QEMU loads the saved state; the memory is a
-    /// copy of the saved memory) and waits until its guest answers on
+    /// copy of the saved memory, in a memfd) and waits until its guest answers on
     /// [`VmConfig::ready_port`].
     async fn restore(&mut self, dir: &Path) -> Result<(), String> {
         let deadline = Instant::now() + crate::snapshot::RESTORE_TIMEOUT;
         let state = snapshot::file_uri(&dir.join(husk_vmm::snapshot::STATE_FILE))?;
-        let memory = self.vm_path(RESTORED_MEMORY);
         let saved = dir.join(husk_vmm::snapshot::MEMORY_FILE);
-        let to = memory.clone();
         let memory_copy = tokio::task::spawn_blocking(move || {
-            husk_vmm::snapshot::copy_memory_file(&saved, &to, Copy::InKernel)
-                .map_err(std::io::Error::other)
+            husk_vmm::snapshot::memory_from_file(&saved).map_err(std::io::Error::other)
         });
-        let args = SnapshotArgs {
-            memory,
-            incoming: true,
-        };
         let from = Restore {
             snapshot: dir,
             memory_copy,
         };
         let mut qmp = self
-            .launch(Some(args), Some(from), deadline)
+            .launch(Some(SnapshotArgs::Restore), Some(from), deadline)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.with_causes())?
             .ok_or("QEMU has no monitor")?;
         qmp.ignore_shared_memory().await?;
         qmp.execute("migrate-incoming", serde_json::json!({ "uri": state }))

@@ -15,7 +15,6 @@ use std::time::Instant;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use husk_vmm::snapshot::Copy;
 
 use super::{cmdline, Accel, QemuDoor, SnapshotArgs};
 use crate::snapshot::{self, Store, PREPARE_TIMEOUT, SAVE_TIMEOUT};
@@ -66,7 +65,7 @@ async fn prepare(door: &QemuDoor, store: Store, key: String) -> Result<PathBuf, 
         ));
     }
     let config = snapshot::maker_config(&door.config)?;
-    let mut maker = QemuDoor::new(config).map_err(|e| e.to_string())?;
+    let mut maker = QemuDoor::new(config).map_err(|e| e.with_causes())?;
     maker.accel = door.accel;
     let made = save(&mut maker).await;
     let _ = maker.halt().await;
@@ -80,7 +79,7 @@ async fn prepare(door: &QemuDoor, store: Store, key: String) -> Result<PathBuf, 
 /// is done with it.
 async fn save(maker: &mut QemuDoor) -> Result<PathBuf, String> {
     let deadline = Instant::now() + PREPARE_TIMEOUT + SAVE_TIMEOUT;
-    jail::make_vm_dir(&maker.config.run_dir).map_err(|e| e.to_string())?;
+    jail::make_vm_dir(&maker.config.run_dir).map_err(|e| e.with_causes())?;
     let made = maker.vm_path("snapshot");
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -95,14 +94,13 @@ async fn save(maker: &mut QemuDoor) -> Result<PathBuf, String> {
         .open(&memory)
         .map_err(|e| format!("{}: {e}", memory.display()))?;
     let state = file_uri(&made.join(husk_vmm::snapshot::STATE_FILE))?;
-    let args = SnapshotArgs {
+    let args = SnapshotArgs::Save {
         memory: memory.clone(),
-        incoming: false,
     };
     let mut qmp = maker
         .launch(Some(args), None, deadline)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.with_causes())?
         .ok_or("QEMU has no monitor")?;
     maker.wait_ready(PREPARE_TIMEOUT).await?;
     quiesce(&maker.vsock_path()).await?;
@@ -110,11 +108,11 @@ async fn save(maker: &mut QemuDoor) -> Result<PathBuf, String> {
     qmp.execute("stop", json!({})).await?;
     qmp.execute("migrate", json!({ "uri": state })).await?;
     qmp.migration_done().await?;
-    maker.halt().await.map_err(|e| e.to_string())?;
+    maker.halt().await.map_err(|e| e.with_causes())?;
     // Only the pages that are not all zeros (the guest zeroes what it allocates): a VM
     // restored from the snapshot copies, and holds, none of the others.
     let saved = made.join(husk_vmm::snapshot::MEMORY_FILE);
-    let copied = husk_vmm::snapshot::copy_memory_file(&memory, &saved, Copy::SkipZeroPages);
+    let copied = husk_vmm::snapshot::copy_memory_file(&memory, &saved);
     let _ = std::fs::remove_file(&memory);
     copied.map_err(|e| format!("saving the guest's memory: {e}"))?;
     Ok(made)
