@@ -473,6 +473,11 @@ pub trait Hypervisor: Send + std::fmt::Debug {
     /// A missing program or file, or a VMM or device backend that failed to start.
     async fn start(&mut self) -> Result<(), HypervisorError>;
 
+    /// The connection to [`VmConfig::ready_port`] that showed a VM restored by
+    /// [`Hypervisor::start`] answering, once: the caller's first connection to the guest's
+    /// agent, one fewer for the guest to accept. `None` after a cold boot.
+    fn take_ready_connection(&mut self) -> Option<tokio::net::UnixStream>;
+
     /// Host side of the VM's hybrid vsock (see DESIGN.md, "Guest channel").
     fn vsock_path(&self) -> PathBuf;
 

@@ -234,7 +234,12 @@ impl AgentClient {
         Self::handshake(uds, stream).await
     }
 
-    async fn handshake(uds: &Path, stream: UnixStream) -> Result<Self, SandboxError> {
+    /// A control connection over `stream`, already connected to the agent's port behind `uds`
+    /// (a restored VM's ready connection): the version handshake, within its deadline.
+    ///
+    /// # Errors
+    /// As [`AgentClient::connect`].
+    pub async fn handshake(uds: &Path, stream: UnixStream) -> Result<Self, SandboxError> {
         let mut client = Self {
             uds: uds.to_owned(),
             stream: Some(stream),

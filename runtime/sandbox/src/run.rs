@@ -545,8 +545,15 @@ pub(crate) async fn boot(
 ) -> Result<AgentClient, SandboxError> {
     let deadline = Instant::now() + timeout;
     let vsock = vm.vsock_path();
+    let ready = vm.take_ready_connection();
+    let connect = async {
+        match ready {
+            Some(stream) => AgentClient::handshake(&vsock, stream).await,
+            None => AgentClient::connect(&vsock, deadline).await,
+        }
+    };
     let mut agent = tokio::select! {
-        agent = AgentClient::connect(&vsock, deadline) => match agent {
+        agent = connect => match agent {
             Err(SandboxError::AgentIo(e)) => Err(SandboxError::BootFailed {
                 reason: format!("agent did not answer within {}s: {e}", timeout.as_secs()),
                 diagnostics: vm.diagnostics(),

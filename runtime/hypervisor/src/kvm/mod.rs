@@ -37,6 +37,8 @@ pub struct KvmDoor {
     cgroup: Option<crate::cgroup::HostCgroup>,
     /// Bounds vmm.log while husk-vmm runs (husk-vmm caps the console file itself).
     log_cap: Option<ConsoleCap>,
+    /// The connection that showed the restored guest answering ([`Hypervisor::take_ready_connection`]).
+    ready: Option<tokio::net::UnixStream>,
 }
 
 impl KvmDoor {
@@ -66,6 +68,7 @@ impl KvmDoor {
             child: None,
             cgroup: None,
             log_cap: None,
+            ready: None,
         })
     }
 
@@ -190,6 +193,7 @@ impl KvmDoor {
     async fn halt(&mut self) -> Result<(), HypervisorError> {
         helpers::stop_vm(self.child.take(), &mut self.fs).await?;
         self.log_cap = None;
+        self.ready = None;
         Ok(())
     }
 
@@ -200,7 +204,8 @@ impl KvmDoor {
             dir: dir.to_owned(),
         };
         self.launch(Some(mode)).await.map_err(|e| e.with_causes())?;
-        snapshot::wait_ready(self, crate::snapshot::RESTORE_TIMEOUT).await
+        self.ready = Some(snapshot::wait_ready(self, crate::snapshot::RESTORE_TIMEOUT).await?);
+        Ok(())
     }
 }
 
@@ -218,6 +223,10 @@ impl Hypervisor for KvmDoor {
             let _ = std::fs::remove_file(self.vsock_path());
         }
         self.launch(None).await
+    }
+
+    fn take_ready_connection(&mut self) -> Option<tokio::net::UnixStream> {
+        self.ready.take()
     }
 
     fn vsock_path(&self) -> PathBuf {

@@ -42,7 +42,8 @@ async fn save(maker: &mut KvmDoor, store: &Store, key: &str) -> Result<PathBuf, 
         .launch(Some(SnapshotMode::Save { dir: made.clone() }))
         .await
         .map_err(|e| e.with_causes())?;
-    wait_ready(maker, PREPARE_TIMEOUT).await?;
+    // Closed before the guest is saved: a restored guest has no connection.
+    drop(wait_ready(maker, PREPARE_TIMEOUT).await?);
     // To the jail's launcher, which relays it to husk-vmm (its pid namespace's init).
     let pid = maker
         .launcher_pid()
@@ -68,11 +69,12 @@ async fn save(maker: &mut KvmDoor, store: &Store, key: &str) -> Result<PathBuf, 
     store.install(key, &made)
 }
 
-/// Waits until the guest of `door`'s running VM answers on [`crate::VmConfig::ready_port`].
+/// Waits until the guest of `door`'s running VM answers on [`crate::VmConfig::ready_port`];
+/// returns the connection it accepted.
 pub(super) async fn wait_ready(
     door: &mut KvmDoor,
     timeout: std::time::Duration,
-) -> Result<(), String> {
+) -> Result<tokio::net::UnixStream, String> {
     let (uds, port) = (door.vsock_path(), door.config.ready_port);
     let ready = snapshot::wait_ready(door.child.as_mut(), &uds, port, timeout).await;
     ready.map_err(|reason| format!("{reason}; {}", door.diagnostics()))

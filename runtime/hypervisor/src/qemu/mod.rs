@@ -50,6 +50,8 @@ pub struct QemuDoor {
     cgroup: Option<crate::cgroup::HostCgroup>,
     /// Bounds the console and qemu.log while QEMU runs (the guest writes both).
     console_cap: Option<ConsoleCap>,
+    /// The connection that showed the restored guest answering ([`Hypervisor::take_ready_connection`]).
+    ready: Option<tokio::net::UnixStream>,
 }
 
 impl QemuDoor {
@@ -79,6 +81,7 @@ impl QemuDoor {
             child: None,
             cgroup: None,
             console_cap: None,
+            ready: None,
         })
     }
 
@@ -277,6 +280,7 @@ impl QemuDoor {
             }
         }
         self.console_cap = None;
+        self.ready = None;
         Ok(())
     }
 
@@ -305,11 +309,16 @@ impl QemuDoor {
         qmp.migration_done().await?;
         qmp.execute("cont", serde_json::json!({})).await?;
         let timeout = deadline.saturating_duration_since(Instant::now());
-        self.wait_ready(timeout).await
+        self.ready = Some(self.wait_ready(timeout).await?);
+        Ok(())
     }
 
-    /// Waits until the guest answers on [`VmConfig::ready_port`], or QEMU ends.
-    async fn wait_ready(&mut self, timeout: std::time::Duration) -> Result<(), String> {
+    /// Waits until the guest answers on [`VmConfig::ready_port`], or QEMU ends; returns the
+    /// connection it accepted.
+    async fn wait_ready(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<tokio::net::UnixStream, String> {
         let (uds, port) = (self.vsock_path(), self.config.ready_port);
         let ready = crate::snapshot::wait_ready(self.child.as_mut(), &uds, port, timeout).await;
         ready.map_err(|reason| format!("{reason}; {}", self.diagnostics()))
@@ -329,6 +338,10 @@ impl Hypervisor for QemuDoor {
             self.halt().await?;
         }
         self.launch(None, None, Instant::now()).await.map(drop)
+    }
+
+    fn take_ready_connection(&mut self) -> Option<tokio::net::UnixStream> {
+        self.ready.take()
     }
 
     fn vsock_path(&self) -> PathBuf {

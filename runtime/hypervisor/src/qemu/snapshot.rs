@@ -102,7 +102,8 @@ async fn save(maker: &mut QemuDoor) -> Result<PathBuf, String> {
         .await
         .map_err(|e| e.with_causes())?
         .ok_or("QEMU has no monitor")?;
-    maker.wait_ready(PREPARE_TIMEOUT).await?;
+    // Closed before the guest is saved: a restored guest has no connection.
+    drop(maker.wait_ready(PREPARE_TIMEOUT).await?);
     quiesce(&maker.vsock_path()).await?;
     qmp.ignore_shared_memory().await?;
     qmp.execute("stop", json!({})).await?;

@@ -132,7 +132,7 @@ pub fn remove_maker(config: &VmConfig) {
 }
 
 /// Waits until the guest behind the vsock socket `uds` accepts a connection on `port`, or
-/// `vmm` ends, or `timeout` passes.
+/// `vmm` ends, or `timeout` passes; returns the accepted connection.
 ///
 /// # Errors
 /// One line: the VMM ended, or the guest did not answer in time (the caller adds what the VM
@@ -142,15 +142,15 @@ pub async fn wait_ready(
     uds: &Path,
     port: u32,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<tokio::net::UnixStream, String> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(Ok(Some(status))) = vmm.as_mut().map(|c| c.try_wait()) {
             return Err(format!("the VMM ended with {status}"));
         }
         let attempt = crate::connect_vsock(uds, port);
-        if let Ok(Ok(_answered)) = tokio::time::timeout(Duration::from_millis(500), attempt).await {
-            return Ok(());
+        if let Ok(Ok(answered)) = tokio::time::timeout(Duration::from_millis(500), attempt).await {
+            return Ok(answered);
         }
         if Instant::now() >= deadline {
             return Err(format!(
