@@ -326,7 +326,9 @@ mod tests {
         assert!(!s.contains("-incoming"));
         // Restored: the memory is the descriptor after the monitor's.
         let s = joined_with(&config(), Accel::Tcg, Some(&SnapshotArgs::Restore), None);
-        assert!(s.contains("memory-backend-file,id=mem,size=128M,share=on,mem-path=/proc/self/fd/6 "));
+        assert!(
+            s.contains("memory-backend-file,id=mem,size=128M,share=on,mem-path=/proc/self/fd/6 ")
+        );
         assert!(s.contains("-chardev socket,id=qmp,fd=5 -mon chardev=qmp,mode=control"));
         assert!(s.contains("-incoming defer"));
         // With a plugged tap, after the tap's.

@@ -15,7 +15,6 @@ use std::time::Instant;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-
 use super::{cmdline, Accel, QemuDoor, SnapshotArgs};
 use crate::snapshot::{self, Store, PREPARE_TIMEOUT, SAVE_TIMEOUT};
 use crate::{jail, Hypervisor};
