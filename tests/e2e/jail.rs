@@ -93,6 +93,8 @@ fn probe_in_jail(spec: &Path, vmm: &Path, probe: &str, dir: &Path) -> String {
     doc["root"] = root.display().to_string().into();
     doc["connect"] = serde_json::json!([]);
     doc["tap"] = serde_json::Value::Null;
+    // A restored VM's memory is inherited from the door, which the probe is not.
+    doc["inherited"] = 0.into();
     doc["cgroup_procs"] = serde_json::json!([]);
     doc["argv"] = serde_json::json!([vmm.display().to_string(), "probe-syscall", "none", probe]);
     if let Some(binds) = doc["binds"].as_array_mut() {
