@@ -75,8 +75,6 @@ enum State {
     Running,
     Paused,
     Stopped,
-    /// Its cgroup and mounts are being removed ([`Containers::delete`]).
-    Deleting,
 }
 
 #[derive(Debug)]
@@ -437,9 +435,7 @@ impl Containers {
     }
 
     /// Waits for the process to exit and its output to be delivered; returns the exit code
-    /// and whether the OOM killer struck in the container's cgroup. The container's cgroup and
-    /// mounts stay until [`Containers::delete`]: the exit is reported without waiting for
-    /// their teardown (about 40 ms under TCG), which a VM powered off right after never pays.
+    /// and whether the OOM killer struck in the container's cgroup.
     pub async fn wait(&self, id: &str) -> Result<(i32, bool), Failure> {
         let (mut exit, mut outputs, cgroup) = {
             let map = self.lock();
@@ -456,41 +452,26 @@ impl Containers {
         cgroup.kill_all();
         let _ = outputs.wait_for(|open| *open == 0).await;
         if let Some(c) = self.lock().get_mut(id) {
-            if c.state != State::Deleting {
-                c.state = State::Stopped;
-            }
+            c.state = State::Stopped;
         }
-        Ok((code, cgroup.oom_killed()))
-    }
-
-    /// Removes a container whose exit was waited for ([`Containers::wait`]): its cgroup and
-    /// mounts, then the container itself. It keeps its id until both are gone, so that a new
-    /// container of that id cannot have its mounts taken by this teardown.
-    pub async fn delete(&self, id: &str) -> Result<(), Failure> {
-        let cgroup = {
-            let mut map = self.lock();
-            let c = map.get_mut(id).ok_or_else(|| not_found(id))?;
-            match c.state {
-                State::Stopped => {}
-                State::Deleting => {
-                    return Err((
-                        ErrorKind::InvalidState,
-                        format!("container {id:?} is being deleted"),
-                    ))
-                }
-                _ => {
-                    return Err((
-                        ErrorKind::InvalidState,
-                        format!("container {id:?} has not been waited for after its exit"),
-                    ))
-                }
-            }
-            c.state = State::Deleting;
-            c.cgroup.clone()
-        };
+        let oom_killed = cgroup.oom_killed();
         cgroup.remove().await;
         unmount_all(id);
-        self.lock().remove(id);
+        Ok((code, oom_killed))
+    }
+
+    /// Forgets a container whose exit was waited for ([`Containers::wait`] removed its cgroup
+    /// and mounts).
+    pub fn delete(&self, id: &str) -> Result<(), Failure> {
+        let mut map = self.lock();
+        let c = map.get(id).ok_or_else(|| not_found(id))?;
+        if c.state != State::Stopped {
+            return Err((
+                ErrorKind::InvalidState,
+                format!("container {id:?} has not been waited for after its exit"),
+            ));
+        }
+        map.remove(id);
         Ok(())
     }
 

@@ -174,7 +174,7 @@ async fn handle(agent: &Agent, request: Request) -> Response {
         Request::ConfigureNetwork { network } => crate::network::configure(&network)
             .await
             .map(|()| Response::Ok),
-        Request::DeleteContainer { id } => containers.delete(&id).await.map(|()| {
+        Request::DeleteContainer { id } => containers.delete(&id).map(|()| {
             agent.execs.forget(&id);
             Response::Ok
         }),

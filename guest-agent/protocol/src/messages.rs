@@ -142,9 +142,9 @@ pub enum Request {
         /// The pod's interface.
         network: Network,
     },
-    /// Removes a container whose process exited and was waited for (its cgroup, its mounts
-    /// and its exec processes), so that its id can be used again in this VM (version 5). A
-    /// pod's VM outlives its containers; a VM that ends with its container need not send it.
+    /// Forgets a container whose process exited and was waited for (and its exec processes),
+    /// so that its id can be used again in this VM (version 5). A pod's VM outlives its
+    /// containers.
     DeleteContainer {
         /// Container id.
         id: String,

@@ -260,10 +260,21 @@ fn passed_fds(spec: &JailSpec) -> Result<Vec<OwnedFd>, VmmError> {
     Ok(fds)
 }
 
-/// The file open as this process's descriptor `fd`, opened again read-write (refused unless it
-/// is a regular file or memfd).
+/// The file open as this process's descriptor `fd`, opened again read-write: refused unless
+/// it is a regular file or memfd that `fd` has open read-write already (a file passed
+/// read-only never becomes writable in the jail).
 fn reopen_file(fd: RawFd) -> Result<OwnedFd, VmmError> {
     let err = |e: String| VmmError::Confine(format!("jail: inherited descriptor {fd}: {e}"));
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .map_err(|e| err(e.to_string()))?;
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        .ok_or_else(|| err("no flags in its fdinfo".into()))?;
+    if flags & 0o3 != 0o2 {
+        return Err(err("not open read-write".into()));
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -873,5 +884,8 @@ mod tests {
         let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let err = reopen_file(socket.as_raw_fd()).unwrap_err().to_string();
         assert!(err.contains("inherited descriptor"), "{err}");
+        let read_only = File::open(format!("/proc/self/fd/{}", memory.as_raw_fd())).unwrap();
+        let err = reopen_file(read_only.as_raw_fd()).unwrap_err().to_string();
+        assert!(err.contains("not open read-write"), "{err}");
     }
 }

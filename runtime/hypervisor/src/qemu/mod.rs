@@ -134,9 +134,10 @@ struct Restore<'a> {
 
 impl QemuDoor {
     /// Starts the serial relay, virtiofsd for each share and QEMU: a cold boot, or with
-    /// `snapshot` a boot to be saved or a restore (`from`: the snapshot, bound read-only into
-    /// QEMU's jail, and the copy of its memory, which runs while the relay and virtiofsd
-    /// start and must be done before QEMU). With `snapshot`, QEMU's monitor is returned, in
+    /// `snapshot` a boot to be saved or a restore (`from`: the snapshot, whose state file is
+    /// bound read-only into QEMU's jail, and the copy of its memory into a memfd passed to
+    /// QEMU, which runs while the relay and virtiofsd start and must be done before QEMU).
+    /// With `snapshot`, QEMU's monitor is returned, in
     /// command mode, its calls bounded by `deadline`.
     async fn launch(
         &mut self,
@@ -204,7 +205,9 @@ impl QemuDoor {
             JailBind::ro(&self.config.kernel),
             JailBind::ro(&self.config.initramfs),
         ];
-        binds.extend(from.map(JailBind::ro));
+        // The saved state only: QEMU reads it; the saved memory it never sees (its copy is
+        // passed).
+        binds.extend(from.map(|dir| JailBind::ro(dir.join(husk_vmm::snapshot::STATE_FILE))));
         let disks = self.config.disks.iter().filter(|d| !d.is_unplugged());
         binds.extend(disks.map(|d| JailBind {
             path: d.path.clone(),
