@@ -4,9 +4,9 @@
 //! 3 detached `sleep` containers per runtime, each one's shim and everything it spawned (runc:
 //! the container's process; husk: the VMM and virtiofsd), as PSS from
 //! /proc/<pid>/smaps_rollup, so pages the shims share are not counted three times, plus the
-//! pages of the VM's memory file that no process maps (a restored VM's copy of its snapshot's
-//! memory holds pages its guest has not touched yet). Through
-//! containerd's CRI plugin (as a kubelet): the time from `RunPodSandbox` until
+//! pages of the VM's memory (a memfd) that no process maps (a restored VM's copy of its
+//! snapshot's memory holds pages its guest has not touched yet). Through containerd's CRI
+//! plugin (as a kubelet): the time from `RunPodSandbox` until
 //! `StartContainer` of the pod's first container returned, median of 5 pods. Density: the PSS
 //! per container with 20 husk containers running at once, their VMs restored from one boot
 //! snapshot (the default) and then booted cold (`io.husk.snapshot=false`).

@@ -100,10 +100,10 @@ impl Proc {
             .unwrap_or(0)
     }
 
-    /// KiB of guest memory held in the VM memory files this process maps (a memfd, or a
-    /// restored VM's copy of its snapshot's memory under `/run/husk-vm`) beyond the pages it
-    /// maps: pages of the file that no process's PSS counts. Count it for the VMM only
-    /// (virtiofsd maps the same file).
+    /// KiB of guest memory held in the VM memory files this process maps (memfds; a restored
+    /// VM's holds its copy of its snapshot's memory) beyond the pages it maps: pages of the
+    /// file that no process's PSS counts. Count it for the VMM only (virtiofsd maps the same
+    /// file).
     pub fn unmapped_guest_memory_kib(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         let dir = Path::new("/proc").join(self.pid.to_string());
@@ -118,8 +118,7 @@ impl Proc {
             let first = words.next().unwrap_or_default();
             if !first.ends_with(':') {
                 let path = line.split_whitespace().nth(5).unwrap_or_default();
-                let memory = path.starts_with("/memfd:") || path.starts_with("/run/husk-vm/");
-                guest = memory.then_some(first);
+                guest = path.starts_with("/memfd:").then_some(first);
             } else if let (Some(range), "Rss:") = (guest, first) {
                 let mapped: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
                 let held = std::fs::metadata(dir.join("map_files").join(range))

@@ -37,7 +37,8 @@ pub struct KvmDoor {
     cgroup: Option<crate::cgroup::HostCgroup>,
     /// Bounds vmm.log while husk-vmm runs (husk-vmm caps the console file itself).
     log_cap: Option<ConsoleCap>,
-    /// The connection that showed the restored guest answering ([`Hypervisor::take_ready_connection`]).
+    /// The connection that showed the restored guest answering
+    /// ([`Hypervisor::take_ready_connection`]).
     ready: Option<tokio::net::UnixStream>,
 }
 

@@ -50,7 +50,8 @@ pub struct QemuDoor {
     cgroup: Option<crate::cgroup::HostCgroup>,
     /// Bounds the console and qemu.log while QEMU runs (the guest writes both).
     console_cap: Option<ConsoleCap>,
-    /// The connection that showed the restored guest answering ([`Hypervisor::take_ready_connection`]).
+    /// The connection that showed the restored guest answering
+    /// ([`Hypervisor::take_ready_connection`]).
     ready: Option<tokio::net::UnixStream>,
 }
 
