@@ -105,6 +105,8 @@ pub(crate) fn spawn(
             child_fd,
         })
         .collect();
+    let inherited =
+        u8::try_from(mappings.len()).map_err(|e| spawn_err(std::io::Error::other(e)))?;
     let spec = JailSpec {
         root,
         binds,
@@ -112,7 +114,7 @@ pub(crate) fn spawn(
         netns: jail.netns,
         connect: jail.connect,
         tap: jail.tap,
-        inherited: u8::try_from(mappings.len()).map_err(|e| spawn_err(std::io::Error::other(e)))?,
+        inherited,
         allow_connect: jail.allow_connect,
         argv,
     };
@@ -121,10 +123,9 @@ pub(crate) fn spawn(
     std::fs::write(&spec_path, text).map_err(spawn_err)?;
     let mut cmd = Command::new(vmm);
     cmd.arg("jail").arg("--spec").arg(&spec_path);
-    let kept = u32::try_from(mappings.len()).unwrap_or(u32::MAX);
     cmd.fd_mappings(mappings)
         .map_err(|e| spawn_err(std::io::Error::other(e.to_string())))?;
-    helpers::spawn_logged(name, &mut cmd, log, kept)
+    helpers::spawn_logged(name, &mut cmd, log, u32::from(inherited))
 }
 
 /// The host pid of the jail's pid 1 (the jailed program itself, in namespaces all its own)

@@ -69,8 +69,8 @@ pub struct JailSpec {
     pub tap: Option<String>,
     /// How many files the launcher inherited, as descriptors 3, 4, ... (memfds: a restored
     /// VM's guest RAM), passed on after the sockets and the tap, in order. Each is opened
-    /// again, read-write, through `/proc/self/fd`, so only a file can be passed this way,
-    /// never a socket.
+    /// again through `/proc/self/fd`, read-write and only if it was open read-write, so only
+    /// a file can be passed this way, never a socket, and never one made writable.
     #[serde(default)]
     pub inherited: u8,
     /// Whether the program may still `connect(2)` itself (husk-vmm connects virtiofsd's

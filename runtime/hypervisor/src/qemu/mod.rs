@@ -138,8 +138,8 @@ impl QemuDoor {
     /// `snapshot` a boot to be saved or a restore (`from`: the snapshot, whose state file is
     /// bound read-only into QEMU's jail, and the copy of its memory into a memfd passed to
     /// QEMU, which runs while the relay and virtiofsd start and must be done before QEMU).
-    /// With `snapshot`, QEMU's monitor is returned, in
-    /// command mode, its calls bounded by `deadline`.
+    /// With `snapshot`, QEMU's monitor is returned, in command mode, its calls bounded by
+    /// `deadline`.
     async fn launch(
         &mut self,
         snapshot: Option<SnapshotArgs>,
