@@ -21,8 +21,6 @@ use crate::SandboxError;
 
 /// How long a forwarded signal may take to end the container before husk ends its VM.
 const SIGNAL_GRACE: Duration = Duration::from_secs(2);
-/// How long a guest may take to power off after the agent's shutdown.
-const POWEROFF_GRACE: Duration = Duration::from_secs(2);
 
 /// What `husk run` asks for.
 #[derive(Debug, Clone)]
@@ -233,9 +231,9 @@ async fn monitor_vm(
     })?;
     // Recorded first: the engine that reaps the sentinel finds the container stopped.
     sentinel.exit(exit_code.unwrap_or(1)).await;
-    if exit_code.is_some() {
-        power_off(vm, agent).await;
-    }
+    // The caller ends the VM: the agent cleaned up before it reported the exit (see
+    // `run_in_vm`).
+    drop(agent);
     Ok(())
 }
 
@@ -475,12 +473,14 @@ async fn run_in_vm(
     debug!("agent ready");
     let id = bundle.spec.id.as_str();
     let pid = vm.pid().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-    let outputs = guard(vm, async {
+    let (outputs, waiter) = guard(vm, async {
         let outputs = create_container(&mut agent, bundle, None).await?;
         create_runtime_hooks(dir, bundle, pid)?;
         configure_network(&mut agent, network).await?;
-        agent.start(id).await?;
-        Ok(outputs)
+        // The connection that waits for the exit opens while the process starts.
+        let uds = agent.uds().to_owned();
+        let (_, waiter) = tokio::try_join!(agent.start(id), AgentClient::open(&uds))?;
+        Ok((outputs, waiter))
     })
     .await?;
     update_record(dir, |r| {
@@ -500,7 +500,7 @@ async fn run_in_vm(
     }
     let t_started = Instant::now();
     debug!("container started");
-    let (exit, ended) = match supervise(vm, &mut agent, id, &mut signals).await? {
+    let (exit, ended) = match supervise(vm, &mut agent, waiter, id, &mut signals).await? {
         Supervised::Exited(exit) => (exit, false),
         Supervised::GaveUp(exit) => (exit, true),
     };
@@ -509,8 +509,10 @@ async fn run_in_vm(
         oom_killed = exit.oom_killed,
         "container exited"
     );
-    // Given up on: its output may never end, and its agent may not answer; the caller ends
-    // the VM.
+    // Given up on: its output may never end. Either way the caller ends the VM: the agent
+    // unmounted the container's file systems (writing back what they held) and removed its
+    // cgroup before it reported the exit, so the guest holds nothing left to flush, and a
+    // power-off through the agent would only cost its time.
     if !ended {
         outputs.delivered().await;
     }
@@ -518,10 +520,6 @@ async fn run_in_vm(
         r.oci.status = Status::Stopped;
         r.husk.exit_code = Some(exit.code);
     })?;
-    if !ended {
-        power_off(vm, agent).await;
-        debug!("VM powered off");
-    }
     let mut state = Record::read(dir)?.oci;
     state.pid = 0;
     crate::hooks::run_logged("poststop", &bundle.hooks.poststop, &state);
@@ -607,10 +605,11 @@ async fn explain(vm: &mut dyn Hypervisor, err: SandboxError) -> SandboxError {
 async fn supervise(
     vm: &mut dyn Hypervisor,
     agent: &mut AgentClient,
+    waiter: AgentClient,
     id: &str,
     signals: &mut ForwardedSignals,
 ) -> Result<Supervised, SandboxError> {
-    match wait_forwarding_signals(vm, agent, id, signals).await {
+    match wait_forwarding_signals(vm, agent, waiter, id, signals).await {
         Err(e) => Err(explain(vm, e).await),
         ok => ok,
     }
@@ -634,10 +633,10 @@ const GIVEN_UP: ExitStatus = ExitStatus {
 async fn wait_forwarding_signals(
     vm: &mut dyn Hypervisor,
     agent: &mut AgentClient,
+    mut waiter: AgentClient,
     id: &str,
     signals: &mut ForwardedSignals,
 ) -> Result<Supervised, SandboxError> {
-    let mut waiter = agent.reconnect().await?;
     let wait = waiter.wait(id);
     tokio::pin!(wait);
     let mut escalation = Escalation::None;
@@ -684,13 +683,6 @@ enum Escalation {
     None,
     Forwarded,
     Killed,
-}
-
-/// Asks the agent to power the guest off and gives it a moment; the door kills what remains.
-async fn power_off(vm: &mut dyn Hypervisor, agent: AgentClient) {
-    if agent.shutdown().await.is_ok() {
-        let _ = tokio::time::timeout(POWEROFF_GRACE, vm.wait()).await;
-    }
 }
 
 pub(crate) fn exit_reason(vm: &dyn Hypervisor, exit: Result<VmExit, HypervisorError>) -> String {
