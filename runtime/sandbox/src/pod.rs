@@ -235,10 +235,12 @@ impl PodVm {
         self.share.remove(id);
     }
 
-    /// Powers the guest off (the agent syncs its file systems), ends the VMM and removes the
-    /// pod's directory with every bind in it.
-    pub async fn shutdown(&self) {
-        if !self.has_ended() {
+    /// Ends the pod: with `waited` (every container of the pod exited and its exit was
+    /// waited for, so the agent unmounted its file systems, writing back what they held) the
+    /// VMM at once; else, with containers that may still run, after the guest powered off (the
+    /// agent syncs its file systems). Then removes the pod's directory with every bind in it.
+    pub async fn shutdown(&self, waited: bool) {
+        if !waited && !self.has_ended() {
             let powered_off = async {
                 self.agent().await?.shutdown().await?;
                 let _ = tokio::time::timeout(POWEROFF_GRACE, self.ended()).await;

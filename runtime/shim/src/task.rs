@@ -328,7 +328,8 @@ impl Inner {
                     first.then(|| state.pod.take()).flatten()
                 };
                 if let Some((pod, _)) = pod {
-                    pod.shutdown().await;
+                    // Its first container never came to be: nothing ran in the pod.
+                    pod.shutdown(true).await;
                 }
                 Err(e)
             }
@@ -509,16 +510,17 @@ impl Inner {
             let mut state = self.state.lock().await;
             state.containers.remove(id);
             let first = state.pod.as_ref().is_some_and(|(_, s)| s == id);
-            match first || state.containers.is_empty() {
-                true => state.pod.take(),
+            let waited = state.containers.is_empty();
+            match first || waited {
+                true => state.pod.take().map(|(pod, _)| (pod, waited)),
                 false => None,
             }
         };
         c.pod.remove(id);
         husk_sandbox::pod::unmount_under(&c.bundle.join("rootfs"));
-        if let Some((pod, _)) = ending {
+        if let Some((pod, waited)) = ending {
             info!(id, "last or first container of the pod deleted: VM off");
-            pod.shutdown().await;
+            pod.shutdown(waited).await;
         } else if !c.pod.has_ended() {
             // The pod goes on: its agent forgets the container, so that the id is free again.
             let deleted = async { c.pod.agent().await?.delete(id).await };
@@ -705,7 +707,8 @@ impl Inner {
             state.pod.take()
         };
         if let Some((pod, _)) = pod {
-            pod.shutdown().await;
+            // Every container of the pod was deleted, so waited for.
+            pod.shutdown(true).await;
         }
         self.exit.signal();
     }
