@@ -17,6 +17,8 @@
 //!   engines see it, in the namespaces of the jail's pid 1 (`husk_vmm::sentinel`).
 //! - `husk-vmm serial-relay --socket SERIAL --uds UDS`: the QEMU door's guest channel
 //!   (`husk_vmm::relay`).
+//! - `husk-vmm copy-memory [--cgroup-procs FILE]...`: a restore's copy of a snapshot's memory
+//!   into a memfd, in the VM's host cgroup (`husk_vmm::snapshot::copy_passed`).
 //! - `husk-vmm probe-syscall vmm|none NAME`: for the confinement tests only.
 
 use std::path::PathBuf;
@@ -134,6 +136,7 @@ fn main() -> ExitCode {
     match argv.get(1).and_then(|a| a.to_str()) {
         Some("jail") => return jail(&argv[2..]),
         Some("sentinel") => return sentinel(&argv[2..]),
+        Some("copy-memory") => return copy_memory(&argv[2..]),
         _ => init_logging(),
     }
     match argv.get(1).and_then(|a| a.to_str()) {
@@ -371,6 +374,28 @@ fn sentinel(args: &[std::ffi::OsString]) -> ExitCode {
     };
     eprintln!("husk-vmm: {err}");
     ExitCode::FAILURE
+}
+
+/// `husk-vmm copy-memory [--cgroup-procs FILE]...` (`husk_vmm::snapshot::copy_passed`).
+fn copy_memory(args: &[std::ffi::OsString]) -> ExitCode {
+    let mut procs = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match (arg.to_str(), rest.next()) {
+            (Some("--cgroup-procs"), Some(v)) => procs.push(PathBuf::from(v)),
+            _ => {
+                eprintln!("husk-vmm: usage: husk-vmm copy-memory [--cgroup-procs FILE]...");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match husk_vmm::snapshot::copy_passed(&procs) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("husk-vmm: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `husk-vmm serial-relay --socket SERIAL --uds UDS`: the QEMU door's guest channel

@@ -394,16 +394,65 @@ pub fn copy_memory_file(from: &Path, to: &Path) -> Result<(), VmmError> {
     copy_sparse(&source, &dest, len, Copy::SkipZeroPages)
 }
 
-/// A fresh memfd holding a copy of the memory file `from` (never through a link), of its
-/// size: only its saved ranges are copied (by the kernel), the rest stays unallocated. The
-/// QEMU door restores a VM's RAM into it: guest RAM is never a file on a disk, whose page
-/// cache the host would write back (and a guest's `sync` flush).
+/// The descriptors `husk-vmm copy-memory` ([`copy_passed`]) takes: the saved memory, and the
+/// memfd it copies it into.
+pub const COPY_FDS: [i32; 2] = [3, 4];
+
+/// What a restore on the QEMU door copies: the saved memory file `from` (never through a link,
+/// a regular file), and a fresh memfd of its size to copy it into ([`copy_passed`]). Guest RAM
+/// is never a file on a disk, whose page cache the host would write back (and a guest's `sync`
+/// flush).
 ///
 /// # Errors
-/// `from` is a link or cannot be read, or the copy failed.
-pub fn memory_from_file(from: &Path) -> Result<File, VmmError> {
+/// `from` is a link or cannot be opened, or no memfd.
+pub fn memory_copy_files(from: &Path) -> Result<(File, File), VmmError> {
     let (source, len) = open_memory_file(from)?;
-    memfd_copy(&source, len)
+    Ok((source, crate::vm::memfd(len)?))
+}
+
+/// `husk-vmm copy-memory`: joins the VM's host cgroup (every `cgroup.procs` file of
+/// `cgroup_procs`), then copies the saved ranges of the memory file passed as descriptor 3
+/// into the memfd of the same size passed as descriptor 4, by the kernel; the rest stays
+/// unallocated. The copy is charged to the cgroup that holds the rest of the VM's memory, not
+/// to the runtime that restores it.
+///
+/// # Errors
+/// A descriptor is not a regular file or the sizes differ, a cgroup cannot be joined, or the
+/// copy failed.
+pub fn copy_passed(cgroup_procs: &[std::path::PathBuf]) -> Result<(), VmmError> {
+    use std::os::fd::FromRawFd;
+    let err = |what: String| VmmError::Snapshot(format!("copy-memory: {what}"));
+    let [source_fd, memory_fd] = COPY_FDS;
+    // SAFETY: close_range on this process's own descriptors above the two passed ones; no Rust
+    // object holds one.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+    }
+    // SAFETY: descriptors 3 and 4 are the files the caller passed (each checked below to be a
+    // regular file); the process owns them from here.
+    let (source, memory) = unsafe { (File::from_raw_fd(source_fd), File::from_raw_fd(memory_fd)) };
+    for procs in cgroup_procs {
+        std::fs::write(procs, std::process::id().to_string())
+            .map_err(|e| err(format!("joining {}: {e}", procs.display())))?;
+    }
+    fill_memfd(&source, &memory).map_err(|e| err(e.to_string()))
+}
+
+/// Copies the saved ranges of `source` into `memory`, a regular file (a memfd) of its size.
+fn fill_memfd(source: &File, memory: &File) -> Result<(), VmmError> {
+    let size = |file: &File, what: &str| match file.metadata() {
+        Ok(meta) if meta.is_file() => Ok(meta.len()),
+        _ => Err(VmmError::Snapshot(format!(
+            "the {what} is not a regular file"
+        ))),
+    };
+    let len = size(source, "saved memory")?;
+    if size(memory, "memfd")? != len {
+        return Err(VmmError::Snapshot(
+            "the memfd is not the saved memory's size".into(),
+        ));
+    }
+    copy_sparse(source, memory, len, Copy::InKernel)
 }
 
 /// A fresh memfd of `len` bytes with the populated ranges of `source` copied in by the kernel.
@@ -577,25 +626,34 @@ mod tests {
             copy_memory_file(&link, &dir.path().join("c")).is_err(),
             "a link is never followed"
         );
-        assert!(memory_from_file(&link).is_err(), "a link is never followed");
+        assert!(
+            memory_copy_files(&link).is_err(),
+            "a link is never followed"
+        );
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         assert!(
             copy_memory_file(&fifo, &dir.path().join("d")).is_err(),
             "a FIFO is refused, not waited on"
         );
-        assert!(memory_from_file(&fifo).is_err(), "a FIFO is refused");
+        assert!(memory_copy_files(&fifo).is_err(), "a FIFO is refused");
     }
 
     #[test]
-    fn test_memory_from_file_is_a_sparse_memfd_copy() {
+    fn test_memory_copy_is_a_sparse_memfd_copy() {
         use std::os::unix::fs::{FileExt, MetadataExt};
         let dir = tempfile::tempdir().unwrap();
         let from = dir.path().join("a");
         let f = File::create(&from).unwrap();
         f.set_len(8 << 20).unwrap();
         f.write_all_at(&[7u8; 10000], 5 << 20).unwrap();
-        let memory = memory_from_file(&from).unwrap();
+        let (source, memory) = memory_copy_files(&from).unwrap();
+        fill_memfd(&source, &memory).unwrap();
+        let other = crate::vm::memfd(4 << 20).unwrap();
+        assert!(
+            fill_memfd(&source, &other).is_err(),
+            "a memfd of another size"
+        );
         let mut copied = vec![0u8; 8 << 20];
         memory.read_exact_at(&mut copied, 0).unwrap();
         assert_eq!(copied, std::fs::read(&from).unwrap());

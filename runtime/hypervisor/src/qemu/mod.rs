@@ -129,8 +129,8 @@ fn choose_accel() -> Accel {
 struct Restore<'a> {
     /// The snapshot's directory.
     snapshot: &'a Path,
-    /// The copy of its memory into a memfd, under way.
-    memory_copy: tokio::task::JoinHandle<std::io::Result<std::fs::File>>,
+    /// The copy of its memory into a memfd, under way ([`jail::copy_memory`]).
+    memory_copy: tokio::task::JoinHandle<Result<std::fs::File, HypervisorError>>,
 }
 
 impl QemuDoor {
@@ -177,9 +177,10 @@ impl QemuDoor {
                 snapshot,
                 memory_copy,
             }) => {
-                let copied = memory_copy.await.unwrap_or_else(|e| Err(e.into()));
-                let memory = copied.map_err(HypervisorError::SnapshotMemory)?;
-                (Some(snapshot), Some(memory))
+                let copied = memory_copy.await.unwrap_or_else(|e| {
+                    Err(HypervisorError::SnapshotMemory(std::io::Error::other(e)))
+                });
+                (Some(snapshot), Some(copied?))
             }
             None => (None, None),
         };
@@ -294,10 +295,12 @@ impl QemuDoor {
     async fn restore(&mut self, dir: &Path) -> Result<(), String> {
         let deadline = Instant::now() + crate::snapshot::RESTORE_TIMEOUT;
         let state = snapshot::file_uri(&dir.join(husk_vmm::snapshot::STATE_FILE))?;
-        let saved = dir.join(husk_vmm::snapshot::MEMORY_FILE);
-        let memory_copy = tokio::task::spawn_blocking(move || {
-            husk_vmm::snapshot::memory_from_file(&saved).map_err(std::io::Error::other)
-        });
+        let memory_copy = tokio::spawn(jail::copy_memory(
+            self.vmm.clone(),
+            dir.join(husk_vmm::snapshot::MEMORY_FILE),
+            crate::cgroup::procs_files(self.cgroup.as_ref()),
+            deadline,
+        ));
         let from = Restore {
             snapshot: dir,
             memory_copy,
