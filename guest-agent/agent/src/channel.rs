@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use husk_protocol::mux::{MuxStream, Session};
-use husk_protocol::AGENT_PORT;
+use husk_protocol::{AGENT_PORT, SAVE_PORT};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
@@ -30,21 +30,24 @@ pub fn serial_requested() -> bool {
         .is_ok_and(|c| c.split_whitespace().any(|w| w == "husk.channel=serial"))
 }
 
-/// Serves `on_stream` for every stream the host opens to [`AGENT_PORT`] over the serial port,
-/// forever: a session that ends (the host side closed, a malformed frame) is followed by a new
-/// one on the same port.
+/// Serves `on_stream` for every stream the host opens to [`AGENT_PORT`] or [`SAVE_PORT`] over
+/// the serial port (with the port), forever: a session that ends (the host side closed, a
+/// malformed frame) is followed by a new one on the same port.
 pub async fn serve_serial<F>(mut on_stream: F) -> io::Result<()>
 where
-    F: FnMut(MuxStream),
+    F: FnMut(u32, MuxStream),
 {
     let port = Arc::new(crate::sys::async_fd(open_port().await?)?);
     loop {
-        let (session, mut accepted): (Session, mpsc::Receiver<(u32, MuxStream)>) =
-            Session::guest(Port(port.clone()), Port(port.clone()), vec![AGENT_PORT]);
+        let (session, mut accepted): (Session, mpsc::Receiver<(u32, MuxStream)>) = Session::guest(
+            Port(port.clone()),
+            Port(port.clone()),
+            vec![AGENT_PORT, SAVE_PORT],
+        );
         loop {
             tokio::select! {
                 stream = accepted.recv() => match stream {
-                    Some((_, stream)) => on_stream(stream),
+                    Some((to, stream)) => on_stream(to, stream),
                     None => break,
                 },
                 why = session.ended() => {

@@ -5,7 +5,7 @@
 //! first message is `AttachStdio`, a raw byte stream for one stdio stream of a container.
 
 use husk_protocol::{read_message, write_message, ErrorKind, Request, Response, StdioStream};
-use husk_protocol::{AGENT_PORT, PROTOCOL_VERSION};
+use husk_protocol::{AGENT_PORT, PROTOCOL_VERSION, SAVE_PORT};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
@@ -37,18 +37,44 @@ pub async fn serve(pid1: bool) -> std::io::Result<()> {
         agent.containers.prepare().await;
     }
     if crate::channel::serial_requested() {
-        return crate::channel::serve_serial(|stream| {
+        return crate::channel::serve_serial(|port, stream| {
             let (rd, wr) = tokio::io::split(stream);
-            tokio::spawn(connection(rd, wr, agent.clone()));
+            match port {
+                SAVE_PORT => tokio::spawn(ready_to_save(rd, wr)),
+                _ => tokio::spawn(connection(rd, wr, agent.clone())),
+            };
         })
         .await;
     }
+    let saves = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, SAVE_PORT))?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = saves.accept().await {
+            let (rd, wr) = stream.into_split();
+            tokio::spawn(ready_to_save(rd, wr));
+        }
+    });
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, AGENT_PORT))?;
     loop {
         let (stream, _) = listener.accept().await?;
         let (rd, wr) = stream.into_split();
         tokio::spawn(connection(rd, wr, agent.clone()));
     }
+}
+
+/// A connection to [`SAVE_PORT`]: the guest's free memory is given back as zeros
+/// ([`crate::sys::zero_free_memory`]), then the connection closes. A failure only costs the
+/// snapshot its size; it is logged on the console.
+async fn ready_to_save<R, W>(rd: R, wr: W)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    match tokio::task::spawn_blocking(crate::sys::zero_free_memory).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("husk-agent: zeroing free memory: {e}"),
+        Err(e) => eprintln!("husk-agent: zeroing free memory: {e}"),
+    }
+    drop((rd, wr));
 }
 
 async fn connection<R, W>(mut rd: R, mut wr: W, agent: Agent)

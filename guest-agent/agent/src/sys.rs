@@ -335,3 +335,59 @@ pub fn async_fd(
     // long as the AsyncFd that owns it is registered.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
 }
+
+/// What [`zero_free_memory`] leaves free.
+const ZERO_RESERVE_KIB: u64 = 16 << 10;
+/// What [`zero_free_memory`] takes at a time.
+const ZERO_CHUNK: usize = 4 << 20;
+
+/// Takes the guest's free memory, chunk by chunk while more than [`ZERO_RESERVE_KIB`] is free,
+/// so that the kernel zeroes every page it hands out, then gives it all back: freed pages that
+/// still held what the boot left in them (the initramfs image, the kernel's init code) are
+/// all zeros afterwards, and a snapshot leaves them out. Returns the bytes taken.
+pub fn zero_free_memory() -> io::Result<u64> {
+    let mut taken: Vec<*mut libc::c_void> = Vec::new();
+    let result = loop {
+        match mem_free_kib() {
+            Ok(free) if free > ZERO_RESERVE_KIB + (ZERO_CHUNK as u64 >> 10) => {}
+            Ok(_) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+        // SAFETY: a new private anonymous mapping; no existing memory is touched.
+        let chunk = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                ZERO_CHUNK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if chunk == libc::MAP_FAILED {
+            break Err(io::Error::last_os_error());
+        }
+        taken.push(chunk);
+        // SAFETY: `chunk` is the mapping of ZERO_CHUNK bytes made above; populating it writes
+        // nothing but the kernel's zeros.
+        if unsafe { libc::madvise(chunk, ZERO_CHUNK, libc::MADV_POPULATE_WRITE) } != 0 {
+            break Err(io::Error::last_os_error());
+        }
+    };
+    let bytes = taken.len() as u64 * ZERO_CHUNK as u64;
+    for chunk in taken {
+        // SAFETY: each is a mapping of ZERO_CHUNK bytes made above, unmapped once; no reference
+        // into it exists.
+        unsafe { libc::munmap(chunk, ZERO_CHUNK) };
+    }
+    result.map(|()| bytes)
+}
+
+/// `MemFree` of `/proc/meminfo`, in KiB.
+fn mem_free_kib() -> io::Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo")?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemFree:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| io::Error::other("no MemFree in /proc/meminfo"))
+}

@@ -38,7 +38,7 @@ pub use linux::{
 pub use messages::{
     valid_serial, validate_id, ContainerSpec, ErrorKind, ExecInit, Personality, ProcessInfo,
     ProcessSpec, Request, Response, Rootfs, Stats, StdioStream, User, AGENT_PORT,
-    MAX_ADDITIONAL_GIDS, PROTOCOL_VERSION,
+    MAX_ADDITIONAL_GIDS, PROTOCOL_VERSION, SAVE_PORT,
 };
 pub use network::{IpPrefix, Network, Route};
 pub use process::{Capabilities, Rlimit, MAX_SET_NAMES, OOM_SCORE_ADJ_RANGE, RLIMIT_NAMES};

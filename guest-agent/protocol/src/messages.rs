@@ -21,6 +21,12 @@ pub const PROTOCOL_VERSION: u32 = 9;
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 
+/// vsock port on which a connection asks the agent to ready its guest to be saved as a boot
+/// snapshot: it gives the guest's free memory back as zeros (pages a snapshot leaves out, and
+/// a VM restored from it neither copies nor holds), then closes the connection. No message
+/// crosses it.
+pub const SAVE_PORT: u32 = 1025;
+
 /// A request from the host; the first frame of every connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

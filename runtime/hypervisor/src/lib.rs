@@ -455,6 +455,11 @@ pub struct VmConfig {
     /// The vsock port the guest listens on once it is up (its agent's): a VM restored from a
     /// snapshot that does not answer there in time is stopped and booted cold instead.
     pub ready_port: u32,
+    /// The vsock port a VM about to be saved as a boot snapshot is asked on to ready its guest
+    /// (the agent gives free memory back as zeros, which the snapshot leaves out); the door
+    /// waits until the guest closes that connection. The QEMU door asks; the built-in VMM
+    /// does not yet (in the emulated test host every page the guest takes is a nested fault).
+    pub save_port: Option<u32>,
 }
 
 /// How a VM ended.

@@ -91,6 +91,7 @@ impl PodVm {
             cgroup: crate::run::host_cgroup(first, memory_mib),
             snapshot: crate::run::snapshot_allowed(&opts.vm, first),
             ready_port: husk_protocol::AGENT_PORT,
+            save_port: Some(husk_protocol::SAVE_PORT),
         };
         let kind = first.vm.hypervisor.unwrap_or(opts.vm.hypervisor);
         let undo = |network: &Option<PodNetwork>| {

@@ -73,6 +73,7 @@ async fn prepare_in(opts: &VmOptions, dir: &Path) -> Result<(), SandboxError> {
             cgroup: None,
             snapshot: true,
             ready_port: husk_protocol::AGENT_PORT,
+            save_port: Some(husk_protocol::SAVE_PORT),
         };
         let mut vm = new_door(opts.hypervisor, config)?;
         let started = vm.start().await;

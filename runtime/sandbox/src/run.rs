@@ -350,6 +350,7 @@ fn vm_config(
         cgroup: host_cgroup(bundle, memory_mib),
         snapshot: snapshot_allowed(&opts.vm, bundle),
         ready_port: husk_protocol::AGENT_PORT,
+        save_port: Some(husk_protocol::SAVE_PORT),
     }
 }
 

@@ -248,6 +248,7 @@ mod tests {
             cgroup: None,
             snapshot: true,
             ready_port: 1024,
+            save_port: None,
         }
     }
 

@@ -103,6 +103,9 @@ async fn save(maker: &mut QemuDoor) -> Result<PathBuf, String> {
         .ok_or("QEMU has no monitor")?;
     // Closed before the guest is saved: a restored guest has no connection.
     drop(maker.wait_ready(PREPARE_TIMEOUT).await?);
+    if let Some(port) = maker.config.save_port {
+        snapshot::ready_to_save(&maker.vsock_path(), port).await?;
+    }
     quiesce(&maker.vsock_path()).await?;
     qmp.ignore_shared_memory().await?;
     qmp.execute("stop", json!({})).await?;

@@ -161,3 +161,27 @@ pub async fn wait_ready(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Asks the guest behind `uds` on `port` ([`crate::VmConfig::save_port`]) to ready itself to be
+/// saved and waits until it closes the connection, within [`PREPARE_TIMEOUT`].
+///
+/// # Errors
+/// One line: the guest did not take the connection or did not close it in time.
+pub async fn ready_to_save(uds: &Path, port: u32) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let ask = async {
+        let mut guest = crate::connect_vsock(uds, port).await?;
+        // Nothing is sent back: only the end counts, and no more than a little is read.
+        let mut sink = Vec::new();
+        (&mut guest).take(64).read_to_end(&mut sink).await?;
+        Ok::<_, std::io::Error>(())
+    };
+    match tokio::time::timeout(PREPARE_TIMEOUT, ask).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("readying the guest to be saved (port {port}): {e}")),
+        Err(_) => Err(format!(
+            "the guest was not ready to be saved within {} s",
+            PREPARE_TIMEOUT.as_secs()
+        )),
+    }
+}

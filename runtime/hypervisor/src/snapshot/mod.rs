@@ -20,8 +20,8 @@
 mod making;
 
 pub(crate) use making::{
-    for_boot, maker_config, remove_maker, settle_restore, wait_ready, PREPARE_TIMEOUT,
-    RESTORE_TIMEOUT, SAVE_TIMEOUT,
+    for_boot, maker_config, ready_to_save, remove_maker, settle_restore, wait_ready,
+    PREPARE_TIMEOUT, RESTORE_TIMEOUT, SAVE_TIMEOUT,
 };
 
 use std::fs::File;
@@ -326,6 +326,7 @@ mod tests {
             cgroup: None,
             snapshot: true,
             ready_port: 1024,
+            save_port: None,
         };
         (dir, store, config)
     }
