@@ -456,6 +456,10 @@ impl Containers {
         }
         let oom_killed = cgroup.oom_killed();
         cgroup.remove().await;
+        // Written back before the mounts go: a process that outlived the cgroup's end (or left
+        // the cgroup) would keep a detached file system alive and unwritten, and the host ends
+        // the VM once the exit is reported.
+        sync_mounts(id);
         unmount_all(id);
         Ok((code, oom_killed))
     }
@@ -941,6 +945,29 @@ fn mount_shares(spec: &ContainerSpec) -> std::io::Result<()> {
 }
 
 /// Detaches container `id`'s shares and rootfs from the agent's namespace.
+/// `syncfs` of container `id`'s rootfs and each of its shares (best effort). Only a directory
+/// or a regular file is opened for it (never a FIFO or a device node a share may be).
+fn sync_mounts(id: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let shares = std::fs::read_dir(shares_path(id))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path());
+    for path in std::iter::once(rootfs_path(id)).chain(shares) {
+        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir() || m.is_file()) {
+            continue;
+        }
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path);
+        if let Ok(file) = opened {
+            let _ = nix::unistd::syncfs(&file);
+        }
+    }
+}
+
 fn unmount_all(id: &str) {
     if let Ok(entries) = std::fs::read_dir(shares_path(id)) {
         for entry in entries.flatten() {

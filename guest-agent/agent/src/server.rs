@@ -46,13 +46,23 @@ pub async fn serve(pid1: bool) -> std::io::Result<()> {
         })
         .await;
     }
-    let saves = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, SAVE_PORT))?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = saves.accept().await {
-            let (rd, wr) = stream.into_split();
-            tokio::spawn(ready_to_save(rd, wr));
+    // Without it a snapshot of the VM only holds more: never a reason to stop serving.
+    match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, SAVE_PORT)) {
+        Ok(saves) => {
+            tokio::spawn(async move {
+                loop {
+                    match saves.accept().await {
+                        Ok((stream, _)) => {
+                            let (rd, wr) = stream.into_split();
+                            tokio::spawn(ready_to_save(rd, wr));
+                        }
+                        Err(e) => return eprintln!("husk-agent: save port: {e}"),
+                    }
+                }
+            });
         }
-    });
+        Err(e) => eprintln!("husk-agent: save port: {e}"),
+    }
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, AGENT_PORT))?;
     loop {
         let (stream, _) = listener.accept().await?;
@@ -69,10 +79,16 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    match tokio::task::spawn_blocking(crate::sys::zero_free_memory).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => eprintln!("husk-agent: zeroing free memory: {e}"),
-        Err(e) => eprintln!("husk-agent: zeroing free memory: {e}"),
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// One at a time: two would take the reserve each leaves free.
+    static ZEROING: AtomicBool = AtomicBool::new(false);
+    if !ZEROING.swap(true, Ordering::AcqRel) {
+        match tokio::task::spawn_blocking(crate::sys::zero_free_memory).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("husk-agent: zeroing free memory: {e}"),
+            Err(e) => eprintln!("husk-agent: zeroing free memory: {e}"),
+        }
+        ZEROING.store(false, Ordering::Release);
     }
     drop((rd, wr));
 }

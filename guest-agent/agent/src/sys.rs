@@ -340,15 +340,21 @@ pub fn async_fd(
 const ZERO_RESERVE_KIB: u64 = 16 << 10;
 /// What [`zero_free_memory`] takes at a time.
 const ZERO_CHUNK: usize = 4 << 20;
+/// The most [`zero_free_memory`] takes: the pages freed last are handed out first, and what the
+/// boot freed last (the initramfs image, the kernel's init code) is what it is after; all of a
+/// large VM's memory would be as many pages for the VM being saved to write.
+const ZERO_LIMIT: usize = 64 << 20;
 
-/// Takes the guest's free memory, chunk by chunk while more than [`ZERO_RESERVE_KIB`] is free,
-/// so that the kernel zeroes every page it hands out, then gives it all back: freed pages that
+/// Takes the guest's free memory, chunk by chunk while more than [`ZERO_RESERVE_KIB`] is free
+/// and up to [`ZERO_LIMIT`], so that the kernel zeroes every page it hands out, then gives it
+/// all back: freed pages that
 /// still held what the boot left in them (the initramfs image, the kernel's init code) are
 /// all zeros afterwards, and a snapshot leaves them out. Returns the bytes taken.
 pub fn zero_free_memory() -> io::Result<u64> {
     let mut taken: Vec<*mut libc::c_void> = Vec::new();
     let result = loop {
         match mem_free_kib() {
+            _ if taken.len() * ZERO_CHUNK >= ZERO_LIMIT => break Ok(()),
             Ok(free) if free > ZERO_RESERVE_KIB + (ZERO_CHUNK as u64 >> 10) => {}
             Ok(_) => break Ok(()),
             Err(e) => break Err(e),

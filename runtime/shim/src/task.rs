@@ -76,6 +76,10 @@ struct State {
     /// The pod's VM and its first container's id.
     pod: Option<(Arc<PodVm>, String)>,
     containers: HashMap<String, Arc<Container>>,
+    /// A container's exit was recorded without its agent's wait (the wait failed, or the
+    /// VM seemed gone): its file systems may still be mounted, so the pod powers off through
+    /// its agent (which syncs them) rather than being ended at once.
+    unwaited: bool,
 }
 
 struct Container {
@@ -492,9 +496,15 @@ impl Inner {
                 }
                 let mut rx = p.exit.subscribe();
                 let waited = tokio::time::timeout(EXIT_WAIT, rx.wait_for(Option::is_some)).await;
-                match waited {
-                    Ok(Ok(exit)) => exit.clone().unwrap_or_else(vm_gone),
-                    _ => vm_gone(),
+                let seen = waited
+                    .ok()
+                    .and_then(|r| r.ok().and_then(|exit| exit.clone()));
+                match seen {
+                    Some(exit) => exit,
+                    None => {
+                        self.state.lock().await.unwaited = true;
+                        vm_gone()
+                    }
                 }
             }
             (None, _) => {
@@ -510,7 +520,7 @@ impl Inner {
             let mut state = self.state.lock().await;
             state.containers.remove(id);
             let first = state.pod.as_ref().is_some_and(|(_, s)| s == id);
-            let waited = state.containers.is_empty();
+            let waited = state.containers.is_empty() && !state.unwaited;
             match first || waited {
                 true => state.pod.take().map(|(pod, _)| (pod, waited)),
                 false => None,
@@ -704,11 +714,12 @@ impl Inner {
             if !state.containers.is_empty() {
                 return;
             }
-            state.pod.take()
+            let waited = !state.unwaited;
+            state.pod.take().map(|(pod, _)| (pod, waited))
         };
-        if let Some((pod, _)) = pod {
-            // Every container of the pod was deleted, so waited for.
-            pod.shutdown(true).await;
+        if let Some((pod, waited)) = pod {
+            // Every container of the pod was deleted: waited for, unless one's wait failed.
+            pod.shutdown(waited).await;
         }
         self.exit.signal();
     }
@@ -740,7 +751,7 @@ async fn watch_exit(inner: Arc<Inner>, c: Arc<Container>, p: Arc<Process>) {
                 }),
             }
         };
-    let (status, oom, vm_ended) = tokio::select! {
+    let (status, oom, vm_ended): (u32, bool, bool) = tokio::select! {
         r = waited => match r {
             Ok(exit) => (u32::try_from(exit.code).unwrap_or(EXIT_VM_GONE), exit.oom_killed, false),
             Err(e) => {
@@ -765,6 +776,9 @@ async fn watch_exit(inner: Arc<Inner>, c: Arc<Container>, p: Arc<Process>) {
                 }
             }
         }
+    }
+    if vm_ended && p.exec_id.is_none() {
+        inner.state.lock().await.unwaited = true;
     }
     let exit = Exit { status, at: now() };
     debug!(id, exec_id = ?p.exec_id, status, "process exited");

@@ -130,7 +130,17 @@ struct Restore<'a> {
     /// The snapshot's directory.
     snapshot: &'a Path,
     /// The copy of its memory into a memfd, under way ([`jail::copy_memory`]).
-    memory_copy: tokio::task::JoinHandle<Result<std::fs::File, HypervisorError>>,
+    memory_copy: MemoryCopy,
+}
+
+/// The task copying a snapshot's memory, ended (and its `husk-vmm copy-memory` killed) if the
+/// launch fails before it is awaited.
+struct MemoryCopy(tokio::task::JoinHandle<Result<std::fs::File, HypervisorError>>);
+
+impl Drop for MemoryCopy {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl QemuDoor {
@@ -175,9 +185,9 @@ impl QemuDoor {
         let (from, memory) = match from {
             Some(Restore {
                 snapshot,
-                memory_copy,
+                mut memory_copy,
             }) => {
-                let copied = memory_copy.await.unwrap_or_else(|e| {
+                let copied = (&mut memory_copy.0).await.unwrap_or_else(|e| {
                     Err(HypervisorError::SnapshotMemory(std::io::Error::other(e)))
                 });
                 (Some(snapshot), Some(copied?))
@@ -295,12 +305,12 @@ impl QemuDoor {
     async fn restore(&mut self, dir: &Path) -> Result<(), String> {
         let deadline = Instant::now() + crate::snapshot::RESTORE_TIMEOUT;
         let state = snapshot::file_uri(&dir.join(husk_vmm::snapshot::STATE_FILE))?;
-        let memory_copy = tokio::spawn(jail::copy_memory(
+        let memory_copy = MemoryCopy(tokio::spawn(jail::copy_memory(
             self.vmm.clone(),
             dir.join(husk_vmm::snapshot::MEMORY_FILE),
             crate::cgroup::procs_files(self.cgroup.as_ref()),
             deadline,
-        ));
+        )));
         let from = Restore {
             snapshot: dir,
             memory_copy,

@@ -104,7 +104,10 @@ async fn save(maker: &mut QemuDoor) -> Result<PathBuf, String> {
     // Closed before the guest is saved: a restored guest has no connection.
     drop(maker.wait_ready(PREPARE_TIMEOUT).await?);
     if let Some(port) = maker.config.save_port {
-        snapshot::ready_to_save(&maker.vsock_path(), port).await?;
+        // Without it the snapshot only holds more.
+        if let Err(reason) = snapshot::ready_to_save(&maker.vsock_path(), port).await {
+            tracing::info!(%reason, "saving the guest with its free memory as it is");
+        }
     }
     quiesce(&maker.vsock_path()).await?;
     qmp.ignore_shared_memory().await?;

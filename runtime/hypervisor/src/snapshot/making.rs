@@ -163,7 +163,7 @@ pub async fn wait_ready(
 }
 
 /// Asks the guest behind `uds` on `port` ([`crate::VmConfig::save_port`]) to ready itself to be
-/// saved and waits until it closes the connection, within [`PREPARE_TIMEOUT`].
+/// saved and waits until it closes the connection, within [`SAVE_TIMEOUT`].
 ///
 /// # Errors
 /// One line: the guest did not take the connection or did not close it in time.
@@ -176,12 +176,12 @@ pub async fn ready_to_save(uds: &Path, port: u32) -> Result<(), String> {
         (&mut guest).take(64).read_to_end(&mut sink).await?;
         Ok::<_, std::io::Error>(())
     };
-    match tokio::time::timeout(PREPARE_TIMEOUT, ask).await {
+    match tokio::time::timeout(SAVE_TIMEOUT, ask).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("readying the guest to be saved (port {port}): {e}")),
         Err(_) => Err(format!(
             "the guest was not ready to be saved within {} s",
-            PREPARE_TIMEOUT.as_secs()
+            SAVE_TIMEOUT.as_secs()
         )),
     }
 }
