@@ -229,18 +229,19 @@ impl Cgroup {
     }
 
     /// Removes the cgroup once its processes are gone (best effort: a leftover empty group
-    /// only costs a directory in a VM that ends with the container).
-    pub async fn remove(&self) {
+    /// only costs a directory in a VM that ends with the container); says whether it is gone.
+    pub async fn remove(&self) -> bool {
         self.kill_all();
         for _ in 0..REMOVE_TRIES {
             match std::fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+                Ok(()) => return true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return true,
                 // The reaper (same thread) still has zombies of the container to collect.
                 Err(_) => tokio::time::sleep(REMOVE_PAUSE).await,
             }
         }
         eprintln!("husk-agent: cgroup {} still busy", self.path.display());
+        false
     }
 
     /// Writes `value` to the existing interface file `file` (never creating one: a file the

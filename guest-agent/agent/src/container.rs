@@ -219,7 +219,8 @@ impl Containers {
                 Ok(spawned) => spawned,
                 Err((_, e)) => {
                     eprintln!("husk-agent: spare container-init: {e}");
-                    return cgroup.remove().await;
+                    cgroup.remove().await;
+                    return;
                 }
             };
         // Registered before any await: the reaper cannot miss its exit.
@@ -455,11 +456,13 @@ impl Containers {
             c.state = State::Stopped;
         }
         let oom_killed = cgroup.oom_killed();
-        cgroup.remove().await;
-        // Written back before the mounts go: a process that outlived the cgroup's end (or left
-        // the cgroup) would keep a detached file system alive and unwritten, and the host ends
-        // the VM once the exit is reported.
-        sync_mounts(id);
+        // The last detach of a file system writes it back. A process that outlived the
+        // cgroup's end would keep it alive, unwritten, and the host ends the VM once the exit
+        // is reported: then it is written back first (a `syncfs`, which virtiofsd passes on to
+        // the host's file system, so not on every exit).
+        if !cgroup.remove().await {
+            sync_mounts(id);
+        }
         unmount_all(id);
         Ok((code, oom_killed))
     }
