@@ -947,17 +947,20 @@ fn mount_shares(spec: &ContainerSpec) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Detaches container `id`'s shares and rootfs from the agent's namespace.
+/// The mount points of container `id`'s shares in the agent's namespace.
+fn share_mounts(id: &str) -> impl Iterator<Item = PathBuf> {
+    std::fs::read_dir(shares_path(id))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+}
+
 /// `syncfs` of container `id`'s rootfs and each of its shares (best effort). Only a directory
 /// or a regular file is opened for it (never a FIFO or a device node a share may be).
 fn sync_mounts(id: &str) {
     use std::os::unix::fs::OpenOptionsExt;
-    let shares = std::fs::read_dir(shares_path(id))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| entry.path());
-    for path in std::iter::once(rootfs_path(id)).chain(shares) {
+    for path in std::iter::once(rootfs_path(id)).chain(share_mounts(id)) {
         if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir() || m.is_file()) {
             continue;
         }
@@ -971,11 +974,10 @@ fn sync_mounts(id: &str) {
     }
 }
 
+/// Detaches container `id`'s shares and rootfs from the agent's namespace.
 fn unmount_all(id: &str) {
-    if let Ok(entries) = std::fs::read_dir(shares_path(id)) {
-        for entry in entries.flatten() {
-            let _ = umount2(&entry.path(), MntFlags::MNT_DETACH);
-        }
+    for share in share_mounts(id) {
+        let _ = umount2(&share, MntFlags::MNT_DETACH);
     }
     // Detached right after the bind already; again in case that failed.
     let _ = umount2(&rootfs_share_path(id), MntFlags::MNT_DETACH);

@@ -347,9 +347,9 @@ const ZERO_LIMIT: usize = 64 << 20;
 
 /// Takes the guest's free memory, chunk by chunk while more than [`ZERO_RESERVE_KIB`] is free
 /// and up to [`ZERO_LIMIT`], so that the kernel zeroes every page it hands out, then gives it
-/// all back: freed pages that
-/// still held what the boot left in them (the initramfs image, the kernel's init code) are
-/// all zeros afterwards, and a snapshot leaves them out. Returns the bytes taken.
+/// all back: freed pages that still held what the boot left in them (the initramfs image, the
+/// kernel's init code) are all zeros afterwards, and a snapshot leaves them out. Returns the
+/// bytes taken.
 pub fn zero_free_memory() -> io::Result<u64> {
     let mut taken: Vec<*mut libc::c_void> = Vec::new();
     let result = loop {

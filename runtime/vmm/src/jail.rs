@@ -149,10 +149,7 @@ pub fn launch(spec: &JailSpec) -> Result<std::convert::Infallible, VmmError> {
     if spec.argv.is_empty() {
         return Err(err("jail: empty argv".into()));
     }
-    for procs in &spec.cgroup_procs {
-        std::fs::write(procs, std::process::id().to_string())
-            .map_err(|e| err(format!("jail: joining {}: {e}", procs.display())))?;
-    }
+    join_cgroups(&spec.cgroup_procs).map_err(|e| err(format!("jail: {e}")))?;
     let mut new = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWIPC
@@ -284,6 +281,19 @@ fn reopen_file(fd: RawFd) -> Result<OwnedFd, VmmError> {
         Ok(meta) if meta.is_file() => Ok(file.into()),
         _ => Err(err("not a file".into())),
     }
+}
+
+/// Moves this process into the VM's host cgroup: its pid into every `cgroup.procs` file of
+/// `cgroup_procs` (the jail launcher, the sentinel and the memory copy of a restore).
+///
+/// # Errors
+/// One line naming the file that could not be written.
+pub fn join_cgroups(cgroup_procs: &[PathBuf]) -> Result<(), String> {
+    for procs in cgroup_procs {
+        std::fs::write(procs, std::process::id().to_string())
+            .map_err(|e| format!("joining {}: {e}", procs.display()))?;
+    }
+    Ok(())
 }
 
 /// Opens an existing tap (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, as QEMU's own tap code does).

@@ -60,10 +60,7 @@ pub fn launch(
     if !is_pipe {
         return Err(err(format!("descriptor {STATUS_FD} is not a pipe")));
     }
-    for procs in cgroup_procs {
-        std::fs::write(procs, std::process::id().to_string())
-            .map_err(|e| err(format!("joining {}: {e}", procs.display())))?;
-    }
+    crate::jail::join_cgroups(cgroup_procs).map_err(err)?;
     let pidfd = pidfd_open(jail_pid, 0).map_err(|e| err(format!("pidfd of {jail_pid}: {e}")))?;
     let mut all = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID

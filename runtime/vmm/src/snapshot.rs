@@ -314,14 +314,15 @@ fn create_private(path: &Path) -> std::io::Result<File> {
 /// another version, a state that does not match itself, or a memory file of the wrong size.
 pub fn load(dir: &Path) -> Result<(VmState, File), VmmError> {
     let state = read_state(&dir.join(STATE_FILE))?;
-    let (source, len) = open_memory_file(&dir.join(MEMORY_FILE))?;
-    let size = u64::from(state.memory_mib) << 20;
+    let (source, memory) = memory_copy_files(&dir.join(MEMORY_FILE))?;
+    let (len, size) = (memory.metadata()?.len(), u64::from(state.memory_mib) << 20);
     if len != size {
         return Err(VmmError::Snapshot(format!(
             "memory file has {len} bytes, the state says {size}"
         )));
     }
-    Ok((state, memfd_copy(&source, len)?))
+    fill_memfd(&source, &memory)?;
+    Ok((state, memory))
 }
 
 fn read_state(path: &Path) -> Result<VmState, VmmError> {
@@ -398,8 +399,9 @@ pub fn copy_memory_file(from: &Path, to: &Path) -> Result<(), VmmError> {
 /// memfd it copies it into.
 pub const COPY_FDS: [i32; 2] = [3, 4];
 
-/// What a restore on the QEMU door copies: the saved memory file `from` (never through a link,
-/// a regular file), and a fresh memfd of its size to copy it into ([`copy_passed`]). Guest RAM
+/// What a restore copies: the saved memory file `from` (never through a link, a regular file),
+/// and a fresh memfd of its size to copy it into ([`fill_memfd`]: by [`load`] on the built-in
+/// VMM, by [`copy_passed`] on the QEMU door). Guest RAM
 /// is never a file on a disk, whose page cache the host would write back (and a guest's `sync`
 /// flush).
 ///
@@ -431,10 +433,7 @@ pub fn copy_passed(cgroup_procs: &[std::path::PathBuf]) -> Result<(), VmmError> 
     // SAFETY: descriptors 3 and 4 are the files the caller passed (each checked below to be a
     // regular file); the process owns them from here.
     let (source, memory) = unsafe { (File::from_raw_fd(source_fd), File::from_raw_fd(memory_fd)) };
-    for procs in cgroup_procs {
-        std::fs::write(procs, std::process::id().to_string())
-            .map_err(|e| err(format!("joining {}: {e}", procs.display())))?;
-    }
+    crate::jail::join_cgroups(cgroup_procs).map_err(err)?;
     fill_memfd(&source, &memory).map_err(|e| err(e.to_string()))
 }
 
@@ -453,13 +452,6 @@ fn fill_memfd(source: &File, memory: &File) -> Result<(), VmmError> {
         ));
     }
     copy_sparse(source, memory, len, Copy::InKernel)
-}
-
-/// A fresh memfd of `len` bytes with the populated ranges of `source` copied in by the kernel.
-fn memfd_copy(source: &File, len: u64) -> Result<File, VmmError> {
-    let memory = crate::vm::memfd(len)?;
-    copy_sparse(source, &memory, len, Copy::InKernel)?;
-    Ok(memory)
 }
 
 /// Opens the memory file `from` to be copied, and its size: never through a link, and only a
