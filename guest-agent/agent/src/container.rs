@@ -90,6 +90,8 @@ struct Container {
     exit: watch::Receiver<Option<i32>>,
     /// What an exec process takes from the first process's spec.
     exec_defaults: ExecDefaults,
+    /// Its rootfs is a disk's file system, which holds writes in the guest's page cache.
+    disk_rootfs: bool,
 }
 
 /// What an exec process gets from its container's first process unless it asks otherwise (as
@@ -123,6 +125,9 @@ pub struct Containers {
     map: Arc<Mutex<HashMap<String, Container>>>,
     exits: Exits,
     spare: Arc<Mutex<Option<Spare>>>,
+    /// Detaches of waited-for containers' file systems still under way, by container id: a
+    /// container created again under the id waits for its own.
+    detaching: Arc<Mutex<HashMap<String, tokio::task::JoinHandle<()>>>>,
 }
 
 /// The new namespaces of a [`Spare`]: those of a container that runc's, Docker's and Podman's
@@ -282,6 +287,10 @@ impl Containers {
             ));
         }
         let joins = self.join_targets(&spec)?;
+        let detaching = lock(&self.detaching).remove(&id);
+        if let Some(detaching) = detaching {
+            let _ = detaching.await;
+        }
         let root = rootfs_path(&id);
         mount_rootfs(&id, &spec.rootfs, spec.rootfs_readonly, &root).map_err(internal)?;
         if let Err(e) = mount_shares(&spec) {
@@ -374,6 +383,7 @@ impl Containers {
                     seccomp: spec.seccomp.clone(),
                     oom_score_adj: spec.oom_score_adj,
                 },
+                disk_rootfs: matches!(spec.rootfs, Rootfs::Block { .. }),
             },
         );
         placed.map_err(internal)?;
@@ -406,7 +416,7 @@ impl Containers {
 
     /// Lets the container's process run; returns its pid (in the agent's pid namespace).
     pub async fn start(&self, id: &str) -> Result<u32, Failure> {
-        let (mut sync, pid) = {
+        let (mut sync, pid, exit) = {
             let mut map = self.lock();
             let c = map.get_mut(id).ok_or_else(|| not_found(id))?;
             if c.state != State::Created {
@@ -419,14 +429,14 @@ impl Containers {
             c.state = State::Running;
             // Whatever the host did not attach is closed or drained.
             c.io.discard();
-            (sync, c.pid)
+            (sync, c.pid, c.exit.clone())
         };
         sync.write_all(&[1])
             .await
             .map_err(|e| internal(format!("start: {e}")))?;
         match read_message::<Response, _>(&mut sync).await {
             Ok(None) => {
-                settle(pid).await;
+                settle(pid, exit).await;
                 u32::try_from(pid.as_raw()).map_err(|e| internal(e.to_string()))
             }
             Ok(Some(Response::Error { kind, message })) => Err((kind, message)),
@@ -438,10 +448,15 @@ impl Containers {
     /// Waits for the process to exit and its output to be delivered; returns the exit code
     /// and whether the OOM killer struck in the container's cgroup.
     pub async fn wait(&self, id: &str) -> Result<(i32, bool), Failure> {
-        let (mut exit, mut outputs, cgroup) = {
+        let (mut exit, mut outputs, cgroup, disk_rootfs) = {
             let map = self.lock();
             let c = map.get(id).ok_or_else(|| not_found(id))?;
-            (c.exit.clone(), c.io.outputs(), c.cgroup.clone())
+            (
+                c.exit.clone(),
+                c.io.outputs(),
+                c.cgroup.clone(),
+                c.disk_rootfs,
+            )
         };
         let code = match exit.wait_for(Option::is_some).await {
             Ok(code) => code.unwrap_or_default(),
@@ -456,15 +471,32 @@ impl Containers {
             c.state = State::Stopped;
         }
         let oom_killed = cgroup.oom_killed();
-        // The last detach of a file system writes it back. A process that outlived the
-        // cgroup's end would keep it alive, unwritten, and the host ends the VM once the exit
-        // is reported: then it is written back first (a `syncfs`, which virtiofsd passes on to
-        // the host's file system, so not on every exit).
+        // The host may end the VM once the exit is reported. A disk's file system holds the
+        // container's writes in the guest's page cache: its last detach writes them back, so
+        // it is detached first. virtio-fs holds nothing once the container's processes are
+        // gone (virtiofsd offers no writeback cache, so a write reaches the host before it
+        // returns, and a shared mapping is written back when it is unmapped): its detach,
+        // which waits for virtiofsd, runs after the reply. A process that outlived the
+        // cgroup's end would keep a file system alive, unwritten: then each is written back
+        // first (a `syncfs`, which virtiofsd passes on to the host's file system, so not on
+        // every exit).
         if !cgroup.remove().await {
             sync_mounts(id);
         }
-        unmount_all(id);
+        match disk_rootfs {
+            true => unmount_all(id),
+            false => self.detach_later(id),
+        }
         Ok((code, oom_killed))
+    }
+
+    /// Detaches container `id`'s file systems on a thread of its own ([`Containers::detaching`]).
+    fn detach_later(&self, id: &str) {
+        let owned = id.to_owned();
+        let detaching = tokio::task::spawn_blocking(move || unmount_all(&owned));
+        let mut pending = lock(&self.detaching);
+        pending.retain(|_, d| !d.is_finished());
+        pending.insert(id.to_owned(), detaching);
     }
 
     /// Forgets a container whose exit was waited for ([`Containers::wait`] removed its cgroup
@@ -1143,27 +1175,44 @@ pub(crate) fn not_found(id: &str) -> Failure {
     )
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 pub(crate) fn internal(e: impl ToString) -> Failure {
     (ErrorKind::Internal, e.to_string())
 }
 
 /// How long `start` waits for the process to settle after its exec.
 const SETTLE_LIMIT: Duration = Duration::from_millis(100);
+/// The longest pause between two looks at a settling process's state.
+const SETTLE_POLL_MAX: Duration = Duration::from_millis(8);
 
 /// Waits until the just-exec'd `pid` first sleeps interruptibly (waiting for a child, a read,
-/// a timer) or ends, for at most [`SETTLE_LIMIT`]: by then it has run its start-up (such as a
-/// shell installing its signal traps), as it would have long before runc's `start` returned
-/// on a host CPU; an emulated guest is slower. A busy process costs `start` the limit.
-async fn settle(pid: Pid) {
+/// a timer) or ends (`exit`, from the reaper), for at most [`SETTLE_LIMIT`]: by then it has run
+/// its start-up (such as a shell installing its signal traps), as it would have long before
+/// runc's `start` returned on a host CPU; an emulated guest is slower. A busy process costs
+/// `start` the limit. The looks grow apart (1, 2, 4, then every 8 ms): each takes the guest's
+/// one CPU from the process it waits for.
+async fn settle(pid: Pid, mut exit: watch::Receiver<Option<i32>>) {
     let deadline = tokio::time::Instant::now() + SETTLE_LIMIT;
-    while tokio::time::Instant::now() < deadline {
+    let mut pause = Duration::from_millis(1);
+    loop {
         if matches!(
             process_state(pid),
             Some('S' | 'Z' | 'X' | 'x' | 't' | 'T') | None
         ) {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return;
+        }
+        tokio::select! {
+            _ = exit.wait_for(Option::is_some) => return,
+            () = tokio::time::sleep(pause.min(deadline - now)) => {}
+        }
+        pause = (pause * 2).min(SETTLE_POLL_MAX);
     }
 }
 

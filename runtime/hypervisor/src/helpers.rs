@@ -6,6 +6,7 @@ use std::process::Stdio;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use command_fds::{CommandFdExt, FdMapping};
 use tokio::process::{Child, Command};
 
 use crate::console::{ConsoleCap, CONSOLE_CAP};
@@ -76,6 +77,9 @@ pub(crate) async fn wait_for_socket(
     }
 }
 
+/// The descriptor virtiofsd gets its listening socket at.
+const LISTENER_FD: i32 = 3;
+
 /// A running virtiofsd serving one share.
 #[derive(Debug)]
 pub(crate) struct Virtiofsd {
@@ -89,10 +93,13 @@ pub(crate) struct Virtiofsd {
 }
 
 impl Virtiofsd {
-    /// Starts virtiofsd for `share` with its vhost-user socket at `socket`, ready on return. A
+    /// Starts virtiofsd for `share` on a vhost-user socket this process binds at `socket` and
+    /// passes to it: the socket listens on return, so the VMM may connect at once (its first
+    /// message waits until virtiofsd runs) and nothing waits for virtiofsd's start. One that
+    /// fails to start is reported by [`wait_vm`] (and by the doors' [`failed_helper`]). A
     /// read-only or entries share is built in virtiofsd's own mount namespace
     /// ([`ShareMounts`]); an entries share stages in `staging` (outside what a jail may write).
-    pub(crate) async fn start(
+    pub(crate) fn start(
         binary: &Path,
         share: &FsShare,
         socket: &Path,
@@ -102,38 +109,51 @@ impl Virtiofsd {
         let staging = staging.to_owned();
         let mounts = ShareMounts::prepare(share, &staging)?;
         let staging = matches!(share.export, Export::Entries(_)).then_some(staging);
-        let mut cmd = Command::new(binary);
-        cmd.arg("--socket-path")
-            .arg(socket)
-            .arg("--shared-dir")
-            .arg(mounts.exported())
-            // The door's process already runs as root in its own directory tree; a chroot
-            // keeps virtiofsd confined to the share without the cost of new namespaces.
-            .args([
-                "--sandbox",
-                "chroot",
-                "--cache",
-                if share.keep_cache { "always" } else { "auto" },
-                // A pod's share has a host mount per container under it (its rootfs). Announced
-                // as submounts, each becomes a superblock of its own in the guest, and the
-                // guest kernel reuses the newest one when the tag is mounted again (for the
-                // next container): its root would be the previous container's rootfs.
-                "--no-announce-submounts",
-                "--log-level",
-                "error",
-            ]);
-        if share.export.read_only() {
-            // Besides the kernel's read-only mount: virtiofsd refuses writes itself.
-            cmd.arg("--readonly");
-        }
-        mounts.apply(&mut cmd);
-        let started = async {
-            let mut child = spawn_logged("virtiofsd", &mut cmd, log, 0)?;
-            let timeout = Duration::from_secs(10);
-            wait_for_socket("virtiofsd", &mut child, socket, log, timeout).await?;
-            Ok::<_, HypervisorError>(child)
+        let started = || {
+            let spawn_err = |source| HypervisorError::Spawn {
+                program: "virtiofsd",
+                source,
+            };
+            let _ = std::fs::remove_file(socket);
+            let listener = std::os::unix::net::UnixListener::bind(socket).map_err(spawn_err)?;
+            let mut cmd = Command::new(binary);
+            // Its command line names its VM's socket, as `--socket-path` did: what serves a
+            // VM stays findable (`ps`, a leak check) by the VM's directory.
+            cmd.arg0(format!("virtiofsd:{}", socket.display()));
+            cmd.arg("--fd")
+                .arg(LISTENER_FD.to_string())
+                .arg("--shared-dir")
+                .arg(mounts.exported())
+                // The door's process already runs as root in its own directory tree; a chroot
+                // keeps virtiofsd confined to the share without the cost of new namespaces.
+                .args([
+                    "--sandbox",
+                    "chroot",
+                    "--cache",
+                    if share.keep_cache { "always" } else { "auto" },
+                    // A pod's share has a host mount per container under it (its rootfs).
+                    // Announced as submounts, each becomes a superblock of its own in the
+                    // guest, and the guest kernel reuses the newest one when the tag is
+                    // mounted again (for the next container): its root would be the previous
+                    // container's rootfs.
+                    "--no-announce-submounts",
+                    "--log-level",
+                    "error",
+                ]);
+            if share.export.read_only() {
+                // Besides the kernel's read-only mount: virtiofsd refuses writes itself.
+                cmd.arg("--readonly");
+            }
+            mounts.apply(&mut cmd);
+            cmd.fd_mappings(vec![FdMapping {
+                parent_fd: listener.into(),
+                child_fd: LISTENER_FD,
+            }])
+            .map_err(|e| spawn_err(std::io::Error::other(e.to_string())))?;
+            spawn_logged("virtiofsd", &mut cmd, log, 1)
         };
-        let child = started.await.inspect_err(|_| {
+        let child = started().inspect_err(|_| {
+            let _ = std::fs::remove_file(socket);
             if let Some(dir) = &staging {
                 ShareMounts::remove_staging(dir);
             }
@@ -167,7 +187,13 @@ pub(crate) async fn wait_vm(
 ) -> Result<VmExit, HypervisorError> {
     let vmm = vmm.ok_or(HypervisorError::NotStarted)?;
     tokio::select! {
-        status = vmm.wait() => Ok(VmExit { status: status.map_err(HypervisorError::Process)? }),
+        status = vmm.wait() => {
+            // A VMM that could not reach a virtiofsd which failed to start exits too.
+            if let Some(e) = failed_helper(fs) {
+                return Err(e);
+            }
+            Ok(VmExit { status: status.map_err(HypervisorError::Process)? })
+        }
         (i, status) = first_exit(fs) => {
             // A VMM that died takes virtiofsd's connection with it: virtiofsd may notice first.
             // The VMM's end is the root cause then.
@@ -207,6 +233,22 @@ pub(crate) async fn stop_vm(
 const HELPER_EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Index and exit status of the first virtiofsd to exit; never resolves when there is none.
+/// The first virtiofsd of `fs` that ended with a failure, as the error naming it: the root
+/// cause when its VMM fails too (virtiofsd ends with success when its VMM goes).
+pub(crate) fn failed_helper(fs: &mut [Virtiofsd]) -> Option<HypervisorError> {
+    fs.iter_mut().find_map(|f| match f.child.try_wait() {
+        Ok(Some(status)) if !status.success() => Some(
+            HelperExited {
+                program: "virtiofsd",
+                status,
+                detail: crate::tail_lines(&f.log, 3).join(" | "),
+            }
+            .into(),
+        ),
+        _ => None,
+    })
+}
+
 async fn first_exit(fs: &mut [Virtiofsd]) -> (usize, std::io::Result<std::process::ExitStatus>) {
     let mut waits: Vec<_> = fs.iter_mut().map(|f| Box::pin(f.child.wait())).collect();
     std::future::poll_fn(|cx| {

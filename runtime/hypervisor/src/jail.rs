@@ -307,37 +307,34 @@ pub(crate) async fn sentinel(
     }
 }
 
-/// A restore's copy of the snapshot memory file `saved` into a fresh memfd, returned once
-/// made: by `husk-vmm copy-memory` (the program `vmm`) in the VM's host cgroup
-/// (`cgroup_procs`), which so holds the restored guest's RAM as it holds the rest of the VM's
-/// memory, within `deadline`.
+/// A restore's copy of the saved memory file `source` into `memory`, a memfd of its size
+/// ([`husk_vmm::snapshot::memory_copy_files`]): by `husk-vmm copy-memory` (the program `vmm`)
+/// in the VM's host cgroup (`cgroup_procs`), which so holds the restored guest's RAM as it
+/// holds the rest of the VM's memory, within `deadline`.
 ///
 /// # Errors
-/// [`HypervisorError::SnapshotMemory`]: the file cannot be opened, the copy failed or took too
-/// long.
+/// [`HypervisorError::SnapshotMemory`]: the copy failed or took too long.
 pub(crate) async fn copy_memory(
     vmm: PathBuf,
-    saved: PathBuf,
+    source: std::fs::File,
+    memory: std::fs::File,
     cgroup_procs: Vec<PathBuf>,
     deadline: Instant,
-) -> Result<std::fs::File, HypervisorError> {
+) -> Result<(), HypervisorError> {
     let err = HypervisorError::SnapshotMemory;
-    let (source, memory) = husk_vmm::snapshot::memory_copy_files(&saved)
-        .map_err(|e| err(std::io::Error::other(e.to_string())))?;
     let mut cmd = Command::new(&vmm);
     cmd.arg("copy-memory");
     for procs in &cgroup_procs {
         cmd.arg("--cgroup-procs").arg(procs);
     }
     let [source_fd, memory_fd] = husk_vmm::snapshot::COPY_FDS;
-    let passed = memory.try_clone().map_err(err)?;
     cmd.fd_mappings(vec![
         FdMapping {
             parent_fd: source.into(),
             child_fd: source_fd,
         },
         FdMapping {
-            parent_fd: passed.into(),
+            parent_fd: memory.into(),
             child_fd: memory_fd,
         },
     ])
@@ -358,5 +355,5 @@ pub(crate) async fn copy_memory(
             String::from_utf8_lossy(&out.stderr).trim()
         ))));
     }
-    Ok(memory)
+    Ok(())
 }

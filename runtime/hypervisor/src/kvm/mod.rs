@@ -126,7 +126,7 @@ impl KvmDoor {
                 let socket = self.vm_path(&format!("fs{i}.sock"));
                 let staging = self.run_path(&format!("fs{i}.stage"));
                 let log = self.run_path(&format!("virtiofsd{i}.log"));
-                let fs = Virtiofsd::start(&binary, share, &socket, &staging, &log).await?;
+                let fs = Virtiofsd::start(&binary, share, &socket, &staging, &log)?;
                 jail::adopt(self.cgroup.as_ref(), fs.child.id());
                 self.fs.push(fs);
                 doc.fs.push(FsDevice {

@@ -95,7 +95,7 @@ impl QemuDoor {
         crate::vm_dir(&self.config.run_dir).join(name)
     }
 
-    async fn start_virtiofsd(&mut self) -> Result<Vec<PathBuf>, HypervisorError> {
+    fn start_virtiofsd(&mut self) -> Result<Vec<PathBuf>, HypervisorError> {
         let Some(binary) = self.virtiofsd.clone() else {
             return Ok(Vec::new());
         };
@@ -105,7 +105,7 @@ impl QemuDoor {
             let staging = self.run_path(&format!("fs{i}.stage"));
             let log = self.run_path(&format!("virtiofsd{i}.log"));
             self.fs
-                .push(Virtiofsd::start(&binary, &share, &socket, &staging, &log).await?);
+                .push(Virtiofsd::start(&binary, &share, &socket, &staging, &log)?);
             sockets.push(socket);
         }
         Ok(sockets)
@@ -129,13 +129,13 @@ fn choose_accel() -> Accel {
 struct Restore<'a> {
     /// The snapshot's directory.
     snapshot: &'a Path,
-    /// The copy of its memory into a memfd, under way ([`jail::copy_memory`]).
-    memory_copy: MemoryCopy,
+    /// The memfd its memory is being copied into ([`MemoryCopy`]), passed to QEMU.
+    memory: std::fs::File,
 }
 
 /// The task copying a snapshot's memory, ended (and its `husk-vmm copy-memory` killed) if the
-/// launch fails before it is awaited.
-struct MemoryCopy(tokio::task::JoinHandle<Result<std::fs::File, HypervisorError>>);
+/// restore fails before it is awaited.
+struct MemoryCopy(tokio::task::JoinHandle<Result<(), HypervisorError>>);
 
 impl Drop for MemoryCopy {
     fn drop(&mut self) {
@@ -144,12 +144,12 @@ impl Drop for MemoryCopy {
 }
 
 impl QemuDoor {
-    /// Starts the serial relay, virtiofsd for each share and QEMU: a cold boot, or with
+    /// Starts virtiofsd for each share, the serial relay and QEMU: a cold boot, or with
     /// `snapshot` a boot to be saved or a restore (`from`: the snapshot, whose state file is
-    /// bound read-only into QEMU's jail, and the copy of its memory into a memfd passed to
-    /// QEMU, which runs while the relay and virtiofsd start and must be done before QEMU).
-    /// With `snapshot`, QEMU's monitor is returned, in command mode, its calls bounded by
-    /// `deadline`.
+    /// bound read-only into QEMU's jail, and the memfd its memory is being copied into, passed
+    /// to QEMU, which reads none of it before it loads the saved state). QEMU starts once the
+    /// relay listens: virtiofsd's socket listens before virtiofsd runs. With `snapshot`,
+    /// QEMU's monitor is returned, in command mode, its calls bounded by `deadline`.
     async fn launch(
         &mut self,
         snapshot: Option<SnapshotArgs>,
@@ -175,23 +175,15 @@ impl QemuDoor {
             cgroup_procs: crate::cgroup::procs_files(self.cgroup.as_ref()),
             ..Jail::default()
         };
+        let fs = self.start_virtiofsd()?;
         let mut relay = jail::spawn(&self.vmm, "relay", jail, argv, &run_dir, &log)?;
         let timeout = std::time::Duration::from_secs(10);
         for socket in [&serial, &self.vsock_path()] {
             helpers::wait_for_socket("relay", &mut relay, socket, &log, timeout).await?;
         }
         self.relay = Some(relay);
-        let fs = self.start_virtiofsd().await?;
         let (from, memory) = match from {
-            Some(Restore {
-                snapshot,
-                mut memory_copy,
-            }) => {
-                let copied = (&mut memory_copy.0).await.unwrap_or_else(|e| {
-                    Err(HypervisorError::SnapshotMemory(std::io::Error::other(e)))
-                });
-                (Some(snapshot), Some(copied?))
-            }
+            Some(Restore { snapshot, memory }) => (Some(snapshot), Some(memory)),
             None => (None, None),
         };
         let tsc_khz = match tsc_khz {
@@ -305,21 +297,39 @@ impl QemuDoor {
     async fn restore(&mut self, dir: &Path) -> Result<(), String> {
         let deadline = Instant::now() + crate::snapshot::RESTORE_TIMEOUT;
         let state = snapshot::file_uri(&dir.join(husk_vmm::snapshot::STATE_FILE))?;
-        let memory_copy = MemoryCopy(tokio::spawn(jail::copy_memory(
+        let memory_err = |e: &dyn std::fmt::Display| {
+            HypervisorError::SnapshotMemory(std::io::Error::other(e.to_string())).with_causes()
+        };
+        let (source, memory) =
+            husk_vmm::snapshot::memory_copy_files(&dir.join(husk_vmm::snapshot::MEMORY_FILE))
+                .map_err(|e| memory_err(&e))?;
+        let copying = memory.try_clone().map_err(|e| memory_err(&e))?;
+        let mut memory_copy = MemoryCopy(tokio::spawn(jail::copy_memory(
             self.vmm.clone(),
-            dir.join(husk_vmm::snapshot::MEMORY_FILE),
+            source,
+            copying,
             crate::cgroup::procs_files(self.cgroup.as_ref()),
             deadline,
         )));
         let from = Restore {
             snapshot: dir,
-            memory_copy,
+            memory,
         };
-        let mut qmp = self
+        let launched = self
             .launch(Some(SnapshotArgs::Restore), Some(from), deadline)
-            .await
-            .map_err(|e| e.with_causes())?
+            .await;
+        let mut qmp = launched
+            .map_err(|e| {
+                helpers::failed_helper(&mut self.fs)
+                    .unwrap_or(e)
+                    .with_causes()
+            })?
             .ok_or("QEMU has no monitor")?;
+        // The saved state refers to guest memory (the devices' queues): the copy comes first.
+        (&mut memory_copy.0)
+            .await
+            .unwrap_or_else(|e| Err(HypervisorError::SnapshotMemory(std::io::Error::other(e))))
+            .map_err(|e| e.with_causes())?;
         qmp.ignore_shared_memory().await?;
         qmp.execute("migrate-incoming", serde_json::json!({ "uri": state }))
             .await?;
