@@ -181,6 +181,36 @@ fn test_run_virtiofsd_not_installed_error() {
 }
 
 #[test]
+fn test_run_virtiofsd_fails_to_start_error_names_it() {
+    let Some(env) = Env::get("test_run_virtiofsd_fails_to_start_error_names_it") else {
+        return;
+    };
+    let husk = env.husk();
+    let bundle = TestBundle::busybox(&husk, &["true"]);
+    // A virtiofsd that fails at start: the VMM finds no one behind the socket husk bound for
+    // it and fails too; the error names virtiofsd and its words, not the VMM (restored or
+    // booted cold alike), and a boot snapshot is not blamed.
+    let dir = tempfile::tempdir().expect("tmp");
+    let fake = dir.path().join("virtiofsd");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'cannot serve the share: boom' >&2\nexit 1\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let path = format!("{}:/usr/bin:/bin", dir.path().display());
+    // With the real virtiofsd first: the VM's boot snapshot exists, and the next run restores.
+    let ok = run_with(&husk, &bundle, &[], &[]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    for _ in 0..2 {
+        let out = run_with(&husk, &bundle, &[("PATH", path.as_str())], &[]);
+        assert_one_line_error(&husk, &out, "virtiofsd exited with exit status: 1");
+        assert!(stderr(&out).contains("boom"), "{}", stderr(&out));
+    }
+}
+
+#[test]
 fn test_run_guest_fails_to_boot_shows_console() {
     let Some(env) = Env::get("test_run_guest_fails_to_boot_shows_console") else {
         return;

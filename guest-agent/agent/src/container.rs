@@ -125,9 +125,9 @@ pub struct Containers {
     map: Arc<Mutex<HashMap<String, Container>>>,
     exits: Exits,
     spare: Arc<Mutex<Option<Spare>>>,
-    /// Detaches of waited-for containers' file systems still under way, by container id: a
-    /// container created again under the id waits for its own.
-    detaching: Arc<Mutex<HashMap<String, tokio::task::JoinHandle<()>>>>,
+    /// Detaches of waited-for containers' file systems, by container id, each saying when it
+    /// is done: a container created again under the id waits for it.
+    detaching: Arc<Mutex<HashMap<String, watch::Receiver<bool>>>>,
 }
 
 /// The new namespaces of a [`Spare`]: those of a container that runc's, Docker's and Podman's
@@ -287,9 +287,10 @@ impl Containers {
             ));
         }
         let joins = self.join_targets(&spec)?;
-        let detaching = lock(&self.detaching).remove(&id);
-        if let Some(detaching) = detaching {
-            let _ = detaching.await;
+        let detaching = lock(&self.detaching).get(&id).cloned();
+        if let Some(mut detached) = detaching {
+            // Done, or its thread is gone.
+            let _ = detached.wait_for(|done| *done).await;
         }
         let root = rootfs_path(&id);
         mount_rootfs(&id, &spec.rootfs, spec.rootfs_readonly, &root).map_err(internal)?;
@@ -467,9 +468,11 @@ impl Containers {
         // longer holds the output open.
         cgroup.kill_all();
         let _ = outputs.wait_for(|open| *open == 0).await;
-        if let Some(c) = self.lock().get_mut(id) {
-            c.state = State::Stopped;
-        }
+        // Only the wait that stops the container detaches its virtio-fs file systems.
+        let stopping = match self.lock().get_mut(id) {
+            Some(c) => std::mem::replace(&mut c.state, State::Stopped) != State::Stopped,
+            None => false,
+        };
         let oom_killed = cgroup.oom_killed();
         // The host may end the VM once the exit is reported. A disk's file system holds the
         // container's writes in the guest's page cache: its last detach writes them back, so
@@ -483,9 +486,10 @@ impl Containers {
         if !cgroup.remove().await {
             sync_mounts(id);
         }
-        match disk_rootfs {
-            true => unmount_all(id),
-            false => self.detach_later(id),
+        match (disk_rootfs, stopping) {
+            (true, _) => unmount_all(id),
+            (false, true) => self.detach_later(id),
+            (false, false) => {}
         }
         Ok((code, oom_killed))
     }
@@ -493,10 +497,15 @@ impl Containers {
     /// Detaches container `id`'s file systems on a thread of its own ([`Containers::detaching`]).
     fn detach_later(&self, id: &str) {
         let owned = id.to_owned();
-        let detaching = tokio::task::spawn_blocking(move || unmount_all(&owned));
+        let (done, detached) = watch::channel(false);
         let mut pending = lock(&self.detaching);
-        pending.retain(|_, d| !d.is_finished());
-        pending.insert(id.to_owned(), detaching);
+        pending.retain(|_, detached| !*detached.borrow());
+        pending.insert(id.to_owned(), detached);
+        drop(pending);
+        tokio::task::spawn_blocking(move || {
+            unmount_all(&owned);
+            let _ = done.send(true);
+        });
     }
 
     /// Forgets a container whose exit was waited for ([`Containers::wait`] removed its cgroup

@@ -105,9 +105,9 @@ impl HypervisorError {
     }
 }
 
-/// A device helper (virtiofsd) exited while its VM ran.
+/// A device helper (virtiofsd) exited while its VM started or ran.
 #[derive(Debug, thiserror::Error)]
-#[error("{program} exited with {status} while the VM ran: {detail}")]
+#[error("{program} exited with {status}: {detail}")]
 pub struct HelperExited {
     /// Program name.
     pub program: &'static str,

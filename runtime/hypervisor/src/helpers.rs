@@ -116,10 +116,12 @@ impl Virtiofsd {
             };
             let _ = std::fs::remove_file(socket);
             let listener = std::os::unix::net::UnixListener::bind(socket).map_err(spawn_err)?;
+            std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(spawn_err)?;
             let mut cmd = Command::new(binary);
             // Its command line names its VM's socket, as `--socket-path` did: what serves a
             // VM stays findable (`ps`, a leak check) by the VM's directory.
-            cmd.arg0(format!("virtiofsd:{}", socket.display()));
+            cmd.arg0(socket.join("virtiofsd"));
             cmd.arg("--fd")
                 .arg(LISTENER_FD.to_string())
                 .arg("--shared-dir")
@@ -195,12 +197,15 @@ pub(crate) async fn wait_vm(
             Ok(VmExit { status: status.map_err(HypervisorError::Process)? })
         }
         (i, status) = first_exit(fs) => {
-            // A VMM that died takes virtiofsd's connection with it: virtiofsd may notice first.
-            // The VMM's end is the root cause then.
-            if let Ok(vmm_status) = tokio::time::timeout(HELPER_EXIT_GRACE, vmm.wait()).await {
-                return Ok(VmExit { status: vmm_status.map_err(HypervisorError::Process)? });
-            }
+            // A VMM that died takes virtiofsd's connection with it: virtiofsd may notice first
+            // (and ends with success). The VMM's end is the root cause then, unless virtiofsd
+            // failed on its own (at start, say), which a VMM then fails for.
             let status = status.map_err(HypervisorError::Process)?;
+            if !failed(status) {
+                if let Ok(vmm_status) = tokio::time::timeout(HELPER_EXIT_GRACE, vmm.wait()).await {
+                    return Ok(VmExit { status: vmm_status.map_err(HypervisorError::Process)? });
+                }
+            }
             let detail = crate::tail_lines(&fs[i].log, 3).join(" | ");
             Err(HelperExited { program: "virtiofsd", status, detail }.into())
         }
@@ -232,12 +237,12 @@ pub(crate) async fn stop_vm(
 /// How long a virtiofsd exit waits for the VMM's, which would explain it.
 const HELPER_EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
 
-/// Index and exit status of the first virtiofsd to exit; never resolves when there is none.
-/// The first virtiofsd of `fs` that ended with a failure, as the error naming it: the root
-/// cause when its VMM fails too (virtiofsd ends with success when its VMM goes).
+/// The first virtiofsd of `fs` that exited with a failure code, as the error naming it: the
+/// root cause when its VMM fails too (virtiofsd ends with success when its VMM goes; one
+/// killed by a signal, as by the OOM killer beside its VMM, is not taken for the cause).
 pub(crate) fn failed_helper(fs: &mut [Virtiofsd]) -> Option<HypervisorError> {
     fs.iter_mut().find_map(|f| match f.child.try_wait() {
-        Ok(Some(status)) if !status.success() => Some(
+        Ok(Some(status)) if failed(status) => Some(
             HelperExited {
                 program: "virtiofsd",
                 status,
@@ -249,6 +254,12 @@ pub(crate) fn failed_helper(fs: &mut [Virtiofsd]) -> Option<HypervisorError> {
     })
 }
 
+/// Whether a helper's `status` is an exit with a failure code (not a signal).
+fn failed(status: std::process::ExitStatus) -> bool {
+    status.code().is_some_and(|code| code != 0)
+}
+
+/// Index and exit status of the first virtiofsd to exit; never resolves when there is none.
 async fn first_exit(fs: &mut [Virtiofsd]) -> (usize, std::io::Result<std::process::ExitStatus>) {
     let mut waits: Vec<_> = fs.iter_mut().map(|f| Box::pin(f.child.wait())).collect();
     std::future::poll_fn(|cx| {

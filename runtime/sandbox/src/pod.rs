@@ -237,8 +237,8 @@ impl PodVm {
     }
 
     /// Ends the pod: with `waited` (every container of the pod exited and its exit was
-    /// waited for, so the agent unmounted its file systems, writing back what they held) the
-    /// VMM at once; else, with containers that may still run, after the guest powered off (the
+    /// waited for, so the agent removed its cgroup and wrote back what its file systems held)
+    /// the VMM at once; else, with containers that may still run, after the guest powered off (the
     /// agent syncs its file systems). Then removes the pod's directory with every bind in it.
     pub async fn shutdown(&self, waited: bool) {
         if !waited && !self.has_ended() {

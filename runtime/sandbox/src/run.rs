@@ -474,14 +474,14 @@ async fn run_in_vm(
     debug!("agent ready");
     let id = bundle.spec.id.as_str();
     let pid = vm.pid().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-    let (outputs, waiter) = guard(vm, async {
+    let (outputs, waiting) = guard(vm, async {
         let outputs = create_container(&mut agent, bundle, None).await?;
         create_runtime_hooks(dir, bundle, pid)?;
         configure_network(&mut agent, network).await?;
-        // The connection that waits for the exit opens while the process starts.
-        let uds = agent.uds().to_owned();
-        let (_, waiter) = tokio::try_join!(agent.start(id), AgentClient::open(&uds))?;
-        Ok((outputs, waiter))
+        // The wait for the exit is asked, on a connection of its own, while the process starts.
+        let waiting = Waiting::ask(agent.uds(), id);
+        agent.start(id).await?;
+        Ok((outputs, waiting))
     })
     .await?;
     update_record(dir, |r| {
@@ -501,7 +501,7 @@ async fn run_in_vm(
     }
     let t_started = Instant::now();
     debug!("container started");
-    let (exit, ended) = match supervise(vm, &mut agent, waiter, id, &mut signals).await? {
+    let (exit, ended) = match supervise(vm, &mut agent, waiting, id, &mut signals).await? {
         Supervised::Exited(exit) => (exit, false),
         Supervised::GaveUp(exit) => (exit, true),
     };
@@ -511,9 +511,10 @@ async fn run_in_vm(
         "container exited"
     );
     // Given up on: its output may never end. Either way the caller ends the VM: the agent
-    // unmounted the container's file systems (writing back what they held) and removed its
-    // cgroup before it reported the exit, so the guest holds nothing left to flush, and a
-    // power-off through the agent would only cost its time.
+    // removed the container's cgroup and wrote back what its file systems held (a disk's by
+    // unmounting it; virtio-fs writes through) before it reported the exit, so the guest
+    // holds nothing left to flush, and a power-off through the agent would only cost its
+    // time.
     if !ended {
         outputs.delivered().await;
     }
@@ -606,11 +607,11 @@ async fn explain(vm: &mut dyn Hypervisor, err: SandboxError) -> SandboxError {
 async fn supervise(
     vm: &mut dyn Hypervisor,
     agent: &mut AgentClient,
-    waiter: AgentClient,
+    waiting: Waiting,
     id: &str,
     signals: &mut ForwardedSignals,
 ) -> Result<Supervised, SandboxError> {
-    match wait_forwarding_signals(vm, agent, waiter, id, signals).await {
+    match wait_forwarding_signals(vm, agent, waiting, id, signals).await {
         Err(e) => Err(explain(vm, e).await),
         ok => ok,
     }
@@ -634,18 +635,20 @@ const GIVEN_UP: ExitStatus = ExitStatus {
 async fn wait_forwarding_signals(
     vm: &mut dyn Hypervisor,
     agent: &mut AgentClient,
-    mut waiter: AgentClient,
+    mut waiting: Waiting,
     id: &str,
     signals: &mut ForwardedSignals,
 ) -> Result<Supervised, SandboxError> {
-    let wait = waiter.wait(id);
-    tokio::pin!(wait);
+    let wait = &mut waiting.0;
     let mut escalation = Escalation::None;
     let grace = tokio::time::sleep(Duration::MAX / 4);
     tokio::pin!(grace);
     loop {
         let signo = tokio::select! {
-            code = &mut wait => return code.map(Supervised::Exited),
+            code = &mut *wait => {
+                let code = code.map_err(|e| SandboxError::AgentIo(std::io::Error::other(e)))?;
+                return code.map(Supervised::Exited);
+            }
             exit = vm.wait() => {
                 return Err(SandboxError::VmDied { reason: exit_reason(vm, exit), diagnostics: vm.diagnostics() })
             }
@@ -675,6 +678,25 @@ async fn wait_forwarding_signals(
             }
             other => other?,
         }
+    }
+}
+
+/// The wait for a container's exit, asked on a connection of its own as soon as that opens
+/// (before the process starts: the agent answers once it exited); ended if dropped.
+struct Waiting(tokio::task::JoinHandle<Result<ExitStatus, SandboxError>>);
+
+impl Waiting {
+    fn ask(uds: &Path, id: &str) -> Self {
+        let (uds, id) = (uds.to_owned(), id.to_owned());
+        Self(tokio::spawn(async move {
+            AgentClient::open(&uds).await?.wait(&id).await
+        }))
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

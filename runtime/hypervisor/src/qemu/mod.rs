@@ -125,6 +125,17 @@ fn choose_accel() -> Accel {
     }
 }
 
+/// How `child` ended (never resolves without one).
+async fn wait_child(child: Option<&mut tokio::process::Child>) -> String {
+    match child {
+        Some(child) => match child.wait().await {
+            Ok(status) => status.to_string(),
+            Err(e) => e.to_string(),
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// What a restore brings to [`QemuDoor::launch`].
 struct Restore<'a> {
     /// The snapshot's directory.
@@ -265,10 +276,17 @@ impl QemuDoor {
             program: QEMU,
             source: std::io::Error::other(why),
         };
-        let accepted = tokio::time::timeout_at(deadline.into(), listener.accept())
-            .await
-            .map_err(|_| monitor_err("its monitor was not connected in time".into()))?
-            .map_err(|e| monitor_err(e.to_string()))?;
+        // QEMU (or its jail, connecting QEMU's sockets) may end first: a virtiofsd that failed
+        // leaves nothing to connect to.
+        let accepted = tokio::select! {
+            accepted = tokio::time::timeout_at(deadline.into(), listener.accept()) => accepted
+                .map_err(|_| monitor_err("its monitor was not connected in time".into()))
+                .and_then(|a| a.map_err(|e| monitor_err(e.to_string()))),
+            status = wait_child(self.child.as_mut()) => {
+                Err(monitor_err(format!("it exited with {status} before its monitor connected")))
+            }
+        };
+        let accepted = accepted.map_err(|e| helpers::failed_helper(&mut self.fs).unwrap_or(e))?;
         let _ = std::fs::remove_file(self.vm_path("qmp.sock"));
         let qmp = Qmp::handshake(accepted.0, deadline)
             .await
@@ -359,6 +377,11 @@ impl Hypervisor for QemuDoor {
         self.cgroup = jail::host_cgroup(&self.config)?;
         if let Some((store, key, dir)) = snapshot::for_boot(self).await {
             let restored = self.restore(&dir).await;
+            // A virtiofsd that failed is no fault of the snapshot, and would fail a cold boot.
+            if let (Err(_), Some(e)) = (&restored, helpers::failed_helper(&mut self.fs)) {
+                self.halt().await?;
+                return Err(e);
+            }
             if crate::snapshot::settle_restore(&store, &key, restored) {
                 return Ok(());
             }
