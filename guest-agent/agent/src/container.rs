@@ -208,7 +208,7 @@ impl Containers {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Container>> {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.map)
     }
 
     /// Starts the [`Spare`] container-init in its cgroup (and with it the containers' parent
@@ -243,7 +243,7 @@ impl Containers {
             cgroup,
         };
         match placed {
-            Ok(()) => *self.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(spare),
+            Ok(()) => *lock(&self.spare) = Some(spare),
             Err(e) => {
                 eprintln!("husk-agent: spare container-init: {e}");
                 spare.end().await;
@@ -258,11 +258,7 @@ impl Containers {
         if !fits_spare(spec, joins) {
             return None;
         }
-        let spare = self
-            .spare
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()?;
+        let spare = lock(&self.spare).take()?;
         // Still starting (running, paging in) counts as waiting: the spec waits in its socket.
         let stopped = matches!(
             process_state(spare.pid),

@@ -333,15 +333,10 @@ impl QemuDoor {
             snapshot: dir,
             memory,
         };
-        let launched = self
+        let mut qmp = self
             .launch(Some(SnapshotArgs::Restore), Some(from), deadline)
-            .await;
-        let mut qmp = launched
-            .map_err(|e| {
-                helpers::failed_helper(&mut self.fs)
-                    .unwrap_or(e)
-                    .with_causes()
-            })?
+            .await
+            .map_err(|e| e.with_causes())?
             .ok_or("QEMU has no monitor")?;
         // The saved state refers to guest memory (the devices' queues): the copy comes first.
         (&mut memory_copy.0)
